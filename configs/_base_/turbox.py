@@ -1,0 +1,32 @@
+# The one file to inherit to switch turbox_mm on. A turbox config is its stock twin plus this:
+#
+#     _base_ = ['./model_stock.py', 'turbox_mm::_base_/turbox.py']
+#
+# (`turbox_mm::` paths resolve once turbox_mm is imported, as tools/train.py does; a relative
+# path to this file works everywhere.) mmengine refuses keys defined by two bases, so this file
+# sets only keys that stock configs leave alone: `custom_imports`, `runner_type` and `turbox`.
+# If a stock config has its own `custom_imports`, add 'turbox_mm' to its list instead.
+
+custom_imports = dict(imports=['turbox_mm'], allow_failed_imports=False)
+
+# Validates and applies the `turbox` section below, then runs as mmengine's Runner does.
+runner_type = 'turbox_mm.TurboxRunner'
+
+# Every key is checked: an unknown one fails with the list of valid keys. The defaults are
+# shown; a model config overrides any of them with `turbox = dict(...)`.
+turbox = dict(
+    # Log the options in effect and each change they made to the config.
+    report=True,
+    # Loader settings that are safe for every model: pinned batches (where CUDA is present),
+    # workers that survive epoch boundaries, optional deeper prefetch.
+    dataloader=dict(pin_memory=True, persistent_workers=True, prefetch_factor=None),
+    # Worker start method and OpenCV threads (written into env_cfg.mp_cfg).
+    env=dict(mp_start_method='fork', opencv_num_threads=0),
+)
+
+# Coming with later issues, each switched on here once it is measured (docs/benchmarks.md):
+# - CPU affinity, GC control, huge pages, precision policy (TF32, cudnn.benchmark);
+# - torch.compile of chosen submodules; the pipelined train loop (side-stream prefetch);
+# - fused optimizers with sync-free gradient clipping; CUDA-graph EMA; sync-free SyncBN;
+# - the fast input pipeline (libjpeg-turbo / nvJPEG decode, fused affine resize-crop),
+#   sequence-aware samplers and fast ops (deformable aggregation, voxelization, NMS, ...).

@@ -1,0 +1,1 @@
+_base_ = ['./smoke_stock.py', '../_base_/turbox.py']

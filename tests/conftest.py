@@ -1,0 +1,45 @@
+"""Shared pytest setup: the `cuda` marker skips where no CUDA device is present."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
+
+def run_python(args, cwd=ROOT, env=None, timeout=600):
+    """Run ``python ARGS`` in a fresh process; return the completed process.
+
+    A fresh process gives each training run its own mmengine global state (message hub,
+    visualizer, default scope), as a user's command line would.
+    """
+    full_env = dict(os.environ)
+    full_env['PYTHONPATH'] = ROOT + os.pathsep + full_env.get('PYTHONPATH', '')
+    full_env.setdefault('PYTHONWARNINGS', 'ignore')
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope='session')
+def root():
+    return ROOT
+
+
+# Triton kernels run on the CPU through Triton's interpreter where there is no GPU; the
+# variable must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')

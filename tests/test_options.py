@@ -1,0 +1,101 @@
+"""The option tables and the `turbox` config section."""
+import pytest
+from mmengine.config import Config
+
+from turbox_mm.engine.runner import TURBOX_OPTIONS, apply_turbox_options
+from turbox_mm.utils.options import Option, check_options, describe_options
+
+SCHEMA = {
+    'report': Option(True, (bool, ), 'log'),
+    'workers': Option(2, (int, ), 'count'),
+    'mode': Option('fork', (str, ), 'start method', choices=('fork', 'spawn')),
+    'loader': {
+        'depth': Option(None, (int, type(None)), 'prefetch depth')
+    },
+}
+
+
+def test_defaults_filled():
+    assert check_options(None, SCHEMA) == {
+        'report': True, 'workers': 2, 'mode': 'fork', 'loader': {'depth': None}}
+    assert check_options({'loader': {'depth': 4}}, SCHEMA)['loader'] == {'depth': 4}
+
+
+def test_unknown_key_named_with_valid_keys():
+    with pytest.raises(KeyError) as err:
+        check_options({'reprot': False}, SCHEMA)
+    msg = str(err.value)
+    assert "'turbox.reprot'" in msg and "did you mean 'report'" in msg
+    assert 'Valid keys of \'turbox\': loader, mode, report, workers' in msg
+
+
+def test_unknown_nested_key_named_with_full_path():
+    with pytest.raises(KeyError, match=r"'turbox\.loader\.dpeth'.*Valid keys of "
+                       r"'turbox\.loader': depth"):
+        check_options({'loader': {'dpeth': 1}}, SCHEMA)
+
+
+def test_wrong_type_named():
+    with pytest.raises(TypeError, match=r"'turbox.workers' must be int, got str: 'two'"):
+        check_options({'workers': 'two'}, SCHEMA)
+    # bool is an int subclass, but True is no worker count.
+    with pytest.raises(TypeError, match=r"'turbox.workers' must be int, got bool"):
+        check_options({'workers': True}, SCHEMA)
+    with pytest.raises(TypeError, match=r"'turbox.loader' must be a dict"):
+        check_options({'loader': 3}, SCHEMA)
+
+
+def test_invalid_choice_lists_choices():
+    with pytest.raises(ValueError, match=r"'turbox.mode' is 'thread'; valid values: 'fork', "
+                       r"'spawn'"):
+        check_options({'mode': 'thread'}, SCHEMA)
+
+
+def test_describe_lists_every_option():
+    text = describe_options(TURBOX_OPTIONS)
+    for key in ('turbox.report', 'turbox.dataloader.pin_memory', 'turbox.env.mp_start_method'):
+        assert key in text
+
+
+def _cfg(num_workers):
+    return Config(dict(
+        train_dataloader=dict(num_workers=num_workers, batch_size=2),
+        val_dataloader=dict(num_workers=0, batch_size=2),
+        test_dataloader=None,
+        env_cfg=dict(mp_cfg=dict(mp_start_method='spawn'))))
+
+
+def test_apply_sets_loader_and_env(monkeypatch):
+    monkeypatch.setattr('torch.cuda.is_available', lambda: True)
+    cfg = _cfg(num_workers=4)
+    opts = check_options({'dataloader': {'prefetch_factor': 4}}, TURBOX_OPTIONS)
+    changes = apply_turbox_options(cfg, opts)
+    assert cfg.train_dataloader.pin_memory and cfg.train_dataloader.persistent_workers
+    assert cfg.train_dataloader.prefetch_factor == 4
+    # A loader without workers cannot keep workers alive or prefetch: left alone.
+    assert cfg.val_dataloader.pin_memory
+    assert 'persistent_workers' not in cfg.val_dataloader
+    assert 'prefetch_factor' not in cfg.val_dataloader
+    assert cfg.env_cfg.mp_cfg == dict(mp_start_method='fork', opencv_num_threads=0)
+    assert 'train_dataloader.persistent_workers = True' in changes
+    assert "env_cfg.mp_cfg.mp_start_method = 'fork'" in changes
+
+
+def test_pin_memory_skipped_with_warning_without_cuda(monkeypatch):
+    monkeypatch.setattr('torch.cuda.is_available', lambda: False)
+    warnings = []
+    monkeypatch.setattr('turbox_mm.engine.runner.turbox_options.print_log',
+                        lambda msg, **kw: warnings.append(msg))
+    cfg = _cfg(num_workers=2)
+    apply_turbox_options(cfg, check_options({}, TURBOX_OPTIONS))
+    assert 'pin_memory' not in cfg.train_dataloader
+    assert any('train_dataloader keeps pageable memory' in w for w in warnings)
+
+
+def test_options_off_change_nothing(monkeypatch):
+    monkeypatch.setattr('torch.cuda.is_available', lambda: True)
+    cfg = _cfg(num_workers=2)
+    cfg.env_cfg.mp_cfg = dict(mp_start_method='fork', opencv_num_threads=0)
+    opts = check_options(
+        {'dataloader': {'pin_memory': False, 'persistent_workers': False}}, TURBOX_OPTIONS)
+    assert apply_turbox_options(cfg, opts) == []

@@ -1,0 +1,2 @@
+"""Datasets, samplers and transforms."""
+from . import samplers, transforms  # noqa: F401

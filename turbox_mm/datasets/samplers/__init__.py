@@ -1,0 +1,1 @@
+"""Data samplers (sequence- and group-aware)."""

@@ -1,0 +1,1 @@
+"""Data transforms with stock twins."""

@@ -1,0 +1,1 @@
+"""Optimizers, optim wrappers and their constructors."""

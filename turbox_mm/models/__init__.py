@@ -1,0 +1,1 @@
+"""Models: one folder a model, plus layers shared across models."""

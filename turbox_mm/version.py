@@ -1,0 +1,3 @@
+"""Version of turbox_mm."""
+
+__version__ = '0.1.0'
