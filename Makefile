@@ -15,7 +15,9 @@ setup:
 	bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/train.py configs/smoke/smoke_turbox.py --work-dir work_dirs/demo
+	$(PY) tools/train.py configs/smoke/smoke_turbox.py --work-dir work_dirs/demo/train
+	$(PY) tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \
+		--iters 24 --warmup 4 --out work_dirs/demo/benchmark
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -1,0 +1,114 @@
+"""tools/benchmark.py end to end on the smoke configs, and its report helpers."""
+import json
+import os.path as osp
+
+import pytest
+
+from conftest import run_python
+from turbox_mm.benchmark import format_table, reduction_percent, summarize
+from turbox_mm.benchmark.e2e import PHASES, prepare_cfg
+
+STOCK = 'configs/smoke/smoke_stock.py'
+TURBOX = 'configs/smoke/smoke_turbox.py'
+ENV = {'CUDA_VISIBLE_DEVICES': ''}
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    bad = out / 'broken.py'
+    bad.write_text("_base_ = ['%s']\nmodel = dict(type='turbox_mm.NoSuchModel')\n" %
+                   osp.abspath(STOCK))
+    proc = run_python(['tools/benchmark.py', STOCK, str(bad), TURBOX, '--iters', '12',
+                       '--warmup', '4', '--out', str(out)], env=ENV)
+    return proc, out
+
+
+def test_runs_every_config_and_reports_the_failure(bench):
+    proc, out = bench
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one config failed
+    assert 'FAILED' in proc.stdout and 'NoSuchModel' in proc.stdout
+    report = json.load(open(out / 'benchmark.json'))
+    assert [osp.basename(s['config']) for s in report['summaries']] == \
+        ['smoke_stock.py', 'smoke_turbox.py']
+    assert list(report['failures']) == [str(out / 'broken.py')]
+    assert report['machine']['cpu_cores'] >= 1 and report['iters'] == 12
+    assert 'tools/benchmark.py' in report['command']
+
+
+def test_table_chart_and_progress(bench):
+    proc, out = bench
+    assert 'time saved' in proc.stdout and 'smoke_turbox.py' in proc.stdout
+    assert 'iteration 16/16' in proc.stdout
+    with open(out / 'benchmark.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_measurements_are_complete_and_consistent(bench):
+    _, out = bench
+    report = json.load(open(out / 'benchmark.json'))
+    for result in report['results']:
+        assert len(result['per_iter']) == 12 and len(result['losses']) == 12
+        for row in result['per_iter']:
+            assert set(row) == {'iter', *PHASES}
+            assert all(v >= 0 for v in row.values())
+            # The phases never add up to more than the iteration they are part of.
+            assert sum(row[p] for p in PHASES[:-1]) <= row['iter'] * 1.05 + 0.5
+        assert result['samples_per_s'] == pytest.approx(
+            12 * result['batch_size'] / result['window_s'])
+
+
+def test_stock_and_turbox_see_the_same_losses(bench):
+    """turbox changes how data is loaded, never what is computed: equal losses, same seed."""
+    _, out = bench
+    stock, turbox = json.load(open(out / 'benchmark.json'))['results']
+    assert stock['losses'] == pytest.approx(turbox['losses'], rel=1e-6)
+
+
+def test_too_short_config_is_reported(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, '--iters', '40', '--warmup', '4', '--out',
+                       str(tmp_path)], env=ENV)
+    assert proc.returncode == 1
+    assert 'trains only 32 iterations, fewer than warmup + iters = 44' in proc.stdout
+
+
+def test_missing_config_named(tmp_path):
+    proc = run_python(['tools/benchmark.py', 'configs/nope.py', '--out', str(tmp_path)],
+                      env=ENV)
+    assert proc.returncode != 0 and 'config file not found: configs/nope.py' in proc.stderr
+
+
+def test_prepare_cfg_switches_off_validation_and_checkpoints():
+    from mmengine.config import Config
+    cfg = prepare_cfg(Config.fromfile(STOCK), '/tmp/x')
+    assert cfg.val_dataloader is None and cfg.val_cfg is None and cfg.val_evaluator is None
+    assert cfg.default_hooks.checkpoint is None
+    assert cfg.train_cfg == dict(type='EpochBasedTrainLoop', max_epochs=4)
+
+
+def _result(config, iters, sps, losses=(1.0, )):
+    rows = [dict(iter=t, data_wait=0.1, preprocess=0.1, forward=t / 2, backward=t / 4,
+                 optimizer=0.1, other=0.0) for t in iters]
+    return dict(config=config, per_iter=rows, samples_per_s=sps, window_s=1.0,
+                losses=list(losses))
+
+
+def test_summary_and_table():
+    a = summarize(_result('a.py', [10, 10, 12, 100], sps=10.0))
+    b = summarize(_result('b.py', [5, 5, 6, 7], sps=25.0))
+    assert a['iter_ms'] == 11 and b['phases_ms']['forward'] == 2.75
+    assert reduction_percent(a['samples_per_s'], b['samples_per_s']) == pytest.approx(60.0)
+    table = format_table([a, b], failures={'c.py': 'boom'})
+    assert '+60.0%' in table and 'FAILED c.py: boom' in table
+
+
+@pytest.mark.cuda
+def test_measures_on_gpu(tmp_path):
+    """On a GPU the phases come from CUDA events and peak memory is recorded."""
+    proc = run_python(['tools/benchmark.py', TURBOX, '--iters', '12', '--warmup', '4', '--out',
+                       str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.load(open(tmp_path / 'benchmark.json'))['results'][0]
+    assert result['device'] == 'cuda'
+    assert result['peak_mem_mb'] > 0
+    assert all(row['forward'] > 0 and row['backward'] > 0 for row in result['per_iter'])

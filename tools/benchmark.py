@@ -1,0 +1,152 @@
+"""Benchmark configs against each other: stock vs turbox, end to end.
+
+Each config runs in its own fresh process, on the same data with the same seed; after
+``--warmup`` iterations, ``--iters`` iterations are timed. One table comes out (median and
+spread of the iteration time, its breakdown, samples/s, mean loss, peak GPU memory, GPU
+utilisation, loader CPU use, and the training time saved against the first config), plus
+``benchmark.json`` and a stacked-bar chart ``benchmark.png`` in ``--out``.
+
+Examples:
+    python tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \\
+        --iters 50 --warmup 10
+    python tools/benchmark.py A.py B.py --cfg-options train_dataloader.num_workers=4
+
+A config that fails is reported in the table; the others still run.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from mmengine.config import DictAction
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Benchmark training configs end to end')
+    parser.add_argument('configs', nargs='+', help='configs to compare; the first is the '
+                        'baseline')
+    parser.add_argument('--iters', type=int, default=100, help='timed iterations')
+    parser.add_argument('--warmup', type=int, default=20, help='untimed iterations first')
+    parser.add_argument('--out', help='folder for benchmark.json and benchmark.png '
+                        '(default: work_dirs/benchmark/<time>)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of every run')
+    parser.add_argument('--timeout', type=float, default=3600,
+                        help='seconds one config may take before it is reported failed')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='overrides applied to every config, key=value')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--result', help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def worker(args) -> int:
+    """Measure one config in this process and write its result as JSON."""
+    from turbox_mm.benchmark import measure_config
+
+    config = args.configs[0]
+    options = dict(args.cfg_options or {})
+    options.setdefault('randomness', dict(seed=args.seed))
+
+    def progress(done, total):
+        print(f'[{osp.basename(config)}] iteration {done}/{total}', file=sys.stderr,
+              flush=True)
+
+    work_dir = osp.join(osp.dirname(args.result), osp.splitext(osp.basename(config))[0])
+    result = measure_config(config, iters=args.iters, warmup=args.warmup, cfg_options=options,
+                            work_dir=work_dir, progress=progress)
+    with open(args.result, 'w') as f:
+        json.dump(result, f)
+    return 0
+
+
+def _run_one(config: str, args, out_dir: str) -> dict:
+    result_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.result.json')
+    cmd = [sys.executable, osp.abspath(__file__), config, '--worker', '--result', result_path,
+           '--iters', str(args.iters), '--warmup', str(args.warmup), '--seed', str(args.seed)]
+    if args.cfg_options:
+        cmd += ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in args.cfg_options.items()]
+    env = dict(os.environ)
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    log_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.log')
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+        tail = []
+        start = time.time()
+        for line in proc.stderr:  # progress lines go to the terminal, everything to the log
+            log.write(line)
+            tail = (tail + [line])[-30:]
+            if line.startswith('['):
+                print('  ' + line.rstrip(), flush=True)
+            if time.time() - start > args.timeout:
+                proc.kill()
+                raise RuntimeError(f'timed out after {args.timeout:.0f} s (log: {log_path})')
+        proc.wait()
+    if proc.returncode != 0 or not osp.isfile(result_path):
+        last = ''.join(tail).strip().splitlines()
+        reason = last[-1] if last else f'exit code {proc.returncode}'
+        raise RuntimeError(f'{reason} (exit code {proc.returncode}; full log: {log_path})')
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def _cli_value(value) -> str:
+    return repr(value).replace(' ', '') if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    from turbox_mm.benchmark import format_table, machine_info, summarize, write_chart
+
+    for config in args.configs:
+        if not osp.isfile(config):
+            raise FileNotFoundError(f'config file not found: {config}')
+    out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_info()
+    command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
+        if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
+    print(f'benchmark: {len(args.configs)} config(s), {args.warmup} warm-up + {args.iters} '
+          f'timed iterations each, seed {args.seed}', flush=True)
+    results, summaries, failures = [], [], {}
+    for i, config in enumerate(args.configs, 1):
+        print(f'[{i}/{len(args.configs)}] {config}', flush=True)
+        try:
+            result = _run_one(config, args, out_dir)
+        except Exception as exc:  # one failure must not stop the others
+            failures[config] = str(exc)
+            print(f'  FAILED: {exc}', flush=True)
+            continue
+        results.append(result)
+        summaries.append(summarize(result))
+    table = format_table(summaries, failures) if summaries else '\n'.join(
+        f'FAILED {c}: {e}' for c, e in failures.items())
+    chart = write_chart(summaries, osp.join(out_dir, 'benchmark.png')) if summaries else None
+    report = dict(command=command, machine=machine, iters=args.iters, warmup=args.warmup,
+                  seed=args.seed, summaries=summaries, failures=failures, results=results)
+    with open(osp.join(out_dir, 'benchmark.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    gpu = machine['gpu'] or 'no GPU'
+    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'command: {command}\n')
+    print(table)
+    if chart:
+        note = chart
+    else:
+        note = '(matplotlib not installed)' if summaries else '(no config succeeded)'
+    print(f"\nresults: {osp.join(out_dir, 'benchmark.json')}\nchart:   {note}")
+    return 1 if failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

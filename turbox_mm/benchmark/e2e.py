@@ -1,0 +1,344 @@
+"""Measure one config's training iterations, in the process that calls it.
+
+:func:`measure_config` builds the config's runner, runs ``warmup + iters`` training iterations
+(no validation, no checkpoints) and times the last ``iters`` of them. ``tools/benchmark.py``
+calls it once per config, each in a fresh process, so that configs never share caches,
+allocator state or loader workers.
+
+The config's own train loop runs (epoch- or iteration-based, with its epoch transitions);
+the run stops right after the timed window. What is measured, per iteration of the window:
+
+- ``iter``: host time between the ends of consecutive iterations. The window starts and ends
+  with a device synchronisation, so ``samples_per_s`` is exact; per-iteration times are not
+  synchronised (that would change what is measured), and in steady state their median is the
+  iteration time.
+- ``data_wait``: host time from the end of the previous iteration to the start of this one:
+  waiting for the loader (and the before-iteration hooks).
+- ``preprocess`` (data preprocessor: host-to-device copy and batch transforms), ``forward``
+  (forward and losses), ``backward``, ``optimizer`` (step and zero_grad): CUDA events around each
+  phase on a GPU, host time on a CPU.
+- ``other``: what the iteration spent outside those phases (hooks, logging, loss parsing).
+
+Besides: samples/s, peak GPU memory, mean GPU utilisation (NVML, where available), CPU cores
+used by loader workers (psutil, where available), and the training loss of every timed
+iteration, so stock and turbox runs can be compared at equal loss.
+"""
+import copy
+import math
+import os
+import threading
+import time
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+PHASES = ('data_wait', 'preprocess', 'forward', 'backward', 'optimizer', 'other')
+
+
+class _PhaseClock:
+    """Collects per-iteration phase times with CUDA events (GPU) or perf_counter (CPU)."""
+
+    def __init__(self, use_cuda: bool) -> None:
+        self.use_cuda = use_cuda
+        self.current: Dict[str, list] = {}
+        self.records: List[Dict[str, list]] = []
+
+    def start(self, phase: str):
+        if self.use_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, phase: str, token) -> None:
+        if self.use_cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.current.setdefault(phase, []).append((token, end))
+        else:
+            self.current.setdefault(phase, []).append(time.perf_counter() - token)
+
+    def next_iter(self, keep: bool) -> None:
+        if keep:
+            self.records.append(self.current)
+        self.current = {}
+
+    def resolve(self) -> List[Dict[str, float]]:
+        """Phase times in milliseconds, one dict per kept iteration."""
+        out = []
+        for rec in self.records:
+            row = {}
+            for phase, items in rec.items():
+                if self.use_cuda:
+                    row[phase] = sum(a.elapsed_time(b) for a, b in items)
+                else:
+                    row[phase] = 1e3 * sum(items)
+            out.append(row)
+        return out
+
+
+def _wrap(obj, name: str, phase: str, clock: _PhaseClock) -> None:
+    original = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        token = clock.start(phase)
+        result = original(*args, **kwargs)
+        clock.stop(phase, token)
+        return result
+
+    setattr(obj, name, timed)
+
+
+class _UtilSampler:
+    """Samples GPU utilisation through NVML in a background thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.samples: List[float] = []
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+        self.handle = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            index = torch.cuda.current_device()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # no NVML: utilisation is reported as unavailable
+            self.handle = None
+
+    def start(self) -> None:
+        if self.handle is None:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+            time.sleep(self.interval)
+
+    def stop(self) -> Optional[float]:
+        if self._thread is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def _children_cpu_seconds() -> Optional[float]:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a worker that ended meanwhile
+            continue
+    return total
+
+
+class _WindowHook(Hook):
+    """Marks iteration boundaries and the timed window; registered last (LOWEST)."""
+
+    priority = 'LOWEST'
+
+    def __init__(self, bench: '_Bench') -> None:
+        self.bench = bench
+
+    def before_train(self, runner) -> None:
+        self.bench.instrument(runner)
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self.bench.iter_started()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self.bench.iter_ended(runner, outputs)
+
+
+class _Bench:
+
+    def __init__(self, iters: int, warmup: int, progress) -> None:
+        self.iters = iters
+        self.warmup = warmup
+        self.progress = progress
+        self.use_cuda = torch.cuda.is_available()
+        self.clock = _PhaseClock(self.use_cuda)
+        self.count = 0
+        self.last_end = None
+        self.iter_start = None
+        self.iter_ms: List[float] = []
+        self.wait_ms: List[float] = []
+        self.losses: List[torch.Tensor] = []
+        self.batch_size = None
+        self.window: Dict[str, float] = {}
+        self.util = None
+
+    def instrument(self, runner) -> None:
+        model = runner.model
+        inner = model.module if is_model_wrapper(model) else model
+        _wrap(inner.data_preprocessor, 'forward', 'preprocess', self.clock)
+        _wrap(model, '_run_forward', 'forward', self.clock)
+        wrapper = runner.optim_wrapper
+        _wrap(wrapper, 'backward', 'backward', self.clock)
+        _wrap(wrapper, 'step', 'optimizer', self.clock)
+        _wrap(wrapper, 'zero_grad', 'optimizer', self.clock)
+        self.batch_size = runner.train_dataloader.batch_size
+
+    def iter_started(self) -> None:
+        now = time.perf_counter()
+        self.iter_start = now
+        if self.last_end is not None and self.count >= self.warmup:
+            self.wait_ms.append(1e3 * (now - self.last_end))
+
+    def _sync(self) -> None:
+        if self.use_cuda:
+            torch.cuda.synchronize()
+
+    def iter_ended(self, runner, outputs) -> None:
+        timed = self.count >= self.warmup
+        self.clock.next_iter(keep=timed)
+        if timed and outputs is not None and 'loss' in outputs:
+            loss = outputs['loss']
+            self.losses.append(loss.detach() if torch.is_tensor(loss) else
+                               torch.tensor(float(loss)))
+        self.count += 1
+        if self.count == self.warmup:
+            self._start_window()
+        elif timed:
+            now = time.perf_counter()
+            self.iter_ms.append(1e3 * (now - self.last_end))
+        if self.progress and (self.count % max(1, (self.warmup + self.iters) // 10) == 0):
+            self.progress(self.count, self.warmup + self.iters)
+        if self.count == self.warmup + self.iters:
+            self._end_window()
+            raise BenchmarkDone()
+        self.last_end = time.perf_counter()
+
+    def _start_window(self) -> None:
+        self._sync()
+        if self.use_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.util = _UtilSampler() if self.use_cuda else None
+        if self.util:
+            self.util.start()
+        self.window['cpu0'] = _children_cpu_seconds()
+        self.window['t0'] = time.perf_counter()
+
+    def _end_window(self) -> None:
+        self._sync()
+        self.window['t1'] = time.perf_counter()
+        self.window['cpu1'] = _children_cpu_seconds()
+        self.window['util'] = self.util.stop() if self.util else None
+
+    def result(self) -> dict:
+        phases = self.clock.resolve()
+        seconds = self.window['t1'] - self.window['t0']
+        per_iter = []
+        for i, total in enumerate(self.iter_ms):
+            row = {'iter': total, 'data_wait': self.wait_ms[i] if i < len(self.wait_ms) else 0.0}
+            for phase in ('preprocess', 'forward', 'backward', 'optimizer'):
+                row[phase] = phases[i].get(phase, 0.0) if i < len(phases) else 0.0
+            row['other'] = max(0.0, total - sum(row[p] for p in PHASES[:-1]))
+            per_iter.append(row)
+        cpu0, cpu1 = self.window.get('cpu0'), self.window.get('cpu1')
+        return dict(
+            iters=self.iters,
+            warmup=self.warmup,
+            batch_size=self.batch_size,
+            device='cuda' if self.use_cuda else 'cpu',
+            window_s=seconds,
+            samples_per_s=self.iters * (self.batch_size or 0) / seconds,
+            per_iter=per_iter,
+            losses=[float(x) for x in self.losses],
+            peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if self.use_cuda else None),
+            gpu_util=self.window.get('util'),
+            loader_cpu_cores=(None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / seconds),
+        )
+
+
+class BenchmarkDone(Exception):
+    """Raised by the window hook after the last timed iteration, to stop the run there."""
+
+
+def prepare_cfg(cfg: Config, work_dir: str) -> Config:
+    """Turn a training config into a benchmark run.
+
+    Validation, testing, checkpoints and resuming are switched off and the log interval is
+    kept; the train loop, model, data, optimizer and turbox section are left as they are, so
+    the run does exactly what training does (an iteration-based loop's epoch transitions
+    included). The run is stopped after the timed window by :class:`BenchmarkDone`.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.work_dir = work_dir
+    for key in ('val_dataloader', 'val_cfg', 'val_evaluator', 'test_dataloader', 'test_cfg',
+                'test_evaluator'):
+        cfg[key] = None
+    if cfg.get('train_cfg'):
+        cfg.train_cfg.pop('val_interval', None)
+        cfg.train_cfg.pop('val_begin', None)
+    hooks = cfg.get('default_hooks') or {}
+    hooks['checkpoint'] = None
+    cfg.default_hooks = hooks
+    cfg.resume = False
+    cfg.load_from = None
+    return cfg
+
+
+def measure_config(config: str,
+                   iters: int = 100,
+                   warmup: int = 20,
+                   cfg_options: Optional[dict] = None,
+                   work_dir: Optional[str] = None,
+                   progress=None) -> dict:
+    """Build ``config``'s runner and time ``iters`` training iterations after ``warmup``.
+
+    Args:
+        config (str): Path of the training config.
+        iters (int): Timed iterations. Defaults to 100.
+        warmup (int): Untimed iterations first (compilation, allocator, loader start).
+            Defaults to 20.
+        cfg_options (dict, optional): Overrides merged into the config first.
+        work_dir (str, optional): Where the runner writes its logs. Defaults to
+            ``work_dirs/benchmark/<config name>``.
+        progress (callable, optional): Called as ``progress(done, total)`` now and then.
+
+    Returns:
+        dict: The measurements described in this module's docstring.
+    """
+    import turbox_mm  # noqa: F401  (registers components, applies compat fixes)
+    from turbox_mm.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    if iters < 1 or warmup < 1:
+        raise ValueError(f'iters and warmup must be >= 1, got iters={iters} warmup={warmup}')
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f'config file not found: {config}')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    name = os.path.splitext(os.path.basename(config))[0]
+    cfg = prepare_cfg(cfg, work_dir or os.path.join('work_dirs', 'benchmark', name))
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    bench = _Bench(iters, warmup, progress)
+    runner.register_hook(_WindowHook(bench))
+    try:
+        runner.train()
+    except BenchmarkDone:
+        pass
+    if bench.count < warmup + iters:
+        raise RuntimeError(
+            f'{config} trains only {bench.count} iterations, fewer than warmup + iters = '
+            f'{warmup + iters}; lower --warmup/--iters or lengthen train_cfg '
+            '(e.g. --cfg-options train_cfg.max_epochs=N)')
+    result = bench.result()
+    result['config'] = config
+    if any(not math.isfinite(x) for x in result['losses']):
+        result['warning'] = 'non-finite loss in the timed window'
+    return result

@@ -1,0 +1,163 @@
+"""Summaries, tables and charts of end-to-end benchmark results."""
+import os
+import platform
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .e2e import PHASES
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float('nan')
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(result: dict) -> dict:
+    """Medians and spread of one config's per-iteration measurements.
+
+    Args:
+        result (dict): The output of :func:`~turbox_mm.benchmark.measure_config`.
+
+    Returns:
+        dict: ``iter_ms`` (median), ``iter_p10_ms``, ``iter_p90_ms``, the median of every
+        phase in ``phases_ms``, ``samples_per_s`` and ``window_s`` (the whole timed window,
+        slow iterations included), ``loss_mean`` and the resource figures.
+    """
+    rows = result['per_iter']
+    iters = [r['iter'] for r in rows]
+    losses = result.get('losses') or []
+    return dict(
+        config=result['config'],
+        iter_ms=statistics.median(iters),
+        iter_p10_ms=_quantile(iters, 0.1),
+        iter_p90_ms=_quantile(iters, 0.9),
+        phases_ms={p: statistics.median(r[p] for r in rows) for p in PHASES},
+        samples_per_s=result['samples_per_s'],
+        window_s=result['window_s'],
+        loss_mean=statistics.fmean(losses) if losses else None,
+        peak_mem_mb=result.get('peak_mem_mb'),
+        gpu_util=result.get('gpu_util'),
+        loader_cpu_cores=result.get('loader_cpu_cores'),
+    )
+
+
+def reduction_percent(baseline_samples_per_s: float, other_samples_per_s: float) -> float:
+    """Training time saved by ``other`` against ``baseline``, in percent (positive: faster).
+
+    Computed from the time per sample over the whole timed window, so slow iterations (epoch
+    transitions, loader stalls) count as they do in real training; the median iteration time
+    alone would hide them.
+
+    Examples:
+        >>> reduction_percent(100.0, 200.0)
+        50.0
+    """
+    return 100.0 * (1.0 - baseline_samples_per_s / other_samples_per_s)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return 'n/a' if value is None else format(value, spec)
+
+
+def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = None) -> str:
+    """Render summaries as a plain-text table; the first config is the baseline.
+
+    Args:
+        summaries (list[dict]): Outputs of :func:`summarize`, baseline first.
+        failures (dict, optional): Config path to error message, for configs that failed.
+
+    Returns:
+        str: The table, then one line per failure.
+    """
+    head = ['config', 'iter ms (p10-p90)', 'time saved', 'samples/s'] + \
+        [f'{p} ms' for p in PHASES] + ['loss', 'peak MiB', 'GPU %', 'loader cores']
+    lines = []
+    base = summaries[0]['samples_per_s'] if summaries else None
+    for s in summaries:
+        vs = '-' if s is summaries[0] else f"{reduction_percent(base, s['samples_per_s']):+.1f}%"
+        lines.append([
+            os.path.basename(s['config']),
+            f"{s['iter_ms']:.2f} ({s['iter_p10_ms']:.2f}-{s['iter_p90_ms']:.2f})",
+            vs,
+            f"{s['samples_per_s']:.1f}",
+            *[f"{s['phases_ms'][p]:.2f}" for p in PHASES],
+            _fmt(s['loss_mean'], '.4g'),
+            _fmt(s['peak_mem_mb'], '.0f'),
+            _fmt(s['gpu_util'], '.0f'),
+            _fmt(s['loader_cpu_cores'], '.2f'),
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
+           '-+-'.join('-' * w for w in widths)]
+    out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
+    out.append("iter ms: median (10th-90th percentile) of the timed iterations; phases: medians. "
+               "'time saved': training time per sample saved against the first config over "
+               "the whole timed window (positive = faster).")
+    for config, error in (failures or {}).items():
+        out.append(f'FAILED {config}: {error}')
+    return '\n'.join(out)
+
+
+def write_chart(summaries: List[dict], path: str) -> Optional[str]:
+    """Write a stacked bar chart of the median phase times per config.
+
+    Args:
+        summaries (list[dict]): Outputs of :func:`summarize`.
+        path (str): Where to write the PNG.
+
+    Returns:
+        str | None: ``path``, or None when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [os.path.splitext(os.path.basename(s['config']))[0] for s in summaries]
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names) + 2), 4.5))
+    bottom = [0.0] * len(names)
+    for phase in PHASES:
+        values = [s['phases_ms'][phase] for s in summaries]
+        ax.bar(names, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, s in enumerate(summaries):
+        ax.text(i, bottom[i], f"{s['iter_ms']:.1f} ms", ha='center', va='bottom')
+    ax.set_ylabel('median time per iteration (ms)')
+    ax.set_title('Training iteration breakdown')
+    ax.legend(loc='upper right', fontsize='small')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def machine_info() -> dict:
+    """Describe the machine the benchmark runs on (for the docs and the JSON)."""
+    info = dict(
+        host=platform.node(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu=platform.processor() or platform.machine(),
+        cpu_cores=os.cpu_count(),
+    )
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    info['cpu'] = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+        info['cuda'] = torch.version.cuda
+    else:
+        info['gpu'] = None
+    return info
