@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import turbox_mm  # noqa: F401  (the allow-list that the checkpoint loads below rely on)
 from conftest import run_python
 
 SMOKE = 'configs/smoke/smoke_turbox.py'

@@ -36,6 +36,11 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or from the latest one in the work dir when no '
         'path is given')
+    return parse_common_args(parser, argv)
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Add the options train and test share, parse, and export ``LOCAL_RANK``."""
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, as key=value pairs (xxx=yyy), nested keys '
@@ -50,19 +55,28 @@ def parse_args(argv=None):
     return args
 
 
-def build_cfg(args) -> Config:
-    """Load the config and apply the command-line options to it."""
+def load_cfg(args) -> Config:
+    """Load ``args.config`` and apply the options train and test share.
+
+    Those are ``--launcher``, ``--cfg-options`` and ``--work-dir`` (default:
+    ``./work_dirs/<config name>``).
+    """
     if not osp.isfile(args.config) and '::' not in args.config:
         raise FileNotFoundError(f'config file not found: {args.config}')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def build_cfg(args) -> Config:
+    """Load the config and apply the training command-line options to it."""
+    cfg = load_cfg(args)
 
     if args.amp:
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
