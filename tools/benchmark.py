@@ -20,7 +20,6 @@ import os.path as osp
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 from mmengine.config import DictAction

@@ -7,13 +7,13 @@ Examples:
 import argparse
 import os.path as osp
 
-
 import turbox_mm  # noqa: F401  (registers components, applies compatibility fixes)
+from turbox_mm.engine.runner import build_runner
 
 try:  # importable both as tools.test and as a script
-    from tools.train import build_runner, load_cfg, parse_common_args
+    from tools.train import load_cfg, parse_common_args
 except ImportError:  # pragma: no cover - run as `python tools/test.py`
-    from train import build_runner, load_cfg, parse_common_args
+    from train import load_cfg, parse_common_args
 
 
 def parse_args(argv=None):

@@ -14,10 +14,9 @@ import os.path as osp
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
-from mmengine.runner import Runner
 
 import turbox_mm  # noqa: F401  (registers components, applies compatibility fixes)
-from turbox_mm.registry import RUNNERS
+from turbox_mm.engine.runner import build_runner
 
 
 def parse_args(argv=None):
@@ -108,13 +107,6 @@ def build_cfg(args) -> Config:
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
-
-
-def build_runner(cfg: Config) -> Runner:
-    """Build the runner the config asks for (``runner_type``), else mmengine's."""
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
 
 
 def main(argv=None):

@@ -172,7 +172,6 @@ class _Bench:
         self.clock = _PhaseClock(self.use_cuda)
         self.count = 0
         self.last_end = None
-        self.iter_start = None
         self.iter_ms: List[float] = []
         self.wait_ms: List[float] = []
         self.losses: List[torch.Tensor] = []
@@ -193,7 +192,6 @@ class _Bench:
 
     def iter_started(self) -> None:
         now = time.perf_counter()
-        self.iter_start = now
         if self.last_end is not None and self.count >= self.warmup:
             self.wait_ms.append(1e3 * (now - self.last_end))
 
@@ -312,9 +310,7 @@ def measure_config(config: str,
     Returns:
         dict: The measurements described in this module's docstring.
     """
-    import turbox_mm  # noqa: F401  (registers components, applies compat fixes)
-    from turbox_mm.registry import RUNNERS
-    from mmengine.runner import Runner
+    from turbox_mm.engine.runner import build_runner
 
     if iters < 1 or warmup < 1:
         raise ValueError(f'iters and warmup must be >= 1, got iters={iters} warmup={warmup}')
@@ -325,7 +321,7 @@ def measure_config(config: str,
         cfg.merge_from_dict(cfg_options)
     name = os.path.splitext(os.path.basename(config))[0]
     cfg = prepare_cfg(cfg, work_dir or os.path.join('work_dirs', 'benchmark', name))
-    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     bench = _Bench(iters, warmup, progress)
     runner.register_hook(_WindowHook(bench))
     try:
