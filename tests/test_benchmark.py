@@ -112,3 +112,11 @@ def test_measures_on_gpu(tmp_path):
     assert result['device'] == 'cuda'
     assert result['peak_mem_mb'] > 0
     assert all(row['forward'] > 0 and row['backward'] > 0 for row in result['per_iter'])
+
+
+def test_timeout_stops_a_silent_worker(tmp_path):
+    # The worker prints nothing while it imports (seconds); the watchdog must still fire.
+    proc = run_python(['tools/benchmark.py', STOCK, '--iters', '4', '--warmup', '2',
+                       '--timeout', '0.5', '--out', str(tmp_path)], env=ENV)
+    assert proc.returncode == 1
+    assert 'timed out after 0.5 s' in proc.stdout

@@ -20,6 +20,7 @@ import os.path as osp
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 from mmengine.config import DictAction
@@ -78,17 +79,27 @@ def _run_one(config: str, args, out_dir: str) -> dict:
     log_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.log')
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+        # A watchdog, so that a worker that hangs without printing is stopped too.
+        fired = threading.Event()
+
+        def stop_worker():
+            fired.set()
+            proc.kill()
+
+        timer = threading.Timer(args.timeout, stop_worker)
+        timer.start()
         tail = []
-        start = time.time()
-        for line in proc.stderr:  # progress lines go to the terminal, everything to the log
-            log.write(line)
-            tail = (tail + [line])[-30:]
-            if line.startswith('['):
-                print('  ' + line.rstrip(), flush=True)
-            if time.time() - start > args.timeout:
-                proc.kill()
-                raise RuntimeError(f'timed out after {args.timeout:.0f} s (log: {log_path})')
-        proc.wait()
+        try:
+            for line in proc.stderr:  # progress goes to the terminal, everything to the log
+                log.write(line)
+                tail = (tail + [line])[-30:]
+                if line.startswith('['):
+                    print('  ' + line.rstrip(), flush=True)
+            proc.wait()
+        finally:
+            timer.cancel()
+    if fired.is_set():
+        raise RuntimeError(f'timed out after {args.timeout:g} s (log: {log_path})')
     if proc.returncode != 0 or not osp.isfile(result_path):
         last = ''.join(tail).strip().splitlines()
         reason = last[-1] if last else f'exit code {proc.returncode}'
