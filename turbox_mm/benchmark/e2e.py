@@ -188,7 +188,9 @@ class _Bench:
         _wrap(wrapper, 'backward', 'backward', self.clock)
         _wrap(wrapper, 'step', 'optimizer', self.clock)
         _wrap(wrapper, 'zero_grad', 'optimizer', self.clock)
-        self.batch_size = runner.train_dataloader.batch_size
+        loader = runner.train_dataloader
+        # A loader built with a batch sampler has batch_size None; the sampler knows it.
+        self.batch_size = loader.batch_size or getattr(loader.batch_sampler, 'batch_size', None)
 
     def iter_started(self) -> None:
         now = time.perf_counter()

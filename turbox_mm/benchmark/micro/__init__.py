@@ -1,0 +1,28 @@
+"""Micro benchmarks: one turbox component or op against the stock one it replaces.
+
+Each module here exposes ``benchmark(device: str, quick: bool = False) -> list[dict]``; a row
+holds ``component``, ``case``, ``stock`` and ``turbox`` (outputs of
+:func:`turbox_mm.benchmark.timing.time_fn`) and an optional ``note``. ``quick=True`` uses tiny
+sizes so that the tests can run every benchmark on the CPU in seconds.
+``tools/benchmark.py --components [NAME ...]`` runs them and prints one table.
+"""
+import importlib
+import pkgutil
+from typing import Callable, Dict, List
+
+
+def available() -> List[str]:
+    """Names of the micro benchmarks in this package, sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+
+
+def get(name: str) -> Callable[..., List[Dict]]:
+    """The ``benchmark`` function of micro benchmark ``name``.
+
+    Raises:
+        KeyError: ``name`` is not a micro benchmark; the message lists the valid names.
+    """
+    names = available()
+    if name not in names:
+        raise KeyError(f'unknown micro benchmark {name!r}; valid names: {", ".join(names)}')
+    return importlib.import_module(f'{__name__}.{name}').benchmark
