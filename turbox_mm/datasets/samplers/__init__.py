@@ -1,1 +1,6 @@
-"""Data samplers (sequence- and group-aware)."""
+"""Data samplers (sequence- and group-aware, cyclic)."""
+from .cyclic_batch_sampler import CyclicBatchSampler
+from .group_in_batch_sampler import GroupInBatchSampler
+from .group_sampler import GroupSampler
+
+__all__ = ['CyclicBatchSampler', 'GroupInBatchSampler', 'GroupSampler']
