@@ -1,1 +1,5 @@
-"""Optimizers, optim wrappers and their constructors."""
+"""Optimisation: fused optimizer constructor and sync-free clipping wrappers."""
+from .fused_optim_wrapper_constructor import TurboxOptimWrapperConstructor
+from .sync_free_optim_wrapper import TurboxAmpOptimWrapper, TurboxOptimWrapper
+
+__all__ = ['TurboxOptimWrapperConstructor', 'TurboxOptimWrapper', 'TurboxAmpOptimWrapper']
