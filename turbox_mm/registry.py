@@ -88,7 +88,7 @@ def _child(parent: Registry, name: str, locations: list) -> TurboxRegistry:
 RUNNERS = _child(mmdet3d_registry.RUNNERS, 'runner', ['turbox_mm.engine.runner'])
 RUNNER_CONSTRUCTORS = _child(mmdet3d_registry.RUNNER_CONSTRUCTORS, 'runner constructor',
                              ['turbox_mm.engine.runner'])
-LOOPS = _child(mmdet3d_registry.LOOPS, 'loop', ['turbox_mm.engine.runner'])
+LOOPS = _child(mmdet3d_registry.LOOPS, 'loop', ['turbox_mm.engine.loops'])
 HOOKS = _child(mmdet3d_registry.HOOKS, 'hook', ['turbox_mm.engine.hooks'])
 
 # Data.
@@ -100,7 +100,8 @@ TRANSFORMS = _child(mmdet3d_registry.TRANSFORMS, 'transform',
                     ['turbox_mm.datasets.transforms'])
 
 # Models.
-MODELS = _child(mmdet3d_registry.MODELS, 'model', ['turbox_mm.models', 'turbox_mm.testing'])
+MODELS = _child(mmdet3d_registry.MODELS, 'model',
+                ['turbox_mm.models', 'turbox_mm.engine.hooks', 'turbox_mm.testing'])
 MODEL_WRAPPERS = _child(mmdet3d_registry.MODEL_WRAPPERS, 'model_wrapper', ['turbox_mm.models'])
 WEIGHT_INITIALIZERS = _child(mmdet3d_registry.WEIGHT_INITIALIZERS, 'weight initializer',
                              ['turbox_mm.models'])

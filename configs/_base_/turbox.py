@@ -22,6 +22,19 @@ turbox = dict(
     dataloader=dict(pin_memory=True, persistent_workers=True, prefetch_factor=None),
     # Worker start method and OpenCV threads (written into env_cfg.mp_cfg).
     env=dict(mp_start_method='fork', opencv_num_threads=0),
+    # The pipelined twin of the config's train loop: the next batch is copied and
+    # preprocessed on a side CUDA stream during the current step; one loader iterator for
+    # the whole run (turbox_mm.CyclicBatchSampler), so epochs never drain the pipeline.
+    loop=dict(pipelined=True, preprocess_ahead=True, cyclic_loader=True),
+    # Fused optimizer kernels (paramwise_cfg kept) and gradient clipping without host syncs.
+    optim=dict(fused=True, sync_free_clip=True),
+    # An EMAHook(ExponentialMovingAverage) in custom_hooks updates through one CUDA graph.
+    ema=dict(graph=True),
+    # TF32 matmuls/convolutions and cuDNN autotuning (env_cfg.allow_tf32, cudnn_benchmark).
+    precision=dict(tf32=True, cudnn_benchmark=True),
+    # torch.compile of the static, heavy submodules; falls back to eager with a warning.
+    compile=dict(enable=True, modules='auto', backend='inductor', mode=None, dynamic=None,
+                 fullgraph=False, on_cpu=False),
 )
 
 # Coming with later issues, each switched on here once it is measured (docs/benchmarks.md):

@@ -31,6 +31,60 @@ TURBOX_OPTIONS: Schema = {
             'batches each worker prepares ahead; None keeps the loader\'s setting; '
             'only where num_workers > 0'),
     },
+    'loop': {
+        'pipelined': Option(
+            True, (bool,),
+            "replace mmengine's epoch- or iteration-based train loop by its pipelined twin: "
+            'the next batch is copied to the GPU on a side stream during the current step'),
+        'preprocess_ahead': Option(
+            True, (bool,), 'also run the data preprocessor for the next batch ahead'),
+        'cyclic_loader': Option(
+            True, (bool,),
+            'one loader iterator for the whole run (turbox_mm.CyclicBatchSampler around '
+            "the config's sampler): no pipeline drain or restart between epochs; only with "
+            'the pipelined loop'),
+    },
+    'optim': {
+        'fused': Option(
+            True, (bool,),
+            "torch's fused Adam/AdamW/SGD kernels (turbox_mm.TurboxOptimWrapperConstructor); "
+            'paramwise_cfg is kept; other optimizers are left as configured'),
+        'sync_free_clip': Option(
+            True, (bool,),
+            'gradient clipping without a host sync; the norm reaches the log asynchronously '
+            '(turbox_mm.TurboxOptimWrapper / TurboxAmpOptimWrapper)'),
+    },
+    'ema': {
+        'graph': Option(
+            True, (bool,),
+            "an EMAHook of custom_hooks with ExponentialMovingAverage becomes "
+            'turbox_mm.TurboxEMAHook: the same weights, the update replayed as one CUDA graph'),
+    },
+    'precision': {
+        'tf32': Option(
+            True, (bool,), 'float32 matmuls and convolutions on TF32 tensor cores '
+            '(env_cfg.allow_tf32)'),
+        'cudnn_benchmark': Option(
+            True, (bool,), 'let cuDNN pick the fastest convolution algorithm per input shape '
+            '(env_cfg.cudnn_benchmark); slower for inputs whose shape changes every step'),
+    },
+    'compile': {
+        'enable': Option(True, (bool,), 'torch.compile chosen submodules (on first use)'),
+        'modules': Option(
+            'auto', (str, list, tuple),
+            "dotted submodule paths, or 'auto' for those of backbone, neck, img_backbone, "
+            'img_neck, pts_backbone, pts_neck the model has'),
+        'backend': Option('inductor', (str,), 'torch.compile backend'),
+        'mode': Option(None, (str, type(None)), 'torch.compile mode',
+                       choices=(None, 'default', 'reduce-overhead', 'max-autotune',
+                                'max-autotune-no-cudagraphs')),
+        'dynamic': Option(None, (bool, type(None)),
+                          'torch.compile dynamic shapes (None: decided by torch)'),
+        'fullgraph': Option(False, (bool,), 'fail instead of breaking the graph'),
+        'on_cpu': Option(False, (bool,),
+                         'compile also where no CUDA device is present (slow to compile; '
+                         'tests use it)'),
+    },
     'env': {
         'mp_start_method': Option(
             'fork', (str,), 'start method of loader worker processes (env_cfg.mp_cfg)',
@@ -75,6 +129,9 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
             if loader_opts['prefetch_factor'] is not None:
                 loader['prefetch_factor'] = loader_opts['prefetch_factor']
                 changes.append(f"{name}.prefetch_factor = {loader_opts['prefetch_factor']}")
+    changes += _apply_loop(cfg, options['loop'])
+    changes += _apply_optim(cfg, options['optim'])
+    changes += _apply_ema(cfg, options['ema'])
     env = options['env']
     env_cfg = cfg.setdefault('env_cfg', {})
     mp_cfg = env_cfg.setdefault('mp_cfg', {})
@@ -82,4 +139,135 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
         if mp_cfg.get(key) != env[key]:
             mp_cfg[key] = env[key]
             changes.append(f'env_cfg.mp_cfg.{key} = {env[key]!r}')
+    precision = options['precision']
+    for key, value in (('allow_tf32', precision['tf32']),
+                       ('cudnn_benchmark', precision['cudnn_benchmark'])):
+        # Off means "as the config says", not "force off".
+        if value and not env_cfg.get(key):
+            env_cfg[key] = True
+            changes.append(f'env_cfg.{key} = True')
+    return changes
+
+
+# Stock loop names (as configs write them) and their pipelined twins.
+PIPELINED_LOOPS = {
+    'EpochBasedTrainLoop': 'turbox_mm.PipelinedEpochBasedTrainLoop',
+    'IterBasedTrainLoop': 'turbox_mm.PipelinedIterBasedTrainLoop',
+}
+# Samplers of one finite epoch whose batches CyclicBatchSampler may chain; batch samplers it
+# may wrap. Infinite samplers (mmengine's InfiniteSampler, turbox_mm.GroupInBatchSampler)
+# need nothing.
+CYCLIC_SAMPLERS = ('DefaultSampler', 'turbox_mm.GroupSampler')
+CYCLIC_BATCH_SAMPLERS = ('AspectRatioBatchSampler', 'TrackAspectRatioBatchSampler',
+                         'MultiSourceAspectRatioBatchSampler')
+
+
+def _short(type_name) -> str:
+    """'mmengine.DefaultSampler' -> 'DefaultSampler' (scope prefixes do not matter here)."""
+    return type_name.split('.')[-1] if isinstance(type_name, str) else ''
+
+
+def _apply_loop(cfg: Config, opts: Dict) -> List[str]:
+    """Swap in the pipelined train loop and the cyclic batch sampler."""
+    train_cfg = cfg.get('train_cfg')
+    if not opts['pipelined'] or not train_cfg:
+        return []
+    changes = []
+    loop_type = train_cfg.get('type')
+    if loop_type is None:  # mmengine's shorthand: dict(by_epoch=..., max_epochs/max_iters=...)
+        loop_type = 'EpochBasedTrainLoop' if train_cfg.get('by_epoch') else 'IterBasedTrainLoop'
+    twin = PIPELINED_LOOPS.get(_short(loop_type)) if isinstance(loop_type, str) else None
+    if twin is None:
+        print_log(f'turbox.loop.pipelined: train_cfg.type {loop_type!r} is not a stock mmengine '
+                  'loop; it is kept as it is', logger='current', level=logging.WARNING)
+        return changes
+    train_cfg.pop('by_epoch', None)
+    train_cfg['type'] = twin
+    train_cfg['preprocess_ahead'] = opts['preprocess_ahead']
+    changes.append(f"train_cfg.type = {twin!r} (was {loop_type!r}), "
+                   f"preprocess_ahead={opts['preprocess_ahead']}")
+    loader = cfg.get('train_dataloader')
+    if not opts['cyclic_loader'] or not loader:
+        return changes
+    sampler = _short((loader.get('sampler') or {}).get('type'))
+    batch_sampler = loader.get('batch_sampler')
+    inner = _short(batch_sampler.get('type')) if batch_sampler else None
+    if sampler not in [_short(s) for s in CYCLIC_SAMPLERS] or (
+            batch_sampler and inner not in CYCLIC_BATCH_SAMPLERS + ('CyclicBatchSampler', )):
+        print_log(f'turbox.loop.cyclic_loader: train_dataloader sampler {sampler!r} / '
+                  f'batch_sampler {inner!r} is not known to be one finite epoch; the loader is '
+                  'restarted per epoch as before', logger='current', level=logging.INFO)
+        return changes
+    if inner == 'CyclicBatchSampler':
+        return changes
+    loader['batch_sampler'] = dict(type='turbox_mm.CyclicBatchSampler',
+                                   drop_last=loader.pop('drop_last', False),
+                                   batch_sampler=batch_sampler)
+    changes.append('train_dataloader.batch_sampler = turbox_mm.CyclicBatchSampler'
+                   + (f' around {inner}' if inner else ''))
+    return changes
+
+
+# Stock wrapper names and their sync-free twins.
+SYNC_FREE_WRAPPERS = {
+    'OptimWrapper': 'turbox_mm.TurboxOptimWrapper',
+    'AmpOptimWrapper': 'turbox_mm.TurboxAmpOptimWrapper',
+}
+
+
+def _apply_optim(cfg: Config, opts: Dict) -> List[str]:
+    """Fused optimizers (constructor) and sync-free clipping (wrapper type)."""
+    wrapper = cfg.get('optim_wrapper')
+    if not isinstance(wrapper, dict) or 'optimizer' not in wrapper:
+        if isinstance(wrapper, dict) and (opts['fused'] or opts['sync_free_clip']):
+            # Several optimizers (OptimWrapperDict) or a custom constructor's own layout.
+            print_log('turbox.optim: optim_wrapper holds no single `optimizer`; it is kept as '
+                      'it is', logger='current', level=logging.WARNING)
+        return []
+    changes = []
+    if opts['sync_free_clip']:
+        wrapper_type = wrapper.get('type', 'OptimWrapper')
+        twin = SYNC_FREE_WRAPPERS.get(_short(wrapper_type)) if isinstance(
+            wrapper_type, str) else None
+        if twin is None:
+            print_log(f'turbox.optim.sync_free_clip: optim_wrapper.type {wrapper_type!r} is not '
+                      "mmengine's; kept, and its clipping syncs with the host",
+                      logger='current', level=logging.WARNING)
+        else:
+            wrapper['type'] = twin
+            # The norm is logged at the logger's interval at the latest.
+            interval = ((cfg.get('default_hooks') or {}).get('logger') or {}).get('interval')
+            if isinstance(interval, int) and interval > 0:
+                wrapper.setdefault('log_interval', interval)
+            changes.append(f'optim_wrapper.type = {twin!r} (was {wrapper_type!r})')
+    if opts['fused']:
+        constructor = wrapper.get('constructor', 'DefaultOptimWrapperConstructor')
+        if _short(constructor) == 'DefaultOptimWrapperConstructor':
+            wrapper['constructor'] = 'turbox_mm.TurboxOptimWrapperConstructor'
+            changes.append("optim_wrapper.constructor = 'turbox_mm.TurboxOptimWrapperConstructor'"
+                           ' (fused optimizer kernels)')
+        elif _short(constructor) != 'TurboxOptimWrapperConstructor':
+            print_log(f'turbox.optim.fused: optim_wrapper.constructor {constructor!r} is the '
+                      "config's own; kept, fused kernels not applied",
+                      logger='current', level=logging.WARNING)
+    return changes
+
+
+def _apply_ema(cfg: Config, opts: Dict) -> List[str]:
+    """Swap mmengine's EMAHook (ExponentialMovingAverage) for the CUDA-graph one."""
+    hooks = cfg.get('custom_hooks') or []
+    if not opts['graph']:
+        return []
+    from turbox_mm.engine.hooks.ema_hook import convert_ema_hook_cfg
+    changes = []
+    for i, hook in enumerate(hooks):
+        try:
+            new = convert_ema_hook_cfg(hook)
+        except ValueError as exc:
+            print_log(f'turbox.ema.graph: custom_hooks[{i}] kept as it is: {exc}',
+                      logger='current', level=logging.WARNING)
+            continue
+        if new is not None:
+            hooks[i] = new
+            changes.append(f"custom_hooks[{i}]: {hook.get('type')} -> turbox_mm.TurboxEMAHook")
     return changes

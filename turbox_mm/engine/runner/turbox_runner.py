@@ -1,12 +1,18 @@
 """The runner that ``configs/_base_/turbox.py`` selects through ``runner_type``."""
 import copy
+from typing import Dict, Optional
 
+import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
+from torch import nn
 
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.options import check_options
+from .module_compiler import compile_kwargs_from_options, compile_submodules
+from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
 
 
@@ -34,6 +40,41 @@ class TurboxRunner(Runner):
     turbox_options: dict = {}
     turbox_changes: list = []
 
+    def __init__(self, *args, **kwargs) -> None:
+        # The options are needed while mmengine's __init__ runs (setup_env, wrap_model).
+        cfg = kwargs.get('cfg') or {}
+        self.turbox_options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
+        self.turbox_changes = []
+        super().__init__(*args, **kwargs)
+
+    def setup_env(self, env_cfg: Dict) -> None:
+        """mmengine's environment setup, then the precision keys of ``env_cfg``.
+
+        See :func:`~turbox_mm.engine.runner.precision.apply_precision`; applied only where
+        CUDA is present.
+        """
+        super().setup_env(env_cfg)
+        if torch.cuda.is_available():
+            self.turbox_changes += apply_precision(env_cfg)
+        elif env_cfg.get('allow_tf32') or env_cfg.get('matmul_precision'):
+            # torch's matmul precision is global and reaches the CPU's oneDNN kernels too;
+            # TF32 is a GPU feature, so CPU runs keep exact float32.
+            self.turbox_changes.append('precision: no CUDA device, float32 stays exact')
+
+    def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: nn.Module) -> nn.Module:
+        """Compile the chosen submodules (``turbox.compile``), then wrap as mmengine does."""
+        opts = self.turbox_options.get('compile')
+        if opts and opts['enable'] and not is_model_wrapper(model):
+            if torch.cuda.is_available() or opts['on_cpu']:
+                names = compile_submodules(model, opts['modules'],
+                                           **compile_kwargs_from_options(opts))
+                self.turbox_changes.append(
+                    f"torch.compile: {', '.join(names) or 'no submodule matched'}")
+            else:
+                self.turbox_changes.append('torch.compile: skipped, no CUDA device '
+                                           '(turbox.compile.on_cpu=True compiles anyway)')
+        return super().wrap_model(model_wrapper_cfg, model)
+
     @classmethod
     def from_cfg(cls, cfg: Config) -> 'TurboxRunner':
         """Build a runner from a config, applying its ``turbox`` section first.
@@ -51,9 +92,9 @@ class TurboxRunner(Runner):
         options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
         changes = apply_turbox_options(cfg, options)
         runner = super().from_cfg(cfg)
-        runner.turbox_options = options
-        runner.turbox_changes = changes
+        runner.turbox_changes = changes + runner.turbox_changes
         if options['report']:
-            summary = '\n'.join(f'  {line}' for line in changes) or '  (nothing to change)'
+            summary = '\n'.join(f'  {line}' for line in runner.turbox_changes) or \
+                '  (nothing to change)'
             print_log(f'turbox_mm: config changes\n{summary}', logger=runner.logger)
         return runner

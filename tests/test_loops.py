@@ -1,0 +1,356 @@
+"""The pipelined train loops, the cyclic batch sampler, module compilation and precision.
+
+Parity is exact: the turbox loops train on the same batches in the same order, so stock and
+turbox runs of the smoke model give equal losses at every iteration and equal final weights.
+"""
+import json
+import logging
+import os
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.dataset import DefaultSampler
+from mmengine.logging import MMLogger
+from torch import nn
+from torch.utils.data import BatchSampler
+
+import turbox_mm  # noqa: F401
+from conftest import run_python
+from turbox_mm.datasets.samplers import CyclicBatchSampler
+from turbox_mm.engine.runner.module_compiler import compile_submodules
+from turbox_mm.engine.runner.precision import apply_precision
+
+ENV = {'CUDA_VISIBLE_DEVICES': '', 'TORCH_FORCE_WEIGHTS_ONLY_LOAD': '1'}
+SMOKE_DIR = 'configs/smoke'
+
+
+# ---------------------------------------------------------------- CyclicBatchSampler
+
+
+def _stock_epochs(dataset_len, batch_size, drop_last, epochs, shuffle=True, seed=3):
+    sampler = DefaultSampler(list(range(dataset_len)), shuffle=shuffle, seed=seed)
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        out += list(BatchSampler(sampler, batch_size, drop_last))
+    return out
+
+
+@pytest.mark.parametrize('dataset_len,batch_size,drop_last', [(10, 3, False), (10, 3, True),
+                                                              (8, 4, False), (5, 8, False)])
+def test_cyclic_batches_equal_stock_epochs(dataset_len, batch_size, drop_last):
+    expected = _stock_epochs(dataset_len, batch_size, drop_last, epochs=4)
+    sampler = CyclicBatchSampler(DefaultSampler(list(range(dataset_len)), seed=3), batch_size,
+                                 drop_last)
+    assert len(sampler) == len(expected) // 4
+    sampler.start_cycle(epoch=0)
+    it = iter(sampler)
+    got = [next(it) for _ in range(len(expected))]
+    assert got == expected
+
+
+def test_cyclic_start_and_skip_continue_the_uninterrupted_stream():
+    expected = _stock_epochs(10, 3, False, epochs=5)  # 4 batches an epoch
+    for epoch, skip in [(0, 0), (0, 3), (0, 9), (1, 0), (2, 5)]:
+        sampler = CyclicBatchSampler(DefaultSampler(list(range(10)), seed=3), 3)
+        sampler.start_cycle(epoch=epoch, skip_batches=skip)
+        it = iter(sampler)
+        start = epoch * 4 + skip
+        assert [next(it) for _ in range(20 - start)] == expected[start:], (epoch, skip)
+
+
+def test_cyclic_sampler_is_transparent_until_started():
+    sampler = CyclicBatchSampler(DefaultSampler(list(range(7)), shuffle=False), 2)
+    assert list(sampler) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert list(sampler) == [[0, 1], [2, 3], [4, 5], [6]]  # one epoch per iterator
+
+
+def test_cyclic_sampler_wraps_a_batch_sampler_config():
+    from mmdet.datasets.samplers import AspectRatioBatchSampler  # noqa: F401 (registers it)
+
+    class Shapes(list):
+
+        def get_data_info(self, idx):
+            return dict(width=10, height=5 if idx % 2 else 20)
+
+    dataset = Shapes(range(12))
+    sampler = CyclicBatchSampler(DefaultSampler(dataset, seed=0), 2,
+                                 batch_sampler=dict(type='mmdet.AspectRatioBatchSampler'))
+    sampler.start_cycle()
+    it = iter(sampler)
+    batches = [next(it) for _ in range(12)]  # two epochs
+    for batch in batches:  # one aspect-ratio group per batch
+        assert len({i % 2 for i in batch}) == 1
+    assert sorted(sum(batches[:6], [])) == list(range(12))
+    assert sorted(sum(batches[6:], [])) == list(range(12))
+    assert batches[:6] != batches[6:]  # reshuffled for epoch 1
+
+
+def test_cyclic_sampler_rejects_an_empty_epoch():
+    sampler = CyclicBatchSampler(DefaultSampler(list(range(3))), 4, drop_last=True)
+    with pytest.raises(ValueError, match='no batch per epoch'):
+        sampler.start_cycle()
+    with pytest.raises(ValueError, match='must be >= 0'):
+        CyclicBatchSampler(DefaultSampler(list(range(3))), 2).start_cycle(skip_batches=-1)
+
+
+# ---------------------------------------------------------------- training parity
+
+
+def _write_cfg(tmp_path, name, base, body=''):
+    if 'turbox' in base:
+        # Fused AdamW rounds differently from the stock foreach AdamW (ulps, tested in
+        # test_optim.py); these tests are about the loop, so they keep the stock kernel and
+        # compare bit for bit.
+        body += "\nturbox = dict(optim=dict(fused=False))\n"
+    path = tmp_path / name
+    path.write_text(f"_base_ = ['{osp.abspath(osp.join(SMOKE_DIR, base))}']\n{body}")
+    return str(path)
+
+
+ITER_BODY = """
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={max_iters},
+                 val_interval=1000)
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=8)]
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=4, by_epoch=False),
+                     logger=dict(type='LoggerHook', interval=1))
+log_processor = dict(by_epoch=False, window_size=1)
+"""
+EPOCH_BODY = """
+default_hooks = dict(logger=dict(type='LoggerHook', interval=1))
+log_processor = dict(window_size=1)
+"""
+
+
+def _train(cfg, work_dir, *extra):
+    proc = run_python(['tools/train.py', cfg, '--work-dir', str(work_dir), *extra], env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def _losses(work_dir):
+    losses = {}
+    for stamp in sorted(os.listdir(work_dir)):
+        path = osp.join(work_dir, stamp, 'vis_data', 'scalars.json')
+        if osp.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if 'loss' in rec:
+                        losses[rec['iter']] = rec['loss']
+    return losses
+
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def _assert_same_training(dir_a, dir_b, ckpt, iters):
+    a, b = _losses(dir_a), _losses(dir_b)
+    assert sorted(a) == list(range(1, iters + 1)), sorted(a)
+    assert a == b
+    wa, wb = _weights(osp.join(dir_a, ckpt)), _weights(osp.join(dir_b, ckpt))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+
+
+def test_pipelined_epoch_loop_trains_exactly_like_stock(tmp_path):
+    stock = _write_cfg(tmp_path, 'stock.py', 'smoke_stock.py', EPOCH_BODY)
+    turbox = _write_cfg(tmp_path, 'turbox.py', 'smoke_turbox.py', EPOCH_BODY)
+    log = _train(turbox, tmp_path / 'turbox')
+    assert "train_cfg.type = 'turbox_mm.PipelinedEpochBasedTrainLoop'" in log
+    assert 'train_dataloader.batch_sampler = turbox_mm.CyclicBatchSampler' in log
+    _train(stock, tmp_path / 'stock')
+    _assert_same_training(tmp_path / 'stock', tmp_path / 'turbox', 'epoch_4.pth', 32)
+
+
+def test_pipelined_iter_loop_trains_like_stock_and_resumes_without_loading(tmp_path):
+    stock = _write_cfg(tmp_path, 'stock.py', 'smoke_stock.py', ITER_BODY.format(max_iters=20))
+    turbox = _write_cfg(tmp_path, 'turbox.py', 'smoke_turbox.py',
+                        ITER_BODY.format(max_iters=20))
+    short = _write_cfg(tmp_path, 'short.py', 'smoke_turbox.py', ITER_BODY.format(max_iters=12))
+    log = _train(turbox, tmp_path / 'turbox')
+    assert "train_cfg.type = 'turbox_mm.PipelinedIterBasedTrainLoop'" in log
+    # mmengine restarts its loader after each pass over the data; the cyclic loader never does.
+    assert 'Reach the end of the dataloader' not in log
+    stock_log = _train(stock, tmp_path / 'stock')
+    assert 'Reach the end of the dataloader' in stock_log
+    _assert_same_training(tmp_path / 'stock', tmp_path / 'turbox', 'iter_20.pth', 20)
+    # Stop at 12 (mid-epoch: 8 batches an epoch), resume to 20: same as uninterrupted.
+    parted = tmp_path / 'parted'
+    _train(short, parted)
+    log = _train(turbox, parted, '--resume')
+    assert 'resumed epoch: 0, iter: 12' in log
+    assert 'Advance dataloader' not in log  # skipped by the sampler, nothing loaded
+    _assert_same_training(tmp_path / 'turbox', parted, 'iter_20.pth', 20)
+
+
+def test_epoch_loop_restarts_when_a_hook_drops_the_persistent_loader(tmp_path):
+    """mmdet3d's DisableObjectSampleHook drops the loader's iterator to reach new workers."""
+    hook = tmp_path / 'drop_loader_hook.py'
+    hook.write_text('''
+from mmengine.hooks import Hook
+from turbox_mm.registry import HOOKS
+
+@HOOKS.register_module()
+class DropLoaderHook(Hook):
+    def before_train_epoch(self, runner):
+        if runner.epoch == 2:
+            loader = runner.train_loop.dataloader
+            loader._DataLoader__initialized = False
+            loader._iterator = None
+            loader._DataLoader__initialized = True
+            print('dropped the persistent loader iterator')
+''')
+    body = EPOCH_BODY + "custom_hooks = [dict(type='turbox_mm.DropLoaderHook')]\n"
+    body_imports = "custom_imports = dict(imports=['turbox_mm', 'drop_loader_hook'])\n"
+    turbox = _write_cfg(tmp_path, 'turbox.py', 'smoke_turbox.py', body + body_imports)
+    stock = _write_cfg(tmp_path, 'stock.py', 'smoke_stock.py', EPOCH_BODY)
+    env_path = f'{tmp_path}{os.pathsep}'
+    proc = run_python(['tools/train.py', turbox, '--work-dir', str(tmp_path / 'turbox')],
+                      env=dict(ENV, PYTHONPATH=env_path + os.environ.get('PYTHONPATH', '')))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 'dropped the persistent loader iterator' in proc.stdout + proc.stderr
+    _train(stock, tmp_path / 'stock')
+    _assert_same_training(tmp_path / 'stock', tmp_path / 'turbox', 'epoch_4.pth', 32)
+
+
+def test_unknown_loop_type_is_kept_with_a_warning(tmp_path):
+    from mmengine.config import Config
+
+    from turbox_mm.engine.runner import TURBOX_OPTIONS, apply_turbox_options
+    from turbox_mm.utils.options import check_options
+    cfg = Config(dict(train_cfg=dict(type='MyLoop', max_iters=3),
+                      train_dataloader=dict(batch_size=2, sampler=dict(type='DefaultSampler'))))
+    changes = apply_turbox_options(cfg, check_options({}, TURBOX_OPTIONS))
+    assert cfg.train_cfg.type == 'MyLoop'
+    assert not any('train_cfg' in c for c in changes)
+    shorthand = Config(dict(train_cfg=dict(by_epoch=False, max_iters=3)))
+    apply_turbox_options(shorthand, check_options({}, TURBOX_OPTIONS))
+    assert shorthand.train_cfg.type == 'turbox_mm.PipelinedIterBasedTrainLoop'
+    assert 'by_epoch' not in shorthand.train_cfg
+    with pytest.raises(KeyError, match="did you mean 'preprocess_ahead'"):
+        check_options({'loop': {'preprocess_ahaed': True}}, TURBOX_OPTIONS)
+
+
+# ---------------------------------------------------------------- compile
+
+
+class _Net(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class _Breaks(nn.Module):
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return x * 2
+
+
+def test_compile_auto_keeps_state_dict_and_results():
+    torch.manual_seed(0)
+    net = _Net()
+    keys = list(net.state_dict())
+    x = torch.randn(3, 4)
+    eager = net(x)
+    assert compile_submodules(net, 'auto', backend='eager') == ['backbone']
+    assert list(net.state_dict()) == keys  # no _orig_mod prefixes: checkpoints unchanged
+    torch.testing.assert_close(net(x), eager)
+    assert net.backbone._compiled_call_impl is not None
+
+
+def test_compile_names_a_missing_submodule():
+    with pytest.raises(KeyError, match=r"no submodule 'backbone\.9'.*'0', '1', '2'"):
+        compile_submodules(_Net(), ['backbone.9'], backend='eager')
+    with pytest.raises(ValueError, match="expected 'auto' or a list"):
+        compile_submodules(_Net(), 'backbone', backend='eager')
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning():
+    torch._dynamo.reset()
+    net = nn.Module()
+    net.backbone = _Breaks()
+    compile_submodules(net, ['backbone'], backend='eager', fullgraph=True)
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        out = net.backbone(torch.ones(2))
+    finally:
+        logger.removeHandler(handler)
+    torch.testing.assert_close(out, torch.full((2, ), 2.0))
+    assert net.backbone._compiled_call_impl is None  # eager from now on
+    assert any('backbone (_Breaks) could not be compiled' in r.getMessage() for r in records)
+
+
+def test_compile_keeps_errors_of_the_inputs():
+    torch._dynamo.reset()
+    net = _Net()
+    compile_submodules(net, ['backbone'], backend='eager')
+    with pytest.raises(RuntimeError, match='shapes cannot be multiplied'):
+        net.backbone(torch.randn(2, 5))  # eager fails too: the caller's error, unchanged
+    assert net.backbone._compiled_call_impl is not None  # still compiled
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_precision_policy_sets_and_validates():
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert apply_precision(dict(allow_tf32=True)) == [
+            'float32 matmul precision: high', 'cuDNN float32 convolution: tf32']
+        assert torch.get_float32_matmul_precision() == 'high'
+        apply_precision(dict(allow_tf32=False))
+        assert torch.get_float32_matmul_precision() == 'highest'
+        assert apply_precision({}) == []
+        with pytest.raises(ValueError, match="'low' is not one of"):
+            apply_precision(dict(matmul_precision='low'))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.cuda
+def test_prefetcher_stages_batches_on_the_gpu():
+    from mmengine.model import BaseDataPreprocessor
+
+    from turbox_mm.engine.loops import BatchPrefetcher, PreprocessedBatch
+
+    class Doubler(BaseDataPreprocessor):
+
+        def forward(self, data, training=False):
+            data = self.cast_data(data)
+            return dict(inputs=data['inputs'] * 2)
+
+    class Model(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.data_preprocessor = Doubler().cuda()
+
+    model = Model()
+    batches = [dict(inputs=torch.arange(6.).pin_memory() + i) for i in range(3)]
+    prefetcher = BatchPrefetcher(iter(batches), model, preprocess=True)
+    for i in range(3):
+        raw, ready = prefetcher.pop()
+        assert raw is batches[i]
+        assert isinstance(ready, PreprocessedBatch)
+        # train_step calls the preprocessor again: it passes the staged batch through.
+        out = model.data_preprocessor(ready, True)
+        torch.testing.assert_close(out['inputs'].cpu(), (torch.arange(6.) + i) * 2)
+        if i < 2:
+            assert prefetcher.prefetch()
+    with pytest.raises(StopIteration):
+        prefetcher.pop()
+    prefetcher.close()
+    assert 'forward' not in model.data_preprocessor.__dict__
