@@ -120,3 +120,19 @@ def test_timeout_stops_a_silent_worker(tmp_path):
                        '--timeout', '0.5', '--out', str(tmp_path)], env=ENV)
     assert proc.returncode == 1
     assert 'timed out after 0.5 s' in proc.stdout
+
+
+def test_component_mode_prints_one_table(tmp_path):
+    proc = run_python(['tools/benchmark.py', '--components', 'ema', '--quick', '--out',
+                       str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'component  case' in proc.stdout and 'speed-up' in proc.stdout
+    report = json.load(open(tmp_path / 'components.json'))
+    assert report['quick'] and report['rows'] and not report['failures']
+    assert all(r['component'] == 'ema' and r['stock'] and r['turbox'] for r in report['rows'])
+
+
+def test_component_mode_names_an_unknown_component(tmp_path):
+    proc = run_python(['tools/benchmark.py', '--components', 'emma', '--out', str(tmp_path)])
+    assert proc.returncode != 0
+    assert "unknown micro benchmark 'emma'; valid names:" in proc.stderr

@@ -12,6 +12,14 @@ Examples:
     python tools/benchmark.py A.py B.py --cfg-options train_dataloader.num_workers=4
 
 A config that fails is reported in the table; the others still run.
+
+Component mode times turbox components against the stock ones they replace (optimizer step
+and clipping, EMA update, SyncBN, GC pauses, ...), each at the sizes of the stock configs,
+and prints one table (``components.json`` in ``--out``)::
+
+    python tools/benchmark.py --components                # every micro benchmark
+    python tools/benchmark.py --components optimizer ema  # some of them
+    python tools/benchmark.py --components --quick        # tiny sizes: a smoke test
 """
 import argparse
 import json
@@ -32,8 +40,13 @@ if ROOT not in sys.path:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark training configs end to end')
-    parser.add_argument('configs', nargs='+', help='configs to compare; the first is the '
+    parser.add_argument('configs', nargs='*', help='configs to compare; the first is the '
                         'baseline')
+    parser.add_argument('--components', nargs='*', metavar='NAME',
+                        help='time turbox components against stock ones instead (no NAME: '
+                        'all of turbox_mm.benchmark.micro)')
+    parser.add_argument('--quick', action='store_true',
+                        help='component mode: tiny sizes, for a smoke test')
     parser.add_argument('--iters', type=int, default=100, help='timed iterations')
     parser.add_argument('--warmup', type=int, default=20, help='untimed iterations first')
     parser.add_argument('--out', help='folder for benchmark.json and benchmark.png '
@@ -112,10 +125,55 @@ def _cli_value(value) -> str:
     return repr(value).replace(' ', '') if isinstance(value, (list, tuple, dict)) else str(value)
 
 
+def run_components(args, command: str) -> int:
+    """Component mode: each micro benchmark in this process, one table."""
+    import torch
+
+    from turbox_mm.benchmark import machine_info, micro
+    from turbox_mm.benchmark.timing import format_rows
+
+    names = args.components or micro.available()
+    for name in names:
+        micro.get(name)  # unknown names fail before anything runs, listing the valid ones
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_info()
+    print(f'components: {", ".join(names)} on {device}{" (quick)" if args.quick else ""}',
+          flush=True)
+    rows, failures = [], {}
+    for name in names:
+        print(f'[{name}]', flush=True)
+        try:
+            rows += micro.get(name)(device, quick=args.quick)
+        except Exception as exc:  # one failure must not stop the others
+            failures[name] = f'{type(exc).__name__}: {exc}'
+            print(f'  FAILED: {failures[name]}', flush=True)
+    with open(osp.join(out_dir, 'components.json'), 'w') as f:
+        json.dump(dict(command=command, machine=machine, device=device, quick=args.quick,
+                       rows=rows, failures=failures), f, indent=1)
+    gpu = machine['gpu'] or 'no GPU'
+    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'command: {command}\n')
+    print(format_rows(rows))
+    for name, error in failures.items():
+        print(f'FAILED {name}: {error}')
+    print(f"\nresults: {osp.join(out_dir, 'components.json')}")
+    return 1 if failures else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
+        if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
+    if args.components is not None:
+        if args.configs:
+            raise SystemExit('benchmark: give configs or --components, not both')
+        return run_components(args, command)
+    if not args.configs:
+        raise SystemExit('benchmark: give at least one config, or --components')
     from turbox_mm.benchmark import format_table, machine_info, summarize, write_chart
 
     for config in args.configs:
@@ -124,8 +182,6 @@ def main(argv=None) -> int:
     out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
-        if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
     print(f'benchmark: {len(args.configs)} config(s), {args.warmup} warm-up + {args.iters} '
           f'timed iterations each, seed {args.seed}', flush=True)
     results, summaries, failures = [], [], {}
