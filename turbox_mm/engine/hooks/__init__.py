@@ -1,5 +1,7 @@
 """Hooks (one a file) and the averaged model of the graph EMA."""
+from .cpu_affinity_hook import CPUAffinityHook
 from .ema_hook import TurboxEMAHook
+from .gc_hook import GCHook
 from .graph_ema import GraphExponentialMovingAverage
 
-__all__ = ['TurboxEMAHook', 'GraphExponentialMovingAverage']
+__all__ = ['CPUAffinityHook', 'GCHook', 'TurboxEMAHook', 'GraphExponentialMovingAverage']

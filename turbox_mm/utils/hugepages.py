@@ -1,0 +1,221 @@
+"""Transparent huge pages (THP) for torch's host memory, where the kernel allows them.
+
+What torch does, read from ``c10/core/alloc_cpu.cpp`` (torch 2.x):
+
+* The default CPU allocator (``c10::alloc_cpu``, behind every ordinary CPU tensor) reads the
+  environment variable ``THP_MEM_ALLOC_ENABLE`` **once**, into a function-local static, at its
+  first allocation. When it is ``1``, buffers of 2 MiB or more are page aligned and
+  ``madvise(MADV_HUGEPAGE)``'d, so with the kernel's THP mode ``madvise`` (or ``always``) they
+  are backed by 2 MiB pages: fewer page faults on first touch, fewer TLB misses. Setting the
+  variable after the process's first CPU tensor does nothing. ``import torch`` itself
+  allocates nothing (measured with torch 2.13 here, together with mmdet3d, mmcv and
+  turbox_mm), so the runner can still set it before it builds anything; setting it in the
+  launcher's environment is the sure way.
+* Pinned host memory does **not** come from that allocator. The CUDA caching host allocator
+  uses ``cudaHostAlloc`` (driver-allocated pages), or, with the allocator option
+  ``pinned_use_cuda_host_register:True``, plain ``malloc`` followed by ``cudaHostRegister``.
+  ``THP_MEM_ALLOC_ENABLE`` reaches neither. The second path gets huge pages only where the
+  kernel's mode is ``always`` (glibc does not ``madvise`` its blocks unless the process was
+  started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``). :func:`enable_huge_pages` can select
+  that path (``pinned_host_register=True``) before CUDA starts, and says what to expect.
+
+:func:`enable_huge_pages` checks ``/sys/kernel/mm/transparent_hugepage/enabled``, sets the
+variable, and verifies it by allocating a probe tensor and reading ``AnonHugePages`` from
+``/proc/self/smaps_rollup``. Where THP is missing or ``never``, or torch had already read the
+variable, it warns once and changes nothing else.
+"""
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+ENV = 'THP_MEM_ALLOC_ENABLE'
+THP_ROOT = '/sys/kernel/mm/transparent_hugepage'
+MODES = ('always', 'madvise', 'never')
+PROBE_BYTES = 8 << 20
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    from mmengine.logging import print_log
+    print_log(msg, logger='current', level=logging.WARNING)
+
+
+def parse_bracketed(text: Optional[str]) -> Optional[str]:
+    """The selected entry of a sysfs choice list.
+
+    Examples:
+        >>> parse_bracketed('always [madvise] never\\n')
+        'madvise'
+        >>> parse_bracketed(None) is None
+        True
+    """
+    if not text:
+        return None
+    match = re.search(r'\[([^\]]+)\]', text)
+    if match:
+        return match.group(1)
+    text = text.strip()
+    return text or None
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def thp_mode(root: str = THP_ROOT) -> Optional[str]:
+    """The kernel's THP mode: ``'always'``, ``'madvise'``, ``'never'``, or None (no THP)."""
+    return parse_bracketed(_read(os.path.join(root, 'enabled')))
+
+
+def thp_defrag(root: str = THP_ROOT) -> Optional[str]:
+    """The kernel's THP defrag mode (``'always'``, ``'defer'``, ``'madvise'``, ...) or None."""
+    return parse_bracketed(_read(os.path.join(root, 'defrag')))
+
+
+def anon_huge_kb(pid: str = 'self') -> Optional[int]:
+    """``AnonHugePages`` of a process in kB (``/proc/<pid>/smaps_rollup``), or None."""
+    text = _read(f'/proc/{pid}/smaps_rollup')
+    if text is None:
+        text = _read(f'/proc/{pid}/smaps')
+        if text is None:
+            return None
+    total, found = 0, False
+    for line in text.splitlines():
+        if line.startswith('AnonHugePages:'):
+            total += int(line.split()[1])
+            found = True
+    return total if found else None
+
+
+def probe_torch_thp(nbytes: int = PROBE_BYTES) -> Optional[bool]:
+    """Whether a fresh CPU tensor of ``nbytes`` is backed by huge pages; None if unknowable.
+
+    Allocates and touches the tensor, and compares ``AnonHugePages`` before and after. Note
+    that this is itself an allocation: if ``THP_MEM_ALLOC_ENABLE`` was not set yet, torch
+    latches it off.
+    """
+    import torch
+    before = anon_huge_kb()
+    if before is None:
+        return None
+    probe = torch.empty(nbytes, dtype=torch.uint8)
+    probe.fill_(1)
+    after = anon_huge_kb()
+    del probe
+    return after is not None and after - before >= 2048
+
+
+@dataclass
+class HugePageStatus:
+    """What :func:`enable_huge_pages` found and did.
+
+    Attributes:
+        mode (str | None): The kernel's THP mode, None where the kernel has no THP.
+        defrag (str | None): The kernel's THP defrag mode.
+        env_set (bool): ``THP_MEM_ALLOC_ENABLE=1`` is in the environment now.
+        effective (bool | None): A probe tensor got huge pages (None: not probed/unknowable).
+        pinned_host_register (bool): The pinned-memory allocator was switched to
+            ``malloc`` + ``cudaHostRegister``.
+        message (str): One line for the start-up report.
+    """
+
+    mode: Optional[str]
+    defrag: Optional[str]
+    env_set: bool
+    effective: Optional[bool]
+    pinned_host_register: bool
+    message: str
+
+
+def _alloc_conf_var() -> str:
+    # torch parses PYTORCH_CUDA_ALLOC_CONF first where set, then PYTORCH_ALLOC_CONF.
+    if 'PYTORCH_CUDA_ALLOC_CONF' in os.environ or 'PYTORCH_ALLOC_CONF' not in os.environ:
+        return 'PYTORCH_CUDA_ALLOC_CONF'
+    return 'PYTORCH_ALLOC_CONF'
+
+
+def _select_host_register() -> bool:
+    import sys
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_initialized():
+        _warn_once('pinned-late', 'enable_huge_pages: CUDA is already initialised, so the '
+                   'pinned-memory allocator keeps its setting; set pinned_use_cuda_host_register'
+                   ':True in PYTORCH_CUDA_ALLOC_CONF before CUDA starts')
+        return False
+    var = _alloc_conf_var()
+    conf = os.environ.get(var, '')
+    if 'pinned_use_cuda_host_register' in conf:
+        return 'pinned_use_cuda_host_register:True' in conf.replace(' ', '')
+    os.environ[var] = ','.join(x for x in (conf, 'pinned_use_cuda_host_register:True') if x)
+    return True
+
+
+def enable_huge_pages(probe: bool = True,
+                      pinned_host_register: bool = False,
+                      root: str = THP_ROOT) -> HugePageStatus:
+    """Let torch's CPU allocator use transparent huge pages, where the kernel allows.
+
+    Call it before the process's first CPU tensor (torch reads ``THP_MEM_ALLOC_ENABLE`` once,
+    at its first allocation): at the top of a launcher, or in the runner before it builds the
+    model. An explicit ``THP_MEM_ALLOC_ENABLE=0`` in the environment is respected.
+
+    Args:
+        probe (bool): Verify with an 8 MiB probe tensor. Defaults to True.
+        pinned_host_register (bool): Also make pinned buffers ``malloc`` + ``cudaHostRegister``
+            (``pinned_use_cuda_host_register:True``), the only pinned path THP can reach, and
+            only with THP mode ``always``. Must precede CUDA's start. Defaults to False.
+        root (str): The THP sysfs directory. Defaults to
+            ``/sys/kernel/mm/transparent_hugepage``.
+
+    Returns:
+        HugePageStatus: What was found and done.
+
+    Examples:
+        >>> status = enable_huge_pages(probe=False)  # doctest: +SKIP
+        >>> status.message  # doctest: +SKIP
+        'THP madvise (defrag madvise): THP_MEM_ALLOC_ENABLE=1 set (not probed)'
+    """
+    mode, defrag = thp_mode(root), thp_defrag(root)
+    if mode is None:
+        msg = f'transparent huge pages: not offered by this kernel ({root} missing); unchanged'
+        _warn_once('thp-missing', msg)
+        return HugePageStatus(None, defrag, False, None, False, msg)
+    if mode == 'never':
+        msg = (f'transparent huge pages: the kernel mode is "never"; unchanged (an '
+               f'administrator can run: echo madvise > {root}/enabled)')
+        _warn_once('thp-never', msg)
+        return HugePageStatus(mode, defrag, False, None, False, msg)
+    head = f'THP {mode} (defrag {defrag})'
+    if os.environ.get(ENV, '1').strip() not in ('1', ''):
+        msg = f'{head}: {ENV}={os.environ[ENV]} set by the user; unchanged'
+        return HugePageStatus(mode, defrag, False, None, False, msg)
+    os.environ[ENV] = '1'
+    pinned = _select_host_register() if pinned_host_register else False
+    effective = probe_torch_thp() if probe else None
+    msg = f'{head}: {ENV}=1 set'
+    if effective is None:
+        msg += ' (not probed)' if not probe else ' (cannot read /proc smaps to verify)'
+    elif effective:
+        msg += ', large CPU tensors get huge pages (verified)'
+    else:
+        msg += (', but a probe tensor got no huge pages: torch had already allocated before '
+                f'the variable was set (export {ENV}=1 in the launcher instead)')
+        if defrag in ('never', 'defer'):
+            msg += f', or defrag "{defrag}" leaves it to khugepaged'
+        _warn_once('thp-late', 'enable_huge_pages: ' + msg)
+    if pinned:
+        msg += ('; pinned buffers use malloc + cudaHostRegister'
+                + (' (huge pages under mode always)' if mode == 'always' else
+                   ' (no huge pages under mode madvise unless the process was started with '
+                   'GLIBC_TUNABLES=glibc.malloc.hugetlb=1)'))
+    return HugePageStatus(mode, defrag, True, effective, pinned, msg)
