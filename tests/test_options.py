@@ -98,6 +98,7 @@ def test_options_off_change_nothing(monkeypatch):
     cfg.env_cfg.mp_cfg = dict(mp_start_method='fork', opencv_num_threads=0)
     opts = check_options(
         {'dataloader': {'pin_memory': False, 'persistent_workers': False},
-         'loop': {'pipelined': False}, 'precision': {'tf32': False, 'cudnn_benchmark': False}},
+         'loop': {'pipelined': False}, 'precision': {'tf32': False, 'cudnn_benchmark': False},
+         'system': {'cpu_affinity': False, 'gc': False}},
         TURBOX_OPTIONS)
     assert apply_turbox_options(cfg, opts) == []

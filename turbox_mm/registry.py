@@ -122,4 +122,5 @@ LOG_PROCESSORS = _child(mmdet3d_registry.LOG_PROCESSORS, 'log_processor',
                         ['turbox_mm.engine.runner'])
 
 # Functions (collate functions and the like): mmdet3d has none of its own.
-FUNCTIONS = _child(MMENGINE_FUNCTIONS, 'function', ['turbox_mm.datasets'])
+FUNCTIONS = _child(MMENGINE_FUNCTIONS, 'function',
+                   ['turbox_mm.datasets', 'turbox_mm.utils.affinity'])

@@ -30,6 +30,12 @@ turbox = dict(
     optim=dict(fused=True, sync_free_clip=True),
     # An EMAHook(ExponentialMovingAverage) in custom_hooks updates through one CUDA graph.
     ema=dict(graph=True),
+    # Distributed runs: SyncBN (and every BN under --sync_bn) exchanges its statistics in one
+    # packed collective without host syncs.
+    sync_bn=True,
+    # Host side: cores pinned per rank and worker (with CUDA), GC frozen and scheduled on
+    # every rank at once, huge pages for large CPU buffers.
+    system=dict(cpu_affinity=True, gc=True, gc_interval=100, huge_pages=True),
     # TF32 matmuls/convolutions and cuDNN autotuning (env_cfg.allow_tf32, cudnn_benchmark).
     precision=dict(tf32=True, cudnn_benchmark=True),
     # torch.compile of the static, heavy submodules; falls back to eager with a warning.

@@ -60,6 +60,27 @@ TURBOX_OPTIONS: Schema = {
             "an EMAHook of custom_hooks with ExponentialMovingAverage becomes "
             'turbox_mm.TurboxEMAHook: the same weights, the update replayed as one CUDA graph'),
     },
+    'sync_bn': Option(
+        True, (bool,),
+        'in distributed runs, SyncBN layers (and every BN when cfg.sync_bn is set) become '
+        'turbox_mm.TurboxSyncBatchNorm: one packed collective per pass, no host syncs'),
+    'system': {
+        'cpu_affinity': Option(
+            True, (bool,),
+            'pin the main process and each loader worker to disjoint cores per local rank '
+            '(turbox_mm.CPUAffinityHook); only where CUDA is present: CPU training keeps every '
+            'core'),
+        'gc': Option(
+            True, (bool,),
+            'freeze the heap built before training, automatic GC off, a full collection every '
+            '`gc_interval` iterations on all ranks at once, early if memory grows '
+            '(turbox_mm.GCHook)'),
+        'gc_interval': Option(100, (int,), 'iterations between scheduled collections'),
+        'huge_pages': Option(
+            True, (bool,),
+            "transparent huge pages for torch's large CPU buffers (THP_MEM_ALLOC_ENABLE), "
+            'where the kernel offers them; set before the model is built'),
+    },
     'precision': {
         'tf32': Option(
             True, (bool,), 'float32 matmuls and convolutions on TF32 tensor cores '
@@ -132,6 +153,7 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
     changes += _apply_loop(cfg, options['loop'])
     changes += _apply_optim(cfg, options['optim'])
     changes += _apply_ema(cfg, options['ema'])
+    changes += _apply_system(cfg, options['system'], has_cuda)
     env = options['env']
     env_cfg = cfg.setdefault('env_cfg', {})
     mp_cfg = env_cfg.setdefault('mp_cfg', {})
@@ -270,4 +292,30 @@ def _apply_ema(cfg: Config, opts: Dict) -> List[str]:
         if new is not None:
             hooks[i] = new
             changes.append(f"custom_hooks[{i}]: {hook.get('type')} -> turbox_mm.TurboxEMAHook")
+    return changes
+
+
+def _has_hook(hooks: List, name: str) -> bool:
+    return any(_short(h.get('type')) == name for h in hooks if isinstance(h, dict))
+
+
+def _apply_system(cfg: Config, opts: Dict, has_cuda: bool) -> List[str]:
+    """CPU affinity and GC control, as custom hooks (each added once)."""
+    hooks = cfg.get('custom_hooks') or []
+    changes = []
+    if opts['cpu_affinity']:
+        if not has_cuda:
+            print_log('turbox.system.cpu_affinity: no CUDA device, the process keeps every '
+                      'core', logger='current', level=logging.INFO)
+        elif not _has_hook(hooks, 'CPUAffinityHook'):
+            hooks.append(dict(type='turbox_mm.CPUAffinityHook'))
+            changes.append('custom_hooks += turbox_mm.CPUAffinityHook')
+    if opts['gc'] and not _has_hook(hooks, 'GCHook'):
+        if opts['gc_interval'] < 1:
+            raise ValueError(f"Config key 'turbox.system.gc_interval' must be >= 1, got "
+                             f"{opts['gc_interval']}")
+        hooks.append(dict(type='turbox_mm.GCHook', interval=opts['gc_interval']))
+        changes.append(f"custom_hooks += turbox_mm.GCHook(interval={opts['gc_interval']})")
+    if changes:
+        cfg.custom_hooks = hooks
     return changes

@@ -10,6 +10,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 from turbox_mm.registry import RUNNERS
+from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
 from .module_compiler import compile_kwargs_from_options, compile_submodules
 from .precision import apply_precision
@@ -62,7 +63,29 @@ class TurboxRunner(Runner):
             self.turbox_changes.append('precision: no CUDA device, float32 stays exact')
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: nn.Module) -> nn.Module:
-        """Compile the chosen submodules (``turbox.compile``), then wrap as mmengine does."""
+        """Swap SyncBN and compile the chosen submodules, then wrap as mmengine does.
+
+        In a distributed run with ``turbox.sync_bn``, torch's and mmcv's SyncBN layers become
+        :class:`~turbox_mm.models.layers.TurboxSyncBatchNorm`; with ``cfg.sync_bn`` set
+        (``--sync_bn``), every BN does, in place of mmengine's own conversion.
+        """
+        if (self.distributed and self.turbox_options.get('sync_bn')
+                and not is_model_wrapper(model)):
+            from turbox_mm.models.layers import convert_sync_batchnorm
+            convert_all = self.cfg.get('sync_bn') is not None
+            model = convert_sync_batchnorm(model, sync_only=not convert_all)
+            self.turbox_changes.append('SyncBN: turbox_mm.TurboxSyncBatchNorm for '
+                                       + ('every BN (cfg.sync_bn)' if convert_all else
+                                          'the SyncBN layers'))
+            # mmengine would convert our layers back to torch's.
+            saved, self.cfg.sync_bn = self.cfg.get('sync_bn'), None
+            try:
+                return self._compile_and_wrap(model_wrapper_cfg, model)
+            finally:
+                self.cfg.sync_bn = saved
+        return self._compile_and_wrap(model_wrapper_cfg, model)
+
+    def _compile_and_wrap(self, model_wrapper_cfg: Optional[Dict], model: nn.Module):
         opts = self.turbox_options.get('compile')
         if opts and opts['enable'] and not is_model_wrapper(model):
             if torch.cuda.is_available() or opts['on_cpu']:
@@ -90,7 +113,11 @@ class TurboxRunner(Runner):
         if not isinstance(cfg, Config):
             cfg = Config(dict(cfg) if isinstance(cfg, ConfigDict) else cfg)
         options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
-        changes = apply_turbox_options(cfg, options)
+        changes = []
+        if options['system']['huge_pages']:
+            # Before the model and dataset allocate: torch reads the setting once.
+            changes.append(enable_huge_pages().message)
+        changes += apply_turbox_options(cfg, options)
         runner = super().from_cfg(cfg)
         runner.turbox_changes = changes + runner.turbox_changes
         if options['report']:
