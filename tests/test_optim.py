@@ -512,8 +512,10 @@ def test_built_and_trained_by_a_runner(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_amp_built_and_trained_by_a_runner(tmp_path):
+    # Dynamic scaling from a small initial scale: at the default 65536 the toy model's fp16
+    # gradients overflow in the first steps (skipped steps with inf norms, as in stock).
     runner = train_toy_runner(tmp_path, type='turbox_mm.TurboxAmpOptimWrapper',
-                              loss_scale='dynamic', dtype='float16')
+                              loss_scale=dict(init_scale=16.0), dtype='float16')
     assert type(runner.optim_wrapper) is TurboxAmpOptimWrapper
     assert next(runner.model.parameters()).is_cuda
 
@@ -533,8 +535,10 @@ def test_micro_benchmark_runs_quick():
 
 CUDA_CASES = {
     'fp32': dict(wrapper=TurboxOptimWrapper, stock='OptimWrapper'),
+    # Dynamic scaling from a small initial scale: at the default 65536 the first steps of the
+    # toy model overflow (skipped, with an inf norm, in stock too).
     'fp16-dynamic': dict(wrapper=TurboxAmpOptimWrapper, stock='AmpOptimWrapper',
-                         loss_scale='dynamic', dtype='float16'),
+                         loss_scale=dict(init_scale=16.0), dtype='float16'),
     'fp16-static': dict(wrapper=TurboxAmpOptimWrapper, stock='AmpOptimWrapper',
                         loss_scale=512.0, dtype='float16'),
     'bf16': dict(wrapper=TurboxAmpOptimWrapper, stock='AmpOptimWrapper', dtype='bfloat16'),

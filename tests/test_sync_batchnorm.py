@@ -839,12 +839,34 @@ def test_cuda_matches_torch_sync_batchnorm(shape, dtype, layout, grad_layout, mo
             out.backward(grad)
             results[label] = [out, leaf.grad, layer.weight.grad, layer.bias.grad,
                               layer.running_mean, layer.running_var]
-    low = dtype != torch.float32
-    for label in ('turbox', 'turbox_reference', 'local_bn'):
-        for i, (ours, ref) in enumerate(zip(results[label], results['torch_sync'])):
-            assert ours.dtype == ref.dtype, (label, i)
-            tol = dict(rtol=2e-2, atol=2e-2) if low and i < 2 else dict(rtol=1e-4, atol=1e-4)
-            assert_close(ours, ref, **tol, msg=lambda m: f'{label} item {i}: {m}')
+    if dtype == torch.float32:
+        for label in ('turbox', 'turbox_reference', 'local_bn'):
+            for i, (ours, ref) in enumerate(zip(results[label], results['torch_sync'])):
+                assert ours.dtype == ref.dtype, (label, i)
+                assert_close(ours, ref, rtol=1e-4, atol=1e-4,
+                             msg=lambda m: f'{label} item {i}: {m}')
+        return
+    # 16-bit inputs: judge every implementation against float64 ground truth; ours may be
+    # at most twice as far from it as torch's own sync path (flash-attention's rule).
+    layer = bn_class(len(shape))(c, momentum=0.2).double().cuda()
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, c))
+        layer.bias.copy_(torch.linspace(-1, 1, c))
+    leaf, inp, grad = _cuda_inputs(shape, dtype, layout, grad_layout)
+    x64 = inp.detach().double().requires_grad_()
+    out = layer(x64)
+    out.backward(grad.double())
+    truth = [out, x64.grad, layer.weight.grad, layer.bias.grad, layer.running_mean,
+             layer.running_var]
+    names = ('output', 'input grad', 'weight grad', 'bias grad', 'running mean',
+             'running var')
+    for label in ('turbox', 'turbox_reference'):
+        for i, name in enumerate(names):
+            ours, torch_ref = results[label][i], results['torch_sync'][i]
+            assert ours.dtype == torch_ref.dtype, (label, name)
+            err = (ours.double() - truth[i]).abs().max().item()
+            err_torch = (torch_ref.double() - truth[i]).abs().max().item()
+            assert err <= 2 * err_torch + 1e-4, (label, name, err, err_torch)
 
 
 @pytest.mark.cuda

@@ -130,7 +130,7 @@ def run_components(args, command: str) -> int:
     import torch
 
     from turbox_mm.benchmark import machine_info, micro
-    from turbox_mm.benchmark.timing import format_rows
+    from turbox_mm.benchmark.timing import format_rows, warm_up_gpu
 
     names = args.components or micro.available()
     for name in names:
@@ -142,6 +142,7 @@ def run_components(args, command: str) -> int:
     print(f'components: {", ".join(names)} on {device}{" (quick)" if args.quick else ""}',
           flush=True)
     rows, failures = [], {}
+    warm_up_gpu()
     for name in names:
         print(f'[{name}]', flush=True)
         try:

@@ -68,6 +68,22 @@ def time_fn(fn: Callable[[], object],
     return summarize_ms(times)
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Keep the GPU busy for ``seconds`` so its clocks are up before anything is timed.
+
+    Without it, whatever is measured first in a process runs on a GPU still ramping its
+    clocks and looks slower than what follows.
+    """
+    if not torch.cuda.is_available():
+        return
+    x = torch.randn(4096, 4096, device='cuda')
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            x = torch.tanh(x @ x)
+        torch.cuda.synchronize()
+
+
 def summarize_ms(times: Sequence[float]) -> Dict[str, float]:
     """Median and 20/80% quantiles of a list of times in milliseconds."""
     ordered = sorted(times)

@@ -38,7 +38,8 @@ def _ensure_group(device: torch.device) -> bool:
         return False
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
     if device.type == 'cuda':
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else
+                              torch.cuda.current_device())
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
