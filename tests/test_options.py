@@ -102,3 +102,17 @@ def test_options_off_change_nothing(monkeypatch):
          'system': {'cpu_affinity': False, 'gc': False}},
         TURBOX_OPTIONS)
     assert apply_turbox_options(cfg, opts) == []
+
+
+def test_readme_documents_every_turbox_option(root):
+    readme = open(f'{root}/README.md').read()
+
+    def keys(schema, prefix=''):
+        for key, spec in schema.items():
+            if isinstance(spec, dict):
+                yield from keys(spec, f'{prefix}{key}.')
+            else:
+                yield f'{prefix}{key}'
+
+    missing = [k for k in keys(TURBOX_OPTIONS) if f'| `{k}` |' not in readme]
+    assert not missing, f'README.md lacks rows for turbox options: {missing}'

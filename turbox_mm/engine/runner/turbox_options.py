@@ -103,8 +103,8 @@ TURBOX_OPTIONS: Schema = {
                           'torch.compile dynamic shapes (None: decided by torch)'),
         'fullgraph': Option(False, (bool,), 'fail instead of breaking the graph'),
         'on_cpu': Option(False, (bool,),
-                         'compile also where no CUDA device is present (slow to compile; '
-                         'tests use it)'),
+                         'compile also where no CUDA device is present (slow to compile, '
+                         'rarely worth it for CPU training)'),
     },
     'env': {
         'mp_start_method': Option(
