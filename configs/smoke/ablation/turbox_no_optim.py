@@ -1,0 +1,4 @@
+# turbox_all.py without one component: its effect is the difference between the two.
+_base_ = ['./turbox_all.py']
+
+turbox = dict(optim=dict(fused=False, sync_free_clip=False))
