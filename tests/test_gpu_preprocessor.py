@@ -350,12 +350,17 @@ def augment_warp(src_hw, out_hw, scale, crop, flip, angle):
     return np.linalg.inv(rot @ fwd).astype(np.float32)
 
 
-def make_sample(seed, views=3, src_hw=(72, 120), out_hw=(40, 64), single=False):
+def make_sample(seed, views=3, src_hw=(72, 120), out_hw=(40, 64), single=False,
+                chroma='420'):
     rng = np.random.default_rng(seed)
     jpegs, warps = [], []
+    sampling = {'420': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+                '444': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}[chroma]
     for v in range(1 if single else views):
         img = textured(*src_hw, seed * 10 + v)
-        jpegs.append(cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+        jpegs.append(cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 90,
+                                                cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                                sampling])[1].tobytes())
         warps.append(augment_warp(src_hw, out_hw, scale=rng.uniform(0.45, 0.7),
                                   crop=rng.uniform(0, 12, 2), flip=bool(rng.integers(2)),
                                   angle=rng.uniform(-5.4, 5.4)))
@@ -655,8 +660,9 @@ def test_cuda_photometric_matches_cpu():
     assert_close(out.cpu(), expected_with_params(tensors, params), rtol=0, atol=1e-3)
 
 
-def _gpu_decode_vs_cpu(backend, stream=None):
-    raws = [make_sample(s, views=6, src_hw=(450, 800), out_hw=(128, 352)) for s in range(2)]
+def _gpu_decode_vs_cpu(backend, stream=None, chroma='444', max_mean=1.0):
+    raws = [make_sample(s, views=6, src_hw=(450, 800), out_hw=(128, 352), chroma=chroma)
+            for s in range(2)]
     pre = cuda_pre(decode_backend=backend)
     with torch.cuda.stream(stream) if stream is not None else torch.cuda.stream(
             torch.cuda.current_stream()):
@@ -666,8 +672,11 @@ def _gpu_decode_vs_cpu(backend, stream=None):
     assert gpu.is_cuda and gpu.shape == (2, 6, 3, 128, 352)
     cpu = torch.stack([reference_decode(r) for r in raws]).float()
     diff = (gpu.cpu() - cpu).abs()
-    # nvJPEG and libjpeg-turbo round the IDCT and chroma upsampling differently.
-    assert diff.mean() < 1.5, diff.mean()
+    # With 4:4:4 chroma nvJPEG and libjpeg-turbo decode to identical pixels (measured on the
+    # H100 machine), so what remains is the warp's rounding. With 4:2:0 (what nuScenes and
+    # cv2's default use) they upsample chroma differently: 2-3.5 grey levels on average,
+    # up to 20-40 on sharp colour edges.
+    assert diff.mean() < max_mean, diff.mean()
     return pre
 
 
@@ -676,6 +685,7 @@ def test_cuda_deferred_decode_torchvision_matches_cv2():
     pytest.importorskip('torchvision')
     pre = _gpu_decode_vs_cpu('torchvision')
     _gpu_decode_vs_cpu('torchvision', stream=torch.cuda.Stream())
+    _gpu_decode_vs_cpu('torchvision', chroma='420', max_mean=5.0)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter('always')
         auto = cuda_pre()  # 'auto' finds the GPU decoder: no fallback, no warning

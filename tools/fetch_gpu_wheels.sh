@@ -9,7 +9,7 @@
 set -euo pipefail
 dest=${1:-.whl}
 mkdir -p "$dest"
-for pkg in pyquaternion nuscenes-devkit lyft_dataset_sdk descartes cachetools fire; do
+for pkg in pyquaternion nuscenes-devkit lyft_dataset_sdk descartes cachetools fire simplejpeg; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     -d "$dest" "$pkg" 2> >(grep -v 'is ignored: it is neither' >&2)
