@@ -187,33 +187,78 @@ def test_pipelined_iter_loop_trains_like_stock_and_resumes_without_loading(tmp_p
 
 
 def test_epoch_loop_restarts_when_a_hook_drops_the_persistent_loader(tmp_path):
-    """mmdet3d's DisableObjectSampleHook drops the loader's iterator to reach new workers."""
+    """mmdet3d's DisableObjectSampleHook changes the dataset at an epoch and drops the
+    persistent loader's iterator so that new workers see the change: the turbox loop must
+    notice and restart, or its workers keep serving the old data."""
     hook = tmp_path / 'drop_loader_hook.py'
     hook.write_text('''
 from mmengine.hooks import Hook
-from turbox_mm.registry import HOOKS
+from turbox_mm.registry import DATASETS, HOOKS
+from turbox_mm.testing import SmokeDataset
+
+@DATASETS.register_module()
+class ShiftDataset(SmokeDataset):
+    shift = 0.0
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        item['inputs'] = item['inputs'] + self.shift
+        return item
 
 @HOOKS.register_module()
 class DropLoaderHook(Hook):
     def before_train_epoch(self, runner):
         if runner.epoch == 2:
             loader = runner.train_loop.dataloader
+            loader.dataset.shift = 1.0
             loader._DataLoader__initialized = False
             loader._iterator = None
             loader._DataLoader__initialized = True
-            print('dropped the persistent loader iterator')
+            print('changed the dataset and dropped the persistent loader iterator')
 ''')
-    body = EPOCH_BODY + "custom_hooks = [dict(type='turbox_mm.DropLoaderHook')]\n"
-    body_imports = "custom_imports = dict(imports=['turbox_mm', 'drop_loader_hook'])\n"
-    turbox = _write_cfg(tmp_path, 'turbox.py', 'smoke_turbox.py', body + body_imports)
-    stock = _write_cfg(tmp_path, 'stock.py', 'smoke_stock.py', EPOCH_BODY)
-    env_path = f'{tmp_path}{os.pathsep}'
-    proc = run_python(['tools/train.py', turbox, '--work-dir', str(tmp_path / 'turbox')],
-                      env=dict(ENV, PYTHONPATH=env_path + os.environ.get('PYTHONPATH', '')))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert 'dropped the persistent loader iterator' in proc.stdout + proc.stderr
-    _train(stock, tmp_path / 'stock')
+    body = (EPOCH_BODY + "custom_hooks = [dict(type='turbox_mm.DropLoaderHook')]\n"
+            "custom_imports = dict(imports=['turbox_mm', 'drop_loader_hook'])\n"
+            "train_dataloader = dict(dataset=dict(type='turbox_mm.ShiftDataset'),\n"
+            "                        persistent_workers=True)\n")
+    turbox = _write_cfg(tmp_path, 'turbox.py', 'smoke_turbox.py', body)
+    stock = _write_cfg(tmp_path, 'stock.py', 'smoke_stock.py', body)
+    env = dict(ENV, PYTHONPATH=f'{tmp_path}{os.pathsep}' + os.environ.get('PYTHONPATH', ''))
+    for cfg, name in ((stock, 'stock'), (turbox, 'turbox')):
+        proc = run_python(['tools/train.py', cfg, '--work-dir', str(tmp_path / name)], env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert 'dropped the persistent loader iterator' in proc.stdout + proc.stderr
     _assert_same_training(tmp_path / 'stock', tmp_path / 'turbox', 'epoch_4.pth', 32)
+
+
+def test_cyclic_loader_needs_persistent_workers():
+    from mmengine.config import Config
+
+    from turbox_mm.engine.runner import TURBOX_OPTIONS, apply_turbox_options
+    from turbox_mm.utils.options import check_options
+    loader = dict(batch_size=2, num_workers=2, sampler=dict(type='DefaultSampler'))
+    opts = check_options({'dataloader': {'persistent_workers': False}}, TURBOX_OPTIONS)
+    cfg = Config(dict(train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=1),
+                      train_dataloader=dict(loader)))
+    apply_turbox_options(cfg, opts)
+    assert cfg.train_cfg.type == 'turbox_mm.PipelinedEpochBasedTrainLoop'
+    assert 'batch_sampler' not in cfg.train_dataloader  # restarted per epoch, as stock
+    cfg = Config(dict(train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=1),
+                      train_dataloader=dict(loader)))
+    apply_turbox_options(cfg, check_options({}, TURBOX_OPTIONS))
+    assert cfg.train_dataloader.batch_sampler.type == 'turbox_mm.CyclicBatchSampler'
+
+
+def test_prefetcher_raises_a_loader_error_when_its_batch_is_due():
+    from turbox_mm.engine.loops import BatchPrefetcher
+
+    def batches():
+        yield dict(inputs=torch.zeros(1))
+        raise OSError('corrupt file x.jpg (sample 1)')
+
+    prefetcher = BatchPrefetcher(batches(), nn.Linear(1, 1))
+    raw, _ = prefetcher.pop()
+    assert prefetcher.prefetch()  # the failure is kept, not raised during step 0
+    with pytest.raises(OSError, match='corrupt file x.jpg'):
+        prefetcher.pop()
 
 
 def test_unknown_loop_type_is_kept_with_a_warning(tmp_path):

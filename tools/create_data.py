@@ -107,9 +107,12 @@ def nuscenes(args) -> int:
         print('(add --run to run it; then point the configs\' data_root at the same folder, '
               'see docs/data.md)')
         return 0
-    # Only mmdet3d's folder: another ``tools`` package on the path (this repository has one)
-    # would shadow mmdet3d's, which has no __init__.py.
-    env = dict(os.environ, PYTHONPATH=mim)
+    # mmdet3d's folder first; entries holding another ``tools`` package (this repository has
+    # one) are dropped, since they would shadow mmdet3d's, which has no __init__.py. Other
+    # entries stay: on some machines the OpenMMLab packages themselves live on PYTHONPATH.
+    kept = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
+            if p and not osp.isfile(osp.join(p, 'tools', '__init__.py'))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([mim] + kept))
     return subprocess.call(command, cwd=workdir, env=env)
 
 

@@ -43,9 +43,7 @@ turbox = dict(
                  fullgraph=False, on_cpu=False),
 )
 
-# Coming with later issues, each switched on here once it is measured (docs/benchmarks.md):
-# - CPU affinity, GC control, huge pages, precision policy (TF32, cudnn.benchmark);
-# - torch.compile of chosen submodules; the pipelined train loop (side-stream prefetch);
-# - fused optimizers with sync-free gradient clipping; CUDA-graph EMA; sync-free SyncBN;
-# - the fast input pipeline (libjpeg-turbo / nvJPEG decode, fused affine resize-crop),
-#   sequence-aware samplers and fast ops (deformable aggregation, voxelization, NMS, ...).
+# Not switched on here yet: the fast input pipeline (turbox_mm.LoadMultiViewImagesTurbo,
+# MultiViewAffineAug, LoadPointsFromMultiSweepsFast, TurboxDet3DDataPreprocessor) replaces
+# model-specific pipeline entries and lands with each model's configs; fast ops (deformable
+# aggregation, voxelization, NMS) land with the models that use them.

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from turbox_mm.datasets.samplers.cyclic_batch_sampler import CyclicBatchSampler
 from turbox_mm.registry import LOOPS
-from .batch_prefetcher import BatchPrefetcher
+from .batch_prefetcher import BatchPrefetcher, ahead_context, flush_grad_norm
 
 
 @LOOPS.register_module()
@@ -57,17 +57,26 @@ class PipelinedEpochBasedTrainLoop(EpochBasedTrainLoop):
 
     @property
     def _cyclic(self) -> bool:
-        return isinstance(getattr(self.dataloader, 'batch_sampler', None), CyclicBatchSampler)
+        """One iterator for the whole run: a cyclic batch sampler, or an infinite resumable
+        one (``turbox_mm.GroupInBatchSampler``: restarting it would replay epoch 0)."""
+        batch_sampler = getattr(self.dataloader, 'batch_sampler', None)
+        return isinstance(batch_sampler, CyclicBatchSampler) or (
+            getattr(batch_sampler, 'unit', None) == 'batch'
+            and hasattr(batch_sampler, 'fast_forward'))
 
     def _restart(self) -> None:
         """(Re)start the loader at the current epoch, dropping anything staged."""
         if self._prefetcher is not None:
             self._prefetcher.close()
-        if self._cyclic:
-            self.dataloader.batch_sampler.start_cycle(epoch=self._epoch)
+        batch_sampler = getattr(self.dataloader, 'batch_sampler', None)
+        if isinstance(batch_sampler, CyclicBatchSampler):
+            batch_sampler.start_cycle(epoch=self._epoch)
+        elif self._cyclic:
+            batch_sampler.fast_forward(self._iter)
         self._loader_iter = iter(self.dataloader)
         self._prefetcher = BatchPrefetcher(self._loader_iter, self.runner.model,
-                                           self.preprocess_ahead)
+                                           self.preprocess_ahead,
+                                           ahead_context(self.runner, self))
 
     def _loader_was_reset(self) -> bool:
         # A persistent loader keeps its iterator in ``_iterator``; hooks that need fresh
@@ -98,6 +107,7 @@ class PipelinedEpochBasedTrainLoop(EpochBasedTrainLoop):
             except StopIteration:  # a non-cyclic loader shorter than its len()
                 break
             self.run_iter(idx, data_batch, ready)
+        flush_grad_norm(self.runner)  # the epoch's last norms, before logs and checkpoints
         self.runner.call_hook('after_train_epoch')
         self._epoch += 1
 

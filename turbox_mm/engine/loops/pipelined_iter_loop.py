@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from turbox_mm.datasets.samplers.cyclic_batch_sampler import CyclicBatchSampler
 from turbox_mm.registry import LOOPS
-from .batch_prefetcher import BatchPrefetcher
+from .batch_prefetcher import BatchPrefetcher, ahead_context, flush_grad_norm
 
 
 @LOOPS.register_module()
@@ -100,7 +100,8 @@ class PipelinedIterBasedTrainLoop(IterBasedTrainLoop):
         self.runner.call_hook('before_train')
         self.runner.call_hook('before_train_epoch')
         self._prefetcher = BatchPrefetcher(self._start_batches(), self.runner.model,
-                                           self.preprocess_ahead)
+                                           self.preprocess_ahead,
+                                           ahead_context(self.runner, self))
         try:
             while self._iter < self._max_iters and not self.stop_training:
                 self.runner.model.train()
@@ -112,6 +113,7 @@ class PipelinedIterBasedTrainLoop(IterBasedTrainLoop):
                              or self._iter == self._max_iters)):
                     self.runner.val_loop.run()
         finally:
+            flush_grad_norm(self.runner)
             self._prefetcher.close()
         self.runner.call_hook('after_train_epoch')
         self.runner.call_hook('after_train')

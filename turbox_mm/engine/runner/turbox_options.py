@@ -42,7 +42,7 @@ TURBOX_OPTIONS: Schema = {
             True, (bool,),
             'one loader iterator for the whole run (turbox_mm.CyclicBatchSampler around '
             "the config's sampler): no pipeline drain or restart between epochs; only with "
-            'the pipelined loop'),
+            'the pipelined loop and persistent loader workers'),
     },
     'optim': {
         'fused': Option(
@@ -180,8 +180,7 @@ PIPELINED_LOOPS = {
 # may wrap. Infinite samplers (mmengine's InfiniteSampler, turbox_mm.GroupInBatchSampler)
 # need nothing.
 CYCLIC_SAMPLERS = ('DefaultSampler', 'turbox_mm.GroupSampler')
-CYCLIC_BATCH_SAMPLERS = ('AspectRatioBatchSampler', 'TrackAspectRatioBatchSampler',
-                         'MultiSourceAspectRatioBatchSampler')
+CYCLIC_BATCH_SAMPLERS = ('AspectRatioBatchSampler', 'TrackAspectRatioBatchSampler')
 
 
 def _short(type_name) -> str:
@@ -211,8 +210,22 @@ def _apply_loop(cfg: Config, opts: Dict) -> List[str]:
     loader = cfg.get('train_dataloader')
     if not opts['cyclic_loader'] or not loader:
         return changes
-    sampler = _short((loader.get('sampler') or {}).get('type'))
-    batch_sampler = loader.get('batch_sampler')
+    if not (loader.get('num_workers', 0) > 0 and loader.get('persistent_workers')):
+        # A hook that changes the dataset at an epoch boundary (mmdet3d's
+        # DisableObjectSampleHook) reaches non-persistent workers only because the stock loop
+        # starts new ones every epoch; one iterator for the run would keep the old pipeline.
+        print_log('turbox.loop.cyclic_loader: train_dataloader has no persistent workers; the '
+                  'loader is restarted per epoch as before', logger='current',
+                  level=logging.INFO)
+        return changes
+    sampler_cfg, batch_sampler = loader.get('sampler'), loader.get('batch_sampler')
+    if not isinstance(sampler_cfg, dict) or (batch_sampler is not None
+                                             and not isinstance(batch_sampler, dict)):
+        print_log('turbox.loop.cyclic_loader: train_dataloader has a built sampler object; the '
+                  'loader is restarted per epoch as before', logger='current',
+                  level=logging.INFO)
+        return changes
+    sampler = _short(sampler_cfg.get('type'))
     inner = _short(batch_sampler.get('type')) if batch_sampler else None
     if sampler not in [_short(s) for s in CYCLIC_SAMPLERS] or (
             batch_sampler and inner not in CYCLIC_BATCH_SAMPLERS + ('CyclicBatchSampler', )):
@@ -314,7 +327,10 @@ def _apply_system(cfg: Config, opts: Dict, has_cuda: bool) -> List[str]:
         if opts['gc_interval'] < 1:
             raise ValueError(f"Config key 'turbox.system.gc_interval' must be >= 1, got "
                              f"{opts['gc_interval']}")
-        hooks.append(dict(type='turbox_mm.GCHook', interval=opts['gc_interval']))
+        # The memory guard's cross-rank decision is a collective (a host sync): check it only
+        # at the scheduled collections, which pause every rank anyway.
+        hooks.append(dict(type='turbox_mm.GCHook', interval=opts['gc_interval'],
+                          check_interval=opts['gc_interval']))
         changes.append(f"custom_hooks += turbox_mm.GCHook(interval={opts['gc_interval']})")
     if changes:
         cfg.custom_hooks = hooks

@@ -38,9 +38,6 @@ class TurboxRunner(Runner):
         >>> runner.train()  # doctest: +SKIP
     """
 
-    turbox_options: dict = {}
-    turbox_changes: list = []
-
     def __init__(self, *args, **kwargs) -> None:
         # The options are needed while mmengine's __init__ runs (setup_env, wrap_model).
         cfg = kwargs.get('cfg') or {}
@@ -97,6 +94,12 @@ class TurboxRunner(Runner):
                 self.turbox_changes.append('torch.compile: skipped, no CUDA device '
                                            '(turbox.compile.on_cpu=True compiles anyway)')
         return super().wrap_model(model_wrapper_cfg, model)
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        """mmengine's checkpoint, after grad norms still on their way to the log arrive."""
+        from turbox_mm.engine.loops.batch_prefetcher import flush_grad_norm
+        flush_grad_norm(self)
+        return super().save_checkpoint(*args, **kwargs)
 
     @classmethod
     def from_cfg(cls, cfg: Config) -> 'TurboxRunner':
