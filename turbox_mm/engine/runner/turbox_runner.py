@@ -1,5 +1,6 @@
 """The runner that ``configs/_base_/turbox.py`` selects through ``runner_type``."""
 import copy
+import logging
 from typing import Dict, Optional
 
 import torch
@@ -51,6 +52,16 @@ class TurboxRunner(Runner):
         See :func:`~turbox_mm.engine.runner.precision.apply_precision`; applied only where
         CUDA is present.
         """
+        if (self.distributed and self.launcher == 'pytorch' and not torch.cuda.is_available()
+                and not torch.distributed.is_initialized()):
+            # mmengine's pytorch launcher calls torch.cuda.set_device unconditionally, so a
+            # CPU-only machine (tests, debugging) cannot start a process group through it;
+            # start the gloo group here and mmengine uses it as it is.
+            backend = (env_cfg.get('dist_cfg') or {}).get('backend', 'gloo')
+            if backend != 'gloo':
+                print_log(f'env_cfg.dist_cfg.backend={backend!r} needs CUDA; using gloo on this '
+                          'CPU-only machine', logger='current', level=logging.WARNING)
+            torch.distributed.init_process_group(backend='gloo')
         super().setup_env(env_cfg)
         if torch.cuda.is_available():
             self.turbox_changes += apply_precision(env_cfg)
@@ -83,6 +94,10 @@ class TurboxRunner(Runner):
         return self._compile_and_wrap(model_wrapper_cfg, model)
 
     def _compile_and_wrap(self, model_wrapper_cfg: Optional[Dict], model: nn.Module):
+        if self.distributed and not torch.cuda.is_available():
+            # mmengine passes device_ids=[LOCAL_RANK] to DDP, which refuses CPU modules.
+            model_wrapper_cfg = dict(model_wrapper_cfg or dict(type='MMDistributedDataParallel'))
+            model_wrapper_cfg.setdefault('device_ids', None)
         opts = self.turbox_options.get('compile')
         if opts and opts['enable'] and not is_model_wrapper(model):
             if torch.cuda.is_available() or opts['on_cpu']:
