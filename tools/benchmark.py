@@ -20,6 +20,12 @@ and prints one table (``components.json`` in ``--out``)::
     python tools/benchmark.py --components                # every micro benchmark
     python tools/benchmark.py --components optimizer ema  # some of them
     python tools/benchmark.py --components --quick        # tiny sizes: a smoke test
+
+Op mode is the same for the ops of ``turbox_mm.ops`` (forward and forward+backward against
+the stock op or the PyTorch reference, at the stock configs' sizes)::
+
+    python tools/benchmark.py --ops                       # every op
+    python tools/benchmark.py --ops deformable_aggregation
 """
 import argparse
 import json
@@ -45,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument('--components', nargs='*', metavar='NAME',
                         help='time turbox components against stock ones instead (no NAME: '
                         'all of turbox_mm.benchmark.micro)')
+    parser.add_argument('--ops', nargs='*', metavar='NAME',
+                        help='time turbox ops against the ops they replace (no NAME: all)')
     parser.add_argument('--quick', action='store_true',
                         help='component mode: tiny sizes, for a smoke test')
     parser.add_argument('--iters', type=int, default=100, help='timed iterations')
@@ -132,14 +140,17 @@ def run_components(args, command: str) -> int:
     from turbox_mm.benchmark import machine_info, micro
     from turbox_mm.benchmark.timing import format_rows, warm_up_gpu
 
-    names = args.components or micro.available()
+    kind = 'op' if args.ops is not None else 'component'
+    names = (args.ops if kind == 'op' else args.components) or micro.available(kind)
     for name in names:
         micro.get(name)  # unknown names fail before anything runs, listing the valid ones
+    if not names:
+        raise SystemExit(f'benchmark: no {kind} benchmark is available yet')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    print(f'components: {", ".join(names)} on {device}{" (quick)" if args.quick else ""}',
+    print(f'{kind}s: {", ".join(names)} on {device}{" (quick)" if args.quick else ""}',
           flush=True)
     rows, failures = [], {}
     warm_up_gpu()
@@ -150,7 +161,8 @@ def run_components(args, command: str) -> int:
         except Exception as exc:  # one failure must not stop the others
             failures[name] = f'{type(exc).__name__}: {exc}'
             print(f'  FAILED: {failures[name]}', flush=True)
-    with open(osp.join(out_dir, 'components.json'), 'w') as f:
+    result_path = osp.join(out_dir, f'{kind}s.json')  # components.json or ops.json
+    with open(result_path, 'w') as f:
         json.dump(dict(command=command, machine=machine, device=device, quick=args.quick,
                        rows=rows, failures=failures), f, indent=1)
     gpu = machine['gpu'] or 'no GPU'
@@ -159,7 +171,7 @@ def run_components(args, command: str) -> int:
     print(format_rows(rows))
     for name, error in failures.items():
         print(f'FAILED {name}: {error}')
-    print(f"\nresults: {osp.join(out_dir, 'components.json')}")
+    print(f'\nresults: {result_path}')
     return 1 if failures else 0
 
 
@@ -169,9 +181,9 @@ def main(argv=None) -> int:
         return worker(args)
     command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
         if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
-    if args.components is not None:
-        if args.configs:
-            raise SystemExit('benchmark: give configs or --components, not both')
+    if args.components is not None or args.ops is not None:
+        if args.configs or (args.components is not None and args.ops is not None):
+            raise SystemExit('benchmark: give configs, --components or --ops, one of them')
         return run_components(args, command)
     if not args.configs:
         raise SystemExit('benchmark: give at least one config, or --components')

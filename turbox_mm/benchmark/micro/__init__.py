@@ -11,9 +11,24 @@ import pkgutil
 from typing import Callable, Dict, List
 
 
-def available() -> List[str]:
-    """Names of the micro benchmarks in this package, sorted."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+def available(kind: str = 'all') -> List[str]:
+    """Names of the micro benchmarks in this package, sorted.
+
+    Args:
+        kind (str): ``'all'``, ``'op'`` (benchmarks named after an op package of
+            :mod:`turbox_mm.ops`: a turbox op against the stock op it replaces) or
+            ``'component'`` (the rest). Defaults to ``'all'``.
+    """
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
+    if kind == 'all':
+        return names
+    import turbox_mm.ops as ops
+    op_names = {m.name for m in pkgutil.iter_modules(ops.__path__) if m.ispkg}
+    if kind == 'op':
+        return [n for n in names if n in op_names]
+    if kind == 'component':
+        return [n for n in names if n not in op_names]
+    raise ValueError(f"micro.available: kind must be 'all', 'op' or 'component', got {kind!r}")
 
 
 def get(name: str) -> Callable[..., List[Dict]]:
