@@ -395,3 +395,15 @@ def test_gpu_numa_nodes_on_a_real_gpu():
     print('GPU NUMA nodes:', nodes)
     layouts, inputs = affinity.current_plan(4, local_world_size=count)
     print(affinity.format_plan(layouts, inputs['allowed'], inputs['cpu_limit']))
+
+
+def test_affinity_micro_benchmark_runs_quick():
+    import torch
+
+    from turbox_mm.benchmark.micro import get
+    threads = torch.get_num_threads()
+    before = os.sched_getaffinity(0)
+    rows = get('affinity')('cpu', quick=True)
+    assert len(rows) == 1 and rows[0]['stock']['median_ms'] > 0
+    assert rows[0]['turbox']['median_ms'] > 0
+    assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads

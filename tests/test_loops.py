@@ -399,3 +399,12 @@ def test_prefetcher_stages_batches_on_the_gpu():
         prefetcher.pop()
     prefetcher.close()
     assert 'forward' not in model.data_preprocessor.__dict__
+
+
+def test_compile_and_precision_micro_benchmark_runs_quick():
+    from turbox_mm.benchmark.micro import get
+    before = torch.get_float32_matmul_precision()
+    rows = get('compile')('cpu', quick=True)
+    assert [r['component'] for r in rows] == ['precision', 'compile']
+    assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
+    assert torch.get_float32_matmul_precision() == before  # global state restored
