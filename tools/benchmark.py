@@ -21,6 +21,13 @@ and prints one table (``components.json`` in ``--out``)::
     python tools/benchmark.py --components optimizer ema  # some of them
     python tools/benchmark.py --components --quick        # tiny sizes: a smoke test
 
+Data mode times the stock and turbox input pipelines on the synthetic nuScenes data (made
+once into a cache when ``--data-root`` is not given): CPU time per sample, samples/s with N
+loader workers, bytes per sample to the GPU and the GPU time of the moved work::
+
+    python tools/benchmark.py --data sparse4d --workers 0 2 4 8
+    python tools/benchmark.py --data bevfusion --data-root data/nuscenes_synth
+
 Op mode is the same for the ops of ``turbox_mm.ops`` (forward and forward+backward against
 the stock op or the PyTorch reference, at the stock configs' sizes)::
 
@@ -53,6 +60,14 @@ def parse_args(argv=None):
                         'all of turbox_mm.benchmark.micro)')
     parser.add_argument('--ops', nargs='*', metavar='NAME',
                         help='time turbox ops against the ops they replace (no NAME: all)')
+    parser.add_argument('--data', choices=['sparse4d', 'bevfusion'],
+                        help='time the stock and turbox input pipelines of a model setting')
+    parser.add_argument('--workers', type=int, nargs='+', default=[0, 2, 4, 8],
+                        help='data mode: loader worker counts to measure')
+    parser.add_argument('--data-root', help='data mode: a synthetic or real nuScenes root with '
+                        'v2 infos (default: a small synthetic set made once into a cache)')
+    parser.add_argument('--data-samples', type=int, default=24,
+                        help='data mode: samples per measurement')
     parser.add_argument('--quick', action='store_true',
                         help='component mode: tiny sizes, for a smoke test')
     parser.add_argument('--iters', type=int, default=100, help='timed iterations')
@@ -175,12 +190,38 @@ def run_components(args, command: str) -> int:
     return 1 if failures else 0
 
 
+def run_data(args, command: str) -> int:
+    """Data mode: stock vs turbox input pipelines of one model setting."""
+    from turbox_mm.benchmark import machine_info
+    from turbox_mm.benchmark.data import format_data_rows, measure_data_pipelines
+
+    out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
+    os.makedirs(out_dir, exist_ok=True)
+    machine = machine_info()
+    rows = measure_data_pipelines(args.data_root, args.data, num_workers_list=args.workers,
+                                  num_samples=args.data_samples, seed=args.seed, progress=True)
+    result_path = osp.join(out_dir, f'data_{args.data}.json')
+    with open(result_path, 'w') as f:
+        json.dump(dict(command=command, machine=machine, rows=rows), f, indent=1)
+    gpu = machine['gpu'] or 'no GPU'
+    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'command: {command}\n')
+    print(format_data_rows(rows))
+    print(f'\nresults: {result_path}')
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
     command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
         if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
+    if args.data is not None:
+        if args.configs or args.components is not None or args.ops is not None:
+            raise SystemExit('benchmark: give configs, --components, --ops or --data, one of '
+                             'them')
+        return run_data(args, command)
     if args.components is not None or args.ops is not None:
         if args.configs or (args.components is not None and args.ops is not None):
             raise SystemExit('benchmark: give configs, --components or --ops, one of them')
