@@ -1,0 +1,176 @@
+"""``torch.ops.turbox_mm.deformable_aggregation``: the op, its fake, its autograd, its dispatch.
+
+Two ``torch.library.custom_op`` ops, each with a fake (shape-only) implementation so that
+``torch.compile`` traces through them without a graph break:
+
+- ``turbox_mm::deformable_aggregation(mc_ms_feat, spatial_shape, scale_start_index,
+  sampling_location, weights) -> Tensor``, upstream's signature;
+- ``turbox_mm::deformable_aggregation_backward(grad_output, <the same five>) ->
+  (grad_mc_ms_feat, grad_sampling_location, grad_weights)``, its autograd formula.
+
+Each dispatches when called: a CUDA tensor with Triton importable runs the Triton kernels of
+:mod:`.triton_kernels`; anything else (CPU tensors, no Triton, or ``TURBOX_OPS_REFERENCE=1``
+in the environment) runs :func:`.reference.deformable_aggregation_reference`, its backward
+being the reference's own autograd (``torch.func.vjp``), and warns once per process.
+
+``custom_op`` rather than ``triton_op``: the op must also hold the CPU path, whose reference
+reads the integer tables on the host and so cannot be traced with fake tensors; an opaque op
+with an explicit fake serves both paths.
+"""
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import deformable_aggregation_reference
+
+try:
+    from . import triton_kernels
+except ImportError:  # no Triton: the reference serves every device
+    triton_kernels = None
+
+ENV_FORCE_REFERENCE = 'TURBOX_OPS_REFERENCE'
+_warned = False
+_kernel_on_cpu = False  # tests: run the Triton kernels on CPU tensors (TRITON_INTERPRET=1)
+
+
+@contextlib.contextmanager
+def kernel_on_cpu() -> Iterator[None]:
+    """Within the block the op runs its Triton kernels on CPU tensors too (tests only).
+
+    The kernels then run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
+    environment before Triton is first imported.
+    """
+    global _kernel_on_cpu
+    previous, _kernel_on_cpu = _kernel_on_cpu, True
+    try:
+        yield
+    finally:
+        _kernel_on_cpu = previous
+
+
+def fallback_reason(tensor: Tensor) -> Optional[str]:
+    """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
+    if os.environ.get(ENV_FORCE_REFERENCE, '') not in ('', '0'):
+        return f'{ENV_FORCE_REFERENCE} is set'
+    if triton_kernels is None:
+        return 'Triton is not importable'
+    if tensor.device.type != 'cuda' and not _kernel_on_cpu:
+        return f'the tensors are on {tensor.device.type}, the kernel needs CUDA'
+    return None
+
+
+def _use_kernel(tensor: Tensor) -> bool:
+    global _warned
+    reason = fallback_reason(tensor)
+    if reason is None:
+        return True
+    if not _warned:
+        _warned = True
+        warnings.warn(f'turbox_mm.ops.deformable_aggregation runs the PyTorch reference '
+                      f'(grid_sample per camera and level): {reason}.', stacklevel=3)
+    return False
+
+
+def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,
+                 sampling_location: Tensor, weights: Tensor) -> None:
+    """Raise ``ValueError`` unless the five inputs fit together as upstream's op expects."""
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for name, t in (('mc_ms_feat', mc_ms_feat), ('sampling_location', sampling_location),
+                    ('weights', weights)):
+        if t.dtype not in floats:
+            raise ValueError(f'deformable_aggregation: {name} must be float16, bfloat16, float32 '
+                             f'or float64, got {t.dtype}')
+    for name, t in (('spatial_shape', spatial_shape), ('scale_start_index', scale_start_index)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f'deformable_aggregation: {name} must be an integer tensor, got '
+                             f'{t.dtype}')
+    if mc_ms_feat.dim() != 3 or sampling_location.dim() != 5 or weights.dim() != 6:
+        raise ValueError('deformable_aggregation: expected mc_ms_feat [bs, num_feat, C], '
+                         'sampling_location [bs, anchors, pts, cams, 2] and weights '
+                         '[bs, anchors, pts, cams, levels, groups], got shapes '
+                         f'{tuple(mc_ms_feat.shape)}, {tuple(sampling_location.shape)}, '
+                         f'{tuple(weights.shape)}')
+    bs, _, channels = mc_ms_feat.shape
+    _, anchors, pts, cams, two = sampling_location.shape
+    levels, groups = weights.shape[-2:]
+    if (sampling_location.shape[0] != bs or two != 2
+            or tuple(weights.shape[:4]) != (bs, anchors, pts, cams)):
+        raise ValueError('deformable_aggregation: sampling_location must be [bs, anchors, pts, '
+                         'cams, 2] and weights [bs, anchors, pts, cams, levels, groups] with the '
+                         f'bs of mc_ms_feat ({bs}); got {tuple(sampling_location.shape)} and '
+                         f'{tuple(weights.shape)}')
+    if tuple(spatial_shape.shape) != (cams, levels, 2) or \
+            tuple(scale_start_index.shape) != (cams, levels):
+        raise ValueError(f'deformable_aggregation: spatial_shape must be [cams, levels, 2] = '
+                         f'[{cams}, {levels}, 2] and scale_start_index [{cams}, {levels}]; got '
+                         f'{tuple(spatial_shape.shape)} and {tuple(scale_start_index.shape)}')
+    if groups == 0 or channels % groups != 0:
+        raise ValueError(f'deformable_aggregation: C ({channels}) must be a multiple of groups '
+                         f'({groups})')
+    devices = {t.device for t in (mc_ms_feat, sampling_location, weights)}
+    if len(devices) != 1:
+        raise ValueError(f'deformable_aggregation: mc_ms_feat, sampling_location and weights '
+                         f'must be on one device, got {sorted(map(str, devices))}')
+
+
+@torch.library.custom_op('turbox_mm::deformable_aggregation', mutates_args=())
+def deformable_aggregation_op(mc_ms_feat: Tensor, spatial_shape: Tensor,
+                              scale_start_index: Tensor, sampling_location: Tensor,
+                              weights: Tensor) -> Tensor:
+    """Sparse4D's deformable aggregation (see :mod:`.reference`): ``[bs, anchors, C]``."""
+    check_inputs(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
+    if _use_kernel(mc_ms_feat):
+        return triton_kernels.deformable_aggregation_forward(
+            mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
+    return deformable_aggregation_reference(mc_ms_feat, spatial_shape, scale_start_index,
+                                            sampling_location, weights).contiguous()
+
+
+@deformable_aggregation_op.register_fake
+def _(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+    check_inputs(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
+    bs, anchors = sampling_location.shape[:2]
+    return mc_ms_feat.new_empty((bs, anchors, mc_ms_feat.shape[-1]))
+
+
+@torch.library.custom_op('turbox_mm::deformable_aggregation_backward', mutates_args=())
+def deformable_aggregation_backward_op(grad_output: Tensor, mc_ms_feat: Tensor,
+                                       spatial_shape: Tensor, scale_start_index: Tensor,
+                                       sampling_location: Tensor,
+                                       weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``mc_ms_feat``, ``sampling_location`` and ``weights``, each in its dtype."""
+    if _use_kernel(mc_ms_feat):
+        return triton_kernels.deformable_aggregation_backward(
+            grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
+
+    def forward(feat, loc, wts):
+        return deformable_aggregation_reference(feat, spatial_shape, scale_start_index, loc, wts)
+
+    # Autograd does not record inside an op's implementation; functorch's vjp does.
+    _, vjp = torch.func.vjp(forward, mc_ms_feat, sampling_location, weights)
+    grads = vjp(grad_output.to(mc_ms_feat.dtype))
+    return tuple(g.contiguous() for g in grads)
+
+
+@deformable_aggregation_backward_op.register_fake
+def _(grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+    return (mc_ms_feat.new_empty(mc_ms_feat.shape), sampling_location.new_empty(
+        sampling_location.shape), weights.new_empty(weights.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights = ctx.saved_tensors
+    grad_feat, grad_loc, grad_w = deformable_aggregation_backward_op(
+        grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
+    return grad_feat, None, None, grad_loc, grad_w
+
+
+deformable_aggregation_op.register_autograd(_backward, setup_context=_setup_context)
