@@ -34,6 +34,21 @@ def run_python(args, cwd=ROOT, env=None, timeout=600):
     return proc
 
 
+def logged_losses(work_dir):
+    """Per-iteration training losses of every run in ``work_dir`` (mmengine's scalars.json)."""
+    import json
+    losses = {}
+    for stamp in sorted(os.listdir(work_dir)):
+        path = os.path.join(work_dir, stamp, 'vis_data', 'scalars.json')
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if 'loss' in rec:
+                        losses[rec['iter']] = rec['loss']
+    return losses
+
+
 @pytest.fixture(scope='session')
 def root():
     return ROOT

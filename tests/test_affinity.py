@@ -7,6 +7,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
+
+from turbox_mm.utils import system
 import torch
 from mmengine.dataset import worker_init_fn as default_worker_init_fn
 from mmengine.hooks import Hook
@@ -266,7 +268,7 @@ def test_worker_init_fn_from_a_dataloader_config():
 
 
 def test_pinning_refused_warns_once(caplog):
-    affinity._warned.clear()
+    system._warned.clear()
     with mock.patch.object(os, 'sched_setaffinity', side_effect=PermissionError(1, 'denied')):
         assert affinity.pin_process([0]) is False
         assert affinity.pin_process([0]) is False
@@ -370,7 +372,7 @@ class TestCPUAffinityHook(RunnerTestCase):
         assert probe.workers[0] == [sorted(w) for w in layout.workers]
 
     def test_refused_pinning_warns_and_runs_unpinned(self):
-        affinity._warned.clear()
+        system._warned.clear()
         cfg = self.epoch_based_cfg
         cfg.train_cfg.max_epochs = 1
         with mock.patch.object(os, 'sched_setaffinity',
@@ -378,7 +380,7 @@ class TestCPUAffinityHook(RunnerTestCase):
             runner, probe, _ = self._run(cfg)
         assert all(m == sorted(self.mask) for m in probe.main)
         assert not isinstance(probe.init_fn, AffinityWorkerInit)
-        assert 'refused' in ''.join(affinity._warned)
+        assert 'refused' in ''.join(system._warned)
 
 
 @pytest.mark.cuda

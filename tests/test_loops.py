@@ -3,7 +3,6 @@
 Parity is exact: the turbox loops train on the same batches in the same order, so stock and
 turbox runs of the smoke model give equal losses at every iteration and equal final weights.
 """
-import json
 import logging
 import os
 import os.path as osp
@@ -16,7 +15,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 import turbox_mm  # noqa: F401
-from conftest import run_python
+from conftest import logged_losses, run_python
 from turbox_mm.datasets.samplers import CyclicBatchSampler
 from turbox_mm.engine.runner.module_compiler import compile_submodules
 from turbox_mm.engine.runner.precision import apply_precision
@@ -129,17 +128,7 @@ def _train(cfg, work_dir, *extra):
     return proc.stdout + proc.stderr
 
 
-def _losses(work_dir):
-    losses = {}
-    for stamp in sorted(os.listdir(work_dir)):
-        path = osp.join(work_dir, stamp, 'vis_data', 'scalars.json')
-        if osp.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    rec = json.loads(line)
-                    if 'loss' in rec:
-                        losses[rec['iter']] = rec['loss']
-    return losses
+_losses = logged_losses
 
 
 def _weights(path):

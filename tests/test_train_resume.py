@@ -3,7 +3,6 @@
 Every torch.load in these runs is forced to ``weights_only=True``: the resume must work
 through turbox_mm's allow-list, never by turning the safety off.
 """
-import json
 import os
 import os.path as osp
 import re
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import turbox_mm  # noqa: F401  (the allow-list that the checkpoint loads below rely on)
-from conftest import run_python
+from conftest import logged_losses, run_python
 
 SMOKE = 'configs/smoke/smoke_turbox.py'
 ENV = {'TORCH_FORCE_WEIGHTS_ONLY_LOAD': '1', 'CUDA_VISIBLE_DEVICES': ''}
@@ -27,19 +26,7 @@ def _train(work_dir, *extra):
     return proc
 
 
-def _losses(work_dir):
-    """Per-iteration training losses of every run in ``work_dir``, keyed by iteration."""
-    losses = {}
-    for stamp in sorted(os.listdir(work_dir)):
-        path = osp.join(work_dir, stamp, 'vis_data', 'scalars.json')
-        if not osp.isfile(path):
-            continue
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if 'loss' in rec:
-                    losses[rec['iter']] = rec['loss']
-    return losses
+_losses = logged_losses
 
 
 def _weights(path):

@@ -22,7 +22,6 @@ Where pinning is refused (no ``sched_setaffinity``, no permission, a core outsid
 a warning is printed once and nothing is pinned.
 """
 import json
-import logging
 import math
 import os
 import re
@@ -30,9 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mmengine.logging import print_log
-
 from turbox_mm.registry import FUNCTIONS
+from .system import read_text, warn_once  # noqa: F401 (warn_once is used by the hook)
 
 #: Environment variable holding the CPUs the process was allowed before anything was pinned,
 #: exported by the main process so that workers and later plans start from the same set.
@@ -45,16 +43,6 @@ ENV_GPU_NODES = 'TURBOX_GPU_NUMA_NODES'
 ENV_LOCAL = 'TURBOX_LOCAL_RANK_SIZE'
 #: Valid values of the ``numa`` option.
 NUMA_MODES = ('auto', 'ignore')
-
-_warned = set()
-
-
-def warn_once(key: str, msg: str) -> None:
-    """Print ``msg`` as a warning the first time ``key`` is seen in this process."""
-    if key in _warned:
-        return
-    _warned.add(key)
-    print_log(msg, logger='current', level=logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,12 +134,7 @@ def cfs_quota_cores(quota_us: int, period_us: int) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
+_read = read_text
 
 
 def read_cgroup_cpu_limit(proc_cgroup: str = '/proc/self/cgroup',

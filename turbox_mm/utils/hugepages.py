@@ -38,6 +38,9 @@ PROBE_BYTES = 8 << 20
 _warned = set()
 
 
+# This module loads standalone (by file path, before torch and turbox_mm are imported, so that
+# the setting precedes torch's first allocation), hence its own copies of the two small
+# helpers of turbox_mm.utils.system.
 def _warn_once(key: str, msg: str) -> None:
     if key in _warned:
         return

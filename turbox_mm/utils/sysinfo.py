@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .affinity import (allowed_cpus, format_cpulist, read_cgroup_cpu_limit, read_numa_nodes)
 from .hugepages import thp_defrag, thp_mode
+from .system import read_text
 
 GiB = 1 << 30
 NOFILE_MIN = 65536
@@ -279,11 +280,7 @@ def to_json(rows: Sequence[Finding], info: dict) -> dict:
 
 
 def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return read_text(path, strip=True)
 
 
 def read_governors(cpus: Sequence[int],

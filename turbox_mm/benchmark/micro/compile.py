@@ -80,8 +80,11 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     torch.manual_seed(0)
     x = torch.randn(shape, device=device)
     conv = getattr(torch.backends.cudnn, 'conv', None)
+    new_api = conv is not None and hasattr(conv, 'fp32_precision')
+    # torch >= 2.9 refuses to read the legacy flag once the new one was set: read only one.
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark,
-             getattr(conv, 'fp32_precision', None), torch.backends.cudnn.allow_tf32)
+             conv.fp32_precision if new_api else None,
+             None if new_api else torch.backends.cudnn.allow_tf32)
     rows = []
     try:
         torch.backends.cudnn.benchmark = True
