@@ -42,7 +42,8 @@ def _model(quick: bool) -> nn.Module:
             self.backbone = ResNet(depth=50, num_stages=4, out_indices=(0, 1, 2, 3),
                                    frozen_stages=-1, norm_eval=False, style='pytorch')
             self.neck = FPN(in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=4,
-                            start_level=0, add_extra_convs='on_output', relu_before_extra_convs=True)
+                            start_level=0, add_extra_convs='on_output',
+                            relu_before_extra_convs=True)
 
         def forward(self, x):
             return self.neck(self.backbone(x))
