@@ -20,6 +20,13 @@ from mmengine.dataset import pseudo_collate
 from torch.testing import assert_close
 
 from turbox_mm.benchmark.micro import gpu_preprocess as bench
+from turbox_mm.benchmark.micro import image_pipeline
+from turbox_mm.datasets.transforms.load_multiview_images import (LoadMultiViewImagesTurbo,
+                                                                 block_average)
+from turbox_mm.datasets.transforms.multiview_affine_aug import (MultiViewAffineAug,
+                                                                block_factor, crop_box,
+                                                                decoded_warp, rotation_mask,
+                                                                source_warp)
 from turbox_mm.datasets.transforms.pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
 from turbox_mm.models.data_preprocessors import TurboxDet3DDataPreprocessor
 from turbox_mm.models.data_preprocessors import gpu_image_preprocessor as gip
@@ -370,7 +377,9 @@ def make_sample(seed, views=3, src_hw=(72, 120), out_hw=(40, 64), single=False,
 
 
 def reference_decode(sample):
-    """What a CPU pipeline produces: OpenCV decode and warpAffine, uint8 BGR [N, 3, H, W]."""
+    """What a CPU pipeline produces: OpenCV decode, the 2x2 (4x4) block average of
+    MultiViewAffineAug where the warp shrinks by 2 (4) or more, and warpAffine with the
+    warp re-targeted to the averaged source; uint8 BGR [N, 3, H, W]."""
     jpegs = sample['img_bytes']
     single = not isinstance(jpegs, list)
     warps = np.asarray(sample['img_warp']).reshape(-1, 3, 3)
@@ -378,7 +387,10 @@ def reference_decode(sample):
     outs = []
     for jpeg, warp in zip([jpegs] if single else jpegs, warps):
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-        out = cv2.warpAffine(img, warp[:2].astype(np.float64), (w, h),
+        factor = block_factor(warp)
+        if factor > 1:
+            img = block_average(img, factor)
+        out = cv2.warpAffine(img, decoded_warp(warp, factor)[:2], (w, h),
                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         outs.append(torch.from_numpy(out).permute(2, 0, 1))
@@ -618,6 +630,233 @@ def test_failing_gpu_decoder_falls_back_once(monkeypatch):
         strict(packed_batch(raws))
 
 
+# -- deferred decode against the CPU transforms ----------------------------------------------
+#
+# The deferred path (LoadMultiViewImagesTurbo(decode_on='gpu') + MultiViewAffineAug's
+# matrices + PackJpegBytes + the preprocessor) must make the images of the CPU path
+# (LoadMultiViewImagesTurbo + MultiViewAffineAug, scaled_decode=False): the same block average
+# where the warp shrinks by 2 or more (Sparse4D: about 2.2) and the same black corners where
+# the rotation turns the crop. Measured on 1600x900 textured JPEGs to 256x704, 3 cameras:
+# the OpenCV fallback is exact (0 levels everywhere); grid_sample instead of cv2.warpAffine
+# (the device path, run on the CPU with a stand-in decoder) differs by mean 0.05-0.06 grey
+# levels, 99th percentile 1, 99.9th 2, max 4, and zeroes exactly the same pixels.
+GRID_SAMPLE_TOL = dict(mean=0.2, p99=1, max=8)
+CAMS = 3
+PIPELINE_CONFIGS = {
+    # Sparse4D v3's draws: resize 0.40-0.47 (a 2.1-2.5x shrink), rotation within 5.4 degrees.
+    'sparse4d a': image_pipeline.sparse4d_aug_config(np.random.default_rng(11)),
+    'sparse4d b': image_pipeline.sparse4d_aug_config(np.random.default_rng(12)),
+    'no rotation, flip': dict(resize=0.44, crop=(30, 140, 734, 396), flip=True, rotate=0.0),
+    '4x shrink, rotation': dict(resize=0.24, crop=(20, 15, 340, 195), flip=True, rotate=-4.0),
+    'no shrink, big rotation': dict(resize=0.6, crop=(100, 200, 540, 480), rotate=25.0),
+}
+
+
+def write_jpegs(dirname, chroma='420'):
+    """Textured 1600x900 camera JPEGs (quality 90) with the given chroma subsampling."""
+    sampling = {'420': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+                '444': cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444}[chroma]
+    paths = []
+    for k in range(CAMS):
+        path = str(dirname / f'cam{k}_{chroma}.jpg')
+        ok, buf = cv2.imencode('.jpg', image_pipeline.textured_image(k),
+                               [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                sampling])
+        assert ok
+        buf.tofile(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope='module')
+def camera_jpegs(tmp_path_factory):
+    return write_jpegs(tmp_path_factory.mktemp('cams'))
+
+
+def cpu_pipeline(paths, config):
+    """The CPU turbox images: uint8 BGR [N, H, W, 3]."""
+    results = image_pipeline.camera_results(paths, config)
+    results = MultiViewAffineAug()(LoadMultiViewImagesTurbo(num_views=len(paths))(results))
+    return np.stack(results['img'])
+
+
+def deferred_results(paths, config):
+    results = image_pipeline.camera_results(paths, config)
+    return MultiViewAffineAug()(LoadMultiViewImagesTurbo(num_views=len(paths),
+                                                         decode_on='gpu')(results))
+
+
+def deferred_batch(paths, config, with_box=True):
+    """The packed, collated batch of one deferred sample."""
+    results = deferred_results(paths, config)
+    if not with_box:
+        del results['img_valid_box']
+    return pseudo_collate([PackJpegBytes(keys=['img'])(results)])
+
+
+def decode_hwc(pre, batch):
+    """The preprocessor's decoded images of the batch's first sample: [N, H, W, 3] float."""
+    return pre(batch)['inputs']['imgs'][0].permute(0, 2, 3, 1).cpu().numpy()
+
+
+def cpu_masks(config, paths):
+    """The CPU transform's rotation mask (True: kept), per camera, or None."""
+    h, w = source_warp(config, 900, 1600)[1]
+    mask = rotation_mask(config, (h, w))
+    return None if mask is None else np.stack([mask.astype(bool)] * len(paths))
+
+
+def use_stand_in_torchvision(monkeypatch, pre):
+    """Run the device path (block average, grid_sample, mask) on the CPU: the torchvision
+    decoder is replaced by OpenCV's (RGB, CHW), the backend forced as on a CUDA device."""
+    monkeypatch.setattr(gip, '_torchvision_decoder', lambda: lambda tensors, device: [
+        torch.from_numpy(cv2_rgb_decode(t.numpy())).permute(2, 0, 1) for t in tensors])
+    pre._backend = 'torchvision'
+    return pre
+
+
+def assert_within_grid_sample_tol(got, want):
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    stats = (diff.mean(), np.percentile(diff, 99), diff.max())
+    assert stats[0] < GRID_SAMPLE_TOL['mean'], stats
+    assert stats[1] <= GRID_SAMPLE_TOL['p99'], stats
+    assert stats[2] <= GRID_SAMPLE_TOL['max'], stats
+
+
+def test_pack_valid_box():
+    raw = make_sample(0)
+    boxes = np.array([[0.5, 1.5, 100.0, 60.0]] * 3, np.float64)
+    inputs = packed_batch([dict(raw, img_valid_box=boxes)])['inputs']
+    assert set(inputs) == set(gip.DEFERRED_KEYS) | set(gip.OPTIONAL_DEFERRED_KEYS)
+    assert inputs['img_valid_box'][0].dtype == np.float32
+    np.testing.assert_array_equal(inputs['img_valid_box'][0], boxes.astype(np.float32))
+    single = pack_jpeg_bytes(raw['img_bytes'][0], np.eye(3), (4, 5), (0, 0, 9, 7))
+    assert single['img_valid_box'].tolist() == [0, 0, 9, 7]
+    assert 'img_valid_box' not in pack_jpeg_bytes(raw['img_bytes'][0], np.eye(3), (4, 5))
+    with pytest.raises(ValueError, match='img_valid_box has shape'):
+        PackJpegBytes(keys=['img'])(dict(raw, img_valid_box=boxes[:2]))
+    with pytest.raises(ValueError, match='x0 < x1'):
+        pack_jpeg_bytes(raw['img_bytes'], raw['img_warp'], (40, 64), boxes[:, [2, 1, 0, 3]])
+
+
+def test_deferred_decode_rejects_bad_boxes():
+    batch = packed_batch([dict(make_sample(0), img_valid_box=np.ones((3, 4)) * [0, 0, 9, 9])])
+    bad = dict(batch['inputs'], img_valid_box=[np.ones((2, 4)) * [0, 0, 9, 9]])
+    with pytest.raises(ValueError, match='img_valid_box'):
+        TurboxDet3DDataPreprocessor(decode_backend='cv2')(dict(inputs=bad))
+
+
+@pytest.mark.parametrize('size', [(90, 160), (91, 163), (45, 81)])
+def test_block_average_tensor_equals_the_cpu_block_average(size):
+    """Same geometry (edge-completed last blocks) and same rounding as OpenCV's INTER_AREA
+    (half up for 2x2, half to even for 4x4 and 8x8), to the level."""
+    img = np.random.default_rng(size[1]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    img[:8, :8] = (10 + np.arange(8) % 2)[:, None]  # every block's mean is 10.5
+    batch = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    for factor in (2, 4, 8):
+        got = gip.block_average_tensor(batch.clone(), factor)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, block_average(img, factor), err_msg=str(factor))
+
+
+def test_block_factor_thresholds():
+    def shrink(s, angle=0.0):
+        c, n = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+        return np.array([[s * c, -s * n, 3.0], [s * n, s * c, 1.0], [0, 0, 1]])
+    assert [block_factor(shrink(s)) for s in (1.0, 1.99, 2.0, 2.2, 3.9, 4.0, 7.9, 8.0, 20)] \
+        == [1, 1, 2, 2, 2, 4, 4, 8, 8]
+    assert block_factor(shrink(2.2, 5.0) @ np.diag([-1.0, 1, 1])) == 2  # flip, rotation
+    assert block_factor(shrink(2.2), decode_factor=2) == 1
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_valid_box_mask_is_the_cpu_rotation_mask(seed):
+    """From a warp and box alone, the device mask (OpenCV's fixed-point rounding replayed in
+    float64) and the OpenCV one zero exactly the pixels that MultiViewAffineAug's
+    rotation_mask zeroes. With the float32 warp and box that travel, a pixel whose centre
+    lies within about 1e-4 pixel of the crop's edge may round the other way: measured 1
+    pixel in 400 Sparse4D images (the plain float comparison of the box test: 199)."""
+    rng = np.random.default_rng(seed)
+    configs = [image_pipeline.sparse4d_aug_config(rng) for _ in range(8)]
+    configs += [dict(resize=0.5, crop=(10, 20, 410, 245), flip=flip, rotate=angle)
+                for flip in (False, True) for angle in (0.0, 90.0, 180.0, -33.3)]
+    edge_pixels = 0
+    for config in configs:
+        warp, out_hw = source_warp(config, 900, 1600)
+        box = crop_box(config, 900, 1600)
+        want = rotation_mask(config, out_hw)
+        want = np.ones(out_hw, bool) if want is None else want.astype(bool)
+        matrix = gip.valid_box_matrix(warp, box, out_hw)
+        if matrix is None:  # every sample kept: no rotation, or 180 degrees
+            assert want.all(), config
+            assert gip.valid_box_matrix(warp.astype(np.float32), box.astype(np.float32),
+                                        out_hw) is None
+            continue
+        assert not want.all(), config
+        got = gip.valid_mask(matrix[None], out_hw, 'cpu')[0].numpy()
+        np.testing.assert_array_equal(got, want, err_msg=str(config))
+        np.testing.assert_array_equal(gip._valid_mask_cv2(matrix, out_hw), want)
+        # What the deferred keys carry.
+        matrix = gip.valid_box_matrix(warp.astype(np.float32), box.astype(np.float32), out_hw)
+        got = gip.valid_mask(matrix[None], out_hw, 'cpu')[0].numpy()
+        np.testing.assert_array_equal(got, gip._valid_mask_cv2(matrix, out_hw))
+        edge_pixels += int((got != want).sum())
+    assert edge_pixels <= 1
+
+
+@pytest.mark.parametrize('name', sorted(PIPELINE_CONFIGS))
+def test_deferred_cv2_fallback_equals_the_cpu_pipeline(camera_jpegs, name):
+    """Exact: the fallback makes the CPU transform's operations on libjpeg-turbo's pixels."""
+    config = PIPELINE_CONFIGS[name]
+    want = cpu_pipeline(camera_jpegs, config)
+    batch = deferred_batch(camera_jpegs, config)
+    warp = batch['inputs']['img_warp'][0][0]
+    assert block_factor(warp) == (4 if '4x' in name else 1 if 'no shrink' in name else 2)
+    got = decode_hwc(TurboxDet3DDataPreprocessor(decode_backend='cv2'), batch)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    masks = cpu_masks(config, camera_jpegs)
+    if masks is not None:  # black corners, and without the box the corners show the source
+        assert (~masks).sum() > 100 and (got[~masks] == 0).all()
+        plain = decode_hwc(TurboxDet3DDataPreprocessor(decode_backend='cv2'),
+                           deferred_batch(camera_jpegs, config, with_box=False))
+        assert (plain[~masks] > 0).any(-1).sum() > 100
+        np.testing.assert_array_equal(plain[masks], got[masks])
+
+
+@pytest.mark.parametrize('name', sorted(PIPELINE_CONFIGS))
+def test_deferred_grid_sample_path_matches_the_cpu_pipeline(camera_jpegs, name, monkeypatch):
+    """The device path's arithmetic (block average, affine_grid + grid_sample, mask) with
+    OpenCV's decoded pixels: within interpolation rounding, the same black corners."""
+    config = PIPELINE_CONFIGS[name]
+    want = cpu_pipeline(camera_jpegs, config)
+    pre = use_stand_in_torchvision(monkeypatch, TurboxDet3DDataPreprocessor())
+    got = decode_hwc(pre, deferred_batch(camera_jpegs, config))
+    assert pre.last_decode_backend == 'torchvision' and got.shape == want.shape
+    assert_within_grid_sample_tol(got, want)
+    masks = cpu_masks(config, camera_jpegs)
+    if masks is not None:
+        assert (got[~masks] == 0).all()
+
+
+def test_deferred_single_view_with_valid_box(camera_jpegs, monkeypatch):
+    """A single-view sample ([3, 3] warp, [4] box) is masked as a camera of a multi-view
+    one, on both paths."""
+    config = PIPELINE_CONFIGS['sparse4d a']
+    results = deferred_results(camera_jpegs, config)
+    single = dict(img_bytes=results['img_bytes'][0], img_warp=results['img_warp'][0],
+                  img_warp_size=results['img_warp_size'],
+                  img_valid_box=results['img_valid_box'][0])
+    batch = pseudo_collate([PackJpegBytes(keys=['img'])(single)])
+    want = cpu_pipeline(camera_jpegs, config)[0]
+    out = TurboxDet3DDataPreprocessor(decode_backend='cv2')(batch)['inputs']['imgs'][0]
+    np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), want)
+    pre = use_stand_in_torchvision(monkeypatch, TurboxDet3DDataPreprocessor())
+    batch = pseudo_collate([PackJpegBytes(keys=['img'])(single)])
+    out = pre(batch)['inputs']['imgs'][0].permute(1, 2, 0).numpy()
+    assert_within_grid_sample_tol(out, want)
+    assert (out[~cpu_masks(config, camera_jpegs)[0]] == 0).all()
+
+
 def test_micro_benchmark_quick_on_cpu():
     rows = bench.benchmark('cpu', quick=True)
     assert [r['case'].split(' ')[0] for r in rows] == ['H2D', 'decode', 'photometric']
@@ -706,3 +945,28 @@ def test_cuda_micro_benchmark_quick():
     assert rows[0]['turbox'] is not None and 'max|stock-turbox|' in rows[0]['note']
     decode = [r for r in rows if r['case'].startswith('decode')]
     assert any(r['turbox'] is not None for r in decode), [r['note'] for r in decode]
+
+
+@needs_cuda
+def test_cuda_deferred_pipeline_torchvision_matches_cv2_fallback(tmp_path):
+    """The whole deferred path on the device (nvJPEG, block average, grid_sample, valid-box
+    mask) against the OpenCV fallback, which equals the CPU pipeline. nvJPEG and
+    libjpeg-turbo decode 4:4:4 JPEGs to the same pixels, so what remains is grid_sample's
+    rounding (GRID_SAMPLE_TOL as measured on the CPU; p99 allowed 2 and mean 0.25 for the
+    CUDA kernels), with the same black corners."""
+    pytest.importorskip('torchvision')
+    paths = write_jpegs(tmp_path, chroma='444')
+    pre = cuda_pre(decode_backend='torchvision')
+    fallback = TurboxDet3DDataPreprocessor(decode_backend='cv2')
+    for name in sorted(PIPELINE_CONFIGS):
+        config = PIPELINE_CONFIGS[name]
+        got = decode_hwc(pre, deferred_batch(paths, config))
+        want = decode_hwc(fallback, deferred_batch(paths, config))
+        assert got.shape == want.shape == (CAMS, *source_warp(config, 900, 1600)[1], 3)
+        diff = np.abs(got.astype(np.float64) - want)
+        stats = (name, diff.mean(), np.percentile(diff, 99), diff.max())
+        assert stats[1] < 0.25 and stats[2] <= 2 and stats[3] <= GRID_SAMPLE_TOL['max'], stats
+        masks = cpu_masks(config, paths)
+        if masks is not None:
+            assert (got[~masks] == 0).all() and (want[~masks] == 0).all(), name
+    assert pre.decode_counts == {'torchvision': CAMS * len(PIPELINE_CONFIGS)}

@@ -207,6 +207,35 @@ def decoded_warp(warp: np.ndarray, factor: int) -> np.ndarray:
     return scale @ np.asarray(warp, dtype=np.float64)
 
 
+def block_factor(warp: np.ndarray, decode_factor: int = 1) -> int:
+    """The block size to average a source by before sampling it bilinearly with ``warp``.
+
+    Bilinear sampling aliases when it shrinks by 2 or more, so a source decoded at
+    ``1 / decode_factor`` is further reduced by the largest of 2, 4 (or 8) that keeps at
+    least one source pixel per output pixel: ``extra`` doubles while the shrink
+    ``sqrt(|det(warp[:2, :2])|) / decode_factor`` is at least ``2 * extra`` and
+    ``decode_factor * extra < 8``. The CPU warp of :class:`MultiViewAffineAug` and the
+    deferred (GPU) decode both use it.
+
+    Args:
+        warp (np.ndarray): ``(3, 3)`` from :func:`source_warp` (full-resolution source).
+        decode_factor (int): The source's decode scale denominator. Defaults to 1.
+
+    Returns:
+        int: 1 (no averaging), 2, 4 or 8.
+
+    Examples:
+        >>> block_factor(np.diag([2.2, 2.2, 1.0])), block_factor(np.diag([1.9, 1.9, 1.0]))
+        (2, 1)
+    """
+    (w00, w01), (w10, w11) = np.asarray(warp, dtype=np.float64)[:2, :2].tolist()
+    shrink = math.sqrt(abs(w00 * w11 - w01 * w10)) / decode_factor
+    extra = 1
+    while extra < 8 and shrink >= 2 * extra and decode_factor * extra < 8:
+        extra *= 2
+    return extra
+
+
 @TRANSFORMS.register_module()
 class MultiViewAffineAug(BaseTransform):
     """Resize, crop, flip and rotate each camera image with one ``cv2.warpAffine``.
@@ -384,11 +413,7 @@ class MultiViewAffineAug(BaseTransform):
             img = np.uint8(img)  # the stock transform's cast
         # Bilinear sampling aliases beyond a 2x shrink: average blocks first, as the
         # loader's scaled decoding would have (source pixels per output pixel >= 2).
-        (w00, w01), (w10, w11) = warp[:2, :2].astype(np.float64).tolist()
-        shrink = math.sqrt(abs(w00 * w11 - w01 * w10)) / factor
-        extra = 1
-        while extra < 8 and shrink >= 2 * extra and factor * extra < 8:
-            extra *= 2
+        extra = block_factor(warp, factor)
         if extra > 1:
             img = block_average(img, extra)
             factor *= extra

@@ -5,13 +5,18 @@ sample, the JPEG bytes of each camera in ``results['img_bytes']`` (a list of byt
 objects, one per camera, or one bytes-like object for a single view), the per-camera affine
 warp ``results['img_warp']`` (float32 ``[N, 3, 3]`` or ``[3, 3]``; OUTPUT pixel (x, y, 1) ->
 SOURCE pixel, pixel centres at integer coordinates, as ``cv2.warpAffine`` with
-``WARP_INVERSE_MAP``) and the output size ``results['img_warp_size']`` (H, W).
-:class:`PackJpegBytes` packs everything as ``Pack3DDetInputs`` does and adds to ``inputs``::
+``WARP_INVERSE_MAP``), the output size ``results['img_warp_size']`` (H, W) and, where the
+pipeline sets it (``MultiViewAffineAug`` does), the per-camera valid box
+``results['img_valid_box']`` (float32 ``[N, 4]`` or ``[4]``: ``(x0, y0, x1, y1)`` in source
+pixels; a sample at ``(x_src, y_src)`` is kept iff ``x0 <= x_src < x1 and y0 <= y_src <
+y1``, else 0: the corners that the stock rotation leaves black). :class:`PackJpegBytes`
+packs everything as ``Pack3DDetInputs`` does and adds to ``inputs``::
 
     img_bytes          np.uint8   [total]    the N streams, concatenated
     img_bytes_offsets  np.int64   [N + 1]    camera i is img_bytes[off[i]:off[i + 1]]
     img_warp           np.float32 [N, 3, 3]  ([3, 3] for a single view)
     img_warp_size      np.int64   [2]        (H, W)
+    img_valid_box      np.float32 [N, 4]     ([4] for a single view; only when given)
 
 Why this layout: mmengine's ``pseudo_collate`` keeps numpy arrays as one list entry per sample,
 whereas a per-sample list of N buffers would be transposed into N lists over the batch (and
@@ -66,7 +71,7 @@ def _as_uint8(buf: BytesLike, index: int) -> np.ndarray:
 
 
 def pack_jpeg_bytes(img_bytes: Union[BytesLike, Sequence[BytesLike]], img_warp,
-                    img_warp_size) -> Dict[str, np.ndarray]:
+                    img_warp_size, img_valid_box=None) -> Dict[str, np.ndarray]:
     """The ``inputs`` entries of one deferred-decode sample.
 
     Args:
@@ -74,14 +79,17 @@ def pack_jpeg_bytes(img_bytes: Union[BytesLike, Sequence[BytesLike]], img_warp,
         img_warp (array-like): ``[N, 3, 3]`` (``[3, 3]`` with a single stream), output pixel ->
             source pixel.
         img_warp_size (sequence[int]): Output (H, W).
+        img_valid_box (array-like, optional): ``[N, 4]`` (``[4]`` with a single stream),
+            ``(x0, y0, x1, y1)`` in source pixels. Defaults to None (every sample kept).
 
     Returns:
-        dict: ``img_bytes``, ``img_bytes_offsets``, ``img_warp`` and ``img_warp_size`` (see the
-        module docstring).
+        dict: ``img_bytes``, ``img_bytes_offsets``, ``img_warp``, ``img_warp_size`` and, when
+        given, ``img_valid_box`` (see the module docstring).
 
     Raises:
         TypeError: A stream is neither bytes-like nor a 1-D uint8 array.
-        ValueError: A stream is not a JPEG, or the warps or size do not match the streams.
+        ValueError: A stream is not a JPEG, or the warps, size or boxes do not match the
+            streams.
     """
     single = not isinstance(img_bytes, (list, tuple))
     streams = [_as_uint8(b, i) for i, b in enumerate([img_bytes] if single else img_bytes)]
@@ -98,18 +106,33 @@ def pack_jpeg_bytes(img_bytes: Union[BytesLike, Sequence[BytesLike]], img_warp,
                          f'{img_warp_size!r}')
     offsets = np.zeros(len(streams) + 1, dtype=np.int64)
     np.cumsum([s.size for s in streams], out=offsets[1:])
-    return dict(img_bytes=np.concatenate(streams), img_bytes_offsets=offsets, img_warp=warp,
-                img_warp_size=size)
+    packed = dict(img_bytes=np.concatenate(streams), img_bytes_offsets=offsets, img_warp=warp,
+                  img_warp_size=size)
+    if img_valid_box is not None:
+        box = np.asarray(img_valid_box, dtype=np.float32)
+        expected = (4, ) if single else (len(streams), 4)
+        if box.shape != expected:
+            raise ValueError(f'img_valid_box has shape {box.shape}; {len(streams)} '
+                             f"{'stream' if single else 'streams'} need {expected}")
+        corners = box.reshape(-1, 4)
+        if not np.isfinite(corners).all() or (corners[:, 2] <= corners[:, 0]).any() or \
+                (corners[:, 3] <= corners[:, 1]).any():
+            raise ValueError(f'img_valid_box must hold finite (x0, y0, x1, y1) with x0 < x1 '
+                             f'and y0 < y1, got {corners.tolist()}')
+        packed['img_valid_box'] = box
+    return packed
 
 
 @TRANSFORMS.register_module()
 class PackJpegBytes(Pack3DDetInputs):
-    """``Pack3DDetInputs`` plus the deferred-decode keys ``img_bytes``, ``img_warp`` and
-    ``img_warp_size``, packed into ``inputs`` whenever ``results`` has ``img_bytes`` (they need
-    not be listed in ``keys``). Arguments are ``Pack3DDetInputs``'s.
+    """``Pack3DDetInputs`` plus the deferred-decode keys ``img_bytes``, ``img_warp``,
+    ``img_warp_size`` and (where present) ``img_valid_box``, packed into ``inputs`` whenever
+    ``results`` has ``img_bytes`` (they need not be listed in ``keys``). Arguments are
+    ``Pack3DDetInputs``'s.
     """
 
     DEFERRED_KEYS = ('img_bytes', 'img_warp', 'img_warp_size')
+    OPTIONAL_KEYS = ('img_valid_box', )
 
     def pack_single_results(self, results: dict) -> dict:
         """Pack one sample (see ``Pack3DDetInputs.pack_single_results``).
@@ -129,7 +152,8 @@ class PackJpegBytes(Pack3DDetInputs):
                              'pixels')
         results = dict(results)
         results.pop('img', None)  # a deferred loader may leave img=None
-        deferred = pack_jpeg_bytes(*(results.pop(k) for k in self.DEFERRED_KEYS))
+        deferred = pack_jpeg_bytes(*(results.pop(k) for k in self.DEFERRED_KEYS),
+                                   *(results.pop(k, None) for k in self.OPTIONAL_KEYS))
         packed = super().pack_single_results(results)
         packed['inputs'].update(deferred)
         return packed

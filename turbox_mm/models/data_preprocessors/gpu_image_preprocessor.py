@@ -22,15 +22,22 @@ the stock code path. It adds three things:
 3. **Deferred JPEG decoding.** When the batch carries the compressed bytes of each camera (see
    :mod:`turbox_mm.datasets.transforms.pack_jpeg_bytes`), the whole batch is decoded in one call
    with nvJPEG (``torchvision.io.decode_jpeg(list, device='cuda')`` or NVIDIA's
-   ``nvidia.nvimgcodec``) and warped to the output size with ``grid_sample`` (bilinear, zero
-   border: OpenCV's ``warpAffine`` with ``INTER_LINEAR | WARP_INVERSE_MAP`` and
-   ``BORDER_CONSTANT`` 0), rounded to uint8 and put in BGR order, i.e. exactly what mmcv's
-   loader and a CPU warp would have produced, up to interpolation rounding and decoder
-   differences. From there on it is the uint8 path above. Without CUDA, without a GPU decoder
-   or when the GPU decoder fails, the batch is decoded with OpenCV and warped with
-   ``cv2.warpAffine`` in the main process after one warning: slow, but the same numbers as a CPU
-   pipeline. ``decode_backend`` (or the environment variable ``TURBOX_DECODE_BACKEND``) picks a
-   backend explicitly; an explicit GPU backend that cannot run raises instead of falling back.
+   ``nvidia.nvimgcodec``) and warped to the output size as the CPU ``MultiViewAffineAug``
+   warps: where the warp shrinks by 2 or more (Sparse4D's about 2.2) the source is first
+   block-averaged by 2 (4, 8; ``avg_pool2d``, rounded as the CPU's uint8 block average) and
+   the warp re-targeted to it, against aliasing; then ``grid_sample`` (bilinear, zero border:
+   OpenCV's ``warpAffine`` with ``INTER_LINEAR | WARP_INVERSE_MAP`` and ``BORDER_CONSTANT``
+   0), rounded to uint8; samples outside the valid box (the crop, which the rotation turns:
+   the black corners of the stock PIL rotate) are zeroed with the CPU transform's rounding;
+   the channels are put in BGR order. That is what the CPU ``LoadMultiViewImagesTurbo`` +
+   ``MultiViewAffineAug`` produce, up to interpolation rounding (measured on Sparse4D's
+   augmentation: mean below 0.1 grey level, 99th percentile 1) and decoder differences (none
+   for 4:4:4 JPEGs; chroma upsampling for 4:2:0). From there on it is the uint8 path above.
+   Without CUDA, without a GPU decoder or when the GPU decoder fails, the batch is decoded
+   with OpenCV and warped in the main process after one warning: slow, but the CPU
+   transform's operations, so its pixels. ``decode_backend`` (or the environment variable
+   ``TURBOX_DECODE_BACKEND``) picks a backend explicitly; an explicit GPU backend that cannot
+   run raises instead of falling back.
 
 Deferred data contract (per sample, as ``PackJpegBytes`` packs it; mmengine's
 ``pseudo_collate`` turns each key into a list over the batch, numpy arrays untouched, and
@@ -42,6 +49,10 @@ Deferred data contract (per sample, as ``PackJpegBytes`` packs it; mmengine's
                                  OUTPUT pixel (x, y, 1) -> SOURCE pixel, pixel centres at
                                  integer coordinates (cv2.warpAffine with WARP_INVERSE_MAP)
     inputs['img_warp_size']      np.int64  [2]       output (H, W)
+    inputs['img_valid_box']      np.float32 [N, 4] or [4], optional: (x0, y0, x1, y1) in
+                                 SOURCE pixels; a sample at (x_src, y_src) is kept iff
+                                 x0 <= x_src < x1 and y0 <= y_src < y1, else 0 (absent: all
+                                 kept; see MultiViewAffineAug's deferred mode)
 
 The decoded batch replaces them as ``inputs['img']`` (uint8 [N, 3, H, W] or [3, H, W] per
 sample, BGR), so padding metadata and everything after it is the stock code's.
@@ -76,15 +87,20 @@ from mmdet3d.models.data_preprocessors.utils import multiview_img_stack_batch
 from mmengine.model import stack_batch
 from torch import Tensor
 
+from turbox_mm.datasets.transforms.load_multiview_images import block_average
+from turbox_mm.datasets.transforms.multiview_affine_aug import block_factor, decoded_warp
 from turbox_mm.registry import MODELS
 
 __all__ = [
     'TurboxDet3DDataPreprocessor', 'PhotometricParams', 'bgr_to_hsv', 'hsv_to_bgr',
-    'apply_photometric', 'warp_to_theta', 'DEFERRED_KEYS', 'DECODE_BACKENDS'
+    'apply_photometric', 'warp_to_theta', 'block_average_tensor', 'valid_box_matrix',
+    'valid_mask', 'DEFERRED_KEYS', 'OPTIONAL_DEFERRED_KEYS', 'DECODE_BACKENDS'
 ]
 
 #: The keys of ``inputs`` that carry a deferred-decode batch.
 DEFERRED_KEYS = ('img_bytes', 'img_bytes_offsets', 'img_warp', 'img_warp_size')
+#: The keys of ``inputs`` that a deferred-decode batch may carry besides.
+OPTIONAL_DEFERRED_KEYS = ('img_valid_box', )
 #: Valid values of ``decode_backend``.
 DECODE_BACKENDS = ('auto', 'torchvision', 'nvimgcodec', 'cv2')
 #: Set to one of :data:`DECODE_BACKENDS` to override ``decode_backend`` (e.g. ``cv2`` to debug).
@@ -349,30 +365,152 @@ def warp_to_theta(warp: np.ndarray, src_hw: Tuple[int, int],
     return (to_src @ np.asarray(warp, dtype=np.float64) @ from_out)[..., :2, :]
 
 
+def block_average_tensor(src: Tensor, factor: int) -> Tensor:
+    """:func:`~turbox_mm.datasets.transforms.load_multiview_images.block_average` on a batch.
+
+    The last row and column of blocks are completed by repeating the edge, then each
+    ``factor x factor`` block is averaged (``avg_pool2d``; exact in float32, the sums being
+    small integers and the divisor a power of two) and rounded to an integer as OpenCV's
+    ``INTER_AREA`` rounds uint8: half up for 2x2 blocks (its vectorised path), half to even
+    for larger ones. So the result equals the CPU transform's uint8 block average, as floats.
+
+    Args:
+        src (Tensor): ``[K, C, H, W]`` float32 holding uint8 values.
+        factor (int): Block size (2, 4 or 8).
+
+    Returns:
+        Tensor: ``[K, C, ceil(H / factor), ceil(W / factor)]`` float32.
+    """
+    h, w = src.shape[-2:]
+    pad_h, pad_w = -h % factor, -w % factor
+    if pad_h or pad_w:
+        src = F.pad(src, (0, pad_w, 0, pad_h), mode='replicate')
+    out = F.avg_pool2d(src, factor, factor)
+    return out.add_(0.5).floor_() if factor == 2 else out.round_()
+
+
+def valid_box_matrix(warp: np.ndarray, box: Sequence[float],
+                     out_hw: Tuple[int, int]) -> Optional[np.ndarray]:
+    """Output pixel -> index in the valid box resampled to the output grid; None if all valid.
+
+    The deferred contract keeps a sample at source position ``(x, y) = warp @ [u, v, 1]``
+    iff ``x0 <= x < x1 and y0 <= y < y1`` (``box``). With ``s = W / (x1 - x0)``, the box
+    index ``q = s (x - x0) - 1/2`` (likewise in y) rounds to ``0 .. W - 1`` exactly there,
+    so the test is the one that the CPU transform makes by warping a ones image with
+    nearest-neighbour sampling (:func:`~turbox_mm.datasets.transforms.multiview_affine_aug.
+    rotation_mask`): for the warps of ``MultiViewAffineAug`` (box = the crop, output size =
+    the crop size), ``q`` is the index in the flipped crop that it rounds, and the returned
+    matrix is its matrix up to the float32 rounding of the packed warp. Counting from the
+    right where the warp mirrors (``det < 0``) reproduces the flipped crop.
+
+    Args:
+        warp (np.ndarray): ``[3, 3]`` output pixel -> full-resolution source pixel.
+        box (sequence[float]): ``(x0, y0, x1, y1)`` in source pixels.
+        out_hw (tuple[int, int]): Output (H, W).
+
+    Returns:
+        np.ndarray or None: ``[2, 3]`` float64, or None when every sample is kept: the four
+        output corners lie inside the box by more than 0.01 pixel (far beyond OpenCV's
+        rounding to 1/1024 pixel).
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = out_hw
+    sx, sy = w / (x1 - x0), h / (y1 - y0)
+    warp = np.asarray(warp, dtype=np.float64)
+    if warp[0, 0] * warp[1, 1] - warp[0, 1] * warp[1, 0] < 0:
+        to_box = np.array([[-sx, 0.0, sx * x0 + w - 0.5], [0.0, sy, -sy * y0 - 0.5]])
+    else:
+        to_box = np.array([[sx, 0.0, -sx * x0 - 0.5], [0.0, sy, -sy * y0 - 0.5]])
+    matrix = to_box @ warp
+    corners = matrix @ np.array([[0, w - 1, 0, w - 1], [0, 0, h - 1, h - 1], [1, 1, 1, 1]])
+    margin = 0.01
+    if ((corners >= -0.5 + margin) & (corners <= np.array([[w], [h]]) - 0.5 - margin)).all():
+        return None
+    return matrix
+
+
+def valid_mask(matrices: np.ndarray, out_hw: Tuple[int, int],
+               device: Union[str, torch.device]) -> Tensor:
+    """Nearest-neighbour "inside" test of :func:`valid_box_matrix`, as OpenCV computes it.
+
+    ``cv2.warpAffine(ones, matrix, INTER_NEAREST | WARP_INVERSE_MAP)`` rounds in fixed point
+    with 10 fractional bits: ``X = (round(m00 u 1024) + round((m01 v + m02) 1024) + 512)
+    >> 10`` (``round`` half to even), likewise ``Y``, and reads 1 iff ``0 <= X < W`` and
+    ``0 <= Y < H``. The same integers are computed here in float64 (exactly), so the mask
+    is OpenCV's for the same matrix to the pixel, at the box edge too. Against the CPU
+    transform's mask (computed from the float64 augmentation parameters) only the float32
+    rounding of the packed warp and box remains: a pixel whose centre lies within about
+    1e-4 pixel of the edge may round the other way, measured once in 400 Sparse4D images
+    (a plain float comparison with the box: 199 pixels).
+
+    Args:
+        matrices (np.ndarray): ``[K, 2, 3]`` from :func:`valid_box_matrix`.
+        out_hw (tuple[int, int]): Output (H, W), also the box grid's size.
+        device (str or torch.device): Where to compute.
+
+    Returns:
+        Tensor: ``[K, H, W]`` bool, True where the sample is kept.
+    """
+    h, w = out_hw
+    m = torch.as_tensor(np.asarray(matrices, dtype=np.float64), device=device)
+    scale = 1024.0
+    cols = torch.arange(w, dtype=torch.float64, device=device)
+    rows = torch.arange(h, dtype=torch.float64, device=device)
+
+    def index(k):  # k = 0 for X, 1 for Y: [K, H, W] integer-valued float64
+        per_col = torch.round(m[:, k, 0, None] * cols * scale)
+        per_row = torch.round((m[:, k, 1, None] * rows + m[:, k, 2, None]) * scale) + 512
+        return torch.floor((per_row[:, :, None] + per_col[:, None, :]) / scale)
+
+    x, y = index(0), index(1)
+    return (x >= 0) & (x < w) & (y >= 0) & (y < h)
+
+
+def _valid_mask_cv2(matrix: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
+    """:func:`valid_mask` of one image with OpenCV itself (the CPU transform's call)."""
+    import cv2
+    h, w = out_hw
+    return cv2.warpAffine(np.ones((h, w), np.uint8), matrix, (w, h),
+                          flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def _warp_on_device(decoded: List[Tensor], warps: List[np.ndarray],
                     out_sizes: List[Tuple[int, int]], rgb: bool,
+                    boxes: Optional[List[Optional[np.ndarray]]] = None,
                     chunk: int = 6) -> List[Tensor]:
-    """Bilinear warp of decoded uint8 CHW images, batched by (source size, output size).
+    """Bilinear warp of decoded uint8 CHW images, batched by (source size, block, output size).
 
-    ``grid_sample`` reads float, so each source image is converted first; at most ``chunk``
-    images at a time (6 x 1600x900 float32 is 104 MB) bound that temporary memory.
+    As the CPU ``MultiViewAffineAug``: where the warp shrinks by 2 or more the source is
+    block-averaged first (:func:`block_average_tensor`, block size from
+    :func:`~turbox_mm.datasets.transforms.multiview_affine_aug.block_factor`) and sampled
+    with the warp re-targeted to it (``decoded_warp``); samples outside each image's valid
+    box (``boxes[i]``, None for none) are zeroed (:func:`valid_mask`). ``grid_sample`` reads
+    float, so each source image is converted first; at most ``chunk`` images at a time (6 x
+    1600x900 float32 is 104 MB) bound that temporary memory.
 
     Returns one uint8 BGR ``[3, H, W]`` tensor per image, rounded half up as OpenCV rounds.
     """
     device = decoded[0].device
-    groups: Dict[Tuple, List[int]] = {}
+    boxes = boxes if boxes is not None else [None] * len(decoded)
+    factors = [block_factor(warp) for warp in warps]
+    groups: Dict[Tuple, List[List[int]]] = {}
     for i, (img, size) in enumerate(zip(decoded, out_sizes)):
-        key = (tuple(img.shape[-2:]), tuple(size))
+        key = (tuple(img.shape[-2:]), factors[i], tuple(size))
         members = groups.setdefault(key, [[]])
         if len(members[-1]) == chunk:
             members.append([])
         members[-1].append(i)
     results: List[Optional[Tensor]] = [None] * len(decoded)
-    for (src_hw, out_hw), index in ((k, i) for k, chunks in groups.items() for i in chunks):
+    for (src_hw, factor, out_hw), index in ((k, i) for k, chunks in groups.items()
+                                            for i in chunks):
         src = torch.empty((len(index), 3, *src_hw), dtype=torch.float32, device=device)
         for k, i in enumerate(index):
             src[k].copy_(decoded[i])
-        theta = np.stack([warp_to_theta(warps[i], src_hw, out_hw) for i in index])
+        if factor > 1:
+            src = block_average_tensor(src, factor)
+        theta = np.stack([warp_to_theta(decoded_warp(warps[i], factor), src.shape[-2:], out_hw)
+                          for i in index])
         theta = torch.from_numpy(theta).float().to(device, non_blocking=True)
         grid = F.affine_grid(theta, [len(index), 3, *out_hw], align_corners=True)
         out = F.grid_sample(src, grid, mode='bilinear', padding_mode='zeros',
@@ -380,25 +518,46 @@ def _warp_on_device(decoded: List[Tensor], warps: List[np.ndarray],
         out = out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
         if rgb:
             out = out.flip(1)
+        matrices = {k: valid_box_matrix(warps[i], boxes[i], out_hw)
+                    for k, i in enumerate(index) if boxes[i] is not None}
+        matrices = {k: m for k, m in matrices.items() if m is not None}
+        if matrices:
+            keep = torch.ones((len(index), *out_hw), dtype=torch.bool, device=device)
+            keep[list(matrices)] = valid_mask(np.stack(list(matrices.values())), out_hw, device)
+            out.mul_(keep[:, None])
         for k, i in enumerate(index):
             results[i] = out[k]
     return results
 
 
 def _decode_warp_cv2(streams: List[np.ndarray], warps: List[np.ndarray],
-                     out_sizes: List[Tuple[int, int]]) -> List[Tensor]:
-    """OpenCV decode (BGR, EXIF orientation ignored) and ``warpAffine``, one image at a time."""
+                     out_sizes: List[Tuple[int, int]],
+                     boxes: Optional[List[Optional[np.ndarray]]] = None) -> List[Tensor]:
+    """OpenCV decode (BGR, EXIF orientation ignored) and warp, one image at a time.
+
+    The CPU ``MultiViewAffineAug``'s operations: block average where the warp shrinks by 2
+    or more, ``cv2.warpAffine`` with the re-targeted warp, and the valid box's mask made by
+    warping a ones image (:func:`valid_box_matrix`), so that the result equals that
+    transform's on the same decoded pixels.
+    """
     import cv2
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    boxes = boxes if boxes is not None else [None] * len(streams)
     results = []
-    for i, (stream, warp, (h, w)) in enumerate(zip(streams, warps, out_sizes)):
+    for i, (stream, warp, (h, w), box) in enumerate(zip(streams, warps, out_sizes, boxes)):
         img = cv2.imdecode(stream, flags)
         if img is None:
             raise ValueError(f'deferred decode: image {i} of the batch is not a decodable '
                              f'JPEG ({stream.size} bytes)')
-        out = cv2.warpAffine(img, np.asarray(warp, dtype=np.float64)[:2], (int(w), int(h)),
+        factor = block_factor(warp)
+        if factor > 1:
+            img = block_average(img, factor)
+        out = cv2.warpAffine(img, decoded_warp(warp, factor)[:2], (int(w), int(h)),
                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        matrix = None if box is None else valid_box_matrix(warp, box, (int(h), int(w)))
+        if matrix is not None:
+            out *= _valid_mask_cv2(matrix, (int(h), int(w)))[..., None]
         results.append(torch.from_numpy(out).permute(2, 0, 1))
     return results
 
@@ -629,14 +788,19 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
             raise ValueError('deferred decode: a batch carries both decoded images ("img") and '
                              'JPEG bytes ("img_bytes"); the pipeline must produce one of them')
         columns = [inputs.pop(k) for k in DEFERRED_KEYS]
+        box_column = inputs.pop(OPTIONAL_DEFERRED_KEYS[0], None)
+        if box_column is not None:
+            columns.append(box_column)
         if not all(isinstance(c, (list, tuple)) for c in columns) or \
                 len({len(c) for c in columns}) != 1:
-            raise ValueError('deferred decode: img_bytes, img_bytes_offsets, img_warp and '
-                             'img_warp_size must be lists of one entry per sample (as '
-                             "pseudo_collate makes them), got "
+            raise ValueError('deferred decode: img_bytes, img_bytes_offsets, img_warp, '
+                             'img_warp_size (and img_valid_box) must be lists of one entry per '
+                             "sample (as pseudo_collate makes them), got "
                              f'{[type(c).__name__ for c in columns]}')
-        streams, warps, sizes, counts, single = [], [], [], [], []
-        for b, (buf, offsets, warp, size) in enumerate(zip(*columns)):
+        if box_column is None:
+            box_column = [None] * len(columns[0])
+        streams, warps, sizes, boxes, counts, single = [], [], [], [], [], []
+        for b, (buf, offsets, warp, size, box) in enumerate(zip(*columns[:4], box_column)):
             buf, offsets = _host_array(buf, np.uint8), _host_array(offsets, np.int64)
             warp, size = _host_array(warp, np.float64), _host_array(size, np.int64)
             single.append(warp.ndim == 2)
@@ -654,14 +818,23 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
             if not np.allclose(warp[:, 2], [0, 0, 1], atol=1e-6):
                 raise ValueError(f'deferred decode: sample {b} has a non-affine img_warp (last '
                                  f'row {warp[:, 2].tolist()})')
+            if box is not None:
+                box = _host_array(box, np.float64)
+                box = box.reshape(-1, 4) if box.ndim in (1, 2) else box
+                if box.shape != (n, 4) or not np.isfinite(box).all() or \
+                        (box[:, 2] <= box[:, 0]).any() or (box[:, 3] <= box[:, 1]).any():
+                    raise ValueError(f'deferred decode: sample {b} has img_valid_box '
+                                     f'{box.tolist()}; expected {n} boxes (x0, y0, x1, y1) '
+                                     'with x0 < x1 and y0 < y1')
             streams += [buf[offsets[i]:offsets[i + 1]] for i in range(n)]
             warps += list(warp)
+            boxes += [None] * n if box is None else list(box)
             sizes += [tuple(int(s) for s in size)] * n
             counts.append(n)
         if len(set(single)) != 1:
             raise ValueError('deferred decode: the batch mixes single-view ([3, 3] img_warp) and '
                              'multi-view ([N, 3, 3]) samples')
-        decoded = self._decode(streams, warps, sizes)
+        decoded = self._decode(streams, warps, sizes, boxes)
         per_sample, start = [], 0
         for n in counts:
             views = decoded[start:start + n]
@@ -709,11 +882,13 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
                           stacklevel=3)
 
     def _decode(self, streams: List[np.ndarray], warps: List[np.ndarray],
-                sizes: List[Tuple[int, int]]) -> List[Tensor]:
+                sizes: List[Tuple[int, int]],
+                boxes: Optional[List[Optional[np.ndarray]]] = None) -> List[Tensor]:
+        """Decode and warp the images of a batch (``boxes``: valid boxes, None for none)."""
         backend = self._resolve_backend()
         if backend != 'cv2':
             try:
-                out = self._decode_gpu(backend, streams, warps, sizes)
+                out = self._decode_gpu(backend, streams, warps, sizes, boxes)
             except Exception as error:
                 if (os.environ.get(DECODE_BACKEND_ENV) or self.decode_backend) != 'auto':
                     raise
@@ -723,17 +898,19 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
                 self.decode_counts[backend] += len(streams)
                 self.last_decode_backend = backend
                 return out
-        out = [img.to(self.device) for img in _decode_warp_cv2(streams, warps, sizes)]
+        out = [img.to(self.device) for img in _decode_warp_cv2(streams, warps, sizes, boxes)]
         self.decode_counts['cv2'] += len(streams)
         self.last_decode_backend = 'cv2'
         return out
 
     def _decode_gpu(self, backend: str, streams: List[np.ndarray], warps: List[np.ndarray],
-                    sizes: List[Tuple[int, int]]) -> List[Tensor]:
+                    sizes: List[Tuple[int, int]],
+                    boxes: Optional[List[Optional[np.ndarray]]] = None) -> List[Tensor]:
         """Decode and warp on the private decode stream; hand the output to the caller's."""
         device = self.device
         if device.type != 'cuda':  # only with a stand-in decoder (the CPU tests)
-            return self._decode_and_warp(backend, streams, warps, sizes, cuda_stream=0)
+            return self._decode_and_warp(backend, streams, warps, sizes, boxes,
+                                         cuda_stream=0)
         if self._decode_stream is None:
             self._decode_stream = torch.cuda.Stream(device=device)
         stream = self._decode_stream
@@ -742,7 +919,8 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
         stream.synchronize()
         self._keepalive = None
         with torch.cuda.stream(stream):
-            out = self._decode_and_warp(backend, streams, warps, sizes, stream.cuda_stream)
+            out = self._decode_and_warp(backend, streams, warps, sizes, boxes,
+                                        stream.cuda_stream)
         current.wait_stream(stream)
         for img in out:
             img.record_stream(current)
@@ -750,6 +928,7 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
 
     def _decode_and_warp(self, backend: str, streams: List[np.ndarray],
                          warps: List[np.ndarray], sizes: List[Tuple[int, int]],
+                         boxes: Optional[List[Optional[np.ndarray]]],
                          cuda_stream: int) -> List[Tensor]:
         device = self.device
         if backend == 'torchvision':
@@ -771,7 +950,7 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
         bad = [tuple(d.shape) for d in decoded if d.dim() != 3 or d.shape[0] != 3]
         if bad:
             raise RuntimeError(f'the {backend} decoder returned non-RGB images of shapes {bad}')
-        return _warp_on_device(decoded, warps, sizes, rgb=True)
+        return _warp_on_device(decoded, warps, sizes, rgb=True, boxes=boxes)
 
 
 def _host_array(value, dtype) -> np.ndarray:
