@@ -528,8 +528,11 @@ def test_cuda_autocast_opcheck_and_compile():
     torch.compile(block, fullgraph=True)(*leaves).backward()
     eager = [t.detach().requires_grad_() for t in (feat, loc, weights)]
     block(*eager).backward()
+    # The location and feature gradients accumulate with float32 atomics, whose order varies
+    # from run to run, and Inductor's softmax rounds differently from eager's: on the H100 2 of
+    # 9984 location-gradient entries differed by 2.3e-5 (relative 4.7e-4).
     for got, ref in zip(leaves, eager):
-        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.cuda
