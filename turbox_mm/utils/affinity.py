@@ -617,12 +617,16 @@ def pin_process(cores: Sequence[int], pid: int = 0) -> bool:
 
 
 def limit_worker_threads() -> None:
-    """In a loader worker: one intra-op thread for torch and at most one for OpenCV."""
+    """In a loader worker: one intra-op thread for torch.
+
+    OpenCV's threads are not touched here: resizing OpenCV's thread pool in a process forked
+    from a parent whose pool was active can deadlock (seen with 8 pinned workers on the GPU
+    machine). OpenCV's thread count is set in the main process before the workers start
+    (``env_cfg.mp_cfg.opencv_num_threads``, 0 under ``configs/_base_/turbox.py``), which the
+    workers inherit.
+    """
     if 'torch' in sys.modules:
         sys.modules['torch'].set_num_threads(1)
-    cv2 = sys.modules.get('cv2')
-    if cv2 is not None and cv2.getNumThreads() > 1:
-        cv2.setNumThreads(1)
 
 
 class AffinityWorkerInit:

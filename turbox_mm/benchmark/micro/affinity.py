@@ -76,6 +76,10 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     layout = layouts[inputs['local_rank'] % len(layouts)]
     results = {}
     pinned = False
+    import cv2
+    cv2_threads = cv2.getNumThreads()
+    # As mmengine's env_cfg.mp_cfg.opencv_num_threads=0 does in both stock and turbox configs.
+    cv2.setNumThreads(0)
     try:
         for mode in ('stock', 'turbox'):
             init = None
@@ -94,6 +98,7 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         if original is not None:
             pin_process(sorted(original))
         torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
     note = (f'{workers} workers decoding {size[0]}x{size[1]} JPEGs, batch 6, {batches} batches '
             f'a call; main: {len(layout.main)} pinned cores, workers: '
             f'{", ".join(map(str, map(len, layout.workers)))} cores each')

@@ -33,8 +33,9 @@ class CPUAffinityHook(Hook):
       such as ``OMP_NUM_THREADS=1``, is kept);
     * for each dataloader of the runner's built loops, wraps its ``worker_init_fn`` with
       :class:`~turbox_mm.utils.affinity.AffinityWorkerInit`: mmengine's seeding function runs
-      first, unchanged, then the worker pins itself and limits torch and OpenCV to one thread;
-      workers that already run (an ``IterBasedTrainLoop`` starts them while it is built, before
+      first, unchanged, then the worker pins itself and limits torch to one thread (OpenCV's
+      threads come from ``env_cfg.mp_cfg.opencv_num_threads`` in the parent); workers that
+      already run (an ``IterBasedTrainLoop`` starts them while it is built, before
       any hook runs) are pinned from here by pid.
 
     ``after_run`` gives the main process its original CPUs and thread count back. Where
