@@ -6,6 +6,7 @@ with the cyclic loader, sync-free clipping, GC schedule) run under DDP.
 """
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
         "train_cfg = dict(max_epochs=2, val_interval=10)\n"
         "env_cfg = dict(dist_cfg=dict(backend='gloo'))\n")
     env = {'CUDA_VISIBLE_DEVICES': '', 'PORT': str(_free_port()), 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}'}
+           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}', 'PYTHON': sys.executable}
     proc = run_python(['-c', 'import subprocess, sys; sys.exit(subprocess.call(["bash", '
                        '"tools/dist_train.sh", sys.argv[1], "2", "--work-dir", sys.argv[2], '
                        '"--sync_bn", "torch"]))', str(cfg), str(tmp_path / 'work')],
