@@ -1,0 +1,104 @@
+"""Sparse4D's 11-number box state and its k-means anchors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_python
+from turbox_mm.models.sparse4d import (decode_boxes, encode_boxes, gather_boxes, kmeans_anchors,
+                                       to_lidar_boxes)
+from turbox_mm.models.sparse4d.box3d import COS_YAW, SIN_YAW
+
+
+def _boxes(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.rand(n, 3, generator=gen) * 100 - 50
+    size = torch.rand(n, 3, generator=gen) * 10 + 0.1
+    yaw = (torch.rand(n, 1, generator=gen) * 2 - 1) * math.pi * 0.999
+    vel = torch.randn(n, 2, generator=gen)
+    return torch.cat([centre, size, yaw, vel], dim=1).double()
+
+
+def test_encode_decode_round_trip():
+    boxes = _boxes(64)
+    state = encode_boxes(boxes)
+    assert state.shape == (64, 11)
+    torch.testing.assert_close(state[:, 3:6], boxes[:, 3:6].log())
+    torch.testing.assert_close(state[:, SIN_YAW] ** 2 + state[:, COS_YAW] ** 2,
+                               torch.ones(64, dtype=torch.float64))
+    decoded = decode_boxes(state)
+    assert decoded.shape == (64, 10)
+    torch.testing.assert_close(decoded[:, :9], boxes)
+    assert (decoded[:, 9] == 0).all()  # vz
+    # 7-number boxes carry no velocity; an explicit one overrides.
+    state7 = encode_boxes(boxes[:, :7], velocity=torch.ones(64, 3, dtype=torch.float64))
+    assert (state7[:, 8:] == 1).all()
+
+
+def test_decode_accepts_unnormalised_angles_and_batches():
+    state = encode_boxes(_boxes(6)).reshape(2, 3, 11)
+    scaled = state.clone()
+    scaled[..., SIN_YAW:COS_YAW + 1] *= 3.0  # a network's raw outputs need not be unit length
+    torch.testing.assert_close(decode_boxes(scaled), decode_boxes(state))
+
+
+def test_encode_rejects_bad_boxes():
+    with pytest.raises(ValueError, match=r'shape \[\.\.\., 7\] or \[\.\.\., 9\], got \(2, 8\)'):
+        encode_boxes(torch.zeros(2, 8))
+    bad = _boxes(2)
+    bad[1, 4] = 0
+    with pytest.raises(ValueError, match='sizes must be positive'):
+        encode_boxes(bad)
+    with pytest.raises(ValueError, match=r'shape \[\.\.\., 11\]'):
+        decode_boxes(torch.zeros(3, 10))
+
+
+def test_lidar_boxes_keep_the_gravity_centre():
+    boxes = _boxes(5)
+    lidar = to_lidar_boxes(decode_boxes(encode_boxes(boxes)))
+    torch.testing.assert_close(lidar.gravity_center.double(), boxes[:, :3], rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(lidar.dims.double(), boxes[:, 3:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lidar.yaw.double(), boxes[:, 6], rtol=1e-5, atol=1e-5)
+    # mmdet3d stores the bottom centre, half a height below.
+    torch.testing.assert_close(lidar.bottom_center[:, 2].double(),
+                               boxes[:, 2] - boxes[:, 5] / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_kmeans_anchors_follow_the_recipe():
+    boxes = _boxes(400, seed=1).numpy()[:, :7]
+    anchors = kmeans_anchors(boxes, num_anchors=20, radius=40.0, seed=3)
+    assert anchors.shape == (20, 11) and anchors.dtype == np.float32
+    near = boxes[np.linalg.norm(boxes[:, :3], axis=1) <= 40.0]
+    np.testing.assert_allclose(anchors[:, 3:6], np.log(near[:, 3:6].mean(0))[None].repeat(20, 0),
+                               rtol=1e-6)
+    assert (anchors[:, COS_YAW] == 1).all() and (anchors[:, SIN_YAW] == 0).all()
+    assert (anchors[:, 8:] == 0).all()
+    # Centres are means of kept boxes: inside the kept boxes' bounding box.
+    assert (anchors[:, :3] >= near[:, :3].min(0) - 1e-4).all()
+    assert (anchors[:, :3] <= near[:, :3].max(0) + 1e-4).all()
+    np.testing.assert_array_equal(anchors, kmeans_anchors(boxes, 20, 40.0, seed=3))
+    with pytest.raises(ValueError, match='fewer than the 10000 anchors'):
+        kmeans_anchors(boxes, num_anchors=10000)
+
+
+def test_anchor_tool_on_synthetic_infos(tmp_path):
+    root = tmp_path / 'synth'
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes', '1',
+                       '--frames', '4', '--image-size', '320x180', '--points', '1500',
+                       '--sweeps', '0', '--val-scenes', '0', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    infos = root / 'nuscenes_infos_train.pkl'
+    boxes = gather_boxes(str(infos))
+    assert boxes.ndim == 2 and boxes.shape[1] == 7 and len(boxes) > 16
+    out = tmp_path / 'anchors.npy'
+    proc = run_python(['tools/sparse4d_anchors.py', str(infos), '--out', str(out), '--num',
+                       '16'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    anchors = np.load(out)
+    assert anchors.shape == (16, 11)
+    np.testing.assert_array_equal(anchors, kmeans_anchors(boxes, 16, 55.0, 0))
+    proc = run_python(['tools/sparse4d_anchors.py', str(tmp_path / 'nope.pkl'), '--out',
+                       str(out)])
+    assert proc.returncode != 0 and 'info file not found' in proc.stderr

@@ -1,0 +1,5 @@
+"""Sparse4D v3 on mmengine (issue 5): box state, anchors; the model lands piece by piece."""
+from .anchors import gather_boxes, kmeans_anchors
+from .box3d import decode_boxes, encode_boxes, to_lidar_boxes
+
+__all__ = ['gather_boxes', 'kmeans_anchors', 'decode_boxes', 'encode_boxes', 'to_lidar_boxes']
