@@ -102,3 +102,48 @@ def test_anchor_tool_on_synthetic_infos(tmp_path):
     proc = run_python(['tools/sparse4d_anchors.py', str(tmp_path / 'nope.pkl'), '--out',
                        str(out)])
     assert proc.returncode != 0 and 'info file not found' in proc.stderr
+
+
+def _hand_anchor(yaw_scale=1.0):
+    # Centre (10, 5, 1), extent (4, 2, 1.5), yaw 90 degrees (sin 1, cos 0).
+    state = encode_boxes(torch.tensor([[[10., 5., 1., 4., 2., 1.5, math.pi / 2]]]))
+    return state * torch.tensor([1.] * 6 + [yaw_scale] * 2 + [1.] * 3)
+
+
+def test_keypoints_hand_case():
+    from turbox_mm.models.sparse4d import SparseBox3DKeyPointsGenerator
+    gen = SparseBox3DKeyPointsGenerator(embed_dims=4)
+    with torch.no_grad():
+        gen.learnable_fc.weight.zero_()
+    points = gen(_hand_anchor(), torch.randn(1, 1, 4))
+    assert points.shape == (1, 1, 13, 3)
+    expected = torch.tensor([[10, 5, 1], [10, 6.8, 1], [10, 3.2, 1], [9.1, 5, 1], [10.9, 5, 1],
+                             [10, 5, 1.675], [10, 5, 0.325]] + [[10, 5, 1]] * 6)
+    torch.testing.assert_close(points[0, 0], expected, rtol=0, atol=1e-5)
+    # Upstream rotates by (sin, cos) as they are: doubling them doubles horizontal offsets.
+    doubled = gen(_hand_anchor(2.0), torch.randn(1, 1, 4))[0, 0]
+    torch.testing.assert_close(doubled[1] - doubled[0], 2 * (expected[1] - expected[0]),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(doubled[5] - doubled[0], expected[5] - expected[0], rtol=0,
+                               atol=1e-5)
+
+
+def test_learned_keypoints_stay_inside_the_box_and_get_gradients():
+    from turbox_mm.models.sparse4d import SparseBox3DKeyPointsGenerator
+    gen = SparseBox3DKeyPointsGenerator(embed_dims=8)
+    anchor = _hand_anchor().expand(2, 5, 11)
+    feature = torch.randn(2, 5, 8, requires_grad=True) * 100
+    points = gen(anchor, feature)
+    # Back into the box frame: rotate by -yaw around the centre.
+    local = points - anchor[..., None, :3]
+    box_x = local[..., 1]  # yaw 90 degrees: the box's x axis is the lidar y axis
+    box_y = -local[..., 0]
+    assert (box_x[..., 7:].abs() <= 2.0 + 1e-5).all()
+    assert (box_y[..., 7:].abs() <= 1.0 + 1e-5).all()
+    assert (local[..., 7:, 2].abs() <= 0.75 + 1e-5).all()
+    points.sum().backward()
+    assert gen.learnable_fc.weight.grad is not None
+    assert 'fix_scale' in gen.state_dict() and not any(
+        n == 'fix_scale' for n, _ in gen.named_parameters())
+    with pytest.raises(ValueError, match='need the instance features'):
+        gen(anchor)
