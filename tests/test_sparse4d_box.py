@@ -147,3 +147,23 @@ def test_learned_keypoints_stay_inside_the_box_and_get_gradients():
         n == 'fix_scale' for n, _ in gen.named_parameters())
     with pytest.raises(ValueError, match='need the instance features'):
         gen(anchor)
+
+
+def test_anchor_encoder_layout_and_parts():
+    from turbox_mm.models.sparse4d import SparseBox3DEncoder
+    torch.manual_seed(0)
+    enc = SparseBox3DEncoder()
+    state = encode_boxes(_boxes(10)).float().reshape(2, 5, 11)
+    out = enc(state)
+    assert out.shape == (2, 5, 256)
+    # 4 blocks of Linear+ReLU+LN per part, the first Linear taking the part's inputs.
+    linears = [m for m in enc.pos_fc if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in linears] == [3, 128, 128, 128]
+    assert enc.yaw_fc[0].in_features == 2 and enc.vel_fc[0].in_features == 3
+    # Each part sees only its own slots: changing the velocity moves only the last 64 features.
+    moved = state.clone()
+    moved[..., 8:] += 1.0
+    diff = (enc(moved) - out).abs().amax(dim=(0, 1))
+    assert (diff[:192] == 0).all() and (diff[192:] > 0).any()
+    with pytest.raises(ValueError, match='needs 4 sizes'):
+        SparseBox3DEncoder(embed_dims=(128, 32))
