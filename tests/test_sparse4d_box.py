@@ -167,3 +167,30 @@ def test_anchor_encoder_layout_and_parts():
     assert (diff[:192] == 0).all() and (diff[192:] > 0).any()
     with pytest.raises(ValueError, match='needs 4 sizes'):
         SparseBox3DEncoder(embed_dims=(128, 32))
+
+
+def test_decoder_top_k_and_centerness_order():
+    from turbox_mm.models.sparse4d import SparseBox3DDecoder
+    logits = torch.full((1, 4, 3), -10.0)
+    logits[0, 0, 2] = 2.0   # best class score
+    logits[0, 1, 0] = 1.0
+    logits[0, 2, 1] = 0.0
+    logits[0, 3, 1] = -1.0  # lowest, dropped by top-3
+    boxes = encode_boxes(_boxes(4).float())[None]
+    quality = torch.zeros(1, 4, 2)
+    quality[0, 0, 0] = -6.0  # poor centerness: anchor 0 falls to last place
+    out = SparseBox3DDecoder(num_output=3).decode(logits, boxes, quality)[0]
+    assert out['indices'].tolist() == [1, 2, 0]
+    assert out['labels_3d'].tolist() == [0, 1, 2]
+    cls = torch.sigmoid(torch.tensor([1.0, 0.0, 2.0]))
+    torch.testing.assert_close(out['scores_3d'],
+                               cls * torch.sigmoid(torch.tensor([0.0, 0.0, -6.0])))
+    torch.testing.assert_close(out['cls_scores'], cls)
+    torch.testing.assert_close(out['boxes_3d'], decode_boxes(boxes[0, [1, 2, 0]]))
+    kept = SparseBox3DDecoder(num_output=3, score_threshold=0.6).decode(logits, boxes,
+                                                                        quality)[0]
+    assert kept['indices'].tolist() == [1, 0]
+    inst = SparseBox3DDecoder.to_instance_data(out)
+    torch.testing.assert_close(inst.bboxes_3d.gravity_center, out['boxes_3d'][:, :3])
+    with pytest.raises(ValueError, match='must agree'):
+        SparseBox3DDecoder().decode(logits, boxes[:, :3])
