@@ -1,0 +1,207 @@
+"""Sparse4D's instance bank: learned anchors plus the instances carried over from past frames."""
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from turbox_mm.registry import MODELS
+from .box3d import COS_YAW, SIN_YAW, VX, VZ, X, Z
+
+
+def project_anchors(anchor: Tensor, transform: Tensor, time_interval: Tensor,
+                    upstream_yaw_order: bool = False) -> Tensor:
+    """Carry box states ``[B, N, 11]`` from a past frame into the current one.
+
+    Each centre first moves by its velocity over ``time_interval`` (seconds from the past
+    frame to now), then the rigid ``transform`` (``[B, 4, 4]``, past frame to current frame)
+    rotates and moves centres and rotates the yaw and the velocity; sizes are unchanged.
+
+    Args:
+        anchor (Tensor): ``[B, N, 11]``.
+        transform (Tensor): ``[B, 4, 4]``.
+        time_interval (Tensor): ``[B]``.
+        upstream_yaw_order (bool): Upstream writes the rotated ``(cos, sin)`` into the
+            ``(sin, cos)`` slots (docs/design/sparse4d.md, 0.3-1); True reproduces that, to
+            match checkpoints trained with it. Defaults to False (the correct order).
+
+    Returns:
+        Tensor: ``[B, N, 11]``.
+    """
+    rot, trans = transform[:, None, :3, :3], transform[:, None, :3, 3]
+    centre = anchor[..., X:Z + 1] + anchor[..., VX:VZ + 1] * time_interval[:, None, None]
+    out = anchor.clone()
+    out[..., X:Z + 1] = (rot @ centre[..., None])[..., 0] + trans
+    cos_sin = torch.stack([anchor[..., COS_YAW], anchor[..., SIN_YAW]], dim=-1)
+    cos_new, sin_new = (rot[..., :2, :2] @ cos_sin[..., None])[..., 0].unbind(-1)
+    if upstream_yaw_order:
+        out[..., SIN_YAW], out[..., COS_YAW] = cos_new, sin_new
+    else:
+        out[..., SIN_YAW], out[..., COS_YAW] = sin_new, cos_new
+    out[..., VX:VZ + 1] = (rot @ anchor[..., VX:VZ + 1, None])[..., 0]
+    return out
+
+
+@MODELS.register_module()
+class InstanceBank(nn.Module):
+    """Learned anchors and features, plus the best instances of the previous frame.
+
+    Per sample and frame: :meth:`get` returns the learned anchors/features and, where a cache
+    exists, the cached instances projected into the current frame; :meth:`update` (after the
+    first, single-frame decoder layer) replaces the weakest current instances by the cached
+    ones where the cache is recent (``|dt| <= max_time_interval``); :meth:`cache` (after the
+    last layer) keeps the ``num_temp_instances`` most confident instances, with the confidence
+    of carried instances decaying by ``confidence_decay`` a frame.
+
+    As upstream, cached instances are returned by :meth:`get` even when they are too old for
+    :meth:`update` (the temporal attention still sees them); a change of batch size resets the
+    cache. Temporal denoising anchors and tracking ids are not handled here yet.
+
+    Args:
+        num_anchor (int): Learned anchors. Defaults to 900.
+        embed_dims (int): Feature size. Defaults to 256.
+        anchor (str | np.ndarray | Sequence): ``[>= num_anchor, 11]`` initial anchors or the
+            path of a ``.npy`` file with them (``tools/sparse4d_anchors.py``).
+        num_temp_instances (int): Instances carried to the next frame. Defaults to 600.
+        confidence_decay (float): Decay of carried confidences a frame. Defaults to 0.6.
+        max_time_interval (float): Older caches do not update. Defaults to 2.0 s.
+        default_time_interval (float): ``dt`` used without a (recent) cache. Defaults to 0.5.
+        anchor_grad (bool): Learn the anchors. Defaults to True.
+        feat_grad (bool): Learn the initial features (else zeros). Defaults to False.
+        upstream_yaw_order (bool): See :func:`project_anchors`. Defaults to False.
+    """
+
+    def __init__(self,
+                 num_anchor: int = 900,
+                 embed_dims: int = 256,
+                 anchor: Union[str, np.ndarray, Sequence] = None,
+                 num_temp_instances: int = 600,
+                 confidence_decay: float = 0.6,
+                 max_time_interval: float = 2.0,
+                 default_time_interval: float = 0.5,
+                 anchor_grad: bool = True,
+                 feat_grad: bool = False,
+                 upstream_yaw_order: bool = False) -> None:
+        super().__init__()
+        if anchor is None:
+            raise ValueError('InstanceBank: anchor (an array or an .npy file) is required')
+        if isinstance(anchor, str):
+            anchor = np.load(anchor)
+        anchor = np.asarray(anchor, dtype=np.float32)
+        if anchor.ndim != 2 or anchor.shape[1] != 11 or len(anchor) < num_anchor:
+            raise ValueError(f'InstanceBank: anchors must be [>= {num_anchor}, 11], got '
+                             f'{anchor.shape}')
+        if not 0 < num_temp_instances <= num_anchor:
+            raise ValueError(f'InstanceBank: num_temp_instances must be in (0, {num_anchor}], '
+                             f'got {num_temp_instances}')
+        self.num_anchor, self.embed_dims = num_anchor, embed_dims
+        self.num_temp_instances = num_temp_instances
+        self.confidence_decay = confidence_decay
+        self.max_time_interval = max_time_interval
+        self.default_time_interval = default_time_interval
+        self.upstream_yaw_order = upstream_yaw_order
+        self._init_anchor = torch.from_numpy(anchor[:num_anchor].copy())
+        self.anchor = nn.Parameter(self._init_anchor.clone(), requires_grad=anchor_grad)
+        self.instance_feature = nn.Parameter(torch.zeros(num_anchor, embed_dims),
+                                             requires_grad=feat_grad)
+        self.init_weights()
+        self.reset()
+
+    def init_weights(self) -> None:
+        """Anchors back to the given values; features xavier-initialised when learned."""
+        with torch.no_grad():
+            self.anchor.copy_(self._init_anchor)
+        if self.instance_feature.requires_grad:
+            nn.init.xavier_uniform_(self.instance_feature)
+
+    def reset(self) -> None:
+        """Forget the cache (a new sequence for every sample)."""
+        self.cached_feature: Optional[Tensor] = None
+        self.cached_anchor: Optional[Tensor] = None
+        self.confidence: Optional[Tensor] = None
+        self.mask: Optional[Tensor] = None
+        self.prev_timestamp: Optional[Tensor] = None
+        self.prev_T_global: Optional[Tensor] = None
+
+    def get(self, batch_size: int, timestamp: Tensor, T_global: Tensor,
+            T_global_inv: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor],
+                                           Tensor]:
+        """The instances of the current frame.
+
+        Args:
+            batch_size (int): Samples.
+            timestamp (Tensor): ``[B]`` seconds (float64 recommended: ~1.5e9 s).
+            T_global (Tensor): ``[B, 4, 4]`` current lidar frame to global.
+            T_global_inv (Tensor): ``[B, 4, 4]`` global to current lidar frame.
+
+        Returns:
+            tuple: learned features ``[B, num_anchor, C]``, learned anchors
+            ``[B, num_anchor, 11]``, cached features ``[B, T, C]`` or None, cached anchors
+            projected into this frame ``[B, T, 11]`` or None, time intervals ``[B]``.
+        """
+        feature = self.instance_feature[None].expand(batch_size, -1, -1)
+        anchor = self.anchor[None].expand(batch_size, -1, -1)
+        dtype = feature.dtype
+        interval = feature.new_full((batch_size, ), self.default_time_interval)
+        if self.cached_anchor is None or self.cached_anchor.shape[0] != batch_size:
+            self.reset()
+            return feature, anchor, None, None, interval
+        dt = (timestamp.double() - self.prev_timestamp.double())
+        self.mask = dt.abs() <= self.max_time_interval
+        temp2cur = (T_global_inv.double() @ self.prev_T_global.double()).to(dtype)
+        self.cached_anchor = project_anchors(self.cached_anchor, temp2cur, dt.to(dtype),
+                                             self.upstream_yaw_order)
+        use = self.mask & (dt != 0)
+        interval = torch.where(use, dt.to(dtype), interval)
+        return feature, anchor, self.cached_feature, self.cached_anchor, interval
+
+    def update(self, feature: Tensor, anchor: Tensor, cls: Tensor) -> Tuple[Tensor, Tensor]:
+        """After the single-frame layer: the weakest current instances make room for the cache.
+
+        Args:
+            feature (Tensor): ``[B, Q, C]`` (``Q >= num_anchor``; extra rows, e.g. denoising
+                queries, are kept as they are at the end).
+            anchor (Tensor): ``[B, Q, 11]``.
+            cls (Tensor): ``[B, Q, num_classes]`` logits.
+
+        Returns:
+            tuple: features and anchors ``[B, Q, ...]``.
+        """
+        if self.cached_feature is None:
+            return feature, anchor
+        n = self.num_anchor
+        extra_f, extra_a = feature[:, n:], anchor[:, n:]
+        feature, anchor, cls = feature[:, :n], anchor[:, :n], cls[:, :n]
+        keep = n - self.num_temp_instances
+        idx = cls.max(dim=-1).values.topk(keep, dim=1).indices
+        top_f = feature.gather(1, idx[..., None].expand(-1, -1, feature.shape[-1]))
+        top_a = anchor.gather(1, idx[..., None].expand(-1, -1, anchor.shape[-1]))
+        merged_f = torch.cat([self.cached_feature, top_f], dim=1)
+        merged_a = torch.cat([self.cached_anchor, top_a], dim=1)
+        mask = self.mask[:, None, None]
+        feature = torch.where(mask, merged_f, feature)
+        anchor = torch.where(mask, merged_a, anchor)
+        return torch.cat([feature, extra_f], dim=1), torch.cat([anchor, extra_a], dim=1)
+
+    def cache(self, feature: Tensor, anchor: Tensor, cls: Tensor, timestamp: Tensor,
+              T_global: Tensor) -> None:
+        """After the last layer: keep the most confident instances for the next frame.
+
+        Args:
+            feature (Tensor): ``[B, Q, C]`` (only the first ``num_anchor`` rows are cached).
+            anchor (Tensor): ``[B, Q, 11]``.
+            cls (Tensor): ``[B, Q, num_classes]`` logits.
+            timestamp (Tensor): ``[B]`` seconds.
+            T_global (Tensor): ``[B, 4, 4]`` this frame to global.
+        """
+        n, t = self.num_anchor, self.num_temp_instances
+        feature, anchor = feature[:, :n].detach(), anchor[:, :n].detach()
+        confidence = cls[:, :n].detach().max(dim=-1).values.sigmoid()
+        if self.confidence is not None and self.confidence.shape[0] == confidence.shape[0]:
+            decayed = torch.maximum(self.confidence * self.confidence_decay, confidence[:, :t])
+            confidence = torch.cat([decayed, confidence[:, t:]], dim=1)
+        self.confidence, idx = confidence.topk(t, dim=1)
+        self.cached_feature = feature.gather(1, idx[..., None].expand(-1, -1, feature.shape[-1]))
+        self.cached_anchor = anchor.gather(1, idx[..., None].expand(-1, -1, anchor.shape[-1]))
+        self.prev_timestamp = timestamp.detach().clone()
+        self.prev_T_global = T_global.detach().clone()
