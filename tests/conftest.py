@@ -34,6 +34,16 @@ def run_python(args, cwd=ROOT, env=None, timeout=600):
     return proc
 
 
+def make_tiny_synthetic(root, frames=3, sweeps=3):
+    """Write a one-scene synthetic nuScenes (320x180 images, 1500 points) with the CLI."""
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes', '1',
+                       '--frames', str(frames), '--image-size', '320x180', '--points', '1500',
+                       '--sweeps', str(sweeps), '--val-scenes', '0', '--workers', '1',
+                       '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
 def logged_losses(work_dir):
     """Per-iteration training losses of every run in ``work_dir`` (mmengine's scalars.json)."""
     import json

@@ -85,12 +85,8 @@ def test_pipelines_agree_on_geometry(data_root, setting):
 def test_benchmark_tool_data_mode(tmp_path):
     import json
 
-    from conftest import run_python
-    root = tmp_path / 'synth'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes', '1',
-                       '--frames', '3', '--image-size', '320x180', '--points', '1500',
-                       '--sweeps', '3', '--val-scenes', '0', '--workers', '1', '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from conftest import make_tiny_synthetic, run_python
+    root = make_tiny_synthetic(tmp_path / 'synth', frames=3, sweeps=3)
     proc = run_python(['tools/benchmark.py', '--data', 'sparse4d', '--data-root', str(root),
                        '--workers', '0', '1', '--data-samples', '3', '--out', str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import make_tiny_synthetic, run_python
 from turbox_mm.models.sparse4d import (decode_boxes, encode_boxes, gather_boxes, kmeans_anchors,
                                        to_lidar_boxes)
 from turbox_mm.models.sparse4d.box3d import COS_YAW, SIN_YAW
@@ -84,11 +84,7 @@ def test_kmeans_anchors_follow_the_recipe():
 
 
 def test_anchor_tool_on_synthetic_infos(tmp_path):
-    root = tmp_path / 'synth'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes', '1',
-                       '--frames', '4', '--image-size', '320x180', '--points', '1500',
-                       '--sweeps', '0', '--val-scenes', '0', '--workers', '1', '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = make_tiny_synthetic(tmp_path / 'synth', frames=4, sweeps=0)
     infos = root / 'nuscenes_infos_train.pkl'
     boxes = gather_boxes(str(infos))
     assert boxes.ndim == 2 and boxes.shape[1] == 7 and len(boxes) > 16
