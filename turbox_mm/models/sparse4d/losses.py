@@ -1,0 +1,158 @@
+"""Sparse4D v3's box regression loss with its two quality terms (centerness and yawness).
+
+See docs/design/sparse4d.md 2.11, step 6. Upstream's ``SparseBox3DLoss`` computes the
+centerness target from the prediction without detaching it, so the centerness loss also sends
+a gradient into the predicted centre through its soft target; this port does the same.
+"""
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from turbox_mm.registry import MODELS
+from .box3d import COS_YAW, SIN_YAW, X, Z
+
+#: Indices of the quality outputs: centerness and yawness logits.
+CNS, YNS = 0, 1
+
+
+def _build(cfg: Optional[dict], name: str) -> Optional[nn.Module]:
+    if cfg is None:
+        return None
+    if isinstance(cfg, nn.Module):
+        return cfg
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise TypeError(f'SparseBox3DLoss: {name} must be a config dict with a "type" key or a '
+                        f'module, got {cfg!r}')
+    return MODELS.build(dict(cfg))
+
+
+@MODELS.register_module()
+class SparseBox3DLoss(nn.Module):
+    """L1 loss on the 10-number box target, plus centerness and yawness losses on the quality.
+
+    Args:
+        loss_box (dict): Config of the regression loss. Defaults to
+            ``dict(type='mmdet.L1Loss', loss_weight=0.25)``.
+        loss_centerness (dict, optional): Config of the centerness loss, on logits against the
+            soft target ``exp(-||xyz_target - xyz_pred||)``. Defaults to
+            ``dict(type='mmdet.CrossEntropyLoss', use_sigmoid=True)``; None drops the term.
+        loss_yawness (dict, optional): Config of the yawness loss, on the sigmoid against
+            ``cos_sim((sin, cos)_target, (sin, cos)_pred) > 0``. Defaults to
+            ``dict(type='mmdet.GaussianFocalLoss')``; None drops the term.
+        cls_allow_reverse (list[int], optional): Classes whose heading is ambiguous (the v3
+            config gives the barrier, ``[5]``): where the target's (sin, cos) points away from
+            the prediction's (negative cosine similarity), the target's pair is negated before
+            all three losses. Defaults to None.
+
+    Examples:
+        >>> loss = SparseBox3DLoss()
+        >>> box, target = torch.zeros(2, 10), torch.ones(2, 10)
+        >>> out = loss(box, target, quality=torch.zeros(2, 2), avg_factor=2)
+        >>> sorted(out), round(float(out['loss_box']), 4)
+        (['loss_box', 'loss_cns', 'loss_yns'], 2.5)
+    """
+
+    def __init__(self,
+                 loss_box: dict = dict(type='mmdet.L1Loss', loss_weight=0.25),
+                 loss_centerness: Optional[dict] = dict(type='mmdet.CrossEntropyLoss',
+                                                        use_sigmoid=True),
+                 loss_yawness: Optional[dict] = dict(type='mmdet.GaussianFocalLoss'),
+                 cls_allow_reverse: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        if loss_box is None:
+            raise ValueError('SparseBox3DLoss: loss_box is required')
+        self.loss_box = _build(loss_box, 'loss_box')
+        self.loss_cns = _build(loss_centerness, 'loss_centerness')
+        self.loss_yns = _build(loss_yawness, 'loss_yawness')
+        self.cls_allow_reverse = (None if cls_allow_reverse is None else
+                                  [int(c) for c in cls_allow_reverse])
+
+    @staticmethod
+    def _yaw_similarity(box_target: Tensor, box: Tensor) -> Tensor:
+        return F.cosine_similarity(box_target[..., [SIN_YAW, COS_YAW]],
+                                   box[..., [SIN_YAW, COS_YAW]], dim=-1)
+
+    def forward(self,
+                box: Tensor,
+                box_target: Tensor,
+                weight: Optional[Tensor] = None,
+                avg_factor: Optional[float] = None,
+                suffix: str = '',
+                quality: Optional[Tensor] = None,
+                cls_target: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Compute the losses of ``N`` matched boxes.
+
+        Args:
+            box (Tensor): ``[N, 10]`` predictions (extra trailing numbers, e.g. ``vz``, are cut
+                to the target's length).
+            box_target (Tensor): ``[N, 10]`` targets (not modified).
+            weight (Tensor, optional): ``[N, 10]`` element weights of the box loss. Defaults to
+                None.
+            avg_factor (float, optional): Normaliser of all three losses (the number of
+                positives). Defaults to None (the losses' own mean).
+            suffix (str): Appended to the keys. Defaults to ''.
+            quality (Tensor, optional): ``[N, 2]`` centerness and yawness logits. Defaults to
+                None (no quality losses).
+            cls_target (Tensor, optional): ``[N]`` labels, for ``cls_allow_reverse``.
+                Defaults to None.
+
+        Returns:
+            dict[str, Tensor]: ``loss_box{suffix}``, and with ``quality`` also
+            ``loss_cns{suffix}`` and ``loss_yns{suffix}``. With ``N = 0`` every loss is a zero
+            that stays connected to the inputs' graph.
+        """
+        dims = box_target.shape[-1]
+        if box.dim() != 2 or box_target.dim() != 2 or box.shape[0] != box_target.shape[0] \
+                or box.shape[-1] < dims or dims <= COS_YAW:
+            raise ValueError(f'SparseBox3DLoss: box [N, >=D] and box_target [N, D] (D >= '
+                             f'{COS_YAW + 1}) must agree, got {tuple(box.shape)} and '
+                             f'{tuple(box_target.shape)}')
+        box = box[:, :dims]
+        if weight is not None and weight.shape != box_target.shape:
+            raise ValueError(f'SparseBox3DLoss: weight must be {tuple(box_target.shape)}, got '
+                             f'{tuple(weight.shape)}')
+        if quality is not None and (quality.dim() != 2 or quality.shape[0] != box.shape[0]
+                                    or quality.shape[1] < 2):
+            raise ValueError(f'SparseBox3DLoss: quality must be [{box.shape[0]}, 2], got '
+                             f'{tuple(quality.shape)}')
+        if cls_target is not None and tuple(cls_target.shape) != (box.shape[0], ):
+            raise ValueError(f'SparseBox3DLoss: cls_target must be [{box.shape[0]}], got '
+                             f'{tuple(cls_target.shape)}')
+
+        if box.shape[0] == 0:
+            zero = box.sum() * 0
+            out = {f'loss_box{suffix}': zero}
+            if quality is not None:
+                qzero = quality.sum() * 0 + zero
+                if self.loss_cns is not None:
+                    out[f'loss_cns{suffix}'] = qzero
+                if self.loss_yns is not None:
+                    out[f'loss_yns{suffix}'] = qzero
+            return out
+
+        box_target = box_target.to(box.dtype)
+        if self.cls_allow_reverse is not None and cls_target is not None:
+            reverse = self._yaw_similarity(box_target, box) < 0
+            reverse &= torch.isin(cls_target, cls_target.new_tensor(self.cls_allow_reverse))
+            yaw = box_target[:, [SIN_YAW, COS_YAW]]
+            yaw = torch.where(reverse[:, None], -yaw, yaw)
+            box_target = torch.cat([box_target[:, :SIN_YAW], yaw, box_target[:, COS_YAW + 1:]],
+                                   dim=-1)
+
+        out = {
+            f'loss_box{suffix}': self.loss_box(box, box_target, weight=weight,
+                                               avg_factor=avg_factor)
+        }
+        if quality is not None:
+            if self.loss_cns is not None:
+                distance = torch.norm(box_target[:, X:Z + 1] - box[:, X:Z + 1], p=2, dim=-1)
+                out[f'loss_cns{suffix}'] = self.loss_cns(quality[:, CNS],
+                                                         torch.exp(-distance),
+                                                         avg_factor=avg_factor)
+            if self.loss_yns is not None:
+                yns_target = (self._yaw_similarity(box_target, box) > 0).to(quality.dtype)
+                out[f'loss_yns{suffix}'] = self.loss_yns(quality[:, YNS].sigmoid(), yns_target,
+                                                         avg_factor=avg_factor)
+        return out
