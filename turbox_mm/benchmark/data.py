@@ -13,9 +13,9 @@ Settings:
 
 - ``sparse4d`` (Sparse4D v3, ``sparse4dv3_temporal_r50_1x8_bs6_256x704.py``): 6 cameras to
   256x704, batch 6, images only. Stock: ``LoadMultiViewImageFromFiles(to_float32=True)``,
-  ``ResizeCropFlipImage``, photometric distortion (mmdet's ``PhotoMetricDistortion`` per
-  image, standing in for ``PhotoMetricDistortionMultiViewImage``) and
-  ``NormalizeMultiviewImage`` (``mmcv.imnormalize``, to RGB), all on the CPU; the data
+  ``ResizeCropFlipImage``, ``PhotoMetricDistortionMultiViewImage`` (mmdet's
+  ``PhotoMetricDistortion`` per image) and ``NormalizeMultiviewImage``
+  (``mmcv.imnormalize``, to RGB), all on the CPU; the data
   preprocessor only stacks and copies. Turbox: ``LoadMultiViewImagesTurbo(scaled_decode=True)``
   and ``MultiViewAffineAug``; ``TurboxDet3DDataPreprocessor`` distorts and normalises on the
   GPU.
@@ -201,39 +201,6 @@ def _image_hw(data_root: str) -> Tuple[int, int]:
     return int(cam['height']), int(cam['width'])
 
 
-class _MultiViewPhotometric:
-    """mmdet's ``PhotoMetricDistortion`` on every image of ``results['img']`` (float32), as
-    Sparse4D's ``PhotoMetricDistortionMultiViewImage`` applies it: draws per image."""
-
-    name = 'PhotoMetricDistortionMultiViewImage'
-
-    def __init__(self, **kwargs) -> None:
-        from mmdet.datasets.transforms import PhotoMetricDistortion
-        self.op = PhotoMetricDistortion(**kwargs)
-
-    def __call__(self, results: Dict) -> Dict:
-        results['img'] = [self.op.transform(dict(img=img))['img'] for img in results['img']]
-        return results
-
-
-class _NormalizeMultiView:
-    """Sparse4D's ``NormalizeMultiviewImage``: ``mmcv.imnormalize`` on every image."""
-
-    name = 'NormalizeMultiviewImage'
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], to_rgb: bool) -> None:
-        self.mean = np.array(mean, np.float32)
-        self.std = np.array(std, np.float32)
-        self.to_rgb = to_rgb
-
-    def __call__(self, results: Dict) -> Dict:
-        import mmcv
-        results['img'] = [mmcv.imnormalize(img, self.mean, self.std, self.to_rgb)
-                          for img in results['img']]
-        results['img_norm_cfg'] = dict(mean=self.mean, std=self.std, to_rgb=self.to_rgb)
-        return results
-
-
 def build_pipeline(setting: str, pipeline: str, image_hw: Tuple[int, int] = (900, 1600)) -> List:
     """The transforms of one pipeline of one setting (see the module docstring).
 
@@ -253,6 +220,10 @@ def build_pipeline(setting: str, pipeline: str, image_hw: Tuple[int, int] = (900
                                                LoadPointsFromMultiSweepsFast,
                                                MultiViewAffineAug, PackJpegBytes,
                                                ResizeCropFlipImage)
+    from turbox_mm.datasets.transforms.normalize_multiview_image import \
+        NormalizeMultiviewImage
+    from turbox_mm.datasets.transforms.photometric_multiview import \
+        PhotoMetricDistortionMultiViewImage
     if pipeline not in PIPELINES:
         raise ValueError(f'unknown pipeline {pipeline!r}; valid pipelines: '
                          f'{", ".join(PIPELINES)}')
@@ -274,9 +245,9 @@ def build_pipeline(setting: str, pipeline: str, image_hw: Tuple[int, int] = (900
     if pipeline == 'stock':
         transforms.append(ResizeCropFlipImage())
         if cfg['photometric']:
-            transforms.append(_MultiViewPhotometric(**PHOTOMETRIC))
+            transforms.append(PhotoMetricDistortionMultiViewImage(**PHOTOMETRIC))
         if cfg['cpu_normalize']:
-            transforms.append(_NormalizeMultiView(MEAN, STD, to_rgb=True))
+            transforms.append(NormalizeMultiviewImage(MEAN, STD, to_rgb=True))
         transforms.append(Pack3DDetInputs(keys=keys))
     else:
         transforms += [MultiViewAffineAug(), PackJpegBytes(keys=keys)]

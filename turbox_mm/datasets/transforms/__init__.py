@@ -1,13 +1,24 @@
-"""Data transforms: turbox twins of the stock loading and augmentation transforms.
+"""Data transforms: turbox twins of the stock loading and augmentation transforms, and the
+Sparse4D pipeline's own transforms.
 
 ``ResizeCropFlipImage`` is the stock one (Sparse4D's, ported as the reference);
 ``MultiViewAffineAug`` is its turbox twin.
 """
+from .bbox_rotation import BBoxRotation
+from .circle_object_range_filter import CircleObjectRangeFilter
+from .instance_name_filter import InstanceNameFilter
 from .load_multiview_images import LoadMultiViewImagesTurbo
 from .load_points_fast import LoadPointsFromMultiSweepsFast
+from .multi_scale_depth_map import MultiScaleDepthMapGenerator
 from .multiview_affine_aug import MultiViewAffineAug
+from .normalize_multiview_image import NormalizeMultiviewImage
 from .pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
+from .photometric_multiview import PhotoMetricDistortionMultiViewImage
 from .resize_crop_flip_image import ResizeCropFlipImage
+from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
-__all__ = ['LoadMultiViewImagesTurbo', 'LoadPointsFromMultiSweepsFast', 'MultiViewAffineAug',
-           'PackJpegBytes', 'pack_jpeg_bytes', 'ResizeCropFlipImage']
+__all__ = ['BBoxRotation', 'CircleObjectRangeFilter', 'InstanceNameFilter',
+           'LoadMultiViewImagesTurbo', 'LoadPointsFromMultiSweepsFast',
+           'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
+           'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
+           'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor']
