@@ -38,12 +38,14 @@ turbox = dict(
     system=dict(cpu_affinity=True, gc=True, gc_interval=100, huge_pages=True),
     # TF32 matmuls/convolutions and cuDNN autotuning (env_cfg.allow_tf32, cudnn_benchmark).
     precision=dict(tf32=True, cudnn_benchmark=True),
+    # Fast ops: modules with an op_impl choice run turbox_mm's kernels (Sparse4D's deformable
+    # aggregation in Triton).
+    ops=dict(fast=True),
+    # The camera pipeline's turbox twin: libjpeg-turbo scaled decoding and one affine warp per
+    # image in the workers, uint8 to the GPU, photometric distortion and normalisation there
+    # (gpu_decode: the workers pass JPEG bytes, nvJPEG decodes).
+    data=dict(fast_pipeline=True, gpu_decode=False),
     # torch.compile of the static, heavy submodules; falls back to eager with a warning.
     compile=dict(enable=True, modules='auto', backend='inductor', mode=None, dynamic=None,
                  fullgraph=False, on_cpu=False),
 )
-
-# Not switched on here yet: the fast input pipeline (turbox_mm.LoadMultiViewImagesTurbo,
-# MultiViewAffineAug, LoadPointsFromMultiSweepsFast, TurboxDet3DDataPreprocessor) replaces
-# model-specific pipeline entries and lands with each model's configs; fast ops (deformable
-# aggregation, voxelization, NMS) land with the models that use them.

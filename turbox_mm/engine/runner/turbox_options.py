@@ -106,6 +106,24 @@ TURBOX_OPTIONS: Schema = {
                          'compile also where no CUDA device is present (slow to compile, '
                          'rarely worth it for CPU training)'),
     },
+    'ops': {
+        'fast': Option(
+            True, (bool,),
+            "modules with an op_impl choice run turbox_mm's kernels (op_impl='turbox'): "
+            'the Triton deformable aggregation of Sparse4D'),
+    },
+    'data': {
+        'fast_pipeline': Option(
+            True, (bool,),
+            'the stock multi-view image pipeline becomes its turbox twin: libjpeg-turbo '
+            'scaled decoding and one affine warp per image in the workers (uint8), '
+            'photometric distortion and normalisation on the GPU '
+            '(turbox_mm.TurboxDet3DDataPreprocessor)'),
+        'gpu_decode': Option(
+            False, (bool,),
+            'with fast_pipeline: the workers pass the JPEG bytes and nvJPEG decodes on the GPU '
+            '(turbox_mm.PackJpegBytes)'),
+    },
     'env': {
         'mp_start_method': Option(
             'fork', (str,), 'start method of loader worker processes (env_cfg.mp_cfg)',
@@ -150,6 +168,10 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
             if loader_opts['prefetch_factor'] is not None:
                 loader['prefetch_factor'] = loader_opts['prefetch_factor']
                 changes.append(f"{name}.prefetch_factor = {loader_opts['prefetch_factor']}")
+    from .fast_ops import apply_fast_ops
+    from .fast_pipeline import apply_fast_pipeline
+    changes += apply_fast_ops(cfg, options['ops'])
+    changes += apply_fast_pipeline(cfg, options['data'])
     changes += _apply_loop(cfg, options['loop'])
     changes += _apply_optim(cfg, options['optim'])
     changes += _apply_ema(cfg, options['ema'])

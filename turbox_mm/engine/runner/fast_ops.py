@@ -1,0 +1,55 @@
+"""``turbox.ops.fast``: modules with a stock/turbox op choice run turbox_mm's kernels.
+
+A turbox_mm module whose constructor takes ``op_impl`` (``'stock'``, the default, runs the op
+the stock config runs; ``'turbox'`` runs turbox_mm's kernel, e.g. the Triton deformable
+aggregation) is switched to ``'turbox'`` wherever it appears in ``model``. Both produce the
+same results within the tolerance their parity tests state; the model's maths is unchanged.
+"""
+import inspect
+from typing import Any, Dict, List
+
+from mmengine.config import Config
+
+OP_IMPL = 'op_impl'
+
+
+def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
+    if not isinstance(type_name, str):
+        return False
+    scope, _, name = type_name.rpartition('.')
+    if scope != 'turbox_mm' and not (scope == '' and default_scope == 'turbox_mm'):
+        return False
+    from turbox_mm.registry import MODELS
+    cls = MODELS.module_dict.get(name)
+    if cls is None:
+        import turbox_mm.models  # noqa: F401  (registers the models)
+        cls = MODELS.module_dict.get(name)
+    return cls is not None and OP_IMPL in inspect.signature(cls).parameters
+
+
+def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
+    if isinstance(node, dict):
+        if _takes_op_impl(node.get('type'), default_scope) and node.get(OP_IMPL) != 'turbox':
+            node[OP_IMPL] = 'turbox'
+            changes.append(f"{path}.op_impl = 'turbox' ({node['type']})")
+        for key, value in node.items():
+            _walk(value, f'{path}.{key}', default_scope, changes)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _walk(value, f'{path}[{i}]', default_scope, changes)
+
+
+def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
+    """Set ``op_impl='turbox'`` on every module of ``cfg.model`` that takes it.
+
+    Args:
+        cfg (Config): The full config.
+        opts (dict): The validated ``turbox.ops`` options.
+
+    Returns:
+        list[str]: One line per change.
+    """
+    changes: List[str] = []
+    if opts['fast'] and isinstance(cfg.get('model'), dict):
+        _walk(cfg['model'], 'model', cfg.get('default_scope') or '', changes)
+    return changes
