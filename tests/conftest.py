@@ -44,8 +44,9 @@ def make_tiny_synthetic(root, frames=3, sweeps=3):
     return root
 
 
-def logged_losses(work_dir):
-    """Per-iteration training losses of every run in ``work_dir`` (mmengine's scalars.json)."""
+def logged_losses(work_dir, key='loss'):
+    """Per-iteration training losses (or another logged scalar, ``key``) of every run in
+    ``work_dir`` (mmengine's scalars.json)."""
     import json
     losses = {}
     for stamp in sorted(os.listdir(work_dir)):
@@ -54,8 +55,8 @@ def logged_losses(work_dir):
             with open(path) as f:
                 for line in f:
                     rec = json.loads(line)
-                    if 'loss' in rec:
-                        losses[rec['iter']] = rec['loss']
+                    if key in rec:
+                        losses[rec['iter']] = rec[key]
     return losses
 
 

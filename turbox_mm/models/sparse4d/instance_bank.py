@@ -55,7 +55,8 @@ class InstanceBank(nn.Module):
 
     As upstream, cached instances are returned by :meth:`get` even when they are too old for
     :meth:`update` (the temporal attention still sees them); a change of batch size resets the
-    cache. Temporal denoising anchors and tracking ids are not handled here yet.
+    cache. :meth:`project_to_current` moves other past-frame states (the temporal denoising
+    anchors) by the same motion. Tracking ids are not handled here yet.
 
     Args:
         num_anchor (int): Learned anchors. Defaults to 900.
@@ -122,6 +123,8 @@ class InstanceBank(nn.Module):
         self.mask: Optional[Tensor] = None
         self.prev_timestamp: Optional[Tensor] = None
         self.prev_T_global: Optional[Tensor] = None
+        self._temp2cur: Optional[Tensor] = None
+        self._dt: Optional[Tensor] = None
 
     def get(self, batch_size: int, timestamp: Tensor, T_global: Tensor,
             T_global_inv: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor],
@@ -149,11 +152,23 @@ class InstanceBank(nn.Module):
         dt = (timestamp.double() - self.prev_timestamp.double())
         self.mask = dt.abs() <= self.max_time_interval
         temp2cur = (T_global_inv.double() @ self.prev_T_global.double()).to(dtype)
-        self.cached_anchor = project_anchors(self.cached_anchor, temp2cur, dt.to(dtype),
-                                             self.upstream_yaw_order)
+        self._temp2cur, self._dt = temp2cur, dt.to(dtype)
+        self.cached_anchor = self.project_to_current(self.cached_anchor)
         use = self.mask & (dt != 0)
         interval = torch.where(use, dt.to(dtype), interval)
         return feature, anchor, self.cached_feature, self.cached_anchor, interval
+
+    def project_to_current(self, anchor: Tensor) -> Tensor:
+        """Box states ``[B, N, 11]`` of the previous frame in the current one, by the motion
+        that the last :meth:`get` found (e.g. the temporal denoising anchors of the sampler).
+
+        Raises:
+            RuntimeError: :meth:`get` found no cache to project from.
+        """
+        if self._temp2cur is None:
+            raise RuntimeError('InstanceBank.project_to_current: no previous frame; call get() '
+                               'after a cache() first')
+        return project_anchors(anchor, self._temp2cur, self._dt, self.upstream_yaw_order)
 
     def update(self, feature: Tensor, anchor: Tensor, cls: Tensor) -> Tuple[Tensor, Tensor]:
         """After the single-frame layer: the weakest current instances make room for the cache.

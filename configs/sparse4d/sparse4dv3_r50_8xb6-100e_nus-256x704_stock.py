@@ -1,0 +1,191 @@
+# Sparse4D v3, ResNet-50, 6 cameras at 256x704, 8 GPUs x 6 samples, 100 epochs on nuScenes:
+# upstream's training setting (HorizonRobotics/Sparse4D,
+# projects/configs/sparse4dv3_temporal_r50_1x8_bs6_256x704.py) on mmengine / mmdet3d 1.4, with
+# stock components and stock ops. docs/design/sparse4d.md lists every value and its source.
+#
+# Data: nuScenes v2 infos (mmdet3d's converter or `tools/create_data.py synthetic`) under
+# $NUSCENES_ROOT (default data/nuscenes/), plus the instance bank's anchors:
+#     python tools/sparse4d_anchors.py $NUSCENES_ROOT/nuscenes_infos_train.pkl \
+#         --out $NUSCENES_ROOT/nuscenes_kmeans900.npy --num 900
+# The backbone starts from scratch here; set model.img_backbone.init_cfg to a local ImageNet
+# checkpoint (upstream: torchvision's resnet50-19c8e357.pth) for real training.
+# `turbox_mm.` types make mmengine import turbox_mm by itself.
+default_scope = 'mmdet3d'
+
+data_root = '{{$NUSCENES_ROOT:data/nuscenes/}}'
+class_names = ['car', 'truck', 'construction_vehicle', 'bus', 'trailer', 'barrier',
+               'motorcycle', 'bicycle', 'pedestrian', 'traffic_cone']
+num_classes = len(class_names)
+num_gpus = 8
+batch_size = 6
+num_iters_per_epoch = 28130 // (num_gpus * batch_size)
+num_epochs = 100
+max_iters = num_iters_per_epoch * num_epochs
+checkpoint_interval = num_iters_per_epoch * 20
+embed_dims = 256
+num_groups = 8
+num_decoder = 6
+num_single_frame_decoder = 1
+num_levels = 4
+num_cams = 6
+input_shape = (704, 256)  # (W, H)
+
+attention = dict(type='MultiheadAttention', embed_dims=embed_dims * 2, num_heads=num_groups,
+                 batch_first=True, dropout=0.1)
+model = dict(
+    type='turbox_mm.Sparse4D',
+    # Images come normalised from the pipeline (upstream normalises on the CPU).
+    data_preprocessor=dict(type='Det3DDataPreprocessor'),
+    use_grid_mask=True,
+    img_backbone=dict(
+        type='mmdet.ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3),
+        frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
+        style='pytorch', with_cp=True),
+    img_neck=dict(
+        type='mmdet.FPN', in_channels=[256, 512, 1024, 2048], out_channels=embed_dims,
+        num_outs=num_levels, start_level=0, add_extra_convs='on_output',
+        relu_before_extra_convs=True),
+    depth_branch=dict(type='turbox_mm.DenseDepthNet', embed_dims=embed_dims,
+                      num_depth_layers=3, loss_weight=0.2),
+    head=dict(
+        type='turbox_mm.Sparse4DHead',
+        cls_threshold_to_reg=0.05,
+        decouple_attn=True,
+        num_decoder=num_decoder,
+        num_single_frame_decoder=num_single_frame_decoder,
+        instance_bank=dict(
+            type='turbox_mm.InstanceBank', num_anchor=900, embed_dims=embed_dims,
+            anchor=data_root + 'nuscenes_kmeans900.npy', num_temp_instances=600,
+            confidence_decay=0.6, feat_grad=False),
+        anchor_encoder=dict(type='turbox_mm.SparseBox3DEncoder', vel_dims=3,
+                            embed_dims=[128, 32, 32, 64], in_loops=1, out_loops=4),
+        temp_graph_model=attention,
+        graph_model=attention,
+        norm_layer=dict(type='LN', normalized_shape=embed_dims),
+        ffn=dict(type='turbox_mm.AsymmetricFFN', in_channels=embed_dims * 2, pre_norm=True,
+                 embed_dims=embed_dims, feedforward_channels=embed_dims * 4, num_fcs=2,
+                 ffn_drop=0.1, act_cfg=dict(type='ReLU', inplace=True)),
+        deformable_model=dict(
+            type='turbox_mm.DeformableFeatureAggregation', embed_dims=embed_dims,
+            num_groups=num_groups, num_levels=num_levels, num_cams=num_cams, attn_drop=0.15,
+            use_camera_embed=True, residual_mode='cat',
+            kps_generator=dict(
+                type='turbox_mm.SparseBox3DKeyPointsGenerator', num_learnable_pts=6,
+                fix_scale=[[0, 0, 0], [0.45, 0, 0], [-0.45, 0, 0], [0, 0.45, 0],
+                           [0, -0.45, 0], [0, 0, 0.45], [0, 0, -0.45]])),
+        refine_layer=dict(type='turbox_mm.SparseBox3DRefinementModule', embed_dims=embed_dims,
+                          num_cls=num_classes, refine_yaw=True, with_quality_estimation=True),
+        sampler=dict(
+            type='turbox_mm.SparseBox3DTarget', num_dn_groups=5, num_temp_dn_groups=3,
+            dn_noise_scale=[2.0] * 3 + [0.5] * 7, max_dn_gt=32, add_neg_dn=True,
+            cls_weight=2.0, box_weight=0.25, reg_weights=[2.0] * 3 + [0.5] * 3 + [0.0] * 4,
+            cls_wise_reg_weights={
+                class_names.index('traffic_cone'): [2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0,
+                                                    1.0, 1.0]}),
+        loss_cls=dict(type='mmdet.FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+                      loss_weight=2.0),
+        loss_reg=dict(
+            type='turbox_mm.SparseBox3DLoss',
+            loss_box=dict(type='mmdet.L1Loss', loss_weight=0.25),
+            loss_centerness=dict(type='mmdet.CrossEntropyLoss', use_sigmoid=True),
+            loss_yawness=dict(type='mmdet.GaussianFocalLoss'),
+            cls_allow_reverse=[class_names.index('barrier')]),
+        decoder=dict(type='turbox_mm.SparseBox3DDecoder'),
+        reg_weights=[2.0] * 3 + [1.0] * 7))
+
+# -- data -------------------------------------------------------------------------------------
+cameras = ['CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT',
+           'CAM_BACK_RIGHT']
+data_prefix = dict(pts='samples/LIDAR_TOP', sweeps='sweeps/LIDAR_TOP',
+                   **{cam: f'samples/{cam}' for cam in cameras})
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+data_aug_conf = dict(resize_lim=(0.40, 0.47), final_dim=input_shape[::-1],
+                     bot_pct_lim=(0.0, 0.0), rot_lim=(-5.4, 5.4), H=900, W=1600,
+                     rand_flip=True, rot3d_range=[-0.3925, 0.3925])
+meta_keys = ('projection_mat', 'image_wh', 'T_global', 'T_global_inv', 'timestamp', 'focal',
+             'gt_depth', 'instance_id', 'sample_idx', 'token', 'box_type_3d', 'img_shape',
+             'lidar2img', 'scene_token', 'frame_idx')
+train_pipeline = [
+    dict(type='LoadMultiViewImageFromFiles', to_float32=True, num_views=num_cams),
+    dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=5),
+    dict(type='LoadAnnotations3D', with_bbox_3d=True, with_label_3d=True),
+    dict(type='turbox_mm.ResizeCropFlipImage'),
+    dict(type='turbox_mm.MultiScaleDepthMapGenerator', downsample=[4, 8, 16]),
+    dict(type='turbox_mm.BBoxRotation'),
+    dict(type='turbox_mm.PhotoMetricDistortionMultiViewImage'),
+    dict(type='turbox_mm.NormalizeMultiviewImage', **img_norm_cfg),
+    dict(type='turbox_mm.CircleObjectRangeFilter', class_dist_thred=[55] * num_classes),
+    dict(type='turbox_mm.InstanceNameFilter', classes=class_names),
+    dict(type='turbox_mm.NuScenesSparse4DAdaptor'),
+    dict(type='Pack3DDetInputs', keys=['img', 'gt_bboxes_3d', 'gt_labels_3d'],
+         meta_keys=meta_keys),
+]
+test_pipeline = [
+    dict(type='LoadMultiViewImageFromFiles', to_float32=True, num_views=num_cams),
+    dict(type='turbox_mm.ResizeCropFlipImage'),
+    dict(type='turbox_mm.NormalizeMultiviewImage', **img_norm_cfg),
+    dict(type='turbox_mm.NuScenesSparse4DAdaptor'),
+    dict(type='Pack3DDetInputs', keys=['img'], meta_keys=meta_keys),
+]
+dataset_common = dict(
+    type='turbox_mm.Sparse4DNuScenesDataset', data_root=data_root, data_prefix=data_prefix,
+    metainfo=dict(classes=class_names), modality=dict(use_lidar=True, use_camera=True),
+    data_aug_conf=data_aug_conf, box_type_3d='LiDAR', backend_args=None)
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=batch_size,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    # Each of the batch's slots walks one half-scene in temporal order, upstream's sampler.
+    batch_sampler=dict(type='turbox_mm.GroupInBatchSampler', sequences_split_num=2,
+                       skip_prob=0.5, sequence_flip_prob=0.1, keep_consistent_seq_aug=True),
+    collate_fn=dict(type='pseudo_collate'),
+    # Empty frames stay: replacing one by a random frame would break the temporal walk.
+    dataset=dict(dataset_common, ann_file='nuscenes_infos_train.pkl',
+                 pipeline=train_pipeline, test_mode=False, filter_empty_gt=False))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    collate_fn=dict(type='pseudo_collate'),
+    dataset=dict(dataset_common, ann_file='nuscenes_infos_val.pkl', pipeline=test_pipeline,
+                 test_mode=True))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='NuScenesMetric', data_root=data_root,
+                     ann_file=data_root + 'nuscenes_infos_val.pkl', metric='bbox',
+                     backend_args=None)
+test_evaluator = val_evaluator
+
+# -- schedule ---------------------------------------------------------------------------------
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters,
+                 val_interval=checkpoint_interval)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+# Upstream: mmcv's Fp16OptimizerHook with a static loss scale of 32.
+optim_wrapper = dict(
+    type='AmpOptimWrapper',
+    loss_scale=32.0,
+    optimizer=dict(type='AdamW', lr=6e-4, weight_decay=1e-3),
+    paramwise_cfg=dict(custom_keys={'img_backbone': dict(lr_mult=0.5)}),
+    clip_grad=dict(max_norm=25, norm_type=2))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1.0 / 3, by_epoch=False, begin=0, end=500),
+    dict(type='CosineAnnealingLR', T_max=max_iters, eta_min_ratio=1e-3, by_epoch=False,
+         begin=0, end=max_iters),
+]
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=51),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval, by_epoch=False,
+                    max_keep_ckpts=3),
+    sampler_seed=dict(type='DistSamplerSeedHook'))
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'))
+log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0)

@@ -1,0 +1,269 @@
+"""Sparse4D v3 end to end on the tiny synthetic nuScenes: training, evaluation, stock/turbox
+parity, and the turbox rewrite of its config.
+
+The tiny configs (configs/sparse4d/sparse4dv3_tiny_{stock,turbox}.py) are the full model with
+small sizes; everything runs on the CPU in the test suite.
+"""
+import copy
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import ROOT, logged_losses, run_python
+
+TINY_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_stock.py')
+TINY_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_turbox.py')
+FULL_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x704_stock.py')
+FULL_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x704_turbox.py')
+
+
+def make_sparse4d_tiny(root) -> str:
+    """The tiny configs' data: 2 train scenes and 1 val scene of 6 frames, 320x180 images,
+    and 32 k-means anchors."""
+    root = str(root)
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
+                       '--frames', '6', '--image-size', '320x180', '--points', '4000',
+                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(['tools/sparse4d_anchors.py', f'{root}/nuscenes_infos_train.pkl', '--out',
+                       f'{root}/nuscenes_kmeans900.npy', '--num', '32'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root + '/'
+
+
+@pytest.fixture(scope='module')
+def tiny_root(tmp_path_factory):
+    return make_sparse4d_tiny(tmp_path_factory.mktemp('sparse4d_tiny'))
+
+
+def _config(path, root):
+    os.environ['NUSCENES_ROOT'] = root
+    try:
+        return Config.fromfile(path)
+    finally:
+        del os.environ['NUSCENES_ROOT']
+
+
+def _turbox_applied(cfg):
+    """The config as TurboxRunner leaves it (the `turbox` section applied)."""
+    from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS, apply_turbox_options
+    from turbox_mm.utils.options import check_options
+    cfg = copy.deepcopy(cfg)
+    changes = apply_turbox_options(cfg, check_options(cfg.get('turbox'), TURBOX_OPTIONS))
+    return cfg, changes
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+def test_full_configs_hold_upstreams_training_setting():
+    cfg = Config.fromfile(FULL_STOCK)
+    assert cfg.train_dataloader.batch_size == 6 and cfg.train_dataloader.num_workers == 6
+    assert cfg.train_cfg.max_iters == 586 * 100
+    opt = cfg.optim_wrapper
+    assert (opt.type, opt.loss_scale) == ('AmpOptimWrapper', 32.0)
+    assert (opt.optimizer.lr, opt.optimizer.weight_decay) == (6e-4, 1e-3)
+    assert opt.paramwise_cfg.custom_keys['img_backbone']['lr_mult'] == 0.5
+    assert opt.clip_grad.max_norm == 25
+    assert cfg.param_scheduler[0].end == 500
+    head = cfg.model.head
+    assert head.instance_bank.num_anchor == 900 and head.instance_bank.num_temp_instances == 600
+    assert head.sampler.num_dn_groups == 5 and head.sampler.num_temp_dn_groups == 3
+    assert cfg.model.img_backbone.with_cp
+    # The turbox config is the stock one plus _base_/turbox.py: nothing else differs.
+    turbox = Config.fromfile(FULL_TURBOX)
+    stock_dict, turbox_dict = cfg.to_dict(), turbox.to_dict()
+    extra = set(turbox_dict) - set(stock_dict)
+    assert extra == {'turbox', 'runner_type', 'custom_imports'}, extra
+    assert all(stock_dict[k] == turbox_dict[k] for k in stock_dict)
+
+
+def test_pipelines_pack_every_key_the_model_reads():
+    from turbox_mm.datasets.transforms.sparse4d_adaptor import SPARSE4D_META_KEYS
+    from turbox_mm.models.sparse4d.sparse4d import REQUIRED_META_KEYS
+    cfg = Config.fromfile(FULL_STOCK)
+    for name in ('train_dataloader', 'val_dataloader'):
+        pack = cfg[name].dataset.pipeline[-1]
+        assert set(SPARSE4D_META_KEYS) <= set(pack.meta_keys), name
+        assert set(REQUIRED_META_KEYS) <= set(pack.meta_keys), name
+
+
+def test_turbox_rewrite_of_the_sparse4d_config():
+    cfg, changes = _turbox_applied(Config.fromfile(FULL_TURBOX))
+    train = [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
+    val = [t['type'] for t in cfg.val_dataloader.dataset.pipeline]
+    assert train[0] == 'turbox_mm.LoadMultiViewImagesTurbo'
+    assert 'turbox_mm.MultiViewAffineAug' in train and 'turbox_mm.MultiViewAffineAug' in val
+    for removed in ('turbox_mm.ResizeCropFlipImage', 'turbox_mm.NormalizeMultiviewImage',
+                    'turbox_mm.PhotoMetricDistortionMultiViewImage'):
+        assert removed not in train and removed not in val
+    # Everything else stays, in order.
+    stock = Config.fromfile(FULL_STOCK)
+    kept = [t['type'] for t in stock.train_dataloader.dataset.pipeline
+            if t['type'] not in ('turbox_mm.NormalizeMultiviewImage',
+                                 'turbox_mm.PhotoMetricDistortionMultiViewImage')]
+    assert len(kept) == len(train)
+    assert [a for a in kept if 'Image' not in a] == [
+        b for b in train if 'Image' not in b and 'MultiView' not in b]
+    pre = cfg.model.data_preprocessor
+    assert pre.type == 'turbox_mm.TurboxDet3DDataPreprocessor'
+    assert pre.mean == [123.675, 116.28, 103.53] and pre.bgr_to_rgb is True
+    assert pre.photometric == {}
+    assert cfg.model.head.deformable_model.op_impl == 'turbox'
+    assert any('op_impl' in c for c in changes)
+    assert cfg.train_cfg.type == 'turbox_mm.PipelinedIterBasedTrainLoop'
+
+
+def test_fast_pipeline_keeps_a_pipeline_it_cannot_rewrite(caplog):
+    cfg = Config.fromfile(FULL_TURBOX)
+    cfg.train_dataloader.dataset.pipeline.insert(
+        1, dict(type='mmdet.RandomFlip', prob=0.5))  # works on decoded float images
+    before = copy.deepcopy(cfg.train_dataloader.dataset.pipeline)
+    from turbox_mm.engine.runner.fast_pipeline import apply_fast_pipeline
+    changes = apply_fast_pipeline(cfg, dict(fast_pipeline=True, gpu_decode=False))
+    assert changes == []
+    assert cfg.train_dataloader.dataset.pipeline == before
+    assert cfg.model.data_preprocessor.type == 'Det3DDataPreprocessor'
+
+
+def test_gpu_decode_packs_jpeg_bytes():
+    from turbox_mm.engine.runner.fast_pipeline import apply_fast_pipeline
+    cfg = Config.fromfile(FULL_TURBOX)
+    apply_fast_pipeline(cfg, dict(fast_pipeline=True, gpu_decode=True))
+    train = cfg.train_dataloader.dataset.pipeline
+    assert train[0]['decode_on'] == 'gpu' and train[-1]['type'] == 'turbox_mm.PackJpegBytes'
+
+
+# -- model ------------------------------------------------------------------------------------
+
+def test_operation_order_of_v3():
+    from turbox_mm.models.sparse4d.sparse4d_head import default_operation_order
+    order = default_operation_order(6, 1)
+    assert len(order) == 39
+    assert order[:4] == ['deformable', 'ffn', 'norm', 'refine']
+    assert [order.count(op) for op in ('refine', 'temp_gnn', 'gnn', 'deformable')] == [6, 5, 5, 6]
+
+
+def _build(cfg):
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import MODELS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def _batches(cfg, num):
+    """``num`` training batches of the config's pipeline (the sampler's first walks)."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import DATA_SAMPLERS, DATASETS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        dataset = DATASETS.build(cfg.train_dataloader.dataset)
+        sampler = DATA_SAMPLERS.build(dict(cfg.train_dataloader.batch_sampler,
+                                           dataset=dataset, seed=0, world_size=1, rank=0,
+                                           batch_size=cfg.train_dataloader.batch_size))
+    stream = iter(sampler)
+    return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
+
+
+def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root):
+    """Same weights, same batch, same seed, fp32: the stock model (grid_sample deformable
+    aggregation) and the turbox one (the Triton kernel, run here by Triton's interpreter) give
+    the same losses and gradients."""
+    from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
+    stock_cfg = _config(TINY_STOCK, tiny_root)
+    turbox_cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
+    assert turbox_cfg.model.head.deformable_model.op_impl == 'turbox'
+    stock, turbox = _build(stock_cfg), _build(turbox_cfg)
+    turbox.load_state_dict(stock.state_dict())
+    batch = stock.data_preprocessor(_batches(stock_cfg, 1)[0], training=True)
+
+    def run(model):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        model.train()
+        model.zero_grad()
+        losses = model.loss(batch['inputs'], batch['data_samples'])
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    stock_losses, stock_grads = run(stock)
+    with kernel_on_cpu():
+        turbox_losses, turbox_grads = run(turbox)
+    assert stock_losses.keys() == turbox_losses.keys()
+    assert {'loss_cls_0', 'loss_box_1', 'loss_cns_1', 'loss_yns_1', 'loss_cls_dn_0',
+            'loss_box_dn_1', 'loss_dense_depth'} <= set(stock_losses)
+    for key in stock_losses:
+        torch.testing.assert_close(turbox_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)
+    assert stock_grads.keys() == turbox_grads.keys()
+    for name in stock_grads:
+        torch.testing.assert_close(turbox_grads[name], stock_grads[name], rtol=1e-3, atol=1e-5,
+                                   msg=name)
+
+
+def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.train()
+    batches = _batches(cfg, 3)
+    bank, sampler = model.head.instance_bank, model.head.sampler
+    for i, data in enumerate(batches):
+        data = model.data_preprocessor(data, training=True)
+        losses = model.loss(data['inputs'], data['data_samples'])
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+        assert bank.cached_feature.shape == (2, 16, 64)
+        if i > 0:  # the slots walk their scenes: consecutive frames, the cache is used
+            assert bank.mask is not None and bool(bank.mask.any())
+    assert sampler.dn_metas is not None and sampler.dn_metas['dn_anchor'].shape[:2] == (2, 1)
+
+
+def test_predict_gives_lidar_boxes(tiny_root):
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.eval()
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import DATASETS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        dataset = DATASETS.build(cfg.val_dataloader.dataset)
+    data = model.data_preprocessor(pseudo_collate([dataset[0]]), training=False)
+    with torch.no_grad():
+        out = model.predict(data['inputs'], data['data_samples'])
+    pred = out[0].pred_instances_3d
+    assert len(pred.scores_3d) == 16 and pred.bboxes_3d.tensor.shape == (16, 9)
+    assert bool((pred.scores_3d[:-1] >= pred.scores_3d[1:]).all())
+
+
+# -- training ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', [TINY_STOCK, TINY_TURBOX], ids=['stock', 'turbox'])
+def test_tiny_config_trains_with_falling_loss_and_evaluates(tiny_root, tmp_path, config):
+    work = tmp_path / 'work'
+    proc = run_python(['tools/train.py', config, '--work-dir', str(work)],
+                      env={'NUSCENES_ROOT': tiny_root}, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    losses = logged_losses(work)
+    assert sorted(losses) == list(range(1, 21)), sorted(losses)
+    first, last = np.mean([losses[i] for i in range(1, 6)]), np.mean(
+        [losses[i] for i in range(16, 21)])
+    assert last < first, (first, last)
+    # The classification losses fall fast; the box losses more slowly and noisily (batch 2).
+    cls = logged_losses(work, key='loss_cls_0')
+    assert np.mean([cls[i] for i in range(16, 21)]) < 0.7 * np.mean(
+        [cls[i] for i in range(1, 6)]), cls
+    # The evaluation at the end of training ran mmdet3d's nuScenes metric.
+    assert 'NuScenes metric/pred_instances_3d_NuScenes/NDS' in log, log[-3000:]
+    if config == TINY_TURBOX:
+        assert 'turbox_mm.LoadMultiViewImagesTurbo' in log
+        assert "op_impl = 'turbox'" in log

@@ -1,0 +1,394 @@
+"""Sparse4D v3's detection head: the decoder of anchors over 6 cameras and time."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from turbox_mm.registry import MODELS, TASK_UTILS
+
+#: The operations a decoder layer may hold.
+OPERATIONS = ('temp_gnn', 'gnn', 'norm', 'ffn', 'deformable', 'refine')
+
+
+def default_operation_order(num_decoder: int = 6, num_single_frame_decoder: int = 1) -> List[str]:
+    """Sparse4D v3's operation list: single-frame layers, then temporal ones.
+
+    A single-frame layer is ``gnn, norm, deformable, ffn, norm, refine``; a temporal layer puts
+    ``temp_gnn`` (attention to the instances of the previous frame) in front. The first layer
+    drops its self-attention and norm (it would attend among identical zero features).
+
+    Args:
+        num_decoder (int): Layers (each ends with ``refine``). Defaults to 6.
+        num_single_frame_decoder (int): Leading layers without temporal attention. Defaults
+            to 1.
+
+    Returns:
+        list[str]: The operations, 39 for the defaults.
+
+    Examples:
+        >>> default_operation_order(2, 1)
+        ['deformable', 'ffn', 'norm', 'refine', 'temp_gnn', 'gnn', 'norm', 'deformable', \
+'ffn', 'norm', 'refine']
+    """
+    if not 0 <= num_single_frame_decoder <= num_decoder:
+        raise ValueError(f'num_single_frame_decoder must be in [0, {num_decoder}], got '
+                         f'{num_single_frame_decoder}')
+    single = ['gnn', 'norm', 'deformable', 'ffn', 'norm', 'refine']
+    order = (single * num_single_frame_decoder +
+             (['temp_gnn'] + single) * (num_decoder - num_single_frame_decoder))
+    return order[2:]
+
+
+@MODELS.register_module()
+class Sparse4DHead(BaseModule):
+    """The Sparse4D v3 head: instance bank, decoder layers, denoising, losses and decoding.
+
+    Per frame: the instance bank hands out the learned anchors (and, after the first frame of
+    a sequence, the instances cached from the previous frame, projected into this one); in
+    training, noisy copies of the ground truth (denoising queries) join them, walled off by an
+    attention mask. The decoder then runs ``operation_order``: temporal attention to the cached
+    instances (``temp_gnn``), self-attention (``gnn``), LayerNorm, deformable aggregation over
+    cameras and levels, the asymmetric FFN and the refinement of anchors with class and quality
+    scores after each layer. After the first ``num_single_frame_decoder`` layers the weakest
+    current instances make room for the cached ones; after the last, the bank caches the best.
+
+    Attention is *decoupled* as in v3: the positional embedding is concatenated to the feature
+    rather than added (``512 = 256 + 256`` features in the attention), the values pass through
+    ``fc_before`` and the output through ``fc_after``.
+
+    Numbers and semantics follow upstream (docs/design/sparse4d.md, sections 2.2, 2.7, 2.11);
+    the head runs in float32 (the detector disables autocast around it, as upstream's
+    ``force_fp32``).
+
+    Args:
+        instance_bank (dict): :class:`~turbox_mm.models.sparse4d.InstanceBank` config.
+        anchor_encoder (dict): :class:`~turbox_mm.models.sparse4d.SparseBox3DEncoder` config.
+        graph_model (dict): Attention config (mmcv ``MultiheadAttention``), for ``gnn``.
+        norm_layer (dict): Norm config, e.g. ``dict(type='LN', normalized_shape=256)``.
+        ffn (dict): :class:`~turbox_mm.models.sparse4d.AsymmetricFFN` config.
+        deformable_model (dict): :class:`~turbox_mm.models.sparse4d.DeformableFeatureAggregation`
+            config.
+        refine_layer (dict): :class:`~turbox_mm.models.sparse4d.SparseBox3DRefinementModule`
+            config.
+        temp_graph_model (dict, optional): Attention config for ``temp_gnn``. Defaults to None
+            (then no ``temp_gnn`` may appear in the order).
+        num_decoder (int): Decoder layers. Defaults to 6.
+        num_single_frame_decoder (int): Layers before the bank's update. Defaults to 1.
+        operation_order (list[str], optional): Defaults to :func:`default_operation_order`.
+        sampler (dict, optional): :class:`~turbox_mm.models.sparse4d.target.SparseBox3DTarget`
+            config; needed for training.
+        decoder (dict, optional): :class:`~turbox_mm.models.sparse4d.SparseBox3DDecoder` config.
+            Defaults to the decoder's defaults.
+        loss_cls (dict, optional): Classification loss (``mmdet.FocalLoss``).
+        loss_reg (dict, optional): :class:`~turbox_mm.models.sparse4d.losses.SparseBox3DLoss`.
+        reg_weights (Sequence[float], optional): Weights of the 10 regression targets in the
+            loss. Defaults to all ones.
+        cls_threshold_to_reg (float): A matched query enters the regression losses only when
+            its best class score exceeds this. Defaults to -1 (all).
+        decouple_attn (bool): Concatenate instead of adding positional embeddings. Defaults to
+            True.
+        init_cfg (dict, optional): mmengine init config. Defaults to None.
+    """
+
+    def __init__(self,
+                 instance_bank: dict,
+                 anchor_encoder: dict,
+                 graph_model: dict,
+                 norm_layer: dict,
+                 ffn: dict,
+                 deformable_model: dict,
+                 refine_layer: dict,
+                 temp_graph_model: Optional[dict] = None,
+                 num_decoder: int = 6,
+                 num_single_frame_decoder: int = 1,
+                 operation_order: Optional[Sequence[str]] = None,
+                 sampler: Optional[dict] = None,
+                 decoder: Optional[dict] = None,
+                 loss_cls: Optional[dict] = None,
+                 loss_reg: Optional[dict] = None,
+                 reg_weights: Optional[Sequence[float]] = None,
+                 cls_threshold_to_reg: float = -1.0,
+                 decouple_attn: bool = True,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg)
+        self.num_decoder = num_decoder
+        self.num_single_frame_decoder = num_single_frame_decoder
+        self.cls_threshold_to_reg = cls_threshold_to_reg
+        self.decouple_attn = decouple_attn
+        self.reg_weights = list(reg_weights) if reg_weights is not None else [1.0] * 10
+        if operation_order is None:
+            operation_order = default_operation_order(num_decoder, num_single_frame_decoder)
+        operation_order = list(operation_order)
+        unknown = sorted(set(operation_order) - set(OPERATIONS))
+        if unknown:
+            raise ValueError(f'Sparse4DHead: unknown operations {unknown} in operation_order; '
+                             f'valid: {", ".join(OPERATIONS)}')
+        if operation_order.count('refine') != num_decoder:
+            raise ValueError(f"Sparse4DHead: operation_order has "
+                             f"{operation_order.count('refine')} 'refine' steps, "
+                             f'num_decoder is {num_decoder}')
+        if 'temp_gnn' in operation_order and temp_graph_model is None:
+            raise ValueError("Sparse4DHead: operation_order has 'temp_gnn' but "
+                             'temp_graph_model is None')
+        self.operation_order = operation_order
+
+        self.instance_bank = MODELS.build(instance_bank)
+        self.anchor_encoder = MODELS.build(anchor_encoder)
+        self.sampler = TASK_UTILS.build(sampler) if sampler is not None else None
+        self.decoder = TASK_UTILS.build(decoder if decoder is not None else
+                                        dict(type='turbox_mm.SparseBox3DDecoder'))
+        self.loss_cls = MODELS.build(loss_cls) if loss_cls is not None else None
+        self.loss_reg = MODELS.build(loss_reg) if loss_reg is not None else None
+
+        configs = dict(temp_gnn=temp_graph_model, gnn=graph_model, norm=norm_layer, ffn=ffn,
+                       deformable=deformable_model, refine=refine_layer)
+        self.layers = nn.ModuleList([self._build_op(op, configs[op]) for op in operation_order])
+        self.embed_dims = self.instance_bank.embed_dims
+        if decouple_attn:
+            self.fc_before = nn.Linear(self.embed_dims, self.embed_dims * 2, bias=False)
+            self.fc_after = nn.Linear(self.embed_dims * 2, self.embed_dims, bias=False)
+        else:
+            self.fc_before = self.fc_after = nn.Identity()
+
+    @staticmethod
+    def _build_op(op: str, cfg: dict) -> nn.Module:
+        if op == 'norm':
+            from mmcv.cnn import build_norm_layer
+            cfg = dict(cfg)
+            dims = cfg.pop('normalized_shape', None) or cfg.pop('num_features', None)
+            if dims is None:
+                raise ValueError("Sparse4DHead: norm_layer needs 'normalized_shape'")
+            return build_norm_layer(cfg, dims)[1]
+        return MODELS.build(cfg)
+
+    def init_weights(self) -> None:
+        """Xavier-uniform for every weight matrix of the decoder layers but the refinement
+        layers (upstream's rule), then each layer's own initialisation.
+
+        Unlike upstream, buffers are not touched: the fixed keypoints keep their configured
+        values (docs/design/sparse4d.md, 0.3-2).
+        """
+        for i, op in enumerate(self.operation_order):
+            if op == 'refine':
+                continue
+            for p in self.layers[i].parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if module is not self and hasattr(module, 'init_weights'):
+                module.init_weights()
+        self._is_init = True
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def graph_model(self, index: int, query: Tensor, key: Optional[Tensor] = None,
+                    value: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
+                    key_pos: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """Attention of layer ``index``; decoupled as described in the class docstring."""
+        if self.decouple_attn:
+            query = torch.cat([query, query_pos], dim=-1)
+            if key is not None:
+                key = torch.cat([key, key_pos], dim=-1)
+            query_pos = key_pos = None
+        if value is not None:
+            value = self.fc_before(value)
+        out = self.layers[index](query, key, value, query_pos=query_pos, key_pos=key_pos,
+                                 **kwargs)
+        return self.fc_after(out)
+
+    def forward(self, feature_maps, metas: Dict) -> Dict:
+        """Decode one frame.
+
+        Args:
+            feature_maps: What the deformable model reads: ``(col_feats, spatial_shape,
+                scale_start_index)`` from
+                :func:`~turbox_mm.ops.deformable_aggregation.feature_maps_format`.
+            metas (dict): ``projection_mat`` ``[B, N, 4, 4]``, ``image_wh`` ``[B, N, 2]``,
+                ``timestamp`` ``[B]`` (float64 seconds), ``T_global`` and ``T_global_inv``
+                ``[B, 4, 4]``; in training also ``gt_bboxes_3d`` (list of ``[n, 9]``: gravity
+                centre, ``l, w, h``, yaw, ``vx, vy``), ``gt_labels_3d`` and ``instance_id``
+                (lists of ``[n]`` long).
+
+        Returns:
+            dict: Per decoder layer ``prediction`` ``[B, Q, 11]``, ``classification``
+            ``[B, Q, C]`` (None for layers whose scores are not needed in inference) and
+            ``quality`` ``[B, Q, 2]``; in training with denoising also ``dn_*`` entries.
+        """
+        bank = self.instance_bank
+        batch = metas['projection_mat'].shape[0]
+        sampler = self.sampler
+        if sampler is not None and getattr(sampler, 'dn_metas', None) is not None and (
+                sampler.dn_metas['dn_anchor'].shape[0] != batch):
+            sampler.dn_metas = None
+        feature, anchor, temp_feature, temp_anchor, time_interval = bank.get(
+            batch, metas['timestamp'], metas['T_global'], metas['T_global_inv'])
+        if (temp_anchor is not None and sampler is not None
+                and getattr(sampler, 'dn_metas', None) is not None):
+            dn_anchor = sampler.dn_metas['dn_anchor']
+            sampler.dn_metas['dn_anchor'] = bank.project_to_current(
+                dn_anchor.flatten(1, 2)).reshape(dn_anchor.shape)
+
+        dn = None
+        attn_mask = None
+        num_free = feature.shape[1]
+        if self.training and sampler is not None and getattr(sampler, 'num_dn_groups', 0) > 0:
+            dn = sampler.get_dn_anchors(metas['gt_labels_3d'], metas['gt_bboxes_3d'],
+                                        metas.get('instance_id'))
+        if dn is not None:
+            dn_anchor, dn_reg_target, dn_cls_target, dn_attn_mask, valid_mask, dn_id = dn
+            num_dn = dn_anchor.shape[1]
+            anchor = torch.cat([anchor, dn_anchor.to(anchor.dtype)], dim=1)
+            feature = torch.cat([feature, feature.new_zeros(batch, num_dn, feature.shape[-1])],
+                                dim=1)
+            total = num_free + num_dn
+            attn_mask = torch.ones(total, total, dtype=torch.bool, device=anchor.device)
+            attn_mask[:num_free, :num_free] = False
+            attn_mask[num_free:, num_free:] = dn_attn_mask
+        temp_dn = None
+
+        anchor_embed = self.anchor_encoder(anchor)
+        temp_anchor_embed = self.anchor_encoder(temp_anchor) if temp_anchor is not None else None
+        predictions: List[Tensor] = []
+        classifications: List[Optional[Tensor]] = []
+        qualities: List[Optional[Tensor]] = []
+        last = len(self.operation_order) - 1
+        cls = None
+        for i, op in enumerate(self.operation_order):
+            layer = self.layers[i]
+            if op == 'temp_gnn':
+                feature = self.graph_model(
+                    i, feature, temp_feature, temp_feature, query_pos=anchor_embed,
+                    key_pos=temp_anchor_embed,
+                    attn_mask=attn_mask if temp_feature is None else None)
+            elif op == 'gnn':
+                feature = self.graph_model(i, feature, value=feature, query_pos=anchor_embed,
+                                           attn_mask=attn_mask)
+            elif op in ('norm', 'ffn'):
+                feature = layer(feature)
+            elif op == 'deformable':
+                feature = layer(feature, anchor, anchor_embed, feature_maps,
+                                metas['projection_mat'], metas['image_wh'])
+            else:  # refine
+                need_cls = (self.training or len(predictions) == self.num_single_frame_decoder - 1
+                            or i == last)
+                anchor, cls, quality = layer(feature, anchor, anchor_embed, time_interval,
+                                             return_cls=need_cls)
+                predictions.append(anchor)
+                classifications.append(cls)
+                qualities.append(quality)
+                if len(predictions) == self.num_single_frame_decoder:
+                    feature, anchor = bank.update(feature, anchor, cls)
+                    if (dn is not None and dn_id is not None
+                            and getattr(sampler, 'num_temp_dn_groups', 0) > 0):
+                        (feature, anchor, t_reg, t_cls, t_valid,
+                         dn_id) = sampler.update_dn(feature, anchor, dn_reg_target,
+                                                    dn_cls_target, valid_mask, dn_id,
+                                                    bank.num_anchor, bank.mask)
+                        temp_dn = (t_reg, t_cls, t_valid)
+                if i != last:
+                    anchor_embed = self.anchor_encoder(anchor)
+                if (len(predictions) > self.num_single_frame_decoder
+                        and temp_anchor_embed is not None):
+                    temp_anchor_embed = anchor_embed[:, :bank.num_temp_instances]
+
+        output = {}
+        if dn is not None:
+            output.update(
+                dn_prediction=[x[:, num_free:] for x in predictions],
+                dn_classification=[x[:, num_free:] for x in classifications],
+                dn_reg_target=dn_reg_target, dn_cls_target=dn_cls_target,
+                dn_valid_mask=valid_mask)
+            predictions = [x[:, :num_free] for x in predictions]
+            classifications = [x[:, :num_free] for x in classifications]
+            qualities = [x[:, :num_free] if x is not None else None for x in qualities]
+            cache_cls, cache_valid = dn_cls_target, valid_mask
+            if temp_dn is not None:
+                output.update(temp_dn_reg_target=temp_dn[0], temp_dn_cls_target=temp_dn[1],
+                              temp_dn_valid_mask=temp_dn[2], dn_id_target=dn_id)
+                cache_cls, cache_valid = temp_dn[1], temp_dn[2]
+            if hasattr(sampler, 'cache_dn') and dn_id is not None:
+                sampler.cache_dn(feature[:, num_free:], anchor[:, num_free:], cache_cls,
+                                 cache_valid, dn_id)
+            feature, anchor, cls = feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free]
+        output.update(classification=classifications, prediction=predictions,
+                      quality=qualities)
+        bank.cache(feature, anchor, cls, metas['timestamp'], metas['T_global'])
+        return output
+
+    # -- losses -----------------------------------------------------------------------------
+
+    def _cls_loss(self, cls: Tensor, target: Tensor, avg_factor: Tensor) -> Tensor:
+        """Focal loss with every label outside ``[0, C)`` read as background.
+
+        mmdet's CPU focal loss one-hot encodes ``C + 1`` classes and fails on the negative
+        labels of denoising (-1, -3); its CUDA path treats any label outside ``[0, C)`` as
+        background. Mapping them to ``C`` gives both paths the same, valid input.
+        """
+        num_classes = cls.shape[-1]
+        target = torch.where((target < 0) | (target > num_classes),
+                             torch.full_like(target, num_classes), target)
+        return self.loss_cls(cls.float(), target, avg_factor=avg_factor)
+
+    def loss(self, outputs: Dict, metas: Dict) -> Dict[str, Tensor]:
+        """Losses of every decoder layer, and of the denoising queries.
+
+        Args:
+            outputs (dict): :meth:`forward`'s output (training mode).
+            metas (dict): The ground truth (see :meth:`forward`).
+
+        Returns:
+            dict[str, Tensor]: ``loss_cls_i``, ``loss_box_i``, ``loss_cns_i``, ``loss_yns_i``
+            per layer ``i``; ``loss_cls_dn_i``, ``loss_box_dn_i`` with denoising.
+        """
+        from mmdet.utils import reduce_mean
+        if self.sampler is None or self.loss_cls is None or self.loss_reg is None:
+            raise RuntimeError('Sparse4DHead.loss needs sampler, loss_cls and loss_reg')
+        gt_labels, gt_boxes = metas['gt_labels_3d'], metas['gt_bboxes_3d']
+        losses = {}
+        for i, (cls, reg, quality) in enumerate(
+                zip(outputs['classification'], outputs['prediction'], outputs['quality'])):
+            reg = reg[..., :len(self.reg_weights)]
+            cls_target, reg_target, reg_weights = self.sampler.sample(cls, reg, gt_labels,
+                                                                      gt_boxes)
+            reg_target = reg_target[..., :len(self.reg_weights)]
+            mask = (reg_target != 0).any(dim=-1)
+            num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
+            if self.cls_threshold_to_reg > 0:
+                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+            losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
+                                                     num_pos)
+            mask = mask.flatten()
+            weight = reg_weights * reg.new_tensor(self.reg_weights)
+            target = torch.nan_to_num(reg_target.flatten(0, 1)[mask])
+            losses.update(self.loss_reg(
+                reg.flatten(0, 1)[mask], target, weight=weight.flatten(0, 1)[mask],
+                avg_factor=num_pos, suffix=f'_{i}',
+                quality=quality.flatten(0, 1)[mask] if quality is not None else None,
+                cls_target=cls_target.flatten()[mask]))
+        if 'dn_prediction' not in outputs:
+            return losses
+        for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
+                                           outputs['dn_prediction'])):
+            prefix = 'temp_' if i > 0 and 'temp_dn_valid_mask' in outputs else ''
+            valid = outputs[f'{prefix}dn_valid_mask']
+            cls_target = outputs[f'{prefix}dn_cls_target']
+            reg_target = outputs[f'{prefix}dn_reg_target']
+            valid_cls = cls_target[valid]
+            positive = valid_cls >= 0
+            num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
+            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls[valid], valid_cls, num_dn)
+            reg = reg[valid][positive][:, :len(self.reg_weights)]
+            target = torch.nan_to_num(reg_target[valid][positive][:, :len(self.reg_weights)])
+            weight = reg.new_tensor(self.reg_weights).expand_as(reg)
+            losses.update(self.loss_reg(reg, target, weight=weight, avg_factor=num_dn,
+                                        suffix=f'_dn_{i}'))
+        return losses
+
+    # -- inference --------------------------------------------------------------------------
+
+    def post_process(self, outputs: Dict) -> List[Dict[str, Tensor]]:
+        """The last layer's boxes through the decoder (top-k, centerness-weighted scores)."""
+        quality = outputs['quality'][-1]
+        return self.decoder.decode(outputs['classification'][-1], outputs['prediction'][-1],
+                                   quality)
