@@ -14,10 +14,9 @@ PYTEST_ARGS ?=
 setup:
 	bash tools/setup_env.sh
 
+# Sparse4D v3 stock vs turbox: tiny configs without a GPU, full size with one.
 demo: setup
-	$(PY) tools/train.py configs/smoke/smoke_turbox.py --work-dir work_dirs/demo/train
-	$(PY) tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \
-		--iters 24 --warmup 4 --out work_dirs/demo/benchmark
+	PYTHON=$(PY) bash tools/sparse4d_benchmark.sh auto work_dirs/demo/benchmark
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

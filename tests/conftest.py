@@ -44,6 +44,20 @@ def make_tiny_synthetic(root, frames=3, sweeps=3):
     return root
 
 
+def make_sparse4d_tiny(root) -> str:
+    """The tiny configs' data: 2 train scenes and 1 val scene of 6 frames, 320x180 images,
+    and 32 k-means anchors."""
+    root = str(root)
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
+                       '--frames', '6', '--image-size', '320x180', '--points', '4000',
+                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(['tools/sparse4d_anchors.py', f'{root}/nuscenes_infos_train.pkl', '--out',
+                       f'{root}/nuscenes_kmeans900.npy', '--num', '32'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root + '/'
+
+
 def logged_losses(work_dir, key='loss'):
     """Per-iteration training losses (or another logged scalar, ``key``) of every run in
     ``work_dir`` (mmengine's scalars.json)."""

@@ -7,6 +7,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmengine.registry import root as mmengine_root
 
+import mmdet3d.evaluation  # noqa: F401  (its metrics register on import, as a runner's build does)
 import turbox_mm  # noqa: F401
 from conftest import ROOT
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT, logged_losses, run_python
+from conftest import ROOT, logged_losses, make_sparse4d_tiny, run_python
 
 TINY_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_stock.py')
 TINY_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_turbox.py')
@@ -21,23 +21,10 @@ FULL_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x7
 FULL_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x704_turbox.py')
 
 
-def make_sparse4d_tiny(root) -> str:
-    """The tiny configs' data: 2 train scenes and 1 val scene of 6 frames, 320x180 images,
-    and 32 k-means anchors."""
-    root = str(root)
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
-                       '--frames', '6', '--image-size', '320x180', '--points', '4000',
-                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_python(['tools/sparse4d_anchors.py', f'{root}/nuscenes_infos_train.pkl', '--out',
-                       f'{root}/nuscenes_kmeans900.npy', '--num', '32'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root + '/'
-
-
 @pytest.fixture(scope='module')
 def tiny_root(tmp_path_factory):
-    return make_sparse4d_tiny(tmp_path_factory.mktemp('sparse4d_tiny'))
+    # <tmp>/nuscenes_tiny, where tools/sparse4d_benchmark.sh looks for it under DATA_DIR=<tmp>.
+    return make_sparse4d_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny')
 
 
 def _config(path, root):
@@ -267,3 +254,21 @@ def test_tiny_config_trains_with_falling_loss_and_evaluates(tiny_root, tmp_path,
     if config == TINY_TURBOX:
         assert 'turbox_mm.LoadMultiViewImagesTurbo' in log
         assert "op_impl = 'turbox'" in log
+
+
+@pytest.mark.slow
+def test_main_job_benchmarks_the_tiny_configs_without_a_gpu(tiny_root, tmp_path):
+    """`make demo`'s job on a machine without a GPU: the tiny stock and turbox configs."""
+    import subprocess
+    import sys
+    out = tmp_path / 'bench'
+    env = dict(os.environ, PYTHON=sys.executable, ITERS='2', WARMUP='1',
+               DATA_DIR=osp.dirname(tiny_root.rstrip('/')), CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.run(['bash', 'tools/sparse4d_benchmark.sh', 'auto', str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert 'sparse4dv3_tiny_stock.py' in proc.stdout and 'sparse4dv3_tiny_turbox.py' in proc.stdout
+    assert f'chart:   {out}/benchmark.png' in proc.stdout
+    import json
+    report = json.load(open(out / 'benchmark.json'))
+    assert not report['failures'] and len(report['summaries']) == 2

@@ -104,6 +104,25 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     return '\n'.join(out)
 
 
+def chart_labels(configs: Sequence[str]) -> List[str]:
+    """Short bar labels: the config names without the part they all share in front, e.g.
+    ``sparse4dv3_r50_..._stock.py`` and ``..._turbox.py`` become ``stock`` and ``turbox``.
+
+    Examples:
+        >>> chart_labels(['a/model_x_stock.py', 'b/model_x_turbox.py'])
+        ['stock', 'turbox']
+        >>> chart_labels(['a/stock.py'])
+        ['stock']
+    """
+    names = [os.path.splitext(os.path.basename(c))[0] for c in configs]
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    cut = max(prefix.rfind('_'), prefix.rfind('-')) + 1
+    short = [n[cut:] or n for n in names]
+    return short if len(set(short)) == len(short) else names
+
+
 def write_chart(summaries: List[dict], path: str) -> Optional[str]:
     """Write a stacked bar chart of the median phase times per config.
 
@@ -120,7 +139,7 @@ def write_chart(summaries: List[dict], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [os.path.splitext(os.path.basename(s['config']))[0] for s in summaries]
+    names = chart_labels([s['config'] for s in summaries])
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names) + 2), 4.5))
     bottom = [0.0] * len(names)
     for phase in PHASES:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (docs/gpu.md): the offline kit, then the full-size Sparse4D
+# stock-vs-turbox benchmark and the GPU tests, each under its own time limit, logs under $OUT.
+#
+#   bash tools/gpu_session.sh [bench] [tests] [TEST_PATHS...]     (default: bench tests)
+# Environment: OUT (default gpu_out), ITERS / WARMUP (benchmark), BENCH_TIMEOUT / TEST_TIMEOUT
+# (seconds for each phase), TIMEOUT (seconds per benchmarked config).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(bench tests)
+source .kit/setup.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  2>&1 | grep -v 'already exists' || true
+# The machine, first in the benchmark's log ($OUT takes 8 files at most).
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv
+  echo "cores: $(nproc)"; } | tee "$out/bench.log"
+tests=()
+for arg in "${phases[@]}"; do
+  case "$arg" in bench|tests) ;; *) tests+=("$arg") ;; esac
+done
+[ ${#tests[@]} -eq 0 ] && tests=(tests)
+for phase in "${phases[@]}"; do
+  case "$phase" in
+    bench)
+      DATA_DIR=/tmp/data PYTHON=python3 timeout "${BENCH_TIMEOUT:-420}" \
+        bash tools/sparse4d_benchmark.sh full "$out" 2>&1 | tee -a "$out/bench.log" | tail -40 ;;
+    tests)
+      timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m cuda -p no:cacheprovider \
+        "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;
+  esac
+done
