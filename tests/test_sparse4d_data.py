@@ -135,7 +135,7 @@ def test_registered():
                  'NormalizeMultiviewImage', 'CircleObjectRangeFilter', 'InstanceNameFilter',
                  'MultiScaleDepthMapGenerator', 'NuScenesSparse4DAdaptor'):
         assert TRANSFORMS.get(name).__name__ == name
-    assert isinstance(TRANSFORMS.build(dict(type='InstanceNameFilter', classes=['car'])),
+    assert isinstance(TRANSFORMS.build(dict(type='turbox_mm.InstanceNameFilter', classes=['car'])),
                       InstanceNameFilter)
 
 

@@ -98,7 +98,7 @@ def test_turbox_rewrite_of_the_sparse4d_config():
     pre = cfg.model.data_preprocessor
     assert pre.type == 'turbox_mm.TurboxDet3DDataPreprocessor'
     assert pre.mean == [123.675, 116.28, 103.53] and pre.bgr_to_rgb is True
-    assert pre.photometric == {}
+    assert pre.photometric == dict(saturation_clip=True)  # as the stock (mmdet) transform
     assert cfg.model.head.deformable_model.op_impl == 'turbox'
     assert any('op_impl' in c for c in changes)
     assert cfg.train_cfg.type == 'turbox_mm.PipelinedIterBasedTrainLoop'
@@ -159,7 +159,18 @@ def _batches(cfg, num):
     return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
 
 
-def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root):
+@pytest.fixture
+def full_fp32():
+    """Full float32 matmuls meanwhile: an earlier in-process run may have left torch's matmul
+    precision lowered (TurboxRunner's TF32 policy), which on CPUs with bf16 units changes the
+    arithmetic of the comparison."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp32):
     """Same weights, same batch, same seed, fp32: the stock model (grid_sample deformable
     aggregation) and the turbox one (the Triton kernel, run here by Triton's interpreter) give
     the same losses and gradients."""
@@ -191,9 +202,14 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root):
         torch.testing.assert_close(turbox_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
                                    msg=key)
     assert stock_grads.keys() == turbox_grads.keys()
-    for name in stock_grads:
-        torch.testing.assert_close(turbox_grads[name], stock_grads[name], rtol=1e-3, atol=1e-5,
-                                   msg=name)
+    # Gradients by relative error per tensor (||g_turbox - g_stock|| / ||g_stock||): the
+    # kernel's float32 atomics sum in another order than grid_sample's backward, and the
+    # gradients with respect to the sampling locations carry that into the keypoint and anchor
+    # branches (measured: at most 2.5e-4, in the anchor encoder's yaw branch). A wrong kernel
+    # gives errors of order 1.
+    errors = {name: float((turbox_grads[name] - stock_grads[name]).norm()
+                          / stock_grads[name].norm().clamp_min(1e-12)) for name in stock_grads}
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):
@@ -210,6 +226,23 @@ def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):
         if i > 0:  # the slots walk their scenes: consecutive frames, the cache is used
             assert bank.mask is not None and bool(bank.mask.any())
     assert sampler.dn_metas is not None and sampler.dn_metas['dn_anchor'].shape[:2] == (2, 1)
+
+
+def test_without_instance_ids_temporal_denoising_is_off(tiny_root):
+    """Real nuScenes infos from mmdet3d's converter carry no instance ids (-1 each): the
+    model then trains with denoising but without temporal denoising, as upstream does."""
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.train()
+    for data in _batches(cfg, 2):
+        data = model.data_preprocessor(data, training=True)
+        for sample in data['data_samples']:
+            sample.set_metainfo(dict(instance_id=np.full(len(sample.gt_instances_3d), -1)))
+        assert model.metas(data['data_samples'], torch.device('cpu'), with_gt=True)[
+            'instance_id'] is None
+        losses = model.loss(data['inputs'], data['data_samples'])
+        assert 'loss_cls_dn_1' in losses and all(torch.isfinite(v) for v in losses.values())
+    assert model.head.sampler.dn_metas is None
 
 
 def test_predict_gives_lidar_boxes(tiny_root):

@@ -329,6 +329,19 @@ def test_update_dn_matches_by_id_and_chooses_per_sample():
         assert torch.equal(got[1], cur[1])
 
 
+def test_update_dn_unknown_ids_match_nothing():
+    """Ground truth without instance ids (-1, as from mmdet3d's converter) must not sum every
+    id-less target of the group into each cached query (upstream's -1 == -1 match)."""
+    target = SparseBox3DTarget(num_dn_groups=2, num_temp_dn_groups=1)
+    target.dn_metas = _metas([[-1, -1], [-1, -1]], [[3, 4], [3, 4]])
+    feature, anchor, reg, cls, valid, ids = _current()
+    ids = torch.full_like(ids, -1)
+    assert (reg[:, :2] != 0).any()
+    _, _, o_reg, o_cls, _, _ = target.update_dn(feature, anchor, reg, cls, valid, ids, 3,
+                                                torch.tensor([True, True]))
+    assert (o_reg[:, :2] == 0).all() and (o_cls[:, :2] == -1).all()
+
+
 def test_update_dn_pads_and_truncates_the_cache():
     target = SparseBox3DTarget(num_dn_groups=2, num_temp_dn_groups=1)
     mask = torch.tensor([True, True])
@@ -505,11 +518,11 @@ def test_box_loss_suffix_no_quality_empty_and_gradients():
 
 def test_registered_and_built_from_config():
     from turbox_mm.registry import MODELS, TASK_UTILS
-    loss = MODELS.build(dict(type='SparseBox3DLoss', cls_allow_reverse=[BARRIER]))
+    loss = MODELS.build(dict(type='turbox_mm.SparseBox3DLoss', cls_allow_reverse=[BARRIER]))
     assert type(loss.loss_box).__name__ == 'L1Loss' and loss.loss_box.loss_weight == 0.25
     assert type(loss.loss_cns).__name__ == 'CrossEntropyLoss' and loss.loss_cns.use_sigmoid
     assert type(loss.loss_yns).__name__ == 'GaussianFocalLoss'
-    target = TASK_UTILS.build(dict(type='SparseBox3DTarget', num_dn_groups=5,
+    target = TASK_UTILS.build(dict(type='turbox_mm.SparseBox3DTarget', num_dn_groups=5,
                                    num_temp_dn_groups=3, dn_noise_scale=V3_NOISE))
     assert isinstance(target, SparseBox3DTarget) and target.dn_metas is None
     assert target.reg_weights == COST_REG_WEIGHTS

@@ -104,7 +104,10 @@ def _plan(pipelines) -> Tuple[Optional[str], Optional[Dict], Optional[Dict]]:
         if photo and name != 'train_dataloader':
             return (f'{name}: photometric distortion outside the training pipeline', None, None)
         if photo:
-            photometric = {k: v for k, v in photo[0].items() if k != 'type'}
+            # The stock transform runs mmdet's PhotoMetricDistortion, which clips the
+            # saturation; the GPU twin clips only when told to.
+            photometric = dict(saturation_clip=True,
+                               **{k: v for k, v in photo[0].items() if k != 'type'})
     if any(n != norms[0] for n in norms):
         return 'the pipelines normalise differently', None, None
     return None, norms[0], photometric

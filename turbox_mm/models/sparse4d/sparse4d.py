@@ -162,7 +162,10 @@ class Sparse4D(Base3DDetector):
             if inst is None or len(inst) != len(labels[-1]):
                 inst = np.full(len(labels[-1]), -1, dtype=np.int64)
             ids.append(torch.as_tensor(np.asarray(inst), dtype=torch.long, device=device))
-        metas.update(gt_bboxes_3d=boxes, gt_labels_3d=labels, instance_id=ids)
+        # Without instance ids (mmdet3d's converter writes none) temporal denoising is off, as
+        # upstream without ids; denoising itself stays.
+        known = any(bool((i >= 0).any()) for i in ids)
+        metas.update(gt_bboxes_3d=boxes, gt_labels_3d=labels, instance_id=ids if known else None)
         return metas
 
     def _head_inputs(self, feats: List[Tensor]):

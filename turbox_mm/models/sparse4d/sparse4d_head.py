@@ -370,7 +370,9 @@ class Sparse4DHead(BaseModule):
             return losses
         for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
                                            outputs['dn_prediction'])):
-            prefix = 'temp_' if i > 0 and 'temp_dn_valid_mask' in outputs else ''
+            # Layers after the bank's update see the temporal denoising queries.
+            prefix = ('temp_' if i >= self.num_single_frame_decoder
+                      and 'temp_dn_valid_mask' in outputs else '')
             valid = outputs[f'{prefix}dn_valid_mask']
             cls_target = outputs[f'{prefix}dn_cls_target']
             reg_target = outputs[f'{prefix}dn_reg_target']

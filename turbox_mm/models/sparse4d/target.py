@@ -467,8 +467,10 @@ class SparseBox3DTarget:
 
         Each cached group ``g`` is matched to the current group ``g`` by instance id: its
         regression target becomes the sum of the current targets with an equal id, its label
-        stays the cached one when some id matched, else -1. (Ids of -1 match each other; their
-        targets are 0 and their labels -1 or -3, so that is harmless.) Cached groups are padded
+        stays the cached one when some id matched, else -1. An id of -1 (unknown: negatives,
+        padding, or ground truth without instance ids) matches nothing; upstream lets -1 match
+        -1, which sums every id-less ground truth of the group into one target when instance ids
+        are missing. Cached groups are padded
         (zeros, label -1, invalid, id -1) or truncated to the current group length. A sample
         takes the cached version where ``temporal_valid_mask`` is True, else keeps its current
         groups. Order: cached groups, then the remaining current groups; the normal queries
@@ -530,7 +532,7 @@ class SparseBox3DTarget:
             raise ValueError(f'SparseBox3DTarget.update_dn: {num_temp} cached groups, but only '
                              f'num_dn_groups={groups} current ones')
         # [B, Gt, n_prev, n]: cached query i of group g has the id of current query j.
-        match = temp_id[..., None] == cur_id[:, :num_temp, None, :]
+        match = (temp_id[..., None] == cur_id[:, :num_temp, None, :]) & (temp_id[..., None] >= 0)
         temp_reg = (match[..., None].to(cur_reg.dtype) * cur_reg[:, :num_temp, None]).sum(3)
         cached_cls = metas['dn_cls_target'].to(cur_id.device)
         temp_cls = torch.where(match.any(-1), cached_cls, cached_cls.new_tensor(DN_PADDING))
