@@ -60,9 +60,10 @@ def test_measurements_are_complete_and_consistent(bench):
 
 def test_stock_and_turbox_see_the_same_losses(bench):
     """turbox changes how data is loaded and how kernels run, not what is computed: the same
-    seed gives the same losses up to the rounding of torch's fused AdamW kernel, which sums in another order than the for-each path (measured
-    with torch 2.13.0 on the CPU: at most 2e-3 relative after 12 steps of lr 1e-2; the losses
-    are bit-identical with ``turbox.optim.fused=False``)."""
+    seed gives the same losses up to the rounding of torch's fused AdamW kernel, which sums in
+    another order than the for-each path (measured with torch 2.13.0 on the CPU: at most 2e-3
+    relative after 12 steps of lr 1e-2; the losses are bit-identical with
+    ``turbox.optim.fused=False``)."""
     _, out = bench
     stock, turbox = json.load(open(out / 'benchmark.json'))['results']
     assert stock['losses'] == pytest.approx(turbox['losses'], rel=5e-3)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (docs/gpu.md): the offline kit, then the full-size Sparse4D
-# stock-vs-turbox benchmark and the GPU tests, each under its own time limit, logs under $OUT.
+# stock-vs-turbox benchmark, a short training + nuScenes evaluation of the full-size turbox
+# config, and the GPU tests, each under its own time limit, logs under $OUT.
 #
-#   bash tools/gpu_session.sh [bench] [tests] [TEST_PATHS...]     (default: bench tests)
+#   bash tools/gpu_session.sh [bench] [eval] [tests] [TEST_PATHS...]   (default: bench tests)
 # Environment: OUT (default gpu_out), ITERS / WARMUP (benchmark), BENCH_TIMEOUT / TEST_TIMEOUT
-# (seconds for each phase), TIMEOUT (seconds per benchmarked config).
+# / EVAL_TIMEOUT (seconds for each phase), TIMEOUT (seconds per benchmarked config).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu_out}
@@ -19,7 +20,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
   echo "cores: $(nproc)"; } | tee "$out/bench.log"
 tests=()
 for arg in "${phases[@]}"; do
-  case "$arg" in bench|tests) ;; *) tests+=("$arg") ;; esac
+  case "$arg" in bench|eval|tests) ;; *) tests+=("$arg") ;; esac
 done
 [ ${#tests[@]} -eq 0 ] && tests=(tests)
 for phase in "${phases[@]}"; do
@@ -27,6 +28,13 @@ for phase in "${phases[@]}"; do
     bench)
       DATA_DIR=/tmp/data PYTHON=python3 timeout "${BENCH_TIMEOUT:-420}" \
         bash tools/sparse4d_benchmark.sh full "$out" 2>&1 | tee -a "$out/bench.log" | tail -40 ;;
+    eval)
+      DATA_DIR=/tmp/data PYTHON=python3 PREPARE_ONLY=1 bash tools/sparse4d_benchmark.sh full
+      NUSCENES_ROOT=/tmp/data/nuscenes_synth_sparse4d/ timeout "${EVAL_TIMEOUT:-240}" \
+        python3 tools/train.py configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x704_turbox.py \
+        --work-dir /tmp/eval_run --cfg-options train_cfg.max_iters=20 train_cfg.val_interval=20 \
+        default_hooks.logger.interval=5 2>&1 | tee "$out/eval.log" \
+        | grep -E 'Iter\(train\) \[20/|NDS:|mAP:|Error' | tail -6 ;;
     tests)
       timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m cuda -p no:cacheprovider \
         "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;

@@ -10,7 +10,7 @@
 #   auto  full where CUDA is available, else tiny (the default)
 # Environment: PYTHON (default python3), ITERS / WARMUP (timed / untimed iterations),
 # WORKERS (data generation processes), DATA_DIR (where the datasets go, default data/),
-# TIMEOUT (seconds a config may run, default 3600).
+# TIMEOUT (seconds a config may run, default 3600), PREPARE_ONLY=1 (make the data and stop).
 # Datasets already generated are reused.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,5 +52,9 @@ if [ ! -f "$root/nuscenes_kmeans900.npy" ]; then
 fi
 export NUSCENES_ROOT
 NUSCENES_ROOT=$(cd "$root" && pwd)/
+if [ "${PREPARE_ONLY:-0}" = 1 ]; then
+  echo "data ready: NUSCENES_ROOT=$NUSCENES_ROOT"
+  exit 0
+fi
 "$py" tools/benchmark.py "${configs[@]}" --iters "$iters" --warmup "$warmup" --out "$out" \
   --timeout "${TIMEOUT:-3600}"

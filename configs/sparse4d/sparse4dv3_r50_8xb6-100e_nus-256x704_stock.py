@@ -142,6 +142,9 @@ train_dataloader = dict(
     # Empty frames stay: replacing one by a random frame would break the temporal walk.
     dataset=dict(dataset_common, ann_file='nuscenes_infos_train.pkl',
                  pipeline=train_pipeline, test_mode=False, filter_empty_gt=False))
+# Evaluation walks the scenes in order on one process: DefaultSampler deals frames to ranks
+# interleaved, which breaks the temporal chain (the instance bank sees 4 s jumps on 8 GPUs).
+# Evaluate with one GPU until a sequence-contiguous test sampler lands.
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,

@@ -8,6 +8,15 @@ from mmcv.transforms import BaseTransform
 from turbox_mm.registry import TRANSFORMS
 
 
+def image_list(results: Dict, name: str) -> list:
+    """``results['img']`` as a list of images; a ``TypeError`` naming ``name`` otherwise."""
+    imgs = results.get('img')
+    if not isinstance(imgs, (list, tuple)):
+        raise TypeError(f'{name}: results["img"] must be a list of (H, W, C) images, got '
+                        f'{type(imgs).__name__}')
+    return list(imgs)
+
+
 @TRANSFORMS.register_module()
 class NormalizeMultiviewImage(BaseTransform):
     """``mmcv.imnormalize`` on each image of ``results['img']``: ``(x - mean) / std``.
@@ -51,10 +60,7 @@ class NormalizeMultiviewImage(BaseTransform):
         Returns:
             dict: ``results``, modified in place.
         """
-        imgs = results.get('img')
-        if not isinstance(imgs, (list, tuple)):
-            raise TypeError(f'{type(self).__name__}: results["img"] must be a list of '
-                            f'images, got {type(imgs).__name__}')
+        imgs = image_list(results, type(self).__name__)
         results['img'] = [mmcv.imnormalize(img, self.mean, self.std, self.to_rgb)
                           for img in imgs]
         results['img_norm_cfg'] = dict(mean=self.mean, std=self.std, to_rgb=self.to_rgb)

@@ -5,6 +5,7 @@ from mmcv.transforms import BaseTransform
 from mmdet.datasets.transforms import PhotoMetricDistortion
 
 from turbox_mm.registry import TRANSFORMS
+from .normalize_multiview_image import image_list
 
 
 @TRANSFORMS.register_module()
@@ -62,10 +63,7 @@ class PhotoMetricDistortionMultiViewImage(BaseTransform):
         Returns:
             dict: ``results``, modified in place.
         """
-        imgs = results.get('img')
-        if not isinstance(imgs, (list, tuple)):
-            raise TypeError(f'{type(self).__name__}: results["img"] must be a list of '
-                            f'(H, W, 3) images, got {type(imgs).__name__}')
+        imgs = image_list(results, type(self).__name__)
         for i, img in enumerate(imgs):
             if img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f'{type(self).__name__}: image {i} must be (H, W, 3) BGR, '
