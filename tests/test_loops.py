@@ -354,9 +354,29 @@ def test_precision_policy_sets_and_validates():
         torch.set_float32_matmul_precision(before)
 
 
+def test_only_mmengines_train_step_counts_as_stock():
+    from mmengine.model import BaseModel
+
+    from turbox_mm.engine.loops.batch_prefetcher import has_stock_train_step
+
+    class Stock(BaseModel):
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            return inputs
+
+    class Own(Stock):
+
+        def train_step(self, data, optim_wrapper):
+            return {}
+
+    assert has_stock_train_step(Stock())
+    assert not has_stock_train_step(Own())
+    assert not has_stock_train_step(nn.Linear(2, 2))  # no train_step at all
+
+
 @pytest.mark.cuda
 def test_prefetcher_stages_batches_on_the_gpu():
-    from mmengine.model import BaseDataPreprocessor
+    from mmengine.model import BaseDataPreprocessor, BaseModel
 
     from turbox_mm.engine.loops import BatchPrefetcher, PreprocessedBatch
 
@@ -366,11 +386,14 @@ def test_prefetcher_stages_batches_on_the_gpu():
             data = self.cast_data(data)
             return dict(inputs=data['inputs'] * 2)
 
-    class Model(nn.Module):
+    class Model(BaseModel):  # mmengine's train_step: the preprocessor may run ahead
 
         def __init__(self):
-            super().__init__()
-            self.data_preprocessor = Doubler().cuda()
+            super().__init__(data_preprocessor=Doubler())
+            self.data_preprocessor.cuda()
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            return inputs
 
     model = Model()
     batches = [dict(inputs=torch.arange(6.).pin_memory() + i) for i in range(3)]

@@ -53,9 +53,11 @@ def has_stock_train_step(model: torch.nn.Module) -> bool:
     """Whether ``model`` trains through mmengine's own ``train_step`` (the only one known to
     call the data preprocessor first and nothing else on the data before it)."""
     module = model.module if is_model_wrapper(model) else model
-    wrapper_ok = not is_model_wrapper(model) or type(model).train_step.__module__.startswith(
-        'mmengine.')
-    return wrapper_ok and type(module).train_step is BaseModel.train_step
+    wrapper_step = getattr(type(model), 'train_step', None)
+    wrapper_ok = not is_model_wrapper(model) or (
+        wrapper_step is not None and wrapper_step.__module__.startswith('mmengine.'))
+    # A plain nn.Module has no train_step at all: not mmengine's.
+    return wrapper_ok and getattr(type(module), 'train_step', None) is BaseModel.train_step
 
 
 def get_data_preprocessor(model: torch.nn.Module) -> Optional[torch.nn.Module]:
