@@ -42,6 +42,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _train_two_gloo_ranks(tmp_path, cfg, extra_env=None):
+    """``tools/dist_train.sh cfg 2 --sync_bn torch`` on the CPU; returns the log and what each
+    rank's SaveRankWeightsHook saved."""
+    env = {'CUDA_VISIBLE_DEVICES': '', 'PORT': str(_free_port()), 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}', 'PYTHON': sys.executable,
+           **(extra_env or {})}
+    proc = run_python(['-c', 'import subprocess, sys; sys.exit(subprocess.call(["bash", '
+                       '"tools/dist_train.sh", sys.argv[1], "2", "--work-dir", sys.argv[2], '
+                       '"--sync_bn", "torch"]))', str(cfg), str(tmp_path / 'work')],
+                      env=env, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log, [torch.load(tmp_path / f'rank{r}.pth', weights_only=False) for r in (0, 1)]
+
+
+def _assert_identical(ranks):
+    assert ranks[0]['state'].keys() == ranks[1]['state'].keys()
+    for key in ranks[0]['state']:
+        torch.testing.assert_close(ranks[0]['state'][key], ranks[1]['state'][key], rtol=0, atol=0,
+                                   msg=key)
+
+
 def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
     (tmp_path / 'save_rank_weights_hook.py').write_text(HOOK)
     cfg = tmp_path / 'dist.py'
@@ -51,24 +73,13 @@ def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
         f"custom_hooks = [dict(type='turbox_mm.SaveRankWeightsHook', out_dir='{tmp_path}')]\n"
         "train_cfg = dict(max_epochs=2, val_interval=10)\n"
         "env_cfg = dict(dist_cfg=dict(backend='gloo'))\n")
-    env = {'CUDA_VISIBLE_DEVICES': '', 'PORT': str(_free_port()), 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}', 'PYTHON': sys.executable}
-    proc = run_python(['-c', 'import subprocess, sys; sys.exit(subprocess.call(["bash", '
-                       '"tools/dist_train.sh", sys.argv[1], "2", "--work-dir", sys.argv[2], '
-                       '"--sync_bn", "torch"]))', str(cfg), str(tmp_path / 'work')],
-                      env=env, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    log, ranks = _train_two_gloo_ranks(tmp_path, cfg)
     assert 'SyncBN: turbox_mm.TurboxSyncBatchNorm for every BN (cfg.sync_bn)' in log
     assert "train_cfg.type = 'turbox_mm.PipelinedEpochBasedTrainLoop'" in log
-    ranks = [torch.load(tmp_path / f'rank{r}.pth', weights_only=False) for r in (0, 1)]
     for rank in ranks:
         assert rank['norms'] == ['TurboxSyncBatchNorm'], rank['norms']
         assert rank['wrapper'] == 'MMDistributedDataParallel'
-    assert ranks[0]['state'].keys() == ranks[1]['state'].keys()
-    for key in ranks[0]['state']:
-        torch.testing.assert_close(ranks[0]['state'][key], ranks[1]['state'][key], rtol=0, atol=0,
-                                   msg=key)
+    _assert_identical(ranks)
     # Training happened on both ranks' shards: weights moved from their initial values.
     assert any(float(v.abs().sum()) > 0 for k, v in ranks[0]['state'].items() if 'running' in k)
 
@@ -89,24 +100,12 @@ def test_two_gloo_ranks_train_tiny_sparse4d_to_identical_weights(tmp_path):
         "train_cfg = dict(max_iters=3, val_interval=1000)\n"
         "train_dataloader = dict(batch_size=1)\n"
         "env_cfg = dict(dist_cfg=dict(backend='gloo'))\n")
-    env = {'CUDA_VISIBLE_DEVICES': '', 'PORT': str(_free_port()), 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': f'{tmp_path}{os.pathsep}{ROOT}', 'PYTHON': sys.executable,
-           'NUSCENES_ROOT': root}
-    proc = run_python(['-c', 'import subprocess, sys; sys.exit(subprocess.call(["bash", '
-                       '"tools/dist_train.sh", sys.argv[1], "2", "--work-dir", sys.argv[2], '
-                       '"--sync_bn", "torch"]))', str(cfg), str(tmp_path / 'work')],
-                      env=env, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    log, ranks = _train_two_gloo_ranks(tmp_path, cfg, {'NUSCENES_ROOT': root})
     assert "train_cfg.type = 'turbox_mm.PipelinedIterBasedTrainLoop'" in log
     # BN statistics are per rank without SyncBN; with it (turbox's) they agree too.
-    assert all('TurboxSyncBatchNorm' in r for r in (
-        torch.load(tmp_path / f'rank{i}.pth', weights_only=False)['norms'] for i in (0, 1)))
-    ranks = [torch.load(tmp_path / f'rank{r}.pth', weights_only=False) for r in (0, 1)]
+    assert all('TurboxSyncBatchNorm' in r['norms'] for r in ranks)
     assert ranks[0]['wrapper'] == ranks[1]['wrapper'] == 'MMDistributedDataParallel'
-    for key in ranks[0]['state']:
-        torch.testing.assert_close(ranks[0]['state'][key], ranks[1]['state'][key], rtol=0, atol=0,
-                                   msg=key)
+    _assert_identical(ranks)
     # The ranks trained: the learned anchors moved from the k-means values they started at.
     import numpy as np
     initial = torch.from_numpy(np.load(f'{root}nuscenes_kmeans900.npy'))
