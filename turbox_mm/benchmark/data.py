@@ -74,6 +74,7 @@ from mmdet3d.datasets import NuScenesDataset
 
 from turbox_mm.benchmark.micro.image_pipeline import DATA_AUG_CONF, sparse4d_aug_config
 from turbox_mm.benchmark.timing import summarize_ms, warm_up_gpu
+from turbox_mm.datasets.sparse4d_dataset import camera_projections
 
 SETTINGS = ('sparse4d', 'bevfusion')
 PIPELINES = ('stock', 'turbox', 'turbox_gpu_decode')
@@ -278,14 +279,8 @@ class BenchNuScenesDataset(NuScenesDataset):
     def get_data_info(self, idx: int) -> dict:
         """The sample's info with ``lidar2img``, ``cam_intrinsic`` and ``aug_config``."""
         info = super().get_data_info(idx)
-        lidar2img, intrinsics = [], []
-        for cam in info['images'].values():
-            viewpad = np.eye(4)
-            viewpad[:3, :3] = np.asarray(cam['cam2img'], dtype=np.float64)
-            intrinsics.append(viewpad)
-            lidar2img.append(viewpad @ np.asarray(cam['lidar2cam'], dtype=np.float64))
-        info['lidar2img'] = lidar2img
-        info['cam_intrinsic'] = intrinsics
+        info['lidar2img'], info['cam_intrinsic'] = camera_projections(
+            info['images'], f'sample {idx}')
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, idx]))
         info['aug_config'] = sparse4d_aug_config(rng, self.aug_conf)
         return info

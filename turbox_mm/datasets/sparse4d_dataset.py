@@ -208,18 +208,8 @@ class Sparse4DNuScenesDataset(NuScenesDataset):
         if 'ann_file_row' in info:
             info['sample_idx'] = info['ann_file_row']
         where = f'sample {idx} (token {info.get("token")!r})'
-        lidar2img, intrinsics = [], []
-        for cam, cam_info in info.get('images', {}).items():
-            for key in ('cam2img', 'lidar2cam'):
-                if key not in cam_info:
-                    raise KeyError(f'{where}: images[{cam!r}] has no {key!r}')
-            cam2img = np.asarray(cam_info['cam2img'], dtype=np.float64)
-            viewpad = np.eye(4)
-            viewpad[:cam2img.shape[0], :cam2img.shape[1]] = cam2img
-            intrinsics.append(viewpad)
-            lidar2img.append(viewpad @ np.asarray(cam_info['lidar2cam'], dtype=np.float64))
-        info['lidar2img'] = lidar2img
-        info['cam_intrinsic'] = intrinsics
+        info['lidar2img'], info['cam_intrinsic'] = camera_projections(info.get('images', {}),
+                                                                      where)
         if 'ego2global' not in info or 'lidar2ego' not in info.get('lidar_points', {}):
             raise KeyError(f'{where}: needs ego2global and lidar_points.lidar2ego')
         info['lidar2global'] = (np.asarray(info['ego2global'], dtype=np.float64)
@@ -306,6 +296,34 @@ class Sparse4DNuScenesDataset(NuScenesDataset):
             return data
         raise Exception(f'Cannot find valid sample after {self.max_refetch}! Please check '
                         'your data and pipeline (filter_empty_gt, the object filters)')
+
+
+def camera_projections(images: Dict, where: str = 'sample') -> Tuple[List[np.ndarray],
+                                                                     List[np.ndarray]]:
+    """Per camera of a v2 info's ``images``, in their order: ``lidar2img = K4 @ lidar2cam``
+    and the intrinsics ``K4`` (``cam2img`` in the upper left of a 4x4 identity), float64.
+
+    Args:
+        images (dict): ``info['images']``: camera name -> ``cam2img``, ``lidar2cam``, ...
+        where (str): Names the sample in errors. Defaults to 'sample'.
+
+    Returns:
+        tuple[list, list]: ``lidar2img`` and ``cam_intrinsic``, one 4x4 array per camera.
+
+    Raises:
+        KeyError: A camera lacks ``cam2img`` or ``lidar2cam``; names the camera.
+    """
+    lidar2img, intrinsics = [], []
+    for cam, cam_info in images.items():
+        for key in ('cam2img', 'lidar2cam'):
+            if key not in cam_info:
+                raise KeyError(f'{where}: images[{cam!r}] has no {key!r}')
+        cam2img = np.asarray(cam_info['cam2img'], dtype=np.float64)
+        viewpad = np.eye(4)
+        viewpad[:cam2img.shape[0], :cam2img.shape[1]] = cam2img
+        intrinsics.append(viewpad)
+        lidar2img.append(viewpad @ np.asarray(cam_info['lidar2cam'], dtype=np.float64))
+    return lidar2img, intrinsics
 
 
 def _seconds(timestamp) -> float:

@@ -35,6 +35,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from .turbox_options import _short
+
 LOADER = 'LoadMultiViewImageFromFiles'
 RESIZE = 'ResizeCropFlipImage'
 PHOTOMETRIC = 'PhotoMetricDistortionMultiViewImage'
@@ -51,10 +53,6 @@ IMAGE_SAFE = ('LoadPointsFromFile', 'LoadPointsFromMultiSweeps', 'LoadPointsFrom
               'CircleObjectRangeFilter', 'InstanceNameFilter', 'ObjectNameFilter',
               'ObjectRangeFilter', 'NuScenesSparse4DAdaptor', 'PointsRangeFilter',
               'PointShuffle', 'MultiViewAffineAug', 'LoadMultiViewImagesTurbo', 'PackJpegBytes')
-
-
-def _short(name) -> str:
-    return name.split('.')[-1] if isinstance(name, str) else ''
 
 
 def _datasets(dataset) -> Iterator[Dict]:

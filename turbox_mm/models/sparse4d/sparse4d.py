@@ -168,42 +168,39 @@ class Sparse4D(Base3DDetector):
         metas.update(gt_bboxes_3d=boxes, gt_labels_3d=labels, instance_id=ids if known else None)
         return metas
 
-    def _head_inputs(self, feats: List[Tensor]):
-        return feature_maps_format([f.float() for f in feats])
-
     # -- modes --------------------------------------------------------------------------------
 
     def loss(self, batch_inputs_dict: Dict, batch_data_samples: Sequence, **kwargs) -> Dict:
         """Head losses of every decoder layer and the dense depth loss."""
-        feats = self.extract_feat(batch_inputs_dict)
+        feats = [f.float() for f in self.extract_feat(batch_inputs_dict)]
         device = feats[0].device
         metas = self.metas(batch_data_samples, device, with_gt=True)
         with torch.autocast(device_type=device.type, enabled=False):
-            outputs = self.head(self._head_inputs(feats), metas)
+            outputs = self.head(feature_maps_format(feats), metas)
             losses = self.head.loss(outputs, metas)
             if self.depth_branch is not None:
                 if 'gt_depth' not in metas:
                     raise KeyError('Sparse4D: the depth branch needs gt_depth in the metainfo '
                                    '(turbox_mm.MultiScaleDepthMapGenerator)')
-                depths = self.depth_branch([f.float() for f in feats], metas.get('focal'))
+                depths = self.depth_branch(feats, metas.get('focal'))
                 losses['loss_dense_depth'] = self.depth_branch.loss(depths, metas['gt_depth'])
         return losses
 
     def predict(self, batch_inputs_dict: Dict, batch_data_samples: Sequence, **kwargs):
         """Boxes per sample as ``Det3DDataSample.pred_instances_3d`` (LiDAR boxes)."""
-        feats = self.extract_feat(batch_inputs_dict)
+        feats = [f.float() for f in self.extract_feat(batch_inputs_dict)]
         device = feats[0].device
         metas = self.metas(batch_data_samples, device)
         with torch.autocast(device_type=device.type, enabled=False):
-            outputs = self.head(self._head_inputs(feats), metas)
+            outputs = self.head(feature_maps_format(feats), metas)
             results = self.head.post_process(outputs)
         instances = [self.head.decoder.to_instance_data(r) for r in results]
         return self.add_pred_to_datasample(batch_data_samples, instances)
 
     def _forward(self, batch_inputs_dict: Dict, batch_data_samples: Sequence = None, **kwargs):
         """The head's raw outputs (``mode='tensor'``)."""
-        feats = self.extract_feat(batch_inputs_dict)
+        feats = [f.float() for f in self.extract_feat(batch_inputs_dict)]
         device = feats[0].device
         metas = self.metas(batch_data_samples, device)
         with torch.autocast(device_type=device.type, enabled=False):
-            return self.head(self._head_inputs(feats), metas)
+            return self.head(feature_maps_format(feats), metas)

@@ -218,21 +218,18 @@ class Sparse4DHead(BaseModule):
         bank = self.instance_bank
         batch = metas['projection_mat'].shape[0]
         sampler = self.sampler
-        if sampler is not None and getattr(sampler, 'dn_metas', None) is not None and (
+        if sampler is not None and sampler.dn_metas is not None and (
                 sampler.dn_metas['dn_anchor'].shape[0] != batch):
             sampler.dn_metas = None
         feature, anchor, temp_feature, temp_anchor, time_interval = bank.get(
             batch, metas['timestamp'], metas['T_global'], metas['T_global_inv'])
-        if (temp_anchor is not None and sampler is not None
-                and getattr(sampler, 'dn_metas', None) is not None):
-            dn_anchor = sampler.dn_metas['dn_anchor']
-            sampler.dn_metas['dn_anchor'] = bank.project_to_current(
-                dn_anchor.flatten(1, 2)).reshape(dn_anchor.shape)
+        if temp_anchor is not None and sampler is not None:
+            sampler.project_dn_anchors(bank.project_to_current)
 
         dn = None
         attn_mask = None
         num_free = feature.shape[1]
-        if self.training and sampler is not None and getattr(sampler, 'num_dn_groups', 0) > 0:
+        if self.training and sampler is not None and sampler.num_dn_groups > 0:
             dn = sampler.get_dn_anchors(metas['gt_labels_3d'], metas['gt_bboxes_3d'],
                                         metas.get('instance_id'))
         if dn is not None:
@@ -279,8 +276,7 @@ class Sparse4DHead(BaseModule):
                 qualities.append(quality)
                 if len(predictions) == self.num_single_frame_decoder:
                     feature, anchor = bank.update(feature, anchor, cls)
-                    if (dn is not None and dn_id is not None
-                            and getattr(sampler, 'num_temp_dn_groups', 0) > 0):
+                    if dn is not None and dn_id is not None and sampler.num_temp_dn_groups > 0:
                         (feature, anchor, t_reg, t_cls, t_valid,
                          dn_id) = sampler.update_dn(feature, anchor, dn_reg_target,
                                                     dn_cls_target, valid_mask, dn_id,
@@ -307,7 +303,7 @@ class Sparse4DHead(BaseModule):
                 output.update(temp_dn_reg_target=temp_dn[0], temp_dn_cls_target=temp_dn[1],
                               temp_dn_valid_mask=temp_dn[2], dn_id_target=dn_id)
                 cache_cls, cache_valid = temp_dn[1], temp_dn[2]
-            if hasattr(sampler, 'cache_dn') and dn_id is not None:
+            if dn_id is not None:
                 sampler.cache_dn(feature[:, num_free:], anchor[:, num_free:], cache_cls,
                                  cache_valid, dn_id)
             feature, anchor, cls = feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free]
