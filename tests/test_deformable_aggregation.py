@@ -290,7 +290,8 @@ def test_kernel_mixed_dtypes_as_under_autocast():
 
 def test_dispatch_reference_on_cpu_warns_once_and_env_forces_it(monkeypatch):
     args = make_inputs(**SMALL)
-    monkeypatch.setattr(da_op, '_warned', False)
+    from turbox_mm.ops import dispatch
+    monkeypatch.setattr(dispatch, '_warned', set())
     assert 'cpu' in da.fallback_reason(args[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')

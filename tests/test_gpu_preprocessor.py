@@ -24,7 +24,8 @@ from turbox_mm.benchmark.micro import image_pipeline
 from turbox_mm.datasets.transforms.load_multiview_images import (LoadMultiViewImagesTurbo,
                                                                  block_average)
 from turbox_mm.datasets.transforms.multiview_affine_aug import (MultiViewAffineAug,
-                                                                block_factor, crop_box,
+                                                                block_factor, block_factors,
+                                                                crop_box,
                                                                 decoded_warp, rotation_mask,
                                                                 source_warp)
 from turbox_mm.datasets.transforms.pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
@@ -486,8 +487,7 @@ def test_warp_matrix_to_grid_sample_matches_warpaffine():
              for flip, angle in [(False, 0.0), (True, 0.0), (False, 4.7), (True, -5.4)]]
     warps.append(np.array([[1.7, 0.2, -8.5], [-0.1, 1.9, -6.0], [0, 0, 1]], np.float32))
     rgb = torch.from_numpy(img[..., ::-1].copy()).permute(2, 0, 1)
-    outs = gip._warp_on_device([rgb] * len(warps), warps, [out_hw] * len(warps), rgb=True,
-                               chunk=2)
+    outs = gip._warp_on_device([rgb] * len(warps), warps, [out_hw] * len(warps), rgb=True)
     for warp, out in zip(warps, outs):
         ref = cv2.warpAffine(img, warp[:2].astype(np.float64), out_hw[::-1],
                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -766,6 +766,28 @@ def test_block_factor_thresholds():
         == [1, 1, 2, 2, 2, 4, 4, 8, 8]
     assert block_factor(shrink(2.2, 5.0) @ np.diag([-1.0, 1, 1])) == 2  # flip, rotation
     assert block_factor(shrink(2.2), decode_factor=2) == 1
+    many = np.stack([shrink(s, 7.0 * s) for s in (1.9, 2.0, 3.9, 4.0, 8.5)])
+    assert block_factors(many).tolist() == [1, 2, 2, 4, 8]
+    assert block_factors(many, decode_factor=2).tolist() == [1, 1, 1, 2, 4]
+
+
+def test_valid_box_matrices_of_a_batch():
+    """The batched box matrices (one numpy pass per decoded batch) flag exactly the rotated
+    images, and their masks are OpenCV's."""
+    rng = np.random.default_rng(3)
+    configs = [image_pipeline.sparse4d_aug_config(rng) for _ in range(6)]
+    configs += [dict(configs[0], flip=True, rotate=0.0), dict(configs[1], rotate=-33.3)]
+    warps, boxes, wants = [], [], []
+    for config in configs:
+        warp, out_hw = source_warp(config, 900, 1600)
+        warps.append(warp)
+        boxes.append(crop_box(config, 900, 1600))
+        wants.append(rotation_mask(config, out_hw))
+    matrices, masked = gip.valid_box_matrices(np.stack(warps), np.stack(boxes), out_hw)
+    assert masked.tolist() == [w is not None for w in wants]
+    for matrix, flag, want in zip(matrices, masked, wants):
+        if flag:
+            np.testing.assert_array_equal(gip._valid_mask_cv2(matrix, out_hw), want)
 
 
 @pytest.mark.parametrize('seed', range(6))
@@ -930,7 +952,8 @@ def test_cuda_deferred_decode_torchvision_matches_cv2():
         auto = cuda_pre()  # 'auto' finds the GPU decoder: no fallback, no warning
         auto(packed_batch([make_sample(0)]))
     assert not [w for w in record if 'OpenCV' in str(w.message)]
-    assert auto.last_decode_backend == 'torchvision' and pre.decode_counts['cv2'] == 0
+    first = 'nvimgcodec' if gip._nvimgcodec_module() is not None else 'torchvision'
+    assert auto.last_decode_backend == first and pre.decode_counts['cv2'] == 0
 
 
 @needs_cuda

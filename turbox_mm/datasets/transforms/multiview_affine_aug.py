@@ -228,11 +228,18 @@ def block_factor(warp: np.ndarray, decode_factor: int = 1) -> int:
         >>> block_factor(np.diag([2.2, 2.2, 1.0])), block_factor(np.diag([1.9, 1.9, 1.0]))
         (2, 1)
     """
-    (w00, w01), (w10, w11) = np.asarray(warp, dtype=np.float64)[:2, :2].tolist()
-    shrink = math.sqrt(abs(w00 * w11 - w01 * w10)) / decode_factor
-    extra = 1
-    while extra < 8 and shrink >= 2 * extra and decode_factor * extra < 8:
-        extra *= 2
+    return int(block_factors(np.asarray(warp)[None], decode_factor)[0])
+
+
+def block_factors(warps: np.ndarray, decode_factor: int = 1) -> np.ndarray:
+    """:func:`block_factor` of ``K`` warps ``[K, 3, 3]`` at once: ``[K]`` int64."""
+    warps = np.asarray(warps, dtype=np.float64).reshape(-1, 3, 3)
+    det = warps[:, 0, 0] * warps[:, 1, 1] - warps[:, 0, 1] * warps[:, 1, 0]
+    shrink = np.sqrt(np.abs(det)) / decode_factor
+    extra = np.ones(len(warps), dtype=np.int64)
+    for _ in range(3):
+        grow = (extra < 8) & (shrink >= 2 * extra) & (decode_factor * extra < 8)
+        extra = np.where(grow, extra * 2, extra)
     return extra
 
 

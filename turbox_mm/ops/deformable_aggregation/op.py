@@ -17,14 +17,13 @@ being the reference's own autograd (``torch.func.vjp``), and warns once per proc
 reads the integer tables on the host and so cannot be traced with fake tensors; an opaque op
 with an explicit fake serves both paths.
 """
-import contextlib
-import os
-import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import dispatch
+from ..dispatch import ENV_FORCE_REFERENCE, kernel_on_cpu  # noqa: F401 (the op's public names)
 from .reference import deformable_aggregation_reference
 
 try:
@@ -32,47 +31,15 @@ try:
 except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
-ENV_FORCE_REFERENCE = 'TURBOX_OPS_REFERENCE'
-_warned = False
-_kernel_on_cpu = False  # tests: run the Triton kernels on CPU tensors (TRITON_INTERPRET=1)
-
-
-@contextlib.contextmanager
-def kernel_on_cpu() -> Iterator[None]:
-    """Within the block the op runs its Triton kernels on CPU tensors too (tests only).
-
-    The kernels then run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
-    environment before Triton is first imported.
-    """
-    global _kernel_on_cpu
-    previous, _kernel_on_cpu = _kernel_on_cpu, True
-    try:
-        yield
-    finally:
-        _kernel_on_cpu = previous
-
 
 def fallback_reason(tensor: Tensor) -> Optional[str]:
     """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
-    if os.environ.get(ENV_FORCE_REFERENCE, '') not in ('', '0'):
-        return f'{ENV_FORCE_REFERENCE} is set'
-    if triton_kernels is None:
-        return 'Triton is not importable'
-    if tensor.device.type != 'cuda' and not _kernel_on_cpu:
-        return f'the tensors are on {tensor.device.type}, the kernel needs CUDA'
-    return None
+    return dispatch.fallback_reason(tensor, triton_kernels is not None)
 
 
 def _use_kernel(tensor: Tensor) -> bool:
-    global _warned
-    reason = fallback_reason(tensor)
-    if reason is None:
-        return True
-    if not _warned:
-        _warned = True
-        warnings.warn(f'turbox_mm.ops.deformable_aggregation runs the PyTorch reference '
-                      f'(grid_sample per camera and level): {reason}.', stacklevel=3)
-    return False
+    return dispatch.use_kernel('deformable_aggregation', tensor, triton_kernels is not None,
+                               'grid_sample per camera and level')
 
 
 def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,

@@ -1,0 +1,60 @@
+"""How every turbox op picks its Triton kernel or its PyTorch reference.
+
+An op runs its kernel for CUDA tensors when Triton imports. Otherwise (CPU tensors, no Triton,
+or ``TURBOX_OPS_REFERENCE=1`` in the environment) it runs its reference and says so once per
+process. Tests run the kernels on CPU tensors, in Triton's interpreter, inside
+:func:`kernel_on_cpu`.
+"""
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional, Set
+
+from torch import Tensor
+
+#: Set to 1 to run every op's PyTorch reference, on any device.
+ENV_FORCE_REFERENCE = 'TURBOX_OPS_REFERENCE'
+_state = dict(kernel_on_cpu=False)
+_warned: Set[str] = set()
+
+
+@contextlib.contextmanager
+def kernel_on_cpu() -> Iterator[None]:
+    """Within the block the ops run their Triton kernels on CPU tensors too (tests only).
+
+    The kernels then run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the
+    environment before Triton is first imported.
+    """
+    previous, _state['kernel_on_cpu'] = _state['kernel_on_cpu'], True
+    try:
+        yield
+    finally:
+        _state['kernel_on_cpu'] = previous
+
+
+def fallback_reason(tensor: Tensor, kernels_imported: bool) -> Optional[str]:
+    """Why an op would run its reference for ``tensor`` rather than its kernel; None if not.
+
+    Args:
+        tensor (Tensor): The op's main input.
+        kernels_imported (bool): Whether the op's Triton module imported.
+    """
+    if os.environ.get(ENV_FORCE_REFERENCE, '') not in ('', '0'):
+        return f'{ENV_FORCE_REFERENCE} is set'
+    if not kernels_imported:
+        return 'Triton is not importable'
+    if tensor.device.type != 'cuda' and not _state['kernel_on_cpu']:
+        return f'the tensors are on {tensor.device.type}, the kernel needs CUDA'
+    return None
+
+
+def use_kernel(op_name: str, tensor: Tensor, kernels_imported: bool, reference: str) -> bool:
+    """True to run the kernel; else warn once per op that ``reference`` runs instead."""
+    reason = fallback_reason(tensor, kernels_imported)
+    if reason is None:
+        return True
+    if op_name not in _warned:
+        _warned.add(op_name)
+        warnings.warn(f'turbox_mm.ops.{op_name} runs the PyTorch reference ({reference}): '
+                      f'{reason}.', stacklevel=3)
+    return False
