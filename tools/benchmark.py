@@ -70,7 +70,8 @@ def parse_args(argv=None):
                         help='data mode: samples per measurement')
     parser.add_argument('--quick', action='store_true',
                         help='component mode: tiny sizes, for a smoke test')
-    parser.add_argument('--iters', type=int, default=100, help='timed iterations')
+    parser.add_argument('--iters', type=int, default=100,
+                        help='timed iterations (data mode: timed data-preprocessor calls)')
     parser.add_argument('--warmup', type=int, default=20, help='untimed iterations first')
     parser.add_argument('--out', help='folder for benchmark.json and benchmark.png '
                         '(default: work_dirs/benchmark/<time>)')
@@ -199,7 +200,8 @@ def run_data(args, command: str) -> int:
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
     rows = measure_data_pipelines(args.data_root, args.data, num_workers_list=args.workers,
-                                  num_samples=args.data_samples, seed=args.seed, progress=True)
+                                  num_samples=args.data_samples, seed=args.seed,
+                                  gpu_iters=args.iters, progress=True)
     result_path = osp.join(out_dir, f'data_{args.data}.json')
     with open(result_path, 'w') as f:
         json.dump(dict(command=command, machine=machine, rows=rows), f, indent=1)

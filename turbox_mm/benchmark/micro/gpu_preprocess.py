@@ -18,6 +18,9 @@ Rows (full size; ``quick=True`` or a CPU device shrinks every size):
   on. Stock: mmdet's ``PhotoMetricDistortion`` on each image (CPU, as a worker runs it). Turbox:
   :func:`~turbox_mm.models.data_preprocessors.gpu_image_preprocessor.apply_photometric` on the
   six images at once on the device.
+- on CUDA, ``warp`` and ``photometric + normalise``: the two fused Triton kernels of the data
+  preprocessor (:mod:`turbox_mm.ops.image_warp`, :mod:`turbox_mm.ops.photometric`) against their
+  PyTorch references on the device, for a batch of 6 samples x 6 cameras.
 """
 import contextlib
 from typing import Dict, List, Tuple
@@ -26,7 +29,10 @@ import numpy as np
 import torch
 
 from turbox_mm.benchmark.timing import time_fn
+from turbox_mm.datasets.transforms.multiview_affine_aug import block_factor, decoded_warp
 from turbox_mm.models.data_preprocessors import gpu_image_preprocessor as gip
+from turbox_mm.ops import image_warp
+from turbox_mm.ops.photometric import photometric_normalize, photometric_normalize_reference
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -171,13 +177,12 @@ def _photometric_row(device: str, size: dict) -> Dict:
         return [stock_op.transform(dict(img=img))['img'] for img in imgs]
 
     params = gip.PhotometricParams.from_draws(*[np.full(n, d) for d in draws[:10]],
-                                              np.tile(draws[10], (n, 1)))
-    active = params.active()
-    params = params.to(device)
+                                              np.tile(draws[10], (n, 1))).packed().to(device)
     batch = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).to(device)
+    zero, one = torch.zeros(3, device=device), torch.ones(3, device=device)
 
-    def run_turbox():
-        return gip.apply_photometric(batch.float(), params, active)
+    def run_turbox():  # normalisation by (0, 1): the distortion alone
+        return photometric_normalize(batch, params, zero, one)
 
     ref = torch.from_numpy(np.stack(run_stock())).permute(0, 3, 1, 2)
     diff = (run_turbox().cpu() - ref).abs().max().item()
@@ -191,6 +196,57 @@ def _photometric_row(device: str, size: dict) -> Dict:
                 f'max|stock-turbox|={diff:.1e}')
 
 
+def _kernel_rows(device: str, size: dict) -> List[Dict]:
+    """The two fused kernels against their PyTorch references, on the device, for a batch."""
+    b, n, src_hw, out_hw = size['batch'], size['views'], size['src_hw'], size['out_hw']
+    count = b * n
+    gen = torch.Generator().manual_seed(0)
+    it, wu = size['iters'], size['warmup']
+    src = torch.randint(0, 256, (count, 3, *src_hw), dtype=torch.uint8, generator=gen).to(device)
+    full = resize_crop_warp(src_hw, out_hw).astype(np.float64)
+    factor = block_factor(full)
+    box = (0.0, float(full[1, 2]), float(src_hw[1]), float(src_hw[0]))
+    masks = [gip.valid_box_matrix(full + np.array([[0, 0, 0.5 * k], [0, 0, 0], [0, 0, 0]]), box,
+                                  out_hw) if k % 2 else None for k in range(count)]
+    params = torch.from_numpy(image_warp.pack_params([decoded_warp(full, factor)] * count,
+                                                     masks)).to(device)
+
+    def warp_reference():
+        return image_warp.warp_affine_u8_reference(src, params, factor, out_hw, True)
+
+    def warp_kernel():
+        return image_warp.warp_affine_u8(src, params, factor, out_hw, True)
+
+    warp_diff = (warp_reference().int() - warp_kernel().int()).abs()
+    rows = [dict(component='gpu_preprocess',
+                 case=f'warp {count}x{src_hw[1]}x{src_hw[0]} -> {out_hw[0]}x{out_hw[1]}',
+                 stock=time_fn(warp_reference, it, wu, device),
+                 turbox=time_fn(warp_kernel, it, wu, device),
+                 note=f'stock: avg_pool2d + affine_grid + grid_sample + float64 box mask (the '
+                 f'reference); turbox: one Triton kernel; block {factor}, a valid box on half '
+                 f'the images; max|d|={warp_diff.max().item()} level, '
+                 f'{(warp_diff > 0).float().mean().item():.1e} of values differ')]
+    imgs = torch.randint(0, 256, (count, 3, *out_hw), dtype=torch.uint8, generator=gen)
+    packed = gip.PhotometricParams.sample(count, gen, prob=0.5).packed()
+    imgs, packed = imgs.to(device), packed.to(device)
+    mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
+
+    def photo_reference():
+        return photometric_normalize_reference(imgs, packed, mean, std, True, True)
+
+    def photo_kernel():
+        return photometric_normalize(imgs, packed, mean, std, True, True)
+
+    photo_diff = (photo_reference() - photo_kernel()).abs().max().item()
+    rows.append(dict(component='gpu_preprocess',
+                     case=f'photometric + normalise {count}x[3,{out_hw[0]},{out_hw[1]}]',
+                     stock=time_fn(photo_reference, it, wu, device),
+                     turbox=time_fn(photo_kernel, it, wu, device),
+                     note='stock: the elementwise torch reference on the device; turbox: one '
+                     f'Triton kernel; each op on with probability 0.5; max|d|={photo_diff:.1e}'))
+    return rows
+
+
 def benchmark(device: str, quick: bool = False) -> List[Dict]:
     """Time image normalisation, JPEG decode + warp and photometric distortion, stock vs turbox.
 
@@ -201,7 +257,8 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
 
     Returns:
         list[dict]: Rows ``H2D + normalise``, ``decode + warp`` (one per decoder) and
-        ``photometric`` (see the module docstring).
+        ``photometric`` (see the module docstring); on CUDA also ``warp`` and ``photometric +
+        normalise``, each fused Triton kernel against its PyTorch reference on a batch.
 
     Examples:
         >>> rows = benchmark('cpu', quick=True)
@@ -214,5 +271,6 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     rows += _decode_rows(device, size)
     rows.append(_photometric_row(device, size))
     if on_cuda:
+        rows += _kernel_rows(device, size)
         torch.cuda.empty_cache()
     return rows
