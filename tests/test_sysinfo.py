@@ -209,3 +209,50 @@ def test_report_sees_the_gpus():
     assert gpu['name'] and gpu['driver']
     assert info['versions']['cuda']
     print(format_report(assess(info)))
+
+
+@pytest.mark.skipif(not _usable_thp(), reason='kernel without usable THP or /proc smaps')
+def test_hugepages_micro_benchmark_backs_only_the_turbox_side():
+    """The two sides run in fresh processes with the variable 0 and 1: only the turbox
+    side's collated batch sits in 2 MiB pages."""
+    from turbox_mm.benchmark.micro import get
+    rows = get('hugepages')('cpu', quick=True)
+    assert [r['component'] for r in rows] == ['hugepages']
+    note = rows[0]['note']
+    stock_kb = int(note.split('stock ')[1].split(' kB')[0])
+    turbox_kb = int(note.split('turbox ')[1].split(' kB')[0])
+    assert stock_kb == 0 and turbox_kb >= 2048, note
+    assert rows[0]['stock']['iters'] == rows[0]['turbox']['iters'] == 5
+
+
+@pytest.mark.skipif(hugepages.thp_mode() != 'madvise' or hugepages.anon_huge_kb() is None,
+                    reason='the latch is only visible under THP mode madvise')
+def test_launcher_restarts_once_when_torch_latched_the_setting_off(tmp_path):
+    """A process that allocated before the variable was set restarts itself with it (same
+    arguments) and then gets huge pages; a second restart never happens."""
+    script = tmp_path / 'launcher.py'
+    script.write_text(textwrap.dedent('''
+        import json, os, sys
+        import torch
+        from turbox_mm.utils import hugepages
+        torch.ones(4)  # the first allocation latches THP_MEM_ALLOC_ENABLE (unset) off
+        restarted = bool(os.environ.get(hugepages.REEXEC_MARK))
+        again = hugepages.reexec_for_huge_pages(True)
+        print(json.dumps(dict(restarted=restarted, again=again, argv=sys.argv[1:],
+                              effective=hugepages.probe_torch_thp())))
+    '''))
+    env = {k: v for k, v in os.environ.items()
+           if k not in (hugepages.ENV, hugepages.REEXEC_MARK)}
+    proc = subprocess.run([sys.executable, str(script), 'cfg.py', '--x'], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == dict(restarted=True, again=False, argv=['cfg.py', '--x'], effective=True)
+    assert proc.stderr.count('restarting') == 1
+
+
+def test_launcher_does_not_restart_when_not_wanted_or_set(monkeypatch):
+    monkeypatch.delenv(hugepages.REEXEC_MARK, raising=False)
+    assert hugepages.reexec_for_huge_pages(False) is False
+    monkeypatch.setenv(hugepages.ENV, '0')
+    assert hugepages.reexec_for_huge_pages(True) is False

@@ -11,9 +11,9 @@ import turbox_mm  # noqa: F401  (registers components, applies compatibility fix
 from turbox_mm.engine.runner import build_runner
 
 try:  # importable both as tools.test and as a script
-    from tools.train import load_cfg, parse_common_args
+    from tools.train import load_cfg, parse_common_args, restart_for_huge_pages
 except ImportError:  # pragma: no cover - run as `python tools/test.py`
-    from train import load_cfg, parse_common_args
+    from train import load_cfg, parse_common_args, restart_for_huge_pages
 
 
 def parse_args(argv=None):
@@ -31,6 +31,8 @@ def main(argv=None):
     cfg = load_cfg(args)
     cfg.load_from = args.checkpoint
     cfg.resume = False
+    if argv is None:  # a command line to restart
+        restart_for_huge_pages(cfg)
     runner = build_runner(cfg)
     return runner.test()
 

@@ -17,6 +17,9 @@ from mmengine.logging import print_log
 
 import turbox_mm  # noqa: F401  (registers components, applies compatibility fixes)
 from turbox_mm.engine.runner import build_runner
+from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS
+from turbox_mm.utils.hugepages import reexec_for_huge_pages
+from turbox_mm.utils.options import check_options
 
 
 def parse_args(argv=None):
@@ -109,9 +112,21 @@ def build_cfg(args) -> Config:
     return cfg
 
 
+def restart_for_huge_pages(cfg: Config, argv=None) -> None:
+    """Restart once with THP_MEM_ALLOC_ENABLE=1 where the config wants huge pages and
+    torch has already latched the setting off (see turbox_mm.utils.hugepages)."""
+    if str(cfg.get('runner_type', '')).split('.')[-1] != 'TurboxRunner':
+        return
+    options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
+    reexec_for_huge_pages(options['system']['huge_pages'], argv)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    runner = build_runner(build_cfg(args))
+    cfg = build_cfg(args)
+    if argv is None:  # a command line to restart
+        restart_for_huge_pages(cfg)
+    runner = build_runner(cfg)
     runner.train()
     return runner
 

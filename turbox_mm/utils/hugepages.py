@@ -222,3 +222,44 @@ def enable_huge_pages(probe: bool = True,
                    ' (no huge pages under mode madvise unless the process was started with '
                    'GLIBC_TUNABLES=glibc.malloc.hugetlb=1)'))
     return HugePageStatus(mode, defrag, True, effective, pinned, msg)
+
+
+#: Set in the environment of a process that :func:`reexec_for_huge_pages` started.
+REEXEC_MARK = 'TURBOX_THP_REEXEC'
+
+
+def reexec_for_huge_pages(wanted: bool, argv=None, root: str = THP_ROOT) -> bool:
+    """Restart the launcher once with ``THP_MEM_ALLOC_ENABLE=1`` if torch latched it off.
+
+    torch's CPU allocator reads the variable at its first allocation, and on some machines a
+    library import already allocates (measured on the H200 machine: ``tools/train.py`` had
+    allocated before the runner could set it, while a process started with the variable
+    got huge pages). A launcher calls this after reading its config and before building
+    anything: where huge pages are ``wanted``, the kernel offers them, the user has not set
+    the variable and a probe shows it is too late, the process replaces itself
+    (``os.execv``: same PID, arguments and environment plus the variable, which keeps
+    ``torchrun``'s bookkeeping intact) and starts again with huge pages from its first
+    allocation. It does so at most once (:data:`REEXEC_MARK`).
+
+    Args:
+        wanted (bool): The config's ``turbox.system.huge_pages``.
+        argv (list[str], optional): The command line to restart; defaults to ``sys.argv``.
+        root (str): The THP sysfs directory.
+
+    Returns:
+        bool: False when nothing was needed or possible (otherwise the call does not return).
+    """
+    import sys
+    if not wanted or ENV in os.environ or os.environ.get(REEXEC_MARK):
+        return False
+    if thp_mode(root) not in ('always', 'madvise'):
+        return False
+    os.environ[ENV] = '1'
+    if probe_torch_thp() is not False:  # in time (or unknowable): the runner goes on as is
+        return False
+    argv = list(sys.argv if argv is None else argv)
+    os.environ[REEXEC_MARK] = '1'
+    print(f'turbox_mm: restarting {argv[0]} with {ENV}=1: torch had allocated before the '
+          'setting could reach it (turbox.system.huge_pages)', file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable] + argv)
+    return True  # not reached
