@@ -4,6 +4,7 @@ Checks what only a real process group shows: the ranks end with identical weight
 BN became a TurboxSyncBatchNorm under ``--sync_bn``, and the turbox components (pipelined loop
 with the cyclic loader, sync-free clipping, GC schedule) run under DDP.
 """
+import json
 import os
 import socket
 import sys
@@ -117,3 +118,65 @@ def test_dist_train_usage_error():
                        '"tools/dist_train.sh"]))'])
     assert proc.returncode == 2
     assert 'usage: bash tools/dist_train.sh CONFIG NUM_PROCS' in proc.stderr
+
+
+EVAL_SCRIPT = '''
+import json, os, sys
+import numpy as np
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, port, out):
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=2)
+    from mmengine.evaluator import BaseMetric, Evaluator
+    from turbox_mm.datasets.samplers import SequenceSampler
+    from turbox_mm.evaluation import OrderedEvaluator
+
+    class Data:  # 5 sequences of unequal length: the ranks get 12 and 9 frames
+        flag = np.repeat(np.arange(5), [5, 7, 3, 2, 4])
+
+        def __len__(self):
+            return len(self.flag)
+
+    class Order(BaseMetric):
+        def process(self, data_batch, data_samples):
+            self.results.extend(data_samples)
+
+        def compute_metrics(self, results):
+            return dict(order=list(results))
+
+    data = Data()
+    mine = list(SequenceSampler(data))
+    found = {}
+    for name, evaluator in (('ordered', OrderedEvaluator(Order(collect_device='cpu'))),
+                            ('mmengine', Evaluator(Order(collect_device='cpu')))):
+        for i in mine:
+            evaluator.process([int(i)], {})
+        found[name] = evaluator.evaluate(len(data))['order']
+    with open(f'{out}/rank{rank}.json', 'w') as f:
+        json.dump(dict(mine=mine, **found), f)
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+'''
+
+
+def test_two_gloo_ranks_evaluate_whole_sequences_in_dataset_order(tmp_path):
+    """SequenceSampler gives the ranks contiguous blocks of whole sequences of different
+    lengths; OrderedEvaluator hands the metric every result once, in the dataset's order,
+    on both ranks. mmengine's default collection (which assumes interleaved ranks) is run
+    alongside to show what it would do with those blocks: reorder and truncate."""
+    script = tmp_path / 'eval_two_ranks.py'
+    script.write_text(EVAL_SCRIPT)
+    proc = run_python([str(script), str(_free_port()), str(tmp_path)],
+                      env={'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['mine'] == list(range(12)) and ranks[1]['mine'] == list(range(12, 21))
+    for rank in ranks:
+        assert rank['ordered'] == list(range(21))
+    assert ranks[0]['mmengine'] != list(range(21))  # zipped, cut at the shorter rank

@@ -337,3 +337,44 @@ def test_build_dataloader_group_sampler_one_group_per_batch():
         assert len(batches) == len(loader) == len(loader.sampler) // 3
         assert all(len(set(ASPECT_FLAG[b])) == 1 for b in batches)
         assert set(itertools.chain(*batches)) == set(range(len(data)))
+
+
+# --------------------------------------------------------------------------------------------
+# SequenceSampler (evaluation of temporal models)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3, 4, 7])
+def test_sequence_sampler_gives_whole_sequences_in_order_once(world_size):
+    from turbox_mm.datasets.samplers import SequenceSampler
+    data = SeqData(lengths=(5, 3, 8, 2, 6, 4, 7))
+    parts = [list(SequenceSampler(data, rank=r, world_size=world_size))
+             for r in range(world_size)]
+    assert [i for part in parts for i in part] == list(range(len(data)))  # once, in order
+    assert [len(SequenceSampler(data, rank=r, world_size=world_size))
+            for r in range(world_size)] == [len(p) for p in parts]
+    for part in parts:  # whole sequences: no sequence straddles two ranks
+        if part:
+            assert part[0] == 0 or data.flag[part[0]] != data.flag[part[0] - 1]
+            assert part[-1] == len(data) - 1 or data.flag[part[-1]] != data.flag[part[-1] + 1]
+    if world_size > 1:  # balanced to about half a sequence around N / W
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 8, sizes
+
+
+def test_sequence_blocks_balance_and_too_few_sequences():
+    from turbox_mm.datasets.samplers import sequence_blocks
+    flag = np.repeat(np.arange(8), 10)
+    assert sequence_blocks(flag, 4).tolist() == [0, 20, 40, 60, 80]
+    assert sequence_blocks(np.array([3, 3, 9, 9, 9]), 4).tolist() == [0, 2, 2, 2, 5]
+    assert sequence_blocks(np.array([1, 1, 2, 1]), 3).tolist() == [0, 2, 3, 4]  # runs count
+
+
+def test_sequence_sampler_bad_arguments():
+    from turbox_mm.datasets.samplers import SequenceSampler
+    with pytest.raises(ValueError, match='rank 2 is not below world_size 2'):
+        SequenceSampler(SeqData(), rank=2, world_size=2)
+    with pytest.raises(ValueError, match='world_size must be an integer >= 1'):
+        SequenceSampler(SeqData(), rank=0, world_size=0)
+    with pytest.raises(AttributeError, match='flag'):
+        SequenceSampler(list(range(4)))

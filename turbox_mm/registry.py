@@ -118,6 +118,7 @@ PARAM_SCHEDULERS = _child(mmdet3d_registry.PARAM_SCHEDULERS, 'parameter schedule
 
 # Evaluation and logging.
 METRICS = _child(mmdet3d_registry.METRICS, 'metric', ['turbox_mm.evaluation', 'turbox_mm.testing'])
+EVALUATOR = _child(mmdet3d_registry.EVALUATOR, 'evaluator', ['turbox_mm.evaluation'])
 LOG_PROCESSORS = _child(mmdet3d_registry.LOG_PROCESSORS, 'log_processor',
                         ['turbox_mm.engine.runner'])
 

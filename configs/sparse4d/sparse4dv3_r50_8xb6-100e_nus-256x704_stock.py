@@ -142,20 +142,22 @@ train_dataloader = dict(
     # Empty frames stay: replacing one by a random frame would break the temporal walk.
     dataset=dict(dataset_common, ann_file='nuscenes_infos_train.pkl',
                  pipeline=train_pipeline, test_mode=False, filter_empty_gt=False))
-# Evaluation walks the scenes in order on one process: DefaultSampler deals frames to ranks
-# interleaved, which breaks the temporal chain (the instance bank sees 4 s jumps on 8 GPUs).
-# Evaluate with one GPU until a sequence-contiguous test sampler lands.
+# Evaluation walks whole scenes in order on every rank: DefaultSampler would deal frames to
+# ranks interleaved, which breaks the temporal chain (the instance bank would see 4 s jumps on
+# 8 GPUs). SequenceSampler gives each rank a contiguous block of scenes and OrderedEvaluator
+# collects the ranks' results in that order.
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,
-    sampler=dict(type='DefaultSampler', shuffle=False),
+    sampler=dict(type='turbox_mm.SequenceSampler'),
     collate_fn=dict(type='pseudo_collate'),
     dataset=dict(dataset_common, ann_file='nuscenes_infos_val.pkl', pipeline=test_pipeline,
                  test_mode=True))
 test_dataloader = val_dataloader
-val_evaluator = dict(type='NuScenesMetric', data_root=data_root,
-                     ann_file=data_root + 'nuscenes_infos_val.pkl', metric='bbox',
-                     backend_args=None)
+val_evaluator = dict(type='turbox_mm.OrderedEvaluator',
+                     metrics=dict(type='NuScenesMetric', data_root=data_root,
+                                  ann_file=data_root + 'nuscenes_infos_val.pkl', metric='bbox',
+                                  backend_args=None))
 test_evaluator = val_evaluator
 
 # -- schedule ---------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ train_dataloader = dict(
 val_dataloader = dict(num_workers=0,
                       dataset=dict(data_root=data_root, data_aug_conf=data_aug_conf))
 test_dataloader = val_dataloader
-val_evaluator = dict(data_root=data_root, ann_file=data_root + 'nuscenes_infos_val.pkl')
+val_evaluator = dict(metrics=dict(data_root=data_root,
+                                  ann_file=data_root + 'nuscenes_infos_val.pkl'))
 test_evaluator = val_evaluator
 
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)

@@ -1,1 +1,4 @@
-"""Metrics."""
+"""Metrics and evaluators."""
+from .ordered_evaluator import OrderedEvaluator, gather_in_rank_order
+
+__all__ = ['OrderedEvaluator', 'gather_in_rank_order']
