@@ -630,6 +630,67 @@ def test_failing_gpu_decoder_falls_back_once(monkeypatch):
         strict(packed_batch(raws))
 
 
+def test_auto_tries_the_next_gpu_decoder_before_opencv(monkeypatch):
+    """'auto' on a CUDA device: nvImageCodec first; when it fails, torchvision takes over
+    (with a warning) and OpenCV is not used."""
+    monkeypatch.setattr(gip, '_torchvision_decoder', lambda: lambda tensors, device: [
+        torch.from_numpy(cv2_rgb_decode(t.numpy())).permute(2, 0, 1) for t in tensors])
+    monkeypatch.setattr(gip, '_nvimgcodec_module', lambda: FakeNvimgcodec)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    pre = TurboxDet3DDataPreprocessor()
+    monkeypatch.setattr(type(pre), 'device', property(lambda self: torch.device('cuda')))
+    assert pre._resolve_backend() == 'nvimgcodec' and pre._fallbacks == ['torchvision']
+    monkeypatch.setattr(type(pre), 'device', property(lambda self: torch.device('cpu')))
+    real = pre._decode_gpu
+
+    def nvimgcodec_breaks(backend, *args):
+        if backend == 'nvimgcodec':
+            raise RuntimeError('engine busy')
+        return real(backend, *args)
+
+    monkeypatch.setattr(pre, '_decode_gpu', nvimgcodec_breaks)
+    raws = [make_sample(5)]
+    with pytest.warns(UserWarning, match='nvimgcodec GPU decoder failed.*decoding with '
+                      'torchvision'):
+        pre(packed_batch(raws))
+    pre(packed_batch(raws))
+    assert pre.decode_counts == {'torchvision': 6} and pre.last_decode_backend == 'torchvision'
+
+
+def test_nvimgcodec_decoder_asks_for_the_hardware_engine_first(monkeypatch):
+    calls = []
+
+    class Module:
+        class BackendKind:
+            HW_GPU_ONLY, HYBRID_CPU_GPU, CPU_ONLY = 'hw', 'hybrid', 'cpu'
+
+        Backend = staticmethod(lambda kind: f'backend:{kind}')
+
+        class Decoder:
+            def __init__(self, device_id, backends=None):
+                calls.append((device_id, backends))
+                if backends and 'refuse' in calls[0][1][0]:
+                    raise RuntimeError('no such backend')
+
+    gip._nvimgcodec_decoder(Module, 3)
+    assert calls == [(3, ['backend:hw', 'backend:hybrid', 'backend:cpu'])]
+    calls.clear()
+    Module.Backend = staticmethod(lambda kind: f'refuse:{kind}')
+    with pytest.warns(UserWarning, match='refused the backends'):
+        gip._nvimgcodec_decoder(Module, 0)
+    assert calls[-1] == (0, None)  # the library's default decoder
+    assert gip._nvimgcodec_decoder(FakeNvimgcodec, 1).device_id == 1  # no BackendKind
+
+
+def test_one_value_mean_and_std_broadcast_over_three_channels():
+    """mmengine allows one mean/std value for every channel; the fused op gets three."""
+    imgs = [rand_uint8(2, 3, 8, 12), rand_uint8(2, 3, 8, 12)]
+    pre = TurboxDet3DDataPreprocessor(mean=[127.5], std=[50.0])
+    out = pre(dict(inputs=dict(img=imgs)))['inputs']['imgs']
+    torch.testing.assert_close(out, (torch.stack(imgs).float() - 127.5) / 50.0, rtol=0,
+                               atol=0)
+
+
 # -- deferred decode against the CPU transforms ----------------------------------------------
 #
 # The deferred path (LoadMultiViewImagesTurbo(decode_on='gpu') + MultiViewAffineAug's
@@ -769,6 +830,12 @@ def test_block_factor_thresholds():
     many = np.stack([shrink(s, 7.0 * s) for s in (1.9, 2.0, 3.9, 4.0, 8.5)])
     assert block_factors(many).tolist() == [1, 2, 2, 4, 8]
     assert block_factors(many, decode_factor=2).tolist() == [1, 1, 1, 2, 4]
+    assert block_factors(many[:, :2]).tolist() == [1, 2, 2, 4, 8]  # [K, 2, 3] too
+    assert block_factor(shrink(4.5)[:2]) == 4
+    with pytest.raises(ValueError, match=r'warps must be \[K, 3, 3\] or \[K, 2, 3\]'):
+        block_factors(np.zeros((6, 3)))
+    with pytest.raises(ValueError, match='valid_box_matrices: expected warps'):
+        gip.valid_box_matrices(np.zeros((3, 2, 3)), np.zeros((2, 4)), (8, 8))
 
 
 def test_valid_box_matrices_of_a_batch():

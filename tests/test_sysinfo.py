@@ -225,30 +225,48 @@ def test_hugepages_micro_benchmark_backs_only_the_turbox_side():
     assert rows[0]['stock']['iters'] == rows[0]['turbox']['iters'] == 5
 
 
+LAUNCHER = textwrap.dedent('''
+    import ctypes, json, os, sys
+    if os.environ.get('NO_THP'):  # this process may not have huge pages at all
+        ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+    import torch
+    from turbox_mm.utils import hugepages
+    torch.ones(4)  # the first allocation latches THP_MEM_ALLOC_ENABLE (unset) off
+    restarted = bool(os.environ.get(hugepages.REEXEC_MARK))
+    again = hugepages.reexec_for_huge_pages(True)
+    print(json.dumps(dict(restarted=restarted, again=again, argv=sys.argv[1:],
+                          unbuffered='-u' in sys.orig_argv,
+                          effective=hugepages.probe_torch_thp())))
+''')
+
+
+def _launch(args, no_thp=False):
+    env = {k: v for k, v in os.environ.items()
+           if k not in (hugepages.ENV, hugepages.REEXEC_MARK)}
+    if no_thp:
+        env['NO_THP'] = '1'
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
 @pytest.mark.skipif(hugepages.thp_mode() != 'madvise' or hugepages.anon_huge_kb() is None,
                     reason='the latch is only visible under THP mode madvise')
 def test_launcher_restarts_once_when_torch_latched_the_setting_off(tmp_path):
     """A process that allocated before the variable was set restarts itself with it (same
-    arguments) and then gets huge pages; a second restart never happens."""
+    interpreter options and arguments, script or ``-c`` form) and then gets huge pages; a
+    second restart never happens, and none where the process cannot have huge pages."""
     script = tmp_path / 'launcher.py'
-    script.write_text(textwrap.dedent('''
-        import json, os, sys
-        import torch
-        from turbox_mm.utils import hugepages
-        torch.ones(4)  # the first allocation latches THP_MEM_ALLOC_ENABLE (unset) off
-        restarted = bool(os.environ.get(hugepages.REEXEC_MARK))
-        again = hugepages.reexec_for_huge_pages(True)
-        print(json.dumps(dict(restarted=restarted, again=again, argv=sys.argv[1:],
-                              effective=hugepages.probe_torch_thp())))
-    '''))
-    env = {k: v for k, v in os.environ.items()
-           if k not in (hugepages.ENV, hugepages.REEXEC_MARK)}
-    proc = subprocess.run([sys.executable, str(script), 'cfg.py', '--x'], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == dict(restarted=True, again=False, argv=['cfg.py', '--x'], effective=True)
-    assert proc.stderr.count('restarting') == 1
+    script.write_text(LAUNCHER)
+    result, err = _launch(['-u', str(script), 'cfg.py', '--x'])
+    assert result == dict(restarted=True, again=False, argv=['cfg.py', '--x'], unbuffered=True,
+                          effective=True)
+    assert err.count('restarting') == 1
+    result, _ = _launch(['-c', LAUNCHER, 'cfg.py'])
+    assert result['restarted'] and result['argv'] == ['cfg.py'] and result['effective']
+    result, err = _launch([str(script)], no_thp=True)
+    assert not result['restarted'] and 'restarting' not in err
 
 
 def test_launcher_does_not_restart_when_not_wanted_or_set(monkeypatch):

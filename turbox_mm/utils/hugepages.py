@@ -228,6 +228,30 @@ def enable_huge_pages(probe: bool = True,
 REEXEC_MARK = 'TURBOX_THP_REEXEC'
 
 
+def raw_thp_works(nbytes: int = PROBE_BYTES) -> Optional[bool]:
+    """Whether this process can get huge pages at all, torch aside; None if unknowable.
+
+    Maps ``nbytes`` of anonymous memory, advises ``MADV_HUGEPAGE``, touches every page and
+    reads ``AnonHugePages``: False where the kernel or the process (``prctl
+    PR_SET_THP_DISABLE``, memory limits) gives none, which no setting of torch's changes.
+    """
+    import mmap
+    if not hasattr(mmap, 'MADV_HUGEPAGE'):
+        return None
+    before = anon_huge_kb()
+    if before is None:
+        return None
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE)
+        for offset in range(0, nbytes, 4096):
+            area[offset] = 1
+        after = anon_huge_kb()
+    finally:
+        area.close()
+    return after is not None and after - before >= 2048
+
+
 def reexec_for_huge_pages(wanted: bool, argv=None, root: str = THP_ROOT) -> bool:
     """Restart the launcher once with ``THP_MEM_ALLOC_ENABLE=1`` if torch latched it off.
 
@@ -235,15 +259,18 @@ def reexec_for_huge_pages(wanted: bool, argv=None, root: str = THP_ROOT) -> bool
     library import already allocates (measured on the H200 machine: ``tools/train.py`` had
     allocated before the runner could set it, while a process started with the variable
     got huge pages). A launcher calls this after reading its config and before building
-    anything: where huge pages are ``wanted``, the kernel offers them, the user has not set
-    the variable and a probe shows it is too late, the process replaces itself
-    (``os.execv``: same PID, arguments and environment plus the variable, which keeps
-    ``torchrun``'s bookkeeping intact) and starts again with huge pages from its first
-    allocation. It does so at most once (:data:`REEXEC_MARK`).
+    anything. The process replaces itself (``os.execv`` with the interpreter's original
+    command line, ``sys.orig_argv``: same PID, interpreter options, ``-m`` / ``-c`` form and
+    arguments, and the environment plus the variable, which keeps ``torchrun``'s bookkeeping
+    intact) only where all of these hold: huge pages are ``wanted``; the kernel offers them;
+    the user has not set the variable; this process can get huge pages at all
+    (:func:`raw_thp_works`); and a torch probe shows that torch nonetheless does not, i.e.
+    it had latched the setting off. It does so at most once (:data:`REEXEC_MARK`).
 
     Args:
         wanted (bool): The config's ``turbox.system.huge_pages``.
-        argv (list[str], optional): The command line to restart; defaults to ``sys.argv``.
+        argv (list[str], optional): The full command line to restart, interpreter first;
+            defaults to ``sys.orig_argv``.
         root (str): The THP sysfs directory.
 
     Returns:
@@ -257,9 +284,12 @@ def reexec_for_huge_pages(wanted: bool, argv=None, root: str = THP_ROOT) -> bool
     os.environ[ENV] = '1'
     if probe_torch_thp() is not False:  # in time (or unknowable): the runner goes on as is
         return False
-    argv = list(sys.argv if argv is None else argv)
+    if not raw_thp_works():  # no huge pages for this process anyway: a restart cannot help
+        return False
+    argv = list(sys.orig_argv if argv is None else argv)
     os.environ[REEXEC_MARK] = '1'
-    print(f'turbox_mm: restarting {argv[0]} with {ENV}=1: torch had allocated before the '
-          'setting could reach it (turbox.system.huge_pages)', file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable] + argv)
+    print(f'turbox_mm: restarting with {ENV}=1: torch had allocated before the setting could '
+          'reach it (turbox.system.huge_pages)', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable] + argv[1:])
     return True  # not reached

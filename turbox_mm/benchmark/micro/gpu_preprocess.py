@@ -16,8 +16,8 @@ Rows (full size; ``quick=True`` or a CPU device shrinks every size):
   OpenCV fallback. The note gives the mean and largest difference to the OpenCV output.
 - ``photometric``: the photometric distortion of one 6-camera sample at 256x704 with every op
   on. Stock: mmdet's ``PhotoMetricDistortion`` on each image (CPU, as a worker runs it). Turbox:
-  :func:`~turbox_mm.models.data_preprocessors.gpu_image_preprocessor.apply_photometric` on the
-  six images at once on the device.
+  :func:`turbox_mm.ops.photometric.photometric_normalize` (normalising by 0 and 1) on the six
+  images at once on the device.
 - on CUDA, ``warp`` and ``photometric + normalise``: the two fused Triton kernels of the data
   preprocessor (:mod:`turbox_mm.ops.image_warp`, :mod:`turbox_mm.ops.photometric`) against their
   PyTorch references on the device, for a batch of 6 samples x 6 cameras.

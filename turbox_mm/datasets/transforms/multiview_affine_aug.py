@@ -232,8 +232,13 @@ def block_factor(warp: np.ndarray, decode_factor: int = 1) -> int:
 
 
 def block_factors(warps: np.ndarray, decode_factor: int = 1) -> np.ndarray:
-    """:func:`block_factor` of ``K`` warps ``[K, 3, 3]`` at once: ``[K]`` int64."""
-    warps = np.asarray(warps, dtype=np.float64).reshape(-1, 3, 3)
+    """:func:`block_factor` of ``K`` warps ``[K, 3, 3]`` (or ``[K, 2, 3]``) at once: ``[K]``
+    int64."""
+    warps = np.asarray(warps, dtype=np.float64)
+    if warps.ndim < 2 or warps.shape[-2:] not in ((2, 3), (3, 3)):
+        raise ValueError(f'block_factors: warps must be [K, 3, 3] or [K, 2, 3], got shape '
+                         f'{warps.shape}')
+    warps = warps.reshape(-1, *warps.shape[-2:])
     det = warps[:, 0, 0] * warps[:, 1, 1] - warps[:, 0, 1] * warps[:, 1, 0]
     shrink = np.sqrt(np.abs(det)) / decode_factor
     extra = np.ones(len(warps), dtype=np.int64)

@@ -57,11 +57,12 @@ def _tap(plane, x, y, Hs, Ws, Hb, Wb, live, FACTOR: tl.constexpr, HALF_UP: tl.co
 
 
 @triton.jit
-def _warp_u8_kernel(src_ptr, par_ptr, out_ptr, Hs, Ws, Hb, Wb, H, W, NP: tl.constexpr,
+def _warp_u8_kernel(src_ptr, par_ptr, out_ptr, Hs, Ws, Hb, Wb, H, W, NBLOCKS, NP: tl.constexpr,
                     FACTOR: tl.constexpr, HALF_UP: tl.constexpr, REVERSE: tl.constexpr,
                     BLOCK: tl.constexpr):
-    k = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)  # one axis: (image, block) pairs, no 65535 limit
+    k = pid // NBLOCKS
+    offs = (pid - k * NBLOCKS) * BLOCK + tl.arange(0, BLOCK)
     live = offs < H * W
     vi = offs // W
     ui = offs - vi * W
@@ -114,8 +115,9 @@ def warp_affine_u8(src: torch.Tensor, params: torch.Tensor, factor: int, out_h: 
     out = torch.empty((num, 3, out_h, out_w), dtype=torch.uint8, device=src.device)
     if num == 0 or out_h * out_w == 0:
         return out
-    grid = (triton.cdiv(out_h * out_w, BLOCK), num)
-    _warp_u8_kernel[grid](src, params, out, hs, ws, -(-hs // factor), -(-ws // factor), out_h,
-                          out_w, NP=NUM_PARAMS, FACTOR=factor, HALF_UP=factor == 2,
-                          REVERSE=bool(reverse_channels), BLOCK=BLOCK)
+    blocks = triton.cdiv(out_h * out_w, BLOCK)
+    _warp_u8_kernel[(blocks * num, )](src, params, out, hs, ws, -(-hs // factor),
+                                      -(-ws // factor), out_h, out_w, blocks, NP=NUM_PARAMS,
+                                      FACTOR=factor, HALF_UP=factor == 2,
+                                      REVERSE=bool(reverse_channels), BLOCK=BLOCK)
     return out

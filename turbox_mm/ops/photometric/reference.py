@@ -48,7 +48,9 @@ def bgr_to_hsv(img: Tensor) -> Tensor:
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
     s = diff / (v.abs() + _FLT_EPSILON)
-    scale = 60.0 / (diff + _FLT_EPSILON)
+    # A true division, as OpenCV's (torch turns ``scalar / tensor`` into a reciprocal and a
+    # product, one rounding more).
+    scale = torch.div(torch.full_like(diff, 60.0), diff + _FLT_EPSILON)
     h = torch.where(v == r, (g - b) * scale,
                     torch.where(v == g, (b - r) * scale + 120.0, (r - g) * scale + 240.0))
     h = torch.where(h < 0, h + 360.0, h)

@@ -35,11 +35,12 @@ def _pick(c0, c1, c2, index):
 
 
 @triton.jit
-def _photometric_kernel(x_ptr, par_ptr, mean_ptr, std_ptr, out_ptr, HW, EPS,
+def _photometric_kernel(x_ptr, par_ptr, mean_ptr, std_ptr, out_ptr, HW, EPS, NBLOCKS,
                         NP: tl.constexpr, AUGMENT: tl.constexpr, CLIP: tl.constexpr,
                         REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)  # one axis: (image, block) pairs, no 65535 limit
+    m = pid // NBLOCKS
+    offs = (pid - m * NBLOCKS) * BLOCK + tl.arange(0, BLOCK)
     live = offs < HW
     base = m.to(tl.int64) * 3 * HW
     b = tl.load(x_ptr + base + offs, mask=live, other=0).to(tl.float32)
@@ -102,8 +103,9 @@ def photometric_normalize(imgs: torch.Tensor, params: torch.Tensor, mean: torch.
     out = torch.empty((num, 3, h, w), dtype=torch.float32, device=device)
     if num == 0 or h * w == 0:
         return out
-    grid = (triton.cdiv(h * w, BLOCK), num)
-    _photometric_kernel[grid](imgs, params, mean, std, out, h * w, _FLT_EPSILON, NP=NUM_PARAMS,
-                              AUGMENT=bool(augment), CLIP=bool(saturation_clip),
-                              REVERSE=bool(reverse_channels), BLOCK=BLOCK)
+    blocks = triton.cdiv(h * w, BLOCK)
+    _photometric_kernel[(blocks * num, )](imgs, params, mean, std, out, h * w, _FLT_EPSILON,
+                                          blocks, NP=NUM_PARAMS,
+                                          AUGMENT=bool(augment), CLIP=bool(saturation_clip),
+                                          REVERSE=bool(reverse_channels), BLOCK=BLOCK)
     return out
