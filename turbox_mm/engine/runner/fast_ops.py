@@ -4,6 +4,11 @@ A turbox_mm module whose constructor takes ``op_impl`` (``'stock'``, the default
 the stock config runs; ``'turbox'`` runs turbox_mm's kernel, e.g. the Triton deformable
 aggregation) is switched to ``'turbox'`` wherever it appears in ``model``. Both produce the
 same results within the tolerance their parity tests state; the model's maths is unchanged.
+
+Configs written for mmdet3d alone are reached too: mmdet3d's ``Det3DDataPreprocessor`` with
+hard or dynamic voxelization becomes ``turbox_mm.TurboxDet3DDataPreprocessor`` with
+``op_impl='turbox'`` (the same arguments; the batch is voxelized in one call of turbox_mm's
+voxelize ops, with the same voxels as mmcv's deterministic op).
 """
 import inspect
 from typing import Any, Dict, List
@@ -11,6 +16,8 @@ from typing import Any, Dict, List
 from mmengine.config import Config
 
 OP_IMPL = 'op_impl'
+STOCK_PREPROCESSORS = ('Det3DDataPreprocessor', 'mmdet3d.Det3DDataPreprocessor')
+FAST_VOXEL_TYPES = ('hard', 'dynamic')
 
 
 def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
@@ -51,5 +58,21 @@ def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
     """
     changes: List[str] = []
     if opts['fast'] and isinstance(cfg.get('model'), dict):
+        changes += _rewrite_voxel_preprocessor(cfg['model'])
         _walk(cfg['model'], 'model', cfg.get('default_scope') or '', changes)
     return changes
+
+
+def _rewrite_voxel_preprocessor(model: Dict) -> List[str]:
+    """mmdet3d's voxelizing ``Det3DDataPreprocessor`` -> turbox_mm's, ``op_impl='turbox'``."""
+    pre = model.get('data_preprocessor')
+    if not isinstance(pre, dict) or not pre.get('voxel'):
+        return []
+    # turbox_mm registers no 'Det3DDataPreprocessor': the plain name is mmdet3d's in any scope.
+    if pre.get('type') not in STOCK_PREPROCESSORS or \
+            pre.get('voxel_type', 'hard') not in FAST_VOXEL_TYPES:
+        return []
+    pre['type'] = 'turbox_mm.TurboxDet3DDataPreprocessor'
+    pre[OP_IMPL] = 'turbox'
+    return [f"model.data_preprocessor = turbox_mm.TurboxDet3DDataPreprocessor(op_impl='turbox'): "
+            f"{pre.get('voxel_type', 'hard')} voxelization of the batch in one call"]

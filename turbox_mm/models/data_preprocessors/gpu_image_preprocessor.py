@@ -96,6 +96,7 @@ from turbox_mm.ops.image_warp import NUM_PARAMS as NUM_WARP_PARAMS
 from turbox_mm.ops.image_warp import (block_average_tensor, valid_mask, warp_affine_u8,
                                       warp_to_theta)
 from turbox_mm.registry import MODELS
+from .fast_voxelize import FastVoxelizeMixin
 
 __all__ = [
     'TurboxDet3DDataPreprocessor', 'PhotometricParams', 'bgr_to_hsv', 'hsv_to_bgr',
@@ -311,9 +312,10 @@ def _nvimgcodec_module():
 # -- the preprocessor -------------------------------------------------------------------------
 
 @MODELS.register_module()
-class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
-    """``Det3DDataPreprocessor`` with uint8 inputs, device-side photometric distortion and
-    deferred (nvJPEG) decoding. See the module docstring for the data contract.
+class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
+    """``Det3DDataPreprocessor`` with uint8 inputs, device-side photometric distortion,
+    deferred (nvJPEG) decoding and batched voxelization. See the module docstring for the data
+    contract.
 
     Args:
         photometric (dict, optional): Photometric distortion applied in training, with keys
@@ -326,6 +328,9 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
             ``nvidia-nvimgcodec-cu13`` is installed, else nvJPEG through torchvision, else
             OpenCV with one warning), ``'torchvision'``, ``'nvimgcodec'`` or ``'cv2'``.
             Defaults to 'auto'.
+        op_impl (str): ``'turbox'`` voxelizes the batch in one call of turbox_mm's voxelize
+            ops (hard and dynamic voxel types; :mod:`.fast_voxelize`); ``'stock'`` keeps
+            mmcv's per-sample op. Defaults to 'stock'.
         **kwargs: ``Det3DDataPreprocessor``'s arguments (``mean``, ``std``, ``bgr_to_rgb``,
             ``pad_size_divisor``, ``voxel``, ...).
 
@@ -339,8 +344,9 @@ class TurboxDet3DDataPreprocessor(Det3DDataPreprocessor):
                                  saturation_clip=False, seed=None)
 
     def __init__(self, photometric: Optional[dict] = None, decode_backend: str = 'auto',
-                 **kwargs) -> None:
+                 op_impl: str = 'stock', **kwargs) -> None:
         super().__init__(**kwargs)
+        self._setup_fast_voxelize(op_impl, kwargs.get('voxel_layer'))
         self.photometric = self._check_photometric(photometric)
         if decode_backend not in DECODE_BACKENDS:
             raise ValueError(f'decode_backend must be one of {DECODE_BACKENDS}, got '

@@ -1,4 +1,5 @@
 """Layers shared across models."""
 from .sync_batchnorm import TurboxSyncBatchNorm, convert_sync_batchnorm
+from .voxelization import TurboxVoxelization
 
-__all__ = ['TurboxSyncBatchNorm', 'convert_sync_batchnorm']
+__all__ = ['TurboxSyncBatchNorm', 'convert_sync_batchnorm', 'TurboxVoxelization']
