@@ -243,3 +243,13 @@ def test_cuda_kernel_equals_mmcv_cuda_and_cpu_at_nuscenes_size(case):
     assert torch.equal(batched[2], torch.cat([r[2] for r in per]))
     coords = vx.dynamic_voxelize(pts, case['voxel_size'], case['pcr'])
     assert torch.equal(coords, mmcv_ops.voxelization(pts, case['voxel_size'], case['pcr'], -1, -1))
+
+
+def test_micro_benchmark_runs_quick_on_the_cpu():
+    from turbox_mm.benchmark.micro import available, get
+    assert 'voxelize' in available('op')
+    rows = get('voxelize')('cpu', quick=True)
+    assert [r['case'] for r in rows][:3] == ['centerpoint 0.075 hard det.',
+                                             'centerpoint 0.075 dynamic',
+                                             'centerpoint 0.075 hard det., batch of 4']
+    assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
