@@ -64,7 +64,7 @@ def test_full_configs_hold_upstreams_training_setting():
     turbox = Config.fromfile(FULL_TURBOX)
     stock_dict, turbox_dict = cfg.to_dict(), turbox.to_dict()
     extra = set(turbox_dict) - set(stock_dict)
-    assert extra == {'turbox', 'runner_type', 'custom_imports'}, extra
+    assert extra == {'turbox', 'runner_type'}, extra
     assert all(stock_dict[k] == turbox_dict[k] for k in stock_dict)
 
 

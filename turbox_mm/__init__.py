@@ -1,8 +1,10 @@
 """turbox_mm: a training and inference accelerator for OpenMMLab autonomous-driving models.
 
-Importing the package (directly or through ``custom_imports=dict(imports=['turbox_mm'])``)
-registers every turbox component in the ``turbox_mm`` scope and applies the compatibility
-fixes of :mod:`turbox_mm.utils.compat`. It needs no GPU.
+Importing the package registers every turbox component in the ``turbox_mm`` scope and applies
+the compatibility fixes of :mod:`turbox_mm.utils.compat`. It needs no GPU. A config needs no
+``custom_imports`` for it: mmengine's ``Registry.get`` imports ``turbox_mm.registry``, and with
+it this package, the first time it looks up a ``turbox_mm.``-prefixed type (such as
+``runner_type='turbox_mm.TurboxRunner'`` of ``configs/_base_/turbox.py``).
 """
 from .utils import compat as _compat
 from .version import __version__

@@ -1,13 +1,15 @@
 # The one file to inherit to switch turbox_mm on. A turbox config is its stock twin plus this:
 #
-#     _base_ = ['./model_stock.py', 'turbox_mm::_base_/turbox.py']
+#     _base_ = ['./model_stock.py', '../_base_/turbox.py']
 #
-# (`turbox_mm::` paths resolve once turbox_mm is imported, as tools/train.py does; a relative
-# path to this file works everywhere.) mmengine refuses keys defined by two bases, so this file
-# sets only keys that stock configs leave alone: `custom_imports`, `runner_type` and `turbox`.
-# If a stock config has its own `custom_imports`, add 'turbox_mm' to its list instead.
-
-custom_imports = dict(imports=['turbox_mm'], allow_failed_imports=False)
+# mmengine refuses keys defined by two bases, so this file sets only keys that stock configs
+# leave alone: `runner_type` and `turbox`. It sets no `custom_imports`, so it also combines
+# with bases that have their own (mmdet3d's `projects/*` configs): mmengine's registry
+# imports turbox_mm by itself when it looks up the `turbox_mm.`-prefixed `runner_type`, before
+# the runner exists (turbox_mm's compatibility fixes apply from then on).
+# A `turbox_mm::_base_/turbox.py` path resolves only where turbox_mm is imported before the
+# config is read (tools/train.py and tools/test.py here do; a relative or absolute path to
+# this file works everywhere).
 
 # Validates and applies the `turbox` section below, then runs as mmengine's Runner does.
 runner_type = 'turbox_mm.TurboxRunner'

@@ -1,7 +1,8 @@
 """Fixes for what breaks when mmengine 0.10 meets current PyTorch and a turbox_mm install.
 
-Both fixes are applied once, when :mod:`turbox_mm` is imported (also through
-``custom_imports=dict(imports=['turbox_mm'])`` in a config).
+Both fixes are applied once, when :mod:`turbox_mm` is imported: by hand (tools/train.py),
+through ``custom_imports``, or by mmengine's registry on the first ``turbox_mm.``-prefixed type
+it looks up (a config's ``runner_type``, before the runner exists).
 
 1. **Resuming checkpoints under torch >= 2.6.** ``torch.load`` defaults to
    ``weights_only=True`` since torch 2.6, and mmengine 0.10 calls it without the argument. An
