@@ -7,7 +7,9 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmengine.registry import root as mmengine_root
 
-import mmdet3d.evaluation  # noqa: F401  (its metrics register on import, as a runner's build does)
+import mmdet3d.engine  # noqa: F401  (hooks and visualizers register on import, as a runner's
+import mmdet3d.evaluation  # noqa: F401  build imports them: metrics too)
+import mmdet3d.visualization  # noqa: F401
 import turbox_mm  # noqa: F401
 from conftest import ROOT
 
@@ -78,3 +80,36 @@ def test_turbox_twin_only_adds_turbox_keys():
     assert set(turbox) - set(stock) == {'runner_type', 'turbox'}
     for key in stock:
         assert turbox[key] == stock[key], key
+
+
+def _lists(node):
+    """Tuples as lists and no ``_scope_='mmdet3d'``, which inheriting a package's config adds."""
+    if isinstance(node, dict):
+        return {k: _lists(v) for k, v in node.items() if (k, v) != ('_scope_', 'mmdet3d')}
+    if isinstance(node, (list, tuple)):
+        return [_lists(v) for v in node]
+    return node
+
+
+MMDET3D_TWINS = sorted(p for p in CONFIGS if p.startswith('configs/mmdet3d/')
+                       and p.endswith('_turbox.py'))
+
+
+@pytest.mark.parametrize('path', MMDET3D_TWINS)
+def test_mmdet3d_twins_are_the_shipped_config_plus_the_turbox_base(path):
+    import mmdet3d
+    stock_path = path.replace('_turbox.py', '_stock.py')
+    stock = Config.fromfile(osp.join(ROOT, stock_path)).to_dict()
+    turbox = Config.fromfile(osp.join(ROOT, path)).to_dict()
+    name = osp.basename(stock_path)[:-len('_stock.py')] + '.py'
+    shipped = glob.glob(osp.join(osp.dirname(mmdet3d.__file__), '.mim', 'configs', '*', name))
+    assert len(shipped) == 1, name
+    # the stock file changes nothing (inheritance adds scopes and makes lists, nothing else)
+    assert _lists(stock) == _lists(Config.fromfile(shipped[0]).to_dict())
+    assert set(turbox) - set(stock) == {'runner_type', 'turbox'}
+    for key in stock:
+        assert turbox[key] == stock[key], key
+
+
+def test_mmdet3d_twins_cover_the_three_lidar_configs():
+    assert len(MMDET3D_TWINS) == 3

@@ -3,16 +3,24 @@
 # stock-vs-turbox benchmark, a short training + nuScenes evaluation of the full-size turbox
 # config, and the GPU tests, each under its own time limit, logs under $OUT.
 #
-#   bash tools/gpu_session.sh [bench] [eval] [tests] [TEST_PATHS...]   (default: bench tests)
+#   bash tools/gpu_session.sh [bench] [eval] [ops] [lidar] [tests] [TEST_PATHS...]
+#                                                               (default: bench tests)
+#   ops    tools/benchmark.py --ops $OPS (default: every op)
+#   lidar  tools/lidar_benchmark.sh $LIDAR (mmdet3d's own lidar configs; needs the kit's
+#          spconv/ folder, which the phase installs)
 # Environment: OUT (default gpu_out), ITERS / WARMUP (benchmark), BENCH_TIMEOUT / TEST_TIMEOUT
-# / EVAL_TIMEOUT (seconds for each phase), TIMEOUT (seconds per benchmarked config).
+# / EVAL_TIMEOUT / OPS_TIMEOUT / LIDAR_TIMEOUT (seconds for each phase), TIMEOUT (seconds per
+# benchmarked config).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu_out}
-mkdir -p "$out"
+# Benchmark folders go here and come back packed as one file ($OUT returns 8 files at most).
+results=/tmp/gpu_results
+mkdir -p "$out" "$results"
+out=$(cd "$out" && pwd)
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(bench tests)
-source .kit/setup.sh
+if [[ " $* " == *" lidar "* ]]; then source .kit/setup.sh --spconv; else source .kit/setup.sh; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
   2>&1 | grep -v 'already exists' || true
 # The machine, first in the benchmark's log ($OUT takes 8 files at most).
@@ -20,7 +28,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
   echo "cores: $(nproc)"; } | tee "$out/bench.log"
 tests=()
 for arg in "${phases[@]}"; do
-  case "$arg" in bench|eval|tests) ;; *) tests+=("$arg") ;; esac
+  case "$arg" in bench|eval|ops|lidar|tests) ;; *) tests+=("$arg") ;; esac
 done
 [ ${#tests[@]} -eq 0 ] && tests=(tests)
 for phase in "${phases[@]}"; do
@@ -35,8 +43,22 @@ for phase in "${phases[@]}"; do
         --work-dir /tmp/eval_run --cfg-options train_cfg.max_iters=20 train_cfg.val_interval=20 \
         default_hooks.logger.interval=5 2>&1 | tee "$out/eval.log" \
         | grep -E 'Iter\(train\) \[20/|NDS:|mAP:|Error' | tail -6 ;;
+    ops)
+      # shellcheck disable=SC2086  # OPS is a list of names
+      timeout "${OPS_TIMEOUT:-240}" python3 tools/benchmark.py --ops ${OPS:-} --out "$results/ops" \
+        2>&1 | tee "$out/ops.log" | tail -25 ;;
+    lidar)
+      # shellcheck disable=SC2086  # LIDAR is a list of names
+      DATA_DIR=/tmp/data PYTHON=python3 timeout "${LIDAR_TIMEOUT:-480}" \
+        bash tools/lidar_benchmark.sh "$results/lidar" ${LIDAR:-} 2>&1 | tee "$out/lidar.log" \
+        | grep -vE '^  \[' | tail -40 ;;
     tests)
       timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m cuda -p no:cacheprovider \
         "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;
   esac
 done
+# The results of the ops and lidar phases (JSON, logs, charts; no checkpoints), one archive.
+if [ -n "$(ls -A "$results")" ]; then
+  (cd "$results" && find . \( -name '*.json' -o -name '*.log' -o -name '*.png' \) -size -4M \
+    -print0 | tar czf "$out/results.tgz" --null -T -)
+fi
