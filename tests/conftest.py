@@ -34,10 +34,12 @@ def run_python(args, cwd=ROOT, env=None, timeout=600):
     return proc
 
 
-def make_tiny_synthetic(root, frames=3, sweeps=3):
-    """Write a one-scene synthetic nuScenes (320x180 images, 1500 points) with the CLI."""
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes', '1',
-                       '--frames', str(frames), '--image-size', '320x180', '--points', '1500',
+def make_tiny_synthetic(root, frames=3, sweeps=3, scenes=1, points=1500):
+    """Write a tiny synthetic nuScenes (one scene of 320x180 images and 1500-point sweeps by
+    default, every scene in the train split) with the CLI."""
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', str(root), '--scenes',
+                       str(scenes), '--frames', str(frames), '--image-size', '320x180',
+                       '--points', str(points),
                        '--sweeps', str(sweeps), '--val-scenes', '0', '--workers', '1',
                        '--no-progress'])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -96,3 +96,12 @@ def test_missing_turbox_config_names_file(tmp_path):
     cfg_file.write_text("_base_ = ['turbox_mm::_base_/no_such.py']\n")
     with pytest.raises(FileNotFoundError, match='no_such.py'):
         Config.fromfile(str(cfg_file))
+
+
+def test_numpy_long_for_mmdet3d_database_sampler():
+    """mmdet3d 1.4's DataBaseSampler.sample_all makes its labels with dtype=np.long."""
+    from turbox_mm.utils.compat import define_numpy_long
+
+    assert np.dtype(np.long) == np.int64
+    assert define_numpy_long() is False  # defined once, by the import, or by numpy 2
+    assert np.array([3], dtype=np.long).dtype == np.int64

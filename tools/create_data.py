@@ -6,6 +6,8 @@ Examples:
         --seed 0 --workers 2
     python tools/create_data.py synthetic --out data/tiny --scenes 2 --frames 3 \\
         --image-size 800x450 --points 8000 --sweeps 2
+    # It also writes the GT database (nuscenes_gt_database/, nuscenes_dbinfos_train.pkl) that
+    # ObjectSample reads; --no-gt-database skips it.
 
     # Real nuScenes: print (or --run) mmdet3d's own converter for data/nuscenes:
     python tools/create_data.py nuscenes --root-path data/nuscenes
@@ -46,6 +48,10 @@ def parse_args(argv=None):
     syn.add_argument('--val-scenes', type=int, default=None,
                      help='scenes in the val split (default: a fifth)')
     syn.add_argument('--jpeg-quality', type=int, default=90, help='JPEG quality')
+    syn.add_argument('--no-gt-database', dest='gt_database', action='store_false',
+                     help="skip the ground-truth database that mmdet3d's ObjectSample reads "
+                          '(nuscenes_gt_database/ and nuscenes_dbinfos_train.pkl, written by '
+                          "default from the train split's lidar, as mmdet3d's converter does)")
     syn.add_argument('--no-progress', action='store_true', help='no progress bar')
 
     nus = sub.add_parser('nuscenes', help="real nuScenes: mmdet3d's converter")
@@ -72,7 +78,8 @@ def synthetic(args) -> int:
     summary = generate(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed,
                        workers=args.workers, image_size=args.image_size, points=args.points,
                        sweeps=args.sweeps, version=args.version, val_scenes=args.val_scenes,
-                       jpeg_quality=args.jpeg_quality, progress=not args.no_progress)
+                       jpeg_quality=args.jpeg_quality, gt_database=args.gt_database,
+                       progress=not args.no_progress)
     print(format_summary(summary))
     return 0
 

@@ -1,6 +1,6 @@
 """Fixes for what breaks when mmengine 0.10 meets current PyTorch and a turbox_mm install.
 
-Both fixes are applied once, when :mod:`turbox_mm` is imported: by hand (tools/train.py),
+The fixes are applied once, when :mod:`turbox_mm` is imported: by hand (tools/train.py),
 through ``custom_imports``, or by mmengine's registry on the first ``turbox_mm.``-prefixed type
 it looks up (a config's ``runner_type``, before the runner exists).
 
@@ -17,6 +17,12 @@ it looks up (a config's ``runner_type``, before the runner exists).
    in its ``MODULE2PACKAGE`` table, and finds the package's folder through its distribution's
    location, which is wrong for editable (PEP 660) installs. :func:`register_config_package`
    adds ``turbox_mm`` to the table and resolves its folder from the imported module.
+
+3. **``np.long`` under numpy 1.24 to 1.26.** mmdet3d 1.4's ``DataBaseSampler.sample_all`` (the
+   GT paste of ``ObjectSample``, in every nuScenes CenterPoint config) makes its labels with
+   ``dtype=np.long``, which numpy removed in 1.24 and brought back in 2.0 as the C ``long``
+   (mmdet3d issue 2821, fixed after 1.4.0 by PR 2872). :func:`define_numpy_long` defines it
+   as numpy 2 does on Linux, ``np.int64``, where it is missing.
 """
 import os.path as osp
 import pickle
@@ -123,6 +129,18 @@ def register_config_package() -> None:
     config_module.get_installed_path = get_installed_path
 
 
+def define_numpy_long() -> bool:
+    """Define ``np.long`` (``np.int64``) where numpy lacks it (1.24 to 1.26).
+
+    Returns:
+        bool: True if it was defined here; False where numpy has it (before 1.24, or 2.x).
+    """
+    if 'long' in vars(np):  # not hasattr: numpy 1.2x warns on the look-up
+        return False
+    np.long = np.int64
+    return True
+
+
 def apply() -> None:
     """Apply every fix once; later calls do nothing."""
     global _applied
@@ -130,4 +148,5 @@ def apply() -> None:
         return
     allow_mmengine_checkpoint_types()
     register_config_package()
+    define_numpy_long()
     _applied = True

@@ -13,11 +13,12 @@ Examples:
     >>> infos = check_infos(summary['info_files']['train'], ALL_FIELDS)
 """
 from .generator import Options, format_summary, generate, scene_names
+from .gt_database import create_gt_database
 from .validate import (ALL_FIELDS, MAP_FIELDS, MMDET3D_FIELDS, PLANNING_FIELDS, SWEEP_FIELDS,
                        TEMPORAL_FIELDS, InfoFileError, check_infos)
 
 __all__ = [
-    'generate', 'Options', 'format_summary', 'scene_names', 'check_infos', 'InfoFileError',
-    'MMDET3D_FIELDS', 'SWEEP_FIELDS', 'TEMPORAL_FIELDS', 'MAP_FIELDS', 'PLANNING_FIELDS',
-    'ALL_FIELDS'
+    'generate', 'Options', 'format_summary', 'scene_names', 'create_gt_database', 'check_infos',
+    'InfoFileError', 'MMDET3D_FIELDS', 'SWEEP_FIELDS', 'TEMPORAL_FIELDS', 'MAP_FIELDS',
+    'PLANNING_FIELDS', 'ALL_FIELDS'
 ]

@@ -4,12 +4,15 @@ Work is split per keyframe: a task renders the keyframe's six images and the lid
 to it, writes them, and reports what the sensors measured of each agent (lidar points in its
 box, visibility). Tasks run in a process pool; each worker rebuilds the scenes it needs from
 the seed. The main process then builds the database rows, the info files and the tables, so
-the output does not depend on the number of workers.
+the output does not depend on the number of workers. Last, the ground-truth database of the
+train split is cut from the written point clouds, one task per sample
+(:mod:`.gt_database`).
 """
 import os
 import os.path as osp
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from typing import Optional
@@ -19,6 +22,7 @@ import numpy as np
 from . import lidar
 from .cameras import CAMERA_NAMES, NOMINAL_SIZE
 from .ground import GroundRaster
+from .gt_database import create_gt_database
 from .images import Renderer
 from .infos import dump_infos, metainfo, scene_infos
 from .records import LIDAR, SceneRecords, data_filename, lidar_ticks
@@ -68,7 +72,7 @@ class Options:
 def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, workers: int = 0,
              image_size=NOMINAL_SIZE, points: int = 34000, sweeps: int = 10,
              version: str = 'v1.0-trainval', val_scenes: Optional[int] = None,
-             jpeg_quality: int = 90, info_prefix: str = 'nuscenes',
+             jpeg_quality: int = 90, info_prefix: str = 'nuscenes', gt_database: bool = True,
              progress: bool = True) -> dict:
     """Generate a synthetic nuScenes-format dataset.
 
@@ -93,11 +97,15 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
         jpeg_quality (int): JPEG quality of the images. Defaults to 90.
         info_prefix (str): Info files are ``<prefix>_infos_{train,val}.pkl``. Defaults to
             'nuscenes'.
+        gt_database (bool): Also write the ground-truth database of the train split that
+            mmdet3d's ``ObjectSample`` reads, as mmdet3d's converter does:
+            ``<prefix>_gt_database/`` and ``<prefix>_dbinfos_train.pkl``. Defaults to True.
         progress (bool): Show a progress bar. Defaults to True.
 
     Returns:
         dict: A summary: counts, bytes written per kind, mean points per sweep and image size,
-        seconds taken, and the paths of the info files.
+        seconds taken, the paths of the info files, and the ground-truth database's summary
+        (``gt_database``, None when not written).
 
     Examples:
         >>> from turbox_mm.datasets.synthetic import generate
@@ -132,10 +140,17 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
         info_paths[split] = osp.join(out_dir, f'{info_prefix}_infos_{split}.pkl')
         dump_infos(info_paths[split], meta, [info for scene in chosen for info in scene])
     table_bytes = write_tables(out_dir, options.version, build_tables(all_records))
+    database = None
+    if gt_database:
+        train_samples = sum(map(len, infos[:train]))
+        with _mapper(workers, train_samples, progress, 'gt database',
+                     'sample') as imap:
+            database = create_gt_database(out_dir, info_paths['train'], info_prefix, imap)
 
     sizes = dict(images=totals['images'], lidar_samples=totals['lidar_samples'],
                  lidar_sweeps=totals['lidar_sweeps'],
-                 infos=sum(osp.getsize(p) for p in info_paths.values()), tables=table_bytes)
+                 infos=sum(osp.getsize(p) for p in info_paths.values()), tables=table_bytes,
+                 gt_database=database['bytes'] if database else 0)
     sizes['total'] = sum(sizes.values())
     keyframes = options.scenes * options.frames
     return dict(
@@ -148,7 +163,8 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
                    lidar_sweeps=totals['sweeps'] - keyframes),
         bytes=sizes, mean_points_per_sweep=totals['points'] / max(1, totals['sweeps']),
         mean_image_bytes=totals['images'] / (keyframes * len(CAMERA_NAMES)),
-        seconds=time.perf_counter() - started, workers=workers, info_files=info_paths)
+        seconds=time.perf_counter() - started, workers=workers, info_files=info_paths,
+        gt_database=database)
 
 
 def _render_all(options: Options, out_dir: str, workers: int, progress: bool):
@@ -167,22 +183,34 @@ def _render_all(options: Options, out_dir: str, workers: int, progress: bool):
     lidar.warm_up()  # compile once; forked workers inherit it
     measured = {}
     totals = dict(images=0, lidar_samples=0, lidar_sweeps=0, points=0, sweeps=0)
-    bar = _progress(len(tasks), progress)
-    pool = _pool(min(workers, len(tasks))) if workers > 1 else None
-    try:
-        results = (pool.imap(render_keyframe, tasks, chunksize=1) if pool
-                   else map(render_keyframe, tasks))
-        for result in results:
+    with _mapper(workers, len(tasks), progress, 'keyframes', 'kf') as imap:
+        for result in imap(render_keyframe, tasks):
             measured[(result['scene'], result['frame'])] = result['measured']
             for key in totals:
                 totals[key] += result[key]
+    return measured, totals
+
+
+@contextmanager
+def _mapper(workers: int, total: int, progress: bool, desc: str, unit: str):
+    """An ``imap(function, tasks)`` over a process pool (none when ``workers`` is 1) that
+    yields results in task order and advances a progress bar of ``total`` tasks."""
+    bar = _progress(total, progress, desc, unit)
+    pool = _pool(min(workers, total)) if workers > 1 and total > 0 else None
+
+    def imap(function, tasks):
+        results = pool.imap(function, tasks, chunksize=1) if pool else map(function, tasks)
+        for result in results:
             bar.update(1)
+            yield result
+
+    try:
+        yield imap
     finally:
         bar.close()
         if pool is not None:
             pool.close()
             pool.join()
-    return measured, totals
 
 
 def scene_names(version: str, train: int, val: int) -> list:
@@ -298,7 +326,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = 'keyframes', unit: str = 'kf'):
     if not enabled:
         return _NoBar()
     try:
@@ -315,7 +343,7 @@ def _progress(total: int, enabled: bool):
                 print()
 
         return _Bar(total)
-    return tqdm(total=total, desc='keyframes', unit='kf', smoothing=0.1)
+    return tqdm(total=total, desc=desc, unit=unit, smoothing=0.1)
 
 
 def format_summary(summary: dict) -> str:
@@ -337,8 +365,13 @@ def format_summary(summary: dict) -> str:
         f"  infos                     {b['infos'] / mib:9.1f} MiB "
         f"({', '.join(osp.basename(p) for p in summary['info_files'].values())})",
         f"  tables                    {b['tables'] / mib:9.1f} MiB ({summary['version']}/)",
-        f"  total                     {b['total'] / mib:9.1f} MiB",
     ]
+    database = summary.get('gt_database')
+    if database:
+        lines.append(f"  gt database   {database['files']:7d} files "
+                     f"{b['gt_database'] / mib:9.1f} MiB ({osp.basename(database['folder'])}/, "
+                     f"{osp.basename(database['dbinfos'])})")
+    lines.append(f"  total                     {b['total'] / mib:9.1f} MiB")
     return '\n'.join(lines)
 
 
