@@ -8,7 +8,9 @@ same results within the tolerance their parity tests state; the model's maths is
 Configs written for mmdet3d alone are reached too: mmdet3d's ``Det3DDataPreprocessor`` with
 hard or dynamic voxelization becomes ``turbox_mm.TurboxDet3DDataPreprocessor`` with
 ``op_impl='turbox'`` (the same arguments; the batch is voxelized in one call of turbox_mm's
-voxelize ops, with the same voxels as mmcv's deterministic op).
+voxelize ops, with the same voxels as mmcv's deterministic op), and mmdet3d's ``CenterHead``
+becomes ``turbox_mm.TurboxCenterHead`` with ``op_impl='turbox'`` (its training targets built for
+the batch on the GPU, the same tensors, instead of a Python loop over boxes).
 """
 import inspect
 from typing import Any, Dict, List
@@ -17,6 +19,12 @@ from mmengine.config import Config
 
 OP_IMPL = 'op_impl'
 STOCK_PREPROCESSORS = ('Det3DDataPreprocessor', 'mmdet3d.Det3DDataPreprocessor')
+# mmdet3d modules with a turbox twin that takes the same arguments plus op_impl; turbox_mm
+# registers none of these names, so the plain name is mmdet3d's in any scope.
+TWINS = {
+    'CenterHead': 'turbox_mm.TurboxCenterHead',
+    'mmdet3d.CenterHead': 'turbox_mm.TurboxCenterHead',
+}
 FAST_VOXEL_TYPES = ('hard', 'dynamic')
 
 
@@ -36,7 +44,11 @@ def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
 
 def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
     if isinstance(node, dict):
-        if _takes_op_impl(node.get('type'), default_scope) and node.get(OP_IMPL) != 'turbox':
+        twin = TWINS.get(node['type']) if isinstance(node.get('type'), str) else None
+        if twin is not None:  # an mmdet3d module with a turbox twin
+            changes.append(f"{path} = {twin}(op_impl='turbox') (was {node['type']})")
+            node['type'], node[OP_IMPL] = twin, 'turbox'
+        elif _takes_op_impl(node.get('type'), default_scope) and node.get(OP_IMPL) != 'turbox':
             node[OP_IMPL] = 'turbox'
             changes.append(f"{path}.op_impl = 'turbox' ({node['type']})")
         for key, value in node.items():
