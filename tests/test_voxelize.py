@@ -147,6 +147,21 @@ def test_mmcv_compatible_single_sample_function():
         assert_same_voxels(got, want)
 
 
+@pytest.mark.parametrize('voxel_size', [[10.0, 0.5, 0.25], [0.5, 10.0, 2.0], [10.0, 10.0, 2.0]])
+def test_grids_of_one_cell_along_an_axis(voxel_size):
+    pts = make_cloud(seed=9)
+    want = mmcv_voxelize(pts, voxel_size=voxel_size, max_points=5, max_voxels=500)
+    assert_same_voxels(kernel(vx.hard_voxelize, pts, voxel_size, RANGE, 5, 500), want)
+
+
+def test_too_large_grids_get_named_errors():
+    with pytest.raises(ValueError, match='too large'):
+        vx.grid_shape([1e-7, 1, 1], [0, 0, 0, 1000, 1, 1])  # 1e10 cells along x
+    with pytest.raises(ValueError, match='voxel key range'):
+        vx.hard_voxelize(torch.zeros(2048, 4), [1e-6, 1e-6, 1e-4], [0, 0, 0, 1, 1, 1], 4, 10,
+                         sample_sizes=[1] * 2048)
+
+
 def test_grid_shape_rounds_in_float32_as_mmcv():
     assert vx.grid_shape([0.075, 0.075, 0.2], [-54, -54, -5, 54, 54, 3]) == [1440, 1440, 40]
     assert vx.grid_shape([0.2, 0.2, 8], [-51.2, -51.2, -5, 51.2, 51.2, 3]) == [512, 512, 1]
@@ -265,3 +280,69 @@ def test_micro_benchmark_runs_quick_on_the_cpu():
                                              'centerpoint 0.075 dynamic',
                                              'centerpoint 0.075 hard det., batch of 4']
     assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
+
+
+COMPILE_SCRIPT = r'''
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from turbox_mm.ops.voxelize import triton_kernels as tk
+
+POINTERS = {'pts_ptr': None, 'prm_ptr': None, 'vox_ptr': None, 'out_ptr': '*i32',
+            'key_ptr': '*i64', 'bounds_ptr': '*i64', 'skey_ptr': '*i64', 'order_ptr': '*i64',
+            'firsts_ptr': '*i64', 'before_ptr': '*i64', 'offset_ptr': '*i64', 'flag_ptr': '*i32',
+            'coor_ptr': '*i32', 'num_ptr': '*i32'}
+CONSTEXPRS = {'BLOCK': 256, 'CBLOCK': 8, 'MAX_POINTS': 10}
+
+
+def compile_for_sm90(kernel, dtype, ones):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(names):
+        if name in POINTERS:
+            signature[name] = POINTERS[name] or dtype
+        elif name in CONSTEXPRS or name in ones:  # Triton specialises an int argument of 1
+            signature[name] = 'constexpr'
+            constexprs[(i, )] = CONSTEXPRS.get(name, 1)
+        else:
+            signature[name] = 'i32'
+    if kernel is tk._coords_kernel or kernel is tk._keys_kernel:
+        signature['prm_ptr'] = '*fp64' if dtype == '*fp64' else '*fp32'
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                   target=GPUTarget('cuda', 90, 32))
+
+
+failures = []
+for kernel in (tk._coords_kernel, tk._keys_kernel, tk._opens_kernel, tk._scatter_kernel):
+    for dtype in ('*fp32', '*fp16', '*bf16', '*fp64'):
+        for ones in ((), ('gx', 'gy', 'gz', 'S', 'MAX_VOXELS', 'VOLUME', 'PLANE', 'C')):
+            try:
+                compile_for_sm90(kernel, dtype, ones)
+            except Exception as error:  # report every failing variant
+                failures.append(f'{kernel.fn.__name__} {dtype} ones={ones}: '
+                                f'{str(error).splitlines()[-1] if str(error) else error!r}')
+print('\n'.join(failures) or 'all compiled')
+sys.exit(1 if failures else 0)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
+    """The interpreter runs Python, not Triton's compiler: a kernel can pass every CPU test and
+    still fail to compile for the GPU (a statement after an early return is compiled too; an
+    int argument equal to 1 becomes a constant). Compile each kernel ahead of time for the
+    H200's sm_90, for every point dtype and with the size arguments at 1."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip('triton.backends.nvidia')
+    script = tmp_path / 'compile_kernels.py'
+    script.write_text(COMPILE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if 'ptxas' in proc.stderr and 'not found' in proc.stderr:
+        pytest.skip('Triton has no ptxas here')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -11,6 +11,7 @@ stock code.
 """
 from typing import Dict, List
 
+import torch
 from torch import Tensor
 
 from turbox_mm.models.layers.voxelization import TurboxVoxelization
@@ -33,6 +34,7 @@ class FastVoxelizeMixin:
         if self._fast_voxelize:
             self.voxel_layer = TurboxVoxelization(**voxel_layer)
 
+    @torch.no_grad()
     def voxelize(self, points: List[Tensor], data_samples) -> Dict[str, Tensor]:
         """The stock voxel dictionary; hard and dynamic types in one batched call."""
         if not self._fast_voxelize:

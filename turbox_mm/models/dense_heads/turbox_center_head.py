@@ -54,8 +54,11 @@ class TurboxCenterHead(CenterHead):
         factor = cfg['out_size_factor']
         grid = torch.tensor(cfg['grid_size'])
         width_cells, height_cells = (grid[:2] // factor).tolist()  # feature map W (x), H (y)
-        pc_range = torch.tensor(cfg['point_cloud_range'], dtype=torch.float32).to(device)
-        voxel = torch.tensor(cfg['voxel_size'], dtype=torch.float32).to(device)
+        # On the host, as CenterHead keeps them: CUDA divides by a host scalar as a
+        # multiplication by its reciprocal, by a device tensor exactly; the targets must
+        # round as the stock ones do.
+        pc_range = torch.tensor(cfg['point_cloud_range'], dtype=torch.float32)
+        voxel = torch.tensor(cfg['voxel_size'], dtype=torch.float32)
 
         # Everything CenterHead computes per box, for all boxes (the same float32 operations).
         length = boxes[:, 3] / voxel[0] / factor

@@ -59,7 +59,10 @@ class TurboxVoxelization(nn.Module):
         pcr = torch.tensor(self.point_cloud_range, dtype=torch.float32)
         if len(voxel_size):
             self.voxel_size = list(voxel_size)
-            self.grid_shape = voxel_grid_shape(self.voxel_size, self.point_cloud_range)
+            voxel_grid_shape(self.voxel_size, self.point_cloud_range)  # raises if no grid
+            # the attribute as mmdet3d computes it (torch.round); the op rounds as mmcv's C++
+            self.grid_shape = torch.round((pcr[3:] - pcr[:3]) / torch.tensor(
+                self.voxel_size, dtype=torch.float32)).long().tolist()
         elif len(grid_shape):
             shape = torch.tensor(list(grid_shape), dtype=torch.float32)
             self.voxel_size = ((pcr[3:] - pcr[:3]) / (shape - 1)).tolist()
@@ -102,7 +105,7 @@ class TurboxVoxelization(nn.Module):
         if not points:
             raise ValueError('TurboxVoxelization: forward_batch needs at least one sample')
         sizes = [int(p.shape[0]) for p in points]
-        cloud = points[0] if len(points) == 1 else torch.cat(points, dim=0)
+        cloud = torch.cat(points, dim=0)  # a copy even of one sample, as the stock code makes
         if not self.dynamic:
             return hard_voxelize(cloud, self.voxel_size, self.point_cloud_range,
                                  self.max_num_points, self.current_max_voxels, sample_sizes=sizes)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .reference import (POINT_DTYPES, grid_shape, hard_voxelize_reference,
+from .reference import (MAX_KEY, POINT_DTYPES, grid_shape, hard_voxelize_reference,
                         voxel_coords_reference)
 
 try:
@@ -42,13 +42,19 @@ def check_points(points: Tensor, name: str = 'points') -> None:
                          f'{points.dtype}')
 
 
-def check_limits(points: Tensor, sample_sizes: Sequence[int], max_points: int,
-                 max_voxels: int) -> None:
+def check_limits(points: Tensor, sample_sizes: Sequence[int], max_points: int, max_voxels: int,
+                 grid: Sequence[int]) -> None:
     """Raise ``ValueError`` unless the sample sizes cover ``points`` and the limits are > 0."""
     if len(sample_sizes) == 0 or any(s < 0 for s in sample_sizes) or \
             sum(sample_sizes) != points.shape[0]:
         raise ValueError(f'voxelize: sample_sizes {list(sample_sizes)} must be one or more sizes '
                          f'>= 0 that add up to the {points.shape[0]} points')
+    volume = 1
+    for size in grid:
+        volume *= size
+    if len(sample_sizes) * volume >= MAX_KEY:
+        raise ValueError(f'voxelize: {len(sample_sizes)} samples of a {grid} grid exceed the '
+                         f'voxel key range ({MAX_KEY})')
     if max_points < 1 or max_voxels < 1:
         raise ValueError(f'voxelize: hard voxelization needs max_points >= 1 and max_voxels >= 1, '
                          f'got {max_points} and {max_voxels} (-1 means dynamic voxelization: '
@@ -80,8 +86,8 @@ def hard_voxelize_op(points: Tensor, sample_sizes: List[int], voxel_size: List[f
                      max_voxels: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Hard voxelization of concatenated samples (see :mod:`.reference`)."""
     check_points(points)
-    check_limits(points, sample_sizes, max_points, max_voxels)
     grid = grid_shape(voxel_size, point_cloud_range)
+    check_limits(points, sample_sizes, max_points, max_voxels, grid)
     if points.shape[0] == 0:  # nothing to sort, nothing to synchronise on
         return (points.new_zeros(0, max_points, points.shape[1]),
                 points.new_zeros(0, 4, dtype=torch.int32), points.new_zeros(0, dtype=torch.int32))
@@ -96,8 +102,8 @@ def hard_voxelize_op(points: Tensor, sample_sizes: List[int], voxel_size: List[f
 @hard_voxelize_op.register_fake
 def _(points, sample_sizes, voxel_size, point_cloud_range, max_points, max_voxels):
     check_points(points)
-    check_limits(points, sample_sizes, max_points, max_voxels)
-    grid_shape(voxel_size, point_cloud_range)
+    check_limits(points, sample_sizes, max_points, max_voxels,
+                 grid_shape(voxel_size, point_cloud_range))
     total = torch.library.get_ctx().new_dynamic_size()
     return (points.new_empty(total, max_points, points.shape[1]),
             points.new_empty(total, 4, dtype=torch.int32),

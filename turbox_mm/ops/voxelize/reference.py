@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: Largest voxel key (samples x grid volume): int64 with room to spare.
+MAX_KEY = 2**62
 #: Point dtypes the op accepts; 16-bit points are voxelized in float32.
 POINT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -72,8 +74,9 @@ def grid_shape(voxel_size: Sequence[float], point_cloud_range: Sequence[float]) 
         raise ValueError(f'voxelize: point_cloud_range {list(point_cloud_range)} with voxel_size '
                          f'{list(voxel_size)} gives a grid of {grid} voxels (x, y, z); each must '
                          'be at least 1 (is the range written [min..., max...]?)')
-    if grid[0] * grid[1] * grid[2] > 2**62 // 1024:
-        raise ValueError(f'voxelize: a grid of {grid} voxels is too large')
+    if max(grid) >= 2**31 or grid[0] * grid[1] * grid[2] > MAX_KEY:
+        raise ValueError(f'voxelize: a grid of {grid} voxels (x, y, z) is too large: at most '
+                         f'2**31 - 1 a side and {MAX_KEY} in all')
     return grid
 
 

@@ -36,9 +36,12 @@ BLOCK = 256
 def _cell(p, low, size):
     """``floor((p - low) / size)`` with IEEE division: float64 for float64 points, else
     float32."""
+    # One return, after the branch: Triton compiles every statement after an early return too.
     if p.dtype == tl.float64:
-        return tl.floor((p - low) / size)  # float64 division is IEEE-rounded
-    return tl.floor(tl.math.div_rn(p.to(tl.float32) - low, size))
+        cell = tl.floor((p - low) / size)  # float64 division is IEEE-rounded
+    else:
+        cell = tl.floor(tl.math.div_rn(p.to(tl.float32) - low, size))
+    return cell
 
 
 @triton.jit
@@ -72,8 +75,11 @@ def _coords_kernel(pts_ptr, prm_ptr, out_ptr, N, stride_n, stride_c, gx, gy, gz,
 
 @triton.jit
 def _keys_kernel(pts_ptr, prm_ptr, bounds_ptr, key_ptr, N, S, SEARCH_STEPS, stride_n, stride_c,
-                 gx, gy, gz, BLOCK: tl.constexpr):
-    """``key[i]``: sample * volume + linear voxel index, or ``S * volume`` if dropped."""
+                 gx, gy, gz, VOLUME, DROPPED, BLOCK: tl.constexpr):
+    """``key[i]``: sample * volume + linear voxel index, or ``DROPPED`` (= S * volume).
+
+    Products of grid sizes come from the host (``VOLUME``, ``DROPPED``), exact in int64: an
+    int argument equal to 1 is a compile-time constant in Triton, with no ``.to``."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < N
     cx, cy, cz, inside = _point_cells(pts_ptr, prm_ptr, offs, live, stride_n, stride_c, gx,
@@ -87,12 +93,11 @@ def _keys_kernel(pts_ptr, prm_ptr, bounds_ptr, key_ptr, N, S, SEARCH_STEPS, stri
         go_up = tl.load(bounds_ptr + mid, mask=live & active, other=N + 1) <= offs
         lo = tl.where(active & go_up, mid, lo)
         hi = tl.where(active & ~go_up, mid - 1, hi)
-    volume = gx.to(tl.int64) * gy * gz
     # Dropped points (NaN, inf, far away) are zeroed before the integer conversion.
     ix = tl.where(inside, cx, 0.0).to(tl.int64)
     iy = tl.where(inside, cy, 0.0).to(tl.int64)
     iz = tl.where(inside, cz, 0.0).to(tl.int64)
-    key = tl.where(inside, lo * volume + (iz * gy + iy) * gx + ix, S * volume)
+    key = tl.where(inside, lo * VOLUME + (iz * gy + iy) * gx + ix, DROPPED)
     tl.store(key_ptr + offs, key, mask=live)
 
 
@@ -111,7 +116,8 @@ def _opens_kernel(skey_ptr, order_ptr, flag_ptr, N, DROPPED, BLOCK: tl.constexpr
 @triton.jit
 def _scatter_kernel(pts_ptr, skey_ptr, order_ptr, firsts_ptr, before_ptr, offset_ptr,
                     vox_ptr, coor_ptr, num_ptr, N, C, DROPPED, SEARCH_STEPS, stride_n, stride_c,
-                    gx, gy, gz, MAX_POINTS: tl.constexpr, MAX_VOXELS, BLOCK: tl.constexpr,
+                    gx, gy, VOLUME, PLANE, MAX_POINTS: tl.constexpr, MAX_VOXELS,
+                    BLOCK: tl.constexpr,
                     CBLOCK: tl.constexpr):
     """Write each kept point to its voxel; the voxel's first point writes coordinates and count.
 
@@ -143,8 +149,7 @@ def _scatter_kernel(pts_ptr, skey_ptr, order_ptr, firsts_ptr, before_ptr, offset
     rank = offs - start
     point = tl.load(order_ptr + offs, mask=valid, other=0)
     first = tl.load(order_ptr + start, mask=valid, other=0)
-    volume = gx.to(tl.int64) * gy * gz
-    sample = key // volume
+    sample = key // VOLUME
     voxel = (tl.load(firsts_ptr + first + 1, mask=valid, other=0)
              - tl.load(before_ptr + sample, mask=valid, other=0) - 1)
     keep = valid & (rank < MAX_POINTS) & (voxel < MAX_VOXELS)
@@ -159,10 +164,10 @@ def _scatter_kernel(pts_ptr, skey_ptr, order_ptr, firsts_ptr, before_ptr, offset
         tl.store(dst, values, mask=cmask)
 
     head = keep & (rank == 0)
-    linear = key - sample * volume
+    linear = key - sample * VOLUME
     x = linear % gx
     y = (linear // gx) % gy
-    z = linear // (gx.to(tl.int64) * gy)
+    z = linear // PLANE
     coor = coor_ptr + row * 4
     tl.store(coor, sample.to(tl.int32), mask=head)
     tl.store(coor + 1, z.to(tl.int32), mask=head)
@@ -208,7 +213,8 @@ def hard_voxelize(points: Tensor, sample_sizes: Sequence[int], voxel_size: Seque
     num, channels = points.shape
     device = points.device
     samples = len(sample_sizes)
-    dropped = samples * grid[0] * grid[1] * grid[2]
+    volume = grid[0] * grid[1] * grid[2]
+    dropped = samples * volume
     bounds_host = [0]
     for size in sample_sizes:
         bounds_host.append(bounds_host[-1] + int(size))
@@ -217,7 +223,7 @@ def hard_voxelize(points: Tensor, sample_sizes: Sequence[int], voxel_size: Seque
     stride_n, stride_c = points.stride(0), points.stride(1)
     _keys_kernel[_grid(num)](points, _params(points, voxel_size, point_cloud_range), bounds,
                              keys, num, samples, _steps(samples), stride_n, stride_c, *grid,
-                             BLOCK=BLOCK)
+                             volume, dropped, BLOCK=BLOCK)
     sorted_keys, order = torch.sort(keys, stable=True)
     flags = torch.empty(num, dtype=torch.int32, device=device)
     _opens_kernel[_grid(num)](sorted_keys, order, flags, num, dropped, BLOCK=BLOCK)
@@ -233,7 +239,7 @@ def hard_voxelize(points: Tensor, sample_sizes: Sequence[int], voxel_size: Seque
     if total:
         _scatter_kernel[_grid(num)](
             points, sorted_keys, order, firsts, before, ends - opened, voxels, coors,
-            num_points, num, channels, dropped, _steps(num), stride_n, stride_c, *grid,
-            MAX_POINTS=max_points, MAX_VOXELS=max_voxels, BLOCK=BLOCK,
-            CBLOCK=min(triton.next_power_of_2(max(channels, 1)), 16))
+            num_points, num, channels, dropped, _steps(num), stride_n, stride_c, grid[0],
+            grid[1], volume, grid[0] * grid[1], MAX_POINTS=max_points, MAX_VOXELS=max_voxels,
+            BLOCK=BLOCK, CBLOCK=min(triton.next_power_of_2(max(channels, 1)), 16))
     return voxels, coors, num_points
