@@ -130,3 +130,13 @@ def format_rows(rows: List[Dict], title: str = '') -> str:
         if i == 0:
             lines.append('  '.join('-' * w for w in widths))
     return '\n'.join(lines)
+
+
+def benchmark_device(name: str, device: str) -> torch.device:
+    """``torch.device(device)`` for the micro benchmark ``name``; a CUDA device without CUDA
+    raises ``RuntimeError`` naming the benchmark."""
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f'{name} benchmark: device {device!r} requested but CUDA is not '
+                           'available')
+    return dev

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from turbox_mm.benchmark.timing import time_fn
+from turbox_mm.benchmark.timing import benchmark_device, time_fn
 from turbox_mm.datasets.synthetic.cameras import camera_rig
 from turbox_mm.datasets.synthetic.geometry import invert
 from turbox_mm.ops.deformable_aggregation import (deformable_aggregation,
@@ -205,10 +205,7 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         >>> [row['case'].split()[-1] for row in rows]  # doctest: +SKIP
         ['fwd', 'fwd+bwd']
     """
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f'deformable_aggregation benchmark: device {device!r} requested but '
-                           'CUDA is not available')
+    dev = benchmark_device('deformable_aggregation', device)
     size = QUICK if quick else STOCK
     iters, warmup = (3, 1) if quick else (30, 5)
     dtypes = [torch.float32] + ([torch.float16] if dev.type == 'cuda' else [])

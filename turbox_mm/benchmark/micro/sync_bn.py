@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from turbox_mm.benchmark.timing import time_fn
+from turbox_mm.benchmark.timing import benchmark_device, time_fn
 from turbox_mm.models.layers.sync_batchnorm import TurboxSyncBatchNorm
 
 SHAPES = ((6, 256, 64, 176), (6, 64, 128, 352))
@@ -124,10 +124,7 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         >>> rows[0]['component']  # doctest: +SKIP
         'SyncBatchNorm'
     """
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f'sync_bn benchmark: device {device!r} requested but CUDA is not '
-                           'available')
+    dev = benchmark_device('sync_bn', device)
     shapes = QUICK_SHAPES if quick else SHAPES
     iters, warmup = (3, 1) if quick else (50, 10)
     dtypes = [torch.float32]

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from turbox_mm.benchmark.timing import time_fn
+from turbox_mm.benchmark.timing import benchmark_device, time_fn
 from turbox_mm.ops.voxelize import hard_voxelize, voxelization
 
 CASES = {
@@ -56,10 +56,7 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         'voxelize'
     """
     from mmcv.ops import voxelization as mmcv_voxelization
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f'voxelize benchmark: device {device!r} requested but CUDA is not '
-                           'available')
+    dev = benchmark_device('voxelize', device)
     num = QUICK_POINTS if quick else POINTS
     iters, warmup = (3, 1) if quick else (30, 5)
     clouds = [sweep_cloud(num, seed).to(dev) for seed in range(4)]
