@@ -3,6 +3,7 @@ import json
 import os.path as osp
 
 import pytest
+import torch
 
 from conftest import run_python
 from turbox_mm.benchmark import format_table, reduction_percent, summarize
@@ -73,7 +74,8 @@ def test_too_short_config_is_reported(tmp_path):
     proc = run_python(['tools/benchmark.py', STOCK, '--iters', '40', '--warmup', '4', '--out',
                        str(tmp_path)], env=ENV)
     assert proc.returncode == 1
-    assert 'trains only 32 iterations, fewer than warmup + iters = 44' in proc.stdout
+    assert ('trains only 32 iterations, fewer than warmup + iters + sync iterations = 44'
+            in proc.stdout)
 
 
 def test_missing_config_named(tmp_path):
@@ -140,3 +142,47 @@ def test_component_mode_names_an_unknown_component(tmp_path):
     proc = run_python(['tools/benchmark.py', '--components', 'emma', '--out', str(tmp_path)])
     assert proc.returncode != 0
     assert "unknown micro benchmark 'emma'; valid names:" in proc.stderr
+
+
+def test_profile_writes_sources_and_operator_table_on_the_cpu(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, '--iters', '4', '--warmup', '2',
+                       '--sync-iters', '2', '--profile', '--out', str(tmp_path)], env=ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert 'syncs/iter' in proc.stdout and 'iteration 8/8' in proc.stdout
+    result = json.load(open(tmp_path / 'benchmark.json'))['results'][0]
+    assert result['sync_iters'] == 2 and result['host_syncs_per_iter'] is None
+    assert len(result['per_iter']) == 4  # the profiled iterations are not timed
+    profile = open(result['profile']).read()
+    assert '2 iterations after the timed window' in profile and 'Self CPU' in profile
+    assert 'no CUDA device' in open(result['syncs']).read()
+    assert f"profile: {result['syncs']}" in proc.stdout
+
+
+def test_sync_counter_counts_by_source_line():
+    import warnings
+
+    from turbox_mm.benchmark.syncs import SYNC_WARNING, SyncCounter, format_sources
+
+    def record(line, message=f'{SYNC_WARNING}: x.item()'):
+        return warnings.WarningMessage(UserWarning(message), UserWarning, 'head.py', line)
+
+    counter = SyncCounter(enabled=False)
+    assert counter.total is None
+    counter.add([record(10), record(10), record(12), record(99, 'something else')])
+    assert counter.total == 3 and counter.top() == [('head.py', 10, 2), ('head.py', 12, 1)]
+    table = format_sources(counter.top(), iters=2)
+    assert '1.0  head.py:10' in table and '0.5  head.py:12' in table
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_sync_counter_counts_item_and_masks_on_the_gpu():
+    from turbox_mm.benchmark.syncs import SyncCounter
+    x = torch.arange(10.0, device='cuda')
+    with SyncCounter() as syncs:
+        x.sum().item()
+        x[x > 3].sum()  # a boolean mask: nonzero on the host
+        y = x * 2  # no sync
+    assert syncs.total >= 2 and y.is_cuda
+    assert all(f.endswith('test_benchmark.py') for f, _, _ in syncs.top())
+    assert torch.cuda.get_sync_debug_mode() == 0

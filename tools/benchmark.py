@@ -3,8 +3,12 @@
 Each config runs in its own fresh process, on the same data with the same seed; after
 ``--warmup`` iterations, ``--iters`` iterations are timed. One table comes out (median and
 spread of the iteration time, its breakdown, samples/s, mean loss, peak GPU memory, GPU
-utilisation, loader CPU use, and the training time saved against the first config), plus
-``benchmark.json`` and a stacked-bar chart ``benchmark.png`` in ``--out``.
+utilisation, host-device synchronisations per iteration, loader CPU use, and the training time
+saved against the first config), plus ``benchmark.json`` and a stacked-bar chart
+``benchmark.png`` in ``--out``. The synchronisations are counted over ``--sync-iters`` untimed
+iterations after the window; ``--profile`` also profiles those iterations and writes, per
+config, ``syncs.txt`` (the Python lines that synchronise, per iteration) and ``profile.txt``
+(torch profiler operators by self CPU time) beside its log.
 
 Examples:
     python tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \\
@@ -73,6 +77,11 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=100,
                         help='timed iterations (data mode: timed data-preprocessor calls)')
     parser.add_argument('--warmup', type=int, default=20, help='untimed iterations first')
+    parser.add_argument('--sync-iters', type=int, default=3,
+                        help='untimed iterations after the window that count host-device '
+                        'synchronisations (CUDA); 0 to skip')
+    parser.add_argument('--profile', action='store_true',
+                        help='profile the sync iterations: syncs.txt and profile.txt per config')
     parser.add_argument('--out', help='folder for benchmark.json and benchmark.png '
                         '(default: work_dirs/benchmark/<time>)')
     parser.add_argument('--seed', type=int, default=0, help='seed of every run')
@@ -99,6 +108,7 @@ def worker(args) -> int:
 
     work_dir = osp.join(osp.dirname(args.result), osp.splitext(osp.basename(config))[0])
     result = measure_config(config, iters=args.iters, warmup=args.warmup, cfg_options=options,
+                            sync_iters=args.sync_iters, profile=args.profile,
                             work_dir=work_dir, progress=progress)
     with open(args.result, 'w') as f:
         json.dump(result, f)
@@ -108,7 +118,8 @@ def worker(args) -> int:
 def _run_one(config: str, args, out_dir: str) -> dict:
     result_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.result.json')
     cmd = [sys.executable, osp.abspath(__file__), config, '--worker', '--result', result_path,
-           '--iters', str(args.iters), '--warmup', str(args.warmup), '--seed', str(args.seed)]
+           '--iters', str(args.iters), '--warmup', str(args.warmup), '--seed', str(args.seed),
+           '--sync-iters', str(args.sync_iters)] + (['--profile'] if args.profile else [])
     if args.cfg_options:
         cmd += ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in args.cfg_options.items()]
     env = dict(os.environ)
@@ -267,6 +278,9 @@ def main(argv=None) -> int:
     else:
         note = '(matplotlib not installed)' if summaries else '(no config succeeded)'
     print(f"\nresults: {osp.join(out_dir, 'benchmark.json')}\nchart:   {note}")
+    for result in results:
+        if result.get('profile'):
+            print(f"profile: {result['syncs']}\n         {result['profile']}")
     return 1 if failures else 0
 
 

@@ -22,6 +22,12 @@ the run stops right after the timed window. What is measured, per iteration of t
 Besides: samples/s, peak GPU memory, mean GPU utilisation (NVML, where available), CPU cores
 used by loader workers (psutil, where available), and the training loss of every timed
 iteration, so stock and turbox runs can be compared at equal loss.
+
+After the timed window, ``sync_iters`` more iterations run (untimed: counting slows the host)
+under CUDA's synchronisation debug mode (:mod:`.syncs`): ``host_syncs_per_iter`` and the
+Python lines that synchronise most (``sync_sources``). With ``profile=True`` those iterations
+also run under ``torch.profiler`` and the work dir gets ``syncs.txt`` (sources) and
+``profile.txt`` (operator summary by self CPU time).
 """
 import copy
 import math
@@ -34,6 +40,8 @@ import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+
+from .syncs import SyncCounter, format_sources, profile_table, sync_summary
 
 PHASES = ('data_wait', 'preprocess', 'forward', 'backward', 'optimizer', 'other')
 
@@ -164,11 +172,17 @@ class _WindowHook(Hook):
 
 class _Bench:
 
-    def __init__(self, iters: int, warmup: int, progress) -> None:
+    def __init__(self, iters: int, warmup: int, progress, sync_iters: int = 0,
+                 profile: bool = False) -> None:
         self.iters = iters
         self.warmup = warmup
         self.progress = progress
         self.use_cuda = torch.cuda.is_available()
+        self.profile = profile
+        # Untimed iterations after the window: sync counting (CUDA) and the profile.
+        self.extra = sync_iters if (self.use_cuda or profile) else 0
+        self.syncs = SyncCounter(enabled=self.use_cuda)
+        self.profiler = None
         self.clock = _PhaseClock(self.use_cuda)
         self.count = 0
         self.last_end = None
@@ -192,9 +206,17 @@ class _Bench:
         # A loader built with a batch sampler has batch_size None; the sampler knows it.
         self.batch_size = loader.batch_size or getattr(loader.batch_sampler, 'batch_size', None)
 
+    def _timed(self) -> bool:
+        """Whether the iteration now running (index ``count``) is in the timed window."""
+        return self.warmup <= self.count < self.warmup + self.iters
+
+    @property
+    def total_iters(self) -> int:
+        return self.warmup + self.iters + self.extra
+
     def iter_started(self) -> None:
         now = time.perf_counter()
-        if self.last_end is not None and self.count >= self.warmup:
+        if self.last_end is not None and self._timed():
             self.wait_ms.append(1e3 * (now - self.last_end))
 
     def _sync(self) -> None:
@@ -202,7 +224,7 @@ class _Bench:
             torch.cuda.synchronize()
 
     def iter_ended(self, runner, outputs) -> None:
-        timed = self.count >= self.warmup
+        timed = self._timed()
         self.clock.next_iter(keep=timed)
         if timed and outputs is not None and 'loss' in outputs:
             loss = outputs['loss']
@@ -214,12 +236,32 @@ class _Bench:
         elif timed:
             now = time.perf_counter()
             self.iter_ms.append(1e3 * (now - self.last_end))
-        if self.progress and (self.count % max(1, (self.warmup + self.iters) // 10) == 0):
-            self.progress(self.count, self.warmup + self.iters)
+        if self.progress and (self.count % max(1, self.total_iters // 10) == 0):
+            self.progress(self.count, self.total_iters)
         if self.count == self.warmup + self.iters:
             self._end_window()
+            if self.extra:
+                self._start_extra()
+        if self.count == self.total_iters:
+            if self.extra:
+                self._end_extra()
             raise BenchmarkDone()
         self.last_end = time.perf_counter()
+
+    def _start_extra(self) -> None:
+        self.syncs.__enter__()
+        if self.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.use_cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def _end_extra(self) -> None:
+        self._sync()
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+        self.syncs.__exit__(None, None, None)
 
     def _start_window(self) -> None:
         self._sync()
@@ -260,7 +302,26 @@ class _Bench:
             peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if self.use_cuda else None),
             gpu_util=self.window.get('util'),
             loader_cpu_cores=(None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / seconds),
+            sync_iters=self.extra,
+            **sync_summary(self.syncs, self.extra),
         )
+
+    def write_profile(self, work_dir: str) -> Dict[str, str]:
+        """``syncs.txt`` and ``profile.txt`` in ``work_dir`` (with ``profile=True``)."""
+        if self.profiler is None:
+            return {}
+        os.makedirs(work_dir, exist_ok=True)
+        paths = dict(syncs=os.path.join(work_dir, 'syncs.txt'),
+                     profile=os.path.join(work_dir, 'profile.txt'))
+        with open(paths['syncs'], 'w') as f:
+            if self.syncs.total is None:
+                f.write('no CUDA device: no synchronisations to count\n')
+            else:
+                f.write(format_sources(self.syncs.top(50), self.extra) + '\n')
+        with open(paths['profile'], 'w') as f:
+            f.write(f'{self.extra} iterations after the timed window\n')
+            f.write(profile_table(self.profiler) + '\n')
+        return paths
 
 
 class BenchmarkDone(Exception):
@@ -296,7 +357,9 @@ def measure_config(config: str,
                    warmup: int = 20,
                    cfg_options: Optional[dict] = None,
                    work_dir: Optional[str] = None,
-                   progress=None) -> dict:
+                   progress=None,
+                   sync_iters: int = 3,
+                   profile: bool = False) -> dict:
     """Build ``config``'s runner and time ``iters`` training iterations after ``warmup``.
 
     Args:
@@ -308,14 +371,21 @@ def measure_config(config: str,
         work_dir (str, optional): Where the runner writes its logs. Defaults to
             ``work_dirs/benchmark/<config name>``.
         progress (callable, optional): Called as ``progress(done, total)`` now and then.
+        sync_iters (int): Untimed iterations after the window that count host
+            synchronisations (on CUDA) and are profiled (with ``profile``). Defaults to 3.
+        profile (bool): Profile those iterations; write ``syncs.txt`` and ``profile.txt`` to
+            the work dir. Defaults to False.
 
     Returns:
         dict: The measurements described in this module's docstring.
     """
     from turbox_mm.engine.runner import build_runner
 
-    if iters < 1 or warmup < 1:
-        raise ValueError(f'iters and warmup must be >= 1, got iters={iters} warmup={warmup}')
+    if iters < 1 or warmup < 1 or sync_iters < 0:
+        raise ValueError(f'iters and warmup must be >= 1 and sync_iters >= 0, got iters={iters} '
+                         f'warmup={warmup} sync_iters={sync_iters}')
+    if profile and sync_iters < 1:
+        raise ValueError('profile needs sync_iters >= 1: the profiled iterations')
     if not os.path.isfile(config):
         raise FileNotFoundError(f'config file not found: {config}')
     cfg = Config.fromfile(config)
@@ -324,19 +394,20 @@ def measure_config(config: str,
     name = os.path.splitext(os.path.basename(config))[0]
     cfg = prepare_cfg(cfg, work_dir or os.path.join('work_dirs', 'benchmark', name))
     runner = build_runner(cfg)
-    bench = _Bench(iters, warmup, progress)
+    bench = _Bench(iters, warmup, progress, sync_iters=sync_iters, profile=profile)
     runner.register_hook(_WindowHook(bench))
     try:
         runner.train()
     except BenchmarkDone:
         pass
-    if bench.count < warmup + iters:
+    if bench.count < bench.total_iters:
         raise RuntimeError(
-            f'{config} trains only {bench.count} iterations, fewer than warmup + iters = '
-            f'{warmup + iters}; lower --warmup/--iters or lengthen train_cfg '
-            '(e.g. --cfg-options train_cfg.max_epochs=N)')
+            f'{config} trains only {bench.count} iterations, fewer than warmup + iters + '
+            f'sync iterations = {bench.total_iters}; lower --warmup/--iters/--sync-iters or '
+            'lengthen train_cfg (e.g. --cfg-options train_cfg.max_epochs=N)')
     result = bench.result()
     result['config'] = config
+    result.update(bench.write_profile(cfg.work_dir))
     if any(not math.isfinite(x) for x in result['losses']):
         result['warning'] = 'non-finite loss in the timed window'
     return result

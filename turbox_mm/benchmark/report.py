@@ -44,6 +44,7 @@ def summarize(result: dict) -> dict:
         peak_mem_mb=result.get('peak_mem_mb'),
         gpu_util=result.get('gpu_util'),
         loader_cpu_cores=result.get('loader_cpu_cores'),
+        host_syncs_per_iter=result.get('host_syncs_per_iter'),
     )
 
 
@@ -76,7 +77,8 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
         str: The table, then one line per failure.
     """
     head = ['config', 'iter ms (p10-p90)', 'time saved', 'samples/s'] + \
-        [f'{p} ms' for p in PHASES] + ['loss', 'peak MiB', 'GPU %', 'loader cores']
+        [f'{p} ms' for p in PHASES] + ['loss', 'peak MiB', 'GPU %', 'syncs/iter',
+                                       'loader cores']
     lines = []
     base = summaries[0]['samples_per_s'] if summaries else None
     for s in summaries:
@@ -90,6 +92,7 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
             _fmt(s['loss_mean'], '.4g'),
             _fmt(s['peak_mem_mb'], '.0f'),
             _fmt(s['gpu_util'], '.0f'),
+            _fmt(s.get('host_syncs_per_iter'), '.1f'),
             _fmt(s['loader_cpu_cores'], '.2f'),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
@@ -98,7 +101,9 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
     out.append("iter ms: median (10th-90th percentile) of the timed iterations; phases: medians. "
                "'time saved': training time per sample saved against the first config over "
-               "the whole timed window (positive = faster).")
+               "the whole timed window (positive = faster). 'GPU %': NVML utilisation over the "
+               "window; 'syncs/iter': host-device synchronisations per iteration (CUDA's sync "
+               "debug mode, untimed iterations after the window; n/a without CUDA).")
     for config, error in (failures or {}).items():
         out.append(f'FAILED {config}: {error}')
     return '\n'.join(out)
