@@ -113,7 +113,7 @@ def test_gaussian_radius_equals_mmdet3d_elementwise():
 
 
 def test_bad_op_impl():
-    with pytest.raises(ValueError, match='op_impl must be one of'):
+    with pytest.raises(ValueError, match="op_impl must be 'stock' or 'turbox'"):
         TurboxCenterHead(op_impl='fast', **head_cfg('pillar02'))
 
 

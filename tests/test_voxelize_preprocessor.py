@@ -67,7 +67,7 @@ def test_turbox_preprocessor_gives_the_stock_voxel_dict(layer_cfg, voxel_type, t
 def test_stock_op_impl_keeps_mmdet3d_layer():
     pre = TurboxDet3DDataPreprocessor(voxel=True, voxel_layer=HARD)
     assert isinstance(pre.voxel_layer, VoxelizationByGridShape)
-    with pytest.raises(ValueError, match="op_impl must be one of"):
+    with pytest.raises(ValueError, match="op_impl must be 'stock' or 'turbox'"):
         TurboxDet3DDataPreprocessor(voxel=True, voxel_layer=HARD, op_impl='fast')
 
 

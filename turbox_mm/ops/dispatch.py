@@ -58,3 +58,14 @@ def use_kernel(op_name: str, tensor: Tensor, kernels_imported: bool, reference: 
         warnings.warn(f'turbox_mm.ops.{op_name} runs the PyTorch reference ({reference}): '
                       f'{reason}.', stacklevel=3)
     return False
+
+
+#: The values of a module's ``op_impl`` argument: the stock config's op, or turbox_mm's kernel.
+OP_IMPLS = ('stock', 'turbox')
+
+
+def check_op_impl(owner: str, op_impl: str) -> str:
+    """``op_impl`` if it is one of :data:`OP_IMPLS`; else ``ValueError`` naming ``owner``."""
+    if op_impl not in OP_IMPLS:
+        raise ValueError(f"{owner}: op_impl must be 'stock' or 'turbox', got {op_impl!r}")
+    return op_impl

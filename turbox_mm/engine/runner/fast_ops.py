@@ -25,7 +25,6 @@ TWINS = {
     'CenterHead': 'turbox_mm.TurboxCenterHead',
     'mmdet3d.CenterHead': 'turbox_mm.TurboxCenterHead',
 }
-FAST_VOXEL_TYPES = ('hard', 'dynamic')
 
 
 def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
@@ -80,6 +79,8 @@ def _rewrite_voxel_preprocessor(model: Dict) -> List[str]:
     pre = model.get('data_preprocessor')
     if not isinstance(pre, dict) or not pre.get('voxel'):
         return []
+    from turbox_mm.models.data_preprocessors.fast_voxelize import FAST_VOXEL_TYPES
+
     # turbox_mm registers no 'Det3DDataPreprocessor': the plain name is mmdet3d's in any scope.
     if pre.get('type') not in STOCK_PREPROCESSORS or \
             pre.get('voxel_type', 'hard') not in FAST_VOXEL_TYPES:

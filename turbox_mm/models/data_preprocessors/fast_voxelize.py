@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from turbox_mm.models.layers.voxelization import TurboxVoxelization
+from turbox_mm.ops.dispatch import check_op_impl
 
-OP_IMPLS = ('stock', 'turbox')
 FAST_VOXEL_TYPES = ('hard', 'dynamic')
 
 
@@ -25,10 +25,7 @@ class FastVoxelizeMixin:
     :meth:`_setup_fast_voxelize` at the end of ``__init__``."""
 
     def _setup_fast_voxelize(self, op_impl: str, voxel_layer) -> None:
-        if op_impl not in OP_IMPLS:
-            raise ValueError(f'{type(self).__name__}: op_impl must be one of {OP_IMPLS}, got '
-                             f'{op_impl!r}')
-        self.op_impl = op_impl
+        self.op_impl = check_op_impl(type(self).__name__, op_impl)
         self._fast_voxelize = (op_impl == 'turbox' and self.voxel
                                and self.voxel_type in FAST_VOXEL_TYPES)
         if self._fast_voxelize:

@@ -6,10 +6,9 @@ from mmdet3d.models.dense_heads import CenterHead
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from .center_targets import draw_gaussians, gaussian_radius, task_order
-
-OP_IMPLS = ('stock', 'turbox')
 
 
 @MODELS.register_module()
@@ -29,10 +28,7 @@ class TurboxCenterHead(CenterHead):
 
     def __init__(self, *args, op_impl: str = 'stock', **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if op_impl not in OP_IMPLS:
-            raise ValueError(f'TurboxCenterHead: op_impl must be one of {OP_IMPLS}, got '
-                             f'{op_impl!r}')
-        self.op_impl = op_impl
+        self.op_impl = check_op_impl('TurboxCenterHead', op_impl)
 
     def get_targets(self, batch_gt_instances_3d: List[InstanceData]) -> Tuple[List[Tensor], ...]:
         """``CenterHead.get_targets``: per task, ``[B, C_t, H, W]`` heatmaps, ``[B, max_objs,

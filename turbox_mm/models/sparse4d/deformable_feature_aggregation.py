@@ -7,10 +7,10 @@ from torch import Tensor, nn
 from turbox_mm.ops.deformable_aggregation import (deformable_aggregation,
                                                   deformable_aggregation_reference,
                                                   feature_maps_format)
+from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from .anchor_encoder import linear_relu_ln
 
-OP_IMPLS = ('stock', 'turbox')
 RESIDUAL_MODES = ('cat', 'add', None)
 
 FeatureMaps = Union[Tuple[Tensor, Tensor, Tensor], Sequence[Tensor]]
@@ -111,9 +111,7 @@ class DeformableFeatureAggregation(nn.Module):
         if residual_mode not in RESIDUAL_MODES:
             raise ValueError(f'DeformableFeatureAggregation: residual_mode must be one of '
                              f'{RESIDUAL_MODES}, got {residual_mode!r}')
-        if op_impl not in OP_IMPLS:
-            raise ValueError(f"DeformableFeatureAggregation: op_impl must be 'stock' or "
-                             f"'turbox', got {op_impl!r}")
+        check_op_impl('DeformableFeatureAggregation', op_impl)
         if not 0.0 <= attn_drop < 1.0:
             raise ValueError(f'DeformableFeatureAggregation: attn_drop must be in [0, 1), got '
                              f'{attn_drop}')
