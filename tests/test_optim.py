@@ -23,6 +23,7 @@ from mmengine.optim.optimizer import amp_optimizer_wrapper as amp_module
 # Imported explicitly: the package __init__ does not import these modules (yet).
 from turbox_mm.engine.optim import fused_optim_wrapper_constructor as ctor_module
 from turbox_mm.engine.optim.fused_optim_wrapper_constructor import TurboxOptimWrapperConstructor
+from turbox_mm.engine.optim.merged_adam import MERGED_TWINS, TurboxAdamW, bucket_count
 from turbox_mm.engine.optim.sync_free_optim_wrapper import (AsyncScalarLog,
                                                             TurboxAmpOptimWrapper,
                                                             TurboxOptimWrapper)
@@ -149,7 +150,8 @@ def test_param_groups_match_mmengine_and_are_fused(optimizer):
     ours = build(TurboxOptimWrapperConstructor, model, optimizer, paramwise_cfg=PARAMWISE)
     assert type(ours) is OptimWrapper  # the wrapper type is built as written
     ref, ours = ref.optimizer, ours.optimizer
-    assert type(ours) is type(ref)
+    # Adam/AdamW become their merged-step twins (a subclass); SGD stays torch's class.
+    assert type(ours) is MERGED_TWINS.get(type(ref), type(ref)) and isinstance(ours, type(ref))
     assert len(ours.param_groups) == len(ref.param_groups) == len(list(model.parameters()))
 
     def settings(group):
@@ -636,3 +638,88 @@ def test_cuda_norms_arrive_without_flush():
     # Each step's own poll finds its copy done (the GPU was idle) or the next step's does.
     assert len(norm_history(hub)) >= 5
     assert optim_wrapper._grad_norm_log.num_pending <= 1
+
+
+# --- merged step ----------------------------------------------------------------------------
+
+
+def assert_same_optimizer_state(a, b):
+    """Same groups (hyper-parameters and parameter indices) and the same state tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa['param_groups'] == sb['param_groups']
+    assert sa['state'].keys() == sb['state'].keys() and sa['state']
+    for key, state in sb['state'].items():
+        assert state.keys() == sa['state'][key].keys()
+        assert all(torch.equal(sa['state'][key][k], v) for k, v in state.items())
+
+
+def _train_plain(optimizer_cls, model, steps, scheduler=False, **kwargs):
+    """``steps`` updates of ``model`` through ``optimizer_cls`` built on mmengine's paramwise
+    groups (one a parameter), optionally under mmengine's warm-up + cosine schedulers."""
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+    groups = []
+    DefaultOptimWrapperConstructor(dict(type='OptimWrapper', optimizer=ADAMW),
+                                   copy.deepcopy(PARAMWISE)).add_params(groups, model)
+    optimizer = optimizer_cls(groups, lr=ADAMW['lr'], weight_decay=ADAMW['weight_decay'],
+                              **kwargs)
+    schedulers = [LinearLR(optimizer, start_factor=0.1, by_epoch=False, begin=0, end=3),
+                  CosineAnnealingLR(optimizer, T_max=steps, by_epoch=False, begin=3,
+                                    end=steps + 3)] if scheduler else []
+    lrs = []
+    for x in batches(steps):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().mul(10).backward()
+        optimizer.step()
+        for sched in schedulers:
+            sched.step()
+        lrs.append([g['lr'] for g in optimizer.param_groups])
+    return optimizer, lrs
+
+
+@pytest.mark.parametrize('kernel', [dict(fused=True), dict(foreach=True), dict(foreach=False)],
+                         ids=['fused', 'foreach', 'for-loop'])
+def test_merged_step_equals_torch_step_bit_for_bit(kernel):
+    ref_model, model = make_model(), make_model()
+    ref, ref_lrs = _train_plain(torch.optim.AdamW, ref_model, 7, scheduler=True, **kernel)
+    ours, lrs = _train_plain(TurboxAdamW, model, 7, scheduler=True, **kernel)
+    assert lrs == ref_lrs and len(set(lrs[0])) == 3  # the schedule, per group, unchanged
+    assert_same_params(model, ref_model)
+    assert_same_optimizer_state(ours, ref)
+    # 7 parameter groups, 4 distinct (lr, decay) sets: 4 update calls instead of 7
+    assert len(ours.param_groups) == 7 and ours.last_step_calls == bucket_count(
+        ours.param_groups) == 4
+
+
+def test_merged_step_counts_one_adam_call_per_bucket():
+    import torch.optim.adam as adam_module
+
+    import turbox_mm.engine.optim.merged_adam as merged_module
+    model = make_model()
+    opt, _ = _train_plain(TurboxAdamW, model, 1, fused=True)
+    model(batches(1)[0]).sum().backward()
+    with mock.patch.object(merged_module, 'adam', wraps=adam_module.adam) as calls:
+        opt.step()
+    assert calls.call_count == 4
+    assert sorted(len(c.args[0]) for c in calls.call_args_list) == [1, 2, 2, 2]  # 7 params
+
+
+def test_merged_and_torch_checkpoints_load_into_each_other():
+    model_a, model_b = make_model(), make_model()
+    ours, _ = _train_plain(TurboxAdamW, model_a, 3, fused=True)
+    ref, _ = _train_plain(torch.optim.AdamW, model_b, 3, fused=True)
+    # torch's state into ours and ours into torch's: same layout, same tensors
+    fresh_ours, _ = _train_plain(TurboxAdamW, make_model(), 0, fused=True)
+    fresh_ref, _ = _train_plain(torch.optim.AdamW, make_model(), 0, fused=True)
+    fresh_ours.load_state_dict(ref.state_dict())
+    fresh_ref.load_state_dict(ours.state_dict())
+    assert_same_optimizer_state(fresh_ours, ref)
+    assert_same_optimizer_state(fresh_ref, ours)
+
+
+def test_constructor_logs_the_launch_count():
+    with mock.patch.object(ctor_module, 'print_log', wraps=ctor_module.print_log) as log:
+        wrapper = build(TurboxOptimWrapperConstructor, make_model(), ADAMW,
+                        paramwise_cfg=PARAMWISE)
+    assert type(wrapper.optimizer) is TurboxAdamW
+    assert any('7 parameter groups updated in 4 launches a step' in c.args[0]
+               for c in log.call_args_list)

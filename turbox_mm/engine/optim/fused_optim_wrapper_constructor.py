@@ -3,7 +3,9 @@
 torch's optimizers default to the ``foreach`` implementation (a few dozen multi-tensor kernels
 per step) and only use the single-kernel ``fused`` implementation when asked. The fused
 kernels are several times faster for detector-sized parameter sets, and they let GradScaler
-skip an overflowing step on the device instead of reading ``found_inf`` on the host.
+skip an overflowing step on the device instead of reading ``found_inf`` on the host. Adam and
+AdamW are built as their merged-step twins (:mod:`.merged_adam`): one update launch per
+distinct set of hyper-parameters instead of one per parameter group, bit for bit the same.
 """
 import inspect
 import logging
@@ -16,6 +18,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIMIZERS
 
 from turbox_mm.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from .merged_adam import MERGED_TWINS, bucket_count, supports_merged_step
 
 # torch optimizers with a ``fused`` implementation that GradScaler can drive without a sync
 # (``_step_supports_amp_scaling``). Exact classes: a subclass may override ``step``.
@@ -49,7 +52,11 @@ class TurboxOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     - ``fused=True`` when every trainable parameter is a floating-point tensor on a device
       with fused kernels (CUDA, and the CPU with torch >= 2.4);
     - otherwise ``foreach=True`` where the foreach kernels can run, with one warning naming the
-      first parameter that prevented ``fused``; if neither can run, nothing is set.
+      first parameter that prevented ``fused``; if neither can run, nothing is set;
+    - with either, ``Adam`` and ``AdamW`` become :class:`~.merged_adam.TurboxAdam` /
+      ``TurboxAdamW``: the same parameter groups, state and checkpoints, and a step that makes
+      one update call per distinct set of hyper-parameters (``paramwise_cfg`` makes one group
+      per parameter; the groups of equal learning rate and decay share one launch).
 
     An explicit ``fused`` or ``foreach`` in the optimizer config, and ``differentiable=True``,
     are left alone; so are other optimizer types (logged at INFO level). The wrapper type is
@@ -91,9 +98,16 @@ class TurboxOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         self.optimizer_cfg = user_cfg.copy()
         self.optimizer_cfg.update(extra)
         try:
-            return super().__call__(model)
+            wrapper = super().__call__(model)
         finally:
             self.optimizer_cfg = user_cfg
+        if type(wrapper.optimizer) in MERGED_TWINS.values():
+            groups = wrapper.optimizer.param_groups
+            print_log(f'{type(self).__name__}: {type(wrapper.optimizer).__name__}, '
+                      f'{len(groups)} parameter groups updated in '
+                      f'{bucket_count(groups)} launches a step', logger='current',
+                      level=logging.INFO)
+        return wrapper
 
     def _optimizer_class(self):
         optimizer_type = self.optimizer_cfg['type']
@@ -123,12 +137,14 @@ class TurboxOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             return {}
+        merged = MERGED_TWINS.get(optimizer_cls) if supports_merged_step() else None
+        twin = dict(type=merged) if merged is not None else {}
         blocker = self._first_unfusable(named)
         if blocker is None:
-            return dict(fused=True)
+            return dict(fused=True, **twin)
         foreach_devices = _foreach_devices()
         if all(p.device.type in foreach_devices for _, p in named):
-            fallback, extra = 'foreach=True', dict(foreach=True)
+            fallback, extra = 'foreach=True', dict(foreach=True, **twin)
         else:
             fallback, extra = "torch's default implementation", {}
         print_log(f'{type(self).__name__}: {name} cannot use fused=True because {blocker}; '

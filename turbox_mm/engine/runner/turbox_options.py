@@ -48,7 +48,8 @@ TURBOX_OPTIONS: Schema = {
         'fused': Option(
             True, (bool,),
             "torch's fused Adam/AdamW/SGD kernels (turbox_mm.TurboxOptimWrapperConstructor); "
-            'paramwise_cfg is kept; other optimizers are left as configured'),
+            'paramwise_cfg is kept; Adam/AdamW update in one launch per distinct set of '
+            'hyper-parameters; other optimizers are left as configured'),
         'sync_free_clip': Option(
             True, (bool,),
             'gradient clipping without a host sync; the norm reaches the log asynchronously '
