@@ -186,3 +186,27 @@ def test_sync_counter_counts_item_and_masks_on_the_gpu():
     assert syncs.total >= 2 and y.is_cuda
     assert all(f.endswith('test_benchmark.py') for f, _, _ in syncs.top())
     assert torch.cuda.get_sync_debug_mode() == 0
+
+
+def test_timing_wrapper_keeps_the_scheduler_step_counter():
+    """mmengine's parameter schedulers count the optim wrapper's steps through a wrapped
+    ``step`` marked ``_with_counter``; the benchmark's timing wrapper must keep the mark, or
+    mmengine warns that ``optimizer.step()`` was overridden (it was seen in benchmark logs)."""
+    import warnings
+
+    from mmengine.optim import OptimWrapper
+    from mmengine.optim.scheduler import LinearLR
+
+    from turbox_mm.benchmark.e2e import _PhaseClock, _wrap
+    param = torch.nn.Parameter(torch.ones(2))
+    wrapper = OptimWrapper(torch.optim.SGD([param], lr=0.1))
+    scheduler = LinearLR(wrapper, start_factor=0.5, by_epoch=False, begin=0, end=4)
+    _wrap(wrapper, 'step', 'optimizer', _PhaseClock(use_cuda=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(2):
+            param.sum().backward()
+            wrapper.step()
+            scheduler.step()
+    assert not [w for w in caught if 'overridden' in str(w.message)]
+    assert wrapper._global_step == 1  # both steps counted (it starts at -1)

@@ -30,6 +30,7 @@ also run under ``torch.profiler`` and the work dir gets ``syncs.txt`` (sources) 
 ``profile.txt`` (operator summary by self CPU time).
 """
 import copy
+import functools
 import math
 import os
 import threading
@@ -91,6 +92,10 @@ class _PhaseClock:
 def _wrap(obj, name: str, phase: str, clock: _PhaseClock) -> None:
     original = getattr(obj, name)
 
+    # wraps() also carries the attributes of ``original``: mmengine's parameter schedulers
+    # mark the optim wrapper's step they count with ``_with_counter`` and warn ("step() has
+    # been overridden after parameter value scheduler initialization") where it is missing.
+    @functools.wraps(original)
     def timed(*args, **kwargs):
         token = clock.start(phase)
         result = original(*args, **kwargs)
