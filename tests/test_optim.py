@@ -408,8 +408,8 @@ class DeferredCPULog(AsyncScalarLog):
         super().__init__(*args, **kwargs)
         self.events = []
 
-    def _allocate_host(self):
-        return torch.full((self.capacity, ), -1.0)
+    def _allocate_host(self, width):
+        return torch.full((self.capacity, width), -1.0, dtype=torch.float64)
 
     def _record_event(self, device):
         self.events.append(FakeEvent())

@@ -36,8 +36,9 @@ turbox = dict(
     # packed collective without host syncs.
     sync_bn=True,
     # Host side: cores pinned per rank and worker (with CUDA), GC frozen and scheduled on
-    # every rank at once, huge pages for large CPU buffers.
-    system=dict(cpu_affinity=True, gc=True, gc_interval=100, huge_pages=True),
+    # every rank at once, huge pages for large CPU buffers, training outputs logged without
+    # a host sync per iteration.
+    system=dict(cpu_affinity=True, gc=True, gc_interval=100, huge_pages=True, async_log=True),
     # TF32 matmuls/convolutions and cuDNN autotuning (env_cfg.allow_tf32, cudnn_benchmark).
     precision=dict(tf32=True, cudnn_benchmark=True),
     # Fast ops: modules with an op_impl choice run turbox_mm's kernels (Sparse4D's deformable

@@ -3,5 +3,7 @@ from .cpu_affinity_hook import CPUAffinityHook
 from .ema_hook import TurboxEMAHook
 from .gc_hook import GCHook
 from .graph_ema import GraphExponentialMovingAverage
+from .runtime_info_hook import TurboxRuntimeInfoHook
 
-__all__ = ['CPUAffinityHook', 'GCHook', 'TurboxEMAHook', 'GraphExponentialMovingAverage']
+__all__ = ['CPUAffinityHook', 'GCHook', 'TurboxEMAHook', 'GraphExponentialMovingAverage',
+           'TurboxRuntimeInfoHook']

@@ -22,114 +22,16 @@ makes ``GradScaler.step`` read ``found_inf`` with ``.item()``.
 builds the fused optimizers.
 """
 import logging
-from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import List
 
-import numpy as np
 import torch
-from mmengine.logging import MessageHub, print_log
+from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+from turbox_mm.engine.async_scalars import AsyncScalarLog
 from turbox_mm.registry import OPTIM_WRAPPERS
 
-
-class AsyncScalarLog:
-    """Scalars computed on the device, pushed to a message hub once they reach the host.
-
-    A CUDA scalar is copied (``non_blocking=True``) into one slot of a pinned host ring
-    buffer and a CUDA event is recorded after the copy. Completed copies are pushed in order
-    on every :meth:`push` and :meth:`poll`; the host only waits (on the oldest event) when
-    ``capacity`` copies are still in flight. Scalars on any other device are pushed at once.
-
-    Args:
-        message_hub (MessageHub): Where the values go.
-        key (str): The message hub key, e.g. ``'train/grad_norm'``.
-        capacity (int): The most values in flight; one slot of the ring buffer each.
-
-    Examples:
-        >>> import torch
-        >>> from mmengine.logging import MessageHub
-        >>> hub = MessageHub.get_instance('async_scalar_log_example')
-        >>> log = AsyncScalarLog(hub, 'train/grad_norm', capacity=4)
-        >>> log.push(torch.tensor(3.0))  # a CPU tensor is pushed at once
-        >>> hub.get_scalar('train/grad_norm').current()
-        3.0
-    """
-
-    #: Device types whose values are copied asynchronously and pushed when ready.
-    ASYNC_DEVICES = ('cuda', )
-
-    def __init__(self, message_hub: MessageHub, key: str, capacity: int):
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise ValueError(f'AsyncScalarLog: capacity must be a positive int, got {capacity!r}')
-        self.message_hub = message_hub
-        self.key = key
-        self.capacity = capacity
-        self._host: Optional[torch.Tensor] = None
-        self._host_view: Optional[np.ndarray] = None
-        self._pending: Deque[Tuple[int, object]] = deque()
-        self._next_slot = 0
-
-    @property
-    def num_pending(self) -> int:
-        """Values copied or being copied but not yet pushed."""
-        return len(self._pending)
-
-    def push(self, value: torch.Tensor) -> None:
-        """Send the 0-d tensor ``value`` to the message hub without waiting for its device.
-
-        Args:
-            value (torch.Tensor): A scalar tensor, on any device.
-        """
-        value = value.detach()
-        if value.device.type in self.ASYNC_DEVICES:
-            self._push_async(value)
-        elif value.device.type == 'cpu':
-            self._update(float(value.float().numpy()))
-        else:
-            # No event API to rely on: read it as mmengine does (a host sync).
-            self._update(float(value))
-        self.poll()
-
-    def poll(self) -> None:
-        """Push every value whose copy has completed, oldest first; never waits."""
-        while self._pending and self._pending[0][1].query():
-            self._pop()
-
-    def flush(self) -> None:
-        """Wait for every copy in flight and push all values (a host sync if any are pending)."""
-        while self._pending:
-            self._pending[0][1].synchronize()
-            self._pop()
-
-    def _push_async(self, value: torch.Tensor) -> None:
-        if self._host is None:
-            self._host = self._allocate_host()
-            self._host_view = self._host.numpy()
-        if len(self._pending) >= self.capacity:
-            # The GPU is `capacity` steps behind: wait for the oldest so its slot frees up.
-            self._pending[0][1].synchronize()
-            self._pop()
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % self.capacity
-        self._host[slot].copy_(value.reshape(()).float(), non_blocking=True)
-        self._pending.append((slot, self._record_event(value.device)))
-
-    def _allocate_host(self) -> torch.Tensor:
-        return torch.empty(self.capacity, dtype=torch.float32, pin_memory=True)
-
-    def _record_event(self, device: torch.device):
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def _pop(self) -> None:
-        slot, _ = self._pending.popleft()
-        # Read the host buffer through numpy: plain memory, no tensor op.
-        self._update(float(self._host_view[slot]))
-
-    def _update(self, value: float) -> None:
-        self.message_hub.update_scalar(self.key, value)
+__all__ = ['AsyncScalarLog', 'SyncFreeClipMixin', 'TurboxOptimWrapper', 'TurboxAmpOptimWrapper']
 
 
 class SyncFreeClipMixin:

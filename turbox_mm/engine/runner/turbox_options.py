@@ -81,6 +81,12 @@ TURBOX_OPTIONS: Schema = {
             True, (bool,),
             "transparent huge pages for torch's large CPU buffers (THP_MEM_ALLOC_ENABLE), "
             'where the kernel offers them; set before the model is built'),
+        'async_log': Option(
+            True, (bool,),
+            'losses and other training outputs reach the message hub without a host sync per '
+            'iteration (turbox_mm.TurboxRuntimeInfoHook in place of mmengine\'s '
+            'RuntimeInfoHook); every value arrives before the logger reads it, one wait per '
+            'logging interval'),
     },
     'precision': {
         'tf32': Option(
@@ -357,4 +363,29 @@ def _apply_system(cfg: Config, opts: Dict, has_cuda: bool) -> List[str]:
         changes.append(f"custom_hooks += turbox_mm.GCHook(interval={opts['gc_interval']})")
     if changes:
         cfg.custom_hooks = hooks
+    if opts['async_log']:
+        changes += _apply_async_log(cfg)
     return changes
+
+
+def _apply_async_log(cfg: Config) -> List[str]:
+    """mmengine's RuntimeInfoHook (the default, or named in default_hooks) -> turbox's."""
+    default_hooks = cfg.get('default_hooks') or {}
+    current = default_hooks.get('runtime_info', dict(type='RuntimeInfoHook'))
+    kind = current.get('type') if isinstance(current, dict) else None
+    if kind is None or _short(kind) == 'TurboxRuntimeInfoHook':
+        return []  # switched off (None) or already turbox's
+    if _short(kind) != 'RuntimeInfoHook':
+        print_log(f'turbox.system.async_log: default_hooks.runtime_info is {kind!r}, not '
+                  "mmengine's; kept, and it reads every logged value on the host",
+                  logger='current', level=logging.WARNING)
+        return []
+    logger = default_hooks.get('logger') or {}
+    interval = logger.get('interval') if isinstance(logger, dict) else None
+    hook = dict(type='turbox_mm.TurboxRuntimeInfoHook')
+    if isinstance(interval, int) and interval > 0:
+        hook['interval'] = interval
+    default_hooks['runtime_info'] = hook
+    cfg.default_hooks = default_hooks
+    return ['default_hooks.runtime_info = turbox_mm.TurboxRuntimeInfoHook (training outputs '
+            'logged without a host sync per iteration)']
