@@ -8,6 +8,7 @@ the edges, more boxes of one task than ``max_objs``, empty samples and overlappi
 """
 import copy
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -139,3 +140,30 @@ def test_cuda_batched_targets_equal_centerhead_loop(name):
     got = TurboxCenterHead(op_impl='turbox', **cfg).cuda().get_targets(instances)
     assert got[0][0].is_cuda
     assert_same_targets(got, want)
+
+
+def test_boxes_without_velocity_take_the_stock_path():
+    cfg = head_cfg('pillar02')
+    instances = random_instances(num_samples=1, sizes=(0, ))
+    for gt in instances:  # 7-value boxes, as configs without velocity have
+        gt.bboxes_3d = LiDARInstance3DBoxes(torch.zeros(0, 7), box_dim=7)
+    head = TurboxCenterHead(op_impl='turbox', **cfg)
+    with mock.patch.object(CenterHead, 'get_targets', return_value='stock') as stock:
+        assert head.get_targets(instances) == 'stock'
+    stock.assert_called_once()
+
+
+def test_fast_ops_keeps_a_centerhead_registered_by_a_project():
+    from mmdet3d.registry import MODELS as MMDET3D_MODELS
+
+    class ProjectCenterHead(CenterHead):
+        pass
+
+    cfg = shipped('pillar02')
+    original = MMDET3D_MODELS._module_dict['CenterHead']
+    MMDET3D_MODELS._module_dict['CenterHead'] = ProjectCenterHead
+    try:
+        apply_fast_ops(cfg, dict(fast=True))
+    finally:
+        MMDET3D_MODELS._module_dict['CenterHead'] = original
+    assert cfg.model.pts_bbox_head.type == 'CenterHead'

@@ -63,21 +63,23 @@ class AsyncScalars:
     def push(self, values: Dict[str, Scalar]) -> None:
         """Send ``values`` (key -> 0-d tensor or number) to the message hub, waiting for no
         device."""
-        device_keys: List[str] = []
-        device_values: List[torch.Tensor] = []
+        by_device: Dict[torch.device, Tuple[List[str], List[torch.Tensor]]] = {}
         host: List[Tuple[str, float]] = []
         for key, value in values.items():
             if torch.is_tensor(value) and value.device.type in self.ASYNC_DEVICES:
-                device_keys.append(key)
-                device_values.append(value.detach().reshape(()))
+                keys, tensors = by_device.setdefault(value.device, ([], []))
+                keys.append(key)
+                tensors.append(value.detach().reshape(()))
             elif torch.is_tensor(value):
                 # No event API to rely on elsewhere: read it as mmengine does.
                 host.append((key, float(value.detach().double().cpu().numpy())
                              if value.device.type == 'cpu' else float(value)))
             else:
                 host.append((key, float(value)))
-        if device_values:
-            self._push_async(device_keys, device_values, host)
+        if by_device:  # one row per device (model parallel outputs); host values last
+            rows = list(by_device.values())
+            for i, (keys, tensors) in enumerate(rows):
+                self._push_async(keys, tensors, host if i == len(rows) - 1 else [])
         elif self._pending:
             self._pending.append((None, None, [], host))  # waits for the rows before it
         else:

@@ -8,8 +8,13 @@ parameter schedulers, ``state_dict`` and checkpoints are those of torch's classe
 into them both ways) and change only ``step``: the groups are bucketed by the hyper-parameters
 the update reads (lr, betas, eps, weight decay, amsgrad, maximize and the kernel flags), as
 they are at this step, and each bucket is updated by one call of torch's ``adam`` function.
-The update of each parameter does not depend on which other parameters share its call, so
-the results are those of torch's step, bit for bit (``tests/test_optim.py``).
+
+Only groups with ``fused=True`` are merged: the fused kernel updates each parameter on its
+own, whatever shares its call, so the results are torch's bit for bit
+(``tests/test_optim.py``). The foreach and for-loop paths choose their code for a whole call
+(a foreach fast path needs every tensor of the call to qualify; without ``foreach``/``fused``
+torch decides for the whole list), so their groups keep one call each, as in torch. Under
+``torch.compile`` the step is torch's own.
 """
 from typing import Dict, List, Tuple
 
@@ -38,8 +43,11 @@ def _hashable(value):
 
 
 def update_key(group: dict) -> Tuple:
-    """The hyper-parameters of ``group`` that its update reads, hashable."""
-    return tuple(_hashable(group.get(k)) for k in UPDATE_KEYS)
+    """The hyper-parameters of ``group`` that its update reads and the device, hashable;
+    unique to the group unless it is fused (the module docstring says why)."""
+    if group.get('fused') is not True or not group['params']:
+        return ('group', id(group))
+    return tuple(_hashable(group.get(k)) for k in UPDATE_KEYS) + (group['params'][0].device, )
 
 
 class MergedStepMixin:
@@ -55,6 +63,8 @@ class MergedStepMixin:
         Args:
             closure (Callable, optional): Re-evaluates the model and returns the loss.
         """
+        if torch.compiler.is_compiling():  # dynamo traces torch's own step
+            return super().step(closure)
         check = getattr(self, '_accelerator_graph_capture_health_check', None) or getattr(
             self, '_cuda_graph_capture_health_check', None)
         if check is not None:

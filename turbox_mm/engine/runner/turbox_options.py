@@ -382,7 +382,7 @@ def _apply_async_log(cfg: Config) -> List[str]:
         return []
     logger = default_hooks.get('logger') or {}
     interval = logger.get('interval') if isinstance(logger, dict) else None
-    hook = dict(type='turbox_mm.TurboxRuntimeInfoHook')
+    hook = dict(current, type='turbox_mm.TurboxRuntimeInfoHook')  # priority etc. kept
     if isinstance(interval, int) and interval > 0:
         hook['interval'] = interval
     default_hooks['runtime_info'] = hook

@@ -33,7 +33,10 @@ class TurboxCenterHead(CenterHead):
     def get_targets(self, batch_gt_instances_3d: List[InstanceData]) -> Tuple[List[Tensor], ...]:
         """``CenterHead.get_targets``: per task, ``[B, C_t, H, W]`` heatmaps, ``[B, max_objs,
         10]`` box targets, ``[B, max_objs]`` indices and ``[B, max_objs]`` uint8 masks."""
-        if self.op_impl != 'turbox' or not batch_gt_instances_3d:
+        if (self.op_impl != 'turbox' or not batch_gt_instances_3d
+                or batch_gt_instances_3d[0].bboxes_3d.tensor.shape[1] != 9):
+            # Boxes without velocity (7 values) fail in CenterHead's loop at the first box it
+            # draws; the stock code keeps that behaviour and its error.
             return super().get_targets(batch_gt_instances_3d)
         return self._batched_targets(batch_gt_instances_3d)
 
