@@ -41,20 +41,21 @@ def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
     return cls is not None and OP_IMPL in inspect.signature(cls).parameters
 
 
-def _is_mmdet3d_original(type_name: str) -> bool:
-    """Whether ``type_name`` still resolves to mmdet3d's own class (a project may have
-    registered its own class under the name; its override must not be lost)."""
-    from mmdet3d.models.dense_heads import CenterHead
+def _is_mmdet3d_original(type_name: str, twin: str) -> bool:
+    """Whether ``type_name`` still resolves to the mmdet3d class ``twin`` extends (a project
+    may have registered its own class under the name; its override must not be lost)."""
     from mmdet3d.registry import MODELS as MMDET3D_MODELS
-    originals = {'CenterHead': CenterHead}
-    name = type_name.rpartition('.')[2]
-    return name in originals and MMDET3D_MODELS.get(name) is originals[name]
+
+    import turbox_mm.models  # noqa: F401  (registers the twins)
+    from turbox_mm.registry import MODELS
+    twin_cls = MODELS.module_dict[twin.rpartition('.')[2]]
+    return MMDET3D_MODELS.get(type_name.rpartition('.')[2]) in twin_cls.__bases__
 
 
 def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
     if isinstance(node, dict):
         twin = TWINS.get(node['type']) if isinstance(node.get('type'), str) else None
-        if twin is not None and _is_mmdet3d_original(node['type']):  # a module with a twin
+        if twin is not None and _is_mmdet3d_original(node['type'], twin):
             changes.append(f"{path} = {twin}(op_impl='turbox') (was {node['type']})")
             node['type'], node[OP_IMPL] = twin, 'turbox'
         elif _takes_op_impl(node.get('type'), default_scope) and node.get(OP_IMPL) != 'turbox':

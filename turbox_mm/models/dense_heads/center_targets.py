@@ -72,7 +72,7 @@ def gaussian_table(r_max: int, device: torch.device) -> Tensor:
 
 
 def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, radius: Tensor,
-                   valid: Tensor, r_max: int) -> Tensor:
+                   valid: Tensor, table: Tensor) -> Tensor:
     """Draw each valid box's Gaussian into ``heatmap`` in place (maximum with what is there).
 
     Args:
@@ -82,7 +82,8 @@ def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, 
         center (Tensor): ``[N, 2]`` int64 ``(x, y)`` cell of each box's centre.
         radius (Tensor): ``[N]`` int64 Gaussian radius of each box (>= 0).
         valid (Tensor): ``[N]`` bool, False for boxes not to draw.
-        r_max (int): An upper bound of the valid boxes' radii (the windows' half size).
+        table (Tensor): :func:`gaussian_table` of an upper bound ``r_max`` of the valid boxes'
+            radii (the windows' half size), on the heatmap's device.
 
     Returns:
         Tensor: ``heatmap``.
@@ -90,7 +91,7 @@ def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, 
     if radius.numel() == 0:
         return heatmap
     _, channels, height, width = heatmap.shape
-    table = gaussian_table(r_max, heatmap.device)
+    r_max = table.shape[0] - 1
     offsets = torch.arange(-r_max, r_max + 1, device=heatmap.device)
     ys = center[:, 1, None, None] + offsets[None, :, None]  # [N, D, 1]
     xs = center[:, 0, None, None] + offsets[None, None, :]  # [N, 1, D]

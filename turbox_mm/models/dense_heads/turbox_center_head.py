@@ -8,7 +8,7 @@ from torch import Tensor
 
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
-from .center_targets import draw_gaussians, gaussian_radius, task_order
+from .center_targets import draw_gaussians, gaussian_radius, gaussian_table, task_order
 
 
 @MODELS.register_module()
@@ -77,6 +77,7 @@ class TurboxCenterHead(CenterHead):
         cell = center_int[:, 1].long() * width_cells + center_int[:, 0].long()
         # the windows' half size: the one host synchronisation of the batch
         r_max = int(torch.where(sized & inside, radius, 0).max()) if len(radius) else 0
+        table = gaussian_table(r_max, device)  # one upload for every task
 
         heatmaps, anno_boxes, inds, masks = [], [], [], []
         first = 0
@@ -87,7 +88,7 @@ class TurboxCenterHead(CenterHead):
             drawn = in_task & (position < max_objs) & sized & inside
             heatmap = boxes.new_zeros(num_samples, count, height_cells, width_cells)
             draw_gaussians(heatmap, sample, labels - (first - count), center_int.long(), radius,
-                           drawn, r_max)
+                           drawn, table)
             slot = torch.where(drawn, sample * max_objs + position, num_samples * max_objs)
             anno = boxes.new_zeros(num_samples * max_objs + 1, 10, dtype=torch.float32)
             anno[slot] = target.float()
