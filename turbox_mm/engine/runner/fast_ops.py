@@ -10,7 +10,8 @@ hard or dynamic voxelization becomes ``turbox_mm.TurboxDet3DDataPreprocessor`` w
 ``op_impl='turbox'`` (the same arguments; the batch is voxelized in one call of turbox_mm's
 voxelize ops, with the same voxels as mmcv's deterministic op), and mmdet3d's ``CenterHead``
 becomes ``turbox_mm.TurboxCenterHead`` with ``op_impl='turbox'`` (its training targets built for
-the batch on the GPU, the same tensors, instead of a Python loop over boxes).
+the batch on the GPU, the same tensors, instead of a Python loop over boxes). mmdet3d's NMS
+functions are rebound to turbox_mm's kernels (:mod:`.fast_nms`, process-wide).
 """
 import inspect
 from typing import Any, Dict, List
@@ -69,7 +70,8 @@ def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
 
 
 def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
-    """Set ``op_impl='turbox'`` on every module of ``cfg.model`` that takes it.
+    """Set ``op_impl='turbox'`` on every module of ``cfg.model`` that takes it, move mmdet3d
+    modules with a turbox twin to it, and rebind mmdet3d's NMS calls (:mod:`.fast_nms`).
 
     Args:
         cfg (Config): The full config.
@@ -82,6 +84,8 @@ def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
     if opts['fast'] and isinstance(cfg.get('model'), dict):
         changes += _rewrite_voxel_preprocessor(cfg['model'])
         _walk(cfg['model'], 'model', cfg.get('default_scope') or '', changes)
+        from . import fast_nms
+        changes += fast_nms.install()
     return changes
 
 

@@ -1,0 +1,112 @@
+"""``turbox.ops.fast`` for test-time NMS: mmdet3d's NMS calls run turbox_mm's kernels.
+
+mmdet3d 1.4 calls its NMS as functions, not as registered modules, so no config rewrite can
+reach them. With ``ops.fast`` the runner rebinds, in the mmdet3d modules that use them:
+
+- ``mmdet3d.models.layers.box3d_nms.nms_rotated`` and ``.nms`` (mmcv's, called by mmdet3d's
+  ``nms_bev`` / ``nms_normal_bev``, which CenterHead, the anchor heads'
+  ``box3d_multiclass_nms``, the RPN and RoI heads and test-time augmentation call);
+- ``nms3d`` / ``nms3d_normal`` in the heads that import mmcv's (``fcaf3d_head``,
+  ``imvoxel_head``).
+
+The replacements are :mod:`turbox_mm.ops.bev_nms`: the same kept indices (see its reference)
+with one host sync instead of copying the suppression mask to the host. They take the same
+arguments; a call they do not cover (``nms_rotated`` with labels or counter-clockwise angles,
+``nms`` with an offset, score threshold or ``max_num``, empty inputs) goes to mmcv's own
+function. The rebinding is process-wide; :func:`uninstall` restores mmcv's functions.
+"""
+import importlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from turbox_mm.ops import bev_nms
+
+#: (module, attribute) -> the original, while installed.
+_installed: Dict[Tuple[str, str], Callable] = {}
+_BOX3D_NMS = 'mmdet3d.models.layers.box3d_nms'
+_IOU3D_USERS = ('mmdet3d.models.dense_heads.fcaf3d_head',
+                'mmdet3d.models.dense_heads.imvoxel_head')
+
+
+def _nms_rotated(original: Callable) -> Callable:
+
+    def nms_rotated(dets: Tensor, scores: Tensor, iou_threshold: float,
+                    labels: Optional[Tensor] = None, clockwise: bool = True):
+        if labels is not None or not clockwise or dets.shape[0] == 0:
+            return original(dets, scores, iou_threshold, labels, clockwise)
+        keep = bev_nms.bev_nms(dets, scores, iou_threshold, 'rotated')
+        return torch.cat([dets[keep], scores[keep, None]], 1), keep
+
+    nms_rotated.__wrapped__ = original
+    return nms_rotated
+
+
+def _nms(original: Callable) -> Callable:
+
+    def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: int = 0,
+            score_threshold: float = 0, max_num: int = -1):
+        if offset != 0 or score_threshold > 0 or max_num > 0 or boxes.shape[0] == 0 or \
+                not isinstance(boxes, Tensor):
+            return original(boxes, scores, iou_threshold, offset, score_threshold, max_num)
+        keep = bev_nms.bev_nms(boxes, scores, iou_threshold, 'aligned')
+        return torch.cat([boxes[keep], scores[keep, None]], 1), keep
+
+    nms.__wrapped__ = original
+    return nms
+
+
+def _targets() -> List[Tuple[str, str, Callable]]:
+    """``(module, attribute, replacement factory)`` for every rebinding available here."""
+    import mmcv.ops
+    targets = []
+    box3d = importlib.import_module(_BOX3D_NMS)
+    if getattr(box3d, 'nms_rotated', None) is mmcv.ops.nms_rotated:
+        targets.append((_BOX3D_NMS, 'nms_rotated', _nms_rotated))
+    if getattr(box3d, 'nms', None) is mmcv.ops.nms:
+        targets.append((_BOX3D_NMS, 'nms', _nms))
+    for name in _IOU3D_USERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a head whose own dependencies are missing here
+            continue
+        if getattr(module, 'nms3d', None) is mmcv.ops.nms3d:
+            targets.append((name, 'nms3d', lambda _: bev_nms.nms3d))
+        if getattr(module, 'nms3d_normal', None) is mmcv.ops.nms3d_normal:
+            targets.append((name, 'nms3d_normal', lambda _: bev_nms.nms3d_normal))
+    return targets
+
+
+def install() -> List[str]:
+    """Rebind mmdet3d's NMS calls to turbox_mm's; one line per rebinding (none twice).
+
+    Returns:
+        list[str]: What changed; empty when mmdet3d is not importable or all is installed.
+    """
+    try:
+        targets = _targets()
+    except ImportError:
+        return []
+    changes = []
+    for module_name, attr, factory in targets:
+        if (module_name, attr) in _installed:
+            continue
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+        _installed[(module_name, attr)] = original
+        setattr(module, attr, factory(original))
+        changes.append(f'{module_name}.{attr} = turbox_mm.ops.bev_nms (process-wide)')
+    return changes
+
+
+def uninstall() -> None:
+    """Restore every function :func:`install` replaced."""
+    for (module_name, attr), original in list(_installed.items()):
+        setattr(importlib.import_module(module_name), attr, original)
+        del _installed[(module_name, attr)]
+
+
+def installed() -> List[str]:
+    """``module.attribute`` of every rebinding in place."""
+    return [f'{m}.{a}' for m, a in _installed]
