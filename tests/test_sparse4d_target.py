@@ -550,3 +550,116 @@ def test_cuda_targets_and_loss():
     vals = loss(box[0], box[0], weights[0], avg_factor=2.0,
                 quality=torch.zeros(3, 2, device=dev), cls_target=cls[0])
     assert all(torch.isfinite(v) for v in vals.values())
+
+
+def _layer_case(seed=0, layers=3, queries=12):
+    gen = torch.Generator().manual_seed(seed)
+    gt_cls = [torch.tensor([CONE, CAR, 3, 7]), torch.zeros(0, dtype=torch.long),
+              torch.tensor([BARRIER, CONE])]
+    gt_box = [_gt(*[(float(i), -float(i), 1., 0.3 * i) for i in range(len(c))]) if len(c)
+              else torch.zeros(0, 9) for c in gt_cls]
+    cls_preds = [torch.randn(3, queries, 10, generator=gen) for _ in range(layers)]
+    box_preds = [torch.randn(3, queries, 11, generator=gen) * 2 for _ in range(layers)]
+    return cls_preds, box_preds, gt_cls, gt_box
+
+
+def test_sample_layers_equals_one_scipy_solve_per_layer_and_sample():
+    """All layers and samples in one transfer give the matches of solving each matrix alone,
+    the way the step did before (one host copy per layer and sample)."""
+    from scipy.optimize import linear_sum_assignment
+    target = _v3_target()
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case()
+    got = target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    assert len(got) == 3
+    for layer, (cls_pred, box_pred) in enumerate(zip(cls_preds, box_preds)):
+        want_cls = torch.full((3, 12), 10)
+        for b, (labels, boxes) in enumerate(zip(gt_cls, gt_box)):
+            if labels.numel() == 0:
+                continue
+            enc = torch.stack([_enc(row) for row in boxes])
+            weights = target._gt_weights(labels, torch.ones_like(enc, dtype=torch.bool))
+            cost = target._cls_cost(cls_pred[b], labels) + target._box_cost(
+                box_pred[b], enc, weights)
+            rows, cols = linear_sum_assignment(cost.double().numpy())
+            want_cls[b, torch.from_numpy(rows)] = labels[torch.from_numpy(cols)]
+            torch.testing.assert_close(got[layer][1][b, torch.from_numpy(rows)],
+                                       enc[torch.from_numpy(cols)])
+        assert torch.equal(got[layer][0], want_cls)
+        single = target.sample(cls_pred, box_pred, gt_cls, gt_box)
+        for a, w in zip(single, got[layer]):
+            assert torch.equal(a, w)
+
+
+def test_sample_layers_checks_shapes_and_labels():
+    target = _v3_target()
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=2)
+    with pytest.raises(ValueError, match=r'layer 1 has shape \(3, 5, 10\)'):
+        target.sample_layers([cls_preds[0], cls_preds[1][:, :5]],
+                             [box_preds[0], box_preds[1][:, :5]], gt_cls, gt_box)
+    with pytest.raises(ValueError, match='need one or more'):
+        target.sample_layers([], [], gt_cls, gt_box)
+    bad = [gt_cls[0], gt_cls[1], torch.tensor([BARRIER, 12])]
+    with pytest.raises(ValueError, match=r'cls_target\[2\] holds labels outside \[0, 10\): '
+                                         r'\[5, 12\]'):
+        target.sample_layers(cls_preds, box_preds, bad, gt_box)
+    with pytest.raises(ValueError, match=r'cls_target\[0\] holds labels outside'):
+        target.get_dn_anchors([torch.tensor([-2, 1, 1, 1]), gt_cls[1], gt_cls[2]], gt_box)
+
+
+@pytest.mark.cuda
+def test_cuda_targets_take_one_host_sync_per_step_part():
+    """sample_layers (all layers) and get_dn_anchors wait for the device once each; the
+    temporal denoising steps not at all."""
+    from turbox_mm.benchmark.syncs import SyncCounter
+    target = _v3_target()
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=6, queries=900)
+    dev = torch.device('cuda')
+    cls_preds = [c.to(dev) for c in cls_preds]
+    box_preds = [b.to(dev) for b in box_preds]
+    gt_cls = [c.to(dev) for c in gt_cls]
+    gt_box = [b.to(dev) for b in gt_box]
+    ids = [torch.arange(c.numel(), device=dev) for c in gt_cls]
+    want = [target.sample(c, b, gt_cls, gt_box) for c, b in zip(cls_preds, box_preds)]
+    target.get_dn_anchors(gt_cls, gt_box, ids)  # warm-up: constants uploaded once
+    torch.cuda.synchronize()
+    with SyncCounter() as syncs:
+        got = target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    assert syncs.total == 1, syncs.top()
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    with SyncCounter() as syncs:
+        out = target.get_dn_anchors(gt_cls, gt_box, ids)
+    assert syncs.total == 1, syncs.top()
+    with SyncCounter() as syncs:
+        target.cache_dn(torch.randn(3, out[0].shape[1], 8, device=dev), out[0], out[2], out[4],
+                        out[5])
+        target.update_dn(torch.randn(3, 10 + out[0].shape[1], 8, device=dev),
+                         torch.cat([torch.randn(3, 10, 11, device=dev), out[0]], 1), out[1],
+                         out[2], out[4], out[5], 10, torch.ones(3, dtype=torch.bool, device=dev))
+    assert syncs.total == 0, syncs.top()
+
+
+@pytest.mark.parametrize('all_out', [False, True])
+def test_row_weights_equal_indexing_the_rows_away(all_out):
+    """The step keeps rows in or out of the box loss by 0/1 weights (no host wait); values and
+    gradients equal those of the indexed subset, also when no row is left."""
+    gen = torch.Generator().manual_seed(3)
+    box = torch.randn(40, 11, generator=gen).requires_grad_()
+    target = torch.randn(40, 10, generator=gen)
+    weight = torch.rand(40, 10, generator=gen)
+    quality = torch.randn(40, 2, generator=gen).requires_grad_()
+    cls = torch.randint(0, 10, (40, ), generator=gen)
+    keep = torch.zeros(40, dtype=torch.bool) if all_out else torch.rand(40, generator=gen) > 0.4
+    loss = SparseBox3DLoss(cls_allow_reverse=[BARRIER])
+    got = loss(box, target, weight=weight, avg_factor=7.0, quality=quality, cls_target=cls,
+               row_weight=keep.float())
+    grads = torch.autograd.grad(sum(got.values()), (box, quality))
+    want = loss(box[keep], target[keep], weight=weight[keep], avg_factor=7.0,
+                quality=quality[keep], cls_target=cls[keep])
+    want_grads = torch.autograd.grad(sum(want.values()), (box, quality), allow_unused=True)
+    assert sorted(got) == sorted(want)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-6,
+                                   atol=1e-7)

@@ -81,7 +81,8 @@ class SparseBox3DLoss(nn.Module):
                 avg_factor: Optional[float] = None,
                 suffix: str = '',
                 quality: Optional[Tensor] = None,
-                cls_target: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                cls_target: Optional[Tensor] = None,
+                row_weight: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Compute the losses of ``N`` matched boxes.
 
         Args:
@@ -97,6 +98,9 @@ class SparseBox3DLoss(nn.Module):
                 None (no quality losses).
             cls_target (Tensor, optional): ``[N]`` labels, for ``cls_allow_reverse``.
                 Defaults to None.
+            row_weight (Tensor, optional): ``[N]`` 0/1 weights: rows with 0 leave all three
+                losses, as if those rows had been indexed away (the sums are the same; the
+                host does not wait for a row count). Defaults to None (every row).
 
         Returns:
             dict[str, Tensor]: ``loss_box{suffix}``, and with ``quality`` also
@@ -120,6 +124,9 @@ class SparseBox3DLoss(nn.Module):
         if cls_target is not None and tuple(cls_target.shape) != (box.shape[0], ):
             raise ValueError(f'SparseBox3DLoss: cls_target must be [{box.shape[0]}], got '
                              f'{tuple(cls_target.shape)}')
+        if row_weight is not None and tuple(row_weight.shape) != (box.shape[0], ):
+            raise ValueError(f'SparseBox3DLoss: row_weight must be [{box.shape[0]}], got '
+                             f'{tuple(row_weight.shape)}')
 
         if box.shape[0] == 0:
             zero = box.sum() * 0
@@ -141,18 +148,36 @@ class SparseBox3DLoss(nn.Module):
             box_target = torch.cat([box_target[:, :SIN_YAW], yaw, box_target[:, COS_YAW + 1:]],
                                    dim=-1)
 
-        out = {
-            f'loss_box{suffix}': self.loss_box(box, box_target, weight=weight,
-                                               avg_factor=avg_factor)
-        }
+        if row_weight is not None:
+            row_weight = row_weight.to(box.dtype)
+            weight = row_weight[:, None] if weight is None else weight * row_weight[:, None]
+            weight = weight.expand_as(box)
+        out = {f'loss_box{suffix}': self._box_loss(box, box_target, weight, avg_factor)}
         if quality is not None:
+            q_weight = None if row_weight is None else row_weight.to(quality.dtype)
             if self.loss_cns is not None:
                 distance = torch.norm(box_target[:, X:Z + 1] - box[:, X:Z + 1], p=2, dim=-1)
                 out[f'loss_cns{suffix}'] = self.loss_cns(quality[:, CNS],
-                                                         torch.exp(-distance),
+                                                         torch.exp(-distance), weight=q_weight,
                                                          avg_factor=avg_factor)
             if self.loss_yns is not None:
                 yns_target = (self._yaw_similarity(box_target, box) > 0).to(quality.dtype)
                 out[f'loss_yns{suffix}'] = self.loss_yns(quality[:, YNS].sigmoid(), yns_target,
-                                                         avg_factor=avg_factor)
+                                                         weight=q_weight, avg_factor=avg_factor)
         return out
+
+    def _box_loss(self, box: Tensor, box_target: Tensor, weight: Optional[Tensor],
+                  avg_factor: Optional[float]) -> Tensor:
+        """The box loss; mmdet's ``L1Loss`` through its functional form.
+
+        ``L1Loss.forward`` first asks ``torch.any(weight > 0)`` on the host (a wait for the
+        device) to return ``(pred * weight).sum()`` when every weight is 0; its functional
+        form gives the same value and gradient there (zero) without asking. Other losses are
+        called as they are.
+        """
+        from mmdet.models.losses import L1Loss, l1_loss
+        if type(self.loss_box) is L1Loss:
+            return self.loss_box.loss_weight * l1_loss(
+                box, box_target, weight, reduction=self.loss_box.reduction,
+                avg_factor=avg_factor)
+        return self.loss_box(box, box_target, weight=weight, avg_factor=avg_factor)

@@ -117,6 +117,9 @@ class Sparse4DHead(BaseModule):
         self.cls_threshold_to_reg = cls_threshold_to_reg
         self.decouple_attn = decouple_attn
         self.reg_weights = list(reg_weights) if reg_weights is not None else [1.0] * 10
+        # on the module's device, so that the loss uploads nothing (an upload waits)
+        self.register_buffer('reg_weight_vector', torch.tensor(self.reg_weights),
+                             persistent=False)
         if operation_order is None:
             operation_order = default_operation_order(num_decoder, num_single_frame_decoder)
         operation_order = list(operation_order)
@@ -314,17 +317,20 @@ class Sparse4DHead(BaseModule):
 
     # -- losses -----------------------------------------------------------------------------
 
-    def _cls_loss(self, cls: Tensor, target: Tensor, avg_factor: Tensor) -> Tensor:
+    def _cls_loss(self, cls: Tensor, target: Tensor, avg_factor: Tensor,
+                  weight: Optional[Tensor] = None) -> Tensor:
         """Focal loss with every label outside ``[0, C)`` read as background.
 
         mmdet's CPU focal loss one-hot encodes ``C + 1`` classes and fails on the negative
         labels of denoising (-1, -3); its CUDA path treats any label outside ``[0, C)`` as
-        background. Mapping them to ``C`` gives both paths the same, valid input.
+        background. Mapping them to ``C`` gives both paths the same, valid input. ``weight``
+        (``[N]``, 0 or 1) keeps rows in or out without indexing (which would wait for the
+        device).
         """
         num_classes = cls.shape[-1]
         target = torch.where((target < 0) | (target > num_classes),
                              torch.full_like(target, num_classes), target)
-        return self.loss_cls(cls.float(), target, avg_factor=avg_factor)
+        return self.loss_cls(cls.float(), target, weight=weight, avg_factor=avg_factor)
 
     def loss(self, outputs: Dict, metas: Dict) -> Dict[str, Tensor]:
         """Losses of every decoder layer, and of the denoising queries.
@@ -341,27 +347,30 @@ class Sparse4DHead(BaseModule):
         if self.sampler is None or self.loss_cls is None or self.loss_reg is None:
             raise RuntimeError('Sparse4DHead.loss needs sampler, loss_cls and loss_reg')
         gt_labels, gt_boxes = metas['gt_labels_3d'], metas['gt_bboxes_3d']
+        dims = len(self.reg_weights)
+        # Rows leave the losses through 0/1 row weights, not boolean indexing: the sums are
+        # those of the selected rows, and the host never waits for a row count.
+        targets = self.sampler.sample_layers(outputs['classification'],
+                                             [r[..., :dims] for r in outputs['prediction']],
+                                             gt_labels, gt_boxes)
         losses = {}
         for i, (cls, reg, quality) in enumerate(
                 zip(outputs['classification'], outputs['prediction'], outputs['quality'])):
-            reg = reg[..., :len(self.reg_weights)]
-            cls_target, reg_target, reg_weights = self.sampler.sample(cls, reg, gt_labels,
-                                                                      gt_boxes)
-            reg_target = reg_target[..., :len(self.reg_weights)]
+            reg = reg[..., :dims]
+            cls_target, reg_target, reg_weights = targets[i]
+            reg_target = reg_target[..., :dims]
             mask = (reg_target != 0).any(dim=-1)
             num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
             if self.cls_threshold_to_reg > 0:
                 mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
             losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
                                                      num_pos)
-            mask = mask.flatten()
-            weight = reg_weights * reg.new_tensor(self.reg_weights)
-            target = torch.nan_to_num(reg_target.flatten(0, 1)[mask])
+            weight = reg_weights * self.reg_weight_vector.to(reg_weights.dtype)
             losses.update(self.loss_reg(
-                reg.flatten(0, 1)[mask], target, weight=weight.flatten(0, 1)[mask],
-                avg_factor=num_pos, suffix=f'_{i}',
-                quality=quality.flatten(0, 1)[mask] if quality is not None else None,
-                cls_target=cls_target.flatten()[mask]))
+                reg.flatten(0, 1), torch.nan_to_num(reg_target.flatten(0, 1)),
+                weight=weight.flatten(0, 1), avg_factor=num_pos, suffix=f'_{i}',
+                quality=quality.flatten(0, 1) if quality is not None else None,
+                cls_target=cls_target.flatten(), row_weight=mask.flatten().to(reg.dtype)))
         if 'dn_prediction' not in outputs:
             return losses
         for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
@@ -369,18 +378,18 @@ class Sparse4DHead(BaseModule):
             # Layers after the bank's update see the temporal denoising queries.
             prefix = ('temp_' if i >= self.num_single_frame_decoder
                       and 'temp_dn_valid_mask' in outputs else '')
-            valid = outputs[f'{prefix}dn_valid_mask']
-            cls_target = outputs[f'{prefix}dn_cls_target']
-            reg_target = outputs[f'{prefix}dn_reg_target']
-            valid_cls = cls_target[valid]
-            positive = valid_cls >= 0
+            valid = outputs[f'{prefix}dn_valid_mask'].flatten()
+            cls_target = outputs[f'{prefix}dn_cls_target'].flatten()
+            reg_target = outputs[f'{prefix}dn_reg_target'].flatten(0, 1)[:, :dims]
+            positive = valid & (cls_target >= 0)
             num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
-            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls[valid], valid_cls, num_dn)
-            reg = reg[valid][positive][:, :len(self.reg_weights)]
-            target = torch.nan_to_num(reg_target[valid][positive][:, :len(self.reg_weights)])
-            weight = reg.new_tensor(self.reg_weights).expand_as(reg)
-            losses.update(self.loss_reg(reg, target, weight=weight, avg_factor=num_dn,
-                                        suffix=f'_dn_{i}'))
+            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target, num_dn,
+                                                        weight=valid.float())
+            reg = reg.flatten(0, 1)[:, :dims]
+            weight = self.reg_weight_vector.to(reg.dtype).expand_as(reg)
+            losses.update(self.loss_reg(reg, torch.nan_to_num(reg_target), weight=weight,
+                                        avg_factor=num_dn, suffix=f'_dn_{i}',
+                                        row_weight=positive.to(reg.dtype)))
         return losses
 
     # -- inference --------------------------------------------------------------------------

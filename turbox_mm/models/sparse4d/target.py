@@ -13,27 +13,23 @@ docs/design/sparse4d.md 0.3-4):
 - :meth:`SparseBox3DTarget.cache_dn` and :meth:`SparseBox3DTarget.update_dn` carry some of those
   groups into the next frame, where they are re-targeted by instance id (2.10.4).
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
+from .matching import INVALID_COST, solve_batched, to_device
+from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
 REG_DIM = 10
-#: What an infinite or NaN matching cost is replaced by before the solver sees it.
-INVALID_COST = 1e8
+__all__ = ['SparseBox3DTarget', 'INVALID_COST', 'REG_DIM', 'DN_NEGATIVE', 'DN_PADDING']
 #: Label of a denoising query that matched no ground truth (an explicit negative).
 DN_NEGATIVE = -3
-#: Label of padding (a denoising query matched to, or drawn from, a padded ground-truth slot).
-DN_PADDING = -1
-
-DnOutput = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]
 
 
 def _as_weight_vector(value: Union[float, Sequence[float]], name: str) -> List[float]:
@@ -47,7 +43,7 @@ def _as_weight_vector(value: Union[float, Sequence[float]], name: str) -> List[f
 
 
 @TASK_UTILS.register_module()
-class SparseBox3DTarget:
+class SparseBox3DTarget(TemporalDnMixin):
     """Targets of Sparse4D v3: one-to-one matching, denoising and temporal denoising queries.
 
     Args:
@@ -129,6 +125,16 @@ class SparseBox3DTarget:
         self.add_neg_dn = bool(add_neg_dn)
         self.num_classes = int(num_classes)
         self.dn_metas: Optional[Dict[str, Optional[Tensor]]] = None
+        self._constants: Dict[Tuple, Tensor] = {}
+
+    def _constant(self, name: str, like: Tensor) -> Tensor:
+        """``getattr(self, name)`` (a list of floats) as a tensor on ``like``'s device and dtype,
+        uploaded once (an upload of a Python list waits for the device)."""
+        key = (name, like.device, like.dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(getattr(self, name), dtype=like.dtype,
+                                                device=like.device)
+        return self._constants[key]
 
     # ------------------------------------------------------------------------------------------
     # Encoding
@@ -176,37 +182,42 @@ class SparseBox3DTarget:
     def _gt_weights(self, labels: Tensor, finite: Tensor) -> Tensor:
         """Per-GT regression weights: 1 where the target is finite, class overrides on top."""
         weights = finite.to(torch.float32)
-        for cls, w in self.cls_wise_reg_weights.items():
-            weights = torch.where((labels == cls)[:, None], weights.new_tensor(w), weights)
+        if self.cls_wise_reg_weights:
+            table = self._constant('_cls_wise_table', weights)
+            for row, cls in enumerate(self.cls_wise_reg_weights):
+                weights = torch.where((labels == cls)[..., None], table[row], weights)
         return weights
+
+    @property
+    def _cls_wise_table(self) -> List[List[float]]:
+        return list(self.cls_wise_reg_weights.values())
 
     # ------------------------------------------------------------------------------------------
     # Costs
     # ------------------------------------------------------------------------------------------
-    def _cls_cost(self, cls_pred: Tensor, labels: Tensor) -> Tensor:
-        """``[Q, C]`` logits and ``[n]`` labels to the ``[Q, n]`` focal-style class cost."""
+    def _class_costs(self, cls_pred: Tensor) -> Tensor:
+        """``[..., C]`` logits to the focal-style cost of each class, ``[..., C]``."""
         p = cls_pred.to(torch.promote_types(cls_pred.dtype, torch.float32)).sigmoid()
         neg = -(1 - p + self.eps).log() * (1 - self.alpha) * p.pow(self.gamma)
         pos = -(p + self.eps).log() * self.alpha * (1 - p).pow(self.gamma)
-        return (pos - neg)[:, labels] * self.cls_weight
+        return pos - neg
+
+    def _cls_cost(self, cls_pred: Tensor, labels: Tensor) -> Tensor:
+        """``[Q, C]`` logits and ``[n]`` labels to the ``[Q, n]`` class cost (weighted)."""
+        return self._class_costs(cls_pred)[:, labels] * self.cls_weight
 
     def _box_cost(self, box_pred: Tensor, box_target: Tensor, gt_weights: Tensor) -> Tensor:
         """``[..., Q, 10]`` predictions, ``[..., n, 10]`` targets and per-GT weights to the
         ``[..., Q, n]`` weighted L1 cost."""
         box_pred = box_pred[..., :REG_DIM].to(box_target.dtype)
         diff = (box_pred[..., :, None, :] - box_target[..., None, :, :]).abs()
-        weights = gt_weights[..., None, :, :] * box_target.new_tensor(self.reg_weights)
+        weights = gt_weights[..., None, :, :] * self._constant('reg_weights', box_target)
         return (diff * weights).sum(-1) * self.box_weight
-
-    @staticmethod
-    def _solve(cost: Tensor) -> Tuple[np.ndarray, np.ndarray]:
-        """Hungarian assignment on the CPU; non-finite costs become :data:`INVALID_COST`."""
-        cost = cost.detach().cpu().double().numpy()
-        cost = np.where(np.isfinite(cost), cost, INVALID_COST)
-        return linear_sum_assignment(cost)
 
     def _check_gts(self, cls_target: Sequence[Tensor], box_target: Sequence[Tensor],
                    batch: Optional[int] = None) -> None:
+        """Shape checks (no device access); the label range is checked by
+        :meth:`_check_labels` on the host copy that the matching makes anyway."""
         if len(cls_target) != len(box_target):
             raise ValueError(f'SparseBox3DTarget: cls_target has {len(cls_target)} samples but '
                              f'box_target has {len(box_target)}')
@@ -218,9 +229,35 @@ class SparseBox3DTarget:
                 raise ValueError(f'SparseBox3DTarget: cls_target[{i}] must be [n] with n = '
                                  f'{box.shape[0]} (the boxes of box_target[{i}]), got '
                                  f'{tuple(labels.shape)}')
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f'SparseBox3DTarget: cls_target[{i}] holds labels outside '
-                                 f'[0, {self.num_classes}): {labels.tolist()}')
+
+    def _bad_labels(self, labels: Tensor, sizes: Sequence[int]) -> Tensor:
+        """``[B]`` bool on the device: sample ``b`` has a label outside ``[0, C)`` among its
+        first ``sizes[b]`` (padded ``[B, n]`` labels)."""
+        live = torch.arange(labels.shape[1], device=labels.device) < \
+            to_device(np.asarray(sizes, np.int64), labels.device)[:, None]
+        return (live & ((labels < 0) | (labels >= self.num_classes))).any(1)
+
+    def _check_labels(self, bad: Tensor, cls_target: Sequence[Tensor]) -> None:
+        """Raise the named error for the first sample that :meth:`_bad_labels` flagged."""
+        for i in np.flatnonzero(bad.numpy()):
+            raise ValueError(f'SparseBox3DTarget: cls_target[{i}] holds labels outside '
+                             f'[0, {self.num_classes}): {cls_target[i].tolist()}')
+
+    def _padded_gts(self, cls_target: Sequence[Tensor], box_target: Sequence[Tensor],
+                    device: torch.device, dtype: torch.dtype,
+                    pad_label: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+        """``[B, n]`` labels (``pad_label`` in padded slots), ``[B, n, 10]`` targets and
+        ``[B, n, 10]`` regression weights (0 in padded slots), ``n`` the largest GT count."""
+        num_gt = max(c.shape[0] for c in cls_target)
+        labels = torch.stack([F.pad(c.to(device, torch.long), (0, num_gt - c.shape[0]),
+                                    value=pad_label) for c in cls_target])
+        targets, finite = [], []
+        for b, box in enumerate(box_target):
+            enc, fin = self._encode_one(box.to(device), b)
+            targets.append(F.pad(enc.to(dtype), (0, 0, 0, num_gt - enc.shape[0])))
+            finite.append(F.pad(fin, (0, 0, 0, num_gt - fin.shape[0])))
+        weights = self._gt_weights(labels, torch.stack(finite)).to(dtype)
+        return labels, torch.stack(targets), weights
 
     # ------------------------------------------------------------------------------------------
     # One-to-one matching
@@ -230,7 +267,7 @@ class SparseBox3DTarget:
         """Match ground truths to predictions, one to one, per sample.
 
         Costs are computed in float32 whatever the predictions' dtype; the Hungarian solver
-        runs on the CPU.
+        runs on the CPU. :meth:`sample_layers` does this for several decoder layers at once.
 
         Args:
             cls_pred (Tensor): ``[B, Q, C]`` class logits.
@@ -249,40 +286,75 @@ class SparseBox3DTarget:
 
             The float outputs are float32 (float64 for float64 predictions).
         """
+        return self.sample_layers([cls_pred], [box_pred], cls_target, box_target)[0]
+
+    def _check_predictions(self, cls_pred: Tensor, box_pred: Tensor, where: str) -> None:
         if cls_pred.dim() != 3 or box_pred.dim() != 3 or box_pred.shape[:2] != cls_pred.shape[:2]:
-            raise ValueError(f'SparseBox3DTarget.sample: cls_pred must be [B, Q, C] and box_pred '
-                             f'[B, Q, >={REG_DIM}], got {tuple(cls_pred.shape)} and '
-                             f'{tuple(box_pred.shape)}')
+            raise ValueError(f'SparseBox3DTarget.sample: cls_pred{where} must be [B, Q, C] and '
+                             f'box_pred{where} [B, Q, >={REG_DIM}], got {tuple(cls_pred.shape)} '
+                             f'and {tuple(box_pred.shape)}')
         if box_pred.shape[-1] < REG_DIM:
-            raise ValueError(f'SparseBox3DTarget.sample: box_pred needs at least {REG_DIM} '
-                             f'numbers per query, got {box_pred.shape[-1]}')
-        batch, num_query, num_cls = cls_pred.shape
-        if num_cls != self.num_classes:
-            raise ValueError(f'SparseBox3DTarget.sample: cls_pred has {num_cls} classes, the '
-                             f'target was built with num_classes={self.num_classes}')
+            raise ValueError(f'SparseBox3DTarget.sample: box_pred{where} needs at least '
+                             f'{REG_DIM} numbers per query, got {box_pred.shape[-1]}')
+        if cls_pred.shape[-1] != self.num_classes:
+            raise ValueError(f'SparseBox3DTarget.sample: cls_pred{where} has '
+                             f'{cls_pred.shape[-1]} classes, the target was built with '
+                             f'num_classes={self.num_classes}')
+
+    def sample_layers(self, cls_preds: Sequence[Tensor], box_preds: Sequence[Tensor],
+                      cls_target: Sequence[Tensor], box_target: Sequence[Tensor]
+                      ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`sample` for every decoder layer, with one host sync for all of them.
+
+        The cost matrices of all layers and samples are built on the device as one padded
+        tensor and copied to the host in one transfer (with the label-range check); scipy
+        solves each matrix on its valid columns; the assignment goes back as one index tensor
+        without a wait. The matches are those of calling :meth:`sample` per layer.
+
+        Args:
+            cls_preds (list[Tensor]): Per layer ``[B, Q, C]`` logits (equal shapes).
+            box_preds (list[Tensor]): Per layer ``[B, Q, >=10]`` states.
+            cls_target (list[Tensor]): Per sample ``[n_b]`` labels.
+            box_target (list[Tensor]): Per sample ``[n_b, 9]`` boxes.
+
+        Returns:
+            list[tuple]: Per layer, :meth:`sample`'s ``(cls, box, reg_weights)``.
+        """
+        if len(cls_preds) != len(box_preds) or not cls_preds:
+            raise ValueError(f'SparseBox3DTarget.sample_layers: {len(cls_preds)} class and '
+                             f'{len(box_preds)} box predictions; need one or more of each')
+        for i, (cls_pred, box_pred) in enumerate(zip(cls_preds, box_preds)):
+            self._check_predictions(cls_pred, box_pred, f'[{i}]' if len(cls_preds) > 1 else '')
+            if cls_pred.shape != cls_preds[0].shape or box_pred.shape[:2] != cls_pred.shape[:2]:
+                raise ValueError(f'SparseBox3DTarget.sample_layers: layer {i} has shape '
+                                 f'{tuple(cls_pred.shape)}, layer 0 {tuple(cls_preds[0].shape)}')
+        batch, num_query, _ = cls_preds[0].shape
         self._check_gts(cls_target, box_target, batch)
-        device = box_pred.device
-        dtype = torch.promote_types(box_pred.dtype, torch.float32)
-        out_cls = torch.full((batch, num_query), self.num_classes, dtype=torch.long,
+        layers = len(cls_preds)
+        device = box_preds[0].device
+        dtype = torch.promote_types(box_preds[0].dtype, torch.float32)
+        out_cls = torch.full((layers, batch, num_query), self.num_classes, dtype=torch.long,
                              device=device)
-        out_box = torch.zeros(batch, num_query, REG_DIM, dtype=dtype, device=device)
+        out_box = torch.zeros(layers, batch, num_query, REG_DIM, dtype=dtype, device=device)
         out_weights = torch.zeros_like(out_box)
-        for b in range(batch):
-            if cls_target[b].numel() == 0:
-                continue
-            labels = cls_target[b].to(device=device, dtype=torch.long)
-            target, finite = self._encode_one(box_target[b].to(device), b)
-            target = target.to(dtype)
-            weights = self._gt_weights(labels, finite).to(dtype)
-            cost = (self._cls_cost(cls_pred[b], labels)
-                    + self._box_cost(box_pred[b], target, weights))
-            pred_idx, gt_idx = self._solve(cost)
-            pred_idx = torch.as_tensor(pred_idx, dtype=torch.long, device=device)
-            gt_idx = torch.as_tensor(gt_idx, dtype=torch.long, device=device)
-            out_cls[b, pred_idx] = labels[gt_idx]
-            out_box[b, pred_idx] = target[gt_idx]
-            out_weights[b, pred_idx] = weights[gt_idx]
-        return out_cls, out_box, out_weights
+        sizes = [int(c.shape[0]) for c in cls_target]
+        if max(sizes, default=0) > 0:
+            labels, target, weights = self._padded_gts(cls_target, box_target, device, dtype)
+            bad = self._bad_labels(labels, sizes)
+            safe = labels.clamp(0, self.num_classes - 1)  # checked below, before any use
+            index = safe[:, None].expand(-1, num_query, -1)
+            cost = torch.stack([  # [L * B, Q, n], layer-major
+                torch.gather(self._class_costs(c), -1, index) * self.cls_weight +
+                self._box_cost(b, target, weights) for c, b in zip(cls_preds, box_preds)
+            ]).flatten(0, 1)
+            pairs, (bad,) = solve_batched(cost, sizes, extras=(bad, ))
+            self._check_labels(bad, cls_target)
+            layer, sample = pairs[0] // batch, pairs[0] % batch
+            query, gt = pairs[1], pairs[2]
+            out_cls[layer, sample, query] = labels[sample, gt]
+            out_box[layer, sample, query] = target[sample, gt]
+            out_weights[layer, sample, query] = weights[sample, gt]
+        return [(out_cls[i], out_box[i], out_weights[i]) for i in range(layers)]
 
     # ------------------------------------------------------------------------------------------
     # Denoising
@@ -359,7 +431,7 @@ class SparseBox3DTarget:
         labels = labels.repeat(groups, 1)
         gt_box = gt_box.repeat(groups, 1, 1)
         ids = ids.repeat(groups, 1) if ids is not None else None
-        scale = gt_box.new_tensor(self.dn_noise_scale)
+        scale = self._constant('dn_noise_scale', gt_box)
         anchors = gt_box + (torch.rand_like(gt_box) * 2 - 1) * scale
         source_labels = labels
         if self.add_neg_dn:
@@ -369,23 +441,23 @@ class SparseBox3DTarget:
             source_labels = torch.cat([labels, labels], dim=1)
         per_group = anchors.shape[1]
 
-        # One transfer to the CPU for all rows; the assignment comes back as one index tensor
-        # (the matched GT slot of each anchor, -1 where unmatched).
-        cost = self._box_cost(anchors, gt_box, torch.ones_like(gt_box)).detach().cpu()
-        matched = torch.full(anchors.shape[:2], -1, dtype=torch.long)
-        for row in range(anchors.shape[0]):
-            anchor_idx, gt_idx = self._solve(cost[row])
-            matched[row, torch.from_numpy(anchor_idx)] = torch.from_numpy(gt_idx).long()
-        matched = matched.to(device)
+        # One transfer to the CPU for all rows (with the label check); the assignment comes
+        # back as one index tensor: the matched GT slot of each anchor, -1 where unmatched.
+        bad = self._bad_labels(labels[:batch], [c.shape[0] for c in cls_target])
+        cost = self._box_cost(anchors, gt_box, torch.ones_like(gt_box))
+        pairs, (bad,) = solve_batched(cost, [num_gt], extras=(bad, ))
+        self._check_labels(bad, cls_target)
+        matched = torch.full(anchors.shape[:2], -1, dtype=torch.long, device=device)
+        matched[pairs[0], pairs[1]] = pairs[2]
         hit = matched >= 0
         slot = matched.clamp(min=0)
         dn_box = torch.where(hit[..., None],
                              torch.gather(gt_box, 1, slot[..., None].expand(-1, -1, REG_DIM)),
-                             gt_box.new_zeros(()))
-        dn_cls = torch.where(hit, torch.gather(labels, 1, slot), labels.new_tensor(DN_NEGATIVE))
+                             0.0)
+        dn_cls = torch.where(hit, torch.gather(labels, 1, slot), DN_NEGATIVE)
         dn_id = None
         if ids is not None:
-            dn_id = torch.where(hit, torch.gather(ids, 1, slot), ids.new_tensor(-1))
+            dn_id = torch.where(hit, torch.gather(ids, 1, slot), -1)
 
         def to_batch_major(x: Tensor) -> Tensor:
             x = x.reshape(groups, batch, per_group, *x.shape[2:]).transpose(0, 1)
@@ -401,158 +473,3 @@ class SparseBox3DTarget:
         block = torch.arange(total, device=device) // per_group
         attn_mask = block[:, None] != block[None, :]
         return dn_anchor, dn_box, dn_cls, attn_mask, valid_mask, dn_id
-
-    # ------------------------------------------------------------------------------------------
-    # Temporal denoising
-    # ------------------------------------------------------------------------------------------
-    def cache_dn(self, dn_instance_feature: Tensor, dn_anchor: Tensor, dn_cls_target: Tensor,
-                 valid_mask: Tensor, dn_id_target: Optional[Tensor]) -> None:
-        """Keep ``num_temp_dn_groups`` random denoising groups (one draw for the whole batch)
-        for the next frame, detached, in :attr:`dn_metas`.
-
-        Does nothing when temporal denoising is off or ``dn_id_target`` is None (then whatever
-        was cached before stays).
-
-        Args:
-            dn_instance_feature (Tensor): ``[B, K, C]`` final-layer features of the dn queries.
-            dn_anchor (Tensor): ``[B, K, 11]`` their final anchors.
-            dn_cls_target (Tensor): ``[B, K]`` long labels.
-            valid_mask (Tensor): ``[B, K]`` bool.
-            dn_id_target (Tensor, optional): ``[B, K]`` long instance ids.
-        """
-        if self.num_temp_dn_groups <= 0 or dn_id_target is None:
-            return
-        batch, num_dn = dn_instance_feature.shape[:2]
-        groups = self.num_dn_groups
-        if num_dn % groups:
-            raise ValueError(f'SparseBox3DTarget.cache_dn: {num_dn} dn queries do not split into '
-                             f'num_dn_groups={groups} groups')
-        for name, x in (('dn_anchor', dn_anchor), ('dn_cls_target', dn_cls_target),
-                        ('valid_mask', valid_mask), ('dn_id_target', dn_id_target)):
-            if tuple(x.shape[:2]) != (batch, num_dn):
-                raise ValueError(f'SparseBox3DTarget.cache_dn: {name} must start with '
-                                 f'{(batch, num_dn)}, got {tuple(x.shape)}')
-        per_group = num_dn // groups
-        keep = torch.randperm(groups) < self.num_temp_dn_groups
-        keep = keep.to(dn_instance_feature.device)
-
-        def pick(x: Tensor) -> Tensor:
-            return x.detach().reshape(batch, groups, per_group, *x.shape[2:])[:, keep]
-
-        self.dn_metas = dict(
-            dn_instance_feature=pick(dn_instance_feature),
-            dn_anchor=pick(dn_anchor),
-            dn_cls_target=pick(dn_cls_target),
-            valid_mask=pick(valid_mask),
-            dn_id_target=pick(dn_id_target))
-
-    def project_dn_anchors(self, fn: Callable[[Tensor], Tensor]) -> None:
-        """Move the cached dn anchors into the current frame.
-
-        Args:
-            fn (callable): Maps anchors ``[B, N, 11]`` to ``[B, N, 11]`` (e.g. the instance
-                bank's projection with this frame's transform and time step). Does nothing when
-                nothing is cached.
-        """
-        if self.dn_metas is None:
-            return
-        anchor = self.dn_metas['dn_anchor']
-        projected = fn(anchor.flatten(1, 2))
-        self.dn_metas['dn_anchor'] = projected.reshape(anchor.shape)
-
-    def update_dn(self, instance_feature: Tensor, anchor: Tensor, dn_reg_target: Tensor,
-                  dn_cls_target: Tensor, valid_mask: Tensor, dn_id_target: Optional[Tensor],
-                  num_normal_anchor: int, temporal_valid_mask: Optional[Tensor]) -> DnOutput:
-        """Swap the first ``num_temp_dn_groups`` dn groups for the cached ones, re-targeted.
-
-        Each cached group ``g`` is matched to the current group ``g`` by instance id: its
-        regression target becomes the sum of the current targets with an equal id, its label
-        stays the cached one when some id matched, else -1. An id of -1 (unknown: negatives,
-        padding, or ground truth without instance ids) matches nothing; upstream lets -1 match
-        -1, which sums every id-less ground truth of the group into one target when instance ids
-        are missing. Cached groups are padded
-        (zeros, label -1, invalid, id -1) or truncated to the current group length. A sample
-        takes the cached version where ``temporal_valid_mask`` is True, else keeps its current
-        groups. Order: cached groups, then the remaining current groups; the normal queries
-        stay in front.
-
-        Passes everything through unchanged when ``temporal_valid_mask`` is None (and then
-        drops the cache), when nothing is cached, when the cache's batch size differs, when
-        ``dn_id_target`` is None or when there are no dn queries.
-
-        Args:
-            instance_feature (Tensor): ``[B, Q, C]``, normal queries first.
-            anchor (Tensor): ``[B, Q, 11]``.
-            dn_reg_target (Tensor): ``[B, K, 10]`` with ``K = Q - num_normal_anchor``.
-            dn_cls_target (Tensor): ``[B, K]`` long.
-            valid_mask (Tensor): ``[B, K]`` bool.
-            dn_id_target (Tensor, optional): ``[B, K]`` long.
-            num_normal_anchor (int): Queries that are not denoising queries.
-            temporal_valid_mask (Tensor, optional): ``[B]`` bool, the instance bank's mask
-                (the previous frame is recent enough).
-
-        Returns:
-            tuple: ``(instance_feature, anchor, dn_reg_target, dn_cls_target, valid_mask,
-            dn_id_target)`` with the same shapes as the inputs.
-        """
-        unchanged = (instance_feature, anchor, dn_reg_target, dn_cls_target, valid_mask,
-                     dn_id_target)
-        if temporal_valid_mask is None:
-            self.dn_metas = None
-        batch, num_query = instance_feature.shape[:2]
-        metas = self.dn_metas
-        if (metas is None or dn_id_target is None or num_query <= num_normal_anchor
-                or metas['dn_instance_feature'].shape[0] != batch):
-            return unchanged
-        groups = self.num_dn_groups
-        num_dn = num_query - num_normal_anchor
-        if num_dn % groups:
-            raise ValueError(f'SparseBox3DTarget.update_dn: {num_dn} dn queries do not split '
-                             f'into num_dn_groups={groups} groups')
-        per_group = num_dn // groups
-        if temporal_valid_mask.shape != (batch, ):
-            raise ValueError(f'SparseBox3DTarget.update_dn: temporal_valid_mask must be '
-                             f'[{batch}], got {tuple(temporal_valid_mask.shape)}')
-
-        def split(x: Tensor) -> Tensor:
-            return x.reshape(batch, groups, per_group, *x.shape[2:])
-
-        current = [
-            split(instance_feature[:, num_normal_anchor:]),
-            split(anchor[:, num_normal_anchor:]),
-            split(dn_reg_target),
-            split(dn_cls_target),
-            split(valid_mask),
-            split(dn_id_target),
-        ]
-        cur_reg, cur_id = current[2], current[5]
-        temp_id = metas['dn_id_target'].to(cur_id.device)
-        num_temp = temp_id.shape[1]
-        if num_temp > groups:
-            raise ValueError(f'SparseBox3DTarget.update_dn: {num_temp} cached groups, but only '
-                             f'num_dn_groups={groups} current ones')
-        # [B, Gt, n_prev, n]: cached query i of group g has the id of current query j.
-        match = (temp_id[..., None] == cur_id[:, :num_temp, None, :]) & (temp_id[..., None] >= 0)
-        temp_reg = (match[..., None].to(cur_reg.dtype) * cur_reg[:, :num_temp, None]).sum(3)
-        cached_cls = metas['dn_cls_target'].to(cur_id.device)
-        temp_cls = torch.where(match.any(-1), cached_cls, cached_cls.new_tensor(DN_PADDING))
-        cached = [metas['dn_instance_feature'], metas['dn_anchor'], temp_reg, temp_cls,
-                  metas['valid_mask'], temp_id]
-        pad_values = [0, 0, 0, DN_PADDING, False, -1]
-        out = []
-        use_temp = temporal_valid_mask.to(device=cur_id.device, dtype=torch.bool)
-        for temp, cur, pad in zip(cached, current, pad_values):
-            temp = temp.to(device=cur.device, dtype=cur.dtype)
-            n_prev = temp.shape[2]
-            if n_prev < per_group:
-                filler = temp.new_full(temp.shape[:2] + (per_group - n_prev, ) + temp.shape[3:],
-                                       pad)
-                temp = torch.cat([temp, filler], dim=2)
-            else:
-                temp = temp[:, :, :per_group]
-            select = use_temp.reshape((batch, ) + (1, ) * (temp.dim() - 1))
-            temp = torch.where(select, temp, cur[:, :num_temp])
-            out.append(torch.cat([temp, cur[:, num_temp:]], dim=1).flatten(1, 2))
-        out[0] = torch.cat([instance_feature[:, :num_normal_anchor], out[0]], dim=1)
-        out[1] = torch.cat([anchor[:, :num_normal_anchor], out[1]], dim=1)
-        return tuple(out)
