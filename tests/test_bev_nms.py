@@ -273,14 +273,16 @@ from triton.compiler import ASTSource
 from turbox_mm.ops.bev_nms import triton_kernels as tk
 
 POINTERS = {'prm_ptr': '*fp32', 'pa_ptr': '*fp32', 'pb_ptr': '*fp32', 'out_ptr': '*fp32',
-            'mask_ptr': '*i64', 'removed_ptr': '*i64', 'keep_ptr': '*i8'}
+            'mask_ptr': '*i64', 'near_ptr': '*i64', 'removed_ptr': '*i64', 'order_ptr': '*i64',
+            'count_ptr': '*i32', 'box_ptr': '*fp32'}
 
 
-def compile_for_sm90(kernel, constexprs, ones):
+def compile_for_sm90(kernel, constexprs, ones, pointers=None):
+    pointers = dict(POINTERS, **(pointers or {}))
     signature, values = {}, {}
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        if name in POINTERS:
-            signature[name] = POINTERS[name]
+        if name in pointers:
+            signature[name] = pointers[name]
         elif name in constexprs or name in ones:  # Triton specialises an int argument of 1
             signature[name] = 'constexpr'
             values[(i, )] = constexprs.get(name, 1)
@@ -290,16 +292,24 @@ def compile_for_sm90(kernel, constexprs, ones):
                    target=GPUTarget('cuda', 90, 32))
 
 
-variants = [(tk._mask_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o)
-            for k in range(5) for o in ((), ('n', 'col_blocks'))]
-variants += [(tk._iou_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o)
+SIZES = ('n', 'col_blocks')
+INDICES = {'out_ptr': '*i64'}
+variants = [(tk._mask_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, None)
+            for k in range(5) for o in ((), SIZES)]
+variants += [(tk._refine_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8, BLOCKS=b), o, None)
+             for k in range(2) for b in (2, 64, 256) for o in ((), SIZES)]
+variants += [(tk._iou_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, None)
              for k in range(2) for o in ((), ('m', 'n'))]
-variants += [(tk._reduce_kernel, dict(CHUNK=c), o)
-             for c in (1, 2, 64) for o in ((), ('n', 'col_blocks'))]
+variants += [(tk._reduce_kernel, dict(CB=c), o, INDICES)
+             for c in (2, 64, 128) for o in ((), SIZES)]
+variants += [(tk._reduce_large_kernel, dict(CHUNK=64), o, INDICES) for o in ((), SIZES)]
+variants += [(tk._params_kernel, dict(KIND=k, BLOCK=256), o, {'box_ptr': d})
+             for k in range(5) for d in ('*fp32', '*fp16', '*bf16', '*fp64')
+             for o in ((), ('n', 'stride_n', 'stride_c'))]
 failures = []
-for kernel, constexprs, ones in variants:
+for kernel, constexprs, ones, pointers in variants:
     try:
-        compile_for_sm90(kernel, constexprs, ones)
+        compile_for_sm90(kernel, constexprs, ones, pointers)
     except Exception as error:  # report every failing variant
         failures.append(f'{kernel.fn.__name__} {constexprs} ones={ones}: '
                         f'{str(error).splitlines()[-1] if str(error) else error!r}')

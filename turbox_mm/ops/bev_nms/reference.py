@@ -15,7 +15,9 @@ Five pair tests, each with mmcv 2.1's semantics (``kind``):
   axis-aligned ones rotated about the centre by float32 ``cos``/``sin``; candidates are the
   strict crossings of the 16 edge pairs (mmcv's ``intersection``: bounding rectangles touch,
   ``s1 * s2 > 0`` and ``s3 * s4 > 0``), then, corner by corner, the second box's corner inside
-  the first and the first's inside the second, where "inside" allows a 1 cm margin.
+  the first and the first's inside the second, where "inside" allows a 1 cm margin. (mmcv
+  takes ``cosf``/``sinf``; here, as for ``'rotated'``, float64 values rounded to float32,
+  which agree to an ulp.)
   ``iou = overlap / max(area_a + area_b - overlap, 1e-8)``.
 * ``'aligned'``: boxes ``[x1, y1, x2, y2]``; ``mmcv.ops.nms`` with ``offset=0`` (mmdet3d's
   ``nms_normal_bev``): suppress when ``inter > thr * (area_a + area_b - inter)``.
@@ -120,24 +122,32 @@ def _candidates_rotated(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return pts, valid, (a[..., 2] * a[..., 3], b[..., 2] * b[..., 3])
 
 
+def _trig(angle: Tensor) -> Tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` of float32 angles, taken in float64 and rounded to float32 (mmcv's
+    ``cosf`` / ``sinf`` agree to an ulp)."""
+    angle = angle.double()
+    return torch.cos(angle).float(), torch.sin(angle).float()
+
+
 def _corners_iou3d(box: Tensor) -> Tensor:
     """``[..., 4, 2]`` corners as mmcv's iou3d ``box_overlap``."""
     x, y, angle = box[..., 0], box[..., 1], box[..., 6]
     hx, hy = box[..., 3] / 2, box[..., 4] / 2
     xs = torch.stack([x - hx, x + hx, x + hx, x - hx], -1) - x[..., None]
     ys = torch.stack([y - hy, y - hy, y + hy, y + hy], -1) - y[..., None]
-    cos, sin = torch.cos(angle)[..., None], torch.sin(angle)[..., None]
+    cos, sin = _trig(angle)
+    cos, sin = cos[..., None], sin[..., None]
     return torch.stack([xs * cos - ys * sin + x[..., None], xs * sin + ys * cos + y[..., None]],
                        -1)
 
 
 def _inside_iou3d(box: Tensor, p: Tensor) -> Tensor:
     """mmcv's ``check_in_box2d``: ``p [..., K, 2]`` in ``box`` with a 1 cm margin."""
-    cos = torch.cos(-box[..., 6])[..., None]
-    sin = torch.sin(-box[..., 6])[..., None]
+    cos, sin = _trig(box[..., 6])  # of the heading; mmcv rotates by its negative
+    cos, sin = cos[..., None], sin[..., None]
     dx, dy = p[..., 0] - box[..., 0, None], p[..., 1] - box[..., 1, None]
-    rot_x = dx * cos + dy * (-sin)
-    rot_y = dx * sin + dy * cos
+    rot_x = dx * cos + dy * sin
+    rot_y = dx * (-sin) + dy * cos
     return (rot_x.abs() < box[..., 3, None] / 2 + IOU3D_MARGIN) & \
         (rot_y.abs() < box[..., 4, None] / 2 + IOU3D_MARGIN)
 
