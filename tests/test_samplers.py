@@ -2,12 +2,10 @@
 GroupSampler, alone and built through mmengine's Runner.build_dataloader."""
 import itertools
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from mmengine.dataset import DefaultSampler
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 

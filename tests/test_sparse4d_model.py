@@ -178,6 +178,9 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     stock_cfg = _config(TINY_STOCK, tiny_root)
     turbox_cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
     assert turbox_cfg.model.head.deformable_model.op_impl == 'turbox'
+    # the turbox head's losses: batched matching, row weights, no host reads (same values)
+    assert turbox_cfg.model.head.op_impl == 'turbox' and stock_cfg.model.head.get(
+        'op_impl', 'stock') == 'stock'
     stock, turbox = _build(stock_cfg), _build(turbox_cfg)
     turbox.load_state_dict(stock.state_dict())
     batch = stock.data_preprocessor(_batches(stock_cfg, 1)[0], training=True)

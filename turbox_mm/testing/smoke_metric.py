@@ -1,7 +1,7 @@
 """Mean squared error of :class:`~turbox_mm.testing.SmokeModel` predictions."""
 from typing import Dict, List, Sequence
 
-import torch
+import torch  # noqa: F401  (the doctest uses it)
 from mmengine.evaluator import BaseMetric
 
 from turbox_mm.registry import METRICS

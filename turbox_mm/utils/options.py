@@ -53,10 +53,11 @@ def check_options(given: Optional[Mapping], schema: Schema, path: str = 'turbox'
         >>> schema = {'report': Option(True, (bool,), 'log the options')}
         >>> check_options({}, schema)
         {'report': True}
-        >>> check_options({'reprot': False}, schema)
-        Traceback (most recent call last):
-        ...
-        KeyError: "Unknown config key 'turbox.reprot'; did you mean 'report'? Valid keys of 'turbox': report."
+        >>> try:
+        ...     check_options({'reprot': False}, schema)
+        ... except KeyError as error:
+        ...     print(error.args[0])
+        Unknown config key 'turbox.reprot'; did you mean 'report'? Valid keys of 'turbox': report.
     """
     if given is None:
         given = {}

@@ -125,8 +125,8 @@ class PipelinedEpochBasedTrainLoop(EpochBasedTrainLoop):
             data_batch if ready is None else ready, optim_wrapper=self.runner.optim_wrapper)
         last_of_epoch = idx + 1 >= len(self.dataloader)
         last_of_run = last_of_epoch and self._epoch + 1 >= self._max_epochs
-        if self._prefetcher is not None and not last_of_run and (self._cyclic
-                                                                  or not last_of_epoch):
+        if self._prefetcher is not None and not last_of_run and \
+                (self._cyclic or not last_of_epoch):
             self._prefetcher.prefetch()
         self.runner.call_hook('after_train_iter', batch_idx=idx, data_batch=data_batch,
                               outputs=outputs)

@@ -2,7 +2,6 @@
 import logging
 from typing import Dict, List, Sequence, Union
 
-import torch
 from mmengine.logging import print_log
 from torch import nn
 

@@ -78,6 +78,6 @@ class SparseBox3DEncoder(nn.Module):
         return torch.cat([
             self.pos_fc(box_3d[..., X:Z + 1]),
             self.size_fc(box_3d[..., SIZE_X:SIZE_Z + 1]),
-            self.yaw_fc(box_3d[..., [SIN_YAW, COS_YAW]]),
+            self.yaw_fc(box_3d[..., SIN_YAW:COS_YAW + 1]),  # a slice: no index upload
             self.vel_fc(box_3d[..., VX:VX + self.vel_dims]),
         ], dim=-1)

@@ -68,11 +68,16 @@ class SparseBox3DLoss(nn.Module):
         self.loss_yns = _build(loss_yawness, 'loss_yawness')
         self.cls_allow_reverse = (None if cls_allow_reverse is None else
                                   [int(c) for c in cls_allow_reverse])
+        # on the module's device: uploading the list in the step would wait for the device
+        self.register_buffer('reverse_classes',
+                             torch.tensor(self.cls_allow_reverse or [], dtype=torch.long),
+                             persistent=False)
 
     @staticmethod
     def _yaw_similarity(box_target: Tensor, box: Tensor) -> Tensor:
-        return F.cosine_similarity(box_target[..., [SIN_YAW, COS_YAW]],
-                                   box[..., [SIN_YAW, COS_YAW]], dim=-1)
+        # slices, not index lists: an index list is uploaded to the device, which waits
+        return F.cosine_similarity(box_target[..., SIN_YAW:COS_YAW + 1],
+                                   box[..., SIN_YAW:COS_YAW + 1], dim=-1)
 
     def forward(self,
                 box: Tensor,
@@ -100,7 +105,9 @@ class SparseBox3DLoss(nn.Module):
                 Defaults to None.
             row_weight (Tensor, optional): ``[N]`` 0/1 weights: rows with 0 leave all three
                 losses, as if those rows had been indexed away (the sums are the same; the
-                host does not wait for a row count). Defaults to None (every row).
+                host does not wait for a row count, and the L1 loss is called in its
+                functional form, which reads nothing on the host). Defaults to None (every
+                row, the module as configured).
 
         Returns:
             dict[str, Tensor]: ``loss_box{suffix}``, and with ``quality`` also
@@ -142,8 +149,8 @@ class SparseBox3DLoss(nn.Module):
         box_target = box_target.to(box.dtype)
         if self.cls_allow_reverse is not None and cls_target is not None:
             reverse = self._yaw_similarity(box_target, box) < 0
-            reverse &= torch.isin(cls_target, cls_target.new_tensor(self.cls_allow_reverse))
-            yaw = box_target[:, [SIN_YAW, COS_YAW]]
+            reverse &= torch.isin(cls_target, self.reverse_classes.to(cls_target.device))
+            yaw = box_target[:, SIN_YAW:COS_YAW + 1]
             yaw = torch.where(reverse[:, None], -yaw, yaw)
             box_target = torch.cat([box_target[:, :SIN_YAW], yaw, box_target[:, COS_YAW + 1:]],
                                    dim=-1)
@@ -152,7 +159,8 @@ class SparseBox3DLoss(nn.Module):
             row_weight = row_weight.to(box.dtype)
             weight = row_weight[:, None] if weight is None else weight * row_weight[:, None]
             weight = weight.expand_as(box)
-        out = {f'loss_box{suffix}': self._box_loss(box, box_target, weight, avg_factor)}
+        out = {f'loss_box{suffix}': self._box_loss(box, box_target, weight, avg_factor,
+                                                   sync_free=row_weight is not None)}
         if quality is not None:
             q_weight = None if row_weight is None else row_weight.to(quality.dtype)
             if self.loss_cns is not None:
@@ -167,16 +175,17 @@ class SparseBox3DLoss(nn.Module):
         return out
 
     def _box_loss(self, box: Tensor, box_target: Tensor, weight: Optional[Tensor],
-                  avg_factor: Optional[float]) -> Tensor:
-        """The box loss; mmdet's ``L1Loss`` through its functional form.
+                  avg_factor: Optional[float], sync_free: bool) -> Tensor:
+        """The box loss; with ``sync_free`` (the row-weighted call of the turbox head)
+        mmdet's ``L1Loss`` through its functional form.
 
         ``L1Loss.forward`` first asks ``torch.any(weight > 0)`` on the host (a wait for the
         device) to return ``(pred * weight).sum()`` when every weight is 0; its functional
-        form gives the same value and gradient there (zero) without asking. Other losses are
-        called as they are.
+        form gives the same value and gradient there (zero) without asking. Other losses, and
+        the stock head's call, go through the module.
         """
         from mmdet.models.losses import L1Loss, l1_loss
-        if type(self.loss_box) is L1Loss:
+        if sync_free and type(self.loss_box) is L1Loss:
             return self.loss_box.loss_weight * l1_loss(
                 box, box_target, weight, reduction=self.loss_box.reduction,
                 avg_factor=avg_factor)

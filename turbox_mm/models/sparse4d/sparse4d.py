@@ -38,6 +38,17 @@ def boxes_to_gravity_centre(boxes) -> Tensor:
     return tensor.float()
 
 
+def _upload(x: Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``x`` on ``device`` (and ``dtype``); from the host through pinned memory without a
+    wait (a pageable copy makes the host wait for the device)."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if x.device == torch.device(device) or x.device.type != 'cpu' or \
+            torch.device(device).type != 'cuda':
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 @MODELS.register_module()
 class Sparse4D(Base3DDetector):
     """Sparse4D v3 (Lin et al., 2023) for mmdet3d 1.x.
@@ -134,16 +145,16 @@ class Sparse4D(Base3DDetector):
                                'its meta_keys')
 
         def stack(key, dtype):
-            return torch.from_numpy(np.stack([np.asarray(m[key]) for m in infos])).to(
-                device=device, dtype=dtype)
+            return _upload(torch.from_numpy(np.stack([np.asarray(m[key]) for m in infos])),
+                           device, dtype)
 
         metas = dict(
             projection_mat=stack('projection_mat', torch.float32),
             image_wh=stack('image_wh', torch.float32),
             T_global=stack('T_global', torch.float64),
             T_global_inv=stack('T_global_inv', torch.float64),
-            timestamp=torch.tensor([float(m['timestamp']) for m in infos], dtype=torch.float64,
-                                   device=device))
+            timestamp=_upload(torch.tensor([float(m['timestamp']) for m in infos]), device,
+                              torch.float64))
         if all('focal' in m for m in infos):
             metas['focal'] = stack('focal', torch.float32)
         if not with_gt:
@@ -151,20 +162,23 @@ class Sparse4D(Base3DDetector):
         if all('gt_depth' in m for m in infos):
             levels = len(infos[0]['gt_depth'])
             metas['gt_depth'] = [
-                torch.from_numpy(np.stack([np.asarray(m['gt_depth'][k]) for m in infos])).to(
-                    device=device, dtype=torch.float32) for k in range(levels)]
+                _upload(torch.from_numpy(np.stack([np.asarray(m['gt_depth'][k])
+                                                   for m in infos])), device, torch.float32)
+                for k in range(levels)]
         boxes, labels, ids = [], [], []
+        known = False
         for sample, info in zip(batch_data_samples, infos):
             gt = sample.gt_instances_3d
-            boxes.append(boxes_to_gravity_centre(gt.bboxes_3d).to(device))
-            labels.append(gt.labels_3d.to(device=device, dtype=torch.long))
+            boxes.append(_upload(boxes_to_gravity_centre(gt.bboxes_3d), device))
+            labels.append(_upload(gt.labels_3d, device, torch.long))
             inst = info.get('instance_id')
             if inst is None or len(inst) != len(labels[-1]):
                 inst = np.full(len(labels[-1]), -1, dtype=np.int64)
-            ids.append(torch.as_tensor(np.asarray(inst), dtype=torch.long, device=device))
+            inst = np.asarray(inst)
+            known = known or bool((inst >= 0).any())  # on the host: no wait
+            ids.append(_upload(torch.as_tensor(inst, dtype=torch.long), device))
         # Without instance ids (mmdet3d's converter writes none) temporal denoising is off, as
         # upstream without ids; denoising itself stays.
-        known = any(bool((i >= 0).any()) for i in ids)
         metas.update(gt_bboxes_3d=boxes, gt_labels_3d=labels, instance_id=ids if known else None)
         return metas
 

@@ -5,6 +5,8 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
+from turbox_mm.models.losses import focal_loss_like_mmdet
+from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 
 #: The operations a decoder layer may hold.
@@ -88,6 +90,13 @@ class Sparse4DHead(BaseModule):
             its best class score exceeds this. Defaults to -1 (all).
         decouple_attn (bool): Concatenate instead of adding positional embeddings. Defaults to
             True.
+        op_impl (str): How the training losses are computed. ``'stock'`` as upstream: the
+            matching layer by layer and sample by sample (a host copy each), boolean indexing
+            of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
+            values on the host); ``'turbox'`` (``ops.fast``): the same losses with one host
+            sync for all layers' matching (:meth:`SparseBox3DTarget.sample_layers`), rows kept
+            by 0/1 weights, and the focal and L1 losses without host reads. Defaults to
+            ``'stock'``.
         init_cfg (dict, optional): mmengine init config. Defaults to None.
     """
 
@@ -110,8 +119,10 @@ class Sparse4DHead(BaseModule):
                  reg_weights: Optional[Sequence[float]] = None,
                  cls_threshold_to_reg: float = -1.0,
                  decouple_attn: bool = True,
+                 op_impl: str = 'stock',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg)
+        self.op_impl = check_op_impl('Sparse4DHead', op_impl)
         self.num_decoder = num_decoder
         self.num_single_frame_decoder = num_single_frame_decoder
         self.cls_threshold_to_reg = cls_threshold_to_reg
@@ -330,6 +341,9 @@ class Sparse4DHead(BaseModule):
         num_classes = cls.shape[-1]
         target = torch.where((target < 0) | (target > num_classes),
                              torch.full_like(target, num_classes), target)
+        if self.op_impl == 'turbox':
+            return focal_loss_like_mmdet(self.loss_cls, cls.float(), target, weight=weight,
+                                         avg_factor=avg_factor)
         return self.loss_cls(cls.float(), target, weight=weight, avg_factor=avg_factor)
 
     def loss(self, outputs: Dict, metas: Dict) -> Dict[str, Tensor]:
@@ -347,6 +361,54 @@ class Sparse4DHead(BaseModule):
         if self.sampler is None or self.loss_cls is None or self.loss_reg is None:
             raise RuntimeError('Sparse4DHead.loss needs sampler, loss_cls and loss_reg')
         gt_labels, gt_boxes = metas['gt_labels_3d'], metas['gt_bboxes_3d']
+        if self.op_impl == 'turbox':
+            return self._loss_batched(outputs, gt_labels, gt_boxes)
+        losses = {}
+        for i, (cls, reg, quality) in enumerate(
+                zip(outputs['classification'], outputs['prediction'], outputs['quality'])):
+            reg = reg[..., :len(self.reg_weights)]
+            cls_target, reg_target, reg_weights = self.sampler.sample(cls, reg, gt_labels,
+                                                                      gt_boxes)
+            reg_target = reg_target[..., :len(self.reg_weights)]
+            mask = (reg_target != 0).any(dim=-1)
+            num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
+            if self.cls_threshold_to_reg > 0:
+                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+            losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
+                                                     num_pos)
+            mask = mask.flatten()
+            weight = reg_weights * reg.new_tensor(self.reg_weights)
+            target = torch.nan_to_num(reg_target.flatten(0, 1)[mask])
+            losses.update(self.loss_reg(
+                reg.flatten(0, 1)[mask], target, weight=weight.flatten(0, 1)[mask],
+                avg_factor=num_pos, suffix=f'_{i}',
+                quality=quality.flatten(0, 1)[mask] if quality is not None else None,
+                cls_target=cls_target.flatten()[mask]))
+        if 'dn_prediction' not in outputs:
+            return losses
+        for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
+                                           outputs['dn_prediction'])):
+            # Layers after the bank's update see the temporal denoising queries.
+            prefix = ('temp_' if i >= self.num_single_frame_decoder
+                      and 'temp_dn_valid_mask' in outputs else '')
+            valid = outputs[f'{prefix}dn_valid_mask']
+            cls_target = outputs[f'{prefix}dn_cls_target']
+            reg_target = outputs[f'{prefix}dn_reg_target']
+            valid_cls = cls_target[valid]
+            positive = valid_cls >= 0
+            num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
+            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls[valid], valid_cls, num_dn)
+            reg = reg[valid][positive][:, :len(self.reg_weights)]
+            target = torch.nan_to_num(reg_target[valid][positive][:, :len(self.reg_weights)])
+            weight = reg.new_tensor(self.reg_weights).expand_as(reg)
+            losses.update(self.loss_reg(reg, target, weight=weight, avg_factor=num_dn,
+                                        suffix=f'_dn_{i}'))
+        return losses
+
+    def _loss_batched(self, outputs: Dict, gt_labels: List[Tensor],
+                      gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
+        """:meth:`loss` with ``op_impl='turbox'``: the same losses without host waits."""
+        from mmdet.utils import reduce_mean
         dims = len(self.reg_weights)
         # Rows leave the losses through 0/1 row weights, not boolean indexing: the sums are
         # those of the selected rows, and the host never waits for a row count.

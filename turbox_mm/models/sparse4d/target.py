@@ -22,7 +22,7 @@ from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
-from .matching import INVALID_COST, solve_batched, to_device
+from .matching import INVALID_COST, solve, solve_batched, to_device
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
@@ -267,7 +267,9 @@ class SparseBox3DTarget(TemporalDnMixin):
         """Match ground truths to predictions, one to one, per sample.
 
         Costs are computed in float32 whatever the predictions' dtype; the Hungarian solver
-        runs on the CPU. :meth:`sample_layers` does this for several decoder layers at once.
+        runs on the CPU, sample by sample, with a host copy each (upstream's procedure, which
+        the stock head runs). :meth:`sample_layers` gives the same matches for several decoder
+        layers at once with one host sync (the turbox head's path).
 
         Args:
             cls_pred (Tensor): ``[B, Q, C]`` class logits.
@@ -286,7 +288,36 @@ class SparseBox3DTarget(TemporalDnMixin):
 
             The float outputs are float32 (float64 for float64 predictions).
         """
-        return self.sample_layers([cls_pred], [box_pred], cls_target, box_target)[0]
+        self._check_predictions(cls_pred, box_pred, '')
+        batch, num_query, _ = cls_pred.shape
+        self._check_gts(cls_target, box_target, batch)
+        for i, labels in enumerate(cls_target):  # a host read per sample, as upstream
+            if labels.numel() and (int(labels.min()) < 0 or
+                                   int(labels.max()) >= self.num_classes):
+                raise ValueError(f'SparseBox3DTarget: cls_target[{i}] holds labels outside '
+                                 f'[0, {self.num_classes}): {labels.tolist()}')
+        device = box_pred.device
+        dtype = torch.promote_types(box_pred.dtype, torch.float32)
+        out_cls = torch.full((batch, num_query), self.num_classes, dtype=torch.long,
+                             device=device)
+        out_box = torch.zeros(batch, num_query, REG_DIM, dtype=dtype, device=device)
+        out_weights = torch.zeros_like(out_box)
+        for b in range(batch):
+            if cls_target[b].numel() == 0:
+                continue
+            labels = cls_target[b].to(device=device, dtype=torch.long)
+            target, finite = self._encode_one(box_target[b].to(device), b)
+            target = target.to(dtype)
+            weights = self._gt_weights(labels, finite).to(dtype)
+            cost = (self._cls_cost(cls_pred[b], labels)
+                    + self._box_cost(box_pred[b], target, weights))
+            pred_idx, gt_idx = solve(cost.detach().cpu().double().numpy())
+            pred_idx = torch.as_tensor(pred_idx, dtype=torch.long, device=device)
+            gt_idx = torch.as_tensor(gt_idx, dtype=torch.long, device=device)
+            out_cls[b, pred_idx] = labels[gt_idx]
+            out_box[b, pred_idx] = target[gt_idx]
+            out_weights[b, pred_idx] = weights[gt_idx]
+        return out_cls, out_box, out_weights
 
     def _check_predictions(self, cls_pred: Tensor, box_pred: Tensor, where: str) -> None:
         if cls_pred.dim() != 3 or box_pred.dim() != 3 or box_pred.shape[:2] != cls_pred.shape[:2]:

@@ -1,0 +1,71 @@
+"""mmdet's sigmoid focal loss without mmcv's host read of the largest label.
+
+mmcv's CUDA ``sigmoid_focal_loss`` (what mmdet's ``FocalLoss`` runs on the GPU) checks
+``target.max().item() <= num_classes`` in its forward and again in its backward: two host
+syncs a call. :func:`focal_loss_like_mmdet` computes the same loss with the same formulas
+(mmcv's kernel: ``p = 1 / (1 + exp(-x))``, ``log(max(p, FLT_MIN))``, the analytic gradient) in
+torch ops, which never wait for the device; labels outside ``[0, C)`` count as background, as
+in mmcv's kernel. The values agree with mmcv's to float32 rounding.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: float32's smallest normal number, mmcv's guard inside the logarithms.
+FLT_MIN = 1.1754943508222875e-38
+
+
+class _SigmoidFocal(torch.autograd.Function):
+    """Per-element focal loss ``[N, C]`` of logits and ``[N]`` labels (mmcv's kernels)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
+        p = 1.0 / (1.0 + torch.exp(-logits))
+        positive = target[:, None] == torch.arange(logits.shape[1], device=logits.device)
+        term_p = (1.0 - p).pow(gamma) * torch.log(p.clamp(min=FLT_MIN))
+        term_n = p.pow(gamma) * torch.log((1.0 - p).clamp(min=FLT_MIN))
+        ctx.save_for_backward(p, positive)
+        ctx.gamma, ctx.alpha = gamma, alpha
+        return torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, positive = ctx.saved_tensors
+        gamma, alpha = ctx.gamma, ctx.alpha
+        term_p = (1.0 - p).pow(gamma) * (1.0 - p - gamma * p * torch.log(p.clamp(min=FLT_MIN)))
+        term_n = p.pow(gamma) * (gamma * (1.0 - p) * torch.log((1.0 - p).clamp(min=FLT_MIN))
+                                 - p)
+        local = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
+        return grad * local, None, None, None
+
+
+def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tensor,
+                          weight: Optional[Tensor] = None,
+                          avg_factor: Optional[Tensor] = None) -> Tensor:
+    """``loss_cls(pred, target, weight=weight, avg_factor=avg_factor)`` without host syncs.
+
+    For mmdet's ``FocalLoss`` with ``use_sigmoid=True`` on CUDA tensors: the same loss as
+    mmcv's kernel through mmdet's reduction. Any other loss, or CPU tensors (mmdet's own
+    PyTorch path, which has no sync), is called as it is.
+
+    Args:
+        loss_cls (nn.Module): The configured classification loss.
+        pred (Tensor): ``[N, C]`` logits.
+        target (Tensor): ``[N]`` long labels (``C`` or beyond: background).
+        weight (Tensor, optional): ``[N]`` per-row weights. Defaults to None.
+        avg_factor (Tensor, optional): The normaliser. Defaults to None.
+
+    Returns:
+        Tensor: The loss (scalar for ``reduction='mean'`` / ``'sum'``).
+    """
+    from mmdet.models.losses import FocalLoss
+    from mmdet.models.losses.utils import weight_reduce_loss
+    if type(loss_cls) is not FocalLoss or not loss_cls.use_sigmoid or loss_cls.activated or \
+            not pred.is_cuda or pred.dim() != 2 or target.dim() != 1:
+        return loss_cls(pred, target, weight=weight, avg_factor=avg_factor)
+    loss = _SigmoidFocal.apply(pred, target, float(loss_cls.gamma), float(loss_cls.alpha))
+    if weight is not None:
+        weight = weight.view(-1, 1)
+    return loss_cls.loss_weight * weight_reduce_loss(loss, weight, loss_cls.reduction,
+                                                     avg_factor)
