@@ -99,7 +99,8 @@ def test_options_off_change_nothing(monkeypatch):
     opts = check_options(
         {'dataloader': {'pin_memory': False, 'persistent_workers': False},
          'loop': {'pipelined': False}, 'precision': {'tf32': False, 'cudnn_benchmark': False},
-         'system': {'cpu_affinity': False, 'gc': False, 'async_log': False}},
+         'system': {'cpu_affinity': False, 'gc': False, 'async_log': False,
+                    'atomic_checkpoints': False}},
         TURBOX_OPTIONS)
     assert apply_turbox_options(cfg, opts) == []
 

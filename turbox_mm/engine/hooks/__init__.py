@@ -1,4 +1,5 @@
 """Hooks (one a file) and the averaged model of the graph EMA."""
+from .checkpoint_hook import TurboxCheckpointHook
 from .cpu_affinity_hook import CPUAffinityHook
 from .ema_hook import TurboxEMAHook
 from .gc_hook import GCHook
@@ -6,4 +7,4 @@ from .graph_ema import GraphExponentialMovingAverage
 from .runtime_info_hook import TurboxRuntimeInfoHook
 
 __all__ = ['CPUAffinityHook', 'GCHook', 'TurboxEMAHook', 'GraphExponentialMovingAverage',
-           'TurboxRuntimeInfoHook']
+           'TurboxRuntimeInfoHook', 'TurboxCheckpointHook']

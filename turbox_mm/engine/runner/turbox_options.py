@@ -87,6 +87,13 @@ TURBOX_OPTIONS: Schema = {
             'iteration (turbox_mm.TurboxRuntimeInfoHook in place of mmengine\'s '
             'RuntimeInfoHook); every value arrives before the logger reads it, one wait per '
             'logging interval'),
+        'atomic_checkpoints': Option(
+            True, (bool,),
+            'checkpoints and last_checkpoint written to a temporary file, fsync-ed and renamed '
+            '(never a truncated file under the real name); mmengine\'s CheckpointHook becomes '
+            'turbox_mm.TurboxCheckpointHook, which deletes outdated checkpoints only after the '
+            'new one is saved; a resume from a damaged or missing newest checkpoint falls back '
+            'to the newest whole one, with a warning naming both'),
     },
     'precision': {
         'tf32': Option(
@@ -365,7 +372,28 @@ def _apply_system(cfg: Config, opts: Dict, has_cuda: bool) -> List[str]:
         cfg.custom_hooks = hooks
     if opts['async_log']:
         changes += _apply_async_log(cfg)
+    if opts['atomic_checkpoints']:
+        changes += _apply_atomic_checkpoints(cfg)
     return changes
+
+
+def _apply_atomic_checkpoints(cfg: Config) -> List[str]:
+    """mmengine's CheckpointHook (the default, or named in default_hooks) -> turbox's."""
+    default_hooks = cfg.get('default_hooks') or {}
+    # mmengine's default when the config names none: CheckpointHook(interval=1)
+    current = default_hooks.get('checkpoint', dict(type='CheckpointHook', interval=1))
+    kind = current.get('type') if isinstance(current, dict) else None
+    if kind is None or _short(kind) == 'TurboxCheckpointHook':
+        return []
+    if _short(kind) != 'CheckpointHook':
+        print_log(f'turbox.system.atomic_checkpoints: default_hooks.checkpoint is {kind!r}, '
+                  "not mmengine's; kept (the runner still writes each file atomically)",
+                  logger='current', level=logging.WARNING)
+        return []
+    default_hooks['checkpoint'] = dict(current, type='turbox_mm.TurboxCheckpointHook')
+    cfg.default_hooks = default_hooks
+    return ['default_hooks.checkpoint = turbox_mm.TurboxCheckpointHook (outdated checkpoints '
+            'deleted only after the new one is saved)']
 
 
 def _apply_async_log(cfg: Config) -> List[str]:

@@ -111,10 +111,67 @@ class TurboxRunner(Runner):
         return super().wrap_model(model_wrapper_cfg, model)
 
     def save_checkpoint(self, *args, **kwargs) -> None:
-        """mmengine's checkpoint, after grad norms still on their way to the log arrive."""
+        """mmengine's checkpoint, after grad norms still on their way to the log arrive;
+        with ``turbox.system.atomic_checkpoints`` written atomically and durably
+        (:func:`~turbox_mm.engine.checkpoint_io.save_checkpoint_atomically`)."""
         from turbox_mm.engine.loops.batch_prefetcher import flush_grad_norm
         flush_grad_norm(self)
-        return super().save_checkpoint(*args, **kwargs)
+        if not self.turbox_options['system']['atomic_checkpoints']:
+            return super().save_checkpoint(*args, **kwargs)
+        import mmengine.runner.runner as mmengine_runner
+
+        from turbox_mm.engine.checkpoint_io import save_checkpoint_atomically
+        original = mmengine_runner.save_checkpoint
+        mmengine_runner.save_checkpoint = save_checkpoint_atomically
+        try:
+            return super().save_checkpoint(*args, **kwargs)
+        finally:
+            mmengine_runner.save_checkpoint = original
+
+    def load_or_resume(self) -> None:
+        """mmengine's, except that an automatic resume (``resume=True`` without a path)
+        whose ``last_checkpoint`` is missing looks for the folder's checkpoints before starting
+        from scratch, and says which it did."""
+        if (not self._has_loaded and self._resume and self._load_from is None
+                and self.turbox_options['system']['atomic_checkpoints']):
+            from mmengine.runner.checkpoint import find_latest_checkpoint
+
+            from turbox_mm.engine.checkpoint_io import previous_checkpoints
+            if find_latest_checkpoint(self.work_dir) is None:
+                found = previous_checkpoints(self.work_dir)
+                if found:
+                    print_log(f'turbox: {self.work_dir} has no last_checkpoint file; resuming '
+                              f'from its newest checkpoint, {found[0]}', logger='current',
+                              level=logging.WARNING)
+                    self._load_from = found[0]
+                else:
+                    print_log(f'turbox: resume was asked for, but {self.work_dir} holds no '
+                              'checkpoint; training starts from scratch', logger='current',
+                              level=logging.WARNING)
+        return super().load_or_resume()
+
+    def resume(self, filename: str, *args, **kwargs) -> None:
+        """mmengine's resume; with ``turbox.system.atomic_checkpoints`` a damaged checkpoint
+        (or, on an automatic resume, a missing one) falls back to the newest whole checkpoint
+        of its folder, with a warning naming both. With none left it raises, naming the
+        file and the damage."""
+        from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
+                                                    readable_checkpoint)
+        if self.turbox_options['system']['atomic_checkpoints'] and is_local_path(filename):
+            problem = readable_checkpoint(filename)
+            explicit_missing = problem == 'the file does not exist' and self._load_from
+            if problem is not None and not explicit_missing:
+                import os.path as osp
+                folder = osp.dirname(filename) or self.work_dir
+                whole = [p for p in previous_checkpoints(folder, exclude=filename)
+                         if readable_checkpoint(p) is None]
+                if not whole:
+                    raise RuntimeError(f'turbox: cannot resume from {filename}: {problem}; '
+                                       f'{folder} holds no other whole checkpoint')
+                print_log(f'turbox: cannot resume from {filename} ({problem}); resuming from '
+                          f'{whole[0]} instead', logger='current', level=logging.WARNING)
+                filename = whole[0]
+        return super().resume(filename, *args, **kwargs)
 
     @classmethod
     def from_cfg(cls, cfg: Config) -> 'TurboxRunner':

@@ -1,0 +1,199 @@
+"""Crash-safe checkpoints (turbox.system.atomic_checkpoints): failures injected at every step
+of saving a checkpoint, then a resume. Nothing resumable may be lost.
+
+The smoke config trains 3 epochs with one checkpoint an epoch and ``max_keep_ckpts=1`` (the
+setting where mmengine's hook deletes epoch 2 before epoch 3 is written). Each case fails the
+third save at one step (the write, the rename, the deletion of the outdated file) and checks
+the folder, then resumes in a fresh runner.
+"""
+import copy
+import errno
+import os
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from turbox_mm.engine import checkpoint_io
+from turbox_mm.engine.checkpoint_io import readable_checkpoint
+
+SMOKE = 'configs/smoke/smoke_turbox.py'
+
+
+def _cfg(work_dir, epochs=3, keep=1, resume=False, **system):
+    cfg = Config.fromfile(SMOKE)
+    cfg.work_dir = str(work_dir)
+    _cfg.runs = getattr(_cfg, 'runs', 0) + 1  # mmengine names loggers by the second: unique
+    cfg.experiment_name = f'safety_{os.getpid()}_{_cfg.runs}'
+
+    cfg.train_cfg.max_epochs = epochs
+    cfg.train_cfg.val_interval = 100
+    cfg.train_dataloader.num_workers = 0
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1,
+                                        max_keep_ckpts=keep)
+    cfg.default_hooks.logger.interval = 100
+    cfg.log_level = 'WARNING'
+    cfg.resume = resume
+    cfg.turbox = dict(cfg.get('turbox', {}))
+    # In-process runs: leave the test process's GC and cores alone, and skip compiling.
+    cfg.turbox['system'] = dict(gc=False, cpu_affinity=False, huge_pages=False, **system)
+    cfg.turbox['compile'] = dict(enable=False)
+    cfg.turbox['loop'] = dict(pipelined=False)
+    return cfg
+
+
+def _train(cfg):
+    from turbox_mm.engine.runner import TurboxRunner
+    runner = TurboxRunner.from_cfg(copy.deepcopy(cfg))
+    runner.train()
+    return runner
+
+
+def _last(work_dir):
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def _leftovers(work_dir):
+    return [n for n in os.listdir(work_dir) if '.tmp-' in n]
+
+
+def _fail_on(monkeypatch, target, name, error, when):
+    """Make ``target.name`` raise ``error`` for the calls whose arguments satisfy ``when``."""
+    real = getattr(target, name)
+
+    def flaky(*args, **kwargs):
+        if when(*args):
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, flaky)
+
+
+def _resume_and_finish(work_dir):
+    runner = _train(_cfg(work_dir, epochs=4, resume=True))
+    assert runner.epoch == 4
+    assert readable_checkpoint(osp.join(work_dir, 'epoch_4.pth')) is None
+    assert _last(work_dir) == osp.join(work_dir, 'epoch_4.pth')
+    return runner
+
+
+def test_turbox_runner_swaps_in_the_safe_hook(tmp_path):
+    runner = _train(_cfg(tmp_path, epochs=2))
+    names = [type(h).__name__ for h in runner.hooks]
+    assert 'TurboxCheckpointHook' in names and 'CheckpointHook' not in names
+    assert sorted(os.listdir(tmp_path)).count('epoch_2.pth') == 1
+    assert not osp.exists(tmp_path / 'epoch_1.pth')  # max_keep_ckpts=1, deleted after 2
+    assert _last(tmp_path) == str(tmp_path / 'epoch_2.pth') and not _leftovers(tmp_path)
+    off = _train(_cfg(tmp_path / 'off', epochs=1, atomic_checkpoints=False))
+    assert 'CheckpointHook' in [type(h).__name__ for h in off.hooks]
+
+
+def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    def partial_then_full(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    real = checkpoint_io.torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        return (partial_then_full if len(calls) == 3 else real)(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io.torch, 'save', save)
+    with pytest.raises(OSError, match='No space left'):
+        _train(_cfg(tmp_path))
+    monkeypatch.setattr(checkpoint_io.torch, 'save', real)
+    assert readable_checkpoint(str(tmp_path / 'epoch_2.pth')) is None  # not deleted first
+    assert not osp.exists(tmp_path / 'epoch_3.pth') and not _leftovers(tmp_path)
+    assert _last(tmp_path) == str(tmp_path / 'epoch_2.pth')
+    runner = _resume_and_finish(tmp_path)
+    assert runner.iter == 32
+
+
+def test_failed_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _fail_on(monkeypatch, checkpoint_io.os, 'replace', OSError(errno.EIO, 'Input/output error'),
+             lambda src, dst: dst.endswith('epoch_3.pth'))
+    with pytest.raises(OSError, match='Input/output error'):
+        _train(_cfg(tmp_path))
+    monkeypatch.undo()
+    assert readable_checkpoint(str(tmp_path / 'epoch_2.pth')) is None
+    assert not osp.exists(tmp_path / 'epoch_3.pth') and not _leftovers(tmp_path)
+    assert _last(tmp_path) == str(tmp_path / 'epoch_2.pth')
+    _resume_and_finish(tmp_path)
+
+
+def test_failed_deletion_warns_and_loses_nothing(tmp_path, monkeypatch, capfd):
+    from mmengine.fileio.backends import LocalBackend
+    real = LocalBackend.remove
+
+    def remove(self, path):
+        if path.endswith('epoch_2.pth'):
+            raise PermissionError(errno.EACCES, 'Permission denied', path)
+        return real(self, path)
+
+    monkeypatch.setattr(LocalBackend, 'remove', remove)
+    _train(_cfg(tmp_path))
+    log = ''.join(capfd.readouterr())  # mmengine's logger prints; it does not propagate
+    assert 'could not delete the outdated checkpoint' in log and 'epoch_2.pth' in log
+    assert readable_checkpoint(str(tmp_path / 'epoch_3.pth')) is None
+    assert _last(tmp_path) == str(tmp_path / 'epoch_3.pth')
+
+
+def test_a_kill_mid_write_leaves_only_a_temporary_file(tmp_path):
+    """SIGKILL runs no cleanup: what it leaves is the temporary name, never the real one."""
+    _train(_cfg(tmp_path, epochs=2))
+    stale = tmp_path / '.epoch_3.pth.tmp-99999'
+    stale.write_bytes(b'PK\x03\x04 killed here')
+    assert checkpoint_io.previous_checkpoints(str(tmp_path)) == [str(tmp_path / 'epoch_2.pth')]
+    _resume_and_finish(tmp_path)
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, capfd):
+    _train(_cfg(tmp_path, keep=2))
+    newest = tmp_path / 'epoch_3.pth'
+    data = newest.read_bytes()
+    newest.write_bytes(data[:len(data) // 2])  # truncated after the fact (bad disk, copy)
+    capfd.readouterr()
+    runner = _train(_cfg(tmp_path, epochs=4, keep=2, resume=True))
+    log = ''.join(capfd.readouterr())
+    assert f'cannot resume from {newest}' in log and 'epoch_2.pth instead' in log
+    assert runner.epoch == 4
+
+
+def test_missing_last_checkpoint_file_resumes_from_the_folder(tmp_path, capfd):
+    _train(_cfg(tmp_path, epochs=2))
+    os.remove(tmp_path / 'last_checkpoint')
+    capfd.readouterr()
+    runner = _train(_cfg(tmp_path, epochs=3, resume=True))
+    assert 'has no last_checkpoint file; resuming from its newest checkpoint' in \
+        ''.join(capfd.readouterr())
+    assert runner.epoch == 3 and runner.iter == 24
+
+
+def test_no_whole_checkpoint_left_is_a_named_error(tmp_path):
+    _train(_cfg(tmp_path, epochs=1))
+    (tmp_path / 'epoch_1.pth').write_bytes(b'PK\x03\x04 junk')
+    with pytest.raises(RuntimeError, match=r'cannot resume from .*epoch_1\.pth: .*no other '
+                                           r'whole checkpoint'):
+        _train(_cfg(tmp_path, epochs=2, resume=True))
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / 'info.pkl'
+    path.write_bytes(b'old')
+
+    def boom(f):
+        f.write(b'new, half')
+        raise RuntimeError('interrupted')
+
+    with pytest.raises(RuntimeError, match='interrupted'):
+        checkpoint_io.atomic_write(str(path), boom)
+    assert path.read_bytes() == b'old' and not _leftovers(tmp_path)
+    checkpoint_io.atomic_write_text(str(path), 'new')
+    assert path.read_text() == 'new'
+    assert readable_checkpoint(str(tmp_path / 'none.pth')) == 'the file does not exist'
+    torch.save({'a': torch.ones(3)}, tmp_path / 'ok.pth')
+    assert readable_checkpoint(str(tmp_path / 'ok.pth')) is None

@@ -1,0 +1,129 @@
+"""Checkpoint files that a crash cannot take away: atomic, durable writes and a checked resume.
+
+mmengine writes a checkpoint in place (``open('wb')`` after ``torch.save`` into memory), and
+``last_checkpoint`` too; a crash or a full disk in the middle leaves a truncated file under the
+real name. Here a file is written to a temporary name in its folder, flushed and ``fsync``-ed,
+renamed over the real name (``os.replace``: atomic on POSIX) and the folder is ``fsync``-ed, so
+the real name holds the old file or the whole new one, never a part. A failure at any step
+removes the temporary file and raises.
+
+:func:`readable_checkpoint` tells a whole checkpoint from a damaged one without unpickling it
+(torch's zip format carries a CRC per entry); :func:`previous_checkpoints` lists a folder's
+other checkpoints, newest first, for a resume to fall back on.
+"""
+import io
+import os
+import os.path as osp
+import re
+import zipfile
+from typing import Callable, List, Optional
+
+import torch
+
+#: The checkpoint names mmengine's CheckpointHook writes (``epoch_3.pth``, ``iter_800.pth``).
+STEP_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: nothing more to make durable
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` through ``write(file)`` atomically and durably.
+
+    Args:
+        path (str): The destination; its folder is created if missing.
+        write (callable): Writes the content into the open binary file it is given.
+
+    Raises:
+        Whatever ``write``, the flush, ``fsync`` or the rename raise; the temporary file is
+        removed first and ``path`` is left as it was.
+    """
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = osp.join(folder, f'.{osp.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """:func:`atomic_write` of a text file (UTF-8)."""
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def is_local_path(filename: str) -> bool:
+    """Whether ``filename`` is a plain file system path (not ``s3://``, ``pavi://``, ...)."""
+    return '://' not in str(filename)
+
+
+def save_checkpoint_atomically(checkpoint: dict, filename: str, file_client_args=None,
+                               backend_args=None) -> None:
+    """mmengine's ``save_checkpoint`` with the same arguments, atomic for local paths.
+
+    Other backends (``s3://``, ``pavi://``, a ``backend_args`` backend) go to mmengine's
+    function unchanged.
+    """
+    if not is_local_path(filename) or file_client_args is not None or \
+            (backend_args is not None and backend_args.get('backend', 'local') != 'local'):
+        from mmengine.runner.checkpoint import save_checkpoint
+        return save_checkpoint(checkpoint, filename, file_client_args=file_client_args,
+                               backend_args=backend_args)
+    atomic_write(filename, lambda f: torch.save(checkpoint, f))
+
+
+def readable_checkpoint(path: str) -> Optional[str]:
+    """None if ``path`` is a whole checkpoint; else why not (missing, truncated, bad CRC).
+
+    Checks torch's zip container entry by entry (every CRC) without unpickling anything.
+    Legacy (non-zip) files are only checked for being non-empty.
+    """
+    if not osp.isfile(path):
+        return 'the file does not exist'
+    if osp.getsize(path) == 0:
+        return 'the file is empty'
+    if not zipfile.is_zipfile(path):
+        with open(path, 'rb') as f:
+            head = f.read(2)
+        return None if head[:1] == b'\x80' else 'not a torch checkpoint (no zip, no pickle)'
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f'damaged: {error}'
+    return None if bad is None else f'damaged: entry {bad!r} fails its CRC'
+
+
+def previous_checkpoints(folder: str, exclude: Optional[str] = None) -> List[str]:
+    """The ``epoch_N.pth`` / ``iter_N.pth`` files of ``folder``, highest step first.
+
+    Args:
+        folder (str): Where the checkpoint hook writes.
+        exclude (str, optional): A path to leave out (the one that failed).
+    """
+    if not osp.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = STEP_NAME.match(name)
+        path = osp.join(folder, name)
+        if match and (exclude is None or osp.abspath(path) != osp.abspath(exclude)):
+            found.append((int(match.group(2)), osp.getmtime(path), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
