@@ -2,71 +2,34 @@
 
 mmengine writes a checkpoint in place (``open('wb')`` after ``torch.save`` into memory), and
 ``last_checkpoint`` too; a crash or a full disk in the middle leaves a truncated file under the
-real name. Here a file is written to a temporary name in its folder, flushed and ``fsync``-ed,
-renamed over the real name (``os.replace``: atomic on POSIX) and the folder is ``fsync``-ed, so
-the real name holds the old file or the whole new one, never a part. A failure at any step
-removes the temporary file and raises.
+real name. Here both go through :func:`turbox_mm.utils.atomic_files.atomic_write` with
+``durable=True``: a temporary name in the folder, flushed and ``fsync``-ed, renamed over the
+real name (``os.replace``: atomic on POSIX), the folder ``fsync``-ed; the real name holds the
+old file or the whole new one, never a part. A failure at any step removes the temporary file
+and raises.
 
 :func:`readable_checkpoint` tells a whole checkpoint from a damaged one without unpickling it
 (torch's zip format carries a CRC per entry); :func:`previous_checkpoints` lists a folder's
 other checkpoints, newest first, for a resume to fall back on.
 """
-import io
 import os
 import os.path as osp
 import re
 import zipfile
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
+
+from turbox_mm.utils.atomic_files import atomic_write
+from turbox_mm.utils.atomic_files import atomic_write_text as _atomic_write_text
 
 #: The checkpoint names mmengine's CheckpointHook writes (``epoch_3.pth``, ``iter_800.pth``).
 STEP_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles: nothing more to make durable
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` atomically and durably.
-
-    Args:
-        path (str): The destination; its folder is created if missing.
-        write (callable): Writes the content into the open binary file it is given.
-
-    Raises:
-        Whatever ``write``, the flush, ``fsync`` or the rename raise; the temporary file is
-        removed first and ``path`` is left as it was.
-    """
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = osp.join(folder, f'.{osp.basename(path)}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
-
-
 def atomic_write_text(path: str, text: str) -> None:
-    """:func:`atomic_write` of a text file (UTF-8)."""
-    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+    """A durable :func:`~turbox_mm.utils.atomic_files.atomic_write_text` (``last_checkpoint``)."""
+    _atomic_write_text(path, text, durable=True)
 
 
 def is_local_path(filename: str) -> bool:
@@ -86,7 +49,7 @@ def save_checkpoint_atomically(checkpoint: dict, filename: str, file_client_args
         from mmengine.runner.checkpoint import save_checkpoint
         return save_checkpoint(checkpoint, filename, file_client_args=file_client_args,
                                backend_args=backend_args)
-    atomic_write(filename, lambda f: torch.save(checkpoint, f))
+    atomic_write(filename, lambda f: torch.save(checkpoint, f), durable=True)
 
 
 def readable_checkpoint(path: str) -> Optional[str]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from turbox_mm.utils.atomic_files import atomic_write_bytes
 from . import lidar
 from .cameras import CAMERA_NAMES, NOMINAL_SIZE
 from .ground import GroundRaster
@@ -283,8 +284,7 @@ def render_keyframe(task) -> dict:
         key = scene.is_keyframe(tick)
         name = data_filename(scene, LIDAR, scene.tick_us(tick), key)
         data = sweep['points'].tobytes()
-        with open(osp.join(out_dir, name), 'wb') as f:
-            f.write(data)
+        atomic_write_bytes(osp.join(out_dir, name), data)
         out['lidar_samples' if key else 'lidar_sweeps'] += len(data)
         out['points'] += len(sweep['points'])
         out['sweeps'] += 1
@@ -296,9 +296,8 @@ def render_keyframe(task) -> dict:
         rng = np.random.default_rng([options.seed, index, frame, CAMERA_NAMES.index(camera.name)])
         image = renderer.render(camera, scene.ego2global(t), scene.all_boxes(t), rng)
         data = renderer.encode(image)
-        with open(osp.join(out_dir, data_filename(scene, camera.name, timestamp, True)),
-                  'wb') as f:
-            f.write(data)
+        atomic_write_bytes(osp.join(out_dir, data_filename(scene, camera.name, timestamp, True)),
+                           data)
         out['images'] += len(data)
     return out
 

@@ -29,6 +29,8 @@ import pickle
 
 import numpy as np
 
+from turbox_mm.utils.atomic_files import atomic_write_bytes
+
 SWEEPS_NUM = 10  # what the converter's LoadPointsFromMultiSweeps loads
 LOAD_DIM = 5  # x, y, z, intensity, ring (nuScenes' .pcd.bin)
 CLOSE_RADIUS = 1.0  # m: LoadPointsFromMultiSweeps' remove_close drops |x| < 1 and |y| < 1
@@ -238,17 +240,8 @@ def dumps(obj) -> bytes:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``, so that readers see the old file or the whole new one, never a part."""
-    temporary = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(temporary, 'wb') as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if osp.exists(temporary):
-            os.remove(temporary)
-        raise
+    """Write ``data`` to ``path`` whole or not at all (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, data)
 
 
 __all__ = ['create_gt_database', 'write_sample_objects', 'load_points', 'sample_boxes',

@@ -16,6 +16,8 @@ import numpy as np
 from shapely.geometry import MultiPoint, Polygon
 from shapely.geometry import box as shapely_box
 
+from turbox_mm.utils.atomic_files import atomic_write
+
 from .agents import CLASSES
 from .cameras import CAMERA_NAMES
 from .geometry import (apply, devkit_yaw, invert, matrix_from_quaternion, quaternion_from_matrix,
@@ -282,8 +284,10 @@ _ATTRIBUTE_NAME = {fixed_token('attribute', name): name for name in ATTRIBUTES}
 
 
 def dump_infos(path: str, metainfo: dict, data_list: list) -> None:
-    """Write an info file (pickle protocol 4), numbering ``sample_idx`` in list order."""
+    """Write an info file (pickle protocol 4, atomically), numbering ``sample_idx`` in list
+    order."""
     for index, info in enumerate(data_list):
         info['sample_idx'] = index
-    with open(path, 'wb') as f:
-        pickle.dump(dict(metainfo=metainfo, data_list=data_list), f, protocol=4)
+    # whole or not at all: a reused dataset never meets a truncated info file
+    atomic_write(path, lambda f: pickle.dump(dict(metainfo=metainfo, data_list=data_list), f,
+                                             protocol=4))

@@ -14,6 +14,8 @@ import os.path as osp
 import cv2
 import numpy as np
 
+from turbox_mm.utils.atomic_files import atomic_write_text
+
 from .records import ATTRIBUTES, CHANNELS, LIDAR, VISIBILITIES, fixed_token
 
 # All 23 nuScenes categories; the generator uses ten of them.
@@ -81,8 +83,7 @@ def write_tables(out_dir: str, version: str, tables: dict) -> int:
     written = 0
     for name, rows in tables.items():
         text = json.dumps(rows, indent=0)
-        with open(osp.join(folder, f'{name}.json'), 'w') as f:
-            f.write(text)
+        atomic_write_text(osp.join(folder, f'{name}.json'), text)
         written += len(text)
     for row in tables['map']:
         path = osp.join(out_dir, row['filename'])
