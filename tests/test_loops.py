@@ -312,7 +312,10 @@ def test_compile_failure_falls_back_to_eager_with_a_warning():
     torch._dynamo.reset()
     net = nn.Module()
     net.backbone = _Breaks()
-    compile_submodules(net, ['backbone'], backend='eager', fullgraph=True)
+    compile_submodules(net, ['backbone'], backend='eager')
+    net.backbone._compiled_call_impl = _raising(torch._dynamo.exc.Unsupported('no can do'))
+    from turbox_mm.engine.runner.module_compiler import _guard
+    _guard('backbone', net.backbone)
     logger = MMLogger.get_current_instance()
     records = []
     handler = logging.Handler()
@@ -325,6 +328,39 @@ def test_compile_failure_falls_back_to_eager_with_a_warning():
     torch.testing.assert_close(out, torch.full((2, ), 2.0))
     assert net.backbone._compiled_call_impl is None  # eager from now on
     assert any('backbone (_Breaks) could not be compiled' in r.getMessage() for r in records)
+
+
+def _raising(error):
+    def call(*args, **kwargs):
+        raise error
+    return call
+
+
+def test_fullgraph_compile_failure_raises_naming_the_module():
+    """A graph break under fullgraph=True is an error, not a silent fallback."""
+    torch._dynamo.reset()
+    net = nn.Module()
+    net.backbone = _Breaks()
+    compile_submodules(net, ['backbone'], backend='eager', fullgraph=True)
+    with pytest.raises(RuntimeError, match=r'fullgraph=True: backbone \(_Breaks\) could not '
+                                           r'be compiled as one graph'):
+        net.backbone(torch.ones(2))
+
+
+def test_runtime_errors_of_the_compiled_call_are_not_rerun():
+    """An error while the compiled code runs (out of memory, a kernel) propagates; the module
+    is not run a second time eagerly (that would apply side effects, like BN statistics,
+    twice)."""
+    net = nn.Module()
+    net.backbone = nn.BatchNorm1d(3)
+    compile_submodules(net, ['backbone'], backend='eager')
+    net.backbone._compiled_call_impl = _raising(torch.cuda.OutOfMemoryError('out of memory'))
+    from turbox_mm.engine.runner.module_compiler import _guard
+    _guard('backbone', net.backbone)
+    before = net.backbone.num_batches_tracked.clone()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        net.backbone(torch.randn(4, 3))
+    assert torch.equal(net.backbone.num_batches_tracked, before)  # eager never ran
 
 
 def test_compile_keeps_errors_of_the_inputs():

@@ -24,25 +24,46 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _guard(name: str, module: nn.Module) -> None:
-    """Fall back to eager, with one warning, if compiling ``module`` fails on first use.
+def _compile_errors() -> tuple:
+    """The exceptions that mean "this code could not be compiled", raised before the compiled
+    graph runs: Dynamo's tracing limits and its backend's (Inductor's) failures."""
+    import torch._dynamo.exc as dynamo_exc
+    errors = [dynamo_exc.Unsupported, dynamo_exc.BackendCompilerFailed,
+              dynamo_exc.InternalTorchDynamoError]
+    try:
+        from torch._inductor.exc import InductorError
+        errors.append(InductorError)
+    except ImportError:  # older torch
+        pass
+    return tuple(errors)
 
-    The compiled call is tried; if it raises, the eager call is tried on the same inputs. If
-    eager works, compilation was at fault: the module stays eager from then on. If eager
-    raises too, its error is the user's and propagates unchanged.
+
+def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
+    """Fall back to eager, with one warning, where compiling ``module`` fails.
+
+    Only compile errors (:func:`_compile_errors`, raised while Dynamo traces or the backend
+    compiles, before anything of the call has run) fall back: the module runs eagerly from
+    then on. With ``fullgraph=True`` they are raised instead, naming the module. Every other
+    error (the inputs', out of memory, a failing kernel) propagates unchanged and nothing is
+    run twice.
     """
     compiled = module._compiled_call_impl
+    errors = _compile_errors()
 
     def call(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any failure of the compiled path
-            out = module._call_impl(*args, **kwargs)  # raises if the inputs are at fault
+        except errors as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ''
+            if fullgraph:
+                raise RuntimeError(
+                    f'turbox.compile.fullgraph=True: {name} ({type(module).__name__}) could not '
+                    f'be compiled as one graph: {type(exc).__name__}: {first}') from exc
             module._compiled_call_impl = None
             print_log(f'turbox.compile: {name} ({type(module).__name__}) could not be compiled '
-                      f'and runs eagerly: {type(exc).__name__}: {str(exc).splitlines()[0]}',
-                      logger='current', level=logging.WARNING)
-            return out
+                      f'and runs eagerly: {type(exc).__name__}: {first}', logger='current',
+                      level=logging.WARNING)
+            return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = call
 
@@ -55,9 +76,9 @@ def compile_submodules(model: nn.Module,
     Each module is compiled with :meth:`torch.nn.Module.compile`, so parameter names,
     ``state_dict`` keys and hooks are unchanged and checkpoints stay interchangeable with
     eager runs. Compilation happens on first use; a module that fails to compile then runs
-    eagerly with one warning (see :func:`_guard`). Compiled graphs are cached by Inductor
-    (``TORCHINDUCTOR_CACHE_DIR``, by default under the system temp dir), so a second run
-    starts faster.
+    eagerly with one warning, or, with ``fullgraph=True``, raises (see :func:`_guard`).
+    Compiled graphs are cached by Inductor (``TORCHINDUCTOR_CACHE_DIR``, by default under the
+    system temp dir), so a second run starts faster.
 
     Args:
         model (nn.Module): The unwrapped model.
@@ -89,7 +110,7 @@ def compile_submodules(model: nn.Module,
     for name in names:
         module = _resolve(model, name)
         module.compile(**compile_kwargs)
-        _guard(name, module)
+        _guard(name, module, bool(compile_kwargs.get('fullgraph')))
     return names
 
 
