@@ -197,3 +197,35 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert readable_checkpoint(str(tmp_path / 'none.pth')) == 'the file does not exist'
     torch.save({'a': torch.ones(3)}, tmp_path / 'ok.pth')
     assert readable_checkpoint(str(tmp_path / 'ok.pth')) is None
+
+
+def test_a_failing_run_restores_automatic_gc(tmp_path, monkeypatch):
+    """The GC hook turns automatic collection off and freezes the heap for training; when the
+    loop raises, the runner turns both back (mmengine calls no after_run then)."""
+    import gc
+
+    from turbox_mm.testing import SmokeModel
+    cfg = _cfg(tmp_path, epochs=1)
+    cfg.turbox['system']['gc'] = True
+    calls = []
+    real = SmokeModel.train_step
+
+    def fail_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError('injected failure at iteration 3')
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SmokeModel, 'train_step', fail_third)
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match='injected failure'):
+        _train(cfg)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_prefetch_factor_zero_is_a_named_error(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    cfg.turbox['dataloader'] = dict(prefetch_factor=0)
+    with pytest.raises(ValueError, match=r"'turbox.dataloader.prefetch_factor' must be None or "
+                                         r'>= 1.*got 0'):
+        _train(cfg)

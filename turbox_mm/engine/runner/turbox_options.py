@@ -162,6 +162,10 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
     """
     changes = []
     loader_opts = options['dataloader']
+    prefetch = loader_opts['prefetch_factor']
+    if prefetch is not None and prefetch < 1:  # torch would fail only when the loader starts
+        raise ValueError(f"Config key 'turbox.dataloader.prefetch_factor' must be None or >= 1 "
+                         f'(batches each worker prepares ahead), got {prefetch}')
     has_cuda = torch.cuda.is_available()
     for name in DATALOADER_KEYS:
         loader = cfg.get(name)

@@ -173,6 +173,43 @@ class TurboxRunner(Runner):
                 filename = whole[0]
         return super().resume(filename, *args, **kwargs)
 
+    def train(self) -> nn.Module:
+        """mmengine's training; on an error, process-wide state the hooks changed (automatic
+        GC, the frozen heap) is restored before the error propagates."""
+        try:
+            return super().train()
+        except BaseException:
+            self._restore_process_state()
+            raise
+
+    def val(self) -> dict:
+        """mmengine's validation; restores process-wide state on an error (see :meth:`train`)."""
+        try:
+            return super().val()
+        except BaseException:
+            self._restore_process_state()
+            raise
+
+    def test(self) -> dict:
+        """mmengine's test; restores process-wide state on an error (see :meth:`train`)."""
+        try:
+            return super().test()
+        except BaseException:
+            self._restore_process_state()
+            raise
+
+    def _restore_process_state(self) -> None:
+        """Let the GC hook switch automatic collection back on and unfreeze the heap (its
+        ``after_run``, which mmengine does not call when a loop raises)."""
+        from turbox_mm.engine.hooks import GCHook
+        for hook in self.hooks:
+            if isinstance(hook, GCHook):
+                try:
+                    hook.after_run(self)
+                except Exception as error:  # noqa: BLE001 - the loop's error comes first
+                    print_log(f'turbox: could not restore GC after the failure: {error!r}',
+                              logger='current', level=logging.WARNING)
+
     @classmethod
     def from_cfg(cls, cfg: Config) -> 'TurboxRunner':
         """Build a runner from a config, applying its ``turbox`` section first.
