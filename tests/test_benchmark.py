@@ -144,6 +144,15 @@ def test_component_mode_names_an_unknown_component(tmp_path):
     assert "unknown micro benchmark 'emma'; valid names:" in proc.stderr
 
 
+def test_op_and_component_modes_refuse_each_others_names(tmp_path):
+    proc = run_python(['tools/benchmark.py', '--ops', 'ema', '--out', str(tmp_path)])
+    assert proc.returncode != 0
+    assert "'ema' is not an op benchmark (it runs under --components)" in proc.stderr
+    proc = run_python(['tools/benchmark.py', '--components', 'bev_nms', '--out', str(tmp_path)])
+    assert proc.returncode != 0
+    assert "'bev_nms' is not a component benchmark (it runs under --ops)" in proc.stderr
+
+
 def test_profile_writes_sources_and_operator_table_on_the_cpu(tmp_path):
     proc = run_python(['tools/benchmark.py', STOCK, '--iters', '4', '--warmup', '2',
                        '--sync-iters', '2', '--profile', '--out', str(tmp_path)], env=ENV)

@@ -169,8 +169,14 @@ def run_components(args, command: str) -> int:
 
     kind = 'op' if args.ops is not None else 'component'
     names = (args.ops if kind == 'op' else args.components) or micro.available(kind)
+    valid = micro.available(kind)
     for name in names:
         micro.get(name)  # unknown names fail before anything runs, listing the valid ones
+        if name not in valid:  # an op under --components or a component under --ops
+            other = '--components' if kind == 'op' else '--ops'
+            article = 'an op' if kind == 'op' else 'a component'
+            raise SystemExit(f'benchmark: {name!r} is not {article} benchmark (it runs under '
+                             f'{other}); valid names: {", ".join(valid)}')
     if not names:
         raise SystemExit(f'benchmark: no {kind} benchmark is available yet')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'

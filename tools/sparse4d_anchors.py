@@ -29,10 +29,12 @@ def main(argv=None) -> int:
     if not osp.isfile(args.infos):
         raise SystemExit(f'info file not found: {args.infos}')
     from turbox_mm.models.sparse4d.anchors import gather_boxes, kmeans_anchors
+    from turbox_mm.utils.atomic_files import atomic_write
     boxes = gather_boxes(args.infos)
     anchors = kmeans_anchors(boxes, args.num, args.radius, args.seed)
-    np.save(args.out, anchors)
-    print(f'{len(boxes)} boxes, {args.num} anchors -> {args.out}')
+    out = args.out if args.out.endswith('.npy') else f'{args.out}.npy'  # np.save's naming
+    atomic_write(out, lambda f: np.save(f, anchors))
+    print(f'{len(boxes)} boxes, {args.num} anchors -> {out}')
     return 0
 
 

@@ -42,7 +42,18 @@ case "$size" in
     iters=${ITERS:-50}; warmup=${WARMUP:-10} ;;
   *) echo "usage: bash tools/sparse4d_benchmark.sh [tiny|full|auto] [OUT_DIR]" >&2; exit 2 ;;
 esac
-if [ ! -f "$root/nuscenes_infos_train.pkl" ]; then
+# A dataset made before is reused only if its info files pass the format check (they are
+# written atomically, so a file is whole or absent; the check catches an older format).
+check_reuse() {
+  for f in "$@"; do
+    "$py" -c "import sys; from turbox_mm.datasets.synthetic import check_infos; check_infos(sys.argv[1])" \
+      "$f" || { echo "$(basename "$0"): $f fails the info check above; delete $(dirname "$f")" \
+        "to regenerate it" >&2; exit 2; }
+  done
+}
+if [ -f "$root/nuscenes_infos_train.pkl" ]; then
+  check_reuse "$root/nuscenes_infos_train.pkl" "$root/nuscenes_infos_val.pkl"
+else
   "$py" tools/create_data.py synthetic --out "$root" "${gen[@]}" \
     --workers "${WORKERS:-$(nproc)}" --no-progress
 fi
