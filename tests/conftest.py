@@ -18,6 +18,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def compile_for_sm90_in_subprocess(script_text, tmp_path):
+    """Run a script that compiles Triton kernels for sm_90 (no GPU needed) outside the
+    interpreter; skip where Triton has no ptxas, fail with the script's report otherwise.
+
+    The interpreter runs Python, not Triton's compiler: a kernel can pass every CPU test and
+    still fail to compile for the GPU.
+    """
+    import pytest
+    pytest.importorskip('triton.backends.nvidia')
+    script = tmp_path / 'compile_kernels.py'
+    script.write_text(script_text)
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['PYTHONPATH'] = ROOT
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if 'ptxas' in proc.stderr and 'not found' in proc.stderr:
+        pytest.skip('Triton has no ptxas here')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def run_python(args, cwd=ROOT, env=None, timeout=600):
     """Run ``python ARGS`` in a fresh process; return the completed process.
 

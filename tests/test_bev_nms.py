@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import compile_for_sm90_in_subprocess
 from turbox_mm.ops import bev_nms as tb
 from turbox_mm.ops import dispatch
 from turbox_mm.ops.bev_nms import reference as ref
@@ -322,19 +323,7 @@ sys.exit(1 if failures else 0)
 def test_kernels_compile_for_sm90_for_every_kind_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile every kernel ahead of time
     for the H200's sm_90, for every kind and with the size arguments at 1."""
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip('triton.backends.nvidia')
-    script = tmp_path / 'compile_kernels.py'
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if 'ptxas' in proc.stderr and 'not found' in proc.stderr:
-        pytest.skip('Triton has no ptxas here')
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
 
 
 # -- ops.fast: mmdet3d's NMS calls rebound -----------------------------------------------------

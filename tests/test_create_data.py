@@ -362,6 +362,21 @@ def test_check_infos_names_what_is_missing(tmp_path, dataset):
         check_infos(str(tmp_path / 'nope.pkl'))
 
 
+def test_check_command_refuses_a_truncated_info_file(tmp_path, dataset):
+    import shutil
+    root, _ = dataset
+    good = osp.join(root, 'nuscenes_infos_train.pkl')
+    bad = tmp_path / 'nuscenes_infos_train.pkl'
+    data = open(good, 'rb').read()
+    bad.write_bytes(data[:len(data) // 3])
+    proc = run_python(['tools/create_data.py', 'check', good, str(bad)])
+    assert proc.returncode == 2
+    assert 'not a readable pickle' in proc.stderr and f'{bad} cannot be reused' in proc.stderr
+    shutil.copy(good, bad)
+    assert run_python(['tools/create_data.py', 'check', str(bad)]).returncode == 0
+    assert not [n for n in os.listdir(root) if '.tmp' in n]  # atomic writes left nothing
+
+
 def test_command_line_and_mmdet3d_converter_agree(tmp_path):
     """tools/create_data.py: the synthetic subcommand, then mmdet3d's own converter (through
     the nuscenes subcommand) rebuilds the same infos from our tables."""

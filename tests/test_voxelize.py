@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import compile_for_sm90_in_subprocess
 from turbox_mm.ops import dispatch
 from turbox_mm.ops import voxelize as vx
 
@@ -333,16 +334,4 @@ def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     still fail to compile for the GPU (a statement after an early return is compiled too; an
     int argument equal to 1 becomes a constant). Compile each kernel ahead of time for the
     H200's sm_90, for every point dtype and with the size arguments at 1."""
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip('triton.backends.nvidia')
-    script = tmp_path / 'compile_kernels.py'
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if 'ptxas' in proc.stderr and 'not found' in proc.stderr:
-        pytest.skip('Triton has no ptxas here')
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)

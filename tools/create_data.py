@@ -61,7 +61,24 @@ def parse_args(argv=None):
     nus.add_argument('--max-sweeps', type=int, default=10, help='sweeps listed per sample')
     nus.add_argument('--extra-tag', default='nuscenes', help='info file prefix')
     nus.add_argument('--run', action='store_true', help='run the command instead of printing')
+
+    chk = sub.add_parser('check', help="check info files (mmdet3d v2 format and the fields "
+                                       "mmdet3d's nuScenes dataset reads) before reusing them")
+    chk.add_argument('infos', nargs='+', help='.pkl info files')
     return parser.parse_args(argv)
+
+
+def check(args) -> int:
+    """Exit status 2 with the named problem if an info file fails the check, else 0."""
+    from turbox_mm.datasets.synthetic import InfoFileError, check_infos
+    for path in args.infos:
+        try:
+            check_infos(path)
+        except (InfoFileError, OSError) as error:
+            print(f'create_data.py check: {error}\n{path} cannot be reused; delete its folder '
+                  'to regenerate it', file=sys.stderr)
+            return 2
+    return 0
 
 
 def _size(text: str):
@@ -125,7 +142,7 @@ def nuscenes(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return synthetic(args) if args.dataset == 'synthetic' else nuscenes(args)
+    return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check}[args.dataset](args)
 
 
 if __name__ == '__main__':

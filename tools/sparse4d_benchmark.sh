@@ -44,15 +44,9 @@ case "$size" in
 esac
 # A dataset made before is reused only if its info files pass the format check (they are
 # written atomically, so a file is whole or absent; the check catches an older format).
-check_reuse() {
-  for f in "$@"; do
-    "$py" -c "import sys; from turbox_mm.datasets.synthetic import check_infos; check_infos(sys.argv[1])" \
-      "$f" || { echo "$(basename "$0"): $f fails the info check above; delete $(dirname "$f")" \
-        "to regenerate it" >&2; exit 2; }
-  done
-}
 if [ -f "$root/nuscenes_infos_train.pkl" ]; then
-  check_reuse "$root/nuscenes_infos_train.pkl" "$root/nuscenes_infos_val.pkl"
+  "$py" tools/create_data.py check "$root/nuscenes_infos_train.pkl" \
+    "$root/nuscenes_infos_val.pkl" || exit 2
 else
   "$py" tools/create_data.py synthetic --out "$root" "${gen[@]}" \
     --workers "${WORKERS:-$(nproc)}" --no-progress

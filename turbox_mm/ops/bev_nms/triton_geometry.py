@@ -54,6 +54,16 @@ def _load_box(ptr, rows, live):
 
 
 @triton.jit
+def _rotated_corners(cx, cy, w, h, c2, s2):
+    """mmcv's ``get_rotated_vertices`` (``c2``, ``s2``: half cosine and sine): 4 corners."""
+    x0 = cx - s2 * h - c2 * w
+    y0 = cy + c2 * h - s2 * w
+    x1 = cx + s2 * h - c2 * w
+    y1 = cy - c2 * h - s2 * w
+    return x0, y0, x1, y1, 2 * cx - x0, 2 * cy - y0, 2 * cx - x1, 2 * cy - y1
+
+
+@triton.jit
 def _iou_rotated(ax, ay, aw, ah, ac, asn, bx, by, bw, bh, bc, bsn, lane):
     """mmcv's ``box_iou_rotated`` IoU of ``[G, 1]`` pairs; returns ``[G]``."""
     sx = (ax + bx) / 2
@@ -62,22 +72,8 @@ def _iou_rotated(ax, ay, aw, ah, ac, asn, bx, by, bw, bh, bc, bsn, lane):
     acy = ay - sy
     bcx = bx - sx
     bcy = by - sy
-    a0x = acx - asn * ah - ac * aw
-    a0y = acy + ac * ah - asn * aw
-    a1x = acx + asn * ah - ac * aw
-    a1y = acy - ac * ah - asn * aw
-    a2x = 2 * acx - a0x
-    a2y = 2 * acy - a0y
-    a3x = 2 * acx - a1x
-    a3y = 2 * acy - a1y
-    b0x = bcx - bsn * bh - bc * bw
-    b0y = bcy + bc * bh - bsn * bw
-    b1x = bcx + bsn * bh - bc * bw
-    b1y = bcy - bc * bh - bsn * bw
-    b2x = 2 * bcx - b0x
-    b2y = 2 * bcy - b0y
-    b3x = 2 * bcx - b1x
-    b3y = 2 * bcy - b1y
+    a0x, a0y, a1x, a1y, a2x, a2y, a3x, a3y = _rotated_corners(acx, acy, aw, ah, ac, asn)
+    b0x, b0y, b1x, b1y, b2x, b2y, b3x, b3y = _rotated_corners(bcx, bcy, bw, bh, bc, bsn)
     # lanes 0-15: edge i of a (corner i -> i + 1) against edge j of b
     ei = lane // 4
     ej = lane % 4
