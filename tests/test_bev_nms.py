@@ -140,6 +140,46 @@ def test_kernel_nms_across_mask_words(kind):
                        ref.nms_reference(b, scores, thr, kind))
 
 
+def test_circle_nms_breaks_ties_as_mmdet3d():
+    """mmdet3d walks ``scores.argsort()[::-1]``: among equal scores the higher index first."""
+    from mmdet3d.models.layers import box3d_nms
+    dets = torch.tensor([[0., 0., .5], [.5, 0., .5], [5., 5., .9], [5.2, 5., .9]])
+    want = list(box3d_nms.circle_nms(dets.numpy(), 1.0, post_max_size=83))
+    assert want == [3, 1]
+    assert tb.circle_nms(dets, 1.0).tolist() == want
+    assert kernel(tb.circle_nms, dets, 1.0).tolist() == want
+
+
+@pytest.mark.parametrize('kind', ['aligned', 'rotated'])
+def test_walk_with_removal_words_in_memory(monkeypatch, kind):
+    """Above 8192 boxes the walk keeps its removal words in memory, not registers: forced here
+    at 150 boxes."""
+    from turbox_mm.ops.bev_nms import triton_kernels as tk
+    monkeypatch.setattr(tk, 'REGISTER_BLOCKS', 1)
+    boxes, scores = detections(150 if kind == 'aligned' else 70, seed=12, spread=6.0)
+    b = layout(boxes, kind)
+    assert torch.equal(kernel(tb.bev_nms, b, scores, 0.2, kind),
+                       ref.nms_reference(b, scores, 0.2, kind))
+
+
+def test_fast_nms_leaves_cpu_calls_to_mmcv(monkeypatch):
+    """CPU tensors keep mmcv's CPU ops (faster than the reference's Python walk)."""
+    from mmdet3d.models.layers import box3d_nms
+
+    from turbox_mm.engine.runner import fast_nms
+    boxes, scores = detections(40, seed=13)
+    want = box3d_nms.nms_bev(xyxyr(boxes), scores, 0.2), \
+        box3d_nms.nms_normal_bev(xyxyr(boxes), scores, 0.2)
+    monkeypatch.setattr(tb, 'bev_nms', lambda *a: pytest.fail('CPU boxes reached the op'))
+    try:
+        assert fast_nms.install()
+        got = box3d_nms.nms_bev(xyxyr(boxes), scores, 0.2), \
+            box3d_nms.nms_normal_bev(xyxyr(boxes), scores, 0.2)
+    finally:
+        fast_nms.uninstall()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_kernel_rotated_nms_across_a_word_boundary():
     boxes, scores = detections(72, seed=7, spread=20.0)
     b = xywhr(boxes)
@@ -349,6 +389,7 @@ def test_fast_ops_rebinds_mmdet3d_nms_and_uninstall_restores_it():
         calls = []
         real = tb.bev_nms
         with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fast_nms, '_on_gpu', lambda boxes: True)  # CUDA's route, on the CPU
             mp.setattr(tb, 'bev_nms', lambda *a: calls.append(a[3]) or real(*a))
             got = (box3d_nms.nms_bev(bev, scores, 0.2, 50, 20),
                    box3d_nms.nms_normal_bev(bev, scores, 0.2))

@@ -142,13 +142,53 @@ def test_failed_deletion_warns_and_loses_nothing(tmp_path, monkeypatch, capfd):
     assert _last(tmp_path) == str(tmp_path / 'epoch_3.pth')
 
 
-def test_a_kill_mid_write_leaves_only_a_temporary_file(tmp_path):
-    """SIGKILL runs no cleanup: what it leaves is the temporary name, never the real one."""
+def test_a_killed_runs_partial_file_is_ignored_and_swept(tmp_path, capfd):
+    """SIGKILL runs no cleanup: what it leaves is the temporary name, never the real one. The
+    resume ignores it and the next training start removes it, saying so."""
     _train(_cfg(tmp_path, epochs=2))
     stale = tmp_path / '.epoch_3.pth.tmp-99999'
     stale.write_bytes(b'PK\x03\x04 killed here')
     assert checkpoint_io.previous_checkpoints(str(tmp_path)) == [str(tmp_path / 'epoch_2.pth')]
+    capfd.readouterr()
     _resume_and_finish(tmp_path)
+    assert not stale.exists()
+    assert f'removing {stale}, a partial file of an earlier run' in ''.join(capfd.readouterr())
+
+
+def _best_cfg(work_dir, epochs):
+    cfg = _cfg(work_dir, epochs=epochs)
+    cfg.train_cfg.val_interval = 1
+    cfg.default_hooks.checkpoint.update(save_best='smoke/mse', rule='less')
+    return cfg
+
+
+def test_best_checkpoint_is_replaced_only_after_the_new_one_is_saved(tmp_path, monkeypatch):
+    _train(_best_cfg(tmp_path, epochs=1))
+    first_best = [n for n in os.listdir(tmp_path) if n.startswith('best_smoke_mse')]
+    assert first_best == ['best_smoke_mse_epoch_1.pth']
+    # the next best fails while it is written: the first best must survive
+    _fail_on(monkeypatch, checkpoint_io.os, 'replace', OSError(errno.ENOSPC, 'No space left'),
+             lambda src, dst: osp.basename(dst).startswith('best_smoke_mse_epoch_2'))
+    cfg = _best_cfg(tmp_path, epochs=2)
+    cfg.resume = True
+    with pytest.raises(OSError, match='No space left'):
+        _train(cfg)
+    assert readable_checkpoint(str(tmp_path / 'best_smoke_mse_epoch_1.pth')) is None
+    monkeypatch.undo()
+    runner = _train(cfg)  # resumes epoch 1 and writes epoch 2's best, then deletes epoch 1's
+    best = sorted(n for n in os.listdir(tmp_path) if n.startswith('best_smoke_mse'))
+    assert runner.epoch == 2 and len(best) == 1 and not _leftovers(tmp_path)
+
+
+def test_explicit_damaged_checkpoint_never_resumes_a_later_one(tmp_path):
+    _train(_cfg(tmp_path, keep=3))
+    (tmp_path / 'epoch_2.pth').write_bytes(b'PK\x03\x04 junk')
+    assert checkpoint_io.previous_checkpoints(str(tmp_path), before=str(
+        tmp_path / 'epoch_2.pth')) == [str(tmp_path / 'epoch_1.pth')]
+    cfg = _cfg(tmp_path, epochs=3, keep=3, resume=True)
+    cfg.load_from = str(tmp_path / 'epoch_2.pth')
+    runner = _train(cfg)
+    assert runner.epoch == 3  # resumed epoch 1 (not epoch 3), trained epochs 2 and 3
 
 
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, capfd):

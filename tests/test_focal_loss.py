@@ -48,6 +48,28 @@ def test_other_losses_and_cpu_tensors_go_through_the_module():
     assert calls == [((50, 10), 3.0)]
 
 
+@pytest.mark.parametrize('weight_kind', ['rows', 'elements', 'none'])
+def test_wrapper_reduces_as_mmdets_focal_loss(monkeypatch, weight_kind):
+    """The GPU branch's weighting, avg_factor and loss_weight, run on the CPU (the branch is
+    chosen by device; patched here) against mmdet's FocalLoss on the CPU."""
+    from turbox_mm.models.losses import focal_loss as fl
+    monkeypatch.setattr(fl, '_on_gpu', lambda pred: True)
+    loss = mmdet_losses.FocalLoss(use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0)
+    logits, target, weight = _case(scale=1.5)
+    if weight_kind == 'elements':
+        weight = torch.rand(50, 10, generator=torch.Generator().manual_seed(1))
+    elif weight_kind == 'none':
+        weight = None
+    got = focal_loss_like_mmdet(loss, logits, target, weight, avg_factor=17.0)
+    want = loss(logits, target, weight=weight, avg_factor=17.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g_got, = torch.autograd.grad(got, logits)
+    g_want, = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r'weight of shape \(7,\) fits neither'):
+        focal_loss_like_mmdet(loss, logits, target, torch.ones(7), avg_factor=1.0)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 def test_cuda_equals_mmcv_kernel_without_host_syncs():

@@ -74,19 +74,30 @@ def readable_checkpoint(path: str) -> Optional[str]:
     return None if bad is None else f'damaged: entry {bad!r} fails its CRC'
 
 
-def previous_checkpoints(folder: str, exclude: Optional[str] = None) -> List[str]:
-    """The ``epoch_N.pth`` / ``iter_N.pth`` files of ``folder``, highest step first.
+def previous_checkpoints(folder: str, exclude: Optional[str] = None,
+                         before: Optional[str] = None) -> List[str]:
+    """The ``epoch_N.pth`` / ``iter_N.pth`` files of ``folder``, the most recently written
+    first (then the highest step).
 
     Args:
         folder (str): Where the checkpoint hook writes.
         exclude (str, optional): A path to leave out (the one that failed).
+        before (str, optional): Only checkpoints of this one's kind (``epoch``/``iter``) with
+            a smaller step; none if its name is not of that form.
     """
     if not osp.isdir(folder):
+        return []
+    limit = STEP_NAME.match(osp.basename(before)) if before is not None else None
+    if before is not None and limit is None:
         return []
     found = []
     for name in os.listdir(folder):
         match = STEP_NAME.match(name)
         path = osp.join(folder, name)
-        if match and (exclude is None or osp.abspath(path) != osp.abspath(exclude)):
-            found.append((int(match.group(2)), osp.getmtime(path), path))
+        if not match or (exclude is not None and osp.abspath(path) == osp.abspath(exclude)):
+            continue
+        if limit is not None and (match.group(1) != limit.group(1)
+                                  or int(match.group(2)) >= int(limit.group(2))):
+            continue
+        found.append((osp.getmtime(path), int(match.group(2)), path))
     return [path for _, _, path in sorted(found, reverse=True)]

@@ -6,11 +6,21 @@ the old checkpoint gone, the new one truncated and ``last_checkpoint`` naming a 
 This hook keeps the same bookkeeping (the same ``keep_ckpt_ids`` in the message hub and in the
 saved checkpoint) but orders the files: the new checkpoint is saved (atomically, by
 :class:`~turbox_mm.engine.runner.TurboxRunner`), then ``last_checkpoint`` is replaced
-atomically, and only then is the outdated checkpoint deleted. A failed deletion is a warning
-naming the file; nothing resumable is lost at any step.
+atomically, and only then is the outdated checkpoint deleted. The best checkpoint
+(``save_best``) likewise: mmengine's logic runs unchanged, but the previous best file is
+deleted only after the new one is saved. A failed deletion is a warning naming the file;
+nothing resumable is lost at any step. Temporary files that a killed run left behind are
+swept (with a warning) when training starts.
+
+The price of this order: for a moment the folder holds one checkpoint more than
+``max_keep_ckpts`` (plus the temporary file while it is written), so a disk with room for
+exactly ``max_keep_ckpts`` checkpoints fails the save (and keeps the older ones) where
+mmengine's order would have deleted first.
 """
 import logging
+import os
 import os.path as osp
+import re
 
 from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
@@ -29,6 +39,50 @@ class TurboxCheckpointHook(CheckpointHook):
         >>> hook.max_keep_ckpts
         2
     """
+
+    def before_train(self, runner) -> None:
+        """mmengine's, then the sweep of temporary files a killed run left behind."""
+        super().before_train(runner)
+        if not is_main_process():
+            return
+        leftover = re.compile(r'^\..+\.tmp-(\d+)$')
+        for folder in {self.out_dir, runner.work_dir}:
+            if not isinstance(folder, str) or not osp.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                match = leftover.match(name)
+                if match and int(match.group(1)) != os.getpid():
+                    print_log(f'TurboxCheckpointHook: removing {osp.join(folder, name)}, a '
+                              'partial file of an earlier run that was stopped while writing',
+                              logger='current', level=logging.WARNING)
+                    os.remove(osp.join(folder, name))
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        """mmengine's, with the previous best checkpoint deleted after the new one is saved."""
+        backend, deferred = self.file_backend, []
+
+        class _Deferring:
+            """The file backend, except that deletions wait until the save has succeeded."""
+
+            def __getattr__(self, name):
+                return getattr(backend, name)
+
+            def remove(self, path):
+                deferred.append(path)
+
+            def rmtree(self, path):
+                deferred.append(path)
+
+        self.file_backend = _Deferring()
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        finally:
+            self.file_backend = backend
+        current = {getattr(self, 'best_ckpt_path', None), self.last_ckpt,
+                   *getattr(self, 'best_ckpt_path_dict', {}).values()}
+        for path in deferred:
+            if path not in current:  # never the file just saved
+                self._remove(path)
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
         outdated = None

@@ -10,10 +10,13 @@ reach them. With ``ops.fast`` the runner rebinds, in the mmdet3d modules that us
   ``imvoxel_head``).
 
 The replacements are :mod:`turbox_mm.ops.bev_nms`: the same kept indices (see its reference)
-with one host sync instead of copying the suppression mask to the host. They take the same
-arguments; a call they do not cover (``nms_rotated`` with labels or counter-clockwise angles,
-``nms`` with an offset, score threshold or ``max_num``, empty inputs) goes to mmcv's own
-function. The rebinding is process-wide; :func:`uninstall` restores mmcv's functions.
+with one host sync, where mmcv's rotated and iou3d NMS copy the suppression mask to the host.
+They take the same arguments; a call they do not cover goes to mmcv's own function: CPU
+tensors (mmcv's CPU ops are faster than the reference's Python walk, and its CPU
+``nms_rotated`` keeps boxes at ``iou == thr`` apart), ``nms_rotated`` with labels or
+counter-clockwise angles, ``nms`` with an offset, score threshold or ``max_num``, empty inputs.
+The rebinding is process-wide; :func:`uninstall` restores mmcv's functions. mmdet3d's
+``circle_nms`` is not rebound: CenterHead calls it on a NumPy copy.
 """
 import importlib
 from typing import Callable, Dict, List, Optional, Tuple
@@ -30,11 +33,16 @@ _IOU3D_USERS = ('mmdet3d.models.dense_heads.fcaf3d_head',
                 'mmdet3d.models.dense_heads.imvoxel_head')
 
 
+def _on_gpu(boxes: Tensor) -> bool:
+    """Whether a call goes to turbox_mm's kernels (CUDA tensors); tests patch this."""
+    return boxes.is_cuda
+
+
 def _nms_rotated(original: Callable) -> Callable:
 
     def nms_rotated(dets: Tensor, scores: Tensor, iou_threshold: float,
                     labels: Optional[Tensor] = None, clockwise: bool = True):
-        if labels is not None or not clockwise or dets.shape[0] == 0:
+        if labels is not None or not clockwise or dets.shape[0] == 0 or not _on_gpu(dets):
             return original(dets, scores, iou_threshold, labels, clockwise)
         keep = bev_nms.bev_nms(dets, scores, iou_threshold, 'rotated')
         return torch.cat([dets[keep], scores[keep, None]], 1), keep
@@ -47,14 +55,31 @@ def _nms(original: Callable) -> Callable:
 
     def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, offset: int = 0,
             score_threshold: float = 0, max_num: int = -1):
-        if offset != 0 or score_threshold > 0 or max_num > 0 or boxes.shape[0] == 0 or \
-                not isinstance(boxes, Tensor):
+        if offset != 0 or score_threshold > 0 or max_num > 0 or not isinstance(boxes, Tensor) \
+                or boxes.shape[0] == 0 or not _on_gpu(boxes):
             return original(boxes, scores, iou_threshold, offset, score_threshold, max_num)
         keep = bev_nms.bev_nms(boxes, scores, iou_threshold, 'aligned')
         return torch.cat([boxes[keep], scores[keep, None]], 1), keep
 
     nms.__wrapped__ = original
     return nms
+
+
+def _on_cuda_only(replacement: Callable) -> Callable:
+    """A factory: ``replacement`` for CUDA boxes, mmcv's ``original`` otherwise (mmcv's iou3d
+    NMS has no CPU op; its error stays the user's)."""
+
+    def factory(original: Callable) -> Callable:
+
+        def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+            if not _on_gpu(boxes):
+                return original(boxes, scores, iou_threshold)
+            return replacement(boxes, scores, iou_threshold)
+
+        nms.__wrapped__ = original
+        return nms
+
+    return factory
 
 
 def _targets() -> List[Tuple[str, str, Callable]]:
@@ -72,9 +97,9 @@ def _targets() -> List[Tuple[str, str, Callable]]:
         except ImportError:  # a head whose own dependencies are missing here
             continue
         if getattr(module, 'nms3d', None) is mmcv.ops.nms3d:
-            targets.append((name, 'nms3d', lambda _: bev_nms.nms3d))
+            targets.append((name, 'nms3d', _on_cuda_only(bev_nms.nms3d)))
         if getattr(module, 'nms3d_normal', None) is mmcv.ops.nms3d_normal:
-            targets.append((name, 'nms3d_normal', lambda _: bev_nms.nms3d_normal))
+            targets.append((name, 'nms3d_normal', _on_cuda_only(bev_nms.nms3d_normal)))
     return targets
 
 

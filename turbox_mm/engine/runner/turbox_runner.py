@@ -163,8 +163,10 @@ class TurboxRunner(Runner):
             if problem is not None and not explicit_missing:
                 import os.path as osp
                 folder = osp.dirname(filename) or self.work_dir
-                whole = [p for p in previous_checkpoints(folder, exclude=filename)
-                         if readable_checkpoint(p) is None]
+                # an explicit path falls back only to earlier checkpoints of its kind
+                older = previous_checkpoints(folder, exclude=filename,
+                                             before=filename if self._load_from else None)
+                whole = [p for p in older if readable_checkpoint(p) is None]
                 if not whole:
                     raise RuntimeError(f'turbox: cannot resume from {filename}: {problem}; '
                                        f'{folder} holds no other whole checkpoint')

@@ -1,11 +1,11 @@
 """mmdet's sigmoid focal loss without mmcv's host read of the largest label.
 
 mmcv's CUDA ``sigmoid_focal_loss`` (what mmdet's ``FocalLoss`` runs on the GPU) checks
-``target.max().item() <= num_classes`` in its forward and again in its backward: two host
-syncs a call. :func:`focal_loss_like_mmdet` computes the same loss with the same formulas
-(mmcv's kernel: ``p = 1 / (1 + exp(-x))``, ``log(max(p, FLT_MIN))``, the analytic gradient) in
-torch ops, which never wait for the device; labels outside ``[0, C)`` count as background, as
-in mmcv's kernel. The values agree with mmcv's to float32 rounding.
+``target.max().item() <= num_classes`` in its forward: a host sync a call.
+:func:`focal_loss_like_mmdet` computes the same loss with the same formulas (mmcv's kernel:
+``p = 1 / (1 + exp(-x))``, ``log(max(p, FLT_MIN))``, the analytic gradient) in torch ops,
+which never wait for the device; labels outside ``[0, C)`` count as background, as in mmcv's
+kernel. The values agree with mmcv's to float32 rounding.
 """
 from typing import Optional
 
@@ -62,10 +62,21 @@ def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tenso
     from mmdet.models.losses import FocalLoss
     from mmdet.models.losses.utils import weight_reduce_loss
     if type(loss_cls) is not FocalLoss or not loss_cls.use_sigmoid or loss_cls.activated or \
-            not pred.is_cuda or pred.dim() != 2 or target.dim() != 1:
+            not _on_gpu(pred) or pred.dim() != 2 or target.dim() != 1:
         return loss_cls(pred, target, weight=weight, avg_factor=avg_factor)
     loss = _SigmoidFocal.apply(pred, target, float(loss_cls.gamma), float(loss_cls.alpha))
-    if weight is not None:
-        weight = weight.view(-1, 1)
+    if weight is not None and weight.shape != loss.shape:  # mmdet's sigmoid_focal_loss
+        if weight.size(0) == loss.size(0):
+            weight = weight.view(-1, 1)
+        else:
+            if weight.numel() != loss.numel():
+                raise ValueError(f'focal loss: weight of shape {tuple(weight.shape)} fits '
+                                 f'neither the rows nor the elements of {tuple(loss.shape)}')
+            weight = weight.view(loss.size(0), -1)
     return loss_cls.loss_weight * weight_reduce_loss(loss, weight, loss_cls.reduction,
                                                      avg_factor)
+
+
+def _on_gpu(pred: Tensor) -> bool:
+    """Where mmdet's FocalLoss runs mmcv's kernel (and its host read); tests patch this."""
+    return pred.is_cuda

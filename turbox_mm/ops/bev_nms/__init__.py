@@ -8,7 +8,8 @@
 The functions below take the arguments of the mmcv / mmdet3d functions of the same names and
 return what they return: the same kept indices in the same order (up to an IoU within float32
 rounding of the threshold, see :mod:`.reference`), as int64 tensors on the boxes' device. One
-host sync per call (the number kept), where mmcv copies the whole suppression mask to the host.
+host sync per call (the number kept), where mmcv's rotated and iou3d NMS copy the whole
+suppression mask to the host (its axis-aligned ``nms`` walks the mask on the GPU too).
 """
 from typing import List, Optional, Union
 

@@ -36,10 +36,11 @@ float32 rounding (the order of the operations differs), so a keep decision can d
 mmcv's only for an IoU within rounding of the threshold.
 
 NMS (all kinds): the boxes are ordered by ``scores.sort(descending=True)`` (mmcv's call, so
-equal scores order alike); walking that order, a box is kept unless a kept box before it
-suppresses it; the kept indices come back in that order. "Suppresses" is ``iou > thr`` as in
-mmcv's CUDA kernels; mmcv's CPU ``nms_rotated`` tests ``iou >= thr`` instead, which differs
-only for an IoU exactly at the threshold (at threshold 0, every later box).
+equal scores order alike; for ``'circle'`` mmdet3d's ``argsort()[::-1]``, which puts the
+higher index first among equal scores); walking that order, a box is kept unless a kept box
+before it suppresses it; the kept indices come back in that order. "Suppresses" is
+``iou > thr`` as in mmcv's CUDA kernels; mmcv's CPU ``nms_rotated`` tests ``iou >= thr``
+instead, which differs only for an IoU exactly at the threshold (at threshold 0, every later box).
 """
 import math
 from typing import Tuple
@@ -285,6 +286,14 @@ def iou_matrix_reference(boxes_a: Tensor, boxes_b: Tensor, kind: str,
     return out
 
 
+def score_order(scores: Tensor, kind: str) -> Tensor:
+    """The walk's order: ``scores.sort(descending=True)`` as mmcv's ops; for ``'circle'``
+    mmdet3d's ``scores.argsort()[::-1]`` (equal scores: the higher index first)."""
+    if kind == 'circle':
+        return torch.argsort(scores, stable=True).flip(0)
+    return scores.sort(0, descending=True)[1]
+
+
 def nms_reference(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> Tensor:
     """Indices of the kept boxes, highest score first (the module docstring's NMS).
 
@@ -298,7 +307,7 @@ def nms_reference(boxes: Tensor, scores: Tensor, threshold: float, kind: str) ->
         Tensor: ``[K]`` int64 indices into ``boxes``.
     """
     check_boxes(boxes, kind)
-    order = scores.sort(0, descending=True)[1]
+    order = score_order(scores, kind)
     num = order.numel()
     if num == 0:
         return order

@@ -14,14 +14,14 @@ NMS in one score sort and four kernels, with one host sync (the number kept):
 4. :func:`_reduce_kernel`, one program: walks the 64-box blocks in score order, resolves a
    block against itself bit by bit, ORs the rows of its kept boxes into the later blocks'
    removal words (in registers), and writes the kept boxes' original indices in order. mmcv
-   instead copies the whole mask to the host and walks it there.
+   copies the whole mask to the host and walks it there for its rotated and iou3d NMS.
 """
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import IOU3D_EPS, IOU3D_MARGIN
+from .reference import IOU3D_EPS, IOU3D_MARGIN, score_order
 from .triton_geometry import _pair_values
 
 #: Boxes per mask word (mmcv's ``threadsPerBlock``); pairs per exact group (the kernels
@@ -128,10 +128,11 @@ def _mask_kernel(prm_ptr, mask_ptr, near_ptr, n, col_blocks, threshold,
             reach = tl.load(prm_ptr + rows * 8 + 6, mask=rmask, other=0.0)[:, None] + \
                 tl.load(prm_ptr + cols * 8 + 6, mask=cmask, other=0.0)[None, :] + 0.05
             dist = (p0 - q0) * (p0 - q0) + (p1 - q1) * (p1 - q1)
-            near = live & ((dist <= reach * reach) | (threshold < 0))  # 5 cm: iou3d's margin
-            far_hit = live & (~near) & (0.0 > threshold)
+            # 5 cm: iou3d's margin. Below a threshold of 0 every pair is tested exactly (IoU
+            # 0 > threshold suppresses), so the pairs left out here are never suppressed.
+            near = live & ((dist <= reach * reach) | (threshold < 0))
             tl.store(mask_ptr + rows.to(tl.int64) * col_blocks + col_block,
-                     _words(far_hit, k[None, :]), mask=rmask)
+                     tl.zeros((64, ), tl.int64), mask=rmask)
             tl.store(near_ptr + rows.to(tl.int64) * col_blocks + col_block,
                      _words(near, k[None, :]), mask=rmask)
         else:
@@ -265,8 +266,8 @@ def _reduce_large_kernel(mask_ptr, removed_ptr, order_ptr, out_ptr, count_ptr, n
 @triton.jit
 def _iou_kernel(pa_ptr, pb_ptr, out_ptr, m, n, KIND: tl.constexpr, MARGIN: tl.constexpr,
                 EPS: tl.constexpr):
-    i = tl.program_id(1)
-    j = tl.program_id(0) * 16 + tl.arange(0, 16)
+    i = tl.program_id(0)  # rows on axis 0: CUDA caps the other axes at 65,535
+    j = tl.program_id(1) * 16 + tl.arange(0, 16)
     live = (j < n) & (i < m)
     lane = tl.arange(0, 32)[None, :]
     val = _pair_values(pa_ptr, pb_ptr, i + 0 * j[:, None], j[:, None], live[:, None], lane,
@@ -280,7 +281,7 @@ REGISTER_BLOCKS = 128
 
 def nms_keep(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> Tensor:
     """Kept indices, highest score first; one host sync (the count)."""
-    order = scores.sort(0, descending=True)[1]
+    order = score_order(scores, kind)
     num = order.numel()
     if num == 0:
         return order
@@ -319,7 +320,7 @@ def iou_matrix(boxes_a: Tensor, boxes_b: Tensor, kind: str) -> Tensor:
         return out
     pa = box_params(boxes_a, kind, torch.arange(m, device=boxes_a.device))
     pb = box_params(boxes_b, kind, torch.arange(n, device=boxes_b.device))
-    grid = (triton.cdiv(n, GROUP), m)
+    grid = (m, triton.cdiv(n, GROUP))
     _iou_kernel[grid](pa, pb, out, m, n, KIND=KIND_IDS[kind], MARGIN=IOU3D_MARGIN,
                       EPS=IOU3D_EPS, num_warps=4)
     return out
