@@ -231,6 +231,34 @@ def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):
     assert sampler.dn_metas is not None and sampler.dn_metas['dn_anchor'].shape[:2] == (2, 1)
 
 
+def test_stock_and_turbox_losses_agree_on_temporal_frames(tiny_root, full_fp32):
+    """Both loss procedures on the same head outputs of later frames, where the temporal
+    denoising queries (the ``temp_dn_*`` targets) enter the losses."""
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.train()
+    head, seen = model.head, []
+    real_loss = head.loss
+
+    def both(outputs, metas):
+        head.op_impl = 'turbox'
+        turbox = real_loss(outputs, metas)
+        head.op_impl = 'stock'
+        stock = real_loss(outputs, metas)
+        seen.append(('temp_dn_valid_mask' in outputs, dict(stock), turbox))
+        return stock
+
+    head.loss = both
+    for data in _batches(cfg, 3):
+        data = model.data_preprocessor(data, training=True)
+        model.loss(data['inputs'], data['data_samples'])
+    assert any(temporal for temporal, _, _ in seen)  # the temp_dn branch ran
+    for _, stock, turbox in seen:
+        assert stock.keys() == turbox.keys()
+        for key in stock:
+            torch.testing.assert_close(turbox[key], stock[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_without_instance_ids_temporal_denoising_is_off(tiny_root):
     """Real nuScenes infos from mmdet3d's converter carry no instance ids (-1 each): the
     model then trains with denoising but without temporal denoising, as upstream does."""
