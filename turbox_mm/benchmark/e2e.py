@@ -12,8 +12,10 @@ the run stops right after the timed window. What is measured, per iteration of t
   with a device synchronisation, so ``samples_per_s`` is exact; per-iteration times are not
   synchronised (that would change what is measured), and in steady state their median is the
   iteration time.
-- ``data_wait``: host time from the end of the previous iteration to the start of this one:
-  waiting for the loader (and the before-iteration hooks).
+- ``data_wait``: host time from the end of the previous iteration to the start of this one
+  (waiting for the loader, and the before-iteration hooks), plus, for turbox's pipelined
+  loops, which fetch the next batch inside the iteration, the time that fetch waited for the
+  loader: both loop kinds count the loader wait here, not in ``other``.
 - ``preprocess`` (data preprocessor: host-to-device copy and batch transforms), ``forward``
   (forward and losses), ``backward``, ``optimizer`` (step and zero_grad): CUDA events around each
   phase on a GPU, host time on a CPU.
@@ -193,6 +195,7 @@ class _Bench:
         self.last_end = None
         self.iter_ms: List[float] = []
         self.wait_ms: List[float] = []
+        self.fetch_ms: List[float] = []  # loader waits inside the iteration (pipelined loops)
         self.losses: List[torch.Tensor] = []
         self.batch_size = None
         self.window: Dict[str, float] = {}
@@ -231,6 +234,12 @@ class _Bench:
     def iter_ended(self, runner, outputs) -> None:
         timed = self._timed()
         self.clock.next_iter(keep=timed)
+        prefetcher = getattr(runner.train_loop, '_prefetcher', None)
+        fetched = getattr(prefetcher, 'fetch_seconds', 0.0)
+        if prefetcher is not None:
+            prefetcher.fetch_seconds = 0.0
+        if timed:
+            self.fetch_ms.append(1e3 * fetched)
         if timed and outputs is not None and 'loss' in outputs:
             loss = outputs['loss']
             self.losses.append(loss.detach() if torch.is_tensor(loss) else
@@ -289,7 +298,9 @@ class _Bench:
         seconds = self.window['t1'] - self.window['t0']
         per_iter = []
         for i, total in enumerate(self.iter_ms):
-            row = {'iter': total, 'data_wait': self.wait_ms[i] if i < len(self.wait_ms) else 0.0}
+            wait = self.wait_ms[i] if i < len(self.wait_ms) else 0.0
+            row = {'iter': total,
+                   'data_wait': wait + (self.fetch_ms[i] if i < len(self.fetch_ms) else 0.0)}
             for phase in ('preprocess', 'forward', 'backward', 'optimizer'):
                 row[phase] = phases[i].get(phase, 0.0) if i < len(phases) else 0.0
             row['other'] = max(0.0, total - sum(row[p] for p in PHASES[:-1]))

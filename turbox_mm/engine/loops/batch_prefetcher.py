@@ -1,6 +1,7 @@
 """Stage the next batch on the GPU while the current training step runs."""
 import contextlib
 import logging
+import time
 from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
 
 import torch
@@ -128,6 +129,9 @@ class BatchPrefetcher:
         self._error: Optional[BaseException] = None
         self._exhausted = False
         self._patched = False
+        #: Host seconds spent waiting for the loader in :meth:`prefetch`, summed; a reader
+        #: (the benchmark) may reset it.
+        self.fetch_seconds = 0.0
         if self.preprocess:
             self._patch_preprocessor()
 
@@ -164,6 +168,7 @@ class BatchPrefetcher:
         if self._pending is not None or self._error is not None:
             raise RuntimeError('BatchPrefetcher.prefetch: a batch is already staged; pop() it '
                                'first')
+        start = time.perf_counter()
         try:
             raw = next(self.iterator)
         except StopIteration:
@@ -172,6 +177,9 @@ class BatchPrefetcher:
         except Exception as exc:  # noqa: BLE001 - raised by pop(), when the batch is due
             self._error = exc
             return True
+        finally:
+            # the loader wait, which the pipelined loops spend inside an iteration
+            self.fetch_seconds += time.perf_counter() - start
         if not self.use_cuda:
             self._pending = (raw, raw, None)
             return True
