@@ -269,3 +269,14 @@ def test_prefetch_factor_zero_is_a_named_error(tmp_path):
     with pytest.raises(ValueError, match=r"'turbox.dataloader.prefetch_factor' must be None or "
                                          r'>= 1.*got 0'):
         _train(cfg)
+
+
+def test_loading_a_damaged_checkpoint_names_it(tmp_path):
+    _train(_cfg(tmp_path / 'a', epochs=1))
+    damaged = tmp_path / 'a' / 'epoch_1.pth'
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:len(data) // 2])
+    cfg = _cfg(tmp_path / 'b', epochs=1)
+    cfg.load_from = str(damaged)
+    with pytest.raises(RuntimeError, match=rf'cannot load checkpoint {damaged}: damaged'):
+        _train(cfg)

@@ -63,3 +63,13 @@ if [ "${PREPARE_ONLY:-0}" = 1 ]; then
 fi
 "$py" tools/benchmark.py "${configs[@]}" --iters "$iters" --warmup "$warmup" --out "$out" \
   --timeout "${TIMEOUT:-3600}"
+if [ "$size" = tiny ]; then
+  cat <<'MSG'
+
+This ran the tiny configs on the CPU: it shows that both configs build, train and agree
+(same model maths, losses side by side above). It does not measure turbox's speed: turbox
+moves work to the GPU (image augmentation, compiled kernels, CUDA streams and graphs), which a
+CPU run cannot show, and a 2-core CPU shared with loader workers gives noisy times. The speed
+numbers, measured on an H200, with their commands, are in docs/benchmarks.md.
+MSG
+fi

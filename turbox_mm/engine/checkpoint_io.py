@@ -64,7 +64,9 @@ def readable_checkpoint(path: str) -> Optional[str]:
         return 'the file is empty'
     if not zipfile.is_zipfile(path):
         with open(path, 'rb') as f:
-            head = f.read(2)
+            head = f.read(4)
+        if head == b'PK\x03\x04':
+            return 'damaged: truncated (the zip directory at its end is missing)'
         return None if head[:1] == b'\x80' else 'not a torch checkpoint (no zip, no pickle)'
     try:
         with zipfile.ZipFile(path) as archive:

@@ -150,6 +150,16 @@ class TurboxRunner(Runner):
                               level=logging.WARNING)
         return super().load_or_resume()
 
+    def load_checkpoint(self, filename: str, *args, **kwargs):
+        """mmengine's, but a damaged local checkpoint is a named error (torch's own error
+        names no file: an ``OSError`` or ``RuntimeError`` from deep inside its reader)."""
+        from turbox_mm.engine.checkpoint_io import is_local_path, readable_checkpoint
+        if is_local_path(filename):
+            problem = readable_checkpoint(filename)
+            if problem is not None and problem != 'the file does not exist':
+                raise RuntimeError(f'turbox: cannot load checkpoint {filename}: {problem}')
+        return super().load_checkpoint(filename, *args, **kwargs)
+
     def resume(self, filename: str, *args, **kwargs) -> None:
         """mmengine's resume; with ``turbox.system.atomic_checkpoints`` a damaged checkpoint
         (or, on an automatic resume, a missing one) falls back to the newest whole checkpoint
