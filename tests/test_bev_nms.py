@@ -307,53 +307,29 @@ def test_cuda_nms_equals_mmcv_cuda_at_4000_boxes(seed):
 
 
 COMPILE_SCRIPT = r'''
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
 from turbox_mm.ops.bev_nms import triton_kernels as tk
+from turbox_mm.testing.triton_aot import compile_variants
 
 POINTERS = {'prm_ptr': '*fp32', 'pa_ptr': '*fp32', 'pb_ptr': '*fp32', 'out_ptr': '*fp32',
             'mask_ptr': '*i64', 'near_ptr': '*i64', 'removed_ptr': '*i64', 'order_ptr': '*i64',
             'count_ptr': '*i32', 'box_ptr': '*fp32'}
-
-
-def compile_for_sm90(kernel, constexprs, ones, pointers=None):
-    pointers = dict(POINTERS, **(pointers or {}))
-    signature, values = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        if name in pointers:
-            signature[name] = pointers[name]
-        elif name in constexprs or name in ones:  # Triton specialises an int argument of 1
-            signature[name] = 'constexpr'
-            values[(i, )] = constexprs.get(name, 1)
-        else:
-            signature[name] = 'fp32' if name == 'threshold' else 'i32'
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values),
-                   target=GPUTarget('cuda', 90, 32))
-
-
 SIZES = ('n', 'col_blocks')
 INDICES = {'out_ptr': '*i64'}
-variants = [(tk._mask_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, None)
+variants = [(tk._mask_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, POINTERS)
             for k in range(5) for o in ((), SIZES)]
-variants += [(tk._refine_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8, BLOCKS=b), o, None)
+variants += [(tk._refine_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8, BLOCKS=b), o, POINTERS)
              for k in range(2) for b in (2, 64, 256) for o in ((), SIZES)]
-variants += [(tk._iou_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, None)
+variants += [(tk._iou_kernel, dict(KIND=k, MARGIN=0.01, EPS=1e-8), o, POINTERS)
              for k in range(2) for o in ((), ('m', 'n'))]
-variants += [(tk._reduce_kernel, dict(CB=c), o, INDICES)
+variants += [(tk._reduce_kernel, dict(CB=c), o, dict(POINTERS, **INDICES))
              for c in (2, 64, 128) for o in ((), SIZES)]
-variants += [(tk._reduce_large_kernel, dict(CHUNK=64), o, INDICES) for o in ((), SIZES)]
-variants += [(tk._params_kernel, dict(KIND=k, BLOCK=256), o, {'box_ptr': d})
+variants += [(tk._reduce_large_kernel, dict(CHUNK=64), o, dict(POINTERS, **INDICES))
+             for o in ((), SIZES)]
+variants += [(tk._params_kernel, dict(KIND=k, BLOCK=256), o, dict(POINTERS, box_ptr=d))
              for k in range(5) for d in ('*fp32', '*fp16', '*bf16', '*fp64')
              for o in ((), ('n', 'stride_n', 'stride_c'))]
-failures = []
-for kernel, constexprs, ones, pointers in variants:
-    try:
-        compile_for_sm90(kernel, constexprs, ones, pointers)
-    except Exception as error:  # report every failing variant
-        failures.append(f'{kernel.fn.__name__} {constexprs} ones={ones}: '
-                        f'{str(error).splitlines()[-1] if str(error) else error!r}')
+failures = compile_variants(variants)
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
 '''

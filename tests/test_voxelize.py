@@ -284,45 +284,28 @@ def test_micro_benchmark_runs_quick_on_the_cpu():
 
 
 COMPILE_SCRIPT = r'''
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
 from turbox_mm.ops.voxelize import triton_kernels as tk
+from turbox_mm.testing.triton_aot import compile_variants
 
-POINTERS = {'pts_ptr': None, 'prm_ptr': None, 'vox_ptr': None, 'out_ptr': '*i32',
-            'key_ptr': '*i64', 'bounds_ptr': '*i64', 'skey_ptr': '*i64', 'order_ptr': '*i64',
-            'firsts_ptr': '*i64', 'before_ptr': '*i64', 'offset_ptr': '*i64', 'flag_ptr': '*i32',
-            'coor_ptr': '*i32', 'num_ptr': '*i32'}
+POINTERS = {'out_ptr': '*i32', 'key_ptr': '*i64', 'bounds_ptr': '*i64', 'skey_ptr': '*i64',
+            'order_ptr': '*i64', 'firsts_ptr': '*i64', 'before_ptr': '*i64',
+            'offset_ptr': '*i64', 'flag_ptr': '*i32', 'coor_ptr': '*i32', 'num_ptr': '*i32'}
 CONSTEXPRS = {'BLOCK': 256, 'CBLOCK': 8, 'MAX_POINTS': 10}
+SIZES = ('gx', 'gy', 'gz', 'S', 'MAX_VOXELS', 'VOLUME', 'PLANE', 'C')
 
 
-def compile_for_sm90(kernel, dtype, ones):
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature, constexprs = {}, {}
-    for i, name in enumerate(names):
-        if name in POINTERS:
-            signature[name] = POINTERS[name] or dtype
-        elif name in CONSTEXPRS or name in ones:  # Triton specialises an int argument of 1
-            signature[name] = 'constexpr'
-            constexprs[(i, )] = CONSTEXPRS.get(name, 1)
-        else:
-            signature[name] = 'i32'
-    if kernel is tk._coords_kernel or kernel is tk._keys_kernel:
-        signature['prm_ptr'] = '*fp64' if dtype == '*fp64' else '*fp32'
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                   target=GPUTarget('cuda', 90, 32))
+def pointers(kernel, dtype):
+    prm = dtype if kernel not in (tk._coords_kernel, tk._keys_kernel) else \
+        ('*fp64' if dtype == '*fp64' else '*fp32')
+    return dict(POINTERS, pts_ptr=dtype, vox_ptr=dtype, prm_ptr=prm)
 
 
-failures = []
-for kernel in (tk._coords_kernel, tk._keys_kernel, tk._opens_kernel, tk._scatter_kernel):
-    for dtype in ('*fp32', '*fp16', '*bf16', '*fp64'):
-        for ones in ((), ('gx', 'gy', 'gz', 'S', 'MAX_VOXELS', 'VOLUME', 'PLANE', 'C')):
-            try:
-                compile_for_sm90(kernel, dtype, ones)
-            except Exception as error:  # report every failing variant
-                failures.append(f'{kernel.fn.__name__} {dtype} ones={ones}: '
-                                f'{str(error).splitlines()[-1] if str(error) else error!r}')
+variants = [(kernel, CONSTEXPRS, ones, pointers(kernel, dtype))
+            for kernel in (tk._coords_kernel, tk._keys_kernel, tk._opens_kernel,
+                           tk._scatter_kernel)
+            for dtype in ('*fp32', '*fp16', '*bf16', '*fp64') for ones in ((), SIZES)]
+failures = compile_variants(variants, floats=())
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
 '''
