@@ -388,12 +388,7 @@ class Sparse4DHead(BaseModule):
             return losses
         for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
                                            outputs['dn_prediction'])):
-            # Layers after the bank's update see the temporal denoising queries.
-            prefix = ('temp_' if i >= self.num_single_frame_decoder
-                      and 'temp_dn_valid_mask' in outputs else '')
-            valid = outputs[f'{prefix}dn_valid_mask']
-            cls_target = outputs[f'{prefix}dn_cls_target']
-            reg_target = outputs[f'{prefix}dn_reg_target']
+            valid, cls_target, reg_target = self._dn_targets(outputs, i)
             valid_cls = cls_target[valid]
             positive = valid_cls >= 0
             num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
@@ -404,6 +399,14 @@ class Sparse4DHead(BaseModule):
             losses.update(self.loss_reg(reg, target, weight=weight, avg_factor=num_dn,
                                         suffix=f'_dn_{i}'))
         return losses
+
+    def _dn_targets(self, outputs: Dict, layer: int):
+        """Denoising ``(valid_mask, cls_target, reg_target)`` of decoder layer ``layer``: the
+        layers after the bank's update see the temporal denoising queries."""
+        prefix = ('temp_' if layer >= self.num_single_frame_decoder
+                  and 'temp_dn_valid_mask' in outputs else '')
+        return (outputs[f'{prefix}dn_valid_mask'], outputs[f'{prefix}dn_cls_target'],
+                outputs[f'{prefix}dn_reg_target'])
 
     def _loss_batched(self, outputs: Dict, gt_labels: List[Tensor],
                       gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
@@ -437,12 +440,9 @@ class Sparse4DHead(BaseModule):
             return losses
         for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
                                            outputs['dn_prediction'])):
-            # Layers after the bank's update see the temporal denoising queries.
-            prefix = ('temp_' if i >= self.num_single_frame_decoder
-                      and 'temp_dn_valid_mask' in outputs else '')
-            valid = outputs[f'{prefix}dn_valid_mask'].flatten()
-            cls_target = outputs[f'{prefix}dn_cls_target'].flatten()
-            reg_target = outputs[f'{prefix}dn_reg_target'].flatten(0, 1)[:, :dims]
+            valid, cls_target, reg_target = self._dn_targets(outputs, i)
+            valid, cls_target = valid.flatten(), cls_target.flatten()
+            reg_target = reg_target.flatten(0, 1)[:, :dims]
             positive = valid & (cls_target >= 0)
             num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
             losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target, num_dn,
