@@ -268,7 +268,8 @@ def _iou_kernel(pa_ptr, pb_ptr, out_ptr, m, n, KIND: tl.constexpr, MARGIN: tl.co
                 EPS: tl.constexpr):
     i = tl.program_id(0)  # rows on axis 0: CUDA caps the other axes at 65,535
     j = tl.program_id(1) * 16 + tl.arange(0, 16)
-    live = (j < n) & (i < m)
+    live = j < n  # the grid has exactly m rows (and Triton 3.9's interpreter refuses a mask
+    # that mixes this vector with a scalar comparison)
     lane = tl.arange(0, 32)[None, :]
     val = _pair_values(pa_ptr, pb_ptr, i + 0 * j[:, None], j[:, None], live[:, None], lane,
                        KIND, MARGIN, EPS)
