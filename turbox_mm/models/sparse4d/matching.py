@@ -13,6 +13,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from turbox_mm.utils.upload import upload
+
 #: What an infinite or NaN matching cost is replaced by before the solver sees it.
 INVALID_COST = 1e8
 
@@ -21,14 +23,6 @@ def solve(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """scipy's assignment of one ``[rows, cols]`` float64 matrix; non-finite costs become
     :data:`INVALID_COST`."""
     return linear_sum_assignment(np.where(np.isfinite(cost), cost, INVALID_COST))
-
-
-def to_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """A host array on ``device`` without a host sync (pinned, non-blocking, for CUDA)."""
-    host = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == 'cuda':
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def solve_batched(cost: Tensor, num_cols: Sequence[int],
@@ -59,4 +53,4 @@ def solve_batched(cost: Tensor, num_cols: Sequence[int],
         rows, picked = solve(host[r, :, :cols])
         found.append(np.stack([np.full_like(rows, r), rows, picked]).astype(np.int64))
     pairs = np.concatenate(found, 1) if found else np.zeros((3, 0), np.int64)
-    return to_device(pairs, device), extras_host
+    return upload(pairs, device), extras_host

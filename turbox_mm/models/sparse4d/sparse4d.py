@@ -8,6 +8,7 @@ from torch import Tensor
 
 from turbox_mm.ops.deformable_aggregation import feature_maps_format
 from turbox_mm.registry import MODELS
+from turbox_mm.utils.upload import upload
 
 #: What :meth:`Sparse4D.metas` reads from every sample's metainfo (see
 #: ``turbox_mm.datasets.transforms.NuScenesSparse4DAdaptor``), beside the ground truth.
@@ -36,17 +37,6 @@ def boxes_to_gravity_centre(boxes) -> Tensor:
     if tensor.dim() != 2 or tensor.shape[-1] != 9:
         raise ValueError(f'Sparse4D: ground-truth boxes must be [n, 9], got {tuple(tensor.shape)}')
     return tensor.float()
-
-
-def _upload(x: Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``x`` on ``device`` (and ``dtype``); from the host through pinned memory without a
-    wait (a pageable copy makes the host wait for the device)."""
-    if dtype is not None and x.dtype != dtype:
-        x = x.to(dtype)
-    if x.device == torch.device(device) or x.device.type != 'cpu' or \
-            torch.device(device).type != 'cuda':
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 @MODELS.register_module()
@@ -145,16 +135,15 @@ class Sparse4D(Base3DDetector):
                                'its meta_keys')
 
         def stack(key, dtype):
-            return _upload(torch.from_numpy(np.stack([np.asarray(m[key]) for m in infos])),
-                           device, dtype)
+            return upload(np.stack([np.asarray(m[key]) for m in infos]), device, dtype)
 
         metas = dict(
             projection_mat=stack('projection_mat', torch.float32),
             image_wh=stack('image_wh', torch.float32),
             T_global=stack('T_global', torch.float64),
             T_global_inv=stack('T_global_inv', torch.float64),
-            timestamp=_upload(torch.tensor([float(m['timestamp']) for m in infos]), device,
-                              torch.float64))
+            timestamp=upload(torch.tensor([float(m['timestamp']) for m in infos]), device,
+                             torch.float64))
         if all('focal' in m for m in infos):
             metas['focal'] = stack('focal', torch.float32)
         if not with_gt:
@@ -162,21 +151,21 @@ class Sparse4D(Base3DDetector):
         if all('gt_depth' in m for m in infos):
             levels = len(infos[0]['gt_depth'])
             metas['gt_depth'] = [
-                _upload(torch.from_numpy(np.stack([np.asarray(m['gt_depth'][k])
-                                                   for m in infos])), device, torch.float32)
+                upload(np.stack([np.asarray(m['gt_depth'][k]) for m in infos]), device,
+                       torch.float32)
                 for k in range(levels)]
         boxes, labels, ids = [], [], []
         known = False
         for sample, info in zip(batch_data_samples, infos):
             gt = sample.gt_instances_3d
-            boxes.append(_upload(boxes_to_gravity_centre(gt.bboxes_3d), device))
-            labels.append(_upload(gt.labels_3d, device, torch.long))
+            boxes.append(upload(boxes_to_gravity_centre(gt.bboxes_3d), device))
+            labels.append(upload(gt.labels_3d, device, torch.long))
             inst = info.get('instance_id')
             if inst is None or len(inst) != len(labels[-1]):
                 inst = np.full(len(labels[-1]), -1, dtype=np.int64)
             inst = np.asarray(inst)
             known = known or bool((inst >= 0).any())  # on the host: no wait
-            ids.append(_upload(torch.as_tensor(inst, dtype=torch.long), device))
+            ids.append(upload(inst, device, torch.long))
         # Without instance ids (mmdet3d's converter writes none) temporal denoising is off, as
         # upstream without ids; denoising itself stays.
         metas.update(gt_bboxes_3d=boxes, gt_labels_3d=labels, instance_id=ids if known else None)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
+from turbox_mm.utils.upload import upload
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
-from .matching import INVALID_COST, solve, solve_batched, to_device
+from .matching import INVALID_COST, solve, solve_batched
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
@@ -234,7 +235,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         """``[B]`` bool on the device: sample ``b`` has a label outside ``[0, C)`` among its
         first ``sizes[b]`` (padded ``[B, n]`` labels)."""
         live = torch.arange(labels.shape[1], device=labels.device) < \
-            to_device(np.asarray(sizes, np.int64), labels.device)[:, None]
+            upload(np.asarray(sizes, np.int64), labels.device)[:, None]
         return (live & ((labels < 0) | (labels >= self.num_classes))).any(1)
 
     def _check_labels(self, bad: Tensor, cls_target: Sequence[Tensor]) -> None:

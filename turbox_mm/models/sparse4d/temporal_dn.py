@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .matching import to_device
+from turbox_mm.utils.upload import upload
 
 #: Label of padding (a denoising query matched to, or drawn from, a padded ground-truth slot).
 DN_PADDING = -1
@@ -57,7 +57,7 @@ class TemporalDnMixin:
         per_group = num_dn // groups
         keep = torch.randperm(groups) < self.num_temp_dn_groups
         # the kept groups' indices (host-side nonzero), uploaded without a wait
-        keep = to_device(keep.nonzero()[:, 0].numpy(), dn_instance_feature.device)
+        keep = upload(keep.nonzero()[:, 0], dn_instance_feature.device)
 
         def pick(x: Tensor) -> Tensor:
             return x.detach().reshape(batch, groups, per_group, *x.shape[2:])[:, keep]

@@ -32,6 +32,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from turbox_mm.utils.upload import upload
+
 
 def deformable_aggregation_reference(mc_ms_feat: torch.Tensor, spatial_shape: torch.Tensor,
                                      scale_start_index: torch.Tensor,
@@ -124,10 +126,7 @@ def feature_maps_format(
     mc_ms_feat = torch.cat(flat, dim=-1).permute(0, 1, 3, 2).flatten(1, 2)
     device = mc_ms_feat.device
     sizes = [tuple(fm.shape[-2:]) for fm in feature_maps]
-    spatial_shape = torch.tensor([sizes] * cams, dtype=torch.int64)
-    # through pinned memory: a pageable upload makes the host wait for the device
-    spatial_shape = spatial_shape.pin_memory().to(device, non_blocking=True) \
-        if device.type == 'cuda' else spatial_shape.to(device)
+    spatial_shape = upload(torch.tensor([sizes] * cams, dtype=torch.int64), device)
     counts = spatial_shape[..., 0] * spatial_shape[..., 1]
     scale_start_index = (counts.flatten().cumsum(0) - counts.flatten()).reshape(cams, -1)
     return mc_ms_feat, spatial_shape, scale_start_index
