@@ -259,6 +259,19 @@ def test_stock_and_turbox_losses_agree_on_temporal_frames(tiny_root, full_fp32):
             torch.testing.assert_close(turbox[key], stock[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_metas_keep_timestamps_in_float64(tiny_root):
+    """Seconds since 1970 (about 1.5e9) have a spacing of 128 s in float32: the head's time
+    intervals between frames need the float64 values of the infos, unrounded."""
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    data = model.data_preprocessor(_batches(cfg, 1)[0], training=True)
+    metas = model.metas(data['data_samples'], torch.device('cpu'), with_gt=False)
+    want = [float(s.metainfo['timestamp']) for s in data['data_samples']]
+    assert metas['timestamp'].dtype == torch.float64
+    assert metas['timestamp'].tolist() == want
+    assert any(t != float(torch.tensor(t, dtype=torch.float32)) for t in want)
+
+
 def test_without_instance_ids_temporal_denoising_is_off(tiny_root):
     """Real nuScenes infos from mmdet3d's converter carry no instance ids (-1 each): the
     model then trains with denoising but without temporal denoising, as upstream does."""

@@ -142,8 +142,9 @@ class Sparse4D(Base3DDetector):
             image_wh=stack('image_wh', torch.float32),
             T_global=stack('T_global', torch.float64),
             T_global_inv=stack('T_global_inv', torch.float64),
-            timestamp=upload(torch.tensor([float(m['timestamp']) for m in infos]), device,
-                             torch.float64))
+            # float64 on the host too: seconds since 1970 keep no fraction in float32
+            timestamp=upload(np.array([float(m['timestamp']) for m in infos], np.float64),
+                             device))
         if all('focal' in m for m in infos):
             metas['focal'] = stack('focal', torch.float32)
         if not with_gt:
