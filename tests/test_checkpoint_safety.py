@@ -17,6 +17,7 @@ from mmengine.config import Config
 
 from turbox_mm.engine import checkpoint_io
 from turbox_mm.engine.checkpoint_io import readable_checkpoint
+from turbox_mm.utils import atomic_files
 
 SMOKE = 'configs/smoke/smoke_turbox.py'
 
@@ -230,9 +231,9 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
         raise RuntimeError('interrupted')
 
     with pytest.raises(RuntimeError, match='interrupted'):
-        checkpoint_io.atomic_write(str(path), boom)
+        atomic_files.atomic_write(str(path), boom, durable=True)
     assert path.read_bytes() == b'old' and not _leftovers(tmp_path)
-    checkpoint_io.atomic_write_text(str(path), 'new')
+    atomic_files.atomic_write_text(str(path), 'new', durable=True)
     assert path.read_text() == 'new'
     assert readable_checkpoint(str(tmp_path / 'none.pth')) == 'the file does not exist'
     torch.save({'a': torch.ones(3)}, tmp_path / 'ok.pth')

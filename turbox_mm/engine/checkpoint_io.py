@@ -21,15 +21,9 @@ from typing import List, Optional
 import torch
 
 from turbox_mm.utils.atomic_files import atomic_write
-from turbox_mm.utils.atomic_files import atomic_write_text as _atomic_write_text
 
 #: The checkpoint names mmengine's CheckpointHook writes (``epoch_3.pth``, ``iter_800.pth``).
 STEP_NAME = re.compile(r'^(epoch|iter)_(\d+)\.pth$')
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """A durable :func:`~turbox_mm.utils.atomic_files.atomic_write_text` (``last_checkpoint``)."""
-    _atomic_write_text(path, text, durable=True)
 
 
 def is_local_path(filename: str) -> bool:

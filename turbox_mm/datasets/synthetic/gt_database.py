@@ -74,7 +74,7 @@ def create_gt_database(data_root: str, info_file: str, info_prefix: str = 'nusce
             files += 1
         size += written
     path = osp.join(data_root, f'{info_prefix}_dbinfos_train.pkl')
-    write_atomic(path, dumps(database))
+    atomic_write_bytes(path, dumps(database))
     return dict(dbinfos=path, folder=osp.join(data_root, folder),
                 objects={name: len(entries) for name, entries in database.items()},
                 files=files, bytes=size + osp.getsize(path))
@@ -108,7 +108,7 @@ def write_sample_objects(task) -> tuple:
         obj = points[inside]
         obj[:, :3] -= boxes[i, :3]
         data = obj.tobytes()
-        write_atomic(osp.join(data_root, path), data)
+        atomic_write_bytes(osp.join(data_root, path), data)
         written += len(data)
         entries.append(dict(name=name, path=path, image_idx=int(info['sample_idx']), gt_idx=i,
                             box3d_lidar=boxes[i].copy(), num_points_in_gt=len(obj),
@@ -239,10 +239,5 @@ def dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (:func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, data)
-
-
 __all__ = ['create_gt_database', 'write_sample_objects', 'load_points', 'sample_boxes',
-           'points_in_boxes', 'dumps', 'write_atomic']
+           'points_in_boxes', 'dumps']

@@ -26,7 +26,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
-from turbox_mm.engine.checkpoint_io import atomic_write_text
+from turbox_mm.utils.atomic_files import atomic_write_text
 from turbox_mm.registry import HOOKS
 
 
@@ -102,7 +102,8 @@ class TurboxCheckpointHook(CheckpointHook):
                                **self.args)
         if not is_main_process():
             return
-        atomic_write_text(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
+        atomic_write_text(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt,
+                          durable=True)
         if outdated is not None:
             self._remove(self.file_backend.join_path(self.out_dir,
                                                      self.filename_tmpl.format(outdated)))
