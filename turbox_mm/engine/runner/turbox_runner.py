@@ -1,7 +1,9 @@
 """The runner that ``configs/_base_/turbox.py`` selects through ``runner_type``."""
+import contextlib
 import copy
 import logging
-from typing import Dict, Optional
+import os.path as osp
+from typing import Dict, Iterator, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -10,6 +12,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 from torch import nn
 
+from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
+                                            readable_checkpoint, save_checkpoint_atomically)
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
@@ -44,6 +48,7 @@ class TurboxRunner(Runner):
         cfg = kwargs.get('cfg') or {}
         self.turbox_options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
         self.turbox_changes = []
+        self._verified_checkpoint: Optional[str] = None  # see resume()
         super().__init__(*args, **kwargs)
 
     def setup_env(self, env_cfg: Dict) -> None:
@@ -120,7 +125,6 @@ class TurboxRunner(Runner):
             return super().save_checkpoint(*args, **kwargs)
         import mmengine.runner.runner as mmengine_runner
 
-        from turbox_mm.engine.checkpoint_io import save_checkpoint_atomically
         original = mmengine_runner.save_checkpoint
         mmengine_runner.save_checkpoint = save_checkpoint_atomically
         try:
@@ -136,7 +140,6 @@ class TurboxRunner(Runner):
                 and self.turbox_options['system']['atomic_checkpoints']):
             from mmengine.runner.checkpoint import find_latest_checkpoint
 
-            from turbox_mm.engine.checkpoint_io import previous_checkpoints
             if find_latest_checkpoint(self.work_dir) is None:
                 found = previous_checkpoints(self.work_dir)
                 if found:
@@ -153,8 +156,7 @@ class TurboxRunner(Runner):
     def load_checkpoint(self, filename: str, *args, **kwargs):
         """mmengine's, but a damaged local checkpoint is a named error (torch's own error
         names no file: an ``OSError`` or ``RuntimeError`` from deep inside its reader)."""
-        from turbox_mm.engine.checkpoint_io import is_local_path, readable_checkpoint
-        if is_local_path(filename):
+        if is_local_path(filename) and filename != self._verified_checkpoint:
             problem = readable_checkpoint(filename)
             if problem is not None and problem != 'the file does not exist':
                 raise RuntimeError(f'turbox: cannot load checkpoint {filename}: {problem}')
@@ -165,13 +167,10 @@ class TurboxRunner(Runner):
         (or, on an automatic resume, a missing one) falls back to the newest whole checkpoint
         of its folder, with a warning naming both. With none left it raises, naming the
         file and the damage."""
-        from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
-                                                    readable_checkpoint)
         if self.turbox_options['system']['atomic_checkpoints'] and is_local_path(filename):
             problem = readable_checkpoint(filename)
             explicit_missing = problem == 'the file does not exist' and self._load_from
             if problem is not None and not explicit_missing:
-                import os.path as osp
                 folder = osp.dirname(filename) or self.work_dir
                 # an explicit path falls back only to earlier checkpoints of its kind
                 older = previous_checkpoints(folder, exclude=filename,
@@ -183,29 +182,33 @@ class TurboxRunner(Runner):
                 print_log(f'turbox: cannot resume from {filename} ({problem}); resuming from '
                           f'{whole[0]} instead', logger='current', level=logging.WARNING)
                 filename = whole[0]
-        return super().resume(filename, *args, **kwargs)
+            # checked whole: load_checkpoint need not read it all once more
+            self._verified_checkpoint = filename
+        try:
+            return super().resume(filename, *args, **kwargs)
+        finally:
+            self._verified_checkpoint = None
 
     def train(self) -> nn.Module:
         """mmengine's training; on an error, process-wide state the hooks changed (automatic
         GC, the frozen heap) is restored before the error propagates."""
-        try:
+        with self._restored_on_error():
             return super().train()
-        except BaseException:
-            self._restore_process_state()
-            raise
 
     def val(self) -> dict:
         """mmengine's validation; restores process-wide state on an error (see :meth:`train`)."""
-        try:
+        with self._restored_on_error():
             return super().val()
-        except BaseException:
-            self._restore_process_state()
-            raise
 
     def test(self) -> dict:
         """mmengine's test; restores process-wide state on an error (see :meth:`train`)."""
-        try:
+        with self._restored_on_error():
             return super().test()
+
+    @contextlib.contextmanager
+    def _restored_on_error(self) -> Iterator[None]:
+        try:
+            yield
         except BaseException:
             self._restore_process_state()
             raise
