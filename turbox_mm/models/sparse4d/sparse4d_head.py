@@ -370,10 +370,7 @@ class Sparse4DHead(BaseModule):
             cls_target, reg_target, reg_weights = self.sampler.sample(cls, reg, gt_labels,
                                                                       gt_boxes)
             reg_target = reg_target[..., :len(self.reg_weights)]
-            mask = (reg_target != 0).any(dim=-1)
-            num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
-            if self.cls_threshold_to_reg > 0:
-                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+            mask, num_pos = self._matched_rows(cls, reg_target)
             losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
                                                      num_pos)
             mask = mask.flatten()
@@ -400,6 +397,17 @@ class Sparse4DHead(BaseModule):
                                         suffix=f'_dn_{i}'))
         return losses
 
+    def _matched_rows(self, cls: Tensor, reg_target: Tensor):
+        """``[B, Q]`` rows that enter a layer's regression losses (a matched ground truth,
+        and a best class score above ``cls_threshold_to_reg`` where that is set), and the
+        number of matched rows (averaged over ranks, at least 1): the losses' normaliser."""
+        from mmdet.utils import reduce_mean
+        mask = (reg_target != 0).any(dim=-1)
+        num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
+        if self.cls_threshold_to_reg > 0:
+            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+        return mask, num_pos
+
     def _dn_targets(self, outputs: Dict, layer: int):
         """Denoising ``(valid_mask, cls_target, reg_target)`` of decoder layer ``layer``: the
         layers after the bank's update see the temporal denoising queries."""
@@ -424,10 +432,7 @@ class Sparse4DHead(BaseModule):
             reg = reg[..., :dims]
             cls_target, reg_target, reg_weights = targets[i]
             reg_target = reg_target[..., :dims]
-            mask = (reg_target != 0).any(dim=-1)
-            num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
-            if self.cls_threshold_to_reg > 0:
-                mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+            mask, num_pos = self._matched_rows(cls, reg_target)
             losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
                                                      num_pos)
             weight = reg_weights * self.reg_weight_vector.to(reg_weights.dtype)
