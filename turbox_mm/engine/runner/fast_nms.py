@@ -19,15 +19,15 @@ The rebinding is process-wide; :func:`uninstall` restores mmcv's functions. mmde
 ``circle_nms`` is not rebound: CenterHead calls it on a NumPy copy.
 """
 import importlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
 from turbox_mm.ops import bev_nms
+from .rebind import Rebindings, Target
 
-#: (module, attribute) -> the original, while installed.
-_installed: Dict[Tuple[str, str], Callable] = {}
+_REBINDINGS = Rebindings('turbox_mm.ops.bev_nms')
 _BOX3D_NMS = 'mmdet3d.models.layers.box3d_nms'
 _IOU3D_USERS = ('mmdet3d.models.dense_heads.fcaf3d_head',
                 'mmdet3d.models.dense_heads.imvoxel_head')
@@ -82,7 +82,7 @@ def _on_cuda_only(replacement: Callable) -> Callable:
     return factory
 
 
-def _targets() -> List[Tuple[str, str, Callable]]:
+def _targets() -> List[Target]:
     """``(module, attribute, replacement factory)`` for every rebinding available here."""
     import mmcv.ops
     targets = []
@@ -113,25 +113,14 @@ def install() -> List[str]:
         targets = _targets()
     except ImportError:
         return []
-    changes = []
-    for module_name, attr, factory in targets:
-        if (module_name, attr) in _installed:
-            continue
-        module = importlib.import_module(module_name)
-        original = getattr(module, attr)
-        _installed[(module_name, attr)] = original
-        setattr(module, attr, factory(original))
-        changes.append(f'{module_name}.{attr} = turbox_mm.ops.bev_nms (process-wide)')
-    return changes
+    return _REBINDINGS.install(targets)
 
 
 def uninstall() -> None:
     """Restore every function :func:`install` replaced."""
-    for (module_name, attr), original in list(_installed.items()):
-        setattr(importlib.import_module(module_name), attr, original)
-        del _installed[(module_name, attr)]
+    _REBINDINGS.uninstall()
 
 
 def installed() -> List[str]:
     """``module.attribute`` of every rebinding in place."""
-    return [f'{m}.{a}' for m, a in _installed]
+    return _REBINDINGS.installed()
