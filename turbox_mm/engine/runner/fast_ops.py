@@ -11,7 +11,8 @@ hard or dynamic voxelization becomes ``turbox_mm.TurboxDet3DDataPreprocessor`` w
 voxelize ops, with the same voxels as mmcv's deterministic op), and mmdet3d's ``CenterHead``
 becomes ``turbox_mm.TurboxCenterHead`` with ``op_impl='turbox'`` (its training targets built for
 the batch on the GPU, the same tensors, instead of a Python loop over boxes). mmdet3d's NMS
-functions are rebound to turbox_mm's kernels (:mod:`.fast_nms`, process-wide).
+functions are rebound to turbox_mm's kernels (:mod:`.fast_nms`, process-wide), and so is the
+``DynamicScatter`` of its dynamic voxel encoders (:mod:`.fast_scatter`).
 """
 import inspect
 from typing import Any, Dict, List
@@ -71,7 +72,8 @@ def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
 
 def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
     """Set ``op_impl='turbox'`` on every module of ``cfg.model`` that takes it, move mmdet3d
-    modules with a turbox twin to it, and rebind mmdet3d's NMS calls (:mod:`.fast_nms`).
+    modules with a turbox twin to it, and rebind mmdet3d's NMS calls (:mod:`.fast_nms`) and its
+    voxel encoders' ``DynamicScatter`` (:mod:`.fast_scatter`).
 
     Args:
         cfg (Config): The full config.
@@ -84,8 +86,9 @@ def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
     if opts['fast'] and isinstance(cfg.get('model'), dict):
         changes += _rewrite_voxel_preprocessor(cfg['model'])
         _walk(cfg['model'], 'model', cfg.get('default_scope') or '', changes)
-        from . import fast_nms
+        from . import fast_nms, fast_scatter
         changes += fast_nms.install()
+        changes += fast_scatter.install()
     return changes
 
 
