@@ -390,6 +390,24 @@ def test_precision_policy_sets_and_validates():
         torch.set_float32_matmul_precision(before)
 
 
+def test_precision_policy_sets_spconvs_tf32_flag_where_spconv_imports(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+    spconv = types.ModuleType('spconv')
+    spconv.__spec__ = importlib.machinery.ModuleSpec('spconv', None)
+    spconv.constants = types.SimpleNamespace(SPCONV_ALLOW_TF32=False)
+    monkeypatch.setitem(sys.modules, 'spconv', spconv)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert 'spconv float32 convolution: tf32' in apply_precision(dict(allow_tf32=True))
+        assert spconv.constants.SPCONV_ALLOW_TF32 is True
+        assert 'spconv float32 convolution: ieee' in apply_precision(dict(allow_tf32=False))
+        assert spconv.constants.SPCONV_ALLOW_TF32 is False
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_only_mmengines_train_step_counts_as_stock():
     from mmengine.model import BaseModel
 

@@ -1,4 +1,5 @@
 """Float32 precision policy for matmuls and convolutions (TF32) from ``env_cfg``."""
+import importlib.util
 from typing import Dict, List
 
 import torch
@@ -21,7 +22,10 @@ def apply_precision(env_cfg: Dict) -> List[str]:
     Matmuls go through :func:`torch.set_float32_matmul_precision`, which keeps torch's
     per-backend ``fp32_precision`` settings consistent; convolutions through
     ``torch.backends.cudnn.conv.fp32_precision`` where it exists (torch >= 2.9), else
-    ``torch.backends.cudnn.allow_tf32``.
+    ``torch.backends.cudnn.allow_tf32``. Sparse convolutions go through spconv 2's own flag
+    (``spconv.constants.SPCONV_ALLOW_TF32``, off by default) where spconv is importable: mmdet3d
+    1.4 then runs every sparse convolution layer of a config on spconv 2, whose float32 implicit
+    GEMM uses TF32 tensor cores only with that flag.
 
     Args:
         env_cfg (dict): The config's ``env_cfg``.
@@ -55,4 +59,20 @@ def apply_precision(env_cfg: Dict) -> List[str]:
         else:
             torch.backends.cudnn.allow_tf32 = bool(tf32)
         done.append(f'cuDNN float32 convolution: {"tf32" if tf32 else "ieee"}')
+        constants = _spconv_constants()
+        if constants is not None:
+            constants.SPCONV_ALLOW_TF32 = bool(tf32)
+            done.append(f'spconv float32 convolution: {"tf32" if tf32 else "ieee"}')
     return done
+
+
+def _spconv_constants():
+    """spconv 2's ``constants`` module, or None where spconv does not import (mmdet3d then
+    runs mmcv's sparse convolutions, which have no such flag)."""
+    if importlib.util.find_spec('spconv') is None:
+        return None
+    try:
+        from spconv import constants
+    except ImportError:  # as mmdet3d: a broken spconv means mmcv's sparse ops
+        return None
+    return constants if hasattr(constants, 'SPCONV_ALLOW_TF32') else None
