@@ -126,19 +126,34 @@ def test_missing_file_names_file_and_sample(jpegs, tmp_path):
 
 
 @pytest.mark.parametrize('decode_on', ['cpu', 'gpu'])
-@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'empty'])
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'last bytes cut', 'empty'])
 def test_corrupt_file_names_file_and_sample(jpegs, tmp_path, damage, decode_on):
     data = open(jpegs[0], 'rb').read()
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes({'garbage': b'\xff\xd8\xff\xe0\x00\x10JFIF' + b'\x13' * 50,
-                     'truncated': data[:len(data) // 2], 'empty': b''}[damage])
+                     'truncated': data[:len(data) // 2], 'last bytes cut': data[:-2],
+                     'empty': b''}[damage])
     paths = [jpegs[0], str(bad)]
     t = LoadMultiViewImagesTurbo(num_views=2, decode_on=decode_on)
-    if decode_on == 'gpu' and damage == 'truncated':
-        t(bench.camera_results(paths, None, 7))  # headers intact: the GPU decoder finds out
-        return
-    with pytest.raises(ValueError, match=r'bad\.jpg.*sample_idx 7'):
+    # With decode_on='gpu' the headers of a cut file are intact: the loader checks the end
+    # marker so that the error names the file here, as the CPU decode does (simplejpeg:
+    # "Premature end of JPEG file"), not later in the GPU decoder.
+    match = r'truncated JPEG.*bad\.jpg.*sample_idx 7' if decode_on == 'gpu' and \
+        damage in ('truncated', 'last bytes cut') else r'bad\.jpg.*sample_idx 7'
+    with pytest.raises(ValueError, match=match):
         t(bench.camera_results(paths, None, 7))
+
+
+def test_jpeg_scan_complete_ignores_an_exif_thumbnails_end_marker(jpegs):
+    from turbox_mm.datasets.transforms.load_multiview_images import jpeg_scan_complete
+    data = open(jpegs[0], 'rb').read()
+    thumb = cv2.imencode('.jpg', np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    body = b'Exif\x00\x00' + thumb  # a segment that holds a whole JPEG, end marker included
+    app1 = b'\xff\xe1' + (len(body) + 2).to_bytes(2, 'big') + body
+    with_thumb = data[:2] + app1 + data[2:]
+    assert jpeg_scan_complete(with_thumb)
+    assert not jpeg_scan_complete(with_thumb[:len(with_thumb) * 3 // 4])
+    assert jpeg_scan_complete(data + b'\x00' * 100)  # padding after the end marker
 
 
 def test_jpeg_info_reads_headers(jpegs, tmp_path):

@@ -610,24 +610,67 @@ def test_explicit_gpu_backend_without_cuda_raises(monkeypatch):
     assert pre.last_decode_backend == 'cv2'
 
 
-def test_failing_gpu_decoder_falls_back_once(monkeypatch):
+def test_a_failing_gpu_decoder_falls_back_for_that_batch_only(monkeypatch):
     raws = [make_sample(6)]
+    batch = packed_batch([dict(raws[0], img_path=[f'cam{i}.jpg' for i in range(3)])])
     pre = TurboxDet3DDataPreprocessor()
     pre._backend = 'torchvision'  # as if a GPU decoder had been found
+    fail = {'now': True}
 
-    def broken(*args):
-        raise RuntimeError('nvjpeg says no')
+    def flaky(backend, streams, *args):
+        if fail['now']:
+            raise RuntimeError('nvjpeg says no')
+        return [img for img in gip._decode_warp_cv2(streams, *args)]
 
-    monkeypatch.setattr(pre, '_decode_gpu', broken)
-    with pytest.warns(UserWarning, match='torchvision GPU decoder failed.*nvjpeg says no'):
-        out = pre(packed_batch(raws))['inputs']['imgs']
+    monkeypatch.setattr(pre, '_decode_gpu', flaky)
+    with pytest.warns(UserWarning, match=r'torchvision GPU decoder failed \(RuntimeError: '
+                      r'nvjpeg says no\) on a batch of 3 images \(cam0.jpg, cam1.jpg, '
+                      r'cam2.jpg\); 1 failed batch so far; this batch: decoding with cv2'):
+        out = pre(batch)['inputs']['imgs']
     assert torch.equal(out[0], reference_decode(raws[0]).float())
-    assert pre.decode_counts == {'cv2': 3}
+    assert pre.decode_counts == {'cv2': 3} and pre.decode_fallbacks == {'torchvision': 1}
+    fail['now'] = False  # the next batch tries the GPU decoder again
+    pre(batch)
+    assert pre.decode_counts == {'cv2': 3, 'torchvision': 3}
+    assert pre.last_decode_backend == 'torchvision'
     strict = TurboxDet3DDataPreprocessor(decode_backend='torchvision')
     strict._backend = 'torchvision'
-    monkeypatch.setattr(strict, '_decode_gpu', broken)
+    fail['now'] = True
+    monkeypatch.setattr(strict, '_decode_gpu', flaky)
     with pytest.raises(RuntimeError, match='nvjpeg says no'):
-        strict(packed_batch(raws))
+        strict(batch)
+
+
+def test_a_gpu_decoder_failing_every_batch_is_given_up_with_a_warning(monkeypatch):
+    pre = TurboxDet3DDataPreprocessor()
+    pre._backend = 'torchvision'
+
+    def broken(*args):
+        raise RuntimeError('engine gone')
+
+    monkeypatch.setattr(pre, '_decode_gpu', broken)
+    batch = packed_batch([make_sample(3)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(gip.MAX_FAILED_BATCHES_IN_A_ROW + 2):
+            pre(batch)
+    messages = [str(w.message) for w in caught if 'GPU decoder failed' in str(w.message)]
+    # warned at failed batches 1, 2, 4, then the give-up at 8; none after it
+    assert [m.split('; ')[1] for m in messages] == [
+        '1 failed batch so far', '2 failed batches so far', '4 failed batches so far',
+        '8 failed batches so far, 8 in a row: decoding with cv2 for the rest of the run.']
+    assert 'image 0 of sample 0' in messages[0]  # no img_path: the position
+    assert pre.decode_fallbacks == {'torchvision': 8} and pre._backend == 'cv2'
+    assert pre.decode_counts == {'cv2': 3 * (gip.MAX_FAILED_BATCHES_IN_A_ROW + 2)}
+
+
+def test_an_undecodable_image_names_its_file(monkeypatch):
+    raw = make_sample(2)
+    raw['img_bytes'][1] = raw['img_bytes'][1][:2] + b'\x00' * 40  # a SOI marker, then junk
+    batch = packed_batch([dict(raw, img_path=['a.jpg', 'b.jpg', 'c.jpg'])])
+    pre = TurboxDet3DDataPreprocessor(decode_backend='cv2')
+    with pytest.raises(ValueError, match=r'b.jpg is not a decodable JPEG \(42 bytes\)'):
+        pre(batch)
 
 
 def test_auto_tries_the_next_gpu_decoder_before_opencv(monkeypatch):

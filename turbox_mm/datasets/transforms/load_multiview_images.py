@@ -77,6 +77,42 @@ def jpeg_info(data: bytes) -> Optional[Tuple[int, int, int, int]]:
     raise ValueError('no JPEG frame header (SOF) found')
 
 
+def jpeg_scan_complete(data: bytes) -> bool:
+    """Whether a JPEG's compressed data ends with its end-of-image marker (a cut file does
+    not). Decoders accept a cut file (OpenCV fills the missing part grey with a warning,
+    nvJPEG may fail), so the deferred-decode loader checks it.
+
+    The marker segments are walked to the first scan (an EXIF thumbnail's own end marker,
+    inside its segment, does not count); an ``FF D9`` after the scan's start must follow (the
+    coded data cannot contain one: an ``FF`` byte there is stuffed, restart markers are
+    ``FF D0``-``FF D7``). Bytes after the marker are allowed.
+
+    Args:
+        data (bytes): The file's content; a JPEG (:func:`jpeg_info` is not None).
+
+    Examples:
+        >>> import cv2, numpy as np
+        >>> ok, buf = cv2.imencode('.jpg', np.zeros((12, 20, 3), np.uint8))
+        >>> jpeg_scan_complete(buf.tobytes()), jpeg_scan_complete(buf.tobytes()[:-40])
+        (True, False)
+    """
+    n, i = len(data), 2
+    while i + 4 <= n:
+        marker = data[i + 1]
+        if data[i] != 0xFF:
+            return False
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        if marker == 0xDA:
+            return data.rfind(b'\xff\xd9', i) > i
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return False
+
+
 def _exif_orientation(tiff: bytes) -> int:
     """The Orientation tag of a TIFF (EXIF) block's first IFD; 1 when absent or unreadable."""
     try:
@@ -365,6 +401,10 @@ class LoadMultiViewImagesTurbo(BaseTransform):
                 raise ValueError(self._where('decode_on="gpu" needs JPEG files; not a JPEG',
                                              path, cam, results))
             height, width, comps, orientation = info
+            if not jpeg_scan_complete(data):
+                raise ValueError(self._where(
+                    f'truncated JPEG (no end-of-image marker after its scan data; '
+                    f'{len(data)} bytes)', path, cam, results))
             if orientation != 1 and self.color_type in _ORIENTING:
                 raise ValueError(self._where(
                     f'EXIF orientation {orientation} cannot be applied with decode_on="gpu" '

@@ -35,11 +35,17 @@ the stock code path. It adds three things:
    interpolation rounding (measured on Sparse4D's augmentation: mean below 0.1 grey level,
    99th percentile 1) and decoder differences (none for 4:4:4 JPEGs; chroma upsampling for
    4:2:0). From there on it is the uint8 path above.
-   Without CUDA, without a GPU decoder or when the GPU decoder fails, the batch is decoded
-   with OpenCV and warped in the main process after one warning: slow, but the CPU
-   transform's operations, so its pixels. ``decode_backend`` (or the environment variable
-   ``TURBOX_DECODE_BACKEND``) picks a backend explicitly; an explicit GPU backend that cannot
-   run raises instead of falling back.
+   Without CUDA or without a GPU decoder, batches are decoded with OpenCV and warped in the
+   main process after one warning: slow, but the CPU transform's operations, so its pixels.
+   When the GPU decoder fails on a batch (``decode_backend='auto'``), that batch goes to the
+   next GPU decoder or to OpenCV and the next batch tries the GPU decoder again; the failures
+   are counted (``decode_fallbacks``) and reported in warnings at the 1st, 2nd, 4th, 8th, ...
+   failed batch, with the image files of the batch. After
+   :data:`MAX_FAILED_BATCHES_IN_A_ROW` failed batches in a row the decoder is given up for
+   the rest of the run, with a warning. An image that no decoder can read raises an error
+   naming its file (from the samples' ``img_path``). ``decode_backend`` (or the environment
+   variable ``TURBOX_DECODE_BACKEND``) picks a backend explicitly; an explicit GPU backend
+   that cannot run, or fails, raises instead of falling back.
 
 Deferred data contract (per sample, as ``PackJpegBytes`` packs it; mmengine's
 ``pseudo_collate`` turns each key into a list over the batch, numpy arrays untouched, and
@@ -109,6 +115,8 @@ __all__ = [
 DEFERRED_KEYS = ('img_bytes', 'img_bytes_offsets', 'img_warp', 'img_warp_size')
 #: The keys of ``inputs`` that a deferred-decode batch may carry besides.
 OPTIONAL_DEFERRED_KEYS = ('img_valid_box', )
+#: Failed batches in a row after which ``'auto'`` gives a GPU decoder up for the run.
+MAX_FAILED_BATCHES_IN_A_ROW = 8
 #: Valid values of ``decode_backend``.
 DECODE_BACKENDS = ('auto', 'torchvision', 'nvimgcodec', 'cv2')
 #: Set to one of :data:`DECODE_BACKENDS` to override ``decode_backend`` (e.g. ``cv2`` to debug).
@@ -236,7 +244,8 @@ def _warp_on_device(decoded: List[Tensor], warps: List[np.ndarray],
 
 def _decode_warp_cv2(streams: List[np.ndarray], warps: List[np.ndarray],
                      out_sizes: List[Tuple[int, int]],
-                     boxes: Optional[List[Optional[np.ndarray]]] = None) -> List[Tensor]:
+                     boxes: Optional[List[Optional[np.ndarray]]] = None,
+                     names: Optional[List[str]] = None) -> List[Tensor]:
     """OpenCV decode (BGR, EXIF orientation ignored) and warp, one image at a time.
 
     The CPU ``MultiViewAffineAug``'s operations: block average where the warp shrinks by 2
@@ -251,8 +260,9 @@ def _decode_warp_cv2(streams: List[np.ndarray], warps: List[np.ndarray],
     for i, (stream, warp, (h, w), box) in enumerate(zip(streams, warps, out_sizes, boxes)):
         img = cv2.imdecode(stream, flags)
         if img is None:
-            raise ValueError(f'deferred decode: image {i} of the batch is not a decodable '
-                             f'JPEG ({stream.size} bytes)')
+            name = names[i] if names is not None else f'image {i} of the batch'
+            raise ValueError(f'deferred decode: {name} is not a decodable JPEG ({stream.size} '
+                             'bytes)')
         factor = block_factor(warp)
         if factor > 1:
             img = block_average(img, factor)
@@ -336,6 +346,7 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
 
     Attributes:
         decode_counts (Counter): Images decoded so far, by backend.
+        decode_fallbacks (Counter): Batches a GPU decoder failed on so far, by that decoder.
         last_decode_backend (str or None): The backend of the latest deferred batch.
     """
 
@@ -353,7 +364,9 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
                              f'{decode_backend!r}')
         self.decode_backend = decode_backend
         self.decode_counts: Counter = Counter()
+        self.decode_fallbacks: Counter = Counter()
         self.last_decode_backend: Optional[str] = None
+        self._failed_in_a_row = 0
         self._generator: Optional[torch.Generator] = None
         self._augment = False
         self._backend: Optional[str] = None
@@ -589,7 +602,8 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         if len(set(single)) != 1:
             raise ValueError('deferred decode: the batch mixes single-view ([3, 3] img_warp) and '
                              'multi-view ([N, 3, 3]) samples')
-        decoded = self._decode(streams, warps, sizes, boxes)
+        names = _image_names(data.get('data_samples'), counts)
+        decoded = self._decode(streams, warps, sizes, boxes, names)
         per_sample, start = [], 0
         for n in counts:
             views = decoded[start:start + n]
@@ -643,31 +657,64 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
 
     def _decode(self, streams: List[np.ndarray], warps: List[np.ndarray],
                 sizes: List[Tuple[int, int]],
-                boxes: Optional[List[Optional[np.ndarray]]] = None) -> List[Tensor]:
-        """Decode and warp the images of a batch (``boxes``: valid boxes, None for none)."""
+                boxes: Optional[List[Optional[np.ndarray]]] = None,
+                names: Optional[List[str]] = None) -> List[Tensor]:
+        """Decode and warp the images of a batch (``boxes``: valid boxes, None for none;
+        ``names``: the images' files, for messages)."""
+        names = names if names is not None else [f'image {i} of the batch'
+                                                 for i in range(len(streams))]
         backend = self._resolve_backend()
-        while backend != 'cv2':
+        if backend != 'cv2':
             try:
                 out = self._decode_gpu(backend, streams, warps, sizes, boxes)
             except Exception as error:
                 if (os.environ.get(DECODE_BACKEND_ENV) or self.decode_backend) != 'auto':
                     raise
-                why = f'the {backend} GPU decoder failed ({type(error).__name__}: {error})'
-                if self._fallbacks:
-                    warnings.warn(f'TurboxDet3DDataPreprocessor: {why}; decoding with '
-                                  f'{self._fallbacks[0]} from now on.', stacklevel=2)
-                    self._backend = backend = self._fallbacks.pop(0)
-                else:
-                    self._warn(why)
-                    self._backend = backend = 'cv2'
-            else:
-                self.decode_counts[backend] += len(streams)
-                self.last_decode_backend = backend
-                return out
-        out = [img.to(self.device) for img in _decode_warp_cv2(streams, warps, sizes, boxes)]
-        self.decode_counts['cv2'] += len(streams)
-        self.last_decode_backend = 'cv2'
+                return self._decode_after_failure(backend, error, streams, warps, sizes, boxes,
+                                                  names)
+            self._failed_in_a_row = 0
+            self._count(backend, len(streams))
+            return out
+        return self._decode_cv2(streams, warps, sizes, boxes, names)
+
+    def _decode_after_failure(self, backend: str, error: Exception, streams, warps, sizes,
+                              boxes, names) -> List[Tensor]:
+        """This batch through the next decoders in turn (GPU fallbacks, then OpenCV); the
+        failing decoder stays the first choice unless it failed too many batches in a row."""
+        self.decode_fallbacks[backend] += 1
+        self._failed_in_a_row += 1
+        failed = self.decode_fallbacks[backend]
+        order = [*self._fallbacks, 'cv2']
+        why = (f'the {backend} GPU decoder failed ({type(error).__name__}: {error}) on a batch '
+               f'of {len(streams)} images ({_name_list(names)}); {failed} failed batch'
+               f'{"es" if failed > 1 else ""} so far')
+        if self._failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
+            warnings.warn(f'TurboxDet3DDataPreprocessor: {why}, {self._failed_in_a_row} in a '
+                          f'row: decoding with {order[0]} for the rest of the run.',
+                          stacklevel=3)
+            self._backend, self._fallbacks = order[0], order[1:-1]
+            self._failed_in_a_row = 0
+        elif failed & (failed - 1) == 0:  # 1, 2, 4, 8, ...
+            warnings.warn(f'TurboxDet3DDataPreprocessor: {why}; this batch: decoding with '
+                          f'{order[0]} (the next batch tries {backend} again).', stacklevel=3)
+        for fallback in order[:-1]:
+            try:
+                out = self._decode_gpu(fallback, streams, warps, sizes, boxes)
+            except Exception:  # noqa: BLE001  (the next decoder, then OpenCV, takes the batch)
+                continue
+            self._count(fallback, len(streams))
+            return out
+        return self._decode_cv2(streams, warps, sizes, boxes, names)
+
+    def _decode_cv2(self, streams, warps, sizes, boxes, names) -> List[Tensor]:
+        out = [img.to(self.device)
+               for img in _decode_warp_cv2(streams, warps, sizes, boxes, names)]
+        self._count('cv2', len(streams))
         return out
+
+    def _count(self, backend: str, images: int) -> None:
+        self.decode_counts[backend] += images
+        self.last_decode_backend = backend
 
     def _decode_gpu(self, backend: str, streams: List[np.ndarray], warps: List[np.ndarray],
                     sizes: List[Tuple[int, int]],
@@ -717,6 +764,27 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         if bad:
             raise RuntimeError(f'the {backend} decoder returned non-RGB images of shapes {bad}')
         return _warp_on_device(decoded, warps, sizes, rgb=True, boxes=boxes)
+
+
+def _image_names(data_samples, counts: List[int]) -> List[str]:
+    """The file of each image of a deferred batch, from the samples' ``img_path`` metainfo
+    (``Pack3DDetInputs`` keeps it by default); ``'image i of sample b'`` where it is absent."""
+    names = []
+    for b, n in enumerate(counts):
+        sample = data_samples[b] if data_samples is not None and b < len(data_samples) else None
+        paths = getattr(sample, 'img_path', None) if sample is not None else None
+        paths = [paths] if isinstance(paths, str) else paths
+        if isinstance(paths, (list, tuple)) and len(paths) == n:
+            names += [str(p) for p in paths]
+        else:
+            names += [f'image {i} of sample {b}' for i in range(n)]
+    return names
+
+
+def _name_list(names: List[str], limit: int = 6) -> str:
+    """``names`` joined, the first ``limit`` of them and a count of the rest."""
+    shown = ', '.join(names[:limit])
+    return shown + (f' and {len(names) - limit} more' if len(names) > limit else '')
 
 
 def _host_array(value, dtype) -> np.ndarray:
