@@ -272,6 +272,26 @@ def test_prefetch_factor_zero_is_a_named_error(tmp_path):
         _train(cfg)
 
 
+@pytest.mark.parametrize('modules, match', [
+    (['backbone_typo'], r"'backbone_typo' names no submodule of the model: 'backbone_typo' is "
+                        r'not a key of cfg.model'),
+    (['head..fc'], r"'head..fc' is not a dotted submodule path"),
+    ('backbone', r"must be 'auto' or a list of submodule paths, got 'backbone'"),
+])
+def test_a_wrong_compile_modules_entry_fails_before_the_model_is_built(tmp_path, monkeypatch,
+                                                                       modules, match):
+    from turbox_mm.testing import SmokeModel
+    cfg = _cfg(tmp_path, epochs=1)
+    cfg.turbox['compile'] = dict(enable=True, modules=modules, on_cpu=True)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError('the model was built before the options were checked')
+
+    monkeypatch.setattr(SmokeModel, '__init__', not_yet)
+    with pytest.raises(ValueError, match=match):
+        _train(cfg)
+
+
 def test_loading_a_damaged_checkpoint_names_it(tmp_path):
     _train(_cfg(tmp_path / 'a', epochs=1))
     damaged = tmp_path / 'a' / 'epoch_1.pth'

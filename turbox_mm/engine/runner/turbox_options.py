@@ -166,6 +166,7 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
     if prefetch is not None and prefetch < 1:  # torch would fail only when the loader starts
         raise ValueError(f"Config key 'turbox.dataloader.prefetch_factor' must be None or >= 1 "
                          f'(batches each worker prepares ahead), got {prefetch}')
+    _check_compile_modules(cfg, options['compile'])
     has_cuda = torch.cuda.is_available()
     for name in DATALOADER_KEYS:
         loader = cfg.get(name)
@@ -209,6 +210,32 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
             env_cfg[key] = True
             changes.append(f'env_cfg.{key} = True')
     return changes
+
+
+def _check_compile_modules(cfg: Config, opts: Dict) -> None:
+    """Fail before anything is built on a ``compile.modules`` entry the model cannot have:
+    not a dotted path, or a first component that is no key of ``cfg.model`` (OpenMMLab
+    models build each submodule under its config key). Deeper parts are checked against
+    the built model (:func:`.module_compiler.compile_submodules`)."""
+    modules = opts['modules']
+    if not opts['enable'] or modules == 'auto':
+        return
+    if isinstance(modules, str):
+        raise ValueError(f"Config key 'turbox.compile.modules' must be 'auto' or a list of "
+                         f'submodule paths, got {modules!r}')
+    model = cfg.get('model')
+    keys = sorted(k for k, v in model.items() if isinstance(v, dict)) \
+        if isinstance(model, dict) else None
+    for path in modules:
+        parts = path.split('.') if isinstance(path, str) else []
+        if not parts or not all(p.isidentifier() or p.isdigit() for p in parts):
+            raise ValueError(f"Config key 'turbox.compile.modules': {path!r} is not a dotted "
+                             "submodule path such as 'img_backbone' or 'head.layers.0'")
+        if keys is not None and parts[0] not in keys:
+            raise ValueError(f"Config key 'turbox.compile.modules': {path!r} names no "
+                             f'submodule of the model: {parts[0]!r} is not a key of '
+                             f"cfg.model holding a module config (those are: "
+                             f"{', '.join(keys)})")
 
 
 # Stock loop names (as configs write them) and their pipelined twins.
