@@ -20,8 +20,10 @@ turbox = dict(
     # Log the options in effect and each change they made to the config.
     report=True,
     # Loader settings that are safe for every model: pinned batches (where CUDA is present),
-    # workers that survive epoch boundaries, optional deeper prefetch.
-    dataloader=dict(pin_memory=True, persistent_workers=True, prefetch_factor=None),
+    # workers that survive epoch boundaries, optional deeper prefetch, and a watchdog: a
+    # batch that takes over `timeout` seconds, or a worker that dies, fails naming the sample.
+    dataloader=dict(pin_memory=True, persistent_workers=True, prefetch_factor=None,
+                    timeout=600),
     # Worker start method and OpenCV threads (written into env_cfg.mp_cfg).
     env=dict(mp_start_method='fork', opencv_num_threads=0),
     # The pipelined twin of the config's train loop: the next batch is copied and

@@ -30,6 +30,11 @@ TURBOX_OPTIONS: Schema = {
             None, (int, type(None)),
             'batches each worker prepares ahead; None keeps the loader\'s setting; '
             'only where num_workers > 0'),
+        'timeout': Option(
+            600, (int, float, type(None)),
+            'seconds the main process waits for one batch before it fails, naming the '
+            'sample each worker is on (a dead worker is named too); where num_workers > 0 '
+            "and the loader sets no timeout of its own; None waits forever (torch's default)"),
     },
     'loop': {
         'pipelined': Option(
@@ -167,6 +172,10 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
         raise ValueError(f"Config key 'turbox.dataloader.prefetch_factor' must be None or >= 1 "
                          f'(batches each worker prepares ahead), got {prefetch}')
     _check_compile_modules(cfg, options['compile'])
+    timeout = loader_opts['timeout']
+    if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
+        raise ValueError(f"Config key 'turbox.dataloader.timeout' must be None or a number of "
+                         f'seconds > 0, got {timeout!r}')
     has_cuda = torch.cuda.is_available()
     for name in DATALOADER_KEYS:
         loader = cfg.get(name)

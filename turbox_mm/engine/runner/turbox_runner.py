@@ -11,9 +11,11 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 from torch import nn
+from torch.utils.data import DataLoader
 
 from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
                                             readable_checkpoint, save_checkpoint_atomically)
+from turbox_mm.datasets.loader_watchdog import watch_dataloader
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
@@ -74,6 +76,15 @@ class TurboxRunner(Runner):
             # torch's matmul precision is global and reaches the CPU's oneDNN kernels too;
             # TF32 is a GPU feature, so CPU runs keep exact float32.
             self.turbox_changes.append('precision: no CUDA device, float32 stays exact')
+
+    def build_dataloader(self, dataloader, seed: Optional[int] = None,
+                         diff_rank_seed: bool = False):
+        """mmengine's loader, watched: a stuck or dead worker fails naming its sample
+        (``turbox.dataloader.timeout``, :mod:`turbox_mm.datasets.loader_watchdog`)."""
+        loader = Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+        if isinstance(loader, DataLoader):
+            watch_dataloader(loader, self.turbox_options['dataloader']['timeout'])
+        return loader
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict], model: nn.Module) -> nn.Module:
         """Swap SyncBN and compile the chosen submodules, then wrap as mmengine does.
