@@ -117,3 +117,44 @@ def test_readme_documents_every_turbox_option(root):
 
     missing = [k for k in keys(TURBOX_OPTIONS) if f'| `{k}` |' not in readme]
     assert not missing, f'README.md lacks rows for turbox options: {missing}'
+
+
+def _leaves(schema, path='turbox'):
+    for key, value in schema.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f'{path}.{key}')
+        else:
+            yield f'{path}.{key}', value
+
+
+def _nested(path, value):
+    section = value
+    for key in reversed(path.split('.')[1:]):
+        section = {key: section}
+    return section
+
+
+@pytest.mark.parametrize('path, option', list(_leaves(TURBOX_OPTIONS)),
+                         ids=[p for p, _ in _leaves(TURBOX_OPTIONS)])
+def test_every_turbox_key_rejects_a_bad_value_by_name(path, option):
+    """Fault injection over the whole `turbox` section: a value of the wrong type, and for
+    keys with choices a value outside them, is an error naming the key."""
+    with pytest.raises(TypeError, match=rf"'{path}' must be"):
+        check_options(_nested(path, {'bad': 1}), TURBOX_OPTIONS)  # no option takes a dict
+    if option.choices is not None:
+        wrong = next(v for v in ('no-such-value', 'x') if v not in option.choices)
+        with pytest.raises(ValueError, match=rf"'{path}' is '{wrong}'; valid values"):
+            check_options(_nested(path, wrong), TURBOX_OPTIONS)
+
+
+@pytest.mark.parametrize('section, match', [
+    (dict(dataloader=dict(prefetch_factor=0)),
+     r"'turbox.dataloader.prefetch_factor' must be None or >= 1"),
+    (dict(dataloader=dict(timeout=0)), r"'turbox.dataloader.timeout' must be None or a "
+                                       r'number of seconds > 0'),
+    (dict(compile=dict(modules=['no_such_part'])), r"'no_such_part' names no submodule"),
+])
+def test_values_of_the_right_type_but_out_of_range_are_named(section, match):
+    cfg = Config(dict(model=dict(type='X', backbone=dict(type='Y')), turbox=section))
+    with pytest.raises(ValueError, match=match):
+        apply_turbox_options(cfg, check_options(cfg.turbox, TURBOX_OPTIONS))

@@ -49,7 +49,9 @@ turbox = dict(
     # The camera pipeline's turbox twin: libjpeg-turbo scaled decoding and one affine warp per
     # image in the workers, uint8 to the GPU, photometric distortion and normalisation there
     # (gpu_decode: the workers pass JPEG bytes, nvJPEG decodes).
-    data=dict(fast_pipeline=True, gpu_decode=False),
+    # (point_loaders: mmdet3d's lidar loaders -> turbox twins, same points, files named on
+    # error.)
+    data=dict(fast_pipeline=True, gpu_decode=False, point_loaders=True),
     # torch.compile of the static, heavy submodules; falls back to eager with a warning.
     compile=dict(enable=True, modules='auto', backend='inductor', mode=None, dynamic=None,
                  fullgraph=False, on_cpu=False),

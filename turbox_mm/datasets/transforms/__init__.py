@@ -8,6 +8,7 @@ from .bbox_rotation import BBoxRotation
 from .circle_object_range_filter import CircleObjectRangeFilter
 from .instance_name_filter import InstanceNameFilter
 from .load_multiview_images import LoadMultiViewImagesTurbo
+from .load_points_checked import LoadPointsFromFileChecked
 from .load_points_fast import LoadPointsFromMultiSweepsFast
 from .multi_scale_depth_map import MultiScaleDepthMapGenerator
 from .multiview_affine_aug import MultiViewAffineAug
@@ -18,7 +19,7 @@ from .resize_crop_flip_image import ResizeCropFlipImage
 from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
 __all__ = ['BBoxRotation', 'CircleObjectRangeFilter', 'InstanceNameFilter',
-           'LoadMultiViewImagesTurbo', 'LoadPointsFromMultiSweepsFast',
+           'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
            'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
            'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
            'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor']

@@ -48,7 +48,8 @@ LOADER_ARGS = ('color_type', 'backend_args', 'num_views', 'num_ref_frames', 'tes
                'set_default_scale')
 #: Transforms that may stand between loading and packing in a rewritten pipeline: they read
 #: geometry or boxes only, or accept uint8 images.
-IMAGE_SAFE = ('LoadPointsFromFile', 'LoadPointsFromMultiSweeps', 'LoadPointsFromMultiSweepsFast',
+IMAGE_SAFE = ('LoadPointsFromFile', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweeps',
+              'LoadPointsFromMultiSweepsFast',
               'LoadAnnotations3D', 'MultiScaleDepthMapGenerator', 'BBoxRotation',
               'CircleObjectRangeFilter', 'InstanceNameFilter', 'ObjectNameFilter',
               'ObjectRangeFilter', 'NuScenesSparse4DAdaptor', 'PointsRangeFilter',

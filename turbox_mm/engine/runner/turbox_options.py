@@ -142,6 +142,12 @@ TURBOX_OPTIONS: Schema = {
             False, (bool,),
             'with fast_pipeline: the workers pass the JPEG bytes and nvJPEG decodes on the GPU '
             '(turbox_mm.PackJpegBytes)'),
+        'point_loaders': Option(
+            True, (bool,),
+            "mmdet3d's LoadPointsFromFile / LoadPointsFromMultiSweeps become "
+            'turbox_mm.LoadPointsFromFileChecked / LoadPointsFromMultiSweepsFast in every '
+            'pipeline: the same points, one buffer for the sweeps, a missing or cut file '
+            'named in the error'),
     },
     'env': {
         'mp_start_method': Option(
@@ -198,8 +204,10 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
                 changes.append(f"{name}.prefetch_factor = {loader_opts['prefetch_factor']}")
     from .fast_ops import apply_fast_ops
     from .fast_pipeline import apply_fast_pipeline
+    from .point_loaders import apply_point_loaders
     changes += apply_fast_ops(cfg, options['ops'])
     changes += apply_fast_pipeline(cfg, options['data'])
+    changes += apply_point_loaders(cfg, options['data'])
     changes += _apply_loop(cfg, options['loop'])
     changes += _apply_optim(cfg, options['optim'])
     changes += _apply_ema(cfg, options['ema'])

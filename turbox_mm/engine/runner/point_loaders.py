@@ -1,0 +1,70 @@
+"""``turbox.data.point_loaders``: mmdet3d's lidar loaders become their turbox twins.
+
+============================================  ==================================================
+stock (mmdet3d 1.4)                           turbox
+============================================  ==================================================
+``LoadPointsFromFile``                        ``turbox_mm.LoadPointsFromFileChecked`` (the same
+                                              points; a missing or cut file names itself)
+``LoadPointsFromMultiSweeps``                 ``turbox_mm.LoadPointsFromMultiSweepsFast`` (the
+                                              same points and random sweep choice, read into
+                                              one preallocated buffer; files named on error)
+============================================  ==================================================
+
+Every pipeline of the train, val and test loaders is rewritten, wherever the transform config
+sits (dataset wrappers, GT-paste's ``db_sampler.points_loader``). A name that a project has
+registered for its own class (so that it no longer resolves to mmdet3d's) is left alone.
+"""
+from typing import Any, Dict, List
+
+from mmengine.config import Config
+
+DATALOADER_KEYS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+TWINS = {
+    'LoadPointsFromFile': 'turbox_mm.LoadPointsFromFileChecked',
+    'LoadPointsFromMultiSweeps': 'turbox_mm.LoadPointsFromMultiSweepsFast',
+}
+
+
+def _is_mmdet3d_original(name: str) -> bool:
+    import mmdet3d.datasets.transforms as mmdet3d_transforms
+    from mmdet3d.registry import TRANSFORMS
+    return TRANSFORMS.get(name) is getattr(mmdet3d_transforms, name, None)
+
+
+def _walk(node: Any, path: str, changes: List[str]) -> None:
+    if isinstance(node, dict):
+        type_name = node.get('type')
+        if isinstance(type_name, str):
+            scope, _, name = type_name.rpartition('.')
+            if scope in ('', 'mmdet3d') and name in TWINS and _is_mmdet3d_original(name):
+                node['type'] = TWINS[name]
+                changes.append(f'{path} = {TWINS[name]} (was {type_name})')
+        for key, value in node.items():
+            _walk(value, f'{path}.{key}', changes)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _walk(value, f'{path}[{i}]', changes)
+
+
+def apply_point_loaders(cfg: Config, opts: Dict) -> List[str]:
+    """Swap mmdet3d's point loaders for their twins in every loader of ``cfg``.
+
+    Args:
+        cfg (Config): The full config.
+        opts (dict): The validated ``turbox.data`` options (``point_loaders``).
+
+    Returns:
+        list[str]: One line per change.
+    """
+    if not opts['point_loaders']:
+        return []
+    try:
+        import mmdet3d.datasets.transforms  # noqa: F401
+    except ImportError:  # no mmdet3d: no mmdet3d loaders to swap
+        return []
+    changes: List[str] = []
+    for key in DATALOADER_KEYS:
+        loader = cfg.get(key)
+        if isinstance(loader, dict) and isinstance(loader.get('dataset'), dict):
+            _walk(loader['dataset'], f'{key}.dataset', changes)
+    return changes
