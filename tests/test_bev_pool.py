@@ -1,0 +1,243 @@
+"""turbox_mm.ops.bev_pool: kernels and reference against the lift-splat definition.
+
+On the CPU the Triton kernels run in the interpreter (conftest sets ``TRITON_INTERPRET=1``) at
+small sizes; the ``cuda`` tests run them compiled at BEVFusion's size.
+"""
+import pytest
+import torch
+
+from conftest import compile_for_sm90_in_subprocess
+from turbox_mm.ops import bev_pool as bp
+from turbox_mm.ops import dispatch
+
+pytest.importorskip('turbox_mm.ops.bev_pool.triton_kernels')
+
+LOWER, SIZE = [-3.0, -3.0, -2.0], [0.5, 0.75, 2.0]
+GRID = [12, 8, 2]
+
+
+def make_inputs(b=2, n=3, d=5, h=4, w=7, c=6, seed=0, dtype=torch.float32):
+    """Depth logits, features and point coordinates around the grid (some out, some NaN, some
+    just below the lower bound, several points per cell)."""
+    gen = torch.Generator().manual_seed(seed)
+    depth = torch.randn(b, n, d, h, w, generator=gen)
+    feats = torch.randn(b, n, c, h, w, generator=gen)
+    geom = (torch.rand(b, n, d, h, w, 3, generator=gen) * 2 - 1) * torch.tensor([4.0, 4.0, 3.0])
+    geom.view(-1, 3)[::17] = torch.tensor([-3.2, -3.1, -1.9])  # v in (-1, 0): cell 0, kept
+    geom.view(-1, 3)[5::23, 0] = float('nan')
+    return depth.to(dtype), feats.to(dtype), geom
+
+
+def loop_spec(depth, feats, geom, logits):
+    """One point at a time, from the definition (float64 sums)."""
+    b_, n_, d_, h_, w_ = depth.shape
+    c_ = feats.shape[2]
+    prob = depth.double().softmax(2) if logits else depth.double()
+    out = torch.zeros(b_, GRID[0], GRID[1], GRID[2] * c_, dtype=torch.float64)
+    low = torch.tensor(LOWER, dtype=torch.float32)
+    size = torch.tensor(SIZE, dtype=torch.float32)
+    for b in range(b_):
+        for n in range(n_):
+            for d in range(d_):
+                for h in range(h_):
+                    for w in range(w_):
+                        v = (geom[b, n, d, h, w].float() - low) / size
+                        if not all(-1 < float(v[i]) < GRID[i] for i in range(3)):
+                            continue
+                        x, y, z = (int(float(t)) for t in v)  # truncation, as .long()
+                        out[b, x, y, z * c_:(z + 1) * c_] += prob[b, n, d, h, w] * \
+                            feats[b, n, :, h, w].double()
+    return out
+
+
+def kernel(fn, *args, **kwargs):
+    with dispatch.kernel_on_cpu():
+        return fn(*args, **kwargs)
+
+
+def run(impl, depth, feats, geom, logits):
+    fn = bp.bev_pool_op
+    args = (depth, feats, geom, LOWER, SIZE, GRID, logits)
+    return kernel(fn, *args) if impl == 'kernel' else fn(*args)
+
+
+@pytest.mark.parametrize('logits', [False, True])
+@pytest.mark.parametrize('impl', ['kernel', 'reference'])
+def test_forward_equals_the_point_by_point_definition(impl, logits):
+    depth, feats, geom = make_inputs()
+    if not logits:
+        depth = depth.softmax(2)
+    got = run(impl, depth, feats, geom, logits)
+    want = loop_spec(depth, feats, geom, logits)
+    assert got.shape == (2, 12, 8, 12) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert int((want != 0).any(-1).sum()) > 50  # many cells hit, several points each
+
+
+@pytest.mark.parametrize('logits', [False, True])
+@pytest.mark.parametrize('impl', ['kernel', 'reference'])
+def test_gradients_equal_autograd_of_the_definition(impl, logits):
+    depth, feats, geom = make_inputs(seed=1)
+    d64 = depth.double().requires_grad_(True)
+    f64 = feats.double().requires_grad_(True)
+    prob = d64.softmax(2) if logits else d64
+    cells, kept = bp.cell_indices(geom, LOWER, SIZE, GRID)
+    lifted = prob.unsqueeze(-1) * f64.permute(0, 1, 3, 4, 2).unsqueeze(2)
+    want = torch.zeros(2 * 12 * 8 * 2, 6, dtype=torch.float64)
+    want = want.index_add(0, cells[kept], lifted[kept])
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(2),
+                       dtype=torch.float64)
+    want.backward(grad)
+    d32, f32 = depth.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    out = run(impl, d32, f32, geom, logits)
+    out.backward(grad.float().view(out.shape))
+    torch.testing.assert_close(d32.grad.double(), d64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f32.grad.double(), f64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_sum_in_float32(dtype):
+    depth, feats, geom = make_inputs(seed=3, dtype=dtype)
+    got = run('kernel', depth, feats, geom, True)
+    want = bp.bev_pool_reference(depth, feats, geom, LOWER, SIZE, GRID, True)
+    assert got.dtype == dtype
+    tol = 2**-8 if dtype == torch.float16 else 2**-6  # one final rounding to the 16-bit type
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_non_contiguous_inputs_as_a_depth_nets_output_slices():
+    b, n, d, c, h, w = 2, 2, 5, 3, 4, 9
+    gen = torch.Generator().manual_seed(4)
+    net_out = torch.randn(b * n, d + c + 2, h, w, generator=gen)  # [depth | feats | unused]
+    depth = net_out[:, :d].view(b, n, d, h, w)
+    feats = net_out[:, d:d + c].view(b, n, c, h, w)
+    assert not depth.is_contiguous() and not feats.is_contiguous()
+    geom = make_inputs(b, n, d, h, w, c, seed=4)[2]
+    for logits in (False, True):
+        got = run('kernel', depth, feats, geom, logits)
+        want = bp.bev_pool_reference(depth.contiguous(), feats.contiguous(), geom, LOWER, SIZE,
+                                     GRID, logits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 1, 1, 1, 1), (1, 2, 3, 1, 17, 5), (0, 2, 3, 2, 2, 4),
+                                   (1, 1, 4, 2, 3, 0)])
+@pytest.mark.parametrize('impl', ['kernel', 'reference'])
+def test_odd_and_empty_shapes(impl, shape):
+    depth, feats, geom = make_inputs(*shape, seed=5)
+    depth.requires_grad_(True)
+    feats.requires_grad_(True)
+    out = run(impl, depth, feats, geom, True)
+    assert out.shape == (shape[0], 12, 8, 2 * shape[5])
+    want = bp.bev_pool_reference(depth.detach(), feats.detach(), geom, LOWER, SIZE, GRID, True)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert depth.grad.shape == depth.shape and feats.grad.shape == feats.shape
+
+
+def test_public_function_returns_the_channels_last_bev():
+    depth, feats, geom = make_inputs(seed=6)
+    bev = bp.bev_pool(depth, feats, geom, LOWER, SIZE, GRID, depth_logits=True)
+    assert bev.shape == (2, 12, 12, 8)  # [B, Z * C, X, Y]
+    assert bev.is_contiguous(memory_format=torch.channels_last)
+    storage = bp.bev_pool_reference(depth, feats, geom, LOWER, SIZE, GRID, True)
+    assert torch.equal(bev, storage.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(depth=torch.zeros(2, 3, 5, 4)), 'depth must be'),
+    (dict(feats=torch.zeros(2, 3, 6, 4, 8)), 'feats must be'),
+    (dict(geom=torch.zeros(2, 3, 5, 4, 7, 2)), 'geom must be'),
+    (dict(feats=torch.zeros(2, 3, 6, 4, 7, dtype=torch.float64)), 'feats must be float16'),
+    (dict(grid=[12, 8]), 'need 3 values'),
+    (dict(cell_size=[0.5, 0.0, 2.0]), 'cell_size must be > 0'),
+])
+def test_bad_inputs_get_named_errors(change, match):
+    depth, feats, geom = make_inputs()
+    args = dict(depth=depth, feats=feats, geom=geom, lower=LOWER, cell_size=SIZE, grid=GRID)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        bp.bev_pool(**args)
+
+
+def test_opcheck_and_compile():
+    depth, feats, geom = make_inputs(b=1, n=2, d=3, h=2, w=5, c=4, seed=7)
+    torch.library.opcheck(torch.ops.turbox_mm.bev_pool.default,
+                          (depth.requires_grad_(True), feats.requires_grad_(True), geom,
+                           LOWER, SIZE, GRID, True))
+
+    def step(d, f):
+        return bp.bev_pool(d, f, geom, LOWER, SIZE, GRID, depth_logits=True).square().sum()
+
+    d1 = depth.detach().clone().requires_grad_(True)
+    f1 = feats.detach().clone().requires_grad_(True)
+    got = torch.compile(step, backend='aot_eager', fullgraph=True)(d1, f1)
+    got.backward()
+    d2 = depth.detach().clone().requires_grad_(True)
+    f2 = feats.detach().clone().requires_grad_(True)
+    want = step(d2, f2)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(d1.grad, d2.grad)
+    torch.testing.assert_close(f1.grad, f2.grad)
+
+
+# -- on the GPU: BEVFusion's size --------------------------------------------------------------
+
+from turbox_mm.benchmark.micro.bev_pool import BEV_GRID as BEV_ARGS  # noqa: E402
+from turbox_mm.benchmark.micro.bev_pool import camera_rays  # noqa: E402
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_cuda_kernel_equals_the_reference_at_bevfusion_size():
+    depth, feats, geom = camera_rays(b=2, device='cuda')
+    d1, f1 = depth.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    got = bp.bev_pool_op(d1, f1, geom, *BEV_ARGS, True)
+    with torch.no_grad():
+        want = bp.bev_pool_reference(depth, feats, geom, *BEV_ARGS, True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    gd, gf = bp.bev_pool_backward_reference(grad, depth, feats, geom, *BEV_ARGS, True)
+    torch.testing.assert_close(d1.grad, gd, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f1.grad, gf, rtol=1e-4, atol=1e-4)
+
+
+def test_micro_benchmark_runs_quick_on_the_cpu():
+    from turbox_mm.benchmark.micro import available, get
+    assert 'bev_pool' in available('op')
+    rows = get('bev_pool')('cpu', quick=True)
+    assert [r['case'] for r in rows] == ['forward (softmax + pool)', 'forward + backward']
+    assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
+
+
+COMPILE_SCRIPT = r'''
+import sys
+from turbox_mm.ops.bev_pool import triton_kernels as tk
+from turbox_mm.testing.triton_aot import compile_variants
+
+SIZES = ('N', 'D', 'H', 'W', 'C', 'X', 'Y', 'Z', 'sd_w', 'sf_w')
+FLOATS = ('lx', 'ly', 'lz', 'sx', 'sy', 'sz')
+variants = []
+for dtype in ('*fp32', '*fp16', '*bf16'):
+    for logits in (False, True):
+        for ones in ((), SIZES):
+            const = dict(LOGITS=logits, P=16, BLOCK_C=128)
+            variants.append((tk._forward_kernel, const, ones,
+                             dict(depth_ptr=dtype, feat_ptr=dtype, geom_ptr='*fp32',
+                                  out_ptr='*fp32')))
+            variants.append((tk._backward_kernel, const, ones,
+                             dict(grad_ptr=dtype, depth_ptr=dtype, feat_ptr=dtype,
+                                  geom_ptr='*fp32', gdepth_ptr='*fp32', gfeat_ptr=dtype)))
+failures = compile_variants(variants, floats=FLOATS)
+print('\n'.join(failures) or 'all compiled')
+sys.exit(1 if failures else 0)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
+    """The interpreter runs Python, not Triton's compiler: compile both kernels for the H200's
+    sm_90, for every input dtype, with and without the softmax, size arguments at 1."""
+    compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)

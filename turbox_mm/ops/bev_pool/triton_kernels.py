@@ -1,0 +1,181 @@
+"""Triton kernels of BEV pooling (spec: :mod:`.reference`).
+
+One program per row of ``P`` pixels of one camera (``(b, n, h)``, ``w`` block) and every
+channel, in both directions; the ``[B, N, D, H, W, C]`` product is never stored:
+
+- :func:`_forward_kernel`: the pixels' feature rows are loaded once; with ``depth_logits`` a
+  first walk over the depth bins takes the softmax's maximum and sum; then for each bin the
+  points' cells are computed from ``geom`` (IEEE division, truncation, as the reference) and
+  ``prob * feature`` is added to the cells' rows with relaxed atomic adds into a float32 BEV
+  (so the order of the additions, and the last bits of a cell's sum, vary between runs).
+- :func:`_backward_kernel`: for each bin the output gradient rows of the points' cells are
+  gathered; the feature gradient sums ``prob * grad`` over the bins in registers, the depth
+  gradient is ``grad . feature`` per point (with ``depth_logits``, then the softmax's
+  backward ``p * (g - sum_d p g)``, in a second walk). No atomics: deterministic.
+
+No host synchronisation anywhere.
+"""
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+PIXELS = 16
+
+
+@triton.jit
+def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
+    """Flat cells of the points at ``g_off`` (x, y, z adjacent) and whether they are kept."""
+    gx = tl.load(geom_ptr + g_off, mask=live, other=0.0).to(tl.float32)
+    gy = tl.load(geom_ptr + g_off + 1, mask=live, other=0.0).to(tl.float32)
+    gz = tl.load(geom_ptr + g_off + 2, mask=live, other=0.0).to(tl.float32)
+    vx = tl.math.div_rn(gx - lx, sx)
+    vy = tl.math.div_rn(gy - ly, sy)
+    vz = tl.math.div_rn(gz - lz, sz)
+    kept = live & (vx > -1.0) & (vx < X) & (vy > -1.0) & (vy < Y) & (vz > -1.0) & (vz < Z)
+    ix = tl.where(kept, vx, 0.0).to(tl.int32)  # truncation toward zero, as torch's .long()
+    iy = tl.where(kept, vy, 0.0).to(tl.int32)
+    iz = tl.where(kept, vz, 0.0).to(tl.int32)
+    cell = ((b * X + ix).to(tl.int64) * Y + iy) * Z + iz
+    return cell, kept
+
+
+@triton.jit
+def _softmax_stats(depth_ptr, d_base, stride_dd, w, live, D):
+    """Maximum and sum of exp over the depth bins of the pixels (online, one walk)."""
+    m = tl.full(w.shape, float('-inf'), tl.float32)
+    s = tl.zeros(w.shape, tl.float32)
+    for d in range(0, D):
+        x = tl.load(depth_ptr + d_base + d * stride_dd, mask=live, other=0.0).to(tl.float32)
+        new = tl.maximum(m, x)
+        s = s * tl.exp(m - new) + tl.exp(x - new)
+        m = new
+    return m, s
+
+
+@triton.jit
+def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
+                    N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                    sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
+                    LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)  # (b, n, h)
+    h = row % H
+    bn = row // H
+    n = bn % N
+    b = bn // N
+    w = tl.program_id(1) * P + tl.arange(0, P)
+    live = w < W
+    c = tl.arange(0, BLOCK_C)
+    c_live = c < C
+    f_ptrs = feat_ptr + b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + \
+        w[:, None] * sf_w + c[None, :] * sf_c
+    feat = tl.load(f_ptrs, mask=live[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+    d_base = b.to(tl.int64) * sd_b + n * sd_n + h * sd_h + w * sd_w
+    if LOGITS:
+        m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+    # geom is contiguous [B, N, D, H, W, 3]
+    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
+    for d in range(0, D):
+        prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
+        if LOGITS:
+            prob = tl.exp(prob - m) / s
+        cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy,
+                            sz, X, Y, Z)
+        tl.atomic_add(out_ptr + cell[:, None] * C + c[None, :], prob[:, None] * feat,
+                      mask=kept[:, None] & c_live[None, :], sem='relaxed')
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_ptr,
+                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                     sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
+                     LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    h = row % H
+    bn = row // H
+    n = bn % N
+    b = bn // N
+    w = tl.program_id(1) * P + tl.arange(0, P)
+    live = w < W
+    c = tl.arange(0, BLOCK_C)
+    c_live = c < C
+    mask2 = live[:, None] & c_live[None, :]
+    f_off = b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + w[:, None] * sf_w + c[None, :] * sf_c
+    feat = tl.load(feat_ptr + f_off, mask=mask2, other=0.0).to(tl.float32)
+    d_base = b.to(tl.int64) * sd_b + n * sd_n + h * sd_h + w * sd_w
+    if LOGITS:
+        m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
+    # the depth gradient is written contiguous [B, N, D, H, W], float32
+    gd_row = ((bn.to(tl.int64) * D) * H + h) * W + w
+    grad_feat = tl.zeros((P, BLOCK_C), tl.float32)
+    dot = tl.zeros((P, ), tl.float32)  # sum_d p * g (softmax backward)
+    for d in range(0, D):
+        prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
+        if LOGITS:
+            prob = tl.exp(prob - m) / s
+        cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy,
+                            sz, X, Y, Z)
+        grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
+                       mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+        grad_feat += prob[:, None] * grad
+        g_prob = tl.sum(grad * feat, 1)
+        tl.store(gdepth_ptr + gd_row + d * H * W, g_prob, mask=live)
+        if LOGITS:
+            dot += prob * g_prob
+    if LOGITS:  # d logit = p * (g - sum_d p g); each program rereads only what it wrote
+        for d in range(0, D):
+            x = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
+            prob = tl.exp(x - m) / s
+            g_prob = tl.load(gdepth_ptr + gd_row + d * H * W, mask=live, other=0.0)
+            tl.store(gdepth_ptr + gd_row + d * H * W, prob * (g_prob - dot), mask=live)
+    # the feature gradient is written contiguous [B, N, C, H, W]
+    gf_off = ((bn.to(tl.int64) * C + c[None, :]) * H + h) * W + w[:, None]
+    tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty), mask=mask2)
+
+
+def _launch_args(depth: Tensor, feats: Tensor, lower, cell_size, grid):
+    b, n, d, h, w = depth.shape
+    c = feats.shape[2]
+    # float32 values of the bounds, as the reference (and upstream's float32 tensors) has them
+    low = torch.tensor(lower, dtype=torch.float32).tolist()
+    size = torch.tensor(cell_size, dtype=torch.float32).tolist()
+    block_c = triton.next_power_of_2(max(c, 1))
+    return ((b * n * h, triton.cdiv(w, PIXELS)),
+            (n, d, h, w, c, *[int(g) for g in grid], *low, *size, *depth.stride(),
+             *feats.stride()), block_c)
+
+
+def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence[float],
+                     cell_size: Sequence[float], grid: Sequence[int],
+                     depth_logits: bool) -> Tensor:
+    """The kernel path of :func:`.reference.bev_pool_reference`."""
+    b = depth.shape[0]
+    c = feats.shape[2]
+    x_cells, y_cells, z_cells = (int(g) for g in grid)
+    out = torch.zeros(b * x_cells * y_cells * z_cells, c, dtype=torch.float32,
+                      device=depth.device)
+    grid_launch, args, block_c = _launch_args(depth, feats, lower, cell_size, grid)
+    if depth.numel() and c:
+        _forward_kernel[grid_launch](depth, feats, geom.contiguous(), out, *args,
+                                     LOGITS=depth_logits, P=PIXELS, BLOCK_C=block_c)
+    return out.view(b, x_cells, y_cells, z_cells * c).to(feats.dtype)
+
+
+def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
+                      lower: Sequence[float], cell_size: Sequence[float], grid: Sequence[int],
+                      depth_logits: bool) -> Tuple[Tensor, Tensor]:
+    """Gradients of ``depth`` (of the logits with ``depth_logits``) and ``feats``."""
+    grad_depth = torch.empty(depth.shape, dtype=torch.float32, device=depth.device)
+    grad_feats = torch.empty(feats.shape, dtype=feats.dtype, device=feats.device)
+    grid_launch, args, block_c = _launch_args(depth, feats, lower, cell_size, grid)
+    if depth.numel() and feats.shape[2]:
+        _backward_kernel[grid_launch](grad.contiguous(), depth, feats, geom.contiguous(),
+                                      grad_depth, grad_feats, *args, LOGITS=depth_logits,
+                                      P=PIXELS, BLOCK_C=block_c)
+    elif depth.numel():
+        grad_depth.zero_()
+        grad_feats.zero_()
+    return grad_depth.to(depth.dtype), grad_feats
