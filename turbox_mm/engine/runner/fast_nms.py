@@ -27,7 +27,6 @@ from torch import Tensor
 from turbox_mm.ops import bev_nms
 from .rebind import Rebindings, Target
 
-_REBINDINGS = Rebindings('turbox_mm.ops.bev_nms')
 _BOX3D_NMS = 'mmdet3d.models.layers.box3d_nms'
 _IOU3D_USERS = ('mmdet3d.models.dense_heads.fcaf3d_head',
                 'mmdet3d.models.dense_heads.imvoxel_head')
@@ -103,24 +102,10 @@ def _targets() -> List[Target]:
     return targets
 
 
-def install() -> List[str]:
-    """Rebind mmdet3d's NMS calls to turbox_mm's; one line per rebinding (none twice).
-
-    Returns:
-        list[str]: What changed; empty when mmdet3d is not importable or all is installed.
-    """
-    try:
-        targets = _targets()
-    except ImportError:
-        return []
-    return _REBINDINGS.install(targets)
-
-
-def uninstall() -> None:
-    """Restore every function :func:`install` replaced."""
-    _REBINDINGS.uninstall()
-
-
-def installed() -> List[str]:
-    """``module.attribute`` of every rebinding in place."""
-    return _REBINDINGS.installed()
+_REBINDINGS = Rebindings('turbox_mm.ops.bev_nms', _targets)
+#: Rebind mmdet3d's NMS calls to turbox_mm's; returns one line per rebinding (none twice).
+install = _REBINDINGS.install
+#: Restore every function :func:`install` replaced.
+uninstall = _REBINDINGS.uninstall
+#: ``module.attribute`` of every rebinding in place.
+installed = _REBINDINGS.installed

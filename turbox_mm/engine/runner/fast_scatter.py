@@ -13,7 +13,6 @@ from typing import List
 
 from .rebind import Rebindings, Target
 
-_REBINDINGS = Rebindings('turbox_mm.TurboxDynamicScatter')
 _USERS = ('mmdet3d.models.voxel_encoders.voxel_encoder',
           'mmdet3d.models.voxel_encoders.pillar_encoder')
 
@@ -30,24 +29,10 @@ def _targets() -> List[Target]:
     return targets
 
 
-def install() -> List[str]:
-    """Rebind mmdet3d's ``DynamicScatter``; one line per rebinding (none twice).
-
-    Returns:
-        list[str]: What changed; empty when mmdet3d is not importable or all is installed.
-    """
-    try:
-        targets = _targets()
-    except ImportError:
-        return []
-    return _REBINDINGS.install(targets)
-
-
-def uninstall() -> None:
-    """Restore mmcv's ``DynamicScatter`` where :func:`install` replaced it."""
-    _REBINDINGS.uninstall()
-
-
-def installed() -> List[str]:
-    """``module.attribute`` of every rebinding in place."""
-    return _REBINDINGS.installed()
+_REBINDINGS = Rebindings('turbox_mm.TurboxDynamicScatter', _targets)
+#: Rebind mmdet3d's ``DynamicScatter``; returns one line per rebinding (none twice).
+install = _REBINDINGS.install
+#: Restore mmcv's ``DynamicScatter`` where :func:`install` replaced it.
+uninstall = _REBINDINGS.uninstall
+#: ``module.attribute`` of every rebinding in place.
+installed = _REBINDINGS.installed

@@ -5,7 +5,7 @@ class) that no config can reach. :class:`Rebindings` replaces such a name in the
 uses it and remembers the original, so that :meth:`Rebindings.uninstall` restores it.
 """
 import importlib
-from typing import Any, Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 #: ``(module name, attribute, factory)``: the factory takes the original, returns the
 #: replacement.
@@ -17,14 +17,22 @@ class Rebindings:
 
     Args:
         label (str): What the replacements are, for the report lines.
+        targets (callable): Returns the :data:`Target` list available here; may raise
+            ``ImportError`` (mmdet3d or mmcv missing: nothing to rebind).
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, targets: Callable[[], List[Target]]) -> None:
         self.label = label
+        self.targets = targets
         self._originals: Dict[Tuple[str, str], Any] = {}
 
-    def install(self, targets: Iterable[Target]) -> List[str]:
-        """Rebind every target not rebound yet; one report line per rebinding."""
+    def install(self) -> List[str]:
+        """Rebind every target not rebound yet; one report line per rebinding (empty when
+        mmdet3d is not importable or all is installed)."""
+        try:
+            targets = self.targets()
+        except ImportError:
+            return []
         changes = []
         for module_name, attr, factory in targets:
             if (module_name, attr) in self._originals:

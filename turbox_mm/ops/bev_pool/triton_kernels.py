@@ -56,11 +56,12 @@ def _softmax_stats(depth_ptr, d_base, stride_dd, w, live, D):
 
 
 @triton.jit
-def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
-                    N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                    sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
-                    LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)  # (b, n, h)
+def _pixel_row(feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D,
+               P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's pixels (``(b, n, h)`` from grid axis 0, a block of ``w`` from axis 1),
+    their feature rows (float32 ``[P, BLOCK_C]``), the depth offsets of bin 0 and the point
+    index of bin 0 (``geom`` is contiguous ``[B, N, D, H, W, 3]``)."""
+    row = tl.program_id(0)
     h = row % H
     bn = row // H
     n = bn % N
@@ -69,14 +70,24 @@ def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
     live = w < W
     c = tl.arange(0, BLOCK_C)
     c_live = c < C
-    f_ptrs = feat_ptr + b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + \
-        w[:, None] * sf_w + c[None, :] * sf_c
-    feat = tl.load(f_ptrs, mask=live[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+    f_off = b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + w[:, None] * sf_w + c[None, :] * sf_c
+    feat = tl.load(feat_ptr + f_off, mask=live[:, None] & c_live[None, :],
+                   other=0.0).to(tl.float32)
     d_base = b.to(tl.int64) * sd_b + n * sd_n + h * sd_h + w * sd_w
+    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
+    return b, bn, h, w, live, c, c_live, feat, d_base, g_row
+
+
+@triton.jit
+def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
+                    N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                    sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
+                    LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, bn, h, w, live, c, c_live, feat, d_base, g_row = _pixel_row(
+        feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D, P,
+        BLOCK_C)
     if LOGITS:
         m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
-    # geom is contiguous [B, N, D, H, W, 3]
-    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
     for d in range(0, D):
         prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
         if LOGITS:
@@ -92,24 +103,14 @@ def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_
                      N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    h = row % H
-    bn = row // H
-    n = bn % N
-    b = bn // N
-    w = tl.program_id(1) * P + tl.arange(0, P)
-    live = w < W
-    c = tl.arange(0, BLOCK_C)
-    c_live = c < C
+    b, bn, h, w, live, c, c_live, feat, d_base, g_row = _pixel_row(
+        feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D, P,
+        BLOCK_C)
     mask2 = live[:, None] & c_live[None, :]
-    f_off = b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + w[:, None] * sf_w + c[None, :] * sf_c
-    feat = tl.load(feat_ptr + f_off, mask=mask2, other=0.0).to(tl.float32)
-    d_base = b.to(tl.int64) * sd_b + n * sd_n + h * sd_h + w * sd_w
     if LOGITS:
         m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
-    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
-    # the depth gradient is written contiguous [B, N, D, H, W], float32
-    gd_row = ((bn.to(tl.int64) * D) * H + h) * W + w
+    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
+    gd_row = g_row
     grad_feat = tl.zeros((P, BLOCK_C), tl.float32)
     dot = tl.zeros((P, ), tl.float32)  # sum_d p * g (softmax backward)
     for d in range(0, D):

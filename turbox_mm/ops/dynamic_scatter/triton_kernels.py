@@ -26,6 +26,19 @@ _MODES = {'max': 0, 'sum': 1, 'mean': 2}
 
 
 @triton.jit
+def _tile(feats_ptr, order_ptr, first, end, rows, cols, col_live, stride_n, stride_c, other,
+          ACC: tl.constexpr):
+    """The features of sorted positions ``first + rows`` (below ``end``), their original
+    indices and the mask, as ``ACC``."""
+    pos = first + rows
+    live = pos < end
+    idx = tl.load(order_ptr + pos, mask=live, other=0)
+    mask = live[:, None] & col_live[None, :]
+    ptrs = feats_ptr + idx[:, None] * stride_n + cols[None, :] * stride_c
+    return tl.load(ptrs, mask=mask, other=other).to(ACC), idx, mask
+
+
+@triton.jit
 def _reduce_kernel(feats_ptr, order_ptr, starts_ptr, out_ptr, arg_ptr, num, channels, stride_n,
                    stride_c, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                    BLOCK_C: tl.constexpr):
@@ -40,16 +53,13 @@ def _reduce_kernel(feats_ptr, order_ptr, starts_ptr, out_ptr, arg_ptr, num, chan
     else:
         acc = tl.zeros([BLOCK_C], ACC)
     for first in range(start, end, BLOCK_P):
-        pos = first + rows
-        live = pos < end
-        idx = tl.load(order_ptr + pos, mask=live, other=0)
-        mask = live[:, None] & col_live[None, :]
-        ptrs = feats_ptr + idx[:, None] * stride_n + cols[None, :] * stride_c
         if MODE == 0:
-            x = tl.load(ptrs, mask=mask, other=float('-inf')).to(ACC)
+            x, idx, mask = _tile(feats_ptr, order_ptr, first, end, rows, cols, col_live,
+                                 stride_n, stride_c, float('-inf'), ACC)
             acc = tl.maximum(acc, tl.max(x, 0))
         else:
-            x = tl.load(ptrs, mask=mask, other=0).to(ACC)
+            x, idx, mask = _tile(feats_ptr, order_ptr, first, end, rows, cols, col_live,
+                                 stride_n, stride_c, 0.0, ACC)
             acc += tl.sum(x, 0)
     if MODE == 2:
         acc = acc / (end - start).to(ACC)
@@ -59,12 +69,8 @@ def _reduce_kernel(feats_ptr, order_ptr, starts_ptr, out_ptr, arg_ptr, num, chan
         # The lowest point index whose value equals the maximum (num where none does).
         arg = tl.full([BLOCK_C], num, tl.int64)
         for first in range(start, end, BLOCK_P):
-            pos = first + rows
-            live = pos < end
-            idx = tl.load(order_ptr + pos, mask=live, other=0)
-            mask = live[:, None] & col_live[None, :]
-            ptrs = feats_ptr + idx[:, None] * stride_n + cols[None, :] * stride_c
-            x = tl.load(ptrs, mask=mask, other=float('-inf')).to(ACC)
+            x, idx, mask = _tile(feats_ptr, order_ptr, first, end, rows, cols, col_live,
+                                 stride_n, stride_c, float('-inf'), ACC)
             held = (x == acc[None, :]) & mask
             cand = tl.where(held, idx[:, None], num)
             arg = tl.minimum(arg, tl.min(cand, 0))
