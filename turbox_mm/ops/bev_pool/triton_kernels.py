@@ -56,6 +56,19 @@ def _softmax_stats(depth_ptr, d_base, stride_dd, w, live, D):
 
 
 @triton.jit
+def _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s, H, W, X, Y, Z, lx, ly,
+         lz, sx, sy, sz, LOGITS: tl.constexpr):
+    """Depth bin ``d`` of the pixels: the points' probabilities (the softmax with ``LOGITS``,
+    from its maximum ``m`` and sum ``s``), cells and whether they are kept."""
+    prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
+    if LOGITS:
+        prob = tl.exp(prob - m) / s
+    cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy, sz,
+                        X, Y, Z)
+    return prob, cell, kept
+
+
+@triton.jit
 def _pixel_row(feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D,
                P: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's pixels (``(b, n, h)`` from grid axis 0, a block of ``w`` from axis 1),
@@ -88,12 +101,12 @@ def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
         BLOCK_C)
     if LOGITS:
         m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+    else:
+        m = 0.0
+        s = 0.0
     for d in range(0, D):
-        prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
-        if LOGITS:
-            prob = tl.exp(prob - m) / s
-        cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy,
-                            sz, X, Y, Z)
+        prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
+                                H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
         tl.atomic_add(out_ptr + cell[:, None] * C + c[None, :], prob[:, None] * feat,
                       mask=kept[:, None] & c_live[None, :], sem='relaxed')
 
@@ -109,16 +122,16 @@ def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_
     mask2 = live[:, None] & c_live[None, :]
     if LOGITS:
         m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+    else:
+        m = 0.0
+        s = 0.0
     # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
     gd_row = g_row
     grad_feat = tl.zeros((P, BLOCK_C), tl.float32)
     dot = tl.zeros((P, ), tl.float32)  # sum_d p * g (softmax backward)
     for d in range(0, D):
-        prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
-        if LOGITS:
-            prob = tl.exp(prob - m) / s
-        cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy,
-                            sz, X, Y, Z)
+        prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
+                                H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
         grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
                        mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
         grad_feat += prob[:, None] * grad
