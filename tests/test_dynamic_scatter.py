@@ -295,3 +295,20 @@ def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile the kernel for the H200's
     sm_90 for every feature dtype and mode, with the size arguments at 1."""
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'reference'])
+def test_max_skips_nan_features_as_mmcv(impl):
+    """mmcv's max is fmaxf: NaN values are skipped; an all-NaN channel gives -inf and no
+    point receives its gradient. (The interpreter's maxnum propagates NaN, so the kernel's
+    case is checked on the GPU.)"""
+    if impl == 'kernel' and not torch.cuda.is_available():
+        pytest.skip("Triton's interpreter propagates NaN in tl.maximum; checked on CUDA")
+    nan = float('nan')
+    feats = torch.tensor([[1.0, nan, nan], [nan, nan, 5.0]])
+    coors = torch.zeros(2, 3, dtype=torch.int32)
+    if impl == 'kernel':
+        feats, coors = feats.cuda(), coors.cuda()
+    out, _, _, _, argmax = run(impl, feats, coors, 'max')
+    assert out.cpu().tolist() == [[1.0, float('-inf'), 5.0]]
+    assert argmax.cpu().tolist() == [[0, 2, 1]]

@@ -625,7 +625,7 @@ def test_a_failing_gpu_decoder_falls_back_for_that_batch_only(monkeypatch):
     monkeypatch.setattr(pre, '_decode_gpu', flaky)
     with pytest.warns(UserWarning, match=r'torchvision GPU decoder failed \(RuntimeError: '
                       r'nvjpeg says no\) on a batch of 3 images \(cam0.jpg, cam1.jpg, '
-                      r'cam2.jpg\); 1 failed batch so far; this batch: decoding with cv2'):
+                      r'cam2.jpg\); 1 failed batch so far; this batch: trying cv2'):
         out = pre(batch)['inputs']['imgs']
     assert torch.equal(out[0], reference_decode(raws[0]).float())
     assert pre.decode_counts == {'cv2': 3} and pre.decode_fallbacks == {'torchvision': 1}
@@ -693,8 +693,8 @@ def test_auto_tries_the_next_gpu_decoder_before_opencv(monkeypatch):
 
     monkeypatch.setattr(pre, '_decode_gpu', nvimgcodec_breaks)
     raws = [make_sample(5)]
-    with pytest.warns(UserWarning, match='nvimgcodec GPU decoder failed.*decoding with '
-                      'torchvision'):
+    with pytest.warns(UserWarning, match='nvimgcodec GPU decoder failed.*trying '
+                      'torchvision, then cv2'):
         pre(packed_batch(raws))
     pre(packed_batch(raws))
     assert pre.decode_counts == {'torchvision': 6} and pre.last_decode_backend == 'torchvision'
@@ -1103,3 +1103,32 @@ def test_cuda_deferred_pipeline_torchvision_matches_cv2_fallback(tmp_path):
         if masks is not None:
             assert (got[~masks] == 0).all() and (want[~masks] == 0).all(), name
     assert pre.decode_counts == {'torchvision': CAMS * len(PIPELINE_CONFIGS)}
+
+
+def test_out_of_memory_in_the_gpu_decoder_is_raised_not_fallen_back_from(monkeypatch):
+    pre = TurboxDet3DDataPreprocessor()
+    pre._backend = 'torchvision'
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory')
+
+    monkeypatch.setattr(pre, '_decode_gpu', oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        pre(packed_batch([make_sample(1)]))
+    assert pre.decode_fallbacks == {} and pre.decode_counts == {}
+
+
+def test_an_image_no_decoder_reads_carries_the_gpu_error_along(monkeypatch):
+    raw = make_sample(2)
+    raw['img_bytes'][0] = raw['img_bytes'][0][:2] + b'\x00' * 40
+    pre = TurboxDet3DDataPreprocessor()
+    pre._backend = 'torchvision'
+
+    def broken(*args):
+        raise RuntimeError('nvjpeg: bad stream')
+
+    monkeypatch.setattr(pre, '_decode_gpu', broken)
+    with pytest.warns(UserWarning, match='GPU decoder failed'):
+        with pytest.raises(ValueError, match='is not a decodable JPEG') as info:
+            pre(packed_batch([raw]))
+    assert 'nvjpeg: bad stream' in str(info.value.__cause__)

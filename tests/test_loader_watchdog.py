@@ -1,13 +1,15 @@
 """turbox_mm.datasets.loader_watchdog: a stuck or dead loader worker names its sample."""
 import copy
 import os
+import signal
 import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from turbox_mm.datasets.loader_watchdog import WatchedDataLoader, busy_workers, watch_dataloader
+from turbox_mm.datasets.loader_watchdog import (WatchedDataLoader, busy_workers,
+                                                name_stuck_samples, watch_dataloader)
 
 
 class Faulty(Dataset):
@@ -27,6 +29,8 @@ class Faulty(Dataset):
         if index == self.bad:
             if self.how == 'hang':
                 time.sleep(60)
+            elif self.how == 'kill':
+                os.kill(os.getpid(), signal.SIGKILL)
             else:
                 os._exit(3)
         return torch.tensor([index])
@@ -62,6 +66,39 @@ def test_a_healthy_loader_gives_the_same_batches_and_leaves_the_workers_idle():
         assert [b.tolist() for b in loader] == plain
     assert busy_workers(loader) == []
     assert list(loader._turbox_slots)[::2] == [-1.0, -1.0]
+
+
+def test_a_worker_killed_while_the_step_runs_is_named():
+    """torch raises "killed by signal" from wherever the main process is (here: the step);
+    name_stuck_samples (which TurboxRunner applies to every error) adds the sample."""
+    loader = _loader(Faulty(7, 'kill'), 30)
+    with pytest.raises(RuntimeError) as info:
+        for _ in loader:
+            time.sleep(0.5)  # the step
+    named = name_stuck_samples(info.value) or info.value
+    assert 'worker 1: sample index 7' in str(named), str(named)
+
+
+def test_loaders_sharing_a_dataset_each_keep_their_record():
+    dataset = Faulty(-1, 'hang')
+    small = _loader(dataset, 30)
+    large = DataLoader(dataset, batch_size=2, num_workers=4, multiprocessing_context='fork')
+    watch_dataloader(large, 30)
+    assert [b.tolist() for b in large] == [b.tolist() for b in small]
+    assert busy_workers(large) == [] and busy_workers(small) == []
+    copy.deepcopy(dataset)  # no shared memory on the dataset: it still copies and pickles
+
+
+def test_a_dataloader_subclass_keeps_its_behaviour():
+
+    class Scaled(DataLoader):
+
+        def __iter__(self):
+            return (batch * 100 for batch in super().__iter__())
+
+    loader = watch_dataloader(Scaled(Faulty(-1, 'hang'), batch_size=2, num_workers=1), 30)
+    assert isinstance(loader, Scaled) and loader.timeout == 30
+    assert next(iter(loader)).tolist() == [[0], [100]]
 
 
 def test_the_loaders_own_timeout_and_loaders_without_workers_are_kept():

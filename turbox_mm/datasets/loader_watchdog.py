@@ -6,53 +6,84 @@ workers:
 
 - a ``timeout`` (seconds the main process waits for one batch; torch's own option, left as
   the config sets it when the config sets one);
-- a record, in shared memory, of the sample each worker is loading and since when (the
-  dataset's ``__getitems__``, which torch's fetcher calls with the indices of a batch, records
-  each index before it loads it);
-- on torch's "timed out" or "exited unexpectedly" error, a ``RuntimeError`` that adds, for
-  each busy worker, the sample index, what the dataset's ``get_data_info`` says of it
-  (``sample_idx``, ``token``, the lidar file) and how long the worker has been on it.
+- a record, in shared memory, of the sample each of its workers is loading and since when:
+  the loader's ``worker_init_fn`` gives each worker process the loader's record, and the
+  dataset's ``__getitems__`` (which torch's fetcher calls with a batch's indices) writes each
+  index there before it loads it (two shared-memory writes a sample; several loaders over
+  one dataset each keep their own record);
+- on torch's "timed out", "exited unexpectedly" or "killed by signal" error, a
+  ``RuntimeError`` that adds, for each busy worker, the sample index, what the dataset's
+  ``get_data_info`` says of it (``sample_idx``, ``token``, the lidar file) and how long the
+  worker has been on it. A worker killed while the main process is busy elsewhere raises from
+  wherever the main process is: :func:`name_stuck_samples` adds the same lines there
+  (``TurboxRunner`` calls it on every error of a run).
 
-The record costs two shared-memory writes per sample. :class:`TurboxRunner
-<turbox_mm.engine.runner.TurboxRunner>` applies it to every loader it builds
-(``turbox.dataloader.timeout``).
+:class:`TurboxRunner <turbox_mm.engine.runner.TurboxRunner>` applies it to every loader it
+builds (``turbox.dataloader.timeout``).
 """
 import functools
 import multiprocessing
 import time
+import weakref
 from typing import List, Optional
 
 from torch.utils.data import DataLoader, get_worker_info
 
-__all__ = ['watch_dataloader', 'WatchedDataLoader', 'busy_workers']
+__all__ = ['watch_dataloader', 'WatchedDataLoader', 'busy_workers', 'name_stuck_samples']
 
-_TORCH_LOADER_FAILURES = ('timed out', 'exited unexpectedly')
+_TORCH_LOADER_FAILURES = ('timed out', 'exited unexpectedly', 'killed by signal')
+#: In a worker process: its loader's record (set by :class:`_RecordingWorkerInit`).
+_worker_slots = None
+#: In the main process: the watched loaders, for :func:`name_stuck_samples`.
+_watched: 'weakref.WeakSet[DataLoader]' = weakref.WeakSet()
 
 
-class _RecordingGetItems:
-    """Set as a dataset's ``__getitems__``: load each index after recording it in ``slots``
-    (``[index, start time]`` per worker; index -1 when idle). Picklable for spawned workers."""
+class _RecordingWorkerInit:
+    """The loader's ``worker_init_fn``: hand the worker its loader's record, then run the
+    loader's own function. Picklable for spawned workers (the record is shared memory passed
+    at process start)."""
 
-    def __init__(self, dataset, slots, original=None) -> None:
-        self.dataset = dataset
+    def __init__(self, slots, original) -> None:
         self.slots = slots
         self.original = original
 
+    def __call__(self, worker_id: int) -> None:
+        global _worker_slots
+        _worker_slots = self.slots
+        if self.original is not None:
+            self.original(worker_id)
+
+
+class _RecordingGetItems:
+    """Set as a dataset's ``__getitems__``: record each index in the worker's record (when it
+    has one) before loading it. Holds no shared memory: the dataset stays picklable."""
+
+    def __init__(self, dataset, original=None) -> None:
+        self.dataset = dataset
+        self.original = original
+
     def __call__(self, indices: List[int]) -> list:
+        slots = _worker_slots
         info = get_worker_info()
-        slot = 2 * (info.id if info is not None else 0)
-        slots = self.slots
+        slot = 2 * info.id if info is not None else -1
+        if slots is None or not 0 <= slot < len(slots) - 1:
+            return self._load(indices, None, 0)
         try:
-            if self.original is not None:  # the dataset's own batched fetch: its first index
-                slots[slot], slots[slot + 1] = indices[0], time.time()
-                return self.original(indices)
-            out = []
-            for index in indices:
-                slots[slot], slots[slot + 1] = index, time.time()
-                out.append(self.dataset[index])
-            return out
+            return self._load(indices, slots, slot)
         finally:
             slots[slot] = -1
+
+    def _load(self, indices: List[int], slots, slot: int) -> list:
+        if self.original is not None:  # the dataset's own batched fetch: record its first index
+            if slots is not None:
+                slots[slot], slots[slot + 1] = indices[0], time.time()
+            return self.original(indices)
+        out = []
+        for index in indices:
+            if slots is not None:
+                slots[slot], slots[slot + 1] = index, time.time()
+            out.append(self.dataset[index])
+        return out
 
 
 def _describe(dataset, index: int) -> str:
@@ -84,30 +115,66 @@ def busy_workers(loader: DataLoader) -> List[str]:
     return lines
 
 
+def _with_busy_workers(error: RuntimeError, loaders) -> Optional[RuntimeError]:
+    """A ``RuntimeError`` that adds the busy workers of ``loaders`` to a loader failure's
+    message; None when ``error`` is not one."""
+    if not any(text in str(error) for text in _TORCH_LOADER_FAILURES) or \
+            'Loader workers at the time' in str(error):
+        return None
+    busy = [line for loader in loaders for line in busy_workers(loader)]
+    where = '; '.join(busy) if busy else 'no worker was inside a sample'
+    return RuntimeError(f'{error}. Loader workers at the time: {where}.')
+
+
+def name_stuck_samples(error: BaseException) -> Optional[RuntimeError]:
+    """For a loader failure raised anywhere in the main process (a worker killed while the
+    step ran): the error with the busy workers of every watched loader; None otherwise."""
+    if not isinstance(error, RuntimeError):
+        return None
+    return _with_busy_workers(error, list(_watched))
+
+
 def _next_or_name_stuck(next_data, loader: DataLoader):
     try:
         return next_data()
     except RuntimeError as error:
-        if not any(text in str(error) for text in _TORCH_LOADER_FAILURES):
+        named = _with_busy_workers(error, [loader])
+        if named is None:
             raise
-        busy = busy_workers(loader)
-        where = '; '.join(busy) if busy else 'no worker was inside a sample'
-        raise RuntimeError(f'{error}. Loader workers at the time: {where}.') from error
+        raise named from error
 
 
-class WatchedDataLoader(DataLoader):
-    """A ``DataLoader`` whose iterators name the stuck or lost sample (see the module)."""
+def _iterator_hook(base: type):
+    """A ``_get_iterator`` for a subclass of ``base`` that wraps the iterator's ``_next_data``
+    (a loader failure names the busy workers' samples)."""
 
     def _get_iterator(self):
-        iterator = super()._get_iterator()
+        iterator = base._get_iterator(self)
         if self.num_workers > 0:
             iterator._next_data = functools.partial(_next_or_name_stuck, iterator._next_data,
                                                     self)
         return iterator
 
+    return _get_iterator
+
+
+class WatchedDataLoader(DataLoader):
+    """A ``DataLoader`` whose iterators name the stuck or lost sample (see the module)."""
+
+    _get_iterator = _iterator_hook(DataLoader)
+
+
+@functools.lru_cache(maxsize=None)
+def _watched_class(cls: type) -> type:
+    """``WatchedDataLoader`` for ``DataLoader`` itself; a subclass of ``cls`` with the same
+    iterator hook for a ``DataLoader`` subclass (its own overrides kept)."""
+    if cls is DataLoader:
+        return WatchedDataLoader
+    return type(f'Watched{cls.__name__}', (cls, ), {'_get_iterator': _iterator_hook(cls)})
+
 
 def watch_dataloader(loader: DataLoader, timeout: Optional[float]) -> DataLoader:
-    """Make ``loader`` a :class:`WatchedDataLoader` (in place) where it has workers.
+    """Watch ``loader`` (in place) where it has workers.
 
     Args:
         loader (DataLoader): A loader not iterated yet.
@@ -122,16 +189,18 @@ def watch_dataloader(loader: DataLoader, timeout: Optional[float]) -> DataLoader
     """
     if timeout is not None and timeout <= 0:
         raise ValueError(f'watch_dataloader: timeout must be > 0 seconds or None, got {timeout}')
-    if loader.num_workers == 0 or isinstance(loader, WatchedDataLoader):
+    if loader.num_workers == 0 or getattr(loader, '_turbox_slots', None) is not None:
         return loader
     if timeout is not None and not loader.timeout:
         loader.timeout = float(timeout)
     context = loader.multiprocessing_context or multiprocessing.get_context()
     slots = context.RawArray('d', [-1.0, 0.0] * loader.num_workers)
     dataset = loader.dataset
-    if '__getitems__' not in vars(dataset):
-        dataset.__getitems__ = _RecordingGetItems(dataset, slots,
+    if not isinstance(vars(dataset).get('__getitems__'), _RecordingGetItems):
+        dataset.__getitems__ = _RecordingGetItems(dataset,
                                                   getattr(dataset, '__getitems__', None))
+    loader.worker_init_fn = _RecordingWorkerInit(slots, loader.worker_init_fn)
     loader._turbox_slots = slots
-    loader.__class__ = WatchedDataLoader
+    loader.__class__ = _watched_class(type(loader))
+    _watched.add(loader)
     return loader

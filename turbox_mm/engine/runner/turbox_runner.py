@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
                                             readable_checkpoint, save_checkpoint_atomically)
-from turbox_mm.datasets.loader_watchdog import watch_dataloader
+from turbox_mm.datasets.loader_watchdog import name_stuck_samples, watch_dataloader
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
@@ -202,7 +202,8 @@ class TurboxRunner(Runner):
 
     def train(self) -> nn.Module:
         """mmengine's training; on an error, process-wide state the hooks changed (automatic
-        GC, the frozen heap) is restored before the error propagates."""
+        GC, the frozen heap) is restored before the error propagates, and a loader worker's
+        death names the sample it was on (:mod:`turbox_mm.datasets.loader_watchdog`)."""
         with self._restored_on_error():
             return super().train()
 
@@ -220,8 +221,11 @@ class TurboxRunner(Runner):
     def _restored_on_error(self) -> Iterator[None]:
         try:
             yield
-        except BaseException:
+        except BaseException as error:
             self._restore_process_state()
+            named = name_stuck_samples(error)  # a loader worker died during the step
+            if named is not None:
+                raise named from error
             raise
 
     def _restore_process_state(self) -> None:

@@ -39,7 +39,8 @@ the stock code path. It adds three things:
    main process after one warning: slow, but the CPU transform's operations, so its pixels.
    When the GPU decoder fails on a batch (``decode_backend='auto'``), that batch goes to the
    next GPU decoder or to OpenCV and the next batch tries the GPU decoder again; the failures
-   are counted (``decode_fallbacks``) and reported in warnings at the 1st, 2nd, 4th, 8th, ...
+   are counted (``decode_fallbacks``; an out-of-memory error is raised, not counted) and
+   reported in warnings at the 1st, 2nd, 4th, 8th, ...
    failed batch, with the image files of the batch. After
    :data:`MAX_FAILED_BATCHES_IN_A_ROW` failed batches in a row the decoder is given up for
    the rest of the run, with a warning. An image that no decoder can read raises an error
@@ -471,6 +472,8 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         if backend != 'cv2':
             try:
                 out = self._decode_gpu(backend, streams, warps, sizes, boxes)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the process is out of memory, not the decoder broken
             except Exception as error:
                 if (os.environ.get(DECODE_BACKEND_ENV) or self.decode_backend) != 'auto':
                     raise
@@ -499,16 +502,23 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
             self._backend, self._fallbacks = order[0], order[1:-1]
             self._failed_in_a_row = 0
         elif failed & (failed - 1) == 0:  # 1, 2, 4, 8, ...
-            warnings.warn(f'TurboxDet3DDataPreprocessor: {why}; this batch: decoding with '
-                          f'{order[0]} (the next batch tries {backend} again).', stacklevel=3)
+            warnings.warn(f'TurboxDet3DDataPreprocessor: {why}; this batch: trying '
+                          f"{', then '.join(order)} (the next batch tries {backend} again).",
+                          stacklevel=3)
         for fallback in order[:-1]:
             try:
                 out = self._decode_gpu(fallback, streams, warps, sizes, boxes)
-            except Exception:  # noqa: BLE001  (the next decoder, then OpenCV, takes the batch)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:  # noqa: BLE001  (counted; the next decoder takes the batch)
+                self.decode_fallbacks[fallback] += 1
                 continue
             self._count(fallback, len(streams))
             return out
-        return self._decode_cv2(streams, warps, sizes, boxes, names)
+        try:
+            return self._decode_cv2(streams, warps, sizes, boxes, names)
+        except ValueError as undecodable:  # no decoder reads it: the GPU error goes along
+            raise undecodable from error
 
     def _decode_cv2(self, streams, warps, sizes, boxes, names) -> List[Tensor]:
         out = [img.to(self.device)

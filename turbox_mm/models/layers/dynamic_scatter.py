@@ -17,7 +17,10 @@ class TurboxDynamicScatter(DynamicScatter):
     reads the batch size from the last point (a host synchronisation) and loops over the
     samples with a boolean mask each; the voxels come in the same order (by sample, then
     ``(z, y, x)``). On CUDA the op runs its Triton kernels; on the CPU, where mmcv has no
-    scatter op at all, its PyTorch reference. mmdet3d's dynamic voxel encoders get this class
+    scatter op at all, its PyTorch reference. Batch indices in any order give every sample's
+    voxels (mmcv's loop stops at the last point's batch index and drops the samples after it;
+    mmdet3d's preprocessors emit them sorted, where both agree); an empty input gives empty
+    outputs (mmcv's module fails on it). mmdet3d's dynamic voxel encoders get this class
     through ``turbox.ops.fast`` (:mod:`turbox_mm.engine.runner.fast_scatter`).
 
     Args:

@@ -41,9 +41,9 @@ def dynamic_scatter_op(feats: Tensor, coors: Tensor,
         result = triton_kernels.dynamic_scatter(feats, coors, reduce_type)
         if result is not None:
             return result
-        warnings.warn(f'turbox_mm.ops.dynamic_scatter: a coordinate of the '
-                      f'{tuple(coors.shape)} coors is too large for the kernel\'s packed keys; '
-                      'this call runs the PyTorch reference (torch.unique).')
+        warnings.warn('turbox_mm.ops.dynamic_scatter: a coordinate is too large for the '
+                      "kernel's packed keys (over 32767 with four columns, about 10^6 with "
+                      'three); such calls run the PyTorch reference (torch.unique).')
     return dynamic_scatter_reference(feats, coors, reduce_type)
 
 

@@ -10,7 +10,8 @@ The semantics are mmcv 2.1's ``dynamic_scatter`` (``DynamicScatter``, CUDA op
   ``unique(dim=0)``), so that with ``(batch, z, y, x)`` rows every sample's voxels come in
   the order mmcv's per-sample loop gives.
 * **Reduction** of the features of a voxel's points, per channel: ``'max'``, ``'sum'`` or
-  ``'mean'`` (the sum divided by the point count). 16-bit features are reduced in float32 and
+  ``'mean'`` (the sum divided by the point count). ``'max'`` skips NaN values (mmcv's
+  ``fmaxf``): a channel whose values are all NaN gives ``-inf``. 16-bit features are reduced in float32 and
   written back in their dtype (mmcv has only float32 and float64).
 * **Gradients.** ``'sum'``: every point receives its voxel's gradient; ``'mean'``: the
   gradient divided by the count; ``'max'``: per channel, the gradient goes to the lowest
@@ -19,7 +20,7 @@ The semantics are mmcv 2.1's ``dynamic_scatter`` (``DynamicScatter``, CUDA op
 
 Besides the reduced features and the voxels' coordinates, the op returns what the backward
 pass needs: each point's voxel (``-1`` when left out), the point counts, and for ``'max'`` the
-index of the point each maximum came from (``N`` where none: a NaN maximum).
+index of the point each maximum came from (``N`` where none: a channel of NaN values only).
 """
 from typing import Tuple
 
@@ -96,7 +97,8 @@ def dynamic_scatter_reference(feats: Tensor, coors: Tensor,
     argmax = torch.zeros(0, channels, dtype=torch.int64, device=feats.device)
     if reduce_type == 'max':
         out = values.new_full((voxels, channels), float('-inf'))
-        out.scatter_reduce_(0, rows, values, 'amax')
+        # NaN features are skipped, as mmcv's fmaxf (and the kernel's maxnum) skip them.
+        out.scatter_reduce_(0, rows, values.nan_to_num(nan=float('-inf')), 'amax')
         # The lowest index among the points that hold the maximum (num where none does).
         candidates = torch.where(values == out[inverse], kept[:, None], num)
         argmax = torch.full((voxels, channels), num, dtype=torch.int64, device=feats.device)

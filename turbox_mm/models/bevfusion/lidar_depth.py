@@ -1,0 +1,90 @@
+"""The sparse lidar depth image of each camera, as BEVFusion's ``DepthLSSTransform`` draws it.
+
+Every lidar point (its lidar-frame x, y, z) is taken back through the batch's lidar
+augmentation, projected with ``lidar2image``, and its depth (the camera-frame z clamped to
+``[1e-5, 1e5]``) written at its pixel after the image augmentation, when the pixel lies in the
+image (``0 <= v < H``, ``0 <= u < W``, truncated to integers). Where several points land on a
+pixel, the last point in the cloud's order wins (upstream writes them all in one indexed
+assignment: on the CPU the last one wins, on CUDA any may).
+
+- :func:`depth_image_stock`: upstream's procedure, a loop over the samples and the cameras with
+  boolean indexing (a host synchronisation per camera and sample).
+- :func:`depth_image_batched`: the same arithmetic for the whole batch at once (clouds padded to
+  the longest), and one scatter whose winner per pixel is the last point: no host sync.
+"""
+from typing import List
+
+import torch
+from torch import Tensor
+
+Z_MIN, Z_MAX = 1e-5, 1e5
+
+
+def depth_image_stock(points: List[Tensor], lidar2image: Tensor, img_aug_matrix: Tensor,
+                      lidar_aug_matrix: Tensor, image_size) -> Tensor:
+    """``[B, N, 1, H, W]`` depth images, upstream's way (module docstring).
+
+    Args:
+        points (list[Tensor]): Per sample ``[P, >= 3]`` lidar points (x, y, z first).
+        lidar2image (Tensor): ``[B, N, 4, 4]``.
+        img_aug_matrix (Tensor): ``[B, N, 4, 4]``.
+        lidar_aug_matrix (Tensor): ``[B, 4, 4]``.
+        image_size (Sequence[int]): ``(H, W)`` of the augmented images.
+    """
+    height, width = image_size
+    batch, cams = lidar2image.shape[:2]
+    depth = points[0].new_zeros(batch, cams, 1, height, width)
+    for b in range(batch):
+        xyz = points[b][:, :3] - lidar_aug_matrix[b, :3, 3]
+        xyz = torch.inverse(lidar_aug_matrix[b, :3, :3]).matmul(xyz.transpose(1, 0))
+        cam = lidar2image[b, :, :3, :3].matmul(xyz) + lidar2image[b, :, :3, 3].reshape(-1, 3, 1)
+        dist = cam[:, 2, :].clamp(Z_MIN, Z_MAX)
+        uv = cam[:, :2, :] / dist[:, None, :]
+        pix = img_aug_matrix[b, :, :3, :3].matmul(torch.cat([uv, dist[:, None, :]], 1)) + \
+            img_aug_matrix[b, :, :3, 3].reshape(-1, 3, 1)
+        u, v = pix[:, 0, :], pix[:, 1, :]
+        on_image = (v < height) & (v >= 0) & (u < width) & (u >= 0)
+        for c in range(cams):
+            rows, cols = v[c, on_image[c]].long(), u[c, on_image[c]].long()
+            depth[b, c, 0, rows, cols] = dist[c, on_image[c]]
+    return depth
+
+
+def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matrix: Tensor,
+                        lidar_aug_matrix: Tensor, image_size) -> Tensor:
+    """:func:`depth_image_stock` for the whole batch in a few kernels, without a host sync;
+    the last point wins on a shared pixel on every device."""
+    height, width = image_size
+    batch, cams = lidar2image.shape[:2]
+    longest = max((p.shape[0] for p in points), default=0)
+    xyz = points[0].new_zeros(batch, longest, 3)
+    real = torch.zeros(batch, longest, dtype=torch.bool, device=xyz.device)
+    for b, cloud in enumerate(points):  # copies only (sizes are known on the host)
+        xyz[b, :cloud.shape[0]] = cloud[:, :3]
+        real[b, :cloud.shape[0]] = True
+    xyz = xyz - lidar_aug_matrix[:, None, :3, 3]
+    xyz = torch.inverse(lidar_aug_matrix[:, :3, :3]).matmul(xyz.transpose(1, 2))  # [B, 3, P]
+    cam = lidar2image[:, :, :3, :3].matmul(xyz[:, None]) + lidar2image[:, :, :3, 3, None]
+    dist = cam[:, :, 2, :].clamp(Z_MIN, Z_MAX)  # [B, N, P]
+    uv = cam[:, :, :2, :] / dist[:, :, None, :]
+    pix = img_aug_matrix[:, :, :3, :3].matmul(torch.cat([uv, dist[:, :, None, :]], 2)) + \
+        img_aug_matrix[:, :, :3, 3, None]
+    u, v = pix[:, :, 0, :], pix[:, :, 1, :]
+    on_image = (v < height) & (v >= 0) & (u < width) & (u >= 0) & real[:, None, :]
+    plane = torch.arange(batch * cams, device=xyz.device).view(batch, cams, 1)
+    flat = (plane * height + v.clamp(0, height - 1).long()) * width + \
+        u.clamp(0, width - 1).long()
+    pixels = batch * cams * height * width
+    flat = torch.where(on_image, flat, pixels)  # off-image points go to a spare slot
+    # The winner of a pixel: the highest point index (the cloud's last point), as a loop
+    # writing in order leaves it.
+    order = torch.arange(longest, device=xyz.device).expand_as(flat)
+    winner = torch.full((pixels + 1, ), -1, dtype=torch.long, device=xyz.device)
+    winner.scatter_reduce_(0, flat.reshape(-1), order.reshape(-1), 'amax')
+    source = torch.full((pixels + 1, ), -1, dtype=torch.long, device=xyz.device)
+    picked = (flat.reshape(-1) < pixels) & (order.reshape(-1) == winner[flat.reshape(-1)])
+    source.scatter_(0, torch.where(picked, flat.reshape(-1), pixels),
+                    torch.arange(flat.numel(), device=xyz.device))
+    values = torch.cat([dist.reshape(-1), dist.new_zeros(1)])
+    depth = values[torch.where(source[:pixels] >= 0, source[:pixels], flat.numel())]
+    return depth.view(batch, cams, 1, height, width)
