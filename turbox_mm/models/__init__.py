@@ -1,2 +1,2 @@
 """Models: one folder a model, plus layers and data preprocessors shared across models."""
-from . import data_preprocessors, dense_heads, layers, losses, sparse4d  # noqa: F401
+from . import bevfusion, data_preprocessors, dense_heads, layers, losses, sparse4d  # noqa: F401

@@ -1,0 +1,9 @@
+"""BEVFusion (mmdet3d 1.4's ``projects/BEVFusion``), mmengine-native (issue 15; in progress).
+
+Landed so far: the camera view transform :class:`DepthLSSTransform` (with
+``turbox_mm::bev_pool``) and its lidar depth images.
+"""
+from .depth_lss_transform import DepthLSSTransform
+from .lidar_depth import depth_image_batched, depth_image_stock
+
+__all__ = ['DepthLSSTransform', 'depth_image_batched', 'depth_image_stock']
