@@ -93,7 +93,9 @@ def test_turbox_rewrite_of_the_sparse4d_config():
             if t['type'] not in ('turbox_mm.NormalizeMultiviewImage',
                                  'turbox_mm.PhotoMetricDistortionMultiViewImage')]
     assert len(kept) == len(train)
-    assert [a for a in kept if 'Image' not in a] == [
+    # data.point_loaders: mmdet3d's points loader becomes its checked twin
+    twins = {'LoadPointsFromFile': 'turbox_mm.LoadPointsFromFileChecked'}
+    assert [twins.get(a, a) for a in kept if 'Image' not in a] == [
         b for b in train if 'Image' not in b and 'MultiView' not in b]
     pre = cfg.model.data_preprocessor
     assert pre.type == 'turbox_mm.TurboxDet3DDataPreprocessor'
