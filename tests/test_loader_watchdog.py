@@ -68,6 +68,26 @@ def test_a_healthy_loader_gives_the_same_batches_and_leaves_the_workers_idle():
     assert list(loader._turbox_slots)[::2] == [-1.0, -1.0]
 
 
+class DictItems(Faulty):
+    """Takes the sampler items of GroupInBatchSampler: ``{'idx': i, 'aug_seed': s}``."""
+
+    def __getitem__(self, item):
+        return super().__getitem__(item['idx'])
+
+
+def test_sampler_items_with_an_index_are_recorded_by_it():
+    items = [[dict(idx=i, aug_seed=7 * i), dict(idx=i + 1, aug_seed=1)] for i in range(0, 12, 2)]
+    loader = DataLoader(DictItems(5, 'hang'), batch_sampler=items, num_workers=2,
+                        multiprocessing_context='fork')
+    watch_dataloader(loader, 2)
+    with pytest.raises(RuntimeError, match=r'worker 0: sample index 5 \(sample_idx 5'):
+        list(loader)
+    healthy = DataLoader(DictItems(-1, 'hang'), batch_sampler=items, num_workers=2,
+                         multiprocessing_context='fork')
+    watch_dataloader(healthy, 30)
+    assert [b.tolist() for b in healthy] == [[[i], [i + 1]] for i in range(0, 12, 2)]
+
+
 def test_a_worker_killed_while_the_step_runs_is_named():
     """torch raises "killed by signal" from wherever the main process is (here: the step);
     name_stuck_samples (which TurboxRunner applies to every error) adds the sample."""

@@ -73,17 +73,32 @@ class _RecordingGetItems:
         finally:
             slots[slot] = -1
 
-    def _load(self, indices: List[int], slots, slot: int) -> list:
+    def _load(self, indices: List, slots, slot: int) -> list:
         if self.original is not None:  # the dataset's own batched fetch: record its first index
             if slots is not None:
-                slots[slot], slots[slot + 1] = indices[0], time.time()
+                slots[slot], slots[slot + 1] = _index_of(indices[0]), time.time()
             return self.original(indices)
         out = []
         for index in indices:
             if slots is not None:
-                slots[slot], slots[slot + 1] = index, time.time()
+                slots[slot], slots[slot + 1] = _index_of(index), time.time()
             out.append(self.dataset[index])
         return out
+
+
+#: Recorded for a sampler item the record cannot hold (neither an index nor a dict with one).
+UNKNOWN = -2
+
+
+def _index_of(item) -> int:
+    """The sample index of a sampler item: the item itself, or its ``'idx'`` (samplers that
+    pass augmentation seeds along, such as ``GroupInBatchSampler``); :data:`UNKNOWN` else."""
+    if isinstance(item, dict):
+        item = item.get('idx', UNKNOWN)
+    try:
+        return int(item)
+    except (TypeError, ValueError):
+        return UNKNOWN
 
 
 def _describe(dataset, index: int) -> str:
@@ -109,9 +124,13 @@ def busy_workers(loader: DataLoader) -> List[str]:
     now, lines = time.time(), []
     for worker in range(len(slots) // 2):
         index = int(slots[2 * worker])
-        if index >= 0:
-            lines.append(f'worker {worker}: {_describe(loader.dataset, index)}, for '
-                         f'{now - slots[2 * worker + 1]:.0f} s')
+        if index == UNKNOWN:
+            what = 'a sample the sampler gave no index for'
+        elif index >= 0:
+            what = _describe(loader.dataset, index)
+        else:
+            continue
+        lines.append(f'worker {worker}: {what}, for {now - slots[2 * worker + 1]:.0f} s')
     return lines
 
 
