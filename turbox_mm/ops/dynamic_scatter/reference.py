@@ -11,8 +11,8 @@ The semantics are mmcv 2.1's ``dynamic_scatter`` (``DynamicScatter``, CUDA op
   the order mmcv's per-sample loop gives.
 * **Reduction** of the features of a voxel's points, per channel: ``'max'``, ``'sum'`` or
   ``'mean'`` (the sum divided by the point count). ``'max'`` skips NaN values (mmcv's
-  ``fmaxf``): a channel whose values are all NaN gives ``-inf``. 16-bit features are reduced in float32 and
-  written back in their dtype (mmcv has only float32 and float64).
+  ``fmaxf``): a channel whose values are all NaN gives ``-inf``. 16-bit features are reduced
+  in float32 and written back in their dtype (mmcv has only float32 and float64).
 * **Gradients.** ``'sum'``: every point receives its voxel's gradient; ``'mean'``: the
   gradient divided by the count; ``'max'``: per channel, the gradient goes to the lowest
   indexed point whose feature equals the maximum (mmcv's ``reduce_from``), the others get 0.
