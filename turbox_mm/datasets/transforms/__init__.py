@@ -5,6 +5,8 @@ Sparse4D pipeline's own transforms.
 ``MultiViewAffineAug`` is its turbox twin.
 """
 from .bbox_rotation import BBoxRotation
+from .bevfusion_global_rot_scale_trans import BEVFusionGlobalRotScaleTrans
+from .bevfusion_random_flip_3d import BEVFusionRandomFlip3D
 from .circle_object_range_filter import CircleObjectRangeFilter
 from .instance_name_filter import InstanceNameFilter
 from .load_multiview_images import LoadMultiViewImagesTurbo
@@ -18,8 +20,11 @@ from .photometric_multiview import PhotoMetricDistortionMultiViewImage
 from .resize_crop_flip_image import ResizeCropFlipImage
 from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
-__all__ = ['BBoxRotation', 'CircleObjectRangeFilter', 'InstanceNameFilter',
-           'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
-           'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
-           'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
-           'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor']
+__all__ = [
+    'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
+    'CircleObjectRangeFilter', 'InstanceNameFilter', 'LoadMultiViewImagesTurbo',
+    'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast', 'MultiScaleDepthMapGenerator',
+    'MultiViewAffineAug', 'NormalizeMultiviewImage', 'PackJpegBytes', 'pack_jpeg_bytes',
+    'PhotoMetricDistortionMultiViewImage', 'ResizeCropFlipImage', 'SPARSE4D_META_KEYS',
+    'NuScenesSparse4DAdaptor'
+]
