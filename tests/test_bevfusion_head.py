@@ -195,3 +195,12 @@ def test_bad_configs_are_named():
         MODELS.build(head_cfg(test_cfg=None))
     with pytest.raises(ValueError, match='nms_kernel_size must be odd'):
         MODELS.build(head_cfg(nms_kernel_size=2))
+
+
+def test_parameter_names_follow_upstreams_checkpoints():
+    head = MODELS.build(head_cfg())
+    keys = set(head.state_dict())
+    assert 'decoder.0.self_posembed.position_embedding_head.0.weight' in keys
+    assert 'decoder.0.cross_posembed.position_embedding_head.3.bias' in keys
+    assert 'prediction_heads.0.heatmap.1.weight' in keys and 'shared_conv.bias' in keys
+    assert not any(k.startswith('bev_pos') for k in keys)  # a buffer, not saved

@@ -70,20 +70,22 @@ class BEVFusion(Base3DDetector):
         self.voxelize_reduce = bool(voxelize_cfg.pop('voxelize_reduce', True))
         super().__init__(data_preprocessor=preprocessor, init_cfg=init_cfg)
         self.op_impl = check_op_impl('BEVFusion', op_impl)
-        self.pts_voxel_layer = Voxelization(**voxelize_cfg)
-        self.pts_voxel_encoder = MODELS.build(pts_voxel_encoder) if pts_voxel_encoder else None
-        self.pts_middle_encoder = MODELS.build(pts_middle_encoder)
         camera = [img_backbone, img_neck, view_transform]
         if any(c is not None for c in camera) and not all(c is not None for c in camera):
             raise ValueError('BEVFusion: img_backbone, img_neck and view_transform come '
                              'together (camera branch) or not at all (lidar only)')
+        # Built in upstream's order (the random draws, so the initial weights, follow it).
+        self.pts_voxel_layer = Voxelization(**voxelize_cfg)
+        self.pts_voxel_encoder = MODELS.build(pts_voxel_encoder) if pts_voxel_encoder else None
         self.img_backbone = MODELS.build(img_backbone) if img_backbone else None
         self.img_neck = MODELS.build(img_neck) if img_neck else None
         self.view_transform = MODELS.build(view_transform) if view_transform else None
+        self.pts_middle_encoder = MODELS.build(pts_middle_encoder)
         self.fusion_layer = MODELS.build(fusion_layer) if fusion_layer else None
         self.pts_backbone = MODELS.build(pts_backbone)
         self.pts_neck = MODELS.build(pts_neck)
         self.bbox_head = MODELS.build(bbox_head)
+        self.init_weights()  # as upstream: the image backbone only, at construction too
 
     def init_weights(self) -> None:
         """Only the image backbone, as upstream (module docstring)."""
@@ -117,13 +119,14 @@ class BEVFusion(Base3DDetector):
         return feats, coords.int(), sizes
 
     def extract_pts_feat(self, batch_inputs_dict: Dict) -> Tensor:
-        """The lidar BEV ``[B, C, X, Y]`` (voxelization and the encoder in float32)."""
+        """The lidar BEV ``[B, C, X, Y]`` (voxelization in float32; the encoder outside that
+        region, as upstream: under AMP spconv runs it in half precision)."""
         points = batch_inputs_dict['points']
         with torch.autocast(device_type=points[0].device.type, enabled=False):
             points = [p.float() for p in points]
             feats, coords, _ = self.voxelize(points)
             batch_size = len(points) if self.op_impl == 'turbox' else coords[-1, 0] + 1
-            return self.pts_middle_encoder(feats, coords, batch_size)
+        return self.pts_middle_encoder(feats, coords, batch_size)
 
     # -- camera ---------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def _grid(xbound: Sequence[float], ybound: Sequence[float], zbound: Sequence[flo
     rows = (xbound, ybound, zbound)
     dx = torch.tensor([row[2] for row in rows], dtype=torch.float32)
     bx = torch.tensor([row[0] + row[2] / 2.0 for row in rows], dtype=torch.float32)
-    nx = torch.tensor([(row[1] - row[0]) / row[2] for row in rows]).long()
+    nx = torch.tensor([int((row[1] - row[0]) / row[2]) for row in rows], dtype=torch.long)
     return dx, bx, nx
 
 

@@ -26,9 +26,11 @@ class GeneralizedLSSFPN(BaseModule):
         out_channels (int): Channels of every output.
         num_outs (int): Upstream's argument; not used to build anything.
         start_level (int): The first backbone level used. Defaults to 0.
-        end_level (int): The last level used (-1: the last one). Defaults to -1.
+        end_level (int): One past the last level used (-1: all of them). Defaults to -1.
+            (Upstream's forward ignores its ``end_level``, so only -1 means the same there.)
         no_norm_on_lateral (bool): No norm in the 1 x 1 convolutions. Defaults to False.
-        conv_cfg, norm_cfg, act_cfg (dict, optional): For the ``ConvModule``s.
+        conv_cfg, norm_cfg, act_cfg (dict, optional): For the ``ConvModule``s (norm: BN2d
+            by default, as upstream).
         upsample_cfg (dict): ``F.interpolate`` arguments. Defaults to bilinear with
             ``align_corners=True`` (BEVFusion's config sets False).
         init_cfg (dict, optional): mmengine's.
@@ -36,7 +38,7 @@ class GeneralizedLSSFPN(BaseModule):
 
     def __init__(self, in_channels: Sequence[int], out_channels: int, num_outs: int,
                  start_level: int = 0, end_level: int = -1, no_norm_on_lateral: bool = False,
-                 conv_cfg: Optional[dict] = None, norm_cfg: Optional[dict] = None,
+                 conv_cfg: Optional[dict] = None, norm_cfg: Optional[dict] = dict(type='BN2d'),
                  act_cfg: Optional[dict] = dict(type='ReLU'),
                  upsample_cfg: dict = dict(mode='bilinear', align_corners=True),
                  init_cfg: Optional[dict] = None) -> None:

@@ -1,10 +1,10 @@
 """``BEVFusionSparseEncoder``: BEVFusion's lidar sparse encoder, in (x, y, z) order."""
-from typing import Sequence
+from typing import Sequence, Tuple
 
 from mmdet3d.models.layers import make_sparse_convmodule
 from mmdet3d.models.layers.spconv import IS_SPCONV2_AVAILABLE
 from mmdet3d.models.middle_encoders import SparseEncoder
-from torch import Tensor
+from torch import Tensor, nn
 
 from turbox_mm.registry import MODELS
 
@@ -26,19 +26,44 @@ class BEVFusionSparseEncoder(SparseEncoder):
     Args:
         in_channels (int): Voxel feature channels (5).
         sparse_shape (Sequence[int]): ``[X, Y, Z]``.
-        **kwargs: ``SparseEncoder``'s (``order``, ``norm_cfg``, ``base_channels``,
-            ``output_channels``, ``encoder_channels``, ``encoder_paddings``, ``block_type``).
+        order, norm_cfg, base_channels, output_channels, encoder_channels,
+            encoder_paddings, block_type: As mmdet3d's ``SparseEncoder``.
     """
 
-    def __init__(self, in_channels: int, sparse_shape: Sequence[int], **kwargs) -> None:
-        if kwargs.get('return_middle_feats'):
-            raise ValueError('BEVFusionSparseEncoder: return_middle_feats is not supported')
-        super().__init__(in_channels, list(sparse_shape), **kwargs)
-        norm_cfg = kwargs.get('norm_cfg', dict(type='BN1d', eps=1e-3, momentum=0.01))
+    def __init__(self, in_channels: int, sparse_shape: Sequence[int],
+                 order: Tuple[str, ...] = ('conv', 'norm', 'act'),
+                 norm_cfg: dict = dict(type='BN1d', eps=1e-3, momentum=0.01),
+                 base_channels: int = 16, output_channels: int = 128,
+                 encoder_channels=((16, ), (32, 32, 32), (64, 64, 64), (64, 64, 64)),
+                 encoder_paddings=((1, ), (1, 1, 1), (1, 1, 1), ((0, 1, 1), 1, 1)),
+                 block_type: str = 'conv_module') -> None:
+        # Built as upstream builds it (nn.Module's constructor, then its layers in its
+        # order), not through SparseEncoder's: the same random draws, the same initial weights.
+        nn.Module.__init__(self)
+        if block_type not in ('conv_module', 'basicblock'):
+            raise ValueError(f"BEVFusionSparseEncoder: block_type must be 'conv_module' or "
+                             f"'basicblock', got {block_type!r}")
+        if not (isinstance(order, tuple) and len(order) == 3 and
+                set(order) == {'conv', 'norm', 'act'}):
+            raise ValueError(f"BEVFusionSparseEncoder: order must order 'conv', 'norm' and "
+                             f"'act', got {order!r}")
+        self.sparse_shape = list(sparse_shape)
+        self.in_channels = in_channels
+        self.order = order
+        self.base_channels = base_channels
+        self.output_channels = output_channels
+        self.encoder_channels = encoder_channels
+        self.encoder_paddings = encoder_paddings
+        self.stage_num = len(encoder_channels)
+        self.return_middle_feats = False
+        self.conv_input = make_sparse_convmodule(
+            in_channels, base_channels, 3, norm_cfg=norm_cfg, padding=1, indice_key='subm1',
+            conv_type='SubMConv3d', **({} if order[0] == 'conv' else dict(order=('conv', ))))
+        encoder_out_channels = self.make_encoder_layers(make_sparse_convmodule, norm_cfg,
+                                                        base_channels, block_type=block_type)
         self.conv_out = make_sparse_convmodule(
-            self.conv_out[0].in_channels, self.output_channels, kernel_size=(1, 1, 3),
-            stride=(1, 1, 2), norm_cfg=norm_cfg, padding=0, indice_key='spconv_down2',
-            conv_type='SparseConv3d')
+            encoder_out_channels, output_channels, kernel_size=(1, 1, 3), stride=(1, 1, 2),
+            norm_cfg=norm_cfg, padding=0, indice_key='spconv_down2', conv_type='SparseConv3d')
 
     def forward(self, voxel_features: Tensor, coors: Tensor, batch_size: int) -> Tensor:
         """``[M, C]`` voxel features at ``(batch, x, y, z)`` -> ``[B, C_out * Z', X', Y']``."""

@@ -161,7 +161,7 @@ class TransFusionHead(nn.Module):
         batch = x.shape[0]
         feat = self.shared_conv(x)
         flat = feat.view(batch, feat.shape[1], -1)
-        bev_pos = self.bev_pos.to(flat.dtype).expand(batch, -1, -1)
+        bev_pos = self.bev_pos.expand(batch, -1, -1)  # float32, as upstream's, under AMP too
         with torch.autocast(device_type=feat.device.type, enabled=False):
             dense_heatmap = self.heatmap_head(feat.float())
         heat = self._local_maxima(dense_heatmap.detach().sigmoid())

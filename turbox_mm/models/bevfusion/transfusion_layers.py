@@ -7,17 +7,19 @@ from torch import Tensor, nn
 from turbox_mm.registry import MODELS
 
 
-class PositionEncodingLearned(nn.Sequential):
+class PositionEncodingLearned(nn.Module):
     """``[B, P, D]`` positions -> ``[B, F, P]`` embeddings: Conv1d(D, F) -> BN1d -> ReLU ->
-    Conv1d(F, F)."""
+    Conv1d(F, F) (``position_embedding_head``, upstream's parameter names)."""
 
     def __init__(self, input_channel: int, num_pos_feats: int = 288) -> None:
-        super().__init__(nn.Conv1d(input_channel, num_pos_feats, kernel_size=1),
-                         nn.BatchNorm1d(num_pos_feats), nn.ReLU(inplace=True),
-                         nn.Conv1d(num_pos_feats, num_pos_feats, kernel_size=1))
+        super().__init__()
+        self.position_embedding_head = nn.Sequential(
+            nn.Conv1d(input_channel, num_pos_feats, kernel_size=1),
+            nn.BatchNorm1d(num_pos_feats), nn.ReLU(inplace=True),
+            nn.Conv1d(num_pos_feats, num_pos_feats, kernel_size=1))
 
     def forward(self, xyz: Tensor) -> Tensor:
-        return super().forward(xyz.transpose(1, 2).contiguous())
+        return self.position_embedding_head(xyz.transpose(1, 2).contiguous())
 
 
 @MODELS.register_module()

@@ -127,7 +127,7 @@ def indice_conv(features: Tensor, filters: Tensor, indice_pairs: Tensor, indice_
         if count:
             rows_in = indice_pairs[k, src, :count].long()
             rows_out = indice_pairs[k, dst, :count].long()
-            out.index_add_(0, rows_out, features[rows_in] @ weights[k])
+            out.index_add_(0, rows_out, (features[rows_in] @ weights[k]).to(out.dtype))
     return out
 
 
@@ -145,6 +145,6 @@ def indice_conv_backward(features: Tensor, filters: Tensor, out_bp: Tensor,
             rows_in = indice_pairs[k, src, :count].long()
             rows_out = indice_pairs[k, dst, :count].long()
             grad = out_bp[rows_out]
-            grad_features.index_add_(0, rows_in, grad @ weights[k].T)
-            grad_weights[k] = features[rows_in].T @ grad
+            grad_features.index_add_(0, rows_in, (grad @ weights[k].T).to(grad_features.dtype))
+            grad_weights[k] = (features[rows_in].T @ grad).to(grad_weights.dtype)
     return grad_features, grad_weights.view_as(filters)
