@@ -248,8 +248,8 @@ def test_pipelined_loop_counts_its_loader_wait_as_data_wait(monkeypatch, tmp_pat
     assert other < wait, rows
 
 
-def test_sparse_conv_benchmark_says_it_needs_cuda_on_the_cpu():
+def test_spconv_precision_benchmark_says_it_needs_cuda_on_the_cpu():
     from turbox_mm.benchmark.micro import available, get
-    assert 'sparse_conv' in available('component')
-    rows = get('sparse_conv')('cpu', quick=True)
+    assert 'spconv_precision' in available('component')
+    rows = get('spconv_precision')('cpu', quick=True)
     assert len(rows) == 2 and all(r['stock'] is None and 'needs CUDA' in r['note'] for r in rows)

@@ -87,7 +87,7 @@ def test_mmdet3ds_sparse_encoder_trains_on_the_cpu():
     import mmdet3d.models  # noqa: F401
     from mmdet3d.registry import MODELS
     encoder = MODELS.build(dict(
-        type='SparseEncoder', in_channels=5, sparse_shape=[41, 32, 32], output_channels=16,
+        type='mmdet3d.SparseEncoder', in_channels=5, sparse_shape=[41, 32, 32], output_channels=16,
         order=('conv', 'norm', 'act'), encoder_channels=((8, ), (8, 16), (16, 16), (16, )),
         encoder_paddings=((1, ), (1, 1), (1, 1), ((0, 1, 1), )), block_type='basicblock'))
     gen = torch.Generator().manual_seed(0)

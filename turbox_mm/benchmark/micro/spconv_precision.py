@@ -49,9 +49,9 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         list[dict]: Rows as described in :mod:`turbox_mm.benchmark.micro`.
     """
     cases = ['float32 vs TF32 (precision.tf32)', 'float32 vs float16 autocast']
-    dev = benchmark_device('sparse_conv', device)
+    dev = benchmark_device('spconv_precision', device)
     if dev.type != 'cuda':
-        return [dict(component='sparse_conv', case=case, stock=None, turbox=None,
+        return [dict(component='spconv_precision', case=case, stock=None, turbox=None,
                      note='sparse convolution has no CPU op (mmcv, spconv): needs CUDA')
                 for case in cases]
     import mmdet3d.models  # noqa: F401  (registers the encoder, on spconv 2 where it imports)
@@ -83,9 +83,9 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     before = torch.get_float32_matmul_precision()
     try:
         fp32 = timed(False)
-        rows = [dict(component='sparse_conv', case=cases[0], stock=fp32, turbox=timed(True),
+        rows = [dict(component='spconv_precision', case=cases[0], stock=fp32, turbox=timed(True),
                      note=note + '; forward + backward'),
-                dict(component='sparse_conv', case=cases[1], stock=fp32,
+                dict(component='spconv_precision', case=cases[1], stock=fp32,
                      turbox=timed(False, autocast=True), note=note + '; forward + backward')]
     finally:
         apply_precision(dict(allow_tf32=before != 'highest'))
