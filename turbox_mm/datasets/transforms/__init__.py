@@ -8,6 +8,8 @@ from .bbox_rotation import BBoxRotation
 from .bevfusion_global_rot_scale_trans import BEVFusionGlobalRotScaleTrans
 from .bevfusion_random_flip_3d import BEVFusionRandomFlip3D
 from .circle_object_range_filter import CircleObjectRangeFilter
+from .grid_mask import GridMask
+from .image_aug_3d import ImageAug3D
 from .instance_name_filter import InstanceNameFilter
 from .load_multiview_images import LoadMultiViewImagesTurbo
 from .load_points_checked import LoadPointsFromFileChecked
@@ -22,9 +24,9 @@ from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
 __all__ = [
     'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
-    'CircleObjectRangeFilter', 'InstanceNameFilter', 'LoadMultiViewImagesTurbo',
-    'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast', 'MultiScaleDepthMapGenerator',
-    'MultiViewAffineAug', 'NormalizeMultiviewImage', 'PackJpegBytes', 'pack_jpeg_bytes',
-    'PhotoMetricDistortionMultiViewImage', 'ResizeCropFlipImage', 'SPARSE4D_META_KEYS',
-    'NuScenesSparse4DAdaptor'
+    'CircleObjectRangeFilter', 'GridMask', 'ImageAug3D', 'InstanceNameFilter',
+    'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
+    'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
+    'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
+    'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor'
 ]
