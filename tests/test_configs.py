@@ -28,7 +28,7 @@ def resolve(type_name: str, scope: str):
         registry = root._search_child(scope) or root
         try:
             obj = registry.get(type_name)
-        except KeyError:
+        except (KeyError, ImportError):  # not this root's, or its scope has no such module
             continue
         if obj is not None:
             return obj
