@@ -54,8 +54,9 @@ def _is_mmdet3d_original(type_name: str, twin: str) -> bool:
     return MMDET3D_MODELS.get(type_name.rpartition('.')[2]) in twin_cls.__bases__
 
 
-def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
-    if isinstance(node, dict):
+def _set_op_impls(model: Dict, default_scope: str, changes: List[str]) -> None:
+    from .turbox_options import config_dicts
+    for path, node in config_dicts(model, 'model'):
         twin = TWINS.get(node['type']) if isinstance(node.get('type'), str) else None
         if twin is not None and _is_mmdet3d_original(node['type'], twin):
             changes.append(f"{path} = {twin}(op_impl='turbox') (was {node['type']})")
@@ -63,11 +64,6 @@ def _walk(node: Any, path: str, default_scope: str, changes: List[str]) -> None:
         elif _takes_op_impl(node.get('type'), default_scope) and node.get(OP_IMPL) != 'turbox':
             node[OP_IMPL] = 'turbox'
             changes.append(f"{path}.op_impl = 'turbox' ({node['type']})")
-        for key, value in node.items():
-            _walk(value, f'{path}.{key}', default_scope, changes)
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            _walk(value, f'{path}[{i}]', default_scope, changes)
 
 
 def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
@@ -85,7 +81,7 @@ def apply_fast_ops(cfg: Config, opts: Dict) -> List[str]:
     changes: List[str] = []
     if opts['fast'] and isinstance(cfg.get('model'), dict):
         changes += _rewrite_voxel_preprocessor(cfg['model'])
-        _walk(cfg['model'], 'model', cfg.get('default_scope') or '', changes)
+        _set_op_impls(cfg['model'], cfg.get('default_scope') or '', changes)
         from . import fast_nms, fast_scatter
         changes += fast_nms.install()
         changes += fast_scatter.install()

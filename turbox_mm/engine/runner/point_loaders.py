@@ -14,11 +14,12 @@ Every pipeline of the train, val and test loaders is rewritten, wherever the tra
 sits (dataset wrappers, GT-paste's ``db_sampler.points_loader``). A name that a project has
 registered for its own class (so that it no longer resolves to mmdet3d's) is left alone.
 """
-from typing import Any, Dict, List
+from typing import Dict, List
 
 from mmengine.config import Config
 
-DATALOADER_KEYS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+from .turbox_options import DATALOADER_KEYS, config_dicts
+
 TWINS = {
     'LoadPointsFromFile': 'turbox_mm.LoadPointsFromFileChecked',
     'LoadPointsFromMultiSweeps': 'turbox_mm.LoadPointsFromMultiSweepsFast',
@@ -29,21 +30,6 @@ def _is_mmdet3d_original(name: str) -> bool:
     import mmdet3d.datasets.transforms as mmdet3d_transforms
     from mmdet3d.registry import TRANSFORMS
     return TRANSFORMS.get(name) is getattr(mmdet3d_transforms, name, None)
-
-
-def _walk(node: Any, path: str, changes: List[str]) -> None:
-    if isinstance(node, dict):
-        type_name = node.get('type')
-        if isinstance(type_name, str):
-            scope, _, name = type_name.rpartition('.')
-            if scope in ('', 'mmdet3d') and name in TWINS and _is_mmdet3d_original(name):
-                node['type'] = TWINS[name]
-                changes.append(f'{path} = {TWINS[name]} (was {type_name})')
-        for key, value in node.items():
-            _walk(value, f'{path}.{key}', changes)
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            _walk(value, f'{path}[{i}]', changes)
 
 
 def apply_point_loaders(cfg: Config, opts: Dict) -> List[str]:
@@ -65,6 +51,14 @@ def apply_point_loaders(cfg: Config, opts: Dict) -> List[str]:
     changes: List[str] = []
     for key in DATALOADER_KEYS:
         loader = cfg.get(key)
-        if isinstance(loader, dict) and isinstance(loader.get('dataset'), dict):
-            _walk(loader['dataset'], f'{key}.dataset', changes)
+        if not (isinstance(loader, dict) and isinstance(loader.get('dataset'), dict)):
+            continue
+        for path, node in config_dicts(loader['dataset'], f'{key}.dataset'):
+            type_name = node.get('type')
+            if not isinstance(type_name, str):
+                continue
+            scope, _, name = type_name.rpartition('.')
+            if scope in ('', 'mmdet3d') and name in TWINS and _is_mmdet3d_original(name):
+                node['type'] = TWINS[name]
+                changes.append(f'{path} = {TWINS[name]} (was {type_name})')
     return changes

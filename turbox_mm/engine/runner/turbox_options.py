@@ -267,6 +267,18 @@ CYCLIC_SAMPLERS = ('DefaultSampler', 'turbox_mm.GroupSampler')
 CYCLIC_BATCH_SAMPLERS = ('AspectRatioBatchSampler', 'TrackAspectRatioBatchSampler')
 
 
+def config_dicts(node, path: str):
+    """Every dict of a config tree with its dotted path, parents before their children (a
+    caller may change a dict it is given before its children are visited)."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from config_dicts(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from config_dicts(value, f'{path}[{i}]')
+
+
 def _short(type_name) -> str:
     """'mmengine.DefaultSampler' -> 'DefaultSampler' (scope prefixes do not matter here)."""
     return type_name.split('.')[-1] if isinstance(type_name, str) else ''

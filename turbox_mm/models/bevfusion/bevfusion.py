@@ -28,10 +28,13 @@ from turbox_mm.ops.voxelize import hard_voxelize
 from turbox_mm.registry import MODELS
 
 #: metainfo key -> ``view_transform`` argument, with the default for a missing key.
-CAMERA_MATRICES = (('lidar2img', 'lidar2image', None), ('cam2img', 'cam_intrinsic', None),
-                   ('cam2lidar', 'camera2lidar', None), ('img_aug_matrix', 'img_aug_matrix',
-                                                         'eye'),
-                   ('lidar_aug_matrix', 'lidar_aug_matrix', 'eye'))
+CAMERA_MATRICES = (
+    ('lidar2img', 'lidar2image', None),
+    ('cam2img', 'cam_intrinsic', None),
+    ('cam2lidar', 'camera2lidar', None),
+    ('img_aug_matrix', 'img_aug_matrix', 'eye'),
+    ('lidar_aug_matrix', 'lidar_aug_matrix', 'eye'),
+)
 
 
 @MODELS.register_module()

@@ -75,16 +75,12 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
     flat = (plane * height + v.clamp(0, height - 1).long()) * width + \
         u.clamp(0, width - 1).long()
     pixels = batch * cams * height * width
-    flat = torch.where(on_image, flat, pixels)  # off-image points go to a spare slot
-    # The winner of a pixel: the highest point index (the cloud's last point), as a loop
-    # writing in order leaves it.
-    order = torch.arange(longest, device=xyz.device).expand_as(flat)
-    winner = torch.full((pixels + 1, ), -1, dtype=torch.long, device=xyz.device)
-    winner.scatter_reduce_(0, flat.reshape(-1), order.reshape(-1), 'amax')
+    flat = torch.where(on_image, flat, pixels).reshape(-1)  # off-image: a spare slot
+    # The winner of a pixel: its last point in the cloud's order, as a loop writing in order
+    # leaves it. A pixel belongs to one (sample, camera), whose entries of ``flat`` run in
+    # point order, so the highest entry index is the last point.
     source = torch.full((pixels + 1, ), -1, dtype=torch.long, device=xyz.device)
-    picked = (flat.reshape(-1) < pixels) & (order.reshape(-1) == winner[flat.reshape(-1)])
-    source.scatter_(0, torch.where(picked, flat.reshape(-1), pixels),
-                    torch.arange(flat.numel(), device=xyz.device))
+    source.scatter_reduce_(0, flat, torch.arange(flat.numel(), device=xyz.device), 'amax')
     values = torch.cat([dist.reshape(-1), dist.new_zeros(1)])
     depth = values[torch.where(source[:pixels] >= 0, source[:pixels], flat.numel())]
     return depth.view(batch, cams, 1, height, width)
