@@ -16,6 +16,7 @@ from typing import Dict
 
 import torch
 from mmdet.models.task_modules import AssignResult
+from mmengine.structures import InstanceData
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -71,7 +72,6 @@ class HungarianAssigner3D:
     def cost(self, bboxes: Tensor, gt_bboxes: Tensor, gt_labels: Tensor, cls_logits: Tensor,
              train_cfg: Dict):
         """``(cost [P, G], iou [P, G])`` (``cls_logits``: ``[K, P]``)."""
-        from mmengine.structures import InstanceData
         cls_cost = self.cls_cost(InstanceData(scores=cls_logits.T),
                                  InstanceData(labels=gt_labels))
         iou = self.iou_calculator(bboxes, gt_bboxes)
