@@ -5,6 +5,7 @@ Sparse4D pipeline's own transforms.
 ``MultiViewAffineAug`` is its turbox twin.
 """
 from .bbox_rotation import BBoxRotation
+from .bev_load_multiview_images import BEVLoadMultiViewImageFromFiles
 from .bevfusion_global_rot_scale_trans import BEVFusionGlobalRotScaleTrans
 from .bevfusion_random_flip_3d import BEVFusionRandomFlip3D
 from .circle_object_range_filter import CircleObjectRangeFilter
@@ -24,6 +25,7 @@ from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
 __all__ = [
     'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
+    'BEVLoadMultiViewImageFromFiles',
     'CircleObjectRangeFilter', 'GridMask', 'ImageAug3D', 'InstanceNameFilter',
     'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
     'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
