@@ -9,7 +9,8 @@ section 4): the local maximum ignores the border except for pedestrians and traf
 nuScenes, the proposal order is class-major, the score threshold 0.0 is off. Where upstream
 fails this head does not: samples without ground-truth boxes (all proposals background),
 more than one decoder layer in the targets, ``nms_kernel_size=1``. Ties in the proposal
-ranking are broken by a stable sort.
+ranking are broken by a stable sort. ``op_impl='turbox'`` builds the same training targets
+for the batch at once with one host synchronisation (:mod:`.transfusion_targets`).
 """
 import copy
 from typing import Dict, List, Optional, Sequence
@@ -17,6 +18,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, build_conv_layer
+from mmdet.models.losses import L1Loss
+from mmdet.models.losses.smooth_l1_loss import l1_loss
 from mmdet3d.models.dense_heads.centerpoint_head import SeparateHead
 from mmdet3d.models.layers import circle_nms, nms_bev
 from mmdet3d.models.utils import draw_heatmap_gaussian, gaussian_radius
@@ -24,7 +27,10 @@ from mmdet3d.structures import xywhr2xyxyr
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
+
+from .transfusion_targets import batched_targets
 
 BOX_KEYS = ('center', 'height', 'dim', 'rot', 'vel')
 #: Classes whose heatmap peaks are not suppressed by the local maximum, per dataset.
@@ -67,6 +73,10 @@ class TransFusionHead(nn.Module):
             ``voxel_size``, ``point_cloud_range``, ``gaussian_overlap``, ``min_radius``,
             ``pos_weight``, ``code_weights``, ``assigner``; ``dataset``, ``nms_type``, ...).
         bbox_coder (dict): :class:`.transfusion_bbox_coder.TransFusionBBoxCoder`'s config.
+        op_impl (str): ``'stock'`` builds the training targets sample by sample as upstream;
+            ``'turbox'`` builds the same targets for the batch with one host synchronisation
+            (:mod:`.transfusion_targets`) and normalises the losses without reading tensors
+            on the host. Defaults to 'stock'.
     """
 
     def __init__(self, num_proposals: int = 128, auxiliary: bool = True, in_channels: int = 384,
@@ -80,8 +90,9 @@ class TransFusionHead(nn.Module):
                  loss_bbox: dict = dict(type='mmdet.L1Loss', reduction='mean'),
                  loss_heatmap: dict = dict(type='mmdet.GaussianFocalLoss', reduction='mean'),
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
-                 bbox_coder: Optional[dict] = None) -> None:
+                 bbox_coder: Optional[dict] = None, op_impl: str = 'stock') -> None:
         super().__init__()
+        self.op_impl = check_op_impl('TransFusionHead', op_impl)
         if test_cfg is None or 'grid_size' not in test_cfg:
             raise ValueError('TransFusionHead: test_cfg must give grid_size and '
                              'out_size_factor (the BEV grid of the proposals)')
@@ -203,6 +214,8 @@ class TransFusionHead(nn.Module):
         """Per-sample targets, stacked: labels, label weights, box targets and weights
         ``[B, P * layers(, code)]``, IoUs, the positive count, the mean matched IoU and the
         dense heatmap targets ``[B, K, X, Y]``."""
+        if self.op_impl == 'turbox':
+            return batched_targets(self, batch_gt_instances_3d, preds)
         results = [self.get_targets_single(gt, {k: v[b:b + 1] for k, v in preds.items()})
                    for b, gt in enumerate(batch_gt_instances_3d)]
         stacked = [torch.cat([r[i] for r in results]) for i in (0, 1, 2, 3, 4, 7)]
@@ -280,9 +293,10 @@ class TransFusionHead(nn.Module):
         ``layer_{i}_loss_bbox`` (the last layer is ``layer_-1``), plus ``matched_ious``."""
         (labels, label_weights, bbox_targets, bbox_weights, _, num_pos, matched_ious,
          heatmap) = self.get_targets(batch_gt_instances_3d, preds)
+        peaks = heatmap.eq(1).float().sum()
         losses = dict(loss_heatmap=self.loss_heatmap(
             preds['dense_heatmap'].sigmoid().clamp(1e-4, 1 - 1e-4).float(), heatmap.float(),
-            avg_factor=max(heatmap.eq(1).float().sum().item(), 1)))
+            avg_factor=peaks.clamp(min=1) if self.op_impl == 'turbox' else max(peaks.item(), 1)))
         code_weights = self.train_cfg.get('code_weights', None)
         layers = self._layers()
         for layer in range(layers):
@@ -298,10 +312,22 @@ class TransFusionHead(nn.Module):
             weights = bbox_weights[:, span]
             if code_weights is not None:
                 weights = weights * weights.new_tensor(code_weights)
-            losses[f'{prefix}_loss_bbox'] = self.loss_bbox(
-                box, bbox_targets[:, span], weights, avg_factor=max(num_pos, 1))
-        losses['matched_ious'] = losses['loss_heatmap'].new_tensor(matched_ious)
+            losses[f'{prefix}_loss_bbox'] = self._loss_bbox(
+                box, bbox_targets[:, span], weights, num_pos)
+        losses['matched_ious'] = (matched_ious.detach() if isinstance(matched_ious, Tensor) else
+                                  losses['loss_heatmap'].new_tensor(matched_ious))
         return losses
+
+    def _loss_bbox(self, box: Tensor, targets: Tensor, weights: Tensor, num_pos: int) -> Tensor:
+        """The box loss normalised by the positive count. mmdet's ``L1Loss`` first asks the
+        device whether any weight is positive (a host synchronisation); on the turbox path the
+        count, a host int, answers that, and the same functional loss runs."""
+        if self.op_impl != 'turbox' or type(self.loss_bbox) is not L1Loss:
+            return self.loss_bbox(box, targets, weights, avg_factor=max(num_pos, 1))
+        if num_pos == 0:  # what L1Loss returns when no weight is positive
+            return (box * weights).sum()
+        return self.loss_bbox.loss_weight * l1_loss(
+            box, targets, weights, reduction=self.loss_bbox.reduction, avg_factor=num_pos)
 
     # -- testing --------------------------------------------------------------------------------
 

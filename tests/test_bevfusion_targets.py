@@ -1,0 +1,104 @@
+"""The TransFusion head's batched (turbox) training targets equal the per-sample stock ones."""
+import copy
+
+import pytest
+import torch
+
+from test_bevfusion_head import bev, gt_boxes, head_cfg
+from turbox_mm.benchmark.syncs import SyncCounter
+from turbox_mm.registry import MODELS
+
+
+def heads(device='cpu', **changes):
+    """A stock head and its turbox twin with the same weights."""
+    torch.manual_seed(0)
+    stock = MODELS.build(head_cfg(**changes)).to(device).train()
+    turbox = MODELS.build(head_cfg(op_impl='turbox', **changes)).to(device).train()
+    turbox.load_state_dict(stock.state_dict())
+    return stock, turbox
+
+
+def batch_gts(counts, device='cpu', seed=0):
+    gts = []
+    for i, num in enumerate(counts):
+        gt = gt_boxes(num, seed=seed + i)
+        gts.append(gt.to(device))
+    return gts
+
+
+def assert_same_targets(stock, turbox):
+    names = ('labels', 'label_weights', 'bbox_targets', 'bbox_weights', 'ious', 'num_pos',
+             'matched_ious', 'heatmap')
+    for name, a, b in zip(names, stock, turbox):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype, name
+            assert a.shape == b.shape, name
+        torch.testing.assert_close(torch.as_tensor(b).cpu(), torch.as_tensor(a).cpu(),
+                                   rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('counts,layers,changes', [
+    ([4, 0, 7], 1, {}),
+    ([5, 3], 2, {}),
+    ([0, 0], 1, {}),
+    ([6, 1], 1, dict(train_cfg_pos_weight=2)),
+])
+def test_turbox_targets_equal_the_stock_ones(counts, layers, changes):
+    cfg = {}
+    if layers > 1:
+        cfg['num_decoder_layers'] = layers
+    stock, turbox = heads(**cfg)
+    if 'train_cfg_pos_weight' in changes:
+        for head in (stock, turbox):
+            head.train_cfg = copy.deepcopy(head.train_cfg)
+            head.train_cfg['pos_weight'] = changes['train_cfg_pos_weight']
+    preds = stock(bev(batch=len(counts)))
+    gts = batch_gts(counts)
+    expected = stock.get_targets(gts, preds)
+    got = turbox.get_targets(gts, preds)
+    assert_same_targets(expected, got)
+    assert isinstance(got[5], int)
+    if sum(counts):
+        assert got[5] > 0 and got[7].max() == 1  # some positives, Gaussian peaks drawn
+
+
+def test_turbox_losses_and_gradients_equal_the_stock_ones():
+    stock, turbox = heads(num_decoder_layers=2)
+    x = bev(batch=3)
+    gts = batch_gts([5, 0, 3])
+    losses = []
+    for head in (stock, turbox):
+        head.zero_grad()
+        torch.manual_seed(1)  # the decoder's dropout draws
+        out = head.loss_by_feat(head(x), gts)
+        sum(v for k, v in out.items() if 'loss' in k).backward()
+        losses.append(out)
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-5, atol=1e-6,
+                                   msg=key)
+    for (name, a), (_, b) in zip(stock.named_parameters(), turbox.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_box_loss_of_a_batch_without_boxes_is_zero_with_a_graph():
+    _, turbox = heads()
+    out = turbox.loss_by_feat(turbox(bev()), batch_gts([0, 0]))
+    assert out['layer_-1_loss_bbox'] == 0 and out['layer_-1_loss_bbox'].requires_grad
+    assert out['matched_ious'] == 0
+
+
+@pytest.mark.cuda
+def test_turbox_targets_on_cuda_equal_stock_with_one_sync():
+    stock, turbox = heads('cuda', num_decoder_layers=2)
+    preds = stock(bev(batch=4).cuda())
+    gts = batch_gts([12, 0, 30, 7], device='cuda')
+    expected = stock.get_targets(gts, preds)
+    turbox.get_targets(gts, preds)  # warm-up: caches, the Gaussian table
+    torch.cuda.synchronize()
+    with SyncCounter() as syncs:
+        got = turbox.get_targets(gts, preds)
+        turbox.loss_by_feat(preds, gts)
+    assert_same_targets(expected, got)
+    # one for the targets inside get_targets, one for those loss_by_feat builds again
+    assert syncs.total == 2, syncs.sources
