@@ -92,6 +92,20 @@ def test_prepare_cfg_switches_off_validation_and_checkpoints():
     assert cfg.train_cfg == dict(type='EpochBasedTrainLoop', max_epochs=4)
 
 
+def test_prepare_cfg_drops_pretrained_init_everywhere_and_keeps_other_init():
+    from mmengine.config import Config
+    cfg = Config(dict(model=dict(
+        type='M', backbone=dict(type='B', init_cfg=dict(type='Pretrained', checkpoint='http://x')),
+        necks=[dict(type='N', init_cfg=[dict(type='Pretrained', checkpoint='a.pth'),
+                                        dict(type='Kaiming', layer='Conv2d')])],
+        head=dict(type='H', init_cfg=dict(type='Xavier')))))
+    out = prepare_cfg(cfg, '/tmp/x').model
+    assert out.backbone.init_cfg is None
+    assert out.necks[0].init_cfg == [dict(type='Kaiming', layer='Conv2d')]
+    assert out.head.init_cfg == dict(type='Xavier')
+    assert cfg.model.backbone.init_cfg['type'] == 'Pretrained'  # the caller's config untouched
+
+
 def _result(config, iters, sps, losses=(1.0, )):
     rows = [dict(iter=t, data_wait=0.1, preprocess=0.1, forward=t / 2, backward=t / 4,
                  optimizer=0.1, other=0.0) for t in iters]

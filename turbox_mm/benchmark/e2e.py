@@ -365,7 +365,31 @@ def prepare_cfg(cfg: Config, work_dir: str) -> Config:
     cfg.default_hooks = hooks
     cfg.resume = False
     cfg.load_from = None
+    drop_pretrained(cfg.get('model'))
     return cfg
+
+
+def drop_pretrained(node, path: str = 'model') -> List[str]:
+    """Remove every ``init_cfg`` of type ``'Pretrained'`` below ``node`` in place (a list of
+    init configs keeps its other entries); the paths of those removed."""
+    removed = []
+    if isinstance(node, dict):
+        init = node.get('init_cfg')
+        if isinstance(init, dict) and init.get('type') == 'Pretrained':
+            node['init_cfg'] = None
+            removed.append(f'{path}.init_cfg')
+        elif isinstance(init, list) and any(isinstance(i, dict) and i.get('type') == 'Pretrained'
+                                            for i in init):
+            node['init_cfg'] = [i for i in init
+                                if not (isinstance(i, dict) and i.get('type') == 'Pretrained')]
+            removed.append(f'{path}.init_cfg')
+        for key, value in node.items():
+            if key != 'init_cfg':
+                removed += drop_pretrained(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            removed += drop_pretrained(value, f'{path}[{i}]')
+    return removed
 
 
 def measure_config(config: str,
