@@ -10,8 +10,10 @@ fused camera first (``fusion_layer``), then ``pts_backbone``, ``pts_neck`` and t
 ``op_impl``: ``'stock'`` voxelizes as upstream (mmcv's deterministic op, one call per sample,
 the batch size read from the last voxel: a host sync); ``'turbox'`` voxelizes the batch in one
 call of ``turbox_mm::hard_voxelize`` (the same voxels in the same order) and takes the batch
-size from the number of samples. ``init_weights`` initialises only the image backbone, as
-upstream's override does (the other parts keep their construction-time initialisation).
+size from the number of samples; it also sends the camera matrices to the device without
+making the host wait (pinned memory, non-blocking). ``init_weights`` initialises only the
+image backbone, as upstream's override does (the other parts keep their construction-time
+initialisation).
 """
 import copy
 from typing import Dict, List, Optional
@@ -26,6 +28,7 @@ from torch import Tensor
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.ops.voxelize import hard_voxelize
 from turbox_mm.registry import MODELS
+from turbox_mm.utils.upload import upload
 
 #: metainfo key -> ``view_transform`` argument, with the default for a missing key.
 CAMERA_MATRICES = (
@@ -146,8 +149,9 @@ class BEVFusion(Base3DDetector):
             if default is None and any(key not in m for m in metas):
                 raise KeyError(f'BEVFusion: the camera branch needs {key!r} in every sample\'s '
                                'metainfo (Pack3DDetInputs meta_keys)')
-            value = np.asarray([m.get(key, np.eye(4)) for m in metas])
-            matrices[arg] = imgs.new_tensor(value, dtype=torch.float32)
+            value = np.asarray([m.get(key, np.eye(4)) for m in metas], dtype=np.float32)
+            matrices[arg] = (upload(value, imgs.device) if self.op_impl == 'turbox' else
+                             imgs.new_tensor(value, dtype=torch.float32))
         with torch.autocast(device_type=imgs.device.type, enabled=False):
             return self.view_transform(x.float(), points, metas=metas, **matrices)
 
