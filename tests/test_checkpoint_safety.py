@@ -301,3 +301,28 @@ def test_loading_a_damaged_checkpoint_names_it(tmp_path):
     cfg.load_from = str(damaged)
     with pytest.raises(RuntimeError, match=rf'cannot load checkpoint {damaged}: damaged'):
         _train(cfg)
+
+
+def test_a_custom_filename_tmpl_is_found_without_last_checkpoint(tmp_path, capfd):
+    cfg = _cfg(tmp_path, epochs=2, keep=2)
+    cfg.default_hooks.checkpoint['filename_tmpl'] = 'ckpt_e{}.pth'
+    _train(cfg)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith('.pth')) == [
+        'ckpt_e1.pth', 'ckpt_e2.pth']
+    os.remove(tmp_path / 'last_checkpoint')
+    (tmp_path / 'ckpt_e2.pth').write_bytes(b'PK\x03\x04 junk')  # and the newest is damaged
+    capfd.readouterr()
+    resume = _cfg(tmp_path, epochs=3, keep=2, resume=True)
+    resume.default_hooks.checkpoint['filename_tmpl'] = 'ckpt_e{}.pth'
+    runner = _train(resume)
+    log = ''.join(capfd.readouterr())
+    assert 'resuming from its newest checkpoint' in log and 'ckpt_e1.pth instead' in log
+    assert runner.epoch == 3 and runner.iter == 24  # resumed after epoch 1, trained 2 and 3
+
+
+def test_name_patterns_keep_the_default_names_and_kinds():
+    patterns = checkpoint_io.name_patterns('model_{}_final.pth', by_epoch=False)
+    names = ['model_5_final.pth', 'model_x_final.pth', 'epoch_2.pth', 'iter_9.pth', 'last.pth']
+    found = [checkpoint_io._step_name(n, patterns) for n in names]
+    assert found == [('iter', 5), None, ('epoch', 2), ('iter', 9), None]
+    assert checkpoint_io.name_patterns('no_step.pth') == checkpoint_io.DEFAULT_PATTERNS

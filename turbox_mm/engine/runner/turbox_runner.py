@@ -13,8 +13,9 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import DataLoader
 
-from turbox_mm.engine.checkpoint_io import (is_local_path, previous_checkpoints,
-                                            readable_checkpoint, save_checkpoint_atomically)
+from turbox_mm.engine.checkpoint_io import (decided_on_rank0, is_local_path, name_patterns,
+                                            previous_checkpoints, readable_checkpoint,
+                                            save_checkpoint_atomically)
 from turbox_mm.datasets.loader_watchdog import name_stuck_samples, watch_dataloader
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
@@ -146,23 +147,34 @@ class TurboxRunner(Runner):
     def load_or_resume(self) -> None:
         """mmengine's, except that an automatic resume (``resume=True`` without a path)
         whose ``last_checkpoint`` is missing looks for the folder's checkpoints before starting
-        from scratch, and says which it did."""
+        from scratch, and says which it did (decided on rank 0 for every rank)."""
         if (not self._has_loaded and self._resume and self._load_from is None
                 and self.turbox_options['system']['atomic_checkpoints']):
-            from mmengine.runner.checkpoint import find_latest_checkpoint
-
-            if find_latest_checkpoint(self.work_dir) is None:
-                found = previous_checkpoints(self.work_dir)
-                if found:
-                    print_log(f'turbox: {self.work_dir} has no last_checkpoint file; resuming '
-                              f'from its newest checkpoint, {found[0]}', logger='current',
-                              level=logging.WARNING)
-                    self._load_from = found[0]
-                else:
-                    print_log(f'turbox: resume was asked for, but {self.work_dir} holds no '
-                              'checkpoint; training starts from scratch', logger='current',
-                              level=logging.WARNING)
+            self._load_from = decided_on_rank0(self._checkpoint_without_last_file)
         return super().load_or_resume()
+
+    def _checkpoint_without_last_file(self) -> Optional[str]:
+        from mmengine.runner.checkpoint import find_latest_checkpoint
+
+        if find_latest_checkpoint(self.work_dir) is not None:
+            return None  # mmengine's own resume finds it
+        found = previous_checkpoints(self.work_dir, patterns=self._checkpoint_names())
+        if found:
+            print_log(f'turbox: {self.work_dir} has no last_checkpoint file; resuming '
+                      f'from its newest checkpoint, {found[0]}', logger='current',
+                      level=logging.WARNING)
+            return found[0]
+        print_log(f'turbox: resume was asked for, but {self.work_dir} holds no '
+                  'checkpoint; training starts from scratch', logger='current',
+                  level=logging.WARNING)
+        return None
+
+    def _checkpoint_names(self):
+        """:func:`name_patterns` of the checkpoint hook's ``filename_tmpl`` (if it has one)."""
+        for hook in getattr(self, '_hooks', []):
+            if hasattr(hook, 'filename_tmpl') and hasattr(hook, 'by_epoch'):
+                return name_patterns(hook.filename_tmpl, hook.by_epoch)
+        return name_patterns()
 
     def load_checkpoint(self, filename: str, *args, **kwargs):
         """mmengine's, but a damaged local checkpoint is a named error (torch's own error
@@ -177,28 +189,36 @@ class TurboxRunner(Runner):
         """mmengine's resume; with ``turbox.system.atomic_checkpoints`` a damaged checkpoint
         (or, on an automatic resume, a missing one) falls back to the newest whole checkpoint
         of its folder, with a warning naming both. With none left it raises, naming the
-        file and the damage."""
+        file and the damage. Rank 0 reads and checks the files and decides for every rank
+        (:func:`~turbox_mm.engine.checkpoint_io.decided_on_rank0`)."""
         if self.turbox_options['system']['atomic_checkpoints'] and is_local_path(filename):
-            problem = readable_checkpoint(filename)
-            explicit_missing = problem == 'the file does not exist' and self._load_from
-            if problem is not None and not explicit_missing:
-                folder = osp.dirname(filename) or self.work_dir
-                # an explicit path falls back only to earlier checkpoints of its kind
-                older = previous_checkpoints(folder, exclude=filename,
-                                             before=filename if self._load_from else None)
-                whole = [p for p in older if readable_checkpoint(p) is None]
-                if not whole:
-                    raise RuntimeError(f'turbox: cannot resume from {filename}: {problem}; '
-                                       f'{folder} holds no other whole checkpoint')
-                print_log(f'turbox: cannot resume from {filename} ({problem}); resuming from '
-                          f'{whole[0]} instead', logger='current', level=logging.WARNING)
-                filename = whole[0]
-            # checked whole: load_checkpoint need not read it all once more
+            filename = decided_on_rank0(lambda: self._whole_checkpoint(filename))
+            # checked whole (on rank 0): load_checkpoint need not read it all once more
             self._verified_checkpoint = filename
         try:
             return super().resume(filename, *args, **kwargs)
         finally:
             self._verified_checkpoint = None
+
+    def _whole_checkpoint(self, filename: str) -> str:
+        """``filename`` if it is whole, else the newest whole one to fall back on (see
+        :meth:`resume`)."""
+        problem = readable_checkpoint(filename)
+        explicit_missing = problem == 'the file does not exist' and self._load_from
+        if problem is None or explicit_missing:
+            return filename
+        folder = osp.dirname(filename) or self.work_dir
+        # an explicit path falls back only to earlier checkpoints of its kind
+        older = previous_checkpoints(folder, exclude=filename,
+                                     before=filename if self._load_from else None,
+                                     patterns=self._checkpoint_names())
+        whole = [p for p in older if readable_checkpoint(p) is None]
+        if not whole:
+            raise RuntimeError(f'turbox: cannot resume from {filename}: {problem}; '
+                               f'{folder} holds no other whole checkpoint')
+        print_log(f'turbox: cannot resume from {filename} ({problem}); resuming from '
+                  f'{whole[0]} instead', logger='current', level=logging.WARNING)
+        return whole[0]
 
     def train(self) -> nn.Module:
         """mmengine's training; on an error, process-wide state the hooks changed (automatic
