@@ -113,3 +113,21 @@ def test_bad_configs_are_named():
     cfg['img_backbone'] = dict(type='mmdet.ResNet', depth=18)
     with pytest.raises(ValueError, match='come together'):
         MODELS.build(cfg)
+
+
+@pytest.mark.parametrize('op_impl', ['stock', 'turbox'])
+def test_a_last_sample_without_points_in_range_trains_with_an_empty_bev(op_impl):
+    torch.manual_seed(0)
+    model = MODELS.build(lidar_only(op_impl)).train()
+    pts = clouds()
+    pts[1][:, 0] += 100.0  # every point of the last sample outside the range
+    data = model.data_preprocessor(dict(inputs=dict(points=pts), data_samples=samples()), True)
+    if op_impl == 'stock':
+        with pytest.warns(UserWarning, match=r'sample\(s\) \[1\] of the batch \(of 2\) have no '
+                                             r'points in the point cloud range'):
+            bev = model.extract_pts_feat(data['inputs'])
+    else:
+        bev = model.extract_pts_feat(data['inputs'])
+    assert bev.shape[0] == 2 and bev[1].abs().sum() == 0 and bev[0].abs().sum() > 0
+    losses = model.loss(data['inputs'], data['data_samples'])
+    assert all(torch.isfinite(v).all() for v in losses.values())

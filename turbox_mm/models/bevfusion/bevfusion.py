@@ -11,11 +11,14 @@ fused camera first (``fusion_layer``), then ``pts_backbone``, ``pts_neck`` and t
 the batch size read from the last voxel: a host sync); ``'turbox'`` voxelizes the batch in one
 call of ``turbox_mm::hard_voxelize`` (the same voxels in the same order) and takes the batch
 size from the number of samples; it also sends the camera matrices to the device without
-making the host wait (pinned memory, non-blocking). ``init_weights`` initialises only the
-image backbone, as upstream's override does (the other parts keep their construction-time
-initialisation).
+making the host wait (pinned memory, non-blocking). A sample without points in the point
+cloud range gets an empty lidar BEV (the stock path warns, naming its position in the batch;
+upstream's batch size, read from the last voxel, is wrong when that sample is the last).
+``init_weights`` initialises only the image backbone, as upstream's override does (the other
+parts keep their construction-time initialisation).
 """
 import copy
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -76,6 +79,7 @@ class BEVFusion(Base3DDetector):
         self.voxelize_reduce = bool(voxelize_cfg.pop('voxelize_reduce', True))
         super().__init__(data_preprocessor=preprocessor, init_cfg=init_cfg)
         self.op_impl = check_op_impl('BEVFusion', op_impl)
+        self._empty_samples: List[int] = []  # of the last stock voxelization
         camera = [img_backbone, img_neck, view_transform]
         if any(c is not None for c in camera) and not all(c is not None for c in camera):
             raise ValueError('BEVFusion: img_backbone, img_neck and view_transform come '
@@ -118,6 +122,7 @@ class BEVFusion(Base3DDetector):
                 parts.append(voxels)
                 coord_parts.append(F.pad(coors[:, [2, 1, 0]], (1, 0), mode='constant', value=k))
                 size_parts.append(sizes)
+            self._empty_samples = [k for k, c in enumerate(coord_parts) if c.shape[0] == 0]
             voxels, coords, sizes = torch.cat(parts), torch.cat(coord_parts), torch.cat(size_parts)
         feats = voxels
         if self.voxelize_reduce:
@@ -131,7 +136,16 @@ class BEVFusion(Base3DDetector):
         with torch.autocast(device_type=points[0].device.type, enabled=False):
             points = [p.float() for p in points]
             feats, coords, _ = self.voxelize(points)
-            batch_size = len(points) if self.op_impl == 'turbox' else coords[-1, 0] + 1
+            if self.op_impl == 'turbox':
+                batch_size = len(points)
+            elif self._empty_samples:
+                warnings.warn(f'BEVFusion: sample(s) {self._empty_samples} of the batch (of '
+                              f'{len(points)}) have no points in the point cloud range; their '
+                              'lidar BEV is empty (upstream takes the batch size from the last '
+                              'voxel, which fails when the last sample is empty)', stacklevel=2)
+                batch_size = len(points)
+            else:
+                batch_size = coords[-1, 0] + 1
         return self.pts_middle_encoder(feats, coords, batch_size)
 
     # -- camera ---------------------------------------------------------------------------------
