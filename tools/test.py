@@ -9,6 +9,7 @@ import os.path as osp
 
 import turbox_mm  # noqa: F401  (registers components, applies compatibility fixes)
 from turbox_mm.engine.runner import build_runner
+from turbox_mm.utils.pretrained import explain_pretrained_errors
 
 try:  # importable both as tools.test and as a script
     from tools.train import load_cfg, parse_common_args, restart_for_huge_pages
@@ -33,8 +34,11 @@ def main(argv=None):
     cfg.resume = False
     if argv is None:  # a command line to restart
         restart_for_huge_pages(cfg)
-    runner = build_runner(cfg)
-    return runner.test()
+    # models that initialise in their constructor load Pretrained weights while the runner
+    # is built: a missing one is explained as in tools/train.py
+    with explain_pretrained_errors(cfg):
+        runner = build_runner(cfg)
+        return runner.test()
 
 
 if __name__ == '__main__':

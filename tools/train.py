@@ -20,6 +20,7 @@ from turbox_mm.engine.runner import build_runner
 from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS
 from turbox_mm.utils.hugepages import reexec_for_huge_pages
 from turbox_mm.utils.options import check_options
+from turbox_mm.utils.pretrained import explain_pretrained_errors
 
 
 def parse_args(argv=None):
@@ -126,8 +127,11 @@ def main(argv=None):
     cfg = build_cfg(args)
     if argv is None:  # a command line to restart
         restart_for_huge_pages(cfg)
-    runner = build_runner(cfg)
-    runner.train()
+    # a pretrained checkpoint that is neither there nor downloadable gets a message naming its
+    # config key and the --cfg-options way out, instead of urllib's network error
+    with explain_pretrained_errors(cfg):
+        runner = build_runner(cfg)
+        runner.train()
     return runner
 
 
