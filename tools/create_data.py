@@ -12,6 +12,11 @@ Examples:
     # Real nuScenes: print (or --run) mmdet3d's own converter for data/nuscenes:
     python tools/create_data.py nuscenes --root-path data/nuscenes
     python tools/create_data.py nuscenes --root-path data/nuscenes --version v1.0-mini --run
+    # ... and add the instance ids (Sparse4D's temporal denoising and tracking need them),
+    # with the converter (--instance-ids) or later, to existing v2 infos:
+    python tools/create_data.py nuscenes --root-path data/nuscenes --run --instance-ids
+    python tools/create_data.py instance-ids data/nuscenes/nuscenes_infos_train.pkl \\
+        data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
 
 See docs/data.md for what is generated and how the configs find it.
 """
@@ -61,6 +66,24 @@ def parse_args(argv=None):
     nus.add_argument('--max-sweeps', type=int, default=10, help='sweeps listed per sample')
     nus.add_argument('--extra-tag', default='nuscenes', help='info file prefix')
     nus.add_argument('--run', action='store_true', help='run the command instead of printing')
+    nus.add_argument('--instance-ids', action='store_true',
+                     help='then add instances[k].instance_id to the train and val infos (the '
+                          'instance-ids step)')
+
+    ids = sub.add_parser('instance-ids',
+                         help='add instances[k].instance_id (the row of the annotation\'s '
+                              'instance in instance.json) to v2 info files, from the nuScenes '
+                              'tables')
+    ids.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
+    ids.add_argument('--root-path', default='data/nuscenes',
+                     help='nuScenes data root, holding <version>/sample.json, '
+                          'sample_annotation.json and instance.json')
+    ids.add_argument('--version', default=None,
+                     help="the tables' version, v1.0-trainval, v1.0-test or v1.0-mini "
+                          "(default: the infos' metainfo.version)")
+    ids.add_argument('--force', action='store_true',
+                     help='overwrite ids that differ from the tables (else an error; equal '
+                          'ids are kept, so running the step twice changes nothing)')
 
     chk = sub.add_parser('check', help="check info files (mmdet3d v2 format and the fields "
                                        "mmdet3d's nuScenes dataset reads) before reusing them")
@@ -119,6 +142,27 @@ def nuscenes_command(args) -> tuple:
     return command, workdir, mim
 
 
+def instance_ids(args) -> int:
+    """Exit status 2 with the named problem if ids cannot be added, else 0."""
+    from turbox_mm.datasets.nuscenes_instance_ids import (InstanceIdError, add_instance_ids,
+                                                          format_results)
+    from turbox_mm.datasets.synthetic import InfoFileError
+    try:
+        results = add_instance_ids(args.infos, args.root_path, args.version, args.force)
+    except (InstanceIdError, InfoFileError, OSError) as error:
+        print(f'create_data.py instance-ids: {error}', file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
+def _converted_infos(args) -> list:
+    """The train and val info files mmdet3d's converter writes (its test infos carry no
+    instances)."""
+    root = osp.abspath(args.root_path)
+    return [osp.join(root, f'{args.extra_tag}_infos_{split}.pkl') for split in ('train', 'val')]
+
+
 def nuscenes(args) -> int:
     command, workdir, mim = nuscenes_command(args)
     root = osp.abspath(args.root_path)
@@ -127,6 +171,10 @@ def nuscenes(args) -> int:
               f'the dataset there, e.g. ln -s {root} <dir>/data/nuscenes, and run from <dir>.')
     line = f'cd {shlex.quote(workdir)} && PYTHONPATH={shlex.quote(mim)} ' + shlex.join(command)
     print(line)
+    ids_line = shlex.join([sys.executable, osp.abspath(__file__), 'instance-ids',
+                           *_converted_infos(args), '--root-path', root])
+    if args.instance_ids:
+        print(ids_line)
     if not args.run:
         print('(add --run to run it; then point the configs\' data_root at the same folder, '
               'see docs/data.md)')
@@ -137,12 +185,17 @@ def nuscenes(args) -> int:
     kept = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep)
             if p and not osp.isfile(osp.join(p, 'tools', '__init__.py'))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([mim] + kept))
-    return subprocess.call(command, cwd=workdir, env=env)
+    status = subprocess.call(command, cwd=workdir, env=env)
+    if status != 0 or not args.instance_ids:
+        return status
+    return instance_ids(argparse.Namespace(infos=_converted_infos(args), root_path=root,
+                                           version=None, force=False))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check}[args.dataset](args)
+    return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check,
+            'instance-ids': instance_ids}[args.dataset](args)
 
 
 if __name__ == '__main__':
