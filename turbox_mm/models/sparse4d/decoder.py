@@ -38,23 +38,30 @@ class SparseBox3DDecoder:
     def decode(self,
                cls_scores: Tensor,
                box_preds: Tensor,
-               quality: Optional[Tensor] = None) -> List[Dict[str, Tensor]]:
+               quality: Optional[Tensor] = None,
+               instance_id: Optional[Tensor] = None) -> List[Dict[str, Tensor]]:
         """Decode a batch.
 
         Args:
             cls_scores (Tensor): ``[B, Q, num_classes]`` logits.
             box_preds (Tensor): ``[B, Q, 11]`` box states.
             quality (Tensor, optional): ``[B, Q, 2]`` logits (centerness, yawness).
+            instance_id (Tensor, optional): ``[B, Q]`` tracking ids of the queries
+                (:meth:`InstanceBank.get_instance_id`).
 
         Returns:
             list[dict]: Per sample ``boxes_3d`` ``[K, 10]``, ``scores_3d`` (centerness-weighted
             where quality is given), ``labels_3d``, ``cls_scores`` (the class scores alone),
-            ``indices`` (the anchors kept), all on the CPU.
+            ``indices`` (the anchors kept), with ``instance_id`` also ``instance_ids``, all on
+            the CPU.
         """
         if cls_scores.dim() != 3 or box_preds.shape[:2] != cls_scores.shape[:2]:
             raise ValueError(f'SparseBox3DDecoder: cls_scores [B, Q, C] and box_preds [B, Q, 11] '
                              f'must agree, got {tuple(cls_scores.shape)} and '
                              f'{tuple(box_preds.shape)}')
+        if instance_id is not None and instance_id.shape != cls_scores.shape[:2]:
+            raise ValueError(f'SparseBox3DDecoder: instance_id must be [B, Q] = '
+                             f'{tuple(cls_scores.shape[:2])}, got {tuple(instance_id.shape)}')
         scores, labels = cls_scores.sigmoid().max(dim=-1)
         k = min(self.num_output, scores.shape[1])
         top, indices = scores.topk(k, dim=1)
@@ -75,15 +82,22 @@ class SparseBox3DDecoder:
                 labels_3d=labels[b, idx].cpu(),
                 cls_scores=cls_top.cpu(),
                 indices=idx.cpu()))
+            if instance_id is not None:
+                results[-1]['instance_ids'] = instance_id[b, idx].cpu()
         return results
 
     @staticmethod
     def to_instance_data(result: Dict[str, Tensor]):
         """One sample's result as mmdet3d's ``InstanceData`` (``bboxes_3d`` as LiDAR boxes), what
-        ``Det3DDataSample.pred_instances_3d`` and mmdet3d's nuScenes metric expect."""
+        ``Det3DDataSample.pred_instances_3d`` and mmdet3d's nuScenes metric expect; with
+        ``cls_scores`` and ``instance_ids`` where the result has them (what
+        :class:`~turbox_mm.evaluation.NuScenesTrackingMetric` reads)."""
         from mmengine.structures import InstanceData
         instances = InstanceData()
         instances.bboxes_3d = to_lidar_boxes(result['boxes_3d'])
         instances.scores_3d = result['scores_3d']
         instances.labels_3d = result['labels_3d']
+        for key in ('cls_scores', 'instance_ids'):
+            if key in result:
+                instances[key] = result[key]
         return instances

@@ -56,7 +56,18 @@ class InstanceBank(nn.Module):
     As upstream, cached instances are returned by :meth:`get` even when they are too old for
     :meth:`update` (the temporal attention still sees them); a change of batch size resets the
     cache. :meth:`project_to_current` moves other past-frame states (the temporal denoising
-    anchors) by the same motion. Tracking ids are not handled here yet.
+    anchors) by the same motion.
+
+    Tracking (test time): :meth:`get_instance_id`, after :meth:`cache`, gives every query of
+    the frame an instance id. The queries that continue a cached instance keep its id; every
+    other query (above ``threshold``, where one is given) takes a fresh id; the ids of the
+    cached instances travel with them to the next frame. Where :meth:`update` finds a stale
+    cache (``|dt| > max_time_interval``: a new scene in that batch slot) the slot's ids are
+    dropped with it, so that a new scene starts with new ids, per sample of the batch. Fresh ids
+    are numbered in (sample, query) order from one counter; unlike upstream, which restarts
+    it at 0 on a reset, the counter runs on over the bank's life (ids stay unique even where a
+    batch-size change resets the bank within a scene). The numbering stays on the device:
+    no host reads.
 
     Args:
         num_anchor (int): Learned anchors. Defaults to 900.
@@ -107,6 +118,9 @@ class InstanceBank(nn.Module):
                                              requires_grad=feat_grad)
         self.init_weights()
         self.reset()
+        # The next fresh instance id (a 0-d long tensor on the queries' device once used); not
+        # a buffer, so neither checkpoints nor EMA models see it.
+        self._next_id: Optional[Tensor] = None
 
     def init_weights(self) -> None:
         """Anchors back to the given values; features xavier-initialised when learned."""
@@ -125,6 +139,12 @@ class InstanceBank(nn.Module):
         self.prev_T_global: Optional[Tensor] = None
         self._temp2cur: Optional[Tensor] = None
         self._dt: Optional[Tensor] = None
+        # Tracking: ids of the cached instances [B, num_temp_instances] (-1: none), the rows of
+        # the last cache() [B, num_temp_instances], the carried ids of this frame's queries
+        # after update() [B, num_anchor].
+        self.instance_id: Optional[Tensor] = None
+        self._cache_index: Optional[Tensor] = None
+        self._frame_id: Optional[Tensor] = None
 
     def get(self, batch_size: int, timestamp: Tensor, T_global: Tensor,
             T_global_inv: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor],
@@ -144,6 +164,7 @@ class InstanceBank(nn.Module):
         """
         feature = self.instance_feature[None].expand(batch_size, -1, -1)
         anchor = self.anchor[None].expand(batch_size, -1, -1)
+        self._frame_id = None
         dtype = feature.dtype
         interval = feature.new_full((batch_size, ), self.default_time_interval)
         if self.cached_anchor is None or self.cached_anchor.shape[0] != batch_size:
@@ -196,6 +217,11 @@ class InstanceBank(nn.Module):
         mask = self.mask[:, None, None]
         feature = torch.where(mask, merged_f, feature)
         anchor = torch.where(mask, merged_a, anchor)
+        if self.instance_id is not None:
+            # The cached instances now lead the queries; a stale slot keeps none of them.
+            carried = torch.cat([self.instance_id, self.instance_id.new_full((
+                self.instance_id.shape[0], keep), -1)], dim=1)
+            self._frame_id = torch.where(self.mask[:, None], carried, -1)
         return torch.cat([feature, extra_f], dim=1), torch.cat([anchor, extra_a], dim=1)
 
     def cache(self, feature: Tensor, anchor: Tensor, cls: Tensor, timestamp: Tensor,
@@ -216,7 +242,52 @@ class InstanceBank(nn.Module):
             decayed = torch.maximum(self.confidence * self.confidence_decay, confidence[:, :t])
             confidence = torch.cat([decayed, confidence[:, t:]], dim=1)
         self.confidence, idx = confidence.topk(t, dim=1)
+        # The ids of these instances, if any, come from get_instance_id() after this call.
+        self._cache_index, self.instance_id = idx, None
         self.cached_feature = feature.gather(1, idx[..., None].expand(-1, -1, feature.shape[-1]))
         self.cached_anchor = anchor.gather(1, idx[..., None].expand(-1, -1, anchor.shape[-1]))
         self.prev_timestamp = timestamp.detach().clone()
         self.prev_T_global = T_global.detach().clone()
+
+    def get_instance_id(self, cls: Tensor, threshold: Optional[float] = None) -> Tensor:
+        """Instance ids of this frame's queries (tracking; call after :meth:`cache`).
+
+        A query that continues a cached instance (the leading rows after :meth:`update`) keeps
+        its id; every other query whose best class score (sigmoid) reaches ``threshold`` gets
+        a fresh id, and the rest get -1. The ids of the instances just cached are kept for
+        the next frame.
+
+        Args:
+            cls (Tensor): ``[B, Q, num_classes]`` logits of the last layer (the rows that
+                :meth:`cache` saw; rows past ``num_anchor`` are ignored).
+            threshold (float, optional): Fresh ids only from this score on. Defaults to None
+                (every query), what upstream's v3 config does (it passes its decoder's
+                ``score_threshold``, None).
+
+        Returns:
+            Tensor: ``[B, num_anchor]`` long ids, -1 where none.
+
+        Raises:
+            RuntimeError: :meth:`cache` was not called for this frame.
+        """
+        if self._cache_index is None or self._cache_index.shape[0] != cls.shape[0]:
+            raise RuntimeError('InstanceBank.get_instance_id: no cache for this frame; call '
+                               'cache() first')
+        confidence = cls[:, :self.num_anchor].detach().max(dim=-1).values.sigmoid()
+        if self._frame_id is not None:
+            ids = self._frame_id
+        else:
+            ids = torch.full(confidence.shape, -1, dtype=torch.long, device=confidence.device)
+        fresh = ids < 0
+        if threshold is not None:
+            fresh = fresh & (confidence >= threshold)
+        if self._next_id is None:
+            self._next_id = torch.zeros((), dtype=torch.long, device=ids.device)
+        start = self._next_id.to(ids.device)
+        # Fresh ids in (sample, query) order: the running count of fresh queries before each.
+        rank = fresh.flatten().long().cumsum(0).view_as(fresh) - 1
+        ids = torch.where(fresh, start + rank, ids)
+        self._next_id = start + fresh.sum()
+        self.instance_id = ids.gather(1, self._cache_index)
+        self._frame_id = None
+        return ids

@@ -227,7 +227,9 @@ class Sparse4DHead(BaseModule):
         Returns:
             dict: Per decoder layer ``prediction`` ``[B, Q, 11]``, ``classification``
             ``[B, Q, C]`` (None for layers whose scores are not needed in inference) and
-            ``quality`` ``[B, Q, 2]``; in training with denoising also ``dn_*`` entries.
+            ``quality`` ``[B, Q, 2]``; in training with denoising also ``dn_*`` entries; in
+            inference ``instance_id`` ``[B, Q]`` (tracking ids from the instance bank, -1
+            where none).
         """
         bank = self.instance_bank
         batch = metas['projection_mat'].shape[0]
@@ -324,6 +326,9 @@ class Sparse4DHead(BaseModule):
         output.update(classification=classifications, prediction=predictions,
                       quality=qualities)
         bank.cache(feature, anchor, cls, metas['timestamp'], metas['T_global'])
+        if not self.training:
+            # Tracking, as upstream: ids with the decoder's score threshold (None in v3).
+            output['instance_id'] = bank.get_instance_id(cls, self.decoder.score_threshold)
         return output
 
     # -- losses -----------------------------------------------------------------------------
@@ -462,7 +467,8 @@ class Sparse4DHead(BaseModule):
     # -- inference --------------------------------------------------------------------------
 
     def post_process(self, outputs: Dict) -> List[Dict[str, Tensor]]:
-        """The last layer's boxes through the decoder (top-k, centerness-weighted scores)."""
+        """The last layer's boxes through the decoder (top-k, centerness-weighted scores), with
+        their instance ids where the outputs carry them (inference)."""
         quality = outputs['quality'][-1]
         return self.decoder.decode(outputs['classification'][-1], outputs['prediction'][-1],
-                                   quality)
+                                   quality, instance_id=outputs.get('instance_id'))
