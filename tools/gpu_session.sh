@@ -8,9 +8,10 @@
 #   ops    tools/benchmark.py --ops $OPS (default: every op)
 #   lidar  tools/lidar_benchmark.sh $LIDAR (mmdet3d's own lidar configs; needs the kit's
 #          spconv/ folder, which the phase installs)
+#   bevfusion  tools/bevfusion_benchmark.sh $BEVFUSION (default: lidar lidar-cam; spconv too)
 # Environment: OUT (default gpu_out), ITERS / WARMUP (benchmark), BENCH_TIMEOUT / TEST_TIMEOUT
-# / EVAL_TIMEOUT / OPS_TIMEOUT / LIDAR_TIMEOUT (seconds for each phase), TIMEOUT (seconds per
-# benchmarked config).
+# / EVAL_TIMEOUT / OPS_TIMEOUT / LIDAR_TIMEOUT / BEVFUSION_TIMEOUT (seconds for each phase),
+# TIMEOUT (seconds per benchmarked config).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-gpu_out}
@@ -20,7 +21,7 @@ mkdir -p "$out" "$results"
 out=$(cd "$out" && pwd)
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(bench tests)
-if [[ " $* " == *" lidar "* ]]; then source .kit/setup.sh --spconv; else source .kit/setup.sh; fi
+if [[ " $* " == *" lidar "* || " $* " == *" bevfusion "* ]]; then source .kit/setup.sh --spconv; else source .kit/setup.sh; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
   2>&1 | grep -v 'already exists' || true
 # The machine, first in the benchmark's log ($OUT takes 8 files at most).
@@ -52,12 +53,18 @@ for phase in "${phases[@]}"; do
       DATA_DIR=/tmp/data PYTHON=python3 timeout "${LIDAR_TIMEOUT:-480}" \
         bash tools/lidar_benchmark.sh "$results/lidar" ${LIDAR:-} 2>&1 | tee "$out/lidar.log" \
         | grep -vE '^  \[' | tail -40 ;;
+    bevfusion)
+      # shellcheck disable=SC2086  # BEVFUSION is a list of names
+      DATA_DIR=/tmp/data PYTHON=python3 timeout "${BEVFUSION_TIMEOUT:-540}" \
+        bash tools/bevfusion_benchmark.sh "$results/bevfusion" ${BEVFUSION:-} 2>&1 \
+        | tee "$out/bevfusion.log" | grep -vE '^  \[' | tail -40 ;;
     tests)
       timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m cuda -p no:cacheprovider \
         "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;
   esac
 done
-# The results of the ops and lidar phases (JSON, logs, charts; no checkpoints), one archive.
+# The results of the ops, lidar and bevfusion phases (JSON, logs, charts; no checkpoints),
+# one archive.
 if [ -n "$(ls -A "$results")" ]; then
   (cd "$results" && find . \( -name '*.json' -o -name '*.log' -o -name '*.png' \) -size -4M \
     -print0 | tar czf "$out/results.tgz" --null -T -)
