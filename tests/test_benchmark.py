@@ -98,8 +98,10 @@ def test_prepare_cfg_drops_pretrained_init_everywhere_and_keeps_other_init():
         type='M', backbone=dict(type='B', init_cfg=dict(type='Pretrained', checkpoint='http://x')),
         necks=[dict(type='N', init_cfg=[dict(type='Pretrained', checkpoint='a.pth'),
                                         dict(type='Kaiming', layer='Conv2d')])],
-        head=dict(type='H', init_cfg=dict(type='Xavier')))))
+        head=dict(type='H', init_cfg=dict(type='Xavier')),
+        img=dict(type='ResNet', pretrained='torchvision://resnet50'))))
     out = prepare_cfg(cfg, '/tmp/x').model
+    assert out.img.pretrained is None
     assert out.backbone.init_cfg is None
     assert out.necks[0].init_cfg == [dict(type='Kaiming', layer='Conv2d')]
     assert out.head.init_cfg == dict(type='Xavier')

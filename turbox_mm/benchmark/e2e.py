@@ -370,21 +370,24 @@ def prepare_cfg(cfg: Config, work_dir: str) -> Config:
 
 
 def drop_pretrained(node, path: str = 'model') -> List[str]:
-    """Remove every ``init_cfg`` of type ``'Pretrained'`` below ``node`` in place (a list of
-    init configs keeps its other entries); the paths of those removed."""
+    """Remove every ``Pretrained`` init config below ``node`` in place (a list of init configs
+    keeps its other entries) and mmdet's deprecated ``pretrained=<checkpoint>`` strings; the
+    paths of those removed."""
+    from turbox_mm.utils.pretrained import is_pretrained_init
     removed = []
     if isinstance(node, dict):
         init = node.get('init_cfg')
-        if isinstance(init, dict) and init.get('type') == 'Pretrained':
+        if is_pretrained_init(init):
             node['init_cfg'] = None
             removed.append(f'{path}.init_cfg')
-        elif isinstance(init, list) and any(isinstance(i, dict) and i.get('type') == 'Pretrained'
-                                            for i in init):
-            node['init_cfg'] = [i for i in init
-                                if not (isinstance(i, dict) and i.get('type') == 'Pretrained')]
+        elif isinstance(init, list) and any(is_pretrained_init(i) for i in init):
+            node['init_cfg'] = [i for i in init if not is_pretrained_init(i)]
             removed.append(f'{path}.init_cfg')
+        if isinstance(node.get('pretrained'), str):
+            node['pretrained'] = None
+            removed.append(f'{path}.pretrained')
         for key, value in node.items():
-            if key != 'init_cfg':
+            if key not in ('init_cfg', 'pretrained'):
                 removed += drop_pretrained(value, f'{path}.{key}')
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):

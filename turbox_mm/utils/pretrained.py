@@ -86,7 +86,8 @@ class PretrainedCheckpointError(RuntimeError):
     from which config key, and what to do. The original error is its ``__cause__``."""
 
 
-def _is_pretrained(init_cfg) -> bool:
+def is_pretrained_init(init_cfg) -> bool:
+    """Whether ``init_cfg`` is one ``Pretrained`` init config (scoped names included)."""
     if not isinstance(init_cfg, dict):
         return False
     kind = init_cfg.get('type')
@@ -121,13 +122,13 @@ def _walk(node, path: str, found: List[PretrainedCheckpoint]) -> None:
         for key, value in node.items():
             here = f'{path}.{key}'
             if key == 'init_cfg':
-                if _is_pretrained(value):
+                if is_pretrained_init(value):
                     found.append(PretrainedCheckpoint(f'{here}.checkpoint',
                                                       str(value.get('checkpoint')),
                                                       f'{here}=None'))
                 elif isinstance(value, (list, tuple)):
                     for i, entry in enumerate(value):
-                        if _is_pretrained(entry):
+                        if is_pretrained_init(entry):
                             found.append(PretrainedCheckpoint(
                                 f'{here}.{i}.checkpoint', str(entry.get('checkpoint')),
                                 f'remove entry {i} (Pretrained) from the list {here} in the '
