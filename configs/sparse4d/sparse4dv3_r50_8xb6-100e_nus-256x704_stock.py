@@ -154,9 +154,16 @@ val_dataloader = dict(
     dataset=dict(dataset_common, ann_file='nuscenes_infos_val.pkl', pipeline=test_pipeline,
                  test_mode=True))
 test_dataloader = val_dataloader
+# Detection and tracking, as upstream (tracking_test=True, tracking_threshold=0.2): nuScenes'
+# detection metric (mmdet3d's NuScenesMetric) and its tracking metric (nuscenes-devkit's
+# TrackingEval: AMOTA, AMOTP, IDS, ...) on the instance ids of the instance bank. Tracking needs
+# `pip install 'turbox_mm[tracking]'`; detection alone:
+#     --cfg-options val_evaluator.metrics.metric=bbox test_evaluator.metrics.metric=bbox
 val_evaluator = dict(type='turbox_mm.OrderedEvaluator',
-                     metrics=dict(type='NuScenesMetric', data_root=data_root,
-                                  ann_file=data_root + 'nuscenes_infos_val.pkl', metric='bbox',
+                     metrics=dict(type='turbox_mm.NuScenesTrackingMetric', data_root=data_root,
+                                  ann_file=data_root + 'nuscenes_infos_val.pkl',
+                                  metric=['bbox', 'tracking'], tracking_threshold=0.2,
+                                  modality=dict(use_camera=True, use_lidar=False),
                                   backend_args=None))
 test_evaluator = val_evaluator
 
