@@ -60,6 +60,12 @@ def test_full_configs_hold_upstreams_training_setting():
     assert head.instance_bank.num_anchor == 900 and head.instance_bank.num_temp_instances == 600
     assert head.sampler.num_dn_groups == 5 and head.sampler.num_temp_dn_groups == 3
     assert cfg.model.img_backbone.with_cp
+    # ImageNet init, as upstream (tests and benchmarks switch it off; nothing downloads here)
+    assert cfg.model.img_backbone.init_cfg == dict(type='Pretrained',
+                                                   checkpoint='torchvision://resnet50')
+    from turbox_mm.utils.pretrained import pretrained_checkpoints
+    assert [c.key for c in pretrained_checkpoints(cfg)] == [
+        'model.img_backbone.init_cfg.checkpoint']
     # The turbox config is the stock one plus _base_/turbox.py: nothing else differs.
     turbox = Config.fromfile(FULL_TURBOX)
     stock_dict, turbox_dict = cfg.to_dict(), turbox.to_dict()

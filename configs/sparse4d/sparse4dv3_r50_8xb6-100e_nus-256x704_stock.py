@@ -7,8 +7,10 @@
 # $NUSCENES_ROOT (default data/nuscenes/), plus the instance bank's anchors:
 #     python tools/sparse4d_anchors.py $NUSCENES_ROOT/nuscenes_infos_train.pkl \
 #         --out $NUSCENES_ROOT/nuscenes_kmeans900.npy --num 900
-# The backbone starts from scratch here; set model.img_backbone.init_cfg to a local ImageNet
-# checkpoint (upstream: torchvision's resnet50-19c8e357.pth) for real training.
+# The backbone starts from torchvision's ImageNet ResNet-50, as upstream (which reads
+# torchvision's resnet50-19c8e357.pth from a local folder). Offline, put the file in the torch
+# hub cache or point at a copy: --cfg-options model.img_backbone.init_cfg.checkpoint=PATH
+# (tools/train.py says which file it looked for). Benchmarks and tests switch it off.
 # `turbox_mm.` types make mmengine import turbox_mm by itself.
 default_scope = 'mmdet3d'
 
@@ -40,7 +42,8 @@ model = dict(
     img_backbone=dict(
         type='mmdet.ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3),
         frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
-        style='pytorch', with_cp=True),
+        style='pytorch', with_cp=True,
+        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')),
     img_neck=dict(
         type='mmdet.FPN', in_channels=[256, 512, 1024, 2048], out_channels=embed_dims,
         num_outs=num_levels, start_level=0, add_extra_convs='on_output',

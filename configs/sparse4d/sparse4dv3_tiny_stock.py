@@ -20,7 +20,7 @@ attention = dict(type='MultiheadAttention', embed_dims=embed_dims * 2, num_heads
                  batch_first=True, dropout=0.1)
 
 model = dict(
-    img_backbone=dict(depth=18, with_cp=False),
+    img_backbone=dict(depth=18, with_cp=False, init_cfg=None),  # from scratch: no download
     img_neck=dict(in_channels=[64, 128, 256, 512], out_channels=embed_dims),
     depth_branch=dict(embed_dims=embed_dims),
     head=dict(
