@@ -33,7 +33,7 @@ def test_full_config_builds_the_upstream_model():
     model = MODELS.build(cfg.model)
     assert type(model).__name__ == 'BEVFusion' and model.op_impl == 'stock'
     assert type(model.img_backbone).__name__ == 'SwinTransformer'
-    assert [stage.blocks.__len__() for stage in model.img_backbone.stages] == [2, 2, 6, 2]
+    assert [len(stage.blocks) for stage in model.img_backbone.stages] == [2, 2, 6, 2]
     assert model.img_backbone.out_indices == [1, 2, 3]
     assert type(model.img_neck).__name__ == 'GeneralizedLSSFPN'
     transform = model.view_transform
