@@ -17,8 +17,9 @@ The procedure of upstream hustvl/MapTR ``projects/mmdet3d_plugin/datasets/map_ut
    false positives;
 4. AP: all samples' predictions sorted by score (``np.argsort(-scores)``, as upstream, so ties
    fall the same way), cumulative TP and FP, recall ``tp / num_gts``, precision
-   ``tp / (tp + fp)`` (both guarded by float32 eps), VOC "area" AP (the precision envelope
-   summed over recall steps). A class without ground truth scores 0.
+   ``tp / (tp + fp)`` (float32 counts, guarded by float32 eps), VOC "area" AP (the precision
+   envelope summed over recall steps, kept as float32). A class without ground truth scores
+   0.
 
 Reported: ``{class}_AP_thr_{t}``, ``{class}_AP`` (mean over thresholds) and ``mAP`` (mean over
 classes and thresholds, classes without ground truth included as 0, as upstream's
@@ -116,12 +117,15 @@ def tp_fp(scores_matrix: np.ndarray, pred_scores: np.ndarray, threshold: float) 
 
 
 def average_precision(recalls: np.ndarray, precisions: np.ndarray) -> float:
-    """VOC "area" AP: the area under the precision envelope over recall."""
-    mrec = np.concatenate([[0.0], recalls, [1.0]])
-    mpre = np.concatenate([[0.0], precisions, [0.0]])
+    """VOC "area" AP: the area under the precision envelope over recall, in the inputs'
+    dtype and stored as float32 (as upstream's ``average_precision``)."""
+    recalls, precisions = np.asarray(recalls), np.asarray(precisions)
+    zero, one = np.zeros(1, recalls.dtype), np.ones(1, recalls.dtype)
+    mrec = np.concatenate([zero, recalls, one])
+    mpre = np.concatenate([zero, precisions, zero])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    return float(np.float32(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1])))
 
 
 def class_ap(samples: Sequence[tuple], threshold: float) -> dict:

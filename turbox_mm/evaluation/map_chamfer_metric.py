@@ -105,7 +105,9 @@ class MapChamferMetric(BaseMetric):
                            'gt_map_polylines and gt_map_labels: add turbox_mm.LoadMapGT to '
                            'the test pipeline (mmdet3d puts eval_ann_info in test mode)')
         pts = _array(pred['pts_3d'])
-        pts = pts.reshape(len(pts), -1, pts.shape[-1] if pts.ndim == 3 else 2)[..., :2]
+        if pts.ndim != 3:  # [V, P * 2]: flat points
+            pts = pts.reshape(len(pts), -1, 2) if pts.size else np.zeros((len(pts), 0, 2))
+        pts = pts[..., :2]
         return (dict(pts=pts, scores=_array(pred['scores_3d']).reshape(-1),
                      labels=_array(pred['labels_3d']).reshape(-1)),
                 dict(polylines=[np.asarray(p, np.float64).reshape(-1, 2)
