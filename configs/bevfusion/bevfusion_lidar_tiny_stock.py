@@ -5,7 +5,7 @@
 # losses, decoding) is the full config's.
 #
 #     python tools/create_data.py synthetic --out data/nuscenes_tiny_lidar --scenes 3 \
-#         --frames 3 --image-size 320x180 --points 4000 --sweeps 2 --val-scenes 1
+#         --frames 3 --image-size 320x180 --points 16000 --sweeps 2 --val-scenes 1
 #     NUSCENES_ROOT=data/nuscenes_tiny_lidar/ python tools/train.py \
 #         configs/bevfusion/bevfusion_lidar_tiny_stock.py
 # (the data root, GT database included, comes from NUSCENES_ROOT as in the full config)
@@ -89,5 +89,8 @@ optim_wrapper = dict(optimizer=dict(lr=2e-3))
 param_scheduler = []
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
+# Seeded, unlike upstream's configs: runs (stock against turbox, or one test against another)
+# start from the same weights and data draws.
+randomness = dict(seed=0)
 default_hooks = dict(logger=dict(interval=1),
                      checkpoint=dict(interval=max_iters, by_epoch=False))
