@@ -3,8 +3,9 @@
 Work is split per keyframe: a task renders the keyframe's six images and the lidar sweeps up
 to it, writes them, and reports what the sensors measured of each agent (lidar points in its
 box, visibility). Tasks run in a process pool; each worker rebuilds the scenes it needs from
-the seed. The main process then builds the database rows, the info files and the tables, so
-the output does not depend on the number of workers. Last, the ground-truth database of the
+the seed. The main process then builds the database rows, the info files, the tables and
+the map expansion (each scene's street in ``maps/expansion/<location>.json``), so the output
+does not depend on the number of workers. Last, the ground-truth database of the
 train split is cut from the written point clouds, one task per sample
 (:mod:`.gt_database`).
 """
@@ -26,6 +27,8 @@ from .ground import GroundRaster
 from .gt_database import create_gt_database
 from .images import Renderer
 from .infos import dump_infos, metainfo, scene_infos
+from .map_expansion import (CONFLICT_DISTANCE, MAP_EXPANSION_FOLDER, MAP_EXPANSION_VERSION,
+                            NUSCENES_LOCATIONS, assign_locations, scene_map, write_map_expansion)
 from .records import LIDAR, SceneRecords, data_filename, lidar_ticks
 from .scene import TICKS_PER_KEYFRAME, Scene
 from .tables import build_tables, write_tables
@@ -105,8 +108,10 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
 
     Returns:
         dict: A summary: counts, bytes written per kind, mean points per sweep and image size,
-        seconds taken, the paths of the info files, and the ground-truth database's summary
-        (``gt_database``, None when not written).
+        seconds taken, the paths of the info files, the ground-truth database's summary
+        (``gt_database``, None when not written) and the map expansion's (``map_expansion``:
+        each scene's location, and the pairs of scenes left sharing a location nearby, see
+        :func:`~.map_expansion.assign_locations`).
 
     Examples:
         >>> from turbox_mm.datasets.synthetic import generate
@@ -126,16 +131,26 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
     workers = workers or os.cpu_count() or 1
     measured, totals = _render_all(options, out_dir, workers, progress)
 
+    scenes = [_scene(options, index) for index in range(options.scenes)]
+    maps = [scene_map(scene) for scene in scenes]
+    locations, shared = assign_locations(maps)
+    for scene, location in zip(scenes, locations):
+        scene.location = location
+    if shared:
+        warnings.warn(_shared_message(shared, names))
     all_records, infos = [], []
-    for index in range(options.scenes):
+    for index, scene in enumerate(scenes):
         frame_results = [measured[(index, k)] for k in range(options.frames)]
-        records = SceneRecords(_scene(options, index), names[index], frame_results,
-                               options.sweeps)
+        records = SceneRecords(scene, names[index], frame_results, options.sweeps)
         offset = sum(len(r.instances) for r in all_records)  # instance_id indexes the table
         infos.append(scene_infos(records, options.sweeps, offset))
         all_records.append(records)
     train = options.scenes - options.num_val
-    meta = metainfo(options.version, synthetic=dict(asdict(options), scene_names=names))
+    map_bytes = write_map_expansion(out_dir, maps, locations)
+    meta = metainfo(options.version, synthetic=dict(asdict(options), scene_names=names),
+                    map_expansion=dict(version=MAP_EXPANSION_VERSION,
+                                       folder=MAP_EXPANSION_FOLDER,
+                                       locations=list(NUSCENES_LOCATIONS)))
     info_paths = {}
     for split, chosen in (('train', infos[:train]), ('val', infos[train:])):
         info_paths[split] = osp.join(out_dir, f'{info_prefix}_infos_{split}.pkl')
@@ -151,6 +166,7 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
     sizes = dict(images=totals['images'], lidar_samples=totals['lidar_samples'],
                  lidar_sweeps=totals['lidar_sweeps'],
                  infos=sum(osp.getsize(p) for p in info_paths.values()), tables=table_bytes,
+                 map_expansion=sum(map_bytes.values()),
                  gt_database=database['bytes'] if database else 0)
     sizes['total'] = sum(sizes.values())
     keyframes = options.scenes * options.frames
@@ -165,7 +181,21 @@ def generate(out_dir: str, scenes: int = 10, frames: int = 40, seed: int = 0, wo
         bytes=sizes, mean_points_per_sweep=totals['points'] / max(1, totals['sweeps']),
         mean_image_bytes=totals['images'] / (keyframes * len(CAMERA_NAMES)),
         seconds=time.perf_counter() - started, workers=workers, info_files=info_paths,
-        gt_database=database)
+        gt_database=database,
+        map_expansion=dict(locations=dict(zip(names, locations)),
+                           shared=[(names[a], names[b], location, n)
+                                   for a, b, location, n in shared]))
+
+
+def _shared_message(shared: list, names: list) -> str:
+    pairs = '; '.join(f'{names[a]} and {names[b]} in {location} ({n} keyframes)'
+                      for a, b, location, n in shared[:5])
+    more = f' and {len(shared) - 5} more' if len(shared) > 5 else ''
+    return (f'{len(shared)} pairs of scenes share a map location and come within '
+            f'{CONFLICT_DISTANCE:.0f} m of each other: {pairs}{more}. nuScenes has four map '
+            'locations; map ground truth cut from maps/expansion near these keyframes also '
+            "shows the other scene's street (the info files' map_annos do not). Fewer scenes "
+            'avoid it.')
 
 
 def _render_all(options: Options, out_dir: str, workers: int, progress: bool):
@@ -365,6 +395,9 @@ def format_summary(summary: dict) -> str:
         f"({', '.join(osp.basename(p) for p in summary['info_files'].values())})",
         f"  tables                    {b['tables'] / mib:9.1f} MiB ({summary['version']}/)",
     ]
+    if 'map_expansion' in b:
+        lines.append(f"  map expansion             {b['map_expansion'] / mib:9.1f} MiB "
+                     f"(maps/expansion/, {len(NUSCENES_LOCATIONS)} locations)")
     database = summary.get('gt_database')
     if database:
         lines.append(f"  gt database   {database['files']:7d} files "

@@ -9,6 +9,7 @@ import hashlib
 
 import numpy as np
 
+from turbox_mm.datasets.map_gt.expansion_file import NUSCENES_LOCATIONS
 from .agents import Agents, spawn_agents
 from .cameras import CAMERA_DELAY_US, camera_rig, lidar_mount
 from .geometry import make_transform, rot_z
@@ -18,7 +19,10 @@ LIDAR_PERIOD = 0.05  # s, 20 Hz
 TICKS_PER_KEYFRAME = 10  # keyframes at 2 Hz
 ANNOTATION_RANGE = 60.0  # m around the ego within which agents are annotated
 _FIRST_TIMESTAMP_US = 1_533_000_000_000_000  # scenes start an hour apart from here
-LOCATION = 'synthetic-town'  # the log's location (no nuScenes map expansion exists for it)
+# A scene's log names one of nuScenes' four map locations (the devkit's NuScenesMap knows no
+# others); the generator writes the street as that location's map expansion
+# (map_expansion.py), moving a scene to another location where its preferred one
+# (index % 4) already holds a street near it.
 
 
 def make_token(seed: int, *parts) -> str:
@@ -41,7 +45,7 @@ class Scene:
 
     def __init__(self, seed: int, index: int, frames: int, preroll_ticks: int = 10,
                  image_size=(1600, 900)):
-        self.location = LOCATION
+        self.location = NUSCENES_LOCATIONS[index % len(NUSCENES_LOCATIONS)]
         self.seed, self.index, self.frames = seed, index, frames
         streams = np.random.SeedSequence([seed, index]).spawn(6)
         rng_ego, rng_road, rng_static, rng_agents, rng_rig, rng_clock = (

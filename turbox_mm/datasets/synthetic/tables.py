@@ -5,7 +5,8 @@ Writes the 13 tables of ``v1.0-*`` into ``<out_dir>/<version>/``: the rows of ev
 ``attribute``, ``visibility`` and ``map`` tables. The devkit, mmdet3d's converter and
 ``NuScenesEval`` read them as they read real nuScenes. The map table's mask (which the devkit
 opens when it loads the tables) is a 1x1 placeholder: the synthetic town's map is in the info
-files (``map_annos``), not in a raster or a nuScenes map expansion.
+files (``map_annos``) and in the nuScenes map expansion (``maps/expansion/<location>.json``,
+:mod:`.map_expansion`), not in a raster.
 """
 import json
 import os

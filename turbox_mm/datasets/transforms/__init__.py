@@ -12,6 +12,7 @@ from .circle_object_range_filter import CircleObjectRangeFilter
 from .grid_mask import GridMask
 from .image_aug_3d import ImageAug3D
 from .instance_name_filter import InstanceNameFilter
+from .load_map_gt import LoadMapGT
 from .load_multiview_images import LoadMultiViewImagesTurbo
 from .load_points_checked import LoadPointsFromFileChecked
 from .load_points_fast import LoadPointsFromMultiSweepsFast
@@ -27,6 +28,7 @@ __all__ = [
     'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
     'BEVLoadMultiViewImageFromFiles',
     'CircleObjectRangeFilter', 'GridMask', 'ImageAug3D', 'InstanceNameFilter',
+    'LoadMapGT',
     'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
     'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
     'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',

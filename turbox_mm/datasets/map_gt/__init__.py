@@ -1,0 +1,33 @@
+"""Map ground truth for MapTR: vectorised map elements around each sample, from the nuScenes
+map expansion.
+
+Two implementations with one interface, ``vector_map(location, lidar2global) -> (polylines,
+labels)``:
+
+- :class:`VectorizedLocalMapReference` (stock): upstream MapTR's ``VectorizedLocalMap``
+  through nuscenes-devkit and shapely, every record of the location cut per sample;
+- :class:`FastVectorizedLocalMap` (turbox): each location's map prepared once in arrays, each
+  sample cut in numpy (no shapely per sample); the same polylines (tests/test_map_gt.py).
+
+:func:`map_targets` turns them into what MapTR's head reads (fixed-length points, the
+equivalent orders of pattern ``'v2'``, boxes); :class:`~turbox_mm.datasets.transforms.LoadMapGT`
+does both in a data pipeline. Labels: divider 0, ped_crossing 1, boundary 2.
+"""
+from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, check_map_expansion,
+                             load_map_expansion, map_expansion_path)
+from .fast import FastVectorizedLocalMap
+from .location_geometry import LocationGeometry
+from .patch_pose import PatchPose, lidar2global_of, patch_pose
+from .reference import (CLASS2LABEL, MAP_CLASSES, VectorizedLocalMapReference,
+                        bboxes_reference, fixed_num_points_reference,
+                        shift_orders_v2_reference)
+from .sampling import fixed_num_points, instance_bboxes, map_targets, shift_orders_v2
+
+__all__ = [
+    'NUSCENES_LOCATIONS', 'MapExpansionError', 'check_map_expansion', 'load_map_expansion',
+    'map_expansion_path', 'FastVectorizedLocalMap', 'LocationGeometry', 'PatchPose',
+    'lidar2global_of', 'patch_pose', 'CLASS2LABEL', 'MAP_CLASSES',
+    'VectorizedLocalMapReference', 'bboxes_reference', 'fixed_num_points_reference',
+    'shift_orders_v2_reference', 'fixed_num_points', 'instance_bboxes', 'map_targets',
+    'shift_orders_v2'
+]
