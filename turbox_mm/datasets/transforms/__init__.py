@@ -6,11 +6,13 @@ Sparse4D pipeline's own transforms.
 """
 from .bbox_rotation import BBoxRotation
 from .bev_load_multiview_images import BEVLoadMultiViewImageFromFiles
+from .bev_load_multiview_images_turbo import BEVLoadMultiViewImagesTurbo
 from .bevfusion_global_rot_scale_trans import BEVFusionGlobalRotScaleTrans
 from .bevfusion_random_flip_3d import BEVFusionRandomFlip3D
 from .circle_object_range_filter import CircleObjectRangeFilter
 from .grid_mask import GridMask
 from .image_aug_3d import ImageAug3D
+from .image_aug_3d_turbo import ImageAug3DTurbo
 from .instance_name_filter import InstanceNameFilter
 from .load_map_gt import LoadMapGT
 from .load_multiview_images import LoadMultiViewImagesTurbo
@@ -26,7 +28,7 @@ from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
 __all__ = [
     'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
-    'BEVLoadMultiViewImageFromFiles',
+    'BEVLoadMultiViewImageFromFiles', 'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo',
     'CircleObjectRangeFilter', 'GridMask', 'ImageAug3D', 'InstanceNameFilter',
     'LoadMapGT',
     'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
