@@ -249,9 +249,16 @@ def test_targets_equal_lidar_instance_lines(town):
     np.testing.assert_allclose(fixed_num_points(lines), fixed_num_points_reference(lines),
                                atol=1e-5)
     np.testing.assert_allclose(instance_bboxes(lines), bboxes_reference(lines), atol=1e-5)
-    np.testing.assert_allclose(shift_orders_v2(lines, rng=np.random.RandomState(3)),
-                               shift_orders_v2_reference(lines, rng=np.random.RandomState(3)),
+    orders = shift_orders_v2_reference(lines, rng=np.random.RandomState(3))
+    np.testing.assert_allclose(shift_orders_v2(lines, rng=np.random.RandomState(3)), orders,
                                atol=1e-5)
+    # the one-pass map_targets that LoadMapGT calls gives the same arrays
+    targets = map_targets(lines, np.zeros(len(lines)), rng=np.random.RandomState(3))
+    np.testing.assert_allclose(targets['gt_map_shifts'], orders, atol=1e-5)
+    np.testing.assert_allclose(targets['gt_map_pts'], fixed_num_points_reference(lines),
+                               atol=1e-5)
+    np.testing.assert_allclose(targets['gt_map_bboxes'], bboxes_reference(lines), atol=1e-5)
+    assert len([p for p in lines if np.array_equal(p[0], p[-1]) and len(p) > 20]) == 2
 
 
 def test_shift_orders_v2_by_hand():
@@ -366,8 +373,8 @@ def test_fast_path_equals_reference_on_hand_made_shapes(tmp_path):
     it where the polygon lies outside, the fast path keeps it.)"""
     root = str(tmp_path)
     c = np.array([500.0, 500.0])
-    road = (_rect(-12, -100, 12, 100, c), [_rect(1, 3, 5, 7, c), _rect(6.5, -23, 9.5, -17, c),
-                                            _rect(-2, 27, 2, 31, c)])
+    holes = [_rect(1, 3, 5, 7, c), _rect(6.5, -23, 9.5, -17, c), _rect(-2, 27, 2, 31, c)]
+    road = (_rect(-12, -100, 12, 100, c), holes)
     lane = _rect(-16, -5, -10, 5, c)
     u_shape = np.array([[-10, -35], [-2, -35], [-2, -25], [-4, -25], [-4, -32], [-8, -32],
                         [-8, -25], [-10, -25]]) + c  # its legs reach into the patch

@@ -21,20 +21,40 @@ from typing import Optional
 import numpy as np
 
 
-def _arc_lengths(points: np.ndarray) -> np.ndarray:
-    steps = np.sqrt(np.sum(np.diff(points, axis=0) ** 2, axis=1))
-    return np.concatenate([[0.0], np.cumsum(steps)])
+class _Polyline:
+    """One polyline's arc-length parametrisation (repeated vertices dropped, as zero-length
+    steps of shapely's ``interpolate``)."""
 
+    def __init__(self, points):
+        points = np.asarray(points, np.float64)
+        steps = np.sqrt(np.sum(np.diff(points, axis=0) ** 2, axis=1))
+        s = np.concatenate([[0.0], np.cumsum(steps)])
+        self.closed = bool(np.array_equal(points[0], points[-1]))
+        self.vertices = len(points) - 1 if self.closed else len(points)
+        self.s_all = s
+        self.length = s[-1]
+        keep = np.concatenate([[True], steps > 0])
+        self.s, self.points = s[keep], points[keep]
 
-def _interpolate(points: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Points at arc lengths ``at`` along a polyline (shapely's ``interpolate``: clamped to
-    the ends; a repeated vertex is a zero-length step)."""
-    s = _arc_lengths(points)
-    if s[-1] == 0:
-        return np.repeat(points[:1], len(at), axis=0)
-    keep = np.concatenate([[True], np.diff(s) > 0])
-    s, points = s[keep], points[keep]
-    return np.stack([np.interp(at, s, points[:, 0]), np.interp(at, s, points[:, 1])], axis=-1)
+    def at(self, distances: np.ndarray) -> np.ndarray:
+        """Points at arc lengths ``distances`` (any shape), clamped to the ends."""
+        if self.length == 0:
+            return np.broadcast_to(self.points[0], distances.shape + (2, )).copy()
+        return np.stack([np.interp(distances, self.s, self.points[:, 0]),
+                         np.interp(distances, self.s, self.points[:, 1])], axis=-1)
+
+    def orders(self, fixed_num: int) -> tuple:
+        """The evenly spaced points, and every equivalent order of them (pattern 'v2')."""
+        distances = np.linspace(0, self.length, fixed_num)
+        if not self.closed:
+            forward = self.at(distances)
+            return forward, np.stack([forward, forward[::-1]])
+        m = self.vertices
+        # np.roll(ring, shift) starts at vertex (m - shift) % m
+        starts = self.s_all[(m - np.arange(m)) % m]
+        shifted = (np.mod(starts[:, None] + distances[None, :], self.length)
+                   if self.length > 0 else np.zeros((m, fixed_num)))
+        return self.at(distances), self.at(shifted)
 
 
 def _clamp(points: np.ndarray, half_x: float, half_y: float) -> np.ndarray:
@@ -58,9 +78,17 @@ def fixed_num_points(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.
     """
     out = np.zeros((len(polylines), fixed_num, 2), np.float64)
     for i, points in enumerate(polylines):
-        points = np.asarray(points, np.float64)
-        out[i] = _interpolate(points, np.linspace(0, _arc_lengths(points)[-1], fixed_num))
+        line = _Polyline(points)
+        out[i] = line.at(np.linspace(0, line.length, fixed_num))
     return _clamp(out, patch_size[1] / 2, patch_size[0] / 2)
+
+
+def _orders_into(out: np.ndarray, orders: np.ndarray, rng, half_x: float,
+                 half_y: float) -> None:
+    keep = out.shape[0]
+    if len(orders) > keep:
+        orders = orders[rng.choice(len(orders), keep, replace=False)]
+    out[:len(orders)] = _clamp(orders, half_x, half_y)
 
 
 def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0),
@@ -89,27 +117,10 @@ def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0
         -10000.0
     """
     rng = np.random if rng is None else rng
-    keep = fixed_num - 1
-    out = np.full((len(polylines), keep, fixed_num, 2), padding_value, np.float32)
-    half_x, half_y = patch_size[1] / 2, patch_size[0] / 2
+    out = np.full((len(polylines), fixed_num - 1, fixed_num, 2), padding_value, np.float32)
     for i, points in enumerate(polylines):
-        points = np.asarray(points, np.float64)
-        s = _arc_lengths(points)
-        length = s[-1]
-        distances = np.linspace(0, length, fixed_num)
-        if np.array_equal(points[0], points[-1]):
-            m = len(points) - 1
-            # np.roll(ring, shift) starts at vertex (m - shift) % m
-            starts = s[(m - np.arange(m)) % m]
-            at = np.mod(starts[:, None] + distances[None, :], length) if length > 0 else (
-                np.zeros((m, fixed_num)))
-            orders = _interpolate(points, at.reshape(-1)).reshape(m, fixed_num, 2)
-        else:
-            forward = _interpolate(points, distances)
-            orders = np.stack([forward, forward[::-1]])
-        if len(orders) > keep:
-            orders = orders[rng.choice(len(orders), keep, replace=False)]
-        out[i, :len(orders)] = _clamp(orders, half_x, half_y)
+        _orders_into(out[i], _Polyline(points).orders(fixed_num)[1], rng, patch_size[1] / 2,
+                     patch_size[0] / 2)
     return out
 
 
@@ -129,18 +140,29 @@ def map_targets(polylines: list, labels: np.ndarray, fixed_num: int = 20,
                 patch_size=(60.0, 30.0), padding_value: float = -10000,
                 with_shifts: bool = True, rng: Optional[object] = None) -> dict:
     """Everything a MapTR head reads of one sample's map, as arrays (empty ones when the
-    patch holds no map element).
+    patch holds no map element); one pass over each polyline.
 
     Returns:
         dict: ``gt_map_labels`` ``[N]`` int64, ``gt_map_pts`` ``[N, fixed_num, 2]``,
         ``gt_map_bboxes`` ``[N, 4]``, ``gt_map_shifts`` ``[N, fixed_num - 1, fixed_num, 2]``
         (if ``with_shifts``) float32, ``gt_map_polylines`` (the float64 polylines).
     """
+    rng = np.random if rng is None else rng
+    half_x, half_y = patch_size[1] / 2, patch_size[0] / 2
+    polylines = [np.asarray(p, np.float64) for p in polylines]
+    pts = np.zeros((len(polylines), fixed_num, 2), np.float64)
+    shifts = np.full((len(polylines), fixed_num - 1, fixed_num, 2), padding_value, np.float32)
+    for i, points in enumerate(polylines):
+        line = _Polyline(points)
+        if with_shifts:
+            pts[i], orders = line.orders(fixed_num)
+            _orders_into(shifts[i], orders, rng, half_x, half_y)
+        else:
+            pts[i] = line.at(np.linspace(0, line.length, fixed_num))
     out = dict(gt_map_labels=np.asarray(labels, np.int64).reshape(-1),
-               gt_map_pts=fixed_num_points(polylines, fixed_num, patch_size),
+               gt_map_pts=_clamp(pts, half_x, half_y),
                gt_map_bboxes=instance_bboxes(polylines, patch_size),
-               gt_map_polylines=[np.asarray(p, np.float64) for p in polylines])
+               gt_map_polylines=polylines)
     if with_shifts:
-        out['gt_map_shifts'] = shift_orders_v2(polylines, fixed_num, patch_size, padding_value,
-                                               rng)
+        out['gt_map_shifts'] = shifts
     return out
