@@ -42,9 +42,15 @@ def test_rows_are_complete(rows):
         assert row['cpu_vs_stock'] == pytest.approx(rows[0]['cpu_ms'] / row['cpu_ms'])
         stages = row['cpu_ms_by_transform']
         assert sum(stages.values()) == pytest.approx(row['cpu_ms_mean'], rel=1e-6)
-        assert 'LoadPointsFromFile' in stages
+        assert any(name.startswith('LoadPointsFromFile') for name in stages)
     assert 'LoadPointsFromMultiSweeps' in rows[0]['cpu_ms_by_transform']
     assert 'LoadPointsFromMultiSweepsFast' in rows[1]['cpu_ms_by_transform']
+    # the BEVFusion config's camera pipeline and its turbox.data rewrite
+    assert {'BEVLoadMultiViewImageFromFiles', 'ImageAug3D', 'GridMask'} <= set(
+        rows[0]['cpu_ms_by_transform'])
+    for row in rows[1:]:
+        assert {'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo', 'GridMask'} <= set(
+            row['cpu_ms_by_transform'])
     assert len({r['dataset_len'] for r in rows}) == 1 and rows[0]['dataset_len'] == 3
     assert rows[2]['decode_backend'] == 'cv2'  # no GPU decoder here: OpenCV stands in
     table = format_data_rows(rows, title='data')

@@ -9,29 +9,10 @@ On the synthetic nuScenes (:mod:`turbox_mm.datasets.synthetic`), mmdet3d's
 - ``turbox_gpu_decode``: no decoding in the loader at all, only the JPEG bytes and the warp
   matrices; nvJPEG decodes and warps on the GPU.
 
-Settings:
-
-- ``sparse4d`` (Sparse4D v3, ``sparse4dv3_temporal_r50_1x8_bs6_256x704.py``): 6 cameras to
-  256x704, batch 6, images only. Stock: ``LoadMultiViewImageFromFiles(to_float32=True)``,
-  ``ResizeCropFlipImage``, ``PhotoMetricDistortionMultiViewImage`` (mmdet's
-  ``PhotoMetricDistortion`` per image) and ``NormalizeMultiviewImage``
-  (``mmcv.imnormalize``, to RGB), all on the CPU; the data
-  preprocessor only stacks and copies. Turbox: ``LoadMultiViewImagesTurbo(scaled_decode=True)``
-  and ``MultiViewAffineAug``; ``TurboxDet3DDataPreprocessor`` distorts and normalises on the
-  GPU.
-- ``bevfusion`` (mmdet3d's ``projects/BEVFusion``, lidar-cam config): the same cameras, batch
-  4, ``ImageAug3D``'s ranges (resize 0.38-0.55), the loader in ``color`` mode, float32
-  images normalised by the data preprocessor; plus ``LoadPointsFromFile`` (5 dims) and
-  ``LoadPointsFromMultiSweeps(sweeps_num=9, use_dim=5, pad_empty_sweeps=True,
-  remove_close=True)``, against ``LoadPointsFromMultiSweepsFast`` with the same arguments.
-  ``ResizeCropFlipImage`` stands in for ``ImageAug3D`` (the same PIL resize, crop, flip and
-  rotate; upstream draws the parameters per camera, here per sample).
-
-Both settings load the 3D boxes (``LoadAnnotations3D``) and pack them with the images.
-Each sample's augmentation parameters (``aug_config``, drawn as Sparse4D's
-``get_augmentation`` draws them) are a function of ``(seed, index)``, and numpy's global
-generator (the stock sweep choice and photometric draws) is seeded from them before the
-pipeline runs, so every pipeline sees the same parameters for the same sample.
+Settings (:mod:`turbox_mm.benchmark.data_setup`, which builds the pipelines, datasets and data
+preprocessors): ``sparse4d`` (Sparse4D v3's camera pipeline, batch 6) and ``bevfusion`` (the
+training pipeline and data preprocessor of the BEVFusion camera + lidar config, batch 4, and
+their ``turbox.data`` rewrite). Every pipeline sees the same samples and the same random draws.
 
 What is measured (:func:`measure_data_pipelines`):
 
@@ -60,46 +41,21 @@ What is measured (:func:`measure_data_pipelines`):
   ``gpu_device``, e.g. ``'cpu'`` for tests: then host wall time).
 """
 import contextlib
-import logging
-import os
-import os.path as osp
-import shutil
 import statistics
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
-from mmdet3d.datasets import NuScenesDataset
 
-from turbox_mm.benchmark.micro.image_pipeline import DATA_AUG_CONF, sparse4d_aug_config
+from turbox_mm.benchmark.data_setup import (CAMERAS, PIPELINES, SETTINGS, build_dataset,
+                                            build_pipeline, build_preprocessors,
+                                            camera_image_hw, setting_values,
+                                            synthetic_data_root)
 from turbox_mm.benchmark.timing import summarize_ms, warm_up_gpu
-from turbox_mm.datasets.sparse4d_dataset import camera_projections
 
-SETTINGS = ('sparse4d', 'bevfusion')
-PIPELINES = ('stock', 'turbox', 'turbox_gpu_decode')
-CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT',
-           'CAM_BACK_RIGHT')
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
-# Sparse4D v3's data_aug_conf (HorizonRobotics/Sparse4D,
-# projects/configs/sparse4dv3_temporal_r50_1x8_bs6_256x704.py).
-SPARSE4D_AUG_CONF = dict(DATA_AUG_CONF)
-# BEVFusion's ImageAug3D in training (mmdet3d projects/BEVFusion/configs/
-# bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py).
-BEVFUSION_AUG_CONF = dict(resize_lim=(0.38, 0.55), final_dim=(256, 704), bot_pct_lim=(0.0, 0.0),
-                          rot_lim=(-5.4, 5.4), H=900, W=1600, rand_flip=True)
-# Its LoadPointsFromFile and LoadPointsFromMultiSweeps.
-BEVFUSION_POINTS = dict(coord_type='LIDAR', load_dim=5, use_dim=5)
-BEVFUSION_SWEEPS = dict(sweeps_num=9, load_dim=5, use_dim=5, pad_empty_sweeps=True,
-                        remove_close=True)
-# Sparse4D's PhotoMetricDistortionMultiViewImage defaults (no saturation clipping).
-PHOTOMETRIC = dict(brightness_delta=32, contrast_range=(0.5, 1.5),
-                   saturation_range=(0.5, 1.5), hue_delta=18)
-# The synthetic dataset made when no data root is given: 20 samples at nuScenes' sizes.
-DEFAULT_SYNTHETIC = dict(scenes=2, frames=10, image_size=(1600, 900), points=34000, sweeps=10,
-                         seed=0)
-CACHE_ENV = 'TURBOX_CACHE_DIR'
+__all__ = ['CAMERAS', 'PIPELINES', 'SETTINGS', 'build_dataset', 'build_pipeline',
+           'format_data_rows', 'loader_threads', 'measure_data_pipelines', 'synthetic_data_root']
 
 
 @contextlib.contextmanager
@@ -136,200 +92,8 @@ def _worker_init(worker_id: int) -> None:
         return
     threadpool_limits(limits=1, user_api='blas')
 
-
-# -- data -------------------------------------------------------------------------------------
-
-def synthetic_data_root(cache_dir: Optional[str] = None, progress: bool = False,
-                        **options) -> str:
-    """A synthetic nuScenes for the benchmark, generated once and kept in a cache folder.
-
-    Args:
-        cache_dir (str, optional): Where datasets are kept. Defaults to
-            ``$TURBOX_CACHE_DIR/data_bench`` (``~/.cache/turbox_mm/data_bench``).
-        progress (bool): Show the generator's progress bar. Defaults to False.
-        **options: :func:`~turbox_mm.datasets.synthetic.generate` options overriding
-            :data:`DEFAULT_SYNTHETIC` (every scene goes to the train split).
-
-    Returns:
-        str: The data root, holding ``nuscenes_infos_train.pkl``.
-    """
-    from turbox_mm.datasets.synthetic import generate
-    opts = {**DEFAULT_SYNTHETIC, **options}
-    width, height = opts['image_size']
-    name = (f"synth_s{opts['scenes']}_f{opts['frames']}_{width}x{height}_p{opts['points']}"
-            f"_sw{opts['sweeps']}_seed{opts['seed']}")
-    if cache_dir is None:
-        base = os.environ.get(CACHE_ENV) or osp.join(osp.expanduser('~'), '.cache', 'turbox_mm')
-        cache_dir = osp.join(base, 'data_bench')
-    root = osp.join(cache_dir, name)
-    if osp.exists(osp.join(root, 'nuscenes_infos_train.pkl')):
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    partial = f'{root}.partial-{os.getpid()}'
-    shutil.rmtree(partial, ignore_errors=True)
-    generate(partial, progress=progress, **{**opts, 'val_scenes': 0})
-    try:
-        os.replace(partial, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(partial, ignore_errors=True)
-    return root
-
-
-def _setting(setting: str, image_hw: Tuple[int, int]) -> Dict:
-    """Everything that differs between the settings, for images of ``image_hw``."""
-    if setting not in SETTINGS:
-        raise ValueError(f'unknown setting {setting!r}; valid settings: {", ".join(SETTINGS)}')
-    height, width = image_hw
-    sparse4d = setting == 'sparse4d'
-    conf = dict(SPARSE4D_AUG_CONF if sparse4d else BEVFUSION_AUG_CONF)
-    # Other image sizes keep the output's share of the image (for small test datasets).
-    scale = width / conf['W']
-    conf['final_dim'] = tuple(max(8, int(round(d * scale))) for d in conf['final_dim'])
-    conf.update(H=height, W=width)
-    return dict(
-        aug_conf=conf, batch_size=6 if sparse4d else 4, use_lidar=not sparse4d,
-        color_type='unchanged' if sparse4d else 'color', photometric=sparse4d,
-        cpu_normalize=sparse4d, bgr_to_rgb=sparse4d, pad_size_divisor=1 if sparse4d else 32)
-
-
-def _image_hw(data_root: str) -> Tuple[int, int]:
-    """``(height, width)`` of the first camera image listed in the train infos."""
-    import mmengine
-    infos = mmengine.load(osp.join(data_root, 'nuscenes_infos_train.pkl'))
-    if not infos.get('data_list'):
-        raise ValueError(f'{data_root}/nuscenes_infos_train.pkl lists no samples')
-    cam = infos['data_list'][0]['images'][CAMERAS[0]]
-    return int(cam['height']), int(cam['width'])
-
-
-def build_pipeline(setting: str, pipeline: str, image_hw: Tuple[int, int] = (900, 1600)) -> List:
-    """The transforms of one pipeline of one setting (see the module docstring).
-
-    Args:
-        setting (str): ``'sparse4d'`` or ``'bevfusion'``.
-        pipeline (str): ``'stock'``, ``'turbox'`` or ``'turbox_gpu_decode'``.
-        image_hw (tuple[int, int]): Camera image size. Defaults to (900, 1600).
-
-    Returns:
-        list: Transform objects, for a dataset's ``pipeline``.
-    """
-    from mmdet3d.datasets.transforms import (LoadAnnotations3D, LoadMultiViewImageFromFiles,
-                                             LoadPointsFromFile, LoadPointsFromMultiSweeps,
-                                             Pack3DDetInputs)
-
-    from turbox_mm.datasets.transforms import (LoadMultiViewImagesTurbo,
-                                               LoadPointsFromMultiSweepsFast,
-                                               MultiViewAffineAug, PackJpegBytes,
-                                               ResizeCropFlipImage)
-    from turbox_mm.datasets.transforms.normalize_multiview_image import \
-        NormalizeMultiviewImage
-    from turbox_mm.datasets.transforms.photometric_multiview import \
-        PhotoMetricDistortionMultiViewImage
-    if pipeline not in PIPELINES:
-        raise ValueError(f'unknown pipeline {pipeline!r}; valid pipelines: '
-                         f'{", ".join(PIPELINES)}')
-    cfg = _setting(setting, image_hw)
-    views = dict(num_views=len(CAMERAS), color_type=cfg['color_type'])
-    keys = ['img', 'gt_bboxes_3d', 'gt_labels_3d']
-    if pipeline == 'stock':
-        transforms = [LoadMultiViewImageFromFiles(to_float32=True, **views)]
-    elif pipeline == 'turbox':
-        transforms = [LoadMultiViewImagesTurbo(scaled_decode=True, **views)]
-    else:
-        transforms = [LoadMultiViewImagesTurbo(decode_on='gpu', **views)]
-    if cfg['use_lidar']:
-        sweeps = (LoadPointsFromMultiSweeps if pipeline == 'stock' else
-                  LoadPointsFromMultiSweepsFast)
-        transforms += [LoadPointsFromFile(**BEVFUSION_POINTS), sweeps(**BEVFUSION_SWEEPS)]
-        keys.append('points')
-    transforms.append(LoadAnnotations3D(with_bbox_3d=True, with_label_3d=True))
-    if pipeline == 'stock':
-        transforms.append(ResizeCropFlipImage())
-        if cfg['photometric']:
-            transforms.append(PhotoMetricDistortionMultiViewImage(**PHOTOMETRIC))
-        if cfg['cpu_normalize']:
-            transforms.append(NormalizeMultiviewImage(MEAN, STD, to_rgb=True))
-        transforms.append(Pack3DDetInputs(keys=keys))
-    else:
-        transforms += [MultiViewAffineAug(), PackJpegBytes(keys=keys)]
-    return transforms
-
-
-class BenchNuScenesDataset(NuScenesDataset):
-    """``NuScenesDataset`` that adds what Sparse4D's dataset adds to every sample.
-
-    Per sample: ``lidar2img`` and ``cam_intrinsic`` (lists of 4x4 over the cameras, as
-    Sparse4D's ``get_data_info`` makes them) and ``aug_config`` (Sparse4D's
-    ``get_augmentation`` draw from ``aug_conf``, seeded by ``(seed, index)``). Numpy's global
-    generator is seeded from ``(seed, index)`` before the pipeline, so random transforms
-    draw the same for the same sample in any pipeline and worker.
-
-    Args:
-        *args: ``NuScenesDataset``'s.
-        aug_conf (dict): Sparse4D's ``data_aug_conf``.
-        seed (int): Seed. Defaults to 0.
-        **kwargs: ``NuScenesDataset``'s.
-    """
-
-    def __init__(self, *args, aug_conf: Dict, seed: int = 0, **kwargs) -> None:
-        self.aug_conf = aug_conf
-        self.seed = seed
-        super().__init__(*args, **kwargs)
-
-    def get_data_info(self, idx: int) -> dict:
-        """The sample's info with ``lidar2img``, ``cam_intrinsic`` and ``aug_config``."""
-        info = super().get_data_info(idx)
-        info['lidar2img'], info['cam_intrinsic'] = camera_projections(
-            info['images'], f'sample {idx}')
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, idx]))
-        info['aug_config'] = sparse4d_aug_config(rng, self.aug_conf)
-        return info
-
-    def prepare_data(self, idx: int):
-        """Seed numpy's global generator for this sample, then run the pipeline."""
-        state = np.random.SeedSequence([self.seed, idx, 1]).generate_state(1)[0]
-        np.random.seed(int(state))
-        return super().prepare_data(idx)
-
-
-def build_dataset(data_root: str, setting: str, pipeline: str, seed: int = 0):
-    """mmdet3d's ``NuScenesDataset`` on ``data_root``'s train infos with one pipeline.
-
-    Args:
-        data_root (str): A nuScenes-format data root (e.g. from :func:`synthetic_data_root`).
-        setting (str): ``'sparse4d'`` or ``'bevfusion'``.
-        pipeline (str): ``'stock'``, ``'turbox'`` or ``'turbox_gpu_decode'``.
-        seed (int): Seed of the per-sample augmentation parameters. Defaults to 0.
-
-    Returns:
-        BenchNuScenesDataset: Empty samples are kept (``filter_empty_gt=False``).
-    """
-    image_hw = _image_hw(data_root)
-    cfg = _setting(setting, image_hw)
-    prefix = dict(pts='samples/LIDAR_TOP', sweeps='sweeps/LIDAR_TOP',
-                  **{cam: f'samples/{cam}' for cam in CAMERAS})
-    with _quiet_mmengine():  # the dataset logs a table of class counts
-        return BenchNuScenesDataset(
-            data_root=data_root, ann_file='nuscenes_infos_train.pkl', data_prefix=prefix,
-            pipeline=build_pipeline(setting, pipeline, image_hw),
-            modality=dict(use_lidar=cfg['use_lidar'], use_camera=True), test_mode=False,
-            filter_empty_gt=False, box_type_3d='LiDAR', aug_conf=cfg['aug_conf'], seed=seed)
-
-
-@contextlib.contextmanager
-def _quiet_mmengine():
-    """Warnings and errors only from mmengine's current logger meanwhile."""
-    from mmengine.logging import MMLogger
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 # -- measurements -----------------------------------------------------------------------------
+
 
 def _nbytes(value) -> int:
     """Bytes of the tensors and arrays in ``value`` (nested lists, tuples and dicts)."""
@@ -447,24 +211,6 @@ def _loader_rate(dataset, num_workers: int, batch_size: int, num_batches: int,
     return dict(median=statistics.median(rates), whole_window=total)
 
 
-def _preprocessors(setting: str, seed: int) -> Dict:
-    """The data preprocessor of each pipeline, as the model configs would set it."""
-    from mmdet3d.models.data_preprocessors import Det3DDataPreprocessor
-
-    from turbox_mm.models.data_preprocessors import TurboxDet3DDataPreprocessor
-    cfg = _setting(setting, (900, 1600))
-    pad = dict(pad_size_divisor=cfg['pad_size_divisor'], non_blocking=True)
-    if cfg['cpu_normalize']:  # Sparse4D: the images arrive normalised
-        stock = Det3DDataPreprocessor(**pad)
-    else:
-        stock = Det3DDataPreprocessor(mean=MEAN, std=STD, bgr_to_rgb=cfg['bgr_to_rgb'], **pad)
-    turbox = dict(mean=MEAN, std=STD, bgr_to_rgb=cfg['bgr_to_rgb'],
-                  photometric=dict(PHOTOMETRIC, seed=seed) if cfg['photometric'] else None,
-                  **pad)
-    return dict(stock=stock, turbox=TurboxDet3DDataPreprocessor(**turbox),
-                turbox_gpu_decode=TurboxDet3DDataPreprocessor(**turbox))
-
-
 def _pinned(value):
     """``value`` with every tensor in pinned host memory (what ``pin_memory=True`` does)."""
     if isinstance(value, torch.Tensor):
@@ -577,8 +323,8 @@ def measure_data_pipelines(data_root: Optional[str] = None,
         raise ValueError(f'num_workers must be >= 0, got {list(num_workers_list)}')
     if data_root is None:
         data_root = synthetic_data_root(progress=progress)
-    image_hw = _image_hw(data_root)
-    cfg = _setting(setting, image_hw)
+    image_hw = camera_image_hw(data_root)
+    cfg = setting_values(setting, image_hw)
     batch_size = cfg['batch_size']
     if gpu_device is None and torch.cuda.is_available():
         gpu_device = 'cuda'
@@ -609,7 +355,7 @@ def measure_data_pipelines(data_root: Optional[str] = None,
     gpu = {}
     if gpu_device is not None:
         from mmengine.dataset import pseudo_collate
-        preprocessors = _preprocessors(setting, seed)
+        preprocessors = build_preprocessors(setting, seed)
         if str(gpu_device).startswith('cuda'):
             warm_up_gpu(1.0)
         for name in pipelines:
