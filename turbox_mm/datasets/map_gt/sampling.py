@@ -110,7 +110,7 @@ def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0
 
     Examples:
         >>> square = np.array([[0., 0.], [0., 2.], [2., 2.], [2., 0.], [0., 0.]])
-        >>> orders = shift_orders_v2([square], fixed_num=5)
+        >>> orders = shift_orders_v2([square], fixed_num=6)  # 5 slots, 4 orders
         >>> orders[0, :4, 0].tolist()  # starts at vertices 0, 3, 2, 1
         [[0.0, 0.0], [2.0, 0.0], [2.0, 2.0], [0.0, 2.0]]
         >>> float(orders[0, 4, 0, 0])
