@@ -143,13 +143,14 @@ class ImageAug3DTurbo(ImageAug3D):
         if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing axis of size 1
             out = out[..., None]
         mask = rotation_mask(config, out_size)
-        if mask is not None:
-            if out.ndim == 3:
-                mask = np.repeat(mask[..., None], out.shape[2], axis=2)
-            if out.ndim == 2 or out.shape[2] <= 4:
-                cv2.multiply(out, mask, dst=out)
-            else:
-                np.multiply(out, mask, out=out)
+        if mask is None:
+            return out
+        if out.ndim == 2:
+            cv2.multiply(out, mask, dst=out)
+        elif out.shape[2] <= 4:  # cv2.merge: a tenth of np.repeat's time
+            cv2.multiply(out, cv2.merge([mask] * out.shape[2]), dst=out)
+        else:
+            np.multiply(out, mask[..., None], out=out)
         return out
 
     def __repr__(self) -> str:
