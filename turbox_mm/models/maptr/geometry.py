@@ -1,0 +1,73 @@
+"""MapTR's coordinate conventions: normalised points and boxes over the BEV patch.
+
+Everything is in the lidar frame, x to the right over ``[pc_range[0], pc_range[3]]`` (30 m),
+y forward over ``[pc_range[1], pc_range[4]]`` (60 m). The head predicts points in ``[0, 1]``:
+``x' = (x - pc_range[0]) / (pc_range[3] - pc_range[0])`` and the same for y; boxes are
+``(cx, cy, w, h)`` normalised the same way (docs/design/maptr.md, section 0). The operations
+are the ones of upstream's ``normalize_2d_pts`` / ``denormalize_2d_pts`` /
+``normalize_2d_bbox`` / ``denormalize_2d_bbox`` (subtract, then divide; multiply, then add),
+so that the numbers match to the last bit.
+"""
+from typing import Sequence, Tuple
+
+import torch
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
+from torch import Tensor
+
+
+def _extent(pc_range: Sequence[float]) -> Tuple[float, float]:
+    return pc_range[3] - pc_range[0], pc_range[4] - pc_range[1]
+
+
+def normalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
+    """Metric ``[..., 2]`` points -> ``[0, 1]`` over the patch.
+
+    Examples:
+        >>> normalize_2d_pts(torch.tensor([[-15., 30.]]), [-15, -30, -2, 15, 30, 2]).tolist()
+        [[0.0, 1.0]]
+    """
+    width, height = _extent(pc_range)
+    shifted = torch.stack([pts[..., 0] - pc_range[0], pts[..., 1] - pc_range[1]], -1)
+    return shifted / pts.new_tensor([width, height])
+
+
+def denormalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
+    """``[0, 1]`` points ``[..., 2]`` -> metres.
+
+    Examples:
+        >>> denormalize_2d_pts(torch.tensor([[0.5, 0.25]]), [-15, -30, -2, 15, 30, 2]).tolist()
+        [[0.0, -15.0]]
+    """
+    width, height = _extent(pc_range)
+    return torch.stack([pts[..., 0] * width + pc_range[0], pts[..., 1] * height + pc_range[1]],
+                       -1)
+
+
+def normalize_2d_bbox(bboxes: Tensor, pc_range: Sequence[float]) -> Tensor:
+    """Metric ``(x1, y1, x2, y2)`` -> normalised ``(cx, cy, w, h)``."""
+    width, height = _extent(pc_range)
+    cxcywh = bbox_xyxy_to_cxcywh(bboxes)
+    shifted = torch.cat([cxcywh[..., 0:1] - pc_range[0], cxcywh[..., 1:2] - pc_range[1],
+                         cxcywh[..., 2:4]], -1)
+    return shifted / bboxes.new_tensor([width, height, width, height])
+
+
+def denormalize_2d_bbox(bboxes: Tensor, pc_range: Sequence[float]) -> Tensor:
+    """Normalised ``(cx, cy, w, h)`` -> metric ``(x1, y1, x2, y2)``."""
+    width, height = _extent(pc_range)
+    xyxy = bbox_cxcywh_to_xyxy(bboxes)
+    return torch.stack([xyxy[..., 0] * width + pc_range[0], xyxy[..., 1] * height + pc_range[1],
+                        xyxy[..., 2] * width + pc_range[0], xyxy[..., 3] * height + pc_range[1]],
+                       -1)
+
+
+def pts_to_bbox(pts: Tensor) -> Tensor:
+    """Upstream's ``transform_box`` with ``transform_method='minmax'``: the ``(cx, cy, w, h)``
+    of each point set's bounds. ``[..., P, 2]`` -> ``[..., 4]``.
+
+    Examples:
+        >>> pts_to_bbox(torch.tensor([[[0.25, 0.0], [0.75, 0.5], [0.5, 0.25]]])).tolist()
+        [[0.5, 0.25, 0.5, 0.5]]
+    """
+    low, high = pts.min(dim=-2)[0], pts.max(dim=-2)[0]
+    return bbox_xyxy_to_cxcywh(torch.cat([low, high], -1))

@@ -1,0 +1,234 @@
+"""MapTR's training targets for every decoder layer and sample at once, with one host transfer.
+
+Upstream assigns each sample of each decoder layer on its own: a cost matrix copied to the host
+for scipy, six layers x the batch (twice that in v2, with the one-to-many queries), then
+boolean indexing and ``.item()`` reads. Here (the head's ``op_impl='turbox'``):
+
+- :func:`pad_ground_truth` stacks the batch's instances, padded to the largest count;
+- :func:`assign_batched` prices all layers x samples of every query group (v2: one-to-one and
+  one-to-many) with :meth:`MapTRAssigner.cost` (the same element-wise costs as the per-sample
+  path, ``[layers * batch, V, G_max]``), and solves them with
+  :func:`turbox_mm.models.sparse4d.matching.solve_batched`: the first group's matrices are the
+  transfer, the other groups' ride along as its ``extras``; each matrix is solved on its own
+  samples' columns by the same scipy solver, and the pairs go back without a host wait;
+- :func:`build_targets` scatters the targets from the pairs; the positive count of each layer
+  is counted on the device (``bincount``), so the losses need no host read;
+- :func:`turbox_losses` computes the head's losses from them with the stock path's values.
+
+Padded columns are never solved, so each matrix is the per-sample one. The only difference
+from upstream is upstream's own: scipy gets float64 copies of the float32 costs either way.
+"""
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
+import torch
+from mmdet.utils import reduce_mean
+from torch import Tensor, nn
+
+from turbox_mm.models.losses import focal_loss_like_mmdet
+from turbox_mm.models.sparse4d.matching import solve, solve_batched
+from turbox_mm.utils.upload import upload
+from .geometry import denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox, normalize_2d_pts
+
+
+class PaddedGT(NamedTuple):
+    """A batch's map instances, padded to the largest count ``G`` (padding: label 0, zeros).
+
+    Attributes:
+        labels (Tensor): ``[B, G]`` long.
+        bboxes (Tensor): ``[B, G, 4]`` metric ``xyxy``.
+        shifts (Tensor): ``[B, G, O, P, 2]`` metric points of each equivalent order.
+        counts (list[int]): Instances of each sample (host ints).
+    """
+    labels: Tensor
+    bboxes: Tensor
+    shifts: Tensor
+    counts: List[int]
+
+
+class Targets(NamedTuple):
+    """Targets of every layer: ``labels``, ``label_weights`` ``[L, B * V]``; ``bbox_targets``
+    (metric ``xyxy``), ``bbox_weights`` ``[L, B * V, 4]``; ``pts_targets`` (metric),
+    ``pts_weights`` ``[L, B * V, P, 2]``; ``num_pos`` ``[L]`` float (on the device)."""
+    labels: Tensor
+    label_weights: Tensor
+    bbox_targets: Tensor
+    bbox_weights: Tensor
+    pts_targets: Tensor
+    pts_weights: Tensor
+    num_pos: Tensor
+
+
+def pad_ground_truth(gts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> PaddedGT:
+    """Stack per-sample ``(labels [G], bboxes [G, 4], shifts [G, O, P, 2])`` (already on the
+    device) into a :class:`PaddedGT`."""
+    counts = [int(labels.shape[0]) for labels, _, _ in gts]
+    g_max = max(counts) if counts else 0
+    labels, bboxes, shifts = gts[0]
+    pad = g_max - np.asarray(counts)
+
+    def stack(index: int, fill_shape: Tuple[int, ...], dtype) -> Tensor:
+        rows = []
+        for sample, extra in zip(gts, pad):
+            rows.append(torch.cat([sample[index].to(dtype),
+                                   sample[index].new_zeros((int(extra), ) + fill_shape,
+                                                           dtype=dtype)]))
+        return torch.stack(rows)
+
+    return PaddedGT(stack(0, (), torch.long), stack(1, (4, ), bboxes.dtype),
+                    stack(2, tuple(shifts.shape[1:]), shifts.dtype), counts)
+
+
+def _solve_host(cost: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """``[3, K]`` (matrix, row, column) of every assigned pair of ``[R, Q, G]`` host costs,
+    each matrix on its first ``counts[r % len(counts)]`` columns (as ``solve_batched``)."""
+    found = []
+    for r in range(cost.shape[0]):
+        cols = int(counts[r % len(counts)])
+        if cols:
+            rows, picked = solve(cost[r, :, :cols])
+            found.append(np.stack([np.full_like(rows, r), rows, picked]).astype(np.int64))
+    return np.concatenate(found, 1) if found else np.zeros((3, 0), np.int64)
+
+
+def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, PaddedGT]]
+                   ) -> List[Tuple[Tensor, Tensor]]:
+    """Assign every layer and sample of every group with one device-to-host transfer.
+
+    Args:
+        assigner (MapTRAssigner): Prices the pairs.
+        groups: Per query group ``(cls [L, B, V, K], bbox [L, B, V, 4], pts [L, B, V, P, 2],
+            gt)``; predictions are detached here.
+
+    Returns:
+        list[tuple[Tensor, Tensor]]: Per group, the pairs ``[3, N]`` (matrix ``l * B + b``,
+        query, instance; on the device) and ``order_index`` ``[L * B, V, G]`` (None for a
+        group without instances).
+    """
+    costs, orders, todo = [], [], []
+    for index, (cls, bbox, pts, gt) in enumerate(groups):
+        if sum(gt.counts) == 0:
+            orders.append(None)
+            continue
+        layers, batch, queries = cls.shape[:3]
+        with torch.no_grad():
+            cost, order = assigner.cost(bbox.detach(), cls.detach(), pts.detach(),
+                                        gt.bboxes, gt.labels, gt.shifts)
+        costs.append(cost.reshape(layers * batch, queries, -1))
+        orders.append(order.reshape(layers * batch, queries, -1))
+        todo.append(index)
+    device = groups[0][0].device
+    empty = torch.zeros(3, 0, dtype=torch.long, device=device)
+    pairs = [empty] * len(groups)
+    if todo:
+        first, *rest = todo
+        pairs[first], extras = solve_batched(costs[0], groups[first][3].counts, costs[1:])
+        for index, host in zip(rest, extras):
+            found = _solve_host(host.to(torch.float64).numpy(), groups[index][3].counts)
+            pairs[index] = upload(found, device)
+    return list(zip(pairs, orders))
+
+
+def build_targets(cls: Tensor, gt: PaddedGT, pairs: Tensor, order_index: Tensor,
+                  num_gt_points: int) -> Targets:
+    """Targets of every layer from the assigned pairs (upstream's ``_get_target_single`` for
+    all layers and samples at once).
+
+    Args:
+        cls (Tensor): ``[L, B, V, K]`` class logits (for shapes and device).
+        gt (PaddedGT): The instances.
+        pairs (Tensor): ``[3, N]`` from :func:`assign_batched`.
+        order_index (Tensor): ``[L * B, V, G]`` best order of each pair (None if no pairs).
+        num_gt_points (int): Points of a ground-truth order.
+    """
+    layers, batch, queries, num_classes = cls.shape
+    total = layers * batch * queries
+    device, dtype = cls.device, cls.dtype
+    labels = torch.full((total, ), num_classes, dtype=torch.long, device=device)
+    label_weights = torch.ones(total, dtype=dtype, device=device)
+    bbox_targets = torch.zeros(total, 4, dtype=dtype, device=device)
+    bbox_weights = torch.zeros(total, 4, dtype=dtype, device=device)
+    pts_targets = torch.zeros(total, num_gt_points, 2, dtype=dtype, device=device)
+    pts_weights = torch.zeros(total, num_gt_points, 2, dtype=dtype, device=device)
+    matrix, row, col = pairs
+    sample = matrix % batch
+    flat = matrix * queries + row
+    if order_index is not None:
+        order = order_index[matrix, row, col]
+        labels[flat] = gt.labels[sample, col]
+        bbox_targets[flat] = gt.bboxes[sample, col].to(dtype)
+        bbox_weights[flat] = 1.0
+        pts_targets[flat] = gt.shifts[sample, col, order].to(dtype)
+        pts_weights[flat] = 1.0
+    num_pos = torch.bincount(matrix // batch, minlength=layers).to(dtype)
+    shape = (layers, batch * queries)
+    return Targets(labels.view(shape), label_weights.view(shape),
+                   bbox_targets.view(*shape, 4), bbox_weights.view(*shape, 4),
+                   pts_targets.view(*shape, num_gt_points, 2),
+                   pts_weights.view(*shape, num_gt_points, 2), num_pos)
+
+
+def turbox_losses(head, groups: Sequence[Tuple[Dict[str, Tensor], list]]
+                  ) -> List[Dict[str, Tensor]]:
+    """The head's loss dicts of query groups ``(preds, [(labels, bboxes, shifts)] per
+    sample)``: one assignment transfer for all, then :func:`layer_losses` per group."""
+    padded = [(preds, pad_ground_truth(gts)) for preds, gts in groups]
+    assigned = assign_batched(head.assigner, [
+        (p['all_cls_scores'], p['all_bbox_preds'], p['all_pts_preds'], gt) for p, gt in padded])
+    results = []
+    for (preds, gt), (pairs, order_index) in zip(padded, assigned):
+        targets = build_targets(preds['all_cls_scores'], gt, pairs, order_index,
+                                head.num_pts_per_gt_vec)
+        results.append(head._loss_dict(layer_losses(head, preds, targets)))
+    return results
+
+
+def layer_losses(head, preds: Dict[str, Tensor], targets: Targets) -> List[Tuple[Tensor, ...]]:
+    """Every layer's ``(loss_cls, loss_bbox, loss_iou, loss_pts, loss_dir)`` with the values of
+    the head's stock ``loss_single``: the normaliser is a device tensor (all-reduced once for
+    all layers), non-finite box targets are masked instead of indexed away, weight-0 box terms
+    are zeros that keep the graph."""
+    num_pos = reduce_mean(targets.num_pos.clone()).clamp(min=1)
+    cls_avg = num_pos if head.sync_cls_avg_factor else targets.num_pos.clamp(min=1)
+    normalized = normalize_2d_bbox(targets.bbox_targets, head.pc_range)
+    finite = torch.isfinite(normalized).all(-1)
+    keep = finite[..., None].to(normalized.dtype)
+    normalized = torch.where(finite[..., None], normalized, 0.0)
+    bbox_targets = torch.where(finite[..., None], targets.bbox_targets, 0.0)
+    bbox_weights = targets.bbox_weights * head.code_weights * keep
+    pts_targets = torch.where(finite[..., None, None], targets.pts_targets, 0.0)
+    pts_weights = targets.pts_weights * keep[..., None]
+    norm_pts_targets = normalize_2d_pts(pts_targets, head.pc_range)
+    step = head.dir_interval
+    target_dirs = pts_targets[:, :, step:] - pts_targets[:, :, :-step]
+    out = []
+    for i in range(preds['all_cls_scores'].shape[0]):
+        cls = preds['all_cls_scores'][i].reshape(-1, head.num_classes)
+        loss_cls = focal_loss_like_mmdet(head.loss_cls, cls, targets.labels[i],
+                                         targets.label_weights[i], avg_factor=cls_avg[i])
+        bbox_preds = preds['all_bbox_preds'][i].reshape(-1, 4)
+        pts_preds = preds['all_pts_preds'][i]
+        pts_preds = head._pred_pts(pts_preds.reshape(-1, pts_preds.shape[-2], 2))
+        loss_bbox = _weighted_or_zero(head.loss_bbox, bbox_preds, normalized[i],
+                                      bbox_weights[i], num_pos[i])
+        loss_pts = head.loss_pts(pts_preds, norm_pts_targets[i], pts_weights[i],
+                                 avg_factor=num_pos[i])
+        metric_preds = denormalize_2d_pts(pts_preds, head.pc_range)
+        loss_dir = head.loss_dir(metric_preds[:, step:] - metric_preds[:, :-step],
+                                 target_dirs[i], pts_weights[i][:, :-step, 0],
+                                 avg_factor=num_pos[i])
+        loss_iou = _weighted_or_zero(head.loss_iou,
+                                     denormalize_2d_bbox(bbox_preds, head.pc_range),
+                                     bbox_targets[i], bbox_weights[i], num_pos[i])
+        out.append(tuple(torch.nan_to_num(loss)
+                         for loss in (loss_cls, loss_bbox, loss_iou, loss_pts, loss_dir)))
+    return out
+
+
+def _weighted_or_zero(loss: nn.Module, pred: Tensor, target: Tensor, weight: Tensor,
+                      avg_factor: Tensor) -> Tensor:
+    """A weight-0 term as the zero it is (keeping the graph); else the loss itself (mmdet's
+    box losses then read the weights on the host once)."""
+    if getattr(loss, 'loss_weight', 1.0) == 0:
+        return pred.sum() * 0
+    return loss(pred, target, weight, avg_factor=avg_factor)
