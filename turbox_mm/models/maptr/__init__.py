@@ -1,20 +1,34 @@
 """MapTR v1 and v2 (issue 18), mmengine-native: the head side (in progress).
 
-Landed: the assignment over equivalent point orders (:class:`MapTRAssigner`,
-:class:`OrderedPtsL1Cost`, the batched turbox path in :mod:`.maptr_targets`) and the losses
-:class:`PtsL1Loss` and :class:`PtsDirCosLoss`. Not yet: the decoder, the heads, the BEV
-encoders, the detectors, the configs. docs/design/maptr.md is the engineering reference.
+Landed: the decoder (:class:`MapTRDecoder` with reference-point refinement; its layers
+:class:`MapTRDecoderLayer` for v1 and :class:`DecoupledMapTRDecoderLayer` for v2; the
+deformable cross-attention :class:`CustomMSDeformableAttention` with mmcv's or turbox's op),
+the heads :class:`MapTRHead` and :class:`MapTRv2Head` (one-to-many queries; not yet its
+auxiliary segmentation heads), the assignment over equivalent point orders
+(:class:`MapTRAssigner`, :class:`OrderedPtsL1Cost`, the batched turbox path in
+:mod:`.maptr_targets`), the losses :class:`PtsL1Loss` and :class:`PtsDirCosLoss`, and the
+:class:`MapTRNMSFreeCoder`. Not yet: the BEV encoders, the detectors, the configs.
+docs/design/maptr.md is the engineering reference.
 """
+from .custom_ms_deformable_attention import CustomMSDeformableAttention
+from .decoupled_decoder_layer import DecoupledMapTRDecoderLayer
 from .geometry import (denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox,
                        normalize_2d_pts, pts_to_bbox)
 from .maptr_assigner import MapTRAssigner
+from .maptr_decoder import MapTRDecoder
+from .maptr_decoder_layer import MapTRDecoderLayer
+from .maptr_head import MapTRHead
+from .maptr_nms_free_coder import MapTRNMSFreeCoder
 from .maptr_targets import assign_batched, build_targets, pad_ground_truth
+from .maptrv2_head import MapTRv2Head
 from .ordered_pts_l1_cost import OrderedPtsL1Cost
 from .pts_dir_cos_loss import PtsDirCosLoss
 from .pts_l1_loss import PtsL1Loss
 
 __all__ = [
-    'denormalize_2d_bbox', 'denormalize_2d_pts', 'normalize_2d_bbox', 'normalize_2d_pts',
-    'pts_to_bbox', 'MapTRAssigner', 'assign_batched', 'build_targets', 'pad_ground_truth',
-    'OrderedPtsL1Cost', 'PtsDirCosLoss', 'PtsL1Loss'
+    'CustomMSDeformableAttention', 'DecoupledMapTRDecoderLayer', 'denormalize_2d_bbox',
+    'denormalize_2d_pts', 'normalize_2d_bbox', 'normalize_2d_pts', 'pts_to_bbox',
+    'MapTRAssigner', 'MapTRDecoder', 'MapTRDecoderLayer', 'MapTRHead', 'MapTRNMSFreeCoder',
+    'assign_batched', 'build_targets', 'pad_ground_truth', 'MapTRv2Head', 'OrderedPtsL1Cost',
+    'PtsDirCosLoss', 'PtsL1Loss'
 ]
