@@ -143,6 +143,19 @@ def test_loader_writes_the_stock_keys_and_values(jpegs, scaled):
             np.testing.assert_array_equal(b, a.astype(np.uint8))  # RGB, bit for bit
 
 
+@pytest.mark.parametrize('sampling', ['411', '420', '422', '440', '444'])
+def test_loader_decodes_pillows_pixels(tmp_path, sampling):
+    """libjpeg-turbo through simplejpeg and pillow: the same RGB pixels, every chroma
+    subsampling."""
+    path = str(tmp_path / f'{sampling}.jpg')
+    factor = getattr(cv2, f'IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}')
+    assert cv2.imwrite(path, bench.textured_image(3, 180, 320),
+                       [cv2.IMWRITE_JPEG_QUALITY, 85, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor])
+    stock = BEVLoadMultiViewImageFromFiles(**STOCK_LOADER)(camera_sample([path]))
+    turbox = BEVLoadMultiViewImagesTurbo(color_type='color')(camera_sample([path]))
+    np.testing.assert_array_equal(turbox['img'][0], stock['img'][0].astype(np.uint8))
+
+
 def test_loader_ignores_a_datasets_aug_config(jpegs):
     """BEVFusion draws its resize after loading: only max_resize picks the decode scale."""
     sample = dict(camera_sample(jpegs['smooth'][:1]), aug_config=dict(resize=0.2))

@@ -25,9 +25,9 @@ class BEVLoadMultiViewImagesTurbo(LoadMultiViewImagesTurbo):
     - ``img`` holds uint8 images (``to_float32`` as stock converts them), in RGB order
       (``channel_order='rgb'``, pillow's). libjpeg-turbo through simplejpeg decodes the same
       pixels as pillow (both the accurate integer DCT and fancy upsampling; checked equal on
-      4:2:0, 4:2:2 and 4:4:4 JPEGs). Non-JPEG files and ``grayscale`` colour types go through
-      OpenCV (``mmcv.imfrombytes``): PNGs give the same pixels; pillow's grey conversion of a
-      colour JPEG can differ from OpenCV's by a level.
+      4:1:1, 4:2:0, 4:2:2, 4:4:0 and 4:4:4 JPEGs). Non-JPEG files and ``grayscale`` colour
+      types go through OpenCV (``mmcv.imfrombytes``): PNGs give the same pixels; pillow's grey
+      conversion of a colour JPEG can differ from OpenCV's by a level.
     - With ``scaled_decode`` the images are decoded at ``1 / d`` of their size
       (``results['img_decode_scale'] = d``, the shapes above stay full-resolution ones), for
       :class:`~turbox_mm.datasets.transforms.ImageAug3DTurbo` to warp from. ``d`` is chosen
