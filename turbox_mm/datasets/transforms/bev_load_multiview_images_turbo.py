@@ -26,8 +26,10 @@ class BEVLoadMultiViewImagesTurbo(LoadMultiViewImagesTurbo):
       (``channel_order='rgb'``, pillow's). libjpeg-turbo through simplejpeg decodes the same
       pixels as pillow (both the accurate integer DCT and fancy upsampling; checked equal on
       4:1:1, 4:2:0, 4:2:2, 4:4:0 and 4:4:4 JPEGs). Non-JPEG files and ``grayscale`` colour
-      types go through OpenCV (``mmcv.imfrombytes``): PNGs give the same pixels; pillow's grey
-      conversion of a colour JPEG can differ from OpenCV's by a level.
+      types go through OpenCV (``mmcv.imfrombytes``): PNGs give the same pixels; a colour
+      JPEG under ``grayscale`` does not (OpenCV keeps the JPEG's luma, pillow converts its RGB:
+      1% of the pixels differ, by up to 18 levels, on a camera-like image; ``ImageAug3D``
+      takes RGB images only).
     - With ``scaled_decode`` the images are decoded at ``1 / d`` of their size
       (``results['img_decode_scale'] = d``, the shapes above stay full-resolution ones), for
       :class:`~turbox_mm.datasets.transforms.ImageAug3DTurbo` to warp from. ``d`` is chosen
