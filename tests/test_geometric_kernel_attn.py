@@ -1,8 +1,9 @@
 """turbox_mm.ops.geometric_kernel_attn: reference vs upstream's kernel, kernels vs reference, the
-op.
+op, the benchmark.
 
 On the CPU the Triton kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``)
-at small odd sizes.
+at small odd sizes; the ``cuda`` tests run them compiled at MapTR v1's size against the
+reference on the GPU (upstream's CUDA extension is not installable).
 """
 import warnings
 from itertools import product
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from turbox_mm.benchmark.micro import geometric_kernel_attn as bench
 from turbox_mm.ops import geometric_kernel_attn as gka
 from turbox_mm.ops.geometric_kernel_attn import op as gka_op
 from turbox_mm.ops.geometric_kernel_attn.reference import geometric_kernel_attn_reference
@@ -445,8 +447,51 @@ def test_compile_fullgraph_no_graph_break():
 
 
 # --------------------------------------------------------------------------------------------
-# The GPU build
+# Benchmark
 # --------------------------------------------------------------------------------------------
+
+
+def test_benchmark_inputs_at_maptr_v1_sizes():
+    size = bench.CASES['MapTR v1 SCA, camera rig']
+    value, shape, start, loc, weights = bench.make_inputs(size)
+    queries = loc.shape[1]
+    assert value.shape == (24, 375, 4, 64) and shape.tolist() == [[15, 25]]
+    assert start.tolist() == [0] and loc.dtype == torch.int64
+    assert loc.shape == (24, queries, 4, 1, 15, 2) and weights.shape == (24, queries, 4, 1, 15)
+    assert 1000 < queries < 20000  # max_len: the camera with the most BEV queries in view
+    torch.testing.assert_close(weights.sum(dim=(-1, -2)), torch.ones(24, queries, 4))
+    # The kernel window: 5 columns x 3 rows around the rounded reference, dx major.
+    near = (loc[0, :, :, 0, 7].abs() < 30).all(-1).nonzero()[0]  # an anchor near the image
+    window = loc[0, near[0], near[1], 0] - loc[0, near[0], near[1], 0, 7]
+    assert window[:, 0].tolist() == [-2] * 3 + [-1] * 3 + [0] * 3 + [1] * 3 + [2] * 3
+    assert window[:, 1].tolist() == [-1, 0, 1] * 5
+    # Padded rows of the shorter cameras sample around (0, 0); the batch shares one rig.
+    ref, facts = bench.reference_points(size)
+    cam = int(np.argmin(facts['in_view']))
+    assert (loc[cam, -1, :, 0, 7] == 0).all() and (loc[cam, facts['in_view'][cam] - 1] != 0).any()
+    assert torch.equal(loc[:6], loc[6:12])
+    everyone = bench.make_inputs(bench.CASES['MapTR v1 SCA, 20000 queries'])
+    assert everyone[3].shape == (24, 20000, 4, 1, 15, 2)
+
+
+def test_micro_benchmark_skips_cleanly_without_cuda():
+    from turbox_mm.benchmark.micro import available, get
+    assert 'geometric_kernel_attn' in available('op')
+    for quick in (True, False):
+        rows = get('geometric_kernel_attn')('cpu', quick=quick)
+        assert rows and all(r['stock'] is None and r['turbox'] is None for r in rows)
+        assert all('need CUDA' in r['note'] for r in rows)
+    assert [r['case'].split()[-1] for r in rows[:2]] == ['fwd', 'fwd+bwd']
+
+
+def test_benchmark_cli_ops_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip('checks the CPU-only report')
+    from tools.benchmark import main
+    assert main(['--ops', 'geometric_kernel_attn', '--out', str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert 'MapTR v1 SCA, camera rig float32 fwd+bwd' in printed and 'need CUDA' in printed
+    assert 'FAILED' not in printed
 
 
 COMPILE_SCRIPT = r'''
@@ -477,3 +522,125 @@ def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     1 (Triton makes an int argument equal to 1 a constant)."""
     from conftest import compile_for_sm90_in_subprocess
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: compiled kernels against the reference at MapTR v1's size
+# --------------------------------------------------------------------------------------------
+
+
+def run_with_grads(fn, args, grad_out):
+    value, shape, start, loc, weights = args
+    leaves = [t.detach().clone().requires_grad_() for t in (value, weights)]
+    out = fn(leaves[0], shape, start, loc, leaves[1])
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('case', ['MapTR v1 SCA, camera rig', 'MapTR v1 SCA, 20000 queries'])
+def test_cuda_matches_reference_at_maptr_v1_size_fp32(case):
+    """value [24, 375, 4, 64], one 15x25 level, 15 points; forward and backward against the
+    reference on the GPU, both float32 (the value gradient sums hundreds of samples a pixel,
+    in another order)."""
+    args = bench.make_inputs(bench.CASES[case], 'cuda', torch.float32)
+    assert gka.fallback_reason(args[0]) is None
+    grad_out = grad_out_for(args)
+    out, grads = run_with_grads(gka.geometric_kernel_attn, args, grad_out)
+    want, want_grads = run_with_grads(geometric_kernel_attn_reference, args, grad_out)
+    assert out.dtype == torch.float32
+    assert max_err(out, want) <= 1e-5 * want.abs().max().item()
+    for name, got, ref in zip(('value', 'weights'), grads, want_grads):
+        assert max_err(got, ref) <= 1e-4 * ref.abs().max().item(), name
+
+
+@pytest.mark.cuda
+def test_cuda_matches_float64_reference():
+    size = dict(bench.CASES['MapTR v1 SCA, camera rig'], bs=1)
+    args = bench.make_inputs(size, 'cuda', torch.float32)
+    grad_out = grad_out_for(args)
+    want, want_grads = reference_grads(args, grad_out, torch.float64)
+    out = K.geometric_kernel_attn_forward(*args)
+    assert max_err(out, want) <= 1e-6 * want.abs().max().item() + 1e-6
+    for name, got, ref in zip(('value', 'weights'), K.geometric_kernel_attn_backward(
+            grad_out, *args), want_grads):
+        assert max_err(got, ref) <= 1e-5 * ref.abs().max().item(), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_within_twice_reference(dtype):
+    size = dict(bench.CASES['MapTR v1 SCA, camera rig'], bs=1)
+    args = tuple(t.to(dtype) if t.is_floating_point() else t
+                 for t in bench.make_inputs(size, 'cuda', torch.float32))
+    grad_out = grad_out_for(args)
+    truth, truth_grads = reference_grads(args, grad_out, torch.float64)  # same values, float64
+    ref, ref_grads = reference_grads(args, grad_out)  # PyTorch in ``dtype``
+    out, grads = run_with_grads(gka.geometric_kernel_attn, args, grad_out)
+    assert out.dtype == dtype
+    assert max_err(out, truth) <= 2 * max_err(ref, truth)
+    for name, got, want, base in zip(('value', 'weights'), grads, truth_grads, ref_grads):
+        assert max_err(got, want) <= 2 * max_err(base, want), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('kind', ['fwd', 'bwd'])
+def test_cuda_every_autotuning_config(kind):
+    size = dict(bench.CASES['MapTR v1 SCA, camera rig'], bs=1)
+    args = bench.make_inputs(size, 'cuda', torch.float32)
+    grad_out = grad_out_for(args)
+    want, want_grads = reference_grads(args, grad_out, torch.float64)
+    for config in K.configs(kind, 1, 15, 64):
+        if kind == 'fwd':
+            got = K.geometric_kernel_attn_forward(*args, config=config)
+            assert max_err(got, want) <= 1e-5 * want.abs().max().item(), config
+        else:
+            grads = K.geometric_kernel_attn_backward(grad_out, *args, config=config)
+            for got, ref in zip(grads, want_grads):
+                assert max_err(got, ref) <= 1e-4 * ref.abs().max().item(), config
+
+
+@pytest.mark.cuda
+def test_cuda_odd_shapes_empty_and_non_contiguous():
+    for size in (SMALL, dict(SMALL, heads=5, dims=24, points=7, queries=37),
+                 dict(SMALL, queries=0)):
+        assert_kernel_matches_reference(make_inputs(**size, device='cuda'))
+    value, shape, start, loc, weights = make_inputs(**SMALL, device='cuda')
+    value_t = value.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(
+        gka.geometric_kernel_attn(value_t, shape.cpu(), start, loc, weights),
+        geometric_kernel_attn_reference(value, shape, start, loc, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_opcheck_and_compile():
+    size = dict(bench.CASES['MapTR v1 SCA, camera rig'], bs=1)
+    value, shape, start, loc, weights = bench.make_inputs(size, 'cuda', torch.float32)
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = gka.geometric_kernel_attn(value.half(), shape, start, loc, weights)
+    assert out.dtype == torch.float16
+    want = geometric_kernel_attn_reference(value.half().double(), shape, start, loc,
+                                           weights.double())
+    assert max_err(out, want) <= 2e-3 * want.abs().max().item() + 1e-3
+    small = make_inputs(bs=1, queries=3, heads=2, dims=8, points=2, shapes=((3, 4), (2, 2)),
+                        device='cuda')
+    small = tuple(t.requires_grad_() if t.is_floating_point() else t for t in small)
+    result = torch.library.opcheck(torch.ops.turbox_mm.geometric_kernel_attn.default, small)
+    assert all(v == 'SUCCESS' for v in result.values()), result
+
+    def block(value, weights):
+        return gka.geometric_kernel_attn(value, shape, start, loc, weights.softmax(-1)).sum()
+
+    leaves = [t.detach().requires_grad_() for t in (value, weights)]
+    torch.compile(block, fullgraph=True)(*leaves).backward()
+    eager = [t.detach().requires_grad_() for t in (value, weights)]
+    block(*eager).backward()
+    # Value gradients accumulate with float32 atomics, whose order varies from run to run.
+    for got, ref in zip(leaves, eager):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_micro_benchmark_quick():
+    rows = bench.benchmark('cuda', quick=True)
+    assert len(rows) == 2 and all(r['stock'] and r['turbox'] for r in rows)
