@@ -273,6 +273,31 @@ def test_kernel_non_contiguous_inputs():
         torch.testing.assert_close(leaf.grad, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_kernel_zero_gradient_rows_scatter_nothing():
+    """A (query, head) whose output gradient is zero skips its value-gradient atomics (MapTR's
+    padded rebatch rows): the gradients are the reference's; a NaN weight there adds nothing
+    (upstream: NaN); a NaN in the output gradient still reaches the value gradient."""
+    value, shape, start, loc, weights = args = make_inputs(**SMALL)
+    bs, queries, heads, dims = value.shape[0], loc.shape[1], value.shape[2], value.shape[3]
+    grad_out = grad_out_for(args).view(bs, queries, heads, dims)
+    grad_out[:, 6:] = 0  # padded rows
+    grad_out[0, 2, 1] = 0  # one head of one query
+    grad_out = grad_out.view(bs, queries, heads * dims)
+    _, want_grads = reference_grads(args, grad_out, torch.float64)
+    got = K.geometric_kernel_attn_backward(grad_out, *args)
+    for name, g, ref in zip(('value', 'weights'), got, want_grads):
+        torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-4, msg=name)
+    nan_w = weights.clone()
+    nan_w[1, 8, 0, 0, 0] = float('nan')
+    g_value, g_w = K.geometric_kernel_attn_backward(grad_out, value, shape, start, loc, nan_w)
+    torch.testing.assert_close(g_value, got[0])
+    torch.testing.assert_close(g_w, got[1])
+    nan_out = grad_out.clone()
+    nan_out[1, 8, 0] = float('nan')
+    g_value, _ = K.geometric_kernel_attn_backward(nan_out, *args)
+    assert g_value[1].isnan().any() and not g_value[0].isnan().any()
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_kernel_low_precision_error_within_twice_reference(dtype):
     """flash-attention's rule: error vs float64 at most twice that of PyTorch in ``dtype``."""
@@ -470,6 +495,10 @@ def test_benchmark_inputs_at_maptr_v1_sizes():
     cam = int(np.argmin(facts['in_view']))
     assert (loc[cam, -1, :, 0, 7] == 0).all() and (loc[cam, facts['in_view'][cam] - 1] != 0).any()
     assert torch.equal(loc[:6], loc[6:12])
+    grad = bench.output_grad(size, queries)  # zero where SCA drops the padded rows' outputs
+    for row in (cam, cam + 6):
+        assert (grad[row, facts['in_view'][cam]:] == 0).all()
+        assert (grad[row, :facts['in_view'][cam]] != 0).all()
     everyone = bench.make_inputs(bench.CASES['MapTR v1 SCA, 20000 queries'])
     assert everyone[3].shape == (24, 20000, 4, 1, 15, 2)
 
@@ -542,10 +571,10 @@ def run_with_grads(fn, args, grad_out):
 def test_cuda_matches_reference_at_maptr_v1_size_fp32(case):
     """value [24, 375, 4, 64], one 15x25 level, 15 points; forward and backward against the
     reference on the GPU, both float32 (the value gradient sums hundreds of samples a pixel,
-    in another order)."""
+    in another order); the output gradient is zero on the padded rows, as in the model."""
     args = bench.make_inputs(bench.CASES[case], 'cuda', torch.float32)
     assert gka.fallback_reason(args[0]) is None
-    grad_out = grad_out_for(args)
+    grad_out = bench.output_grad(bench.CASES[case], args[3].shape[1], 'cuda')
     out, grads = run_with_grads(gka.geometric_kernel_attn, args, grad_out)
     want, want_grads = run_with_grads(geometric_kernel_attn_reference, args, grad_out)
     assert out.dtype == torch.float32

@@ -21,7 +21,8 @@ scale, depth clamped at 1e-5, divided by 800x480). Two cases:
 
 - ``camera rig``: ``GeometrySptialCrossAttention``'s rebatching: per camera the queries with
   any anchor in view (0 < u, v < 1, in front of the camera), padded with zero reference
-  points to the longest camera's count ``max_len`` (padded rows sample the top-left corner);
+  points to the longest camera's count ``max_len`` (padded rows sample the top-left corner;
+  their outputs are dropped, so the backward's output gradient is zero there);
 - ``20000 queries``: every BEV query through every camera, the bound on ``max_len`` (anchors
   out of view sample the clamped border, as upstream).
 
@@ -158,6 +159,21 @@ def make_inputs(size: Dict, device='cpu', dtype: torch.dtype = torch.float32,
             weights.to(device, dtype))
 
 
+def output_grad(size: Dict, queries: int, device='cpu', dtype: torch.dtype = torch.float32,
+                seed: int = 1) -> torch.Tensor:
+    """``[bs * cams, queries, heads * dims]`` random output gradient, zero on the rows that pad
+    a camera's queries (``GeometrySptialCrossAttention`` drops their outputs, so a model's
+    gradient is zero there)."""
+    bs, cams = size['bs'], size['cams']
+    grad = torch.randn(bs * cams, queries, size['heads'] * size['dims'],
+                       generator=torch.Generator().manual_seed(seed))
+    if size['queries'] == 'rebatch':
+        _, facts = reference_points(size)
+        for row in range(bs * cams):
+            grad[row, facts['in_view'][row % cams]:] = 0
+    return grad.to(device, dtype)
+
+
 def _case(name: str, dtype: torch.dtype, label: str) -> str:
     return f"{name} {str(dtype).replace('torch.', '')} {label}"
 
@@ -174,8 +190,7 @@ def _rows(name: str, size: Dict, dtype: torch.dtype, device: torch.device, iters
           warmup: int) -> List[Dict]:
     value, shapes, start, loc, weights = make_inputs(size, device, dtype)
     queries = loc.shape[1]
-    grad = torch.randn(value.shape[0], queries, size['heads'] * size['dims'],
-                       generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad = output_grad(size, queries, device, dtype)
     leaves = [t.detach().clone().requires_grad_() for t in (value, weights)]
 
     def forward(fn):

@@ -21,7 +21,8 @@ The formula and upstream's conventions are in :mod:`.reference` (the specificati
   under autocast). The output has ``value``'s dtype.
 - Backward, one pass with the forward's geometry: the value gradient ``w * grad_out`` is
   scattered with atomic adds into a float32 (float64) buffer, cast to ``value``'s dtype
-  afterwards; the weight gradient ``sum_c grad_out[c] * value[pixel, c]`` is a channel
+  afterwards (queries with a zero output gradient skip theirs, see :func:`_gka_bwd_kernel`);
+  the weight gradient ``sum_c grad_out[c] * value[pixel, c]`` is a channel
   reduction inside the one program that owns the sample, stored directly (no atomics, no
   per-point intermediates in memory). Locations get no gradient (integers).
 
@@ -135,18 +136,25 @@ def _gka_bwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, gout_ptr, g
       program's tile (zero where its level lies outside ``value``), so ``gw_ptr`` needs no
       initialisation.
 
-    Grid as the forward's.
+    A query whose output gradient is zero in every channel of the head scatters nothing (no
+    atomics; the sum is the same). MapTR's spatial cross-attention drops the outputs of the
+    rows that pad each camera's queries to ``max_len`` (half of the rows with the benchmark's
+    camera rig), so their gradient is zero; all of them read the few pixels around (0, 0), and their
+    atomics would queue on those addresses. (Unlike upstream, a NaN or infinite weight of such
+    a query then adds nothing instead of NaN.) Grid as the forward's.
     """
     b, h, d, qmask, dmask, rows = _program(Q, HEADS, D, BLOCK_Q, BLOCK_D)
     out_offs = ((rows * HEADS + h) * D)[:, None] + d[None, :]
     go = tl.load(gout_ptr + out_offs, mask=qmask[:, None] & dmask[None, :], other=0).to(ACC)
+    live = tl.sum((go != 0).to(tl.int32), axis=1) > 0  # [BLOCK_Q]; NaN counts as non-zero
     go = go[:, None, :]
     for k0 in range(0, LP, BLOCK_K):
         sample, smask, wgt, off, vmask = _samples(k0, b, h, d, rows, qmask, dmask, loc_ptr,
                                                   w_ptr, shape_ptr, start_ptr, S, HEADS, D, P,
                                                   LP, ACC, BLOCK_K)
         val = tl.load(value_ptr + off, mask=vmask, other=0).to(ACC)
-        tl.atomic_add(gvalue_ptr + off, go * wgt[:, :, None], mask=vmask, sem='relaxed')
+        tl.atomic_add(gvalue_ptr + off, go * wgt[:, :, None], mask=vmask & live[:, None, None],
+                      sem='relaxed')
         gw = tl.sum(val * go, axis=2)
         tl.store(gw_ptr + sample, gw.to(gw_ptr.dtype.element_ty), mask=smask)
 
