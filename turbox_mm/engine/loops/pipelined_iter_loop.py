@@ -2,6 +2,7 @@
 import logging
 from typing import Dict, List, Optional, Tuple, Union
 
+import torch
 from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from mmengine.runner.base_loop import BaseLoop
@@ -12,6 +13,21 @@ from torch.utils.data import DataLoader
 from turbox_mm.datasets.samplers.cyclic_batch_sampler import CyclicBatchSampler
 from turbox_mm.registry import LOOPS
 from .batch_prefetcher import BatchPrefetcher, ahead_context, flush_grad_norm
+
+
+def _draw_loader_seed_now(dataloader) -> None:
+    """Draw, now, the number mmengine's loop draws when it is built.
+
+    mmengine's ``IterBasedTrainLoop`` starts its loader iterator in ``__init__``, before the
+    runner initialises the model's weights; starting one draws the workers' base seed from
+    torch's global generator. This loop starts its iterator when training starts (once a
+    resume is known), after the weights: the same draws in another order would give other
+    initial weights for the same seed. So the number is drawn here, at mmengine's point in the
+    stream, and seeds the loader's own generator, which its iterators then draw from.
+    """
+    if isinstance(dataloader, DataLoader) and dataloader.generator is None:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        dataloader.generator = torch.Generator().manual_seed(seed)
 
 
 @LOOPS.register_module()
@@ -74,6 +90,7 @@ class PipelinedIterBasedTrainLoop(IterBasedTrainLoop):
         self.dynamic_milestones, self.dynamic_intervals = calc_dynamic_intervals(
             self.val_interval, dynamic_intervals)
         self._prefetcher: Optional[BatchPrefetcher] = None
+        _draw_loader_seed_now(self.dataloader)
 
     def _start_batches(self):
         """The batch iterator for the run, positioned after ``self._iter`` consumed batches."""
