@@ -14,6 +14,7 @@ from .custom_ms_deformable_attention import CustomMSDeformableAttention
 from .decoupled_decoder_layer import DecoupledMapTRDecoderLayer
 from .geometry import (denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox,
                        normalize_2d_pts, pts_to_bbox)
+from .maptr import MapTR
 from .maptr_assigner import MapTRAssigner
 from .maptr_decoder import MapTRDecoder
 from .maptr_decoder_layer import MapTRDecoderLayer
@@ -28,6 +29,7 @@ from .pts_l1_loss import PtsL1Loss
 __all__ = [
     'CustomMSDeformableAttention', 'DecoupledMapTRDecoderLayer', 'denormalize_2d_bbox',
     'denormalize_2d_pts', 'normalize_2d_bbox', 'normalize_2d_pts', 'pts_to_bbox',
+    'MapTR',
     'MapTRAssigner', 'MapTRDecoder', 'MapTRDecoderLayer', 'MapTRHead', 'MapTRNMSFreeCoder',
     'assign_batched', 'build_targets', 'pad_ground_truth', 'MapTRv2Head', 'OrderedPtsL1Cost',
     'PtsDirCosLoss', 'PtsL1Loss'
