@@ -60,6 +60,32 @@ def use_kernel(op_name: str, tensor: Tensor, kernels_imported: bool, reference: 
     return False
 
 
+class OpDispatch:
+    """One op's :func:`fallback_reason` and :func:`use_kernel`, bound to its name, to whether
+    its Triton module imported and to what its reference runs (for the warning).
+
+    Examples:
+        >>> import torch
+        >>> choose = OpDispatch('my_op', kernels=None, reference='a loop')
+        >>> choose.fallback_reason(torch.zeros(1))
+        'Triton is not importable'
+    """
+
+    def __init__(self, op_name: str, kernels: object, reference: str):
+        self.op_name = op_name
+        self.kernels_imported = kernels is not None
+        self.reference = reference
+
+    def fallback_reason(self, tensor: Tensor) -> Optional[str]:
+        """Why the op would run the reference for ``tensor`` rather than the kernel; None if
+        not."""
+        return fallback_reason(tensor, self.kernels_imported)
+
+    def use_kernel(self, tensor: Tensor) -> bool:
+        """True to run the kernel; else warn once that the reference runs instead."""
+        return use_kernel(self.op_name, tensor, self.kernels_imported, self.reference)
+
+
 #: The values of a module's ``op_impl`` argument: the stock config's op, or turbox_mm's kernel.
 OP_IMPLS = ('stock', 'turbox')
 

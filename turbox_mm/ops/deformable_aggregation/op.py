@@ -17,12 +17,12 @@ being the reference's own autograd (``torch.func.vjp``), and warns once per proc
 reads the integer tables on the host and so cannot be traced with fake tensors; an opaque op
 with an explicit fake serves both paths.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .. import dispatch
+from .. import _common, dispatch
 from ..dispatch import ENV_FORCE_REFERENCE, kernel_on_cpu  # noqa: F401 (the op's public names)
 from .reference import deformable_aggregation_reference
 
@@ -31,30 +31,19 @@ try:
 except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
-
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
-
-
-def _use_kernel(tensor: Tensor) -> bool:
-    return dispatch.use_kernel('deformable_aggregation', tensor, triton_kernels is not None,
-                               'grid_sample per camera and level')
+_dispatch = dispatch.OpDispatch('deformable_aggregation', triton_kernels,
+                                'grid_sample per camera and level')
+#: Why the op would run the reference for a tensor rather than the kernel; None if not.
+fallback_reason = _dispatch.fallback_reason
 
 
 def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,
                  sampling_location: Tensor, weights: Tensor) -> None:
     """Raise ``ValueError`` unless the five inputs fit together as upstream's op expects."""
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for name, t in (('mc_ms_feat', mc_ms_feat), ('sampling_location', sampling_location),
-                    ('weights', weights)):
-        if t.dtype not in floats:
-            raise ValueError(f'deformable_aggregation: {name} must be float16, bfloat16, float32 '
-                             f'or float64, got {t.dtype}')
-    for name, t in (('spatial_shape', spatial_shape), ('scale_start_index', scale_start_index)):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f'deformable_aggregation: {name} must be an integer tensor, got '
-                             f'{t.dtype}')
+    _common.check_float_dtypes('deformable_aggregation', mc_ms_feat=mc_ms_feat,
+                               sampling_location=sampling_location, weights=weights)
+    _common.check_integer_dtypes('deformable_aggregation', spatial_shape=spatial_shape,
+                                 scale_start_index=scale_start_index)
     if mc_ms_feat.dim() != 3 or sampling_location.dim() != 5 or weights.dim() != 6:
         raise ValueError('deformable_aggregation: expected mc_ms_feat [bs, num_feat, C], '
                          'sampling_location [bs, anchors, pts, cams, 2] and weights '
@@ -78,10 +67,8 @@ def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: T
     if groups == 0 or channels % groups != 0:
         raise ValueError(f'deformable_aggregation: C ({channels}) must be a multiple of groups '
                          f'({groups})')
-    devices = {t.device for t in (mc_ms_feat, sampling_location, weights)}
-    if len(devices) != 1:
-        raise ValueError(f'deformable_aggregation: mc_ms_feat, sampling_location and weights '
-                         f'must be on one device, got {sorted(map(str, devices))}')
+    _common.check_one_device('deformable_aggregation', mc_ms_feat=mc_ms_feat,
+                             sampling_location=sampling_location, weights=weights)
 
 
 @torch.library.custom_op('turbox_mm::deformable_aggregation', mutates_args=())
@@ -90,7 +77,7 @@ def deformable_aggregation_op(mc_ms_feat: Tensor, spatial_shape: Tensor,
                               weights: Tensor) -> Tensor:
     """Sparse4D's deformable aggregation (see :mod:`.reference`): ``[bs, anchors, C]``."""
     check_inputs(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
-    if _use_kernel(mc_ms_feat):
+    if _dispatch.use_kernel(mc_ms_feat):
         return triton_kernels.deformable_aggregation_forward(
             mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
     return deformable_aggregation_reference(mc_ms_feat, spatial_shape, scale_start_index,
@@ -110,17 +97,14 @@ def deformable_aggregation_backward_op(grad_output: Tensor, mc_ms_feat: Tensor,
                                        sampling_location: Tensor,
                                        weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``mc_ms_feat``, ``sampling_location`` and ``weights``, each in its dtype."""
-    if _use_kernel(mc_ms_feat):
+    if _dispatch.use_kernel(mc_ms_feat):
         return triton_kernels.deformable_aggregation_backward(
             grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
 
     def forward(feat, loc, wts):
         return deformable_aggregation_reference(feat, spatial_shape, scale_start_index, loc, wts)
 
-    # Autograd does not record inside an op's implementation; functorch's vjp does.
-    _, vjp = torch.func.vjp(forward, mc_ms_feat, sampling_location, weights)
-    grads = vjp(grad_output.to(mc_ms_feat.dtype))
-    return tuple(g.contiguous() for g in grads)
+    return _common.reference_vjp(forward, (mc_ms_feat, sampling_location, weights), grad_output)
 
 
 @deformable_aggregation_backward_op.register_fake
@@ -129,15 +113,6 @@ def _(grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_locati
         sampling_location.shape), weights.new_empty(weights.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_output):
-    mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights = ctx.saved_tensors
-    grad_feat, grad_loc, grad_w = deformable_aggregation_backward_op(
-        grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
-    return grad_feat, None, None, grad_loc, grad_w
-
-
-deformable_aggregation_op.register_autograd(_backward, setup_context=_setup_context)
+# mc_ms_feat, sampling_location and weights; the level tables get no gradient.
+_common.register_backward_op(deformable_aggregation_op, deformable_aggregation_backward_op,
+                             (0, 3, 4))
