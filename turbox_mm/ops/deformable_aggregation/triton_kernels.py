@@ -22,12 +22,13 @@ Offsets into the features are int64 (``bs * num_feat * C`` passes 2**31 at large
 On CUDA the tile sizes are autotuned per (C, groups, levels, cameras) and dtypes; under
 ``TRITON_INTERPRET=1`` (CPU tensors) a fixed configuration runs.
 """
-import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_launch import KernelPair
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -189,9 +190,6 @@ def _da_bwd_kernel(feat_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, pairs_ptr, co
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ['C', 'G', 'L', 'CAMS']
-_TUNED: Dict[Tuple[str, int, int], object] = {}
-
 
 def _block_sizes(groups: int, per_group: int) -> Tuple[int, int]:
     """``(BLOCK_G, BLOCK_J)``: all groups in one program, channels of a group padded to 2**k."""
@@ -225,17 +223,8 @@ def _configs(kind: str, block_g: int, block_j: int):
     return configs
 
 
-def _tuned(kind: str, block_g: int, block_j: int):
-    """The autotuned ``kind`` ('fwd' or 'bwd') kernel for this padded group layout."""
-    key = (kind, block_g, block_j)
-    if key not in _TUNED:
-        if kind == 'fwd':
-            _TUNED[key] = triton.autotune(_configs('fwd', block_g, block_j), key=_AUTOTUNE_KEY)(
-                _da_fwd_kernel)
-        else:
-            _TUNED[key] = triton.autotune(_configs('bwd', block_g, block_j), key=_AUTOTUNE_KEY,
-                                          reset_to_zero=['gfeat_ptr', 'gloc_ptr'])(_da_bwd_kernel)
-    return _TUNED[key]
+_KERNELS = KernelPair(_da_fwd_kernel, _da_bwd_kernel, _configs, key=['C', 'G', 'L', 'CAMS'],
+                      reset_to_zero=['gfeat_ptr', 'gloc_ptr'])
 
 
 def configs(kind: str, channels: int, groups: int) -> List[dict]:
@@ -244,27 +233,20 @@ def configs(kind: str, channels: int, groups: int) -> List[dict]:
     Each is a dict of ``BLOCK_S``, ``BLOCK_G`` and ``num_warps``, which the launchers take as
     ``config=`` (tests run every one of them).
     """
-    block_g, block_j = _block_sizes(groups, channels // groups)
-    return [dict(c.kwargs, num_warps=c.num_warps) for c in _configs(kind, block_g, block_j)]
+    return _KERNELS.config_dicts(kind, *_block_sizes(groups, channels // groups))
 
 
 def _launch(kind: str, device: torch.device, num_anchors: int, groups: int, per_group: int,
             args: tuple, scalars: dict, acc: tl.dtype, config: Optional[dict]) -> None:
     block_g, block_j = _block_sizes(groups, per_group)
-    # Triton launches on the current device: make it the tensors' one.
-    guard = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
-    with guard:
-        if device.type == 'cuda' and config is None:
-            tuned = _tuned(kind, block_g, block_j)
-            tuned[lambda meta: (num_anchors, triton.cdiv(groups, meta['BLOCK_G']))](
-                *args, **scalars, ACC=acc, BLOCK_J=block_j)
-            return
-        if config is None:  # TRITON_INTERPRET=1: one step of about 2048 elements
-            config = dict(BLOCK_S=_default_block_s(block_g, block_j), BLOCK_G=block_g,
-                          num_warps=4)
-        kernel = _da_fwd_kernel if kind == 'fwd' else _da_bwd_kernel
-        grid = (num_anchors, triton.cdiv(groups, config['BLOCK_G']))
-        kernel[grid](*args, **scalars, ACC=acc, BLOCK_J=block_j, **config)
+
+    def grid(meta):
+        return (num_anchors, triton.cdiv(groups, meta['BLOCK_G']))
+
+    _KERNELS.launch(kind, (block_g, block_j), device, grid, args,
+                    dict(scalars, ACC=acc, BLOCK_J=block_j), config,
+                    interpreter_config=dict(BLOCK_S=_default_block_s(block_g, block_j),
+                                            BLOCK_G=block_g, num_warps=4))  # ~2048 a step
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ Offsets into ``value`` are int64. On CUDA the tile sizes are autotuned per (head
 levels * points) and dtypes; under ``TRITON_INTERPRET=1`` (CPU tensors) a fixed configuration
 runs.
 """
-import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_launch import KernelPair
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -163,9 +164,6 @@ def _gka_bwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, gout_ptr, g
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ['HEADS', 'D', 'LP']
-_TUNED: Dict[Tuple[str, int, int], object] = {}
-
 # Autotuning candidates as (tile elements BLOCK_Q * BLOCK_K * BLOCK_D, samples a chunk, warps),
 # 8 to 16 tile elements a thread; the chunk is 'all' (every sample of a query at once, up to
 # 16) or 4 (fewer live registers, more loop trips). ptxas for sm_90 at MapTR's size (float32,
@@ -210,17 +208,8 @@ def _configs(kind: str, samples: int, block_d: int) -> List['triton.Config']:
     return configs
 
 
-def _tuned(kind: str, samples: int, block_d: int):
-    """The autotuned ``kind`` ('fwd' or 'bwd') kernel for this sample count and channel tile."""
-    key = (kind, samples, block_d)
-    if key not in _TUNED:
-        if kind == 'fwd':
-            _TUNED[key] = triton.autotune(_configs('fwd', samples, block_d),
-                                          key=_AUTOTUNE_KEY)(_gka_fwd_kernel)
-        else:
-            _TUNED[key] = triton.autotune(_configs('bwd', samples, block_d), key=_AUTOTUNE_KEY,
-                                          reset_to_zero=['gvalue_ptr'])(_gka_bwd_kernel)
-    return _TUNED[key]
+_KERNELS = KernelPair(_gka_fwd_kernel, _gka_bwd_kernel, _configs, key=['HEADS', 'D', 'LP'],
+                      reset_to_zero=['gvalue_ptr'])
 
 
 def configs(kind: str, levels: int, points: int, dims: int) -> List[dict]:
@@ -229,8 +218,7 @@ def configs(kind: str, levels: int, points: int, dims: int) -> List[dict]:
     Each is a dict of ``BLOCK_Q``, ``BLOCK_K`` and ``num_warps``, which the launchers take as
     ``config=`` (tests run every one of them).
     """
-    return [dict(c.kwargs, num_warps=c.num_warps)
-            for c in _configs(kind, levels * points, _block_d(dims))]
+    return _KERNELS.config_dicts(kind, levels * points, _block_d(dims))
 
 
 def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple,
@@ -241,19 +229,11 @@ def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple
     def grid(meta):
         return (bs * triton.cdiv(scalars['Q'], meta['BLOCK_Q']) * heads, )
 
-    # Triton launches on the current device: make it the tensors' one.
-    guard = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
-    with guard:
-        if device.type == 'cuda' and config is None:
-            tuned = _tuned(kind, scalars['LP'], block_d)
-            tuned[grid](*args, **scalars, ACC=acc, BLOCK_D=block_d)
-            return
-        if config is None:  # TRITON_INTERPRET=1: every sample at once, about 2048 elements
-            block_k = _block_k(scalars['LP'], 'all')
-            config = dict(BLOCK_Q=_block_q(2048, block_k, block_d), BLOCK_K=block_k,
-                          num_warps=4)
-        kernel = _gka_fwd_kernel if kind == 'fwd' else _gka_bwd_kernel
-        kernel[grid(config)](*args, **scalars, ACC=acc, BLOCK_D=block_d, **config)
+    block_k = _block_k(scalars['LP'], 'all')  # the interpreter: every sample at once
+    _KERNELS.launch(kind, (scalars['LP'], block_d), device, grid, args,
+                    dict(scalars, ACC=acc, BLOCK_D=block_d), config,
+                    interpreter_config=dict(BLOCK_Q=_block_q(2048, block_k, block_d),
+                                            BLOCK_K=block_k, num_warps=4))
 
 
 # --------------------------------------------------------------------------------------------

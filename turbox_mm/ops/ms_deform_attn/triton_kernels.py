@@ -21,12 +21,13 @@ The formula and mmcv's conventions are in :mod:`.reference` (the specification).
 Offsets into ``value`` are int64. On CUDA the tile sizes are autotuned per (D, heads, levels,
 points) and dtypes; under ``TRITON_INTERPRET=1`` (CPU tensors) a fixed configuration runs.
 """
-import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_launch import KernelPair
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -202,9 +203,6 @@ def _msda_bwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, gout_ptr, 
 # Launch configuration
 # --------------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ['HEADS', 'D', 'L', 'P']
-_TUNED: Dict[Tuple[str, int, int], object] = {}
-
 # Autotuning candidates as (tile elements BLOCK_Q * BLOCK_P * BLOCK_D, warps): 4 to 16 elements
 # a thread. ptxas for sm_90 (fp32, 4 points, D = 32): the forward takes ~111 registers at 16
 # elements a thread, ~212 at 32; the backward (four corner tiles and the gradient live at
@@ -236,17 +234,8 @@ def _configs(kind: str, block_p: int, block_d: int) -> List['triton.Config']:
     return configs
 
 
-def _tuned(kind: str, block_p: int, block_d: int):
-    """The autotuned ``kind`` ('fwd' or 'bwd') kernel for this padded tile."""
-    key = (kind, block_p, block_d)
-    if key not in _TUNED:
-        if kind == 'fwd':
-            _TUNED[key] = triton.autotune(_configs('fwd', block_p, block_d),
-                                          key=_AUTOTUNE_KEY)(_msda_fwd_kernel)
-        else:
-            _TUNED[key] = triton.autotune(_configs('bwd', block_p, block_d), key=_AUTOTUNE_KEY,
-                                          reset_to_zero=['gvalue_ptr'])(_msda_bwd_kernel)
-    return _TUNED[key]
+_KERNELS = KernelPair(_msda_fwd_kernel, _msda_bwd_kernel, _configs, key=['HEADS', 'D', 'L', 'P'],
+                      reset_to_zero=['gvalue_ptr'])
 
 
 def configs(kind: str, points: int, dims: int) -> List[dict]:
@@ -255,8 +244,7 @@ def configs(kind: str, points: int, dims: int) -> List[dict]:
     Each is a dict of ``BLOCK_Q`` and ``num_warps``, which the launchers take as ``config=``
     (tests run every one of them).
     """
-    block_p, block_d = _block_sizes(points, dims)
-    return [dict(c.kwargs, num_warps=c.num_warps) for c in _configs(kind, block_p, block_d)]
+    return _KERNELS.config_dicts(kind, *_block_sizes(points, dims))
 
 
 def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple,
@@ -267,18 +255,10 @@ def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple
     def grid(meta):
         return (programs * triton.cdiv(scalars['Q'], meta['BLOCK_Q']), )
 
-    # Triton launches on the current device: make it the tensors' one.
-    guard = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
-    with guard:
-        if device.type == 'cuda' and config is None:
-            tuned = _tuned(kind, block_p, block_d)
-            tuned[grid](*args, **scalars, ACC=acc, BLOCK_P=block_p, BLOCK_D=block_d)
-            return
-        if config is None:  # TRITON_INTERPRET=1: one tile of about 2048 elements
-            config = dict(BLOCK_Q=_block_q(2048, block_p, block_d), num_warps=4)
-        kernel = _msda_fwd_kernel if kind == 'fwd' else _msda_bwd_kernel
-        kernel[grid(config)](*args, **scalars, ACC=acc, BLOCK_P=block_p, BLOCK_D=block_d,
-                             **config)
+    _KERNELS.launch(kind, (block_p, block_d), device, grid, args,
+                    dict(scalars, ACC=acc, BLOCK_P=block_p, BLOCK_D=block_d), config,
+                    interpreter_config=dict(BLOCK_Q=_block_q(2048, block_p, block_d),
+                                            num_warps=4))  # one tile of about 2048 elements
 
 
 # --------------------------------------------------------------------------------------------
