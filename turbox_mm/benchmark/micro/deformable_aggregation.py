@@ -25,12 +25,13 @@ two cameras; the note of each row says how many. Weights are a softmax over came
 points per group, as upstream's ``_get_weights``.
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from turbox_mm.benchmark.timing import benchmark_device, time_fn
+from turbox_mm.benchmark.micro import _op_rows
+from turbox_mm.benchmark.timing import benchmark_device
 from turbox_mm.datasets.synthetic.cameras import camera_rig
 from turbox_mm.datasets.synthetic.geometry import invert
 from turbox_mm.ops.deformable_aggregation import (deformable_aggregation,
@@ -149,44 +150,16 @@ def _rows(size: Dict, dtype: torch.dtype, device: torch.device, iters: int,
     feat, shape, start, loc, weights = make_inputs(size, device, dtype)
     grad = torch.randn(size['bs'], size['anchors'], size['channels'],
                        generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    diff = [t.detach().clone().requires_grad_() for t in (feat, loc, weights)]
-
-    def forward(fn):
-
-        def step():
-            with torch.no_grad():
-                fn(feat, shape, start, loc, weights)
-
-        return step
-
-    def forward_backward(fn):
-
-        def step():
-            fn(diff[0], shape, start, diff[1], diff[2]).backward(grad)
-
-        return step
-
-    def zero_grads():
-        for t in diff:
-            t.grad = None
-
-    def timed(step, setup=None) -> Optional[Dict]:
-        return time_fn(step, iters=iters, warmup=warmup, device=device.type, setup=setup)
-
     name = 'x'.join(map(str, (size['bs'], size['anchors'], size['pts'], size['cams'])))
     levels = '+'.join(f'{h}x{w}' for h, w in size['sizes'])
-    dtype_name = str(dtype).replace('torch.', '')
-    base = f"{name} L{levels} C{size['channels']} G{size['groups']} {dtype_name}"
+    base = f"{name} L{levels} C{size['channels']} G{size['groups']} {_op_rows.dtype_name(dtype)}"
     note = _inside_note(loc)
     if device.type != 'cuda':
         note += '; on the CPU the op runs the reference too'
-    rows = []
-    for label, wrap, setup in (('fwd', forward, None), ('fwd+bwd', forward_backward, zero_grads)):
-        stock = timed(wrap(deformable_aggregation_reference), setup)
-        turbox = timed(wrap(deformable_aggregation), setup)
-        rows.append(dict(component='deformable_aggregation', case=f'{base} {label}', stock=stock,
-                         turbox=turbox, note=f'stock = grid_sample reference; {note}'))
-    return rows
+    return _op_rows.timed_rows('deformable_aggregation', base, deformable_aggregation_reference,
+                               deformable_aggregation, (feat, shape, start, loc, weights),
+                               (0, 3, 4), grad, device, iters, warmup,
+                               f'stock = grid_sample reference; {note}')
 
 
 def benchmark(device: str, quick: bool = False) -> List[Dict]:

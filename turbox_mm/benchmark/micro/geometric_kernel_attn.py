@@ -36,7 +36,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from turbox_mm.benchmark.timing import benchmark_device, time_fn
+from turbox_mm.benchmark.micro import _op_rows
+from turbox_mm.benchmark.timing import benchmark_device
 from turbox_mm.datasets.synthetic.cameras import camera_rig, lidar_mount
 from turbox_mm.datasets.synthetic.geometry import invert
 from turbox_mm.ops.geometric_kernel_attn import (geometric_kernel_attn,
@@ -174,10 +175,6 @@ def output_grad(size: Dict, queries: int, device='cpu', dtype: torch.dtype = tor
     return grad.to(device, dtype)
 
 
-def _case(name: str, dtype: torch.dtype, label: str) -> str:
-    return f"{name} {str(dtype).replace('torch.', '')} {label}"
-
-
 def _size_note(size: Dict, queries: Optional[int] = None) -> str:
     kh, kw = size['kernel']
     if queries is None:
@@ -191,45 +188,15 @@ def _rows(name: str, size: Dict, dtype: torch.dtype, device: torch.device, iters
     value, shapes, start, loc, weights = make_inputs(size, device, dtype)
     queries = loc.shape[1]
     grad = output_grad(size, queries, device, dtype)
-    leaves = [t.detach().clone().requires_grad_() for t in (value, weights)]
-
-    def forward(fn):
-
-        def step():
-            with torch.no_grad():
-                fn(value, shapes, start, loc, weights)
-
-        return step
-
-    def forward_backward(fn):
-
-        def step():
-            fn(leaves[0], shapes, start, loc, leaves[1]).backward(grad)
-
-        return step
-
-    def zero_grads():
-        for t in leaves:
-            t.grad = None
-
-    def timed(step, setup=None) -> Optional[Dict]:
-        return time_fn(step, iters=iters, warmup=warmup, device=device.type, setup=setup)
-
-    with torch.no_grad():
-        diff = (geometric_kernel_attn(value, shapes, start, loc, weights).double() -
-                geometric_kernel_attn_reference(value, shapes, start, loc,
-                                                weights).double()).abs().max().item()
+    args = (value, shapes, start, loc, weights)
+    diff = _op_rows.max_abs_diff(geometric_kernel_attn, geometric_kernel_attn_reference, args)
     _, facts = reference_points(size)
     note = (f'{_size_note(size, queries)}; stock = PyTorch reference (upstream compiles its '
             f"own CUDA op, no package ships it); queries in view per camera {facts['in_view']}; "
             f'max |turbox - reference| of the output {diff:.1e}')
-    rows = []
-    for label, wrap, setup in (('fwd', forward, None), ('fwd+bwd', forward_backward, zero_grads)):
-        stock = timed(wrap(geometric_kernel_attn_reference), setup)
-        turbox = timed(wrap(geometric_kernel_attn), setup)
-        rows.append(dict(component='geometric_kernel_attn', case=_case(name, dtype, label),
-                         stock=stock, turbox=turbox, note=note))
-    return rows
+    return _op_rows.timed_rows('geometric_kernel_attn', f'{name} {_op_rows.dtype_name(dtype)}',
+                               geometric_kernel_attn_reference, geometric_kernel_attn, args,
+                               (0, 4), grad, device, iters, warmup, note)
 
 
 def benchmark(device: str, quick: bool = False) -> List[Dict]:
@@ -252,14 +219,12 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     """
     dev = benchmark_device('geometric_kernel_attn', device)
     cases = QUICK if quick else CASES
-    plan = [(name, size, torch.float32) for name, size in cases.items()]
-    plan += [(name, cases[name], torch.float16) for name in HALF_CASES if name in cases]
+    plan = _op_rows.plan(cases, HALF_CASES)
     if dev.type != 'cuda':
-        return [dict(component='geometric_kernel_attn', case=_case(name, dtype, label),
-                     stock=None, turbox=None,
-                     note=f'skipped: the Triton kernels need CUDA; on the CPU the op runs the '
-                     f'PyTorch reference, the stock side itself ({_size_note(size)})')
-                for name, size, dtype in plan for label in ('fwd', 'fwd+bwd')]
+        return _op_rows.skipped_rows(
+            'geometric_kernel_attn', plan,
+            lambda size: 'skipped: the Triton kernels need CUDA; on the CPU the op runs the '
+            f'PyTorch reference, the stock side itself ({_size_note(size)})')
     iters, warmup = (3, 1) if quick else (100, 20)
     rows = []
     for name, size, dtype in plan:

@@ -22,11 +22,12 @@ level, per head and point (as learned offsets spread around a reference point); 
 weights are a softmax over levels and points. mmcv's op runs only on CUDA, so without a GPU
 every row is reported as skipped.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from turbox_mm.benchmark.timing import benchmark_device, time_fn
+from turbox_mm.benchmark.micro import _op_rows
+from turbox_mm.benchmark.timing import benchmark_device
 from turbox_mm.ops.ms_deform_attn import ms_deform_attn
 
 #: The four sizes of the module docstring.
@@ -97,10 +98,6 @@ def mmcv_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locat
                                                   im2col_step)
 
 
-def _case(name: str, dtype: torch.dtype, label: str) -> str:
-    return f"{name} {str(dtype).replace('torch.', '')} {label}"
-
-
 def _size_note(size: Dict) -> str:
     levels = '+'.join(f'{h}x{w}' for h, w in size['shapes'])
     return (f"bs {size['bs']}, {size['queries']} queries, levels {levels}, {size['heads']} heads "
@@ -112,42 +109,13 @@ def _rows(name: str, size: Dict, dtype: torch.dtype, device: torch.device, iters
     value, shapes, start, loc, weights = make_inputs(size, device, dtype)
     grad = torch.randn(size['bs'], size['queries'], size['heads'] * size['dims'],
                        generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, weights)]
-
-    def forward(fn):
-
-        def step():
-            with torch.no_grad():
-                fn(value, shapes, start, loc, weights)
-
-        return step
-
-    def forward_backward(fn):
-
-        def step():
-            fn(leaves[0], shapes, start, leaves[1], leaves[2]).backward(grad)
-
-        return step
-
-    def zero_grads():
-        for t in leaves:
-            t.grad = None
-
-    def timed(step, setup=None) -> Optional[Dict]:
-        return time_fn(step, iters=iters, warmup=warmup, device=device.type, setup=setup)
-
-    with torch.no_grad():
-        diff = (ms_deform_attn(value, shapes, start, loc, weights).double() - mmcv_ms_deform_attn(
-            value, shapes, start, loc, weights).double()).abs().max().item()
+    args = (value, shapes, start, loc, weights)
+    diff = _op_rows.max_abs_diff(ms_deform_attn, mmcv_ms_deform_attn, args)
     note = (f'{_size_note(size)}; stock = mmcv CUDA op; max |turbox - mmcv| of the output '
             f'{diff:.1e}')
-    rows = []
-    for label, wrap, setup in (('fwd', forward, None), ('fwd+bwd', forward_backward, zero_grads)):
-        stock = timed(wrap(mmcv_ms_deform_attn), setup)
-        turbox = timed(wrap(ms_deform_attn), setup)
-        rows.append(dict(component='ms_deform_attn', case=_case(name, dtype, label), stock=stock,
-                         turbox=turbox, note=note))
-    return rows
+    return _op_rows.timed_rows('ms_deform_attn', f"{name} {_op_rows.dtype_name(dtype)}",
+                               mmcv_ms_deform_attn, ms_deform_attn, args, (0, 3, 4), grad,
+                               device, iters, warmup, note)
 
 
 def benchmark(device: str, quick: bool = False) -> List[Dict]:
@@ -170,13 +138,11 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
     """
     dev = benchmark_device('ms_deform_attn', device)
     cases = QUICK if quick else CASES
-    plan = [(name, size, torch.float32) for name, size in cases.items()]
-    plan += [(name, cases[name], torch.float16) for name in HALF_CASES if name in cases]
+    plan = _op_rows.plan(cases, HALF_CASES)
     if dev.type != 'cuda':
-        return [dict(component='ms_deform_attn', case=_case(name, dtype, label), stock=None,
-                     turbox=None, note=f"skipped: mmcv's op has no CPU implementation, needs "
-                     f'CUDA ({_size_note(size)})')
-                for name, size, dtype in plan for label in ('fwd', 'fwd+bwd')]
+        return _op_rows.skipped_rows(
+            'ms_deform_attn', plan, lambda size: "skipped: mmcv's op has no CPU implementation, "
+            f'needs CUDA ({_size_note(size)})')
     iters, warmup = (3, 1) if quick else (100, 20)
     rows = []
     for name, size, dtype in plan:
