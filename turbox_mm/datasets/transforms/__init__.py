@@ -18,11 +18,15 @@ from .load_map_gt import LoadMapGT
 from .load_multiview_images import LoadMultiViewImagesTurbo
 from .load_points_checked import LoadPointsFromFileChecked
 from .load_points_fast import LoadPointsFromMultiSweepsFast
+from .maptr_adaptor import NuScenesMapTRAdaptor
 from .multi_scale_depth_map import MultiScaleDepthMapGenerator
 from .multiview_affine_aug import MultiViewAffineAug
 from .normalize_multiview_image import NormalizeMultiviewImage
+from .pack_maptr_inputs import MAPTR_META_KEYS, PackMapTRInputs
+from .pad_multiview_image import PadMultiViewImage
 from .pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
 from .photometric_multiview import PhotoMetricDistortionMultiViewImage
+from .random_scale_multiview_image import RandomScaleImageMultiViewImage
 from .resize_crop_flip_image import ResizeCropFlipImage
 from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
@@ -34,5 +38,7 @@ __all__ = [
     'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
     'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
     'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
-    'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor'
+    'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor',
+    'MAPTR_META_KEYS', 'NuScenesMapTRAdaptor', 'PackMapTRInputs', 'PadMultiViewImage',
+    'RandomScaleImageMultiViewImage'
 ]
