@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from op_checks import (assert_compile_matches_eager,
+                       assert_dispatch_warns_once_and_env_forces_reference, assert_gradcheck,
+                       assert_op_empty_on_both_paths, assert_opcheck, max_err, quiet_on_path)
 from turbox_mm.benchmark.micro import deformable_aggregation as bench
 from turbox_mm.ops import deformable_aggregation as da
 from turbox_mm.ops.deformable_aggregation import op as da_op
@@ -61,10 +64,6 @@ def reference_grads(args, grad_out, dtype=None):
     out = deformable_aggregation_reference(leaves[0], shape, start, leaves[1], leaves[2])
     grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), grads
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,14 +218,8 @@ def test_kernel_empty_inputs():
         grads = K.deformable_aggregation_backward(torch.zeros_like(out), *args)
         assert [g.shape for g in grads] == [args[0].shape, args[3].shape, args[4].shape]
         assert all((g == 0).all() for g in grads)
-        for ctx in (da_op.kernel_on_cpu(), warnings.catch_warnings()):  # the op, both paths
-            with ctx:
-                warnings.simplefilter('ignore')
-                leaves = [t.detach().requires_grad_() for t in (args[0], args[3], args[4])]
-                out = da.deformable_aggregation(leaves[0], args[1], args[2], *leaves[1:])
-                out.sum().backward()
-            assert out.shape == (size['bs'], size['anchors'], size['channels'])
-            assert all((t.grad == 0).all() for t in leaves)
+        assert_op_empty_on_both_paths(da.deformable_aggregation, args, (0, 3, 4),
+                                      (size['bs'], size['anchors'], size['channels']))
     args = make_inputs(lo=1.5, hi=2.0)  # every sample outside every image
     assert (K.deformable_aggregation_forward(*args) == 0).all()
 
@@ -289,22 +282,9 @@ def test_kernel_mixed_dtypes_as_under_autocast():
 
 
 def test_dispatch_reference_on_cpu_warns_once_and_env_forces_it(monkeypatch):
-    args = make_inputs(**SMALL)
-    from turbox_mm.ops import dispatch
-    monkeypatch.setattr(dispatch, '_warned', set())
-    assert 'cpu' in da.fallback_reason(args[0])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        out = da.deformable_aggregation(*args)
-        da.deformable_aggregation(*args)
-    assert len([w for w in caught if 'reference' in str(w.message)]) == 1
-    torch.testing.assert_close(out, deformable_aggregation_reference(*args))
-    with da_op.kernel_on_cpu():
-        assert da.fallback_reason(args[0]) is None
-        monkeypatch.setenv(da.ENV_FORCE_REFERENCE, '1')
-        assert da.ENV_FORCE_REFERENCE in da.fallback_reason(args[0])
-        monkeypatch.setattr(K, 'deformable_aggregation_forward', None)  # would fail if called
-        torch.testing.assert_close(da.deformable_aggregation(*args), out)
+    assert_dispatch_warns_once_and_env_forces_reference(
+        monkeypatch, da.deformable_aggregation, da, deformable_aggregation_reference, K,
+        'deformable_aggregation_forward', make_inputs(**SMALL))
 
 
 def test_op_rejects_inconsistent_inputs():
@@ -322,31 +302,21 @@ def test_op_rejects_inconsistent_inputs():
 def test_gradcheck_float64_reference_path():
     args = make_inputs(bs=1, anchors=2, pts=2, cams=2, sizes=((3, 4), (2, 2)), channels=4,
                        groups=2, dtype=torch.float64, lo=0.05, hi=0.95)
-    feat, shape, start, loc, weights = (t.requires_grad_() if t.is_floating_point() else t
-                                        for t in args)
-    assert torch.autograd.gradcheck(da.deformable_aggregation, (feat, shape, start, loc, weights))
+    assert_gradcheck(da.deformable_aggregation, args, 'reference')
 
 
 def test_gradcheck_float64_kernel_in_interpreter():
     args = make_inputs(bs=1, anchors=2, pts=2, cams=2, sizes=((3, 4), (2, 2)), channels=4,
                        groups=2, dtype=torch.float64, lo=-0.1, hi=1.1, seed=4)
-    feat, shape, start, loc, weights = (t.requires_grad_() if t.is_floating_point() else t
-                                        for t in args)
-    with da_op.kernel_on_cpu():
-        assert torch.autograd.gradcheck(da.deformable_aggregation,
-                                        (feat, shape, start, loc, weights), fast_mode=True)
+    assert_gradcheck(da.deformable_aggregation, args, 'kernel')
 
 
 @pytest.mark.parametrize('path', ['reference', 'kernel'])
 def test_opcheck(path):
     args = make_inputs(bs=1, anchors=3, pts=2, cams=2, sizes=((3, 4), (2, 2)), channels=8,
                        groups=2)
-    args = tuple(t.requires_grad_() if t.is_floating_point() else t for t in args)
-    ctx = da_op.kernel_on_cpu() if path == 'kernel' else warnings.catch_warnings()
-    with ctx:
-        warnings.simplefilter('ignore')
-        result = torch.library.opcheck(torch.ops.turbox_mm.deformable_aggregation.default, args)
-    assert all(v == 'SUCCESS' for v in result.values()), result
+    with quiet_on_path(path):
+        assert_opcheck(torch.ops.turbox_mm.deformable_aggregation.default, args)
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -359,16 +329,7 @@ def test_compile_fullgraph_no_graph_break():
         out = da.deformable_aggregation(feat * 2, shape, start, loc.clamp(-1, 2), weights.relu())
         return proj(out.double()).square().sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
-    leaves = [t.detach().double().requires_grad_() for t in (feat, loc, weights)]
-    loss = compiled(*leaves)
-    loss.backward()
-    eager = [t.detach().double().requires_grad_() for t in (feat, loc, weights)]
-    want = block(*eager)
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    for got, ref in zip(leaves, eager):
-        torch.testing.assert_close(got.grad, ref.grad)
+    assert_compile_matches_eager(block, (feat, loc, weights), (0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,9 +479,7 @@ def test_cuda_autocast_opcheck_and_compile():
     assert max_err(out, want) <= 2e-3 * want.abs().max().item() + 1e-3
     small = make_inputs(bs=1, anchors=3, pts=2, cams=2, sizes=((3, 4), (2, 2)), channels=8,
                         groups=2, device='cuda')
-    small = tuple(t.requires_grad_() if t.is_floating_point() else t for t in small)
-    result = torch.library.opcheck(torch.ops.turbox_mm.deformable_aggregation.default, small)
-    assert all(v == 'SUCCESS' for v in result.values()), result
+    assert_opcheck(torch.ops.turbox_mm.deformable_aggregation.default, small)
 
     def block(feat, loc, weights):
         return da.deformable_aggregation(feat, shape, start, loc, weights.softmax(-1)).sum()

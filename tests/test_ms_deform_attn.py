@@ -4,13 +4,17 @@ On the CPU the Triton kernels run in Triton's interpreter (conftest sets ``TRITO
 at small odd sizes; the ``cuda`` tests run them compiled at MapTR's sizes against mmcv's CUDA op.
 """
 import math
-import warnings
 from itertools import product
 
 import numpy as np
 import pytest
 import torch
 
+from op_checks import (assert_benchmark_cli_without_cuda, assert_benchmark_skips_without_cuda,
+                       assert_compile_matches_eager,
+                       assert_dispatch_warns_once_and_env_forces_reference, assert_gradcheck,
+                       assert_op_empty_on_both_paths, assert_opcheck, grad_out_for, max_err,
+                       quiet_on_path)
 from turbox_mm.benchmark.micro import ms_deform_attn as bench
 from turbox_mm.ops import ms_deform_attn as msda
 from turbox_mm.ops.ms_deform_attn import op as msda_op
@@ -39,14 +43,6 @@ def make_inputs(bs=2, queries=11, heads=3, dims=16, points=3, shapes=((7, 5), (3
             weights.to(device, dtype))
 
 
-def grad_out_for(args, seed=1, dtype=None):
-    value, _, _, loc, _ = args
-    bs, _, heads, dims = value.shape
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.randn(bs, loc.shape[1], heads * dims, generator=gen)
-    return out.to(value.device, dtype or value.dtype)
-
-
 def reference_grads(args, grad_out, dtype=None):
     """Forward and gradients (value, loc, weights) of the reference, optionally in ``dtype``."""
     value, shape, start, loc, weights = args
@@ -58,10 +54,6 @@ def reference_grads(args, grad_out, dtype=None):
     grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     return out.detach(), grads
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def assert_kernel_matches_reference(args, out_tol=1e-5, grad_tol=1e-4, config=None):
@@ -271,14 +263,8 @@ def test_kernel_and_op_empty_inputs():
         grads = K.ms_deform_attn_backward(torch.zeros_like(out), *args)
         assert [g.shape for g in grads] == [args[0].shape, args[3].shape, args[4].shape]
         assert all((g == 0).all() for g in grads)
-        for ctx in (msda_op.kernel_on_cpu(), warnings.catch_warnings()):  # the op, both paths
-            with ctx:
-                warnings.simplefilter('ignore')
-                leaves = [t.detach().requires_grad_() for t in (args[0], args[3], args[4])]
-                out = msda.ms_deform_attn(leaves[0], args[1], args[2], *leaves[1:])
-                out.sum().backward()
-            assert out.shape == (size['bs'], size['queries'], size['heads'] * size['dims'])
-            assert all((t.grad == 0).all() for t in leaves)
+        assert_op_empty_on_both_paths(msda.ms_deform_attn, args, (0, 3, 4),
+                                      (size['bs'], size['queries'], size['heads'] * size['dims']))
 
 
 def test_kernel_non_contiguous_inputs():
@@ -339,22 +325,9 @@ def test_kernel_mixed_dtypes_as_under_autocast():
 
 
 def test_dispatch_reference_on_cpu_warns_once_and_env_forces_it(monkeypatch):
-    args = make_inputs(**SMALL)
-    from turbox_mm.ops import dispatch
-    monkeypatch.setattr(dispatch, '_warned', set())
-    assert 'cpu' in msda.fallback_reason(args[0])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        out = msda.ms_deform_attn(*args)
-        msda.ms_deform_attn(*args)
-    assert len([w for w in caught if 'reference' in str(w.message)]) == 1
-    torch.testing.assert_close(out, ms_deform_attn_reference(*args))
-    with msda_op.kernel_on_cpu():
-        assert msda.fallback_reason(args[0]) is None
-        monkeypatch.setenv(msda.ENV_FORCE_REFERENCE, '1')
-        assert msda.ENV_FORCE_REFERENCE in msda.fallback_reason(args[0])
-        monkeypatch.setattr(K, 'ms_deform_attn_forward', None)  # would fail if called
-        torch.testing.assert_close(msda.ms_deform_attn(*args), out)
+    assert_dispatch_warns_once_and_env_forces_reference(
+        monkeypatch, msda.ms_deform_attn, msda, ms_deform_attn_reference, K,
+        'ms_deform_attn_forward', make_inputs(**SMALL))
 
 
 def test_mmcv_call_drop_in():
@@ -388,33 +361,20 @@ def test_op_rejects_inconsistent_inputs():
 def test_gradcheck_float64_reference_path():
     args = make_inputs(bs=1, queries=3, heads=2, dims=3, points=2, shapes=((3, 4), (2, 2)),
                        dtype=torch.float64, lo=-0.1, hi=1.1)
-    value, shape, start, loc, weights = (t.requires_grad_() if t.is_floating_point() else t
-                                         for t in args)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        assert torch.autograd.gradcheck(msda.ms_deform_attn,
-                                        (value, shape, start, loc, weights))
+    assert_gradcheck(msda.ms_deform_attn, args, 'reference')
 
 
 def test_gradcheck_float64_kernel_in_interpreter():
     args = make_inputs(bs=1, queries=3, heads=2, dims=3, points=2, shapes=((3, 4), (2, 2)),
                        dtype=torch.float64, lo=-0.1, hi=1.1, seed=4)
-    value, shape, start, loc, weights = (t.requires_grad_() if t.is_floating_point() else t
-                                         for t in args)
-    with msda_op.kernel_on_cpu():
-        assert torch.autograd.gradcheck(msda.ms_deform_attn, (value, shape, start, loc, weights),
-                                        fast_mode=True)
+    assert_gradcheck(msda.ms_deform_attn, args, 'kernel')
 
 
 @pytest.mark.parametrize('path', ['reference', 'kernel'])
 def test_opcheck(path):
     args = make_inputs(bs=1, queries=3, heads=2, dims=8, points=2, shapes=((3, 4), (2, 2)))
-    args = tuple(t.requires_grad_() if t.is_floating_point() else t for t in args)
-    ctx = msda_op.kernel_on_cpu() if path == 'kernel' else warnings.catch_warnings()
-    with ctx:
-        warnings.simplefilter('ignore')
-        result = torch.library.opcheck(torch.ops.turbox_mm.ms_deform_attn.default, args)
-    assert all(v == 'SUCCESS' for v in result.values()), result
+    with quiet_on_path(path):
+        assert_opcheck(torch.ops.turbox_mm.ms_deform_attn.default, args)
 
 
 def test_fake_tensor_shapes():
@@ -437,18 +397,7 @@ def test_compile_fullgraph_no_graph_break():
         out = msda.ms_deform_attn(value * 2, shape, start, loc.clamp(-1, 2), weights.softmax(-1))
         return proj(out.double()).square().sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
-    leaves = [t.detach().double().requires_grad_() for t in (value, loc, weights)]
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        loss = compiled(*leaves)
-        loss.backward()
-        eager = [t.detach().double().requires_grad_() for t in (value, loc, weights)]
-        want = block(*eager)
-        want.backward()
-    torch.testing.assert_close(loss, want)
-    for got, ref in zip(leaves, eager):
-        torch.testing.assert_close(got.grad, ref.grad)
+    assert_compile_matches_eager(block, (value, loc, weights), (0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,23 +421,12 @@ def test_benchmark_inputs_at_the_doc_sizes():
 
 
 def test_micro_benchmark_skips_cleanly_without_cuda():
-    from turbox_mm.benchmark.micro import available, get
-    assert 'ms_deform_attn' in available('op')
-    for quick in (True, False):
-        rows = get('ms_deform_attn')('cpu', quick=quick)
-        assert rows and all(r['stock'] is None and r['turbox'] is None for r in rows)
-        assert all('needs CUDA' in r['note'] for r in rows)
-    assert [r['case'].split()[-1] for r in rows[:2]] == ['fwd', 'fwd+bwd']
+    assert_benchmark_skips_without_cuda('ms_deform_attn', 'needs CUDA')
 
 
 def test_benchmark_cli_ops_without_cuda(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip('checks the CPU-only report')
-    from tools.benchmark import main
-    assert main(['--ops', 'ms_deform_attn', '--out', str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert 'MapTR v1 TSA float32 fwd+bwd' in printed and 'needs CUDA' in printed
-    assert 'FAILED' not in printed
+    assert_benchmark_cli_without_cuda('ms_deform_attn', 'MapTR v1 TSA float32 fwd+bwd',
+                                      'needs CUDA', tmp_path, capsys)
 
 
 COMPILE_SCRIPT = r'''
@@ -621,9 +559,7 @@ def test_cuda_autocast_opcheck_and_compile():
     assert max_err(out, want) <= 2e-3 * want.abs().max().item() + 1e-3
     small = make_inputs(bs=1, queries=3, heads=2, dims=8, points=2, shapes=((3, 4), (2, 2)),
                         device='cuda')
-    small = tuple(t.requires_grad_() if t.is_floating_point() else t for t in small)
-    result = torch.library.opcheck(torch.ops.turbox_mm.ms_deform_attn.default, small)
-    assert all(v == 'SUCCESS' for v in result.values()), result
+    assert_opcheck(torch.ops.turbox_mm.ms_deform_attn.default, small)
 
     def block(value, loc, weights):
         return msda.ms_deform_attn(value, shape, start, loc, weights.softmax(-1)).sum()
