@@ -10,26 +10,36 @@ auxiliary segmentation heads), the assignment over equivalent point orders
 :class:`MapTRNMSFreeCoder`. Not yet: the BEV encoders, the detectors, the configs.
 docs/design/maptr.md is the engineering reference.
 """
+from .bev_points import point_sampling, reference_points_2d, reference_points_3d
+from .bevformer_encoder import BEVFormerEncoder
+from .bevformer_layer import BEVFormerLayer
 from .custom_ms_deformable_attention import CustomMSDeformableAttention
 from .decoupled_decoder_layer import DecoupledMapTRDecoderLayer
 from .geometry import (denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox,
                        normalize_2d_pts, pts_to_bbox)
+from .geometry_kernel_attention import GeometryKernelAttention
+from .geometry_spatial_cross_attention import GeometrySptialCrossAttention
 from .maptr import MapTR
 from .maptr_assigner import MapTRAssigner
 from .maptr_decoder import MapTRDecoder
 from .maptr_decoder_layer import MapTRDecoderLayer
 from .maptr_head import MapTRHead
 from .maptr_nms_free_coder import MapTRNMSFreeCoder
+from .maptr_perception_transformer import MapTRPerceptionTransformer
 from .maptr_targets import assign_batched, build_targets, pad_ground_truth
 from .maptrv2_head import MapTRv2Head
 from .ordered_pts_l1_cost import OrderedPtsL1Cost
 from .pts_dir_cos_loss import PtsDirCosLoss
 from .pts_l1_loss import PtsL1Loss
+from .temporal_self_attention import TemporalSelfAttention
 
 __all__ = [
     'CustomMSDeformableAttention', 'DecoupledMapTRDecoderLayer', 'denormalize_2d_bbox',
     'denormalize_2d_pts', 'normalize_2d_bbox', 'normalize_2d_pts', 'pts_to_bbox',
     'MapTR',
+    'BEVFormerEncoder', 'BEVFormerLayer', 'GeometryKernelAttention',
+    'GeometrySptialCrossAttention', 'MapTRPerceptionTransformer', 'TemporalSelfAttention',
+    'point_sampling', 'reference_points_2d', 'reference_points_3d',
     'MapTRAssigner', 'MapTRDecoder', 'MapTRDecoderLayer', 'MapTRHead', 'MapTRNMSFreeCoder',
     'assign_batched', 'build_targets', 'pad_ground_truth', 'MapTRv2Head', 'OrderedPtsL1Cost',
     'PtsDirCosLoss', 'PtsL1Loss'
