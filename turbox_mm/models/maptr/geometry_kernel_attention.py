@@ -131,13 +131,16 @@ class GeometryKernelAttention(BaseModule):
         return weights.softmax(-1).view(*lead, self.num_heads, self.num_levels,
                                         self.num_points)
 
-    def locations(self, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """``[..., q, heads, levels, kh * kw, 2]`` int64 ``(x, y)`` pixels: anchor ``h``'s
+    def locations(self, reference_points: Tensor, spatial_shapes: Tensor,
+                  dtype: torch.dtype = torch.int64) -> Tensor:
+        """``[..., q, heads, levels, kh * kw, 2]`` integer ``(x, y)`` pixels: anchor ``h``'s
         ``(u W_l, v H_l)`` plus the window's offsets, rounded half to even.
 
         Args:
             reference_points (Tensor): ``[..., q, heads, 2]`` normalised ``(u, v)``.
             spatial_shapes (Tensor): ``[levels, 2]`` ``(H, W)``.
+            dtype (torch.dtype): int64 (upstream's) or int32 (the same pixels for any
+                location within 2**31; half the memory). Defaults to int64.
         """
         if reference_points.shape[-2] != self.num_heads or reference_points.shape[-1] != 2:
             raise ValueError(f'{type(self).__name__}: reference_points must be [..., q, '
@@ -146,7 +149,7 @@ class GeometryKernelAttention(BaseModule):
         with torch.no_grad():
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
             pixels = reference_points[..., None, :] * normalizer  # [..., q, heads, levels, 2]
-            return (pixels[..., None, :] + self.grid_offsets).round().long()
+            return (pixels[..., None, :] + self.grid_offsets).round().to(dtype)
 
     def project_value(self, value: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``[bs, num_value, heads, C / heads]`` from ``value`` ``[bs, num_value, C]``;

@@ -29,8 +29,9 @@ same values), the attention weights of a query are computed once and shared by t
 does not process are masked out (``torch.where`` on sample 0's visibility) before the same
 camera-after-camera sum. Masked rows get a zero output gradient, which the turbox kernel's
 backward skips. The price is memory and forward gathers for ``H * W`` rows a camera instead of
-``max_len`` (about 2.8 x with MapTR v1's rig: 20000 against some 7200).
-Both paths run in float32 with autocast off (upstream's ``force_fp32``).
+``max_len`` (2.8 x at MapTR v1's size with the synthetic rig of the kernel's benchmark: 20000
+rows against a ``max_len`` of 7171); the locations are kept as int32 (the same pixels) to halve
+theirs. Both paths run in float32 with autocast off (upstream's ``force_fp32``).
 """
 from typing import Optional
 
@@ -177,8 +178,9 @@ class GeometrySptialCrossAttention(BaseModule):
         weights = gkt.weights(query)  # [B, Q, heads, levels, points], once for every camera
         weights = weights[:, None].expand(bs, cams, *weights.shape[1:]).flatten(0, 1)
         points = reference_points_cam.transpose(0, 1).reshape(bs * cams, num_query, anchors, 2)
-        out = gkt.sample(gkt.project_value(value), spatial_shapes, level_start_index,
-                         gkt.locations(points, spatial_shapes), weights)
+        locations = gkt.locations(points, spatial_shapes, torch.int32)  # kept for backward
+        out = gkt.sample(gkt.project_value(value), spatial_shapes, level_start_index, locations,
+                         weights)
         out = out.view(bs, cams, num_query, dims)
         visible = bev_mask[:, 0].any(-1)[:, None, :, None]  # [N, 1, Q, 1], sample 0's rows
         slots = torch.zeros_like(query)
