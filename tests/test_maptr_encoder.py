@@ -622,3 +622,13 @@ def test_layer_norm_order_is_post_norm():
     step = layer.norms[2](layer.ffns[0](step))
     torch.testing.assert_close(out, step)
     assert isinstance(layer.ffns[0].layers[0][1], nn.ReLU)
+
+
+def test_default_layers_take_the_encoders_dims_and_cameras():
+    enc = MapTRPerceptionTransformer(bev_h=BEV_H, bev_w=BEV_W, embed_dims=DIMS, num_cams=CAMS,
+                                     op_impl='turbox')
+    tsa, sca = enc.encoder.layers[0].attentions
+    assert (tsa.embed_dims, sca.embed_dims, sca.attention.embed_dims) == (DIMS, ) * 3
+    assert sca.num_cams == CAMS and sca.attention.op_impl == 'turbox'
+    assert enc(feats(), metas()).shape == (2, BEV_H * BEV_W, DIMS)
+    assert GeometrySptialCrossAttention(embed_dims=DIMS).attention.embed_dims == DIMS

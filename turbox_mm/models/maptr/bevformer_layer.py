@@ -22,11 +22,11 @@ from .scoped_build import build_scoped
 
 #: The only order upstream's ``BEVFormerLayer`` is used with (it asserts six operations).
 OPERATION_ORDER = ('self_attn', 'norm', 'cross_attn', 'norm', 'ffn', 'norm')
-#: MapTR v1's attentions (``maptr_tiny_r50_24e``).
-ATTN_CFGS = (dict(type='turbox_mm.TemporalSelfAttention', embed_dims=256, num_levels=1),
-             dict(type='turbox_mm.GeometrySptialCrossAttention', embed_dims=256,
-                  attention=dict(type='turbox_mm.GeometryKernelAttention', embed_dims=256,
-                                 num_heads=4, dilation=1, kernel_size=(3, 5), num_levels=1)))
+#: MapTR v1's attentions (``maptr_tiny_r50_24e``; ``embed_dims`` the classes' default, 256).
+ATTN_CFGS = (dict(type='turbox_mm.TemporalSelfAttention', num_levels=1),
+             dict(type='turbox_mm.GeometrySptialCrossAttention',
+                  attention=dict(type='turbox_mm.GeometryKernelAttention', num_heads=4,
+                                 dilation=1, kernel_size=(3, 5), num_levels=1)))
 
 
 @MODELS.register_module()

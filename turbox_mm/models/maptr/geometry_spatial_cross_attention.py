@@ -44,9 +44,9 @@ from turbox_mm.registry import MODELS
 from .geometry_kernel_attention import GeometryKernelAttention
 from .scoped_build import build_scoped
 
-#: MapTR v1's kernel attention (``maptr_tiny_r50_24e``).
-GKT_CFG = dict(type='turbox_mm.GeometryKernelAttention', embed_dims=256, num_heads=4,
-               dilation=1, kernel_size=(3, 5), num_levels=1)
+#: MapTR v1's kernel attention (``maptr_tiny_r50_24e``; ``embed_dims`` is the owner's).
+GKT_CFG = dict(type='turbox_mm.GeometryKernelAttention', num_heads=4, dilation=1,
+               kernel_size=(3, 5), num_levels=1)
 
 
 @MODELS.register_module()

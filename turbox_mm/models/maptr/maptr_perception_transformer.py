@@ -48,6 +48,7 @@ Precision, as upstream: the image features and the previous BEV enter as float32
 head is ``force_fp32`` on them); the layers run under whatever autocast is active, except the
 projection of the reference points and the spatial cross-attention (float32, autocast off).
 """
+import copy
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -59,6 +60,8 @@ from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from turbox_mm.utils.upload import upload
 from .bevformer_encoder import PC_RANGE, BEVFormerEncoder
+from .bevformer_layer import ATTN_CFGS
+from .geometry_spatial_cross_attention import GKT_CFG
 from .scoped_build import build_scoped
 from .temporal_self_attention import TemporalSelfAttention
 
@@ -171,18 +174,25 @@ class MapTRPerceptionTransformer(BaseModule):
         self.init_weights()
 
     def _encoder_cfg(self, encoder: Optional[dict]) -> dict:
-        """The encoder's config with this module's ``op_impl`` and ``pc_range``, and
-        ``num_cams`` for its spatial cross-attentions, unless set."""
-        cfg = dict(encoder or {})
+        """The encoder's config with, unless set there, this module's ``op_impl`` and
+        ``pc_range``, its ``embed_dims`` in the attentions (and the kernel attention) and its
+        ``num_cams`` in the spatial cross-attention; layers without ``attn_cfgs`` get
+        :data:`.ATTN_CFGS` so completed."""
+        cfg = copy.deepcopy(dict(encoder or {}))
         cfg.setdefault('op_impl', self.op_impl)
         cfg.setdefault('pc_range', self.pc_range)
         layers = cfg.get('transformerlayers') or {}
         layers = [dict(c) for c in layers] if isinstance(layers, (list, tuple)) else dict(layers)
         for layer in layers if isinstance(layers, list) else [layers]:
-            attns = [dict(c) for c in layer.get('attn_cfgs') or ()]
+            attns = [dict(c) for c in layer.get('attn_cfgs') or copy.deepcopy(ATTN_CFGS)]
+            for attn in attns:
+                attn.setdefault('embed_dims', self.embed_dims)
             if len(attns) == 2:
                 attns[1].setdefault('num_cams', self.num_cams)
-                layer['attn_cfgs'] = attns
+                kernel = dict(attns[1].get('attention') or GKT_CFG)
+                kernel.setdefault('embed_dims', self.embed_dims)
+                attns[1]['attention'] = kernel
+            layer['attn_cfgs'] = attns
         cfg['transformerlayers'] = layers
         return cfg
 
