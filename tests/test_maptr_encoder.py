@@ -304,11 +304,11 @@ def test_kernel_attention_ops_agree_with_gradients():
 # -- spatial cross-attention -------------------------------------------------------------------
 
 
-def sca_pair(seed=20, **kw):
+def sca_pair(seed=20, max_len=None, **kw):
     cfg = dict(embed_dims=DIMS, num_cams=CAMS, dropout=0.0,
                attention=dict(embed_dims=DIMS, num_heads=4), **kw)
     stock = randomize(GeometrySptialCrossAttention(op_impl='stock', **cfg), seed)
-    turbox = GeometrySptialCrossAttention(op_impl='turbox', **cfg)
+    turbox = GeometrySptialCrossAttention(op_impl='turbox', max_len=max_len, **cfg)
     turbox.load_state_dict(stock.state_dict())
     return stock, turbox
 
@@ -322,20 +322,35 @@ def run_sca(sca, cam, mask, seed=21, ctx=None):
     return [out] + grads(sca, query, value)
 
 
-def test_sca_stock_rebatching_and_turbox_masking_agree():
+@pytest.mark.parametrize('slack', [None, 0, 9])
+def test_sca_stock_rebatching_and_turbox_masking_agree(slack):
+    """Turbox with every query (``slack`` None) or ``max_len`` = the most queries a camera
+    sees in sample 0 plus ``slack``."""
     cam, mask = projection()
+    random_mask = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) > 0.7
     assert (~mask[:, 0].any(-1)).any()  # invisible queries in every camera's sample 0 rows
-    stock, turbox = sca_pair()
-    assert stock.attention.op_impl == 'stock' and turbox.attention.op_impl == 'turbox'
-    assert_close_all(run_sca(stock, cam, mask), run_sca(turbox, cam, mask))
-    # random visibility, anchors included
-    mask = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) > 0.7
-    assert_close_all(run_sca(stock, cam, mask), run_sca(turbox, cam, mask))
+    for visibility in (mask, random_mask):  # the rig's, and random anchors
+        most = int(visibility[:, 0].any(-1).sum(-1).max())
+        stock, turbox = sca_pair(max_len=None if slack is None else most + slack)
+        assert stock.attention.op_impl == 'stock' and turbox.attention.op_impl == 'turbox'
+        assert_close_all(run_sca(stock, cam, visibility), run_sca(turbox, cam, visibility))
 
 
-def test_sca_turbox_kernels_in_the_interpreter():
+def test_sca_turbox_max_len_too_small_is_an_error():
     cam, mask = projection()
-    stock, turbox = sca_pair(seed=22)
+    most = int(mask[:, 0].any(-1).sum(-1).max())
+    turbox = sca_pair(max_len=most - 1)[1]
+    with pytest.raises(RuntimeError, match=f'sees more than max_len={most - 1}'):
+        run_sca(turbox, cam, mask)
+    with pytest.raises(ValueError, match="max_len .* is for op_impl='turbox'"):
+        GeometrySptialCrossAttention(max_len=100)
+
+
+@pytest.mark.parametrize('max_len', [None, 140])
+def test_sca_turbox_kernels_in_the_interpreter(max_len):
+    cam, mask = projection()
+    assert mask[:, 0].any(-1).sum(-1).max() <= 140
+    stock, turbox = sca_pair(seed=22, max_len=max_len)
     assert_close_all(run_sca(stock, cam, mask), run_sca(turbox, cam, mask, ctx=kernels(gka)),
                      atol=1e-4, rtol=1e-4)
 

@@ -31,7 +31,13 @@ camera-after-camera sum. Masked rows get a zero output gradient, which the turbo
 backward skips. The price is memory and forward gathers for ``H * W`` rows a camera instead of
 ``max_len`` (2.8 x at MapTR v1's size with the synthetic rig of the kernel's benchmark: 20000
 rows against a ``max_len`` of 7171); the locations are kept as int32 (the same pixels) to halve
-theirs. Both paths run in float32 with autocast off (upstream's ``force_fp32``).
+theirs. With ``max_len`` set, turbox instead gathers each camera's visible queries (sample 0's,
+in query order, by a stable sort on the device) into a fixed ``max_len`` rows, the rest of the
+rows being invisible queries masked out as above: upstream's rows and sums again, at a static
+size and without a host sync, provided no camera sees more than ``max_len`` queries (checked on
+the device by ``torch._assert_async``: an error, never a silent drop; on CUDA it ends the
+process). Which of the two is faster on a GPU is for the benchmark to say.
+Both paths run in float32 with autocast off (upstream's ``force_fp32``).
 """
 from typing import Optional
 
@@ -63,6 +69,9 @@ class GeometrySptialCrossAttention(BaseModule):
             Defaults to MapTR v1's (:data:`GKT_CFG`).
         batch_first (bool): Only True (the encoder's layout). Defaults to True.
         op_impl (str): ``'stock'`` or ``'turbox'`` (module docstring). Defaults to 'stock'.
+        max_len (int, optional): Turbox only: rows per camera, at least the most queries a
+            camera sees in a batch's sample 0 (module docstring); None processes every query.
+            Defaults to None.
         init_cfg (dict, optional): mmengine's init config. Defaults to None.
 
     Examples:
@@ -76,10 +85,15 @@ class GeometrySptialCrossAttention(BaseModule):
 
     def __init__(self, embed_dims: int = 256, num_cams: int = 6, pc_range: Optional[list] = None,
                  dropout: float = 0.1, attention: Optional[dict] = None, batch_first: bool = True,
-                 op_impl: str = 'stock', init_cfg: Optional[dict] = None, **kwargs) -> None:
+                 op_impl: str = 'stock', max_len: Optional[int] = None,
+                 init_cfg: Optional[dict] = None, **kwargs) -> None:
         super().__init__(init_cfg)
         name = type(self).__name__
         self.op_impl = check_op_impl(name, op_impl)
+        if max_len is not None and (op_impl != 'turbox' or max_len < 1):
+            raise ValueError(f'{name}: max_len (a positive row count) is for '
+                             f"op_impl='turbox'; stock sizes its rows per batch, as upstream")
+        self.max_len = max_len
         if not batch_first:
             raise ValueError(f'{name}: only batch_first=True is supported')
         self.embed_dims = embed_dims
@@ -171,19 +185,37 @@ class GeometrySptialCrossAttention(BaseModule):
 
     def _turbox(self, query: Tensor, value: Tensor, reference_points_cam: Tensor,
                 bev_mask: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
-        """Every query for every camera, sample 0's visibility as a mask (module docstring)."""
+        """Every query (or ``max_len`` rows) for every camera, sample 0's visibility as a mask
+        (module docstring)."""
         bs, num_query, dims = query.shape
         cams, _, _, anchors, _ = reference_points_cam.shape
         gkt = self.attention
         weights = gkt.weights(query)  # [B, Q, heads, levels, points], once for every camera
-        weights = weights[:, None].expand(bs, cams, *weights.shape[1:]).flatten(0, 1)
-        points = reference_points_cam.transpose(0, 1).reshape(bs * cams, num_query, anchors, 2)
-        locations = gkt.locations(points, spatial_shapes, torch.int32)  # kept for backward
+        points = reference_points_cam.transpose(0, 1)  # [B, N, Q, D, 2]
+        visible = bev_mask[:, 0].any(-1)  # [N, Q], sample 0's rows
+        if self.max_len is None or self.max_len >= num_query:
+            rows, order = num_query, None
+            weights = weights[:, None].expand(bs, cams, *weights.shape[1:])
+        else:
+            rows = self.max_len
+            torch._assert_async(
+                visible.sum(1).max() <= rows,
+                f'{type(self).__name__}: a camera sees more than max_len={rows} BEV queries')
+            # each camera's visible queries first, in query order
+            order = torch.sort((~visible).to(torch.uint8), dim=1, stable=True)[1][:, :rows]
+            visible = visible.gather(1, order)  # [N, rows]
+            weights = weights[:, order]  # [B, N, rows, heads, levels, points]
+            points = points.gather(2, order[None, :, :, None, None].expand(
+                bs, cams, rows, anchors, 2))
+        locations = gkt.locations(points.reshape(bs * cams, rows, anchors, 2), spatial_shapes,
+                                  torch.int32)  # int32: half the memory kept for the backward
         out = gkt.sample(gkt.project_value(value), spatial_shapes, level_start_index, locations,
-                         weights)
-        out = out.view(bs, cams, num_query, dims)
-        visible = bev_mask[:, 0].any(-1)[:, None, :, None]  # [N, 1, Q, 1], sample 0's rows
+                         weights.flatten(0, 1)).view(bs, cams, rows, dims)
         slots = torch.zeros_like(query)
         for cam in range(cams):
-            slots = slots + torch.where(visible[cam], out[:, cam], 0.0)
+            masked = torch.where(visible[cam, None, :, None], out[:, cam], 0.0)
+            if order is None:
+                slots = slots + masked
+            else:
+                slots = slots.index_add(1, order[cam], masked)
         return slots
