@@ -152,24 +152,49 @@ def test_tiny_config_is_small_and_consistent():
 
 
 @pytest.mark.parametrize('name', [FULL + '_stock.py', TINY + '_stock.py'])
-def test_configs_build_but_for_the_encoder(name):
-    """The backbone, neck, head, assigner and GridMask of the config build (weights off)."""
+def test_configs_build_with_their_encoder(name):
+    """The whole model of the config builds (weights off): backbone, neck, the BEV encoder
+    (``MapTRPerceptionTransformer``), head, assigner and GridMask."""
     import turbox_mm  # noqa: F401
     from mmdet3d.registry import MODELS
     from mmengine.registry import init_default_scope
-    from test_maptr_detector import register_stand_in
     cfg = load(name)
     cfg.model.img_backbone.init_cfg = None
-    cfg.model.bev_encoder = dict(type='turbox_mm.MapTRStandInEncoder',
-                                 bev_h=cfg.model.bev_encoder.bev_h,
-                                 bev_w=cfg.model.bev_encoder.bev_w,
-                                 embed_dims=cfg.model.bev_encoder.embed_dims)
     init_default_scope('mmdet3d')
-    register_stand_in()
     model = MODELS.build(cfg.model)
     head = model.pts_bbox_head
     assert type(head).__name__ == 'MapTRHead' and head.assigner is not None
+    assert type(model.bev_encoder).__name__ == 'MapTRPerceptionTransformer'
     assert head.op_impl == 'stock' and model.grid_mask.prob == 0.7
     width = cfg.model.pts_bbox_head.embed_dims
     feats = model.extract_feat(dict(imgs=torch.zeros(1, 6, 3, 64, 96)))
     assert feats[0].shape[:3] == (1, 6, width)
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """3 scenes (2 train, 1 val) of 3 frames with 320 x 180 images and the map expansion."""
+    from conftest import run_python
+    root = str(tmp_path_factory.mktemp('maptr') / 'nuscenes') + '/'
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
+                       '--frames', '3', '--image-size', '320x180', '--points', '1000',
+                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['stock', 'turbox'])
+def test_tiny_config_trains_and_evaluates_on_the_cpu(tiny_data, tmp_path, name):
+    """``tools/train.py`` on the tiny config: 8 iterations with finite, falling loss, then the
+    Chamfer mAP on the synthetic val split."""
+    from conftest import run_python
+    proc = run_python(['tools/train.py', f'{TINY}_{name}.py', '--work-dir', str(tmp_path)],
+                      env={'NUSCENES_ROOT': tiny_data}, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    losses = [float(v)
+              for v in re.findall(r'Iter\(train\) \[\d+/\d+\][^\n]*? loss: ([0-9.]+)', log)]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses), log[-3000:]
+    assert sum(losses[-3:]) < sum(losses[:3])  # falling
+    assert re.search(r'NuscMap_chamfer/mAP: \d\.\d{4}', log), log[-3000:]

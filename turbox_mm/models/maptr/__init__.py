@@ -1,4 +1,4 @@
-"""MapTR v1 and v2 (issue 18), mmengine-native: the head side (in progress).
+"""MapTR v1 and v2 (issue 18), mmengine-native (v1 trains end to end; v2 in progress).
 
 Landed: the decoder (:class:`MapTRDecoder` with reference-point refinement; its layers
 :class:`MapTRDecoderLayer` for v1 and :class:`DecoupledMapTRDecoderLayer` for v2; the
@@ -7,7 +7,11 @@ the heads :class:`MapTRHead` and :class:`MapTRv2Head` (one-to-many queries; not 
 auxiliary segmentation heads), the assignment over equivalent point orders
 (:class:`MapTRAssigner`, :class:`OrderedPtsL1Cost`, the batched turbox path in
 :mod:`.maptr_targets`), the losses :class:`PtsL1Loss` and :class:`PtsDirCosLoss`, and the
-:class:`MapTRNMSFreeCoder`. Not yet: the BEV encoders, the detectors, the configs.
+:class:`MapTRNMSFreeCoder`; v1's BEV encoder (:class:`MapTRPerceptionTransformer`: the
+BEVFormer layers with :class:`TemporalSelfAttention` and :class:`GeometrySptialCrossAttention`
+over :class:`GeometryKernelAttention`, each with a stock and a turbox path) and the detector
+:class:`MapTR` (configs in ``configs/maptr/``). Not yet: v2's LSS encoder with depth
+supervision and auxiliary segmentation heads, the MapTRv2 detector and configs.
 docs/design/maptr.md is the engineering reference.
 """
 from .bev_points import point_sampling, reference_points_2d, reference_points_3d
