@@ -30,7 +30,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor
 
 from turbox_mm.models.dense_heads.center_targets import (draw_gaussians, gaussian_radius,
-                                                          gaussian_table)
+                                                         gaussian_table)
 from turbox_mm.models.sparse4d.matching import solve_batched
 from turbox_mm.utils.upload import upload
 
