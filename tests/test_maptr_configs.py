@@ -43,8 +43,8 @@ def test_model_values_are_upstreams():
     assert encoder.positional_encoding.num_feats == 128
     assert encoder.encoder.num_layers == 1 and encoder.encoder.num_points_in_pillar == 4
     layer = encoder.encoder.transformerlayers
-    assert [a['type'] for a in layer.attn_cfgs] == ['TemporalSelfAttention',
-                                                    'GeometrySptialCrossAttention']
+    assert [a['type'] for a in layer.attn_cfgs] == ['turbox_mm.TemporalSelfAttention',
+                                                    'turbox_mm.GeometrySptialCrossAttention']
     gkt = layer.attn_cfgs[1].attention
     assert (gkt.num_heads, gkt.kernel_size, gkt.dilation) == (4, (3, 5), 1)
     assert layer.feedforward_channels == 512 and layer.ffn_dropout == 0.1

@@ -33,9 +33,9 @@ model = dict(
                                  col_num_embed=bev_w_),
         encoder=dict(transformerlayers=dict(
             attn_cfgs=[
-                dict(type='TemporalSelfAttention', embed_dims=_dim_, num_levels=1),
-                dict(type='GeometrySptialCrossAttention', pc_range=point_cloud_range,
-                     attention=dict(type='GeometryKernelAttention', embed_dims=_dim_,
+                dict(type='turbox_mm.TemporalSelfAttention', embed_dims=_dim_, num_levels=1),
+                dict(type='turbox_mm.GeometrySptialCrossAttention', pc_range=point_cloud_range,
+                     attention=dict(type='turbox_mm.GeometryKernelAttention', embed_dims=_dim_,
                                     num_heads=4, dilation=1, kernel_size=(3, 5),
                                     num_levels=1),
                      embed_dims=_dim_),

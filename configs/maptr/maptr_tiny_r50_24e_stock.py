@@ -61,17 +61,17 @@ model = dict(
         type='turbox_mm.MapTRPerceptionTransformer',
         bev_h=bev_h_, bev_w=bev_w_, pc_range=point_cloud_range,
         rotate_prev_bev=True, use_shift=True, use_can_bus=True, embed_dims=_dim_,
-        positional_encoding=dict(type='LearnedPositionalEncoding', num_feats=_pos_dim_,
+        positional_encoding=dict(type='mmdet.LearnedPositionalEncoding', num_feats=_pos_dim_,
                                  row_num_embed=bev_h_, col_num_embed=bev_w_),
         encoder=dict(
-            type='BEVFormerEncoder', num_layers=1, pc_range=point_cloud_range,
+            type='turbox_mm.BEVFormerEncoder', num_layers=1, pc_range=point_cloud_range,
             num_points_in_pillar=4, return_intermediate=False,
             transformerlayers=dict(
-                type='BEVFormerLayer',
+                type='turbox_mm.BEVFormerLayer',
                 attn_cfgs=[
-                    dict(type='TemporalSelfAttention', embed_dims=_dim_, num_levels=1),
-                    dict(type='GeometrySptialCrossAttention', pc_range=point_cloud_range,
-                         attention=dict(type='GeometryKernelAttention', embed_dims=_dim_,
+                    dict(type='turbox_mm.TemporalSelfAttention', embed_dims=_dim_, num_levels=1),
+                    dict(type='turbox_mm.GeometrySptialCrossAttention', pc_range=point_cloud_range,
+                         attention=dict(type='turbox_mm.GeometryKernelAttention', embed_dims=_dim_,
                                         num_heads=4, dilation=1, kernel_size=(3, 5),
                                         num_levels=_num_levels_),
                          embed_dims=_dim_),
@@ -116,8 +116,8 @@ model = dict(
         assigner=dict(
             type='turbox_mm.MapTRAssigner',
             cls_cost=dict(type='mmdet.FocalLossCost', weight=2.0),
-            reg_cost=dict(type='BBoxL1Cost', weight=0.0, box_format='xywh'),
-            iou_cost=dict(type='IoUCost', iou_mode='giou', weight=0.0),
+            reg_cost=dict(type='mmdet.BBoxL1Cost', weight=0.0, box_format='xywh'),
+            iou_cost=dict(type='mmdet.IoUCost', iou_mode='giou', weight=0.0),
             pts_cost=dict(type='turbox_mm.OrderedPtsL1Cost', weight=5),
             pc_range=point_cloud_range))))
 
