@@ -171,7 +171,7 @@ class TurboxRunner(Runner):
 
     def _checkpoint_names(self):
         """:func:`name_patterns` of the checkpoint hook's ``filename_tmpl`` (if it has one)."""
-        for hook in getattr(self, '_hooks', []):
+        for hook in self.hooks:
             if hasattr(hook, 'filename_tmpl') and hasattr(hook, 'by_epoch'):
                 return name_patterns(hook.filename_tmpl, hook.by_epoch)
         return name_patterns()
