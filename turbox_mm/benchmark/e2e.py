@@ -369,30 +369,19 @@ def prepare_cfg(cfg: Config, work_dir: str) -> Config:
     return cfg
 
 
-def drop_pretrained(node, path: str = 'model') -> List[str]:
-    """Remove every ``Pretrained`` init config below ``node`` in place (a list of init configs
-    keeps its other entries) and mmdet's deprecated ``pretrained=<checkpoint>`` strings; the
-    paths of those removed."""
+def drop_pretrained(model) -> None:
+    """Remove every ``Pretrained`` init config below ``model`` in place (a list of init configs
+    keeps its other entries) and mmdet's deprecated ``pretrained=<checkpoint>`` strings."""
+    from turbox_mm.engine.runner.turbox_options import config_dicts
     from turbox_mm.utils.pretrained import is_pretrained_init
-    removed = []
-    if isinstance(node, dict):
+    for _, node in config_dicts(model, 'model'):
         init = node.get('init_cfg')
         if is_pretrained_init(init):
             node['init_cfg'] = None
-            removed.append(f'{path}.init_cfg')
         elif isinstance(init, list) and any(is_pretrained_init(i) for i in init):
             node['init_cfg'] = [i for i in init if not is_pretrained_init(i)]
-            removed.append(f'{path}.init_cfg')
         if isinstance(node.get('pretrained'), str):
             node['pretrained'] = None
-            removed.append(f'{path}.pretrained')
-        for key, value in node.items():
-            if key not in ('init_cfg', 'pretrained'):
-                removed += drop_pretrained(value, f'{path}.{key}')
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            removed += drop_pretrained(value, f'{path}[{i}]')
-    return removed
 
 
 def measure_config(config: str,

@@ -212,13 +212,14 @@ class TurboxRunner(Runner):
         older = previous_checkpoints(folder, exclude=filename,
                                      before=filename if self._load_from else None,
                                      patterns=self._checkpoint_names())
-        whole = [p for p in older if readable_checkpoint(p) is None]
-        if not whole:
+        # the newest whole one: each check reads a whole file, so stop at the first
+        whole = next((p for p in older if readable_checkpoint(p) is None), None)
+        if whole is None:
             raise RuntimeError(f'turbox: cannot resume from {filename}: {problem}; '
                                f'{folder} holds no other whole checkpoint')
         print_log(f'turbox: cannot resume from {filename} ({problem}); resuming from '
-                  f'{whole[0]} instead', logger='current', level=logging.WARNING)
-        return whole[0]
+                  f'{whole} instead', logger='current', level=logging.WARNING)
+        return whole
 
     def train(self) -> nn.Module:
         """mmengine's training; on an error, process-wide state the hooks changed (automatic
