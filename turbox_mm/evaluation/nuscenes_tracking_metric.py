@@ -1,4 +1,5 @@
 """mmdet3d's nuScenes metric with nuScenes tracking (AMOTA, AMOTP, IDS, ...) beside detection."""
+import os
 import os.path as osp
 import tempfile
 from typing import Dict, List, Optional, Sequence, Union
@@ -8,6 +9,7 @@ from mmengine.fileio import dump, load
 from mmengine.logging import MMLogger
 
 from turbox_mm.registry import METRICS
+from turbox_mm.utils.atomic_files import atomic_write_text
 from .nuscenes_tracking import (TRACKING_METRICS, evaluate_tracking, format_tracking_summary,
                                 require_motmetrics, submission_meta, tracking_config,
                                 tracking_entries)
@@ -142,7 +144,10 @@ class NuScenesTrackingMetric(NuScenesMetric):
                 threshold=self.tracking_threshold, where=where)
         folder = osp.join(jsonfile_prefix, 'pred_instances_3d_tracking')
         path = osp.join(folder, 'results_nusc.json')
-        dump(dict(meta=submission_meta(self.modality), results=annos), path)
+        os.makedirs(folder, exist_ok=True)
+        # whole or absent: the devkit may read it again later
+        atomic_write_text(path, dump(dict(meta=submission_meta(self.modality), results=annos),
+                                     file_format='json'))
         return path
 
     def tracking_evaluate(self, result_path: str,
