@@ -8,9 +8,8 @@ import torch
 
 from turbox_mm.registry import TRANSFORMS
 from .image_aug_3d import ImageAug3D
-from .load_multiview_images import block_average
-from .multiview_affine_aug import (INTERPOLATIONS, block_factor, crop_box, decoded_warp,
-                                   rotation_mask, source_warp)
+from .multiview_affine_aug import (INTERPOLATIONS, crop_box, rotation_mask, source_warp,
+                                   warp_image)
 
 
 @TRANSFORMS.register_module()
@@ -145,19 +144,7 @@ class ImageAug3DTurbo(ImageAug3D):
     def _warp(self, img: np.ndarray, warp: np.ndarray, factor: int,
               out_size: Tuple[int, int], config: Dict) -> np.ndarray:
         """One camera: reduce against aliasing, warp, zero what the stock rotation empties."""
-        if img.dtype != np.uint8:
-            img = img.astype(np.uint8)  # the stock transform's cast
-        extra = block_factor(warp, factor)
-        if extra > 1:
-            img = block_average(img, extra)
-            factor *= extra
-        m = decoded_warp(warp.astype(np.float64), factor)
-        out_h, out_w = out_size
-        out = cv2.warpAffine(img, m[:2], (out_w, out_h),
-                             flags=INTERPOLATIONS[self.interpolation] | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing axis of size 1
-            out = out[..., None]
+        out = warp_image(img, warp, factor, out_size, self.interpolation)
         mask = rotation_mask(config, out_size)
         if mask is None:
             return out

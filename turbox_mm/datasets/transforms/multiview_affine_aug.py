@@ -248,6 +248,30 @@ def block_factors(warps: np.ndarray, decode_factor: int = 1) -> np.ndarray:
     return extra
 
 
+def warp_image(img: np.ndarray, warp: np.ndarray, factor: int, out_size: Tuple[int, int],
+               interpolation: str) -> np.ndarray:
+    """One camera's image through ``warp`` (of full-resolution pixels; the image decoded
+    ``factor`` times smaller) into ``out_size`` ``(H, W)``, as uint8, zero outside.
+
+    Bilinear sampling aliases beyond a 2x shrink, so blocks are averaged first, as the
+    loader's scaled decoding would have (source pixels per output pixel >= 2).
+    """
+    if img.dtype != np.uint8:
+        img = img.astype(np.uint8)  # the stock transforms' cast
+    extra = block_factor(warp, factor)
+    if extra > 1:
+        img = block_average(img, extra)
+        factor *= extra
+    m = decoded_warp(warp.astype(np.float64), factor)
+    out_h, out_w = out_size
+    out = cv2.warpAffine(img, m[:2], (out_w, out_h),
+                         flags=INTERPOLATIONS[interpolation] | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing axis of size 1
+        out = out[..., None]
+    return out
+
+
 @TRANSFORMS.register_module()
 class MultiViewAffineAug(BaseTransform):
     """Resize, crop, flip and rotate each camera image with one ``cv2.warpAffine``.
@@ -420,22 +444,7 @@ class MultiViewAffineAug(BaseTransform):
     def _warp_one(self, results: Dict, index: int, warp: np.ndarray, factor: int,
                   out_size: Tuple[int, int], masks: Dict) -> np.ndarray:
         """Warp camera ``index``; zero what the stock rotation leaves empty."""
-        img = results['img'][index]
-        if img.dtype != np.uint8:
-            img = np.uint8(img)  # the stock transform's cast
-        # Bilinear sampling aliases beyond a 2x shrink: average blocks first, as the
-        # loader's scaled decoding would have (source pixels per output pixel >= 2).
-        extra = block_factor(warp, factor)
-        if extra > 1:
-            img = block_average(img, extra)
-            factor *= extra
-        m = decoded_warp(warp.astype(np.float64), factor)
-        out_h, out_w = out_size
-        flags = INTERPOLATIONS[self.interpolation] | cv2.WARP_INVERSE_MAP
-        out = cv2.warpAffine(img, m[:2], (out_w, out_h), flags=flags,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing axis of size 1
-            out = out[..., None]
+        out = warp_image(results['img'][index], warp, factor, out_size, self.interpolation)
         channels = 1 if out.ndim == 2 else out.shape[2]
         key = (out_size, channels)
         if key not in masks:
