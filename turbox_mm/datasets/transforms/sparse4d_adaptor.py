@@ -119,12 +119,11 @@ class NuScenesSparse4DAdaptor(BaseTransform):
             return
         if num_gt > 0 and not _warned['instance_id']:
             _warned['instance_id'] = True
+            from turbox_mm.datasets.nuscenes_instance_ids import command_line
             warnings.warn(f'{owner}: samples without instance_id (infos without '
                           'instances[k].instance_id, as mmdet3d\'s converter writes them); '
                           'using -1, which disables temporal denoising and tracking ids. Add '
-                          'the ids from the nuScenes tables with: python tools/create_data.py '
-                          'instance-ids <data_root>/nuscenes_infos_train.pkl '
-                          '<data_root>/nuscenes_infos_val.pkl --root-path <data_root> '
+                          f'the ids from the nuScenes tables with: {command_line()} '
                           '(docs/data.md)', stacklevel=2)
         results['instance_id'] = np.full(num_gt, -1, dtype=np.int64)
 
