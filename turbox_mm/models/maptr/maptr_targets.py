@@ -26,7 +26,7 @@ from mmdet.utils import reduce_mean
 from torch import Tensor, nn
 
 from turbox_mm.models.losses import focal_loss_like_mmdet
-from turbox_mm.models.sparse4d.matching import solve, solve_batched
+from turbox_mm.models.sparse4d.matching import solve_batched, solve_host
 from turbox_mm.utils.upload import upload
 from .geometry import denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox, normalize_2d_pts
 
@@ -79,18 +79,6 @@ def pad_ground_truth(gts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> PaddedGT:
                     stack(2, tuple(shifts.shape[1:]), shifts.dtype), counts)
 
 
-def _solve_host(cost: np.ndarray, counts: Sequence[int]) -> np.ndarray:
-    """``[3, K]`` (matrix, row, column) of every assigned pair of ``[R, Q, G]`` host costs,
-    each matrix on its first ``counts[r % len(counts)]`` columns (as ``solve_batched``)."""
-    found = []
-    for r in range(cost.shape[0]):
-        cols = int(counts[r % len(counts)])
-        if cols:
-            rows, picked = solve(cost[r, :, :cols])
-            found.append(np.stack([np.full_like(rows, r), rows, picked]).astype(np.int64))
-    return np.concatenate(found, 1) if found else np.zeros((3, 0), np.int64)
-
-
 def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, PaddedGT]]
                    ) -> List[Tuple[Tensor, Tensor]]:
     """Assign every layer and sample of every group with one device-to-host transfer.
@@ -124,7 +112,7 @@ def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, Padd
         first, *rest = todo
         pairs[first], extras = solve_batched(costs[0], groups[first][3].counts, costs[1:])
         for index, host in zip(rest, extras):
-            found = _solve_host(host.to(torch.float64).numpy(), groups[index][3].counts)
+            found = solve_host(host.to(torch.float64).numpy(), groups[index][3].counts)
             pairs[index] = upload(found, device)
     return list(zip(pairs, orders))
 

@@ -25,6 +25,26 @@ def solve(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return linear_sum_assignment(np.where(np.isfinite(cost), cost, INVALID_COST))
 
 
+def solve_host(cost: np.ndarray, num_cols: Sequence[int]) -> np.ndarray:
+    """The host half of :func:`solve_batched`: ``[3, K]`` int64 (matrix, row, column) of every
+    assigned pair of ``[R, Q, N]`` float64 host costs, matrix ``r`` on its first
+    ``num_cols[r % len(num_cols)]`` columns.
+
+    Examples:
+        >>> cost = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 5.0], [9.0, 9.0]]])
+        >>> solve_host(cost, [2, 1]).tolist()  # matrix 1 keeps only its first column
+        [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    """
+    found = []
+    for r in range(cost.shape[0]):
+        cols = int(num_cols[r % len(num_cols)])
+        if cols == 0:
+            continue
+        rows, picked = solve(cost[r, :, :cols])
+        found.append(np.stack([np.full_like(rows, r), rows, picked]).astype(np.int64))
+    return np.concatenate(found, 1) if found else np.zeros((3, 0), np.int64)
+
+
 def solve_batched(cost: Tensor, num_cols: Sequence[int],
                   extras: Sequence[Tensor] = ()) -> Tuple[Tensor, List[Tensor]]:
     """Assign the rows of ``R`` cost matrices to their first ``num_cols[r % len(num_cols)]``
@@ -45,12 +65,4 @@ def solve_batched(cost: Tensor, num_cols: Sequence[int],
     device = cost.device
     extras_host = [e.detach().to('cpu', non_blocking=device.type == 'cuda') for e in extras]
     host = cost.detach().to('cpu', torch.float64).numpy()  # the one sync
-    found = []
-    for r in range(host.shape[0]):
-        cols = int(num_cols[r % len(num_cols)])
-        if cols == 0:
-            continue
-        rows, picked = solve(host[r, :, :cols])
-        found.append(np.stack([np.full_like(rows, r), rows, picked]).astype(np.int64))
-    pairs = np.concatenate(found, 1) if found else np.zeros((3, 0), np.int64)
-    return upload(pairs, device), extras_host
+    return upload(solve_host(host, num_cols), device), extras_host
