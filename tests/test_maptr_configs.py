@@ -1,8 +1,6 @@
 """MapTR v1 configs: upstream's values (hustvl/MapTR maptr_tiny_r50_24e @ 67cadd8,
 docs/design/maptr.md section 1), the turbox twins are the stock configs plus the turbox base,
-and everything but the BEV encoder (not landed yet: a stand-in from test_maptr_detector takes
-its place) builds. The tiny configs' train-and-evaluate test through tools/train.py waits for
-the encoder."""
+the whole models build, and the tiny configs train and evaluate through tools/train.py."""
 import math
 import os.path as osp
 import re

@@ -8,8 +8,6 @@
 # `pts_bbox_head.transformer` (MapTRPerceptionTransformer); the BEV encoder (BEV queries,
 # learned positional encoding, can-bus MLP, the BEVFormer layer with temporal self-attention
 # and geometric kernel spatial cross-attention) is the detector's `bev_encoder`.
-# NOTE: the encoder (`turbox_mm.MapTRPerceptionTransformer`) is being written: until it lands
-# this config parses but does not build.
 #
 # Data: nuScenes v2 infos with `can_bus`, `scene_token` and `map_location` (the synthetic
 # generator writes them) and the map expansion under $NUSCENES_ROOT/maps/expansion/:
