@@ -145,6 +145,30 @@ def test_point_sampling_matches_a_hand_projection_and_the_mask_rule():
     assert not mask[0, 0, q].any() and depth[0, 0, q].max() < 0
 
 
+def test_point_sampling_turbox_contracts_without_repeats_and_agrees():
+    """The turbox projection: the same products without the ``[D, B, N, Q, 4, 4]`` repeat
+    (checked by the size of what ``torch.matmul`` would be handed), equal up to the last bit
+    of the four-term sums; the visibility masks equal away from the open-interval edges."""
+    ref = reference_points_3d(BEV_H, BEV_W, 4.0, 4, 2)
+    lidar2img = torch.from_numpy(rig())
+    stock = point_sampling(ref, PC, lidar2img, (IMG_H, IMG_W))
+    seen = []
+    real_matmul = torch.matmul
+
+    def spy(a, b):
+        seen.append(a.numel() + b.numel())
+        return real_matmul(a, b)
+
+    with mock.patch.object(torch, 'matmul', side_effect=spy):
+        turbox = point_sampling(ref, PC, lidar2img, (IMG_H, IMG_W), op_impl='turbox')
+    assert not seen  # no repeated batched matmul
+    # near-zero depths magnify a last-bit difference of the sum (as for the hand projection)
+    torch.testing.assert_close(turbox[0], stock[0], rtol=1e-4, atol=1e-5)
+    edge = (stock[0] - 0).abs().lt(1e-5).any(-1) | (stock[0] - 1).abs().lt(1e-5).any(-1)
+    assert torch.equal(turbox[1][~edge], stock[1][~edge])
+    assert turbox[1].any() and not turbox[1].all()
+
+
 def test_point_sampling_is_float32_under_autocast():
     ref = reference_points_3d(BEV_H, BEV_W, 4.0, 4, 2)
     expected = point_sampling(ref, PC, torch.from_numpy(rig()), (IMG_H, IMG_W))

@@ -40,8 +40,9 @@ class BEVFormerEncoder(BaseModule):
         num_points_in_pillar (int): Anchors per pillar. Defaults to 4.
         return_intermediate (bool): Return every layer's output stacked. Defaults to False.
         dataset_type (str): Ignored (upstream's). Defaults to 'nuscenes'.
-        op_impl (str): ``'stock'`` or ``'turbox'``, passed on to the layers. Defaults to
-            'stock'.
+        op_impl (str): ``'stock'`` or ``'turbox'``, passed on to the layers and to
+            :func:`.point_sampling` (turbox: the projection without upstream's repeated
+            copies). Defaults to 'stock'.
         init_cfg (dict, optional): mmengine's init config. Defaults to None.
     """
 
@@ -100,7 +101,7 @@ class BEVFormerEncoder(BaseModule):
                                      self.num_points_in_pillar, bs, device)
         ref_2d = reference_points_2d(bev_h, bev_w, bs, device)
         reference_points_cam, bev_mask = point_sampling(ref_3d, self.pc_range, lidar2img,
-                                                        img_shape)
+                                                        img_shape, self.op_impl)
         if prev_bev is not None:
             shift_ref_2d = ref_2d.clone()
             if shift is not None:
