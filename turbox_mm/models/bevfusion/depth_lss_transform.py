@@ -34,25 +34,12 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
-from turbox_mm.ops.bev_pool import bev_pool, cell_indices
+from turbox_mm.ops.bev_pool import bev_pool
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
+from ..layers.lss import (bev_grid, conv_bn_relu, image_frustum, pool_stock, pooling_grid,
+                          unproject_frustum)
 from .lidar_depth import depth_image_batched, depth_image_stock
-
-
-def _grid(xbound: Sequence[float], ybound: Sequence[float], zbound: Sequence[float]):
-    """``dx`` (cell size), ``bx`` (first cell centre), float32, and ``nx`` (cells)."""
-    rows = (xbound, ybound, zbound)
-    dx = torch.tensor([row[2] for row in rows], dtype=torch.float32)
-    bx = torch.tensor([row[0] + row[2] / 2.0 for row in rows], dtype=torch.float32)
-    nx = torch.tensor([int((row[1] - row[0]) / row[2]) for row in rows], dtype=torch.long)
-    return dx, bx, nx
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
-                  bias: bool = True) -> List[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias),
-            nn.BatchNorm2d(cout), nn.ReLU(True)]
 
 
 @MODELS.register_module()
@@ -84,40 +71,32 @@ class DepthLSSTransform(BaseModule):
         self.bev_pool_impl = check_op_impl('DepthLSSTransform', bev_pool_impl or op_impl)
         self.image_size = tuple(int(s) for s in image_size)
         self.feature_size = tuple(int(s) for s in feature_size)
-        dx, bx, nx = _grid(xbound, ybound, zbound)
+        dx, bx, nx = bev_grid(xbound, ybound, zbound)
         self.register_buffer('dx', dx, persistent=False)
         self.register_buffer('bx', bx, persistent=False)
         self.register_buffer('nx', nx, persistent=False)
         self.register_buffer('frustum', self._frustum(dbound), persistent=False)
         self.C = out_channels
         self.D = self.frustum.shape[0]
-        self.dtransform = nn.Sequential(*_conv_bn_relu(1, 8, 1),
-                                        *_conv_bn_relu(8, 32, 5, stride=4, padding=2),
-                                        *_conv_bn_relu(32, 64, 5, stride=2, padding=2))
-        self.depthnet = nn.Sequential(*_conv_bn_relu(in_channels + 64, in_channels, 3, padding=1),
-                                      *_conv_bn_relu(in_channels, in_channels, 3, padding=1),
+        self.dtransform = nn.Sequential(*conv_bn_relu(1, 8, 1),
+                                        *conv_bn_relu(8, 32, 5, stride=4, padding=2),
+                                        *conv_bn_relu(32, 64, 5, stride=2, padding=2))
+        self.depthnet = nn.Sequential(*conv_bn_relu(in_channels + 64, in_channels, 3, padding=1),
+                                      *conv_bn_relu(in_channels, in_channels, 3, padding=1),
                                       nn.Conv2d(in_channels, self.D + self.C, 1))
         if downsample > 1:
             self.downsample = nn.Sequential(
-                *_conv_bn_relu(out_channels, out_channels, 3, padding=1, bias=False),
-                *_conv_bn_relu(out_channels, out_channels, 3, stride=downsample, padding=1,
-                               bias=False),
-                *_conv_bn_relu(out_channels, out_channels, 3, padding=1, bias=False))
+                *conv_bn_relu(out_channels, out_channels, 3, padding=1, bias=False),
+                *conv_bn_relu(out_channels, out_channels, 3, stride=downsample, padding=1,
+                              bias=False),
+                *conv_bn_relu(out_channels, out_channels, 3, padding=1, bias=False))
         else:
             self.downsample = nn.Identity()
         # the pooling grid, as float32 values of upstream's tensors
-        self._lower = (bx - dx / 2.0).tolist()
-        self._cell = dx.tolist()
-        self._cells = [int(n) for n in nx]
+        self._lower, self._cell, self._cells = pooling_grid(dx, bx, nx)
 
     def _frustum(self, dbound: Sequence[float]) -> Tensor:
-        (height, width), (fh, fw) = self.image_size, self.feature_size
-        ds = torch.arange(*dbound, dtype=torch.float).view(-1, 1, 1).expand(-1, fh, fw)
-        bins = ds.shape[0]
-        xs = torch.linspace(0, width - 1, fw, dtype=torch.float).view(1, 1, fw)
-        ys = torch.linspace(0, height - 1, fh, dtype=torch.float).view(1, fh, 1)
-        xs, ys = xs.expand(bins, fh, fw), ys.expand(bins, fh, fw)
-        return torch.stack((xs, ys, ds), -1)
+        return image_frustum(self.image_size, self.feature_size, dbound)
 
     def get_geometry(self, camera2lidar_rots: Tensor, camera2lidar_trans: Tensor,
                      intrins: Tensor, post_rots: Tensor, post_trans: Tensor,
@@ -125,14 +104,9 @@ class DepthLSSTransform(BaseModule):
                      extra_trans: Optional[Tensor] = None) -> Tensor:
         """The BEV-frame point of every frustum point of every camera: ``[B, N, D, fH, fW,
         3]`` (``extra_*``: the lidar augmentation, ``[B, 3, 3]`` and ``[B, 3]``)."""
-        batch, cams = camera2lidar_trans.shape[:2]
-        shape = (batch, cams, 1, 1, 1)
-        pts = self.frustum - post_trans.view(*shape, 3)
-        pts = torch.inverse(post_rots).view(*shape, 3, 3).matmul(pts.unsqueeze(-1))
-        pts = torch.cat((pts[..., :2, :] * pts[..., 2:3, :], pts[..., 2:3, :]), -2)
-        combine = camera2lidar_rots.matmul(torch.inverse(intrins))
-        pts = combine.view(*shape, 3, 3).matmul(pts).squeeze(-1)
-        pts = pts + camera2lidar_trans.view(*shape, 3)
+        batch = camera2lidar_trans.shape[0]
+        pts = unproject_frustum(self.frustum, camera2lidar_rots, camera2lidar_trans, intrins,
+                                post_rots, post_trans)
         if extra_rots is not None:
             pts = extra_rots.view(batch, 1, 1, 1, 1, 3, 3).matmul(pts.unsqueeze(-1)).squeeze(-1)
         if extra_trans is not None:
@@ -154,17 +128,10 @@ class DepthLSSTransform(BaseModule):
         return self._pool_stock(depth_logits.softmax(2), context, geom)
 
     def _pool_stock(self, depth: Tensor, context: Tensor, geom: Tensor) -> Tensor:
-        """Upstream's PyTorch procedure: the product, a boolean filter of the kept points, an
-        index sum into ``[B, Z, X, Y, C]``, the z cells stacked into channels."""
-        batch = depth.shape[0]
-        channels = context.shape[2]
-        x_cells, y_cells, z_cells = self._cells
-        lifted = depth.unsqueeze(-1) * context.permute(0, 1, 3, 4, 2).unsqueeze(2)
-        cells, kept = cell_indices(geom, self._lower, self._cell, self._cells)
-        out = lifted.new_zeros(batch * x_cells * y_cells * z_cells, channels)
-        out.index_add_(0, cells[kept], lifted[kept])
-        out = out.view(batch, x_cells, y_cells, z_cells, channels).permute(0, 3, 4, 1, 2)
-        return torch.cat(out.unbind(dim=1), 1)
+        """Upstream's PyTorch procedure (:func:`~turbox_mm.models.layers.lss.pool_stock`):
+        the product, a boolean filter of the kept points, an index sum, the z cells stacked
+        into channels."""
+        return pool_stock(depth, context, geom, self._lower, self._cell, self._cells)
 
     def forward(self, img: Tensor, points: List[Tensor], lidar2image: Tensor,
                 cam_intrinsic: Tensor, camera2lidar: Tensor, img_aug_matrix: Tensor,
