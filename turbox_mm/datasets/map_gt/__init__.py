@@ -12,6 +12,9 @@ labels)``:
 :func:`map_targets` turns them into what MapTR's head reads (fixed-length points, the
 equivalent orders of pattern ``'v2'``, boxes); :class:`~turbox_mm.datasets.transforms.LoadMapGT`
 does both in a data pipeline. Labels: divider 0, ped_crossing 1, boundary 2.
+
+:func:`bev_seg_mask` and :func:`pv_seg_mask` draw MapTR v2's auxiliary segmentation targets
+(:class:`~turbox_mm.datasets.transforms.RasterizeMapGT` in a pipeline).
 """
 from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, check_map_expansion,
                              load_map_expansion, map_expansion_path)
@@ -22,6 +25,7 @@ from .reference import (CLASS2LABEL, MAP_CLASSES, VectorizedLocalMapReference,
                         bboxes_reference, fixed_num_points_reference,
                         shift_orders_v2_reference)
 from .sampling import fixed_num_points, instance_bboxes, map_targets, shift_orders_v2
+from .seg_masks import bev_seg_mask, points_along, pv_seg_mask
 
 __all__ = [
     'NUSCENES_LOCATIONS', 'MapExpansionError', 'check_map_expansion', 'load_map_expansion',
@@ -29,5 +33,5 @@ __all__ = [
     'lidar2global_of', 'patch_pose', 'CLASS2LABEL', 'MAP_CLASSES',
     'VectorizedLocalMapReference', 'bboxes_reference', 'fixed_num_points_reference',
     'shift_orders_v2_reference', 'fixed_num_points', 'instance_bboxes', 'map_targets',
-    'shift_orders_v2'
+    'shift_orders_v2', 'bev_seg_mask', 'points_along', 'pv_seg_mask'
 ]

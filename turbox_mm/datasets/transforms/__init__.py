@@ -24,9 +24,12 @@ from .multiview_affine_aug import MultiViewAffineAug
 from .normalize_multiview_image import NormalizeMultiviewImage
 from .pack_maptr_inputs import MAPTR_META_KEYS, PackMapTRInputs
 from .pad_multiview_image import PadMultiViewImage
+from .pad_multiview_image_depth import PadMultiViewImageDepth
 from .pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
 from .photometric_multiview import PhotoMetricDistortionMultiViewImage
+from .point_to_multiview_depth import PointToMultiViewDepth, multiview_depth_maps
 from .random_scale_multiview_image import RandomScaleImageMultiViewImage
+from .rasterize_map_gt import RasterizeMapGT
 from .resize_crop_flip_image import ResizeCropFlipImage
 from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
@@ -40,5 +43,6 @@ __all__ = [
     'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
     'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor',
     'MAPTR_META_KEYS', 'NuScenesMapTRAdaptor', 'PackMapTRInputs', 'PadMultiViewImage',
-    'RandomScaleImageMultiViewImage'
+    'RandomScaleImageMultiViewImage', 'PadMultiViewImageDepth', 'PointToMultiViewDepth',
+    'multiview_depth_maps', 'RasterizeMapGT'
 ]
