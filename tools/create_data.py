@@ -17,6 +17,11 @@ Examples:
     python tools/create_data.py nuscenes --root-path data/nuscenes --run --instance-ids
     python tools/create_data.py instance-ids data/nuscenes/nuscenes_infos_train.pkl \\
         data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
+    # ... and MapTR's scene_token, map_location and can_bus (from the CAN bus expansion,
+    # data/nuscenes/can_bus or data/can_bus), with the converter (--map-fields) or later:
+    python tools/create_data.py nuscenes --root-path data/nuscenes --run --map-fields
+    python tools/create_data.py map-fields data/nuscenes/nuscenes_infos_train.pkl \\
+        data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
 
 See docs/data.md for what is generated and how the configs find it.
 """
@@ -69,6 +74,10 @@ def parse_args(argv=None):
     nus.add_argument('--instance-ids', action='store_true',
                      help='then add instances[k].instance_id to the train and val infos (the '
                           'instance-ids step)')
+    nus.add_argument('--map-fields', action='store_true',
+                     help="then add MapTR's scene_token, map_location and can_bus to the train "
+                          'and val infos (the map-fields step, with the CAN bus expansion at '
+                          'its default place)')
 
     ids = sub.add_parser('instance-ids',
                          help='add instances[k].instance_id (the row of the annotation\'s '
@@ -84,6 +93,26 @@ def parse_args(argv=None):
     ids.add_argument('--force', action='store_true',
                      help='overwrite ids that differ from the tables (else an error; equal '
                           'ids are kept, so running the step twice changes nothing)')
+
+    maps = sub.add_parser('map-fields',
+                          help="add MapTR's scene_token, map_location (the scene's log "
+                               'location) and can_bus (from the CAN bus expansion) to v2 info '
+                               'files, from the nuScenes tables')
+    maps.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
+    maps.add_argument('--root-path', default='data/nuscenes',
+                      help='nuScenes data root, holding <version>/sample.json, scene.json and '
+                           'log.json')
+    maps.add_argument('--version', default=None,
+                      help="the tables' version, v1.0-trainval, v1.0-test or v1.0-mini "
+                           "(default: the infos' metainfo.version)")
+    maps.add_argument('--can-bus-root', default=None,
+                      help='the folder holding can_bus/ (upstream\'s --canbus; default: '
+                           '<root-path>/can_bus, then can_bus next to <root-path>); without '
+                           'it can_bus is not written (a warning; the MapTR adaptor uses '
+                           'zeros for the motion values)')
+    maps.add_argument('--force', action='store_true',
+                      help='overwrite values that differ from the tables (else an error; '
+                           'equal values are kept, so running the step twice changes nothing)')
 
     chk = sub.add_parser('check', help="check info files (mmdet3d v2 format and the fields "
                                        "mmdet3d's nuScenes dataset reads) before reusing them")
@@ -156,6 +185,26 @@ def instance_ids(args) -> int:
     return 0
 
 
+def map_fields(args) -> int:
+    """Exit status 2 with the named problem if the fields cannot be added, else 0."""
+    import warnings
+
+    from turbox_mm.datasets.nuscenes_map_fields import add_map_fields, format_results
+    from turbox_mm.datasets.nuscenes_tables import NuScenesTableError
+    from turbox_mm.datasets.synthetic import InfoFileError
+    try:
+        with warnings.catch_warnings():
+            # the missing CAN bus expansion is reported in the results' lines
+            warnings.filterwarnings('ignore', message='no nuScenes CAN bus expansion')
+            results = add_map_fields(args.infos, args.root_path, args.version, args.force,
+                                     args.can_bus_root)
+    except (NuScenesTableError, InfoFileError, OSError) as error:
+        print(f'create_data.py map-fields: {error}', file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
 def _converted_infos(args) -> list:
     """The train and val info files mmdet3d's converter writes (its test infos carry no
     instances)."""
@@ -175,6 +224,9 @@ def nuscenes(args) -> int:
                            *_converted_infos(args), '--root-path', root])
     if args.instance_ids:
         print(ids_line)
+    if args.map_fields:
+        print(shlex.join([sys.executable, osp.abspath(__file__), 'map-fields',
+                          *_converted_infos(args), '--root-path', root]))
     if not args.run:
         print('(add --run to run it; then point the configs\' data_root at the same folder, '
               'see docs/data.md)')
@@ -186,16 +238,19 @@ def nuscenes(args) -> int:
             if p and not osp.isfile(osp.join(p, 'tools', '__init__.py'))]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([mim] + kept))
     status = subprocess.call(command, cwd=workdir, env=env)
-    if status != 0 or not args.instance_ids:
-        return status
-    return instance_ids(argparse.Namespace(infos=_converted_infos(args), root_path=root,
-                                           version=None, force=False))
+    if status == 0 and args.instance_ids:
+        status = instance_ids(argparse.Namespace(infos=_converted_infos(args), root_path=root,
+                                                 version=None, force=False))
+    if status == 0 and args.map_fields:
+        status = map_fields(argparse.Namespace(infos=_converted_infos(args), root_path=root,
+                                               version=None, force=False, can_bus_root=None))
+    return status
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check,
-            'instance-ids': instance_ids}[args.dataset](args)
+            'instance-ids': instance_ids, 'map-fields': map_fields}[args.dataset](args)
 
 
 if __name__ == '__main__':

@@ -27,21 +27,16 @@ Examples:
     >>> add_instance_ids(['data/nuscenes/nuscenes_infos_train.pkl'],  # doctest: +SKIP
     ...                  'data/nuscenes', 'v1.0-trainval')
 """
-import json
 import os.path as osp
-import pickle
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from turbox_mm.utils.atomic_files import atomic_write
-
-from .synthetic.validate import check_infos
+from .nuscenes_tables import (VERSIONS, check_version, load_info_files, read_table,
+                              write_info_file)
 
 __all__ = ['VERSIONS', 'TABLES', 'InstanceIdError', 'AnnotationTables', 'load_tables',
            'instance_ids_of', 'add_instance_ids', 'format_results', 'command_line']
 
-#: nuScenes versions (the folders of the tables under the data root).
-VERSIONS = ('v1.0-trainval', 'v1.0-test', 'v1.0-mini')
 #: The tables read, and the keys read from their rows.
 TABLES = {'sample': ('token', ), 'sample_annotation': ('token', 'sample_token', 'instance_token'),
           'instance': ('token', )}
@@ -84,29 +79,8 @@ class AnnotationTables:
 
 
 def _read_table(folder: str, name: str, version: str) -> list:
-    path = osp.join(folder, f'{name}.json')
-    if not osp.isfile(path):
-        root = osp.dirname(folder)
-        present = sorted(v for v in VERSIONS if osp.isdir(osp.join(root, v)))
-        where = (f'{root} holds {", ".join(present)}' if present
-                 else f'{root} holds no nuScenes version folder')
-        raise InstanceIdError(
-            f'{path}: missing; instance ids need the nuScenes tables '
-            f'{", ".join(n + ".json" for n in TABLES)} of {version} under '
-            f'<root-path>/{version}/ ({where})')
-    try:
-        with open(path, 'rb') as f:
-            rows = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InstanceIdError(f'{path}: not a JSON table ({error})') from error
-    if not isinstance(rows, list):
-        raise InstanceIdError(f'{path}: not a nuScenes table (a JSON list of rows), got a '
-                              f'{type(rows).__name__}')
-    for index, row in enumerate(rows):
-        missing = [k for k in TABLES[name] if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise InstanceIdError(f'{path}: row {index} has no {missing[0]!r}')
-    return rows
+    return read_table(osp.dirname(folder), version, name, TABLES[name], needed=tuple(TABLES),
+                      purpose='the instance-ids step', error=InstanceIdError)
 
 
 def load_tables(root: str, version: str) -> AnnotationTables:
@@ -123,9 +97,7 @@ def load_tables(root: str, version: str) -> AnnotationTables:
         InstanceIdError: A table is missing, unreadable, lacks a key, or an annotation names
             a sample or instance its tables do not hold (the file, row and key named).
     """
-    if version not in VERSIONS:
-        raise InstanceIdError(f'version {version!r}: not a nuScenes version '
-                              f'({", ".join(VERSIONS)})')
+    check_version(version, InstanceIdError)
     folder = osp.join(root, version)
     samples = _read_table(folder, 'sample', version)
     annotations = _read_table(folder, 'sample_annotation', version)
@@ -239,35 +211,20 @@ def add_instance_ids(info_files: Sequence[str], root: str, version: Optional[str
             with no or another ``metainfo.version``, and ids that differ without ``force``.
         InfoFileError: A file that is not a v2 info file (from ``check_infos``).
     """
-    loaded = []
-    for path in info_files:
-        infos = check_infos(path, ('token', ), name=path)
-        stated = (infos.get('metainfo') or {}).get('version')
-        if version is None and stated is None:
-            raise InstanceIdError(f'{path}: metainfo.version is missing; give the version of '
-                                  f'the tables (--version, one of {", ".join(VERSIONS)})')
-        if version is not None and stated is not None and stated != version:
-            raise InstanceIdError(f'{path}: metainfo.version is {stated!r}, not {version!r} '
-                                  '(--version); ids index the instance table of the version '
-                                  'the infos were made from')
-        loaded.append((path, infos, version or stated))
-    versions = sorted({v for _, _, v in loaded})
-    if len(versions) > 1:
-        raise InstanceIdError(f'{", ".join(p for p, _, _ in loaded)}: infos of several '
-                              f'versions ({", ".join(versions)}); run the step once per '
-                              'version')
-    tables = load_tables(root, versions[0]) if loaded else None
+    loaded, version = load_info_files(
+        info_files, version, error=InstanceIdError,
+        why='ids index the instance table of the version the infos were made from')
+    tables = load_tables(root, version) if loaded else None
     results = []
-    for path, infos, _ in loaded:
+    for path, infos in loaded:
         ids = instance_ids_of(infos, tables, path)
         counts = _apply(infos, ids, path, force)
         results.append(dict(path=path, samples=len(infos['data_list']),
                             instances=sum(map(len, ids)), **counts))
-    for (path, infos, _), result in zip(loaded, results):
+    for (path, infos), result in zip(loaded, results):
         result['written'] = bool(result['added'] or result['overwritten'])
         if result['written']:
-            # whole or not at all: a reader never meets a truncated info file
-            atomic_write(path, lambda f, data=infos: pickle.dump(data, f, protocol=4))
+            write_info_file(path, infos)
     return results
 
 

@@ -131,13 +131,14 @@ def tracking_entries(pred, info: dict, classes: Sequence[str], tracking_names: I
     return entries
 
 
+#: The tables the split lookup reads, and the keys read from their rows.
+_TABLES = {'scene': ('token', 'name'), 'sample': ('token', 'scene_token')}
+
+
 def _read_table(data_root: str, version: str, table: str) -> list:
-    path = osp.join(data_root, version, f'{table}.json')
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'nuScenes table {path} not found: the tracking evaluation '
-                                f'reads the {version} tables under data_root={data_root!r}')
-    with open(path) as f:
-        return json.load(f)
+    from turbox_mm.datasets.nuscenes_tables import MissingTableError, read_table
+    return read_table(data_root, version, table, _TABLES[table], needed=tuple(_TABLES),
+                      purpose='the tracking evaluation', missing=MissingTableError)
 
 
 def split_sample_tokens(data_root: str, version: str, eval_set: str) -> set:
@@ -146,7 +147,8 @@ def split_sample_tokens(data_root: str, version: str, eval_set: str) -> set:
 
     Raises:
         FileNotFoundError: A table is missing (names it).
-        ValueError: ``eval_set`` is not one of the devkit's splits.
+        ValueError: ``eval_set`` is not one of the devkit's splits; a table that is not
+            JSON or a row without a key read (the file, row and key named).
     """
     from nuscenes.utils.splits import create_splits_scenes
     splits = create_splits_scenes()

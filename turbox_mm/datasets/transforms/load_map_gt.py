@@ -94,8 +94,8 @@ class LoadMapGT(BaseTransform):
         token = results.get('token', results.get('sample_idx'))
         if 'map_location' not in results:
             raise KeyError(f'LoadMapGT: sample {token} has no map_location (its info file '
-                           'comes from a converter without map fields; MapTR\'s converter and '
-                           'tools/create_data.py synthetic write it)')
+                           'comes from a converter without map fields; add them with '
+                           'tools/create_data.py map-fields INFOS --root-path DATA_ROOT)')
         location = results['map_location']
         try:
             polylines, labels = self.vector_map(location, lidar2global_of(results))
