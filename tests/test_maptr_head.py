@@ -319,3 +319,84 @@ def test_ground_truth_from_the_map_transform():
     x = bev(1)
     out = [head.loss_by_feat(head(x), [gt]) for head in (stock, turbox)]
     torch.testing.assert_close(out[1]['loss_pts'], out[0]['loss_pts'])
+
+
+AUX_SEG = dict(use_aux_seg=True, bev_seg=True, pv_seg=True, seg_classes=1)
+SEG_LOSSES = dict(loss_seg=dict(type='turbox_mm.SimpleLoss', pos_weight=4.0, loss_weight=1.0),
+                  loss_pv_seg=dict(type='turbox_mm.SimpleLoss', pos_weight=1.0,
+                                   loss_weight=2.0))
+
+
+def test_simple_loss_is_weighted_bce_with_logits_over_every_element():
+    from turbox_mm.models.maptr.simple_loss import SimpleLoss
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 5, 4, generator=gen)
+    target = (torch.rand(2, 3, 5, 4, generator=gen) > 0.7).to(torch.uint8)
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0]))(pred, target.float())
+    torch.testing.assert_close(SimpleLoss(4.0, 2.5)(pred, target), expected * 2.5)
+    # by hand: -(4 t log s(p) + (1 - t) log(1 - s(p))), the mean
+    manual = -(4 * target * torch.nn.functional.logsigmoid(pred) +
+               (1 - target.float()) * torch.nn.functional.logsigmoid(-pred)).mean()
+    torch.testing.assert_close(SimpleLoss(4.0)(pred, target), manual)
+    with pytest.raises(ValueError, match='differ'):
+        SimpleLoss(1.0)(pred, target[:1])
+
+
+def seg_samples(batch, cams, feat_hw, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for b in range(batch):
+        sample = Det3DDataSample()
+        sample.gt_instances_3d = map_gt(2 + b, seed + b)
+        sample.gt_map_bev_seg = (torch.rand(1, BEV_H, BEV_W, generator=gen) > 0.6).to(
+            torch.uint8)
+        sample.gt_map_pv_seg = (torch.rand(cams, 1, *feat_hw, generator=gen) > 0.8).to(
+            torch.uint8)
+        samples.append(sample)
+    return samples
+
+
+def test_v2_auxiliary_segmentation_heads_and_losses():
+    """Upstream's v2 segmentation: the BEV head on the embedding as [B, C, H, W] (row = y),
+    the perspective head on the last image level, SimpleLoss against the stacked masks, in
+    training only; stock and turbox agree, one2many gets no segmentation loss."""
+    stock, turbox = build_pair(v2=True, aux_seg=AUX_SEG, **SEG_LOSSES)
+    cams, feat_hw = 3, (2, 5)
+    x = bev(2)
+    img_feats = torch.randn(2, cams, DIMS, *feat_hw, generator=torch.Generator().manual_seed(4))
+    samples = seg_samples(2, cams, feat_hw)
+    losses = []
+    for head in (stock, turbox):
+        head.train()
+        head.zero_grad()
+        out = head.loss(x, samples, img_feats=img_feats)
+        sum(out.values()).backward()
+        losses.append(out)
+    expected_keys = ['loss_seg', 'loss_pv_seg'] + V1_KEYS + [f'{k}_one2many' for k in V1_KEYS]
+    assert sorted(losses[0]) == sorted(expected_keys) == sorted(losses[1])
+    for key in expected_keys:
+        torch.testing.assert_close(losses[1][key].reshape(()), losses[0][key].reshape(()),
+                                   msg=key)
+    preds = stock(x, img_feats=img_feats)
+    assert preds['seg'].shape == (2, 1, BEV_H, BEV_W)
+    assert preds['pv_seg'].shape == (2, cams, 1, *feat_hw)
+    # the BEV head sees the embedding row-major: cell (row r, column c) is token r * W + c
+    grid = x.transpose(1, 2).reshape(2, DIMS, BEV_H, BEV_W)
+    torch.testing.assert_close(preds['seg'], stock.seg_head(grid))
+    bev_masks = torch.stack([s.gt_map_bev_seg for s in samples]).float()
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0]))(preds['seg'],
+                                                                         bev_masks)
+    torch.testing.assert_close(losses[0]['loss_seg'], expected)
+    pv_masks = torch.stack([s.gt_map_pv_seg for s in samples]).float()
+    expected = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(preds['pv_seg'],
+                                                                          pv_masks)
+    torch.testing.assert_close(losses[0]['loss_pv_seg'], expected)
+    assert stock.seg_head[0].weight.grad.abs().sum() > 0
+    assert stock.pv_seg_head[0].weight.grad.abs().sum() > 0
+    test_out = stock.eval()(x, img_feats=img_feats)
+    assert test_out['seg'] is None and test_out['pv_seg'] is None
+    del samples[1].gt_map_pv_seg
+    with pytest.raises(KeyError, match='sample 1 .*gt_map_pv_seg.*RasterizeMapGT'):
+        stock.train().loss(x, samples, img_feats=img_feats)
+    with pytest.raises(ValueError, match='bev_seg or pv_seg'):
+        MODELS.build(head_cfg(v2=True, aux_seg=dict(use_aux_seg=True)))
