@@ -559,3 +559,29 @@ def test_bad_metas_and_depth_inputs_are_named():
 def test_bad_arguments_are_named(change, match):
     with pytest.raises(ValueError, match=match):
         LSSTransform(**dict(TINY, **change))
+
+
+# -- CUDA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_on_cuda_turbox_equals_stock_and_its_depth_loss_waits_for_nothing():
+    """On the GPU: the compiled pooling kernel, the pinned upload and the sync-free inverses
+    give stock's BEV, depth and gradients; the turbox depth loss runs under CUDA's sync debug
+    mode set to 'error' (stock's boolean indexing would raise there)."""
+    stock, turbox = _pair()
+    stock, turbox = stock.cuda(), turbox.cuda()
+    metas, feats, gt = rig(), features().cuda(), sparse_gt_depth(fill=0.05).cuda()
+    out_stock, out_turbox = _run(stock, feats, metas, gt), _run(turbox, feats, metas, gt)
+    for name, a, b in zip(('bev', 'depth', 'grad'), out_stock[:3], out_turbox[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+    for name, grad in out_stock[3].items():
+        torch.testing.assert_close(out_turbox[3][name], grad, rtol=1e-3, atol=1e-4, msg=name)
+    probs = _probs(D).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        loss = turbox.get_depth_loss(gt, probs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(loss, stock.get_depth_loss(gt, probs), rtol=1e-5, atol=1e-6)
