@@ -83,6 +83,10 @@ def test_data_and_schedule_are_upstreams():
     assert steps['RandomScaleImageMultiViewImage'].scales == [0.5]
     assert steps['PadMultiViewImage'].size_divisor == 32
     assert steps['LoadMapGT'].patch_size == (60.0, 30.0) and steps['LoadMapGT'].fixed_num == 20
+    # upstream's filter_empty_gt in training only
+    assert steps['LoadMapGT'].drop_empty
+    val_gt = [t for t in cfg.val_dataloader.dataset.pipeline if t['type'].endswith('LoadMapGT')]
+    assert not val_gt[0].get('drop_empty', False)
     assert steps['LoadMultiViewImageFromFiles'].to_float32
     assert cfg.val_evaluator.type == 'turbox_mm.MapChamferMetric'
     wrapper = cfg.optim_wrapper

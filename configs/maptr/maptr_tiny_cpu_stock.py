@@ -58,7 +58,9 @@ train_pipeline = [
     dict(type='turbox_mm.NuScenesMapTRAdaptor'),
     image_loader,
     dict(type='turbox_mm.PhotoMetricDistortionMultiViewImage'),
-    map_gt,
+    # upstream's filter_empty_gt: a training sample without map elements is replaced by
+    # another (mmengine's dataset re-draws when the pipeline returns None)
+    dict(map_gt, drop_empty=True),
     dict(type='turbox_mm.NormalizeMultiviewImage', **img_norm_cfg),
     dict(type='turbox_mm.RandomScaleImageMultiViewImage', scales=[0.5]),
     dict(type='turbox_mm.PadMultiViewImage', size_divisor=32),

@@ -138,7 +138,9 @@ train_pipeline = [
     dict(type='turbox_mm.NuScenesMapTRAdaptor'),
     image_loader,
     dict(type='turbox_mm.PhotoMetricDistortionMultiViewImage'),
-    map_gt,
+    # upstream's filter_empty_gt: a training sample without map elements is replaced by
+    # another (mmengine's dataset re-draws when the pipeline returns None)
+    dict(map_gt, drop_empty=True),
     dict(type='turbox_mm.NormalizeMultiviewImage', **img_norm_cfg),
     dict(type='turbox_mm.RandomScaleImageMultiViewImage', scales=[0.5]),
     dict(type='turbox_mm.PadMultiViewImage', size_divisor=32),
@@ -166,7 +168,7 @@ train_dataloader = dict(
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='DefaultSampler', shuffle=True),
-    # samples without boxes keep their map (upstream filters on the map, not the boxes)
+    # samples without boxes are kept (upstream filters on the map: LoadMapGT's drop_empty)
     dataset=dict(dataset_common, ann_file='nuscenes_infos_train.pkl', pipeline=train_pipeline,
                  test_mode=False, filter_empty_gt=False))
 val_dataloader = dict(
