@@ -143,6 +143,16 @@ def test_can_bus_yaw_is_the_patch_angle():
     np.testing.assert_allclose(out[7:16], np.arange(7, 16))  # the motion values kept
 
 
+def test_adaptor_names_a_camera_without_its_matrices():
+    """cam2ego is required (v2's LSS geometry and depth net read it): no silent identity."""
+    from turbox_mm.datasets.transforms import NuScenesMapTRAdaptor
+    cam = dict(cam2img=np.eye(3).tolist(), lidar2cam=np.eye(4).tolist())
+    results = dict(token='tok7', images=dict(CAM_FRONT=cam), ego2global=np.eye(4).tolist(),
+                   lidar_points=dict(lidar2ego=np.eye(4).tolist()))
+    with pytest.raises(KeyError, match=r"sample tok7, camera CAM_FRONT lacks \['cam2ego'\]"):
+        NuScenesMapTRAdaptor()(results)
+
+
 def test_pack_refuses_boxes_with_the_map():
     from turbox_mm.datasets.transforms import PackMapTRInputs
     with pytest.raises(ValueError, match='gt_instances_3d'):

@@ -11,7 +11,9 @@ coordinates to int32 by truncation towards zero (numpy's float -> int cast):
   column = x cell; thickness 3;
 - :func:`pv_seg_mask` (``line_ego_to_pvmask``): 200 points evenly spaced by length along the
   line, at a fixed height ``z`` (-1.6 m), through ``diag(1/d, 1/d, 1, 1) @ lidar2img`` (``d``
-  the feature stride), points with depth <= 0 dropped, the rest divided by ``depth + 1e-7``
+  = ``feat_down_sample``; upstream hard-codes ``d = 32`` here while sizing the mask by
+  ``feat_down_sample``: the same for its configs, where both are 32), points with depth <= 0
+  dropped, the rest divided by ``depth + 1e-7``
   and joined as one polyline; thickness ``pv_thickness`` (1).
 
 With one class (``seg_classes=1``) every instance goes to channel 0; otherwise to the channel

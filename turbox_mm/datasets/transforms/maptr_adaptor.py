@@ -63,7 +63,8 @@ class NuScenesMapTRAdaptor(BaseTransform):
     (:func:`can_bus_of`). Upstream's ``union2one`` (zeroing ``can_bus[:3]`` and ``[-1]`` of a
     frame without history) is the detector's (:class:`~turbox_mm.models.maptr.MapTR`).
 
-    Required keys: ``images`` (per camera ``cam2img``, ``lidar2cam``, ``cam2ego``),
+    Required keys: ``images`` (per camera ``cam2img``, ``lidar2cam``, ``cam2ego``: a missing
+    one is a ``KeyError`` naming the sample and camera),
     ``ego2global``, ``lidar_points.lidar2ego``; ``can_bus`` optional (zeros).
 
     Examples:
@@ -83,7 +84,7 @@ class NuScenesMapTRAdaptor(BaseTransform):
                            "needs modality=dict(use_camera=True))")
         lidar2img, intrinsics, camera2ego = [], [], []
         for name, cam in images.items():
-            missing = [k for k in ('cam2img', 'lidar2cam') if k not in cam]
+            missing = [k for k in ('cam2img', 'lidar2cam', 'cam2ego') if k not in cam]
             if missing:
                 raise KeyError(f'NuScenesMapTRAdaptor: sample {token}, camera {name} lacks '
                                f'{missing}')
@@ -92,7 +93,7 @@ class NuScenesMapTRAdaptor(BaseTransform):
             viewpad[:intrinsic.shape[0], :intrinsic.shape[1]] = intrinsic
             intrinsics.append(viewpad)
             lidar2img.append(viewpad @ np.asarray(cam['lidar2cam'], dtype=np.float64))
-            camera2ego.append(np.asarray(cam.get('cam2ego', np.eye(4)), dtype=np.float64))
+            camera2ego.append(np.asarray(cam['cam2ego'], dtype=np.float64))
         lidar2ego = np.asarray(results['lidar_points']['lidar2ego'], dtype=np.float64)
         ego2global = np.asarray(results['ego2global'], dtype=np.float64)
         results.update(

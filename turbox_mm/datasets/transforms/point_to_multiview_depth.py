@@ -91,6 +91,14 @@ class PointToMultiViewDepth(BaseTransform):
     The maps have the size of the images when this runs (after the rescale, before the
     padding: :class:`PadMultiViewImageDepth` pads them with the images).
 
+    Deviations from upstream, both at the margins: (1) where several points land on one
+    pixel, the nearest is kept exactly; upstream sorts on the float32 key ``pixel index +
+    depth / 100``, which from about image row 328 of an 800-wide image resolves depth only to
+    about 3 m, so it may keep a farther point (tests/test_maptr_v2_data.py shows such a tie);
+    (2) the projection is float64 where upstream's is float32, which can move a point by one
+    pixel at a rounding boundary or across the 1 m / 35 m limits. The depth loss sees either
+    only where that pixel holds its patch's smallest depth.
+
     Args:
         grid_config (dict): Upstream's grid config; only ``depth`` (``[min, max, step]``) is
             read: depths in ``[min, max)`` are kept.

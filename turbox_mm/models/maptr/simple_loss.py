@@ -28,7 +28,9 @@ class SimpleLoss(nn.Module):
 
     def __init__(self, pos_weight: float, loss_weight: float = 1.0) -> None:
         super().__init__()
-        # a buffer, as torch's BCEWithLogitsLoss keeps it: it follows the module's device
+        # a buffer, as torch's BCEWithLogitsLoss keeps it: it follows the module's device; not
+        # saved (upstream's checkpoints hold it as loss_seg.loss_fn.pos_weight: an unexpected
+        # key here, the value comes from the config)
         self.register_buffer('pos_weight', torch.tensor([float(pos_weight)]), persistent=False)
         self.loss_weight = float(loss_weight)
 
