@@ -29,34 +29,15 @@ the value is projected once (``[B, H * W, C]`` instead of ``[2B, H * W, C]``) an
 entries' points become ``2 x points`` points of one deformable attention with the weights
 halved (the average folded into the weighted sum).
 """
-import math
 from typing import Optional
 
 import torch
-from mmcv.ops.multi_scale_deform_attn import (MultiScaleDeformableAttnFunction,
-                                              multi_scale_deformable_attn_pytorch)
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from turbox_mm.ops.dispatch import check_op_impl
-from turbox_mm.ops.ms_deform_attn import ms_deform_attn
 from turbox_mm.registry import MODELS
-
-
-def deformable_attention(op_impl: str, value: Tensor, spatial_shapes: Tensor,
-                         level_start_index: Tensor, locations: Tensor, weights: Tensor,
-                         im2col_step: int = 64) -> Tensor:
-    """Multi-scale deformable attention ``[bs, q, C]`` with the op of ``op_impl`` (module
-    docstring); mmcv's argument order and layout."""
-    if op_impl == 'turbox':
-        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                              im2col_step)
-    if value.is_cuda:
-        out = MultiScaleDeformableAttnFunction.apply(value.float(), spatial_shapes,
-                                                     level_start_index, locations.float(),
-                                                     weights.float(), im2col_step)
-        return out
-    return multi_scale_deformable_attn_pytorch(value, spatial_shapes, locations, weights)
+from .deformable_sampling import deformable_attention, init_sampling
 
 
 @MODELS.register_module()
@@ -123,21 +104,9 @@ class TemporalSelfAttention(BaseModule):
         ``2 pi h / heads`` (scaled to a unit max-norm) ``p + 1`` cells for point ``p``, the same
         for every queue entry and level; zero attention weights; Xavier-uniform projections
         with zero bias."""
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        step = 2.0 * math.pi / self.num_heads
-        thetas = torch.arange(self.num_heads, dtype=torch.float32) * step
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid.view(self.num_heads, 1, 1, 2).repeat(
-            1, self.num_levels * self.num_bev_queue, self.num_points, 1)
-        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        for proj in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.constant_(proj.bias, 0.0)
+        init_sampling(self.sampling_offsets, self.attention_weights,
+                      (self.value_proj, self.output_proj), self.num_heads,
+                      self.num_levels * self.num_bev_queue, self.num_points)
         self._is_init = True
 
     def forward(self, query: Tensor, value: Optional[Tensor] = None,
