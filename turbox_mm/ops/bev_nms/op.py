@@ -25,6 +25,10 @@ except ImportError:  # no Triton: the reference serves every device
 #: Kinds whose pair values the overlap op computes.
 IOU_KINDS = ('rotated', 'iou3d')
 
+# One dispatch per op, each warning once under its own name.
+_nms_dispatch = dispatch.OpDispatch('bev_nms', triton_kernels, 'a loop over the boxes')
+_iou_dispatch = dispatch.OpDispatch('bev_iou', triton_kernels, 'batched torch ops')
+
 
 def _check_nms(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> None:
     check_boxes(boxes, kind)
@@ -41,8 +45,7 @@ def _check_nms(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> No
 def bev_nms_op(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> Tensor:
     """Kept box indices (see :mod:`.reference`)."""
     _check_nms(boxes, scores, threshold, kind)
-    if dispatch.use_kernel('bev_nms', boxes, triton_kernels is not None,
-                           'a loop over the boxes'):
+    if _nms_dispatch.use_kernel(boxes):
         return triton_kernels.nms_keep(boxes, scores, threshold, kind)
     return nms_reference(boxes, scores, threshold, kind)
 
@@ -68,8 +71,7 @@ def _check_iou(boxes_a: Tensor, boxes_b: Tensor, kind: str) -> None:
 def bev_iou_op(boxes_a: Tensor, boxes_b: Tensor, kind: str) -> Tensor:
     """``[M, N]`` IoU (``'rotated'``) or BEV overlap area (``'iou3d'``)."""
     _check_iou(boxes_a, boxes_b, kind)
-    if dispatch.use_kernel('bev_iou', boxes_a, triton_kernels is not None,
-                           'batched torch ops'):
+    if _iou_dispatch.use_kernel(boxes_a):
         return triton_kernels.iou_matrix(boxes_a, boxes_b, kind)
     return iou_matrix_reference(boxes_a, boxes_b, kind)
 

@@ -10,7 +10,7 @@
 CUDA tensors with Triton run :mod:`.triton_kernels`; anything else (CPU tensors, no Triton,
 ``TURBOX_OPS_REFERENCE=1``) runs :mod:`.reference` and warns once.
 """
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -24,14 +24,10 @@ except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
 
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the ops would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
-
-
-def _use_kernel(depth: Tensor) -> bool:
-    return dispatch.use_kernel('bev_pool', depth, triton_kernels is not None,
-                               'the [B, N, D, H, W, C] product and index_add')
+_dispatch = dispatch.OpDispatch('bev_pool', triton_kernels,
+                                'the [B, N, D, H, W, C] product and index_add')
+#: Why the ops would run the reference for a tensor rather than the kernel; None if not.
+fallback_reason = _dispatch.fallback_reason
 
 
 @torch.library.custom_op('turbox_mm::bev_pool', mutates_args=())
@@ -39,7 +35,7 @@ def bev_pool_op(depth: Tensor, feats: Tensor, geom: Tensor, lower: List[float],
                 cell_size: List[float], grid: List[int], depth_logits: bool) -> Tensor:
     """Pool lifted camera features into BEV cells: ``[B, X, Y, Z * C]``."""
     check_inputs(depth, feats, geom, lower, cell_size, grid)
-    if _use_kernel(depth):
+    if _dispatch.use_kernel(depth):
         return triton_kernels.bev_pool_forward(depth, feats, geom, lower, cell_size, grid,
                                                depth_logits)
     return bev_pool_reference(depth, feats, geom, lower, cell_size, grid, depth_logits)
@@ -77,7 +73,7 @@ def bev_pool_backward_op(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tenso
                          lower: List[float], cell_size: List[float], grid: List[int],
                          depth_logits: bool) -> Tuple[Tensor, Tensor]:
     """``(grad_depth, grad_feats)`` of :func:`bev_pool_op`."""
-    if _use_kernel(depth):
+    if _dispatch.use_kernel(depth):
         return triton_kernels.bev_pool_backward(grad, depth, feats, geom, lower, cell_size,
                                                 grid, depth_logits)
     return bev_pool_backward_reference(grad, depth, feats, geom, lower, cell_size, grid,

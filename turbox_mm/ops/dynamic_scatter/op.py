@@ -12,7 +12,7 @@ A coordinate too large for the kernel's packed keys (over 32767 with four column
 10^6 with three) runs the reference too, with a warning.
 """
 import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -26,9 +26,10 @@ except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
 
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
+_dispatch = dispatch.OpDispatch('dynamic_scatter', triton_kernels, 'torch.unique')
+#: Why the op would run the reference for a tensor rather than the kernel; None if not (the
+#: op's two further conditions, no points or a coordinate too large, are checked in the op).
+fallback_reason = _dispatch.fallback_reason
 
 
 @torch.library.custom_op('turbox_mm::dynamic_scatter', mutates_args=())
@@ -36,8 +37,7 @@ def dynamic_scatter_op(feats: Tensor, coors: Tensor,
                        reduce_type: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reduce point features into voxels (see :mod:`.reference`)."""
     check_inputs(feats, coors, reduce_type)
-    if feats.shape[0] and dispatch.use_kernel('dynamic_scatter', feats,
-                                              triton_kernels is not None, 'torch.unique'):
+    if feats.shape[0] and _dispatch.use_kernel(feats):
         result = triton_kernels.dynamic_scatter(feats, coors, reduce_type)
         if result is not None:
             return result

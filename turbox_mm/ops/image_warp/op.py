@@ -5,8 +5,6 @@ A ``torch.library.custom_op`` with a fake (shape-only) implementation, so that
 :mod:`.triton_kernels`; anything else runs :func:`.reference.warp_affine_u8_reference` and
 warns once (:mod:`turbox_mm.ops.dispatch`). No autograd: the images are integers.
 """
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -21,9 +19,9 @@ except ImportError:  # no Triton: the reference serves every device
 FACTORS = (1, 2, 4, 8)
 
 
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
+_dispatch = dispatch.OpDispatch('warp_affine_u8', triton_kernels, 'avg_pool2d + grid_sample')
+#: Why the op would run the reference for a tensor rather than the kernel; None if not.
+fallback_reason = _dispatch.fallback_reason
 
 
 def check_inputs(src: Tensor, params: Tensor, factor: int, out_h: int, out_w: int) -> None:
@@ -49,8 +47,7 @@ def warp_affine_u8_op(src: Tensor, params: Tensor, factor: int, out_h: int, out_
     """Block average, bilinear warp, valid box and channel order of uint8 images (see
     :mod:`.reference`): ``[K, 3, out_h, out_w]`` uint8."""
     check_inputs(src, params, factor, out_h, out_w)
-    if dispatch.use_kernel('warp_affine_u8', src, triton_kernels is not None,
-                           'avg_pool2d + grid_sample'):
+    if _dispatch.use_kernel(src):
         return triton_kernels.warp_affine_u8(src, params, factor, out_h, out_w,
                                              reverse_channels)
     return warp_affine_u8_reference(src, params, factor, (out_h, out_w), reverse_channels)

@@ -5,8 +5,6 @@ A ``torch.library.custom_op`` with a fake (shape-only) implementation, so that
 :mod:`.triton_kernels`; anything else runs :func:`.reference.photometric_normalize_reference`
 and warns once (:mod:`turbox_mm.ops.dispatch`). No autograd: it is a data transform.
 """
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -19,9 +17,10 @@ except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
 
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the op would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
+_dispatch = dispatch.OpDispatch('photometric_normalize', triton_kernels,
+                                'elementwise torch ops')
+#: Why the op would run the reference for a tensor rather than the kernel; None if not.
+fallback_reason = _dispatch.fallback_reason
 
 
 def check_inputs(imgs: Tensor, params: Tensor, mean: Tensor, std: Tensor) -> None:
@@ -45,8 +44,7 @@ def photometric_normalize_op(imgs: Tensor, params: Tensor, mean: Tensor, std: Te
     """Photometric distortion, channel reversal and normalisation (see :mod:`.reference`):
     ``[M, 3, H, W]`` float32."""
     check_inputs(imgs, params, mean, std)
-    if dispatch.use_kernel('photometric_normalize', imgs, triton_kernels is not None,
-                           'elementwise torch ops'):
+    if _dispatch.use_kernel(imgs):
         return triton_kernels.photometric_normalize(imgs, params, mean, std, saturation_clip,
                                                     reverse_channels, augment)
     return photometric_normalize_reference(imgs, params, mean, std, saturation_clip,

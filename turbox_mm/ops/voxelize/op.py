@@ -12,7 +12,7 @@ CUDA tensors with Triton run the kernels of :mod:`.triton_kernels`; anything els
 tensors, no Triton, ``TURBOX_OPS_REFERENCE=1``) runs :mod:`.reference` and warns once
 (:mod:`turbox_mm.ops.dispatch`). No autograd: voxelization has no gradient (mmcv's has none).
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,9 +27,10 @@ except ImportError:  # no Triton: the reference serves every device
     triton_kernels = None
 
 
-def fallback_reason(tensor: Tensor) -> Optional[str]:
-    """Why the ops would run the reference for ``tensor`` rather than the kernel; None if not."""
-    return dispatch.fallback_reason(tensor, triton_kernels is not None)
+#: Both ops' dispatch: one warning between them.
+_dispatch = dispatch.OpDispatch('voxelize', triton_kernels, 'sort-based torch ops')
+#: Why the ops would run the reference for a tensor rather than the kernel; None if not.
+fallback_reason = _dispatch.fallback_reason
 
 
 def check_points(points: Tensor, name: str = 'points') -> None:
@@ -67,8 +68,7 @@ def dynamic_voxelize_op(points: Tensor, voxel_size: List[float],
     """Each point's voxel ``(z, y, x)`` or ``(-1, -1, -1)``: ``[N, 3]`` int32."""
     check_points(points)
     grid = grid_shape(voxel_size, point_cloud_range)
-    if dispatch.use_kernel('voxelize', points, triton_kernels is not None,
-                           'sort-based torch ops'):
+    if _dispatch.use_kernel(points):
         return triton_kernels.dynamic_voxelize(points, voxel_size, point_cloud_range, grid)
     return voxel_coords_reference(points, voxel_size, point_cloud_range)
 
@@ -91,8 +91,7 @@ def hard_voxelize_op(points: Tensor, sample_sizes: List[int], voxel_size: List[f
     if points.shape[0] == 0:  # nothing to sort, nothing to synchronise on
         return (points.new_zeros(0, max_points, points.shape[1]),
                 points.new_zeros(0, 4, dtype=torch.int32), points.new_zeros(0, dtype=torch.int32))
-    if dispatch.use_kernel('voxelize', points, triton_kernels is not None,
-                           'sort-based torch ops'):
+    if _dispatch.use_kernel(points):
         return triton_kernels.hard_voxelize(points, sample_sizes, voxel_size, point_cloud_range,
                                             grid, max_points, max_voxels)
     return hard_voxelize_reference(points, sample_sizes, voxel_size, point_cloud_range,
