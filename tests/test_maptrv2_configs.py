@@ -82,6 +82,12 @@ def test_data_and_schedule_are_upstreams():
     assert (steps['LoadPointsFromFile'].load_dim, steps['LoadPointsFromFile'].use_dim) == (5, 5)
     assert steps['PointToMultiViewDepth'].downsample == 1
     assert steps['PadMultiViewImageDepth'].size_divisor == 32
+    # upstream's filter_empty_gt in training only
+    assert steps['LoadMapGT'].drop_empty
+    val_gt = [t for t in cfg.val_dataloader.dataset.pipeline if t['type'].endswith('LoadMapGT')]
+    assert not val_gt[0].get('drop_empty', False)
+    # upstream's v2 reads the map ground truth precomputed in its infos
+    assert steps['LoadMapGT'].impl == 'precomputed' and 'fallback' not in steps['LoadMapGT']
     raster = steps['RasterizeMapGT']
     assert raster.bev_size == (200, 100) and raster.patch_size == (60.0, 30.0)
     assert {k: raster[k] for k in AUX_SEG} == AUX_SEG
@@ -149,13 +155,18 @@ def test_configs_build(name):
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    """3 scenes (2 train, 1 val) of 3 frames with 320 x 180 images, lidar points and the map
-    expansion."""
+    """3 scenes (2 train, 1 val) of 3 frames with 320 x 180 images, lidar points, the map
+    expansion and the map ground truth precomputed into the infos (the map-gt step: the
+    configs read it with LoadMapGT(impl='precomputed'), as upstream's v2)."""
     from conftest import run_python
     root = str(tmp_path_factory.mktemp('maptrv2') / 'nuscenes') + '/'
     proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
                        '--frames', '3', '--image-size', '320x180', '--points', '1000',
                        '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(['tools/create_data.py', 'map-gt', root + 'nuscenes_infos_train.pkl',
+                       root + 'nuscenes_infos_val.pkl', '--data-root', root, '--workers', '1',
+                       '--no-progress'])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 

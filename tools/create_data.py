@@ -22,6 +22,11 @@ Examples:
     python tools/create_data.py nuscenes --root-path data/nuscenes --run --map-fields
     python tools/create_data.py map-fields data/nuscenes/nuscenes_infos_train.pkl \\
         data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
+    # ... and MapTR's map ground truth, precomputed (upstream's v2 reads it from its infos):
+    # every sample cut once with the reference vectoriser, stored as map_annotation (also
+    # after `synthetic`, whose infos do not carry it):
+    python tools/create_data.py map-gt data/nuscenes/nuscenes_infos_train.pkl \\
+        data/nuscenes/nuscenes_infos_val.pkl --data-root data/nuscenes --workers 8
 
 See docs/data.md for what is generated and how the configs find it.
 """
@@ -114,6 +119,30 @@ def parse_args(argv=None):
                       help='overwrite values that differ from the tables (else an error; '
                            'equal values are kept, so running the step twice changes nothing)')
 
+    mgt = sub.add_parser('map-gt',
+                         help="store MapTR's map ground truth in v2 info files: every "
+                              "sample's polylines cut with the reference vectoriser "
+                              "(upstream's VectorizedLocalMap, LoadMapGT impl='reference') "
+                              "as map_annotation, for LoadMapGT impl='precomputed'")
+    mgt.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
+    mgt.add_argument('--data-root', '--root-path', dest='data_root', default='data/nuscenes',
+                     help='nuScenes data root, holding maps/expansion/<location>.json')
+    mgt.add_argument('--patch-size', type=float, nargs=2, default=[60.0, 30.0],
+                     metavar=('PATCH_H', 'PATCH_W'),
+                     help="LoadMapGT's patch_size: metres along the lidar's y, then x axis "
+                          '(default: 60 30)')
+    mgt.add_argument('--classes', nargs='+', default=['divider', 'ped_crossing', 'boundary'],
+                     choices=['divider', 'ped_crossing', 'boundary'],
+                     help="LoadMapGT's map_classes, in order (default: divider ped_crossing "
+                          'boundary)')
+    mgt.add_argument('--force', action='store_true',
+                     help='cut and rewrite every sample (else samples that carry a '
+                          'map_annotation for the same classes and patch size are kept, and '
+                          'one for others is an error)')
+    mgt.add_argument('--workers', type=int, default=0,
+                     help='worker processes (0: one per CPU, 1: no pool)')
+    mgt.add_argument('--no-progress', action='store_true', help='no progress bar')
+
     chk = sub.add_parser('check', help="check info files (mmdet3d v2 format and the fields "
                                        "mmdet3d's nuScenes dataset reads) before reusing them")
     chk.add_argument('infos', nargs='+', help='.pkl info files')
@@ -205,6 +234,22 @@ def map_fields(args) -> int:
     return 0
 
 
+def map_gt(args) -> int:
+    """Exit status 2 with the named problem if the map ground truth cannot be stored, else
+    0."""
+    from turbox_mm.datasets.map_gt import MapAnnotationError, MapExpansionError
+    from turbox_mm.datasets.map_gt.precompute import format_results, precompute_map_gt
+    from turbox_mm.datasets.synthetic import InfoFileError
+    try:
+        results = precompute_map_gt(args.infos, args.data_root, args.patch_size, args.classes,
+                                    args.force, args.workers, progress=not args.no_progress)
+    except (MapAnnotationError, MapExpansionError, InfoFileError, OSError) as error:
+        print(f'create_data.py map-gt: {error}', file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
 def _converted_infos(args) -> list:
     """The train and val info files mmdet3d's converter writes (its test infos carry no
     instances)."""
@@ -250,7 +295,8 @@ def nuscenes(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check,
-            'instance-ids': instance_ids, 'map-fields': map_fields}[args.dataset](args)
+            'instance-ids': instance_ids, 'map-fields': map_fields,
+            'map-gt': map_gt}[args.dataset](args)
 
 
 if __name__ == '__main__':

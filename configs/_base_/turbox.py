@@ -48,7 +48,8 @@ turbox = dict(
     ops=dict(fast=True),
     # The camera pipeline's turbox twin: libjpeg-turbo scaled decoding and one affine warp per
     # image in the workers, uint8 to the GPU, photometric distortion and normalisation there
-    # (gpu_decode: the workers pass JPEG bytes, nvJPEG decodes).
+    # (gpu_decode: the workers pass JPEG bytes, nvJPEG decodes). MapTR's map ground truth is
+    # read precomputed from the infos (tools/create_data.py map-gt) where they carry it.
     # (point_loaders: mmdet3d's lidar loaders -> turbox twins, same points, files named on
     # error.)
     data=dict(fast_pipeline=True, gpu_decode=False, point_loaders=True),

@@ -19,8 +19,9 @@
 #
 # Data: nuScenes v2 infos with `can_bus`, `scene_token` and `map_location` (the synthetic
 # generator writes them; for real data: tools/create_data.py map-fields) and the map
-# expansion under $NUSCENES_ROOT/maps/expansion/. Upstream's v2 reads the map ground truth
-# precomputed into its infos; LoadMapGT cuts the same geometry from the map expansion.
+# expansion under $NUSCENES_ROOT/maps/expansion/, and the map ground truth precomputed into
+# the infos (`map_annotation`: tools/create_data.py map-gt, after `synthetic` too), as
+# upstream's v2 reads it precomputed from its infos.
 # The backbone starts from torchvision's ImageNet ResNet-50 file upstream names
 # (ckpts/resnet50-19c8e357.pth); tests switch it off (init_cfg=None).
 default_scope = 'mmdet3d'
@@ -123,7 +124,12 @@ model = dict(
 cameras = ['CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT',
            'CAM_BACK_RIGHT']
 data_prefix = dict(pts='samples/LIDAR_TOP', **{cam: f'samples/{cam}' for cam in cameras})
-map_gt = dict(type='turbox_mm.LoadMapGT', data_root=data_root, impl='reference',
+# Upstream's v2 reads the map ground truth precomputed in its infos (`annotation`, written by
+# tools/maptrv2/custom_nusc_map_converter.py with the same geometry code as v1's online cut):
+# 'precomputed' reads the reference's polylines that tools/create_data.py map-gt stored in
+# each sample (`map_annotation`; the same outputs as impl='reference' bit for bit), and a
+# sample without them is a KeyError naming the command.
+map_gt = dict(type='turbox_mm.LoadMapGT', data_root=data_root, impl='precomputed',
               patch_size=(point_cloud_range[4] - point_cloud_range[1],
                           point_cloud_range[3] - point_cloud_range[0]),
               map_classes=map_classes, fixed_num=fixed_ptsnum_per_gt_line,
@@ -141,7 +147,9 @@ train_pipeline = [
     dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=5),
     dict(type='turbox_mm.PointToMultiViewDepth', downsample=1, grid_config=grid_config),
     dict(type='turbox_mm.PadMultiViewImageDepth', size_divisor=32),
-    map_gt,
+    # upstream's filter_empty_gt: a training sample without map elements is replaced by
+    # another (mmengine's dataset re-draws when the pipeline returns None)
+    dict(map_gt, drop_empty=True),
     dict(type='turbox_mm.RasterizeMapGT', bev_size=(bev_h_, bev_w_),
          patch_size=(point_cloud_range[4] - point_cloud_range[1],
                      point_cloud_range[3] - point_cloud_range[0]), **aux_seg_cfg),
@@ -170,7 +178,7 @@ train_dataloader = dict(
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='DefaultSampler', shuffle=True),
-    # samples without boxes keep their map (upstream filters on the map, not the boxes)
+    # samples without boxes are kept (upstream filters on the map: LoadMapGT's drop_empty)
     dataset=dict(dataset_common, ann_file='nuscenes_infos_train.pkl', pipeline=train_pipeline,
                  test_mode=False, filter_empty_gt=False))
 val_dataloader = dict(

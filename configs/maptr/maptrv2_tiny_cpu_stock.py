@@ -8,6 +8,8 @@
 #
 #     python tools/create_data.py synthetic --out data/nuscenes_tiny --scenes 3 --frames 3 \
 #         --image-size 320x180 --points 1000 --sweeps 0 --val-scenes 1
+#     python tools/create_data.py map-gt data/nuscenes_tiny/nuscenes_infos_train.pkl \
+#         data/nuscenes_tiny/nuscenes_infos_val.pkl --data-root data/nuscenes_tiny
 #     NUSCENES_ROOT=data/nuscenes_tiny/ python tools/train.py \
 #         configs/maptr/maptrv2_tiny_cpu_stock.py
 _base_ = ['./maptrv2_nusc_r50_24ep_stock.py']
@@ -45,7 +47,8 @@ model = dict(
             ffn_cfg=dict(embed_dims=_dim_, feedforward_channels=_dim_ * 2))),
         bbox_coder=dict(max_num=num_vec)))
 
-map_gt = dict(type='turbox_mm.LoadMapGT', data_root=data_root, impl='reference',
+# the map ground truth precomputed in the infos, as the full config (map-gt, above)
+map_gt = dict(type='turbox_mm.LoadMapGT', data_root=data_root, impl='precomputed',
               patch_size=(60.0, 30.0), map_classes=map_classes, fixed_num=num_pts,
               padding_value=-10000)
 image_loader = dict(type='LoadMultiViewImageFromFiles', to_float32=True, num_views=6)
@@ -58,7 +61,9 @@ train_pipeline = [
     dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=5),
     dict(type='turbox_mm.PointToMultiViewDepth', downsample=1, grid_config=grid_config),
     dict(type='turbox_mm.PadMultiViewImageDepth', size_divisor=32),
-    map_gt,
+    # upstream's filter_empty_gt: a training sample without map elements is replaced by
+    # another (mmengine's dataset re-draws when the pipeline returns None)
+    dict(map_gt, drop_empty=True),
     dict(type='turbox_mm.RasterizeMapGT', bev_size=(bev_h_, bev_w_), patch_size=(60.0, 30.0),
          **aux_seg_cfg),
     dict(type='turbox_mm.PackMapTRInputs',

@@ -137,7 +137,9 @@ TURBOX_OPTIONS: Schema = {
             'the stock multi-view image pipeline becomes its turbox twin: libjpeg-turbo '
             'scaled decoding and one affine warp per image in the workers (uint8), '
             'photometric distortion and normalisation on the GPU '
-            '(turbox_mm.TurboxDet3DDataPreprocessor)'),
+            "(turbox_mm.TurboxDet3DDataPreprocessor); MapTR's LoadMapGT(impl='reference') "
+            "reads the polylines precomputed by tools/create_data.py map-gt "
+            "(impl='precomputed', the reference where the infos lack them)"),
         'gpu_decode': Option(
             False, (bool,),
             'with fast_pipeline: the workers pass the JPEG bytes and nvJPEG decodes on the GPU '
@@ -205,8 +207,10 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
     from .fast_ops import apply_fast_ops
     from .fast_pipeline import apply_fast_pipeline
     from .point_loaders import apply_point_loaders
+    from .precomputed_map_gt import apply_precomputed_map_gt
     changes += apply_fast_ops(cfg, options['ops'])
     changes += apply_fast_pipeline(cfg, options['data'])
+    changes += apply_precomputed_map_gt(cfg, options['data'])
     changes += apply_point_loaders(cfg, options['data'])
     changes += _apply_loop(cfg, options['loop'])
     changes += _apply_optim(cfg, options['optim'])
