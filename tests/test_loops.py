@@ -6,6 +6,8 @@ turbox runs of the smoke model give equal losses at every iteration and equal fi
 import logging
 import os
 import os.path as osp
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -507,3 +509,72 @@ def test_pipelined_iter_loop_leaves_the_generator_where_mmengines_loop_does():
     batches = turbox_loop._start_batches()
     assert torch.equal(torch.get_rng_state(), state)
     assert [b.tolist() for b in (next(batches), next(batches))] == [[0, 1], [2, 3]]
+
+
+def _alive_workers(iterator):
+    return [w for w in getattr(iterator, '_workers', []) if w.is_alive()]
+
+
+def test_shutdown_loader_workers_ends_a_persistent_loaders_workers():
+    """Persistent workers outlive the loop that drew from them (the loader keeps its
+    iterator); torch reaps them only at interpreter exit, one join timeout per worker. The
+    helper ends them at once and leaves the loader usable."""
+    from torch.utils.data import DataLoader
+
+    from turbox_mm.engine.loops.loader_shutdown import shutdown_loader_workers
+    loader = DataLoader(list(range(16)), batch_size=2, num_workers=2, persistent_workers=True)
+    iterator = iter(loader)
+    next(iterator)
+    assert len(_alive_workers(iterator)) == 2 and loader._iterator is iterator
+    assert shutdown_loader_workers(loader, iterator, iterator) == 1  # once, not twice
+    assert not _alive_workers(iterator) and loader._iterator is None
+    assert [b.tolist() for b in loader][:2] == [[0, 1], [2, 3]]  # fresh workers
+    shutdown_loader_workers(loader)
+    # an mmengine-style wrapper holding the iterator, and a loader without workers
+    wrapped = types.SimpleNamespace(_iterator=iter(loader))
+    assert shutdown_loader_workers(None, wrapped) == 1
+    assert shutdown_loader_workers(DataLoader([1, 2]), iter(DataLoader([1, 2]))) == 0
+
+
+@pytest.mark.parametrize('fail', [False, True])
+def test_pipelined_iter_loop_ends_its_loader_workers_with_training(fail):
+    """The pipelined loop shuts its persistent loader's workers down when it stops, also when
+    a step raises, instead of leaving them to the interpreter's exit."""
+    from mmengine.logging import MessageHub
+    from torch.utils.data import DataLoader
+
+    from turbox_mm.engine.loops.pipelined_iter_loop import PipelinedIterBasedTrainLoop
+
+    class Runner(_LoopRunner):
+        model = nn.Module()
+        val_loop = None
+        message_hub = MessageHub.get_instance('test_loader_shutdown')
+
+        def call_hook(self, *args, **kwargs):
+            pass
+
+    Runner.model.data_preprocessor = lambda data, training=False: data
+    loader = DataLoader(list(range(32)), batch_size=2, num_workers=2, persistent_workers=True)
+    loop = PipelinedIterBasedTrainLoop(Runner(), loader, max_iters=3)
+
+    def step(data_batch, ready=None):
+        if fail and loop._iter == 1:
+            raise RuntimeError('a step failed')
+        loop._iter += 1
+
+    loop.run_iter = step
+    seen = {}
+    real_iter = DataLoader.__iter__
+
+    def spy(self):
+        seen['iterator'] = real_iter(self)
+        return seen['iterator']
+
+    with mock.patch.object(DataLoader, '__iter__', spy):
+        if fail:
+            with pytest.raises(RuntimeError, match='a step failed'):
+                loop.run()
+        else:
+            loop.run()
+    assert seen['iterator']._workers and not _alive_workers(seen['iterator'])
+    assert loader._iterator is None

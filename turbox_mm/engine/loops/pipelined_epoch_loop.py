@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from turbox_mm.datasets.samplers.cyclic_batch_sampler import CyclicBatchSampler
 from turbox_mm.registry import LOOPS
 from .batch_prefetcher import BatchPrefetcher, ahead_context, flush_grad_norm
+from .loader_shutdown import shutdown_loader_workers
 
 
 @LOOPS.register_module()
@@ -92,6 +93,8 @@ class PipelinedEpochBasedTrainLoop(EpochBasedTrainLoop):
         finally:
             if self._prefetcher is not None:
                 self._prefetcher.close()
+            # the loader's workers end with training, not at interpreter exit
+            shutdown_loader_workers(self.dataloader, self._loader_iter)
             self._prefetcher = self._loader_iter = None
 
     def run_epoch(self) -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from turbox_mm.datasets.samplers.cyclic_batch_sampler import CyclicBatchSampler
 from turbox_mm.registry import LOOPS
 from .batch_prefetcher import BatchPrefetcher, ahead_context, flush_grad_norm
+from .loader_shutdown import shutdown_loader_workers
 
 
 def _draw_loader_seed_now(dataloader) -> None:
@@ -116,8 +117,8 @@ class PipelinedIterBasedTrainLoop(IterBasedTrainLoop):
         """Launch training."""
         self.runner.call_hook('before_train')
         self.runner.call_hook('before_train_epoch')
-        self._prefetcher = BatchPrefetcher(self._start_batches(), self.runner.model,
-                                           self.preprocess_ahead,
+        batches = self._start_batches()
+        self._prefetcher = BatchPrefetcher(batches, self.runner.model, self.preprocess_ahead,
                                            ahead_context(self.runner, self))
         try:
             while self._iter < self._max_iters and not self.stop_training:
@@ -132,6 +133,8 @@ class PipelinedIterBasedTrainLoop(IterBasedTrainLoop):
         finally:
             flush_grad_norm(self.runner)
             self._prefetcher.close()
+            # the loader's workers end with training, not at interpreter exit
+            shutdown_loader_workers(self.dataloader, batches)
         self.runner.call_hook('after_train_epoch')
         self.runner.call_hook('after_train')
         return self.runner.model
