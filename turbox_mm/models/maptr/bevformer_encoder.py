@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from .bev_points import point_sampling, reference_points_2d, reference_points_3d
+from .geometry import PC_RANGE
 from .scoped_build import build_scoped
-
-PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 
 
 @MODELS.register_module()

@@ -14,6 +14,9 @@ import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
 from torch import Tensor
 
+#: MapTR v1's point cloud range (``maptr_tiny_r50_24e``), the default of its modules.
+PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
+
 
 def _extent(pc_range: Sequence[float]) -> Tuple[float, float]:
     return pc_range[3] - pc_range[0], pc_range[4] - pc_range[1]

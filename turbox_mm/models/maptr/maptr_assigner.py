@@ -31,10 +31,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
-from .geometry import denormalize_2d_bbox, normalize_2d_bbox, normalize_2d_pts
+from .geometry import PC_RANGE, denormalize_2d_bbox, normalize_2d_bbox, normalize_2d_pts
 
 #: nuScenes MapTR's point-cloud range (x, y, z min, then max).
-PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 
 
 @TASK_UTILS.register_module()

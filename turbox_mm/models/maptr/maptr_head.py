@@ -60,11 +60,10 @@ from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from turbox_mm.utils.upload import upload
 from .custom_ms_deformable_attention import CustomMSDeformableAttention
-from .geometry import (denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox,
-                       normalize_2d_pts, pts_to_bbox)
+from .geometry import (PC_RANGE, denormalize_2d_bbox, denormalize_2d_pts,
+                       normalize_2d_bbox, normalize_2d_pts, pts_to_bbox)
 from .maptr_targets import turbox_losses
 
-PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 #: The loss keys of one decoder layer, in upstream's order.
 LOSS_KEYS = ('loss_cls', 'loss_bbox', 'loss_iou', 'loss_pts', 'loss_dir')
 GroundTruth = Tuple[Tensor, Tensor, Tensor]  # labels [G], bboxes [G, 4], shifts [G, O, P, 2]

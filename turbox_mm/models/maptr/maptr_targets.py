@@ -20,10 +20,10 @@ from upstream is upstream's own: scipy gets float64 copies of the float32 costs 
 """
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
-import numpy as np
 import torch
 from mmdet.utils import reduce_mean
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from turbox_mm.models.losses import focal_loss_like_mmdet
 from turbox_mm.models.sparse4d.matching import solve_batched, solve_host
@@ -61,22 +61,11 @@ class Targets(NamedTuple):
 
 def pad_ground_truth(gts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> PaddedGT:
     """Stack per-sample ``(labels [G], bboxes [G, 4], shifts [G, O, P, 2])`` (already on the
-    device) into a :class:`PaddedGT`."""
+    device) into a :class:`PaddedGT`, zero-padded to the largest ``G``."""
     counts = [int(labels.shape[0]) for labels, _, _ in gts]
-    g_max = max(counts) if counts else 0
-    labels, bboxes, shifts = gts[0]
-    pad = g_max - np.asarray(counts)
-
-    def stack(index: int, fill_shape: Tuple[int, ...], dtype) -> Tensor:
-        rows = []
-        for sample, extra in zip(gts, pad):
-            rows.append(torch.cat([sample[index].to(dtype),
-                                   sample[index].new_zeros((int(extra), ) + fill_shape,
-                                                           dtype=dtype)]))
-        return torch.stack(rows)
-
-    return PaddedGT(stack(0, (), torch.long), stack(1, (4, ), bboxes.dtype),
-                    stack(2, tuple(shifts.shape[1:]), shifts.dtype), counts)
+    labels, bboxes, shifts = (pad_sequence([gt[i] for gt in gts], batch_first=True)
+                              for i in range(3))
+    return PaddedGT(labels.long(), bboxes, shifts, counts)
 
 
 def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, PaddedGT]]
