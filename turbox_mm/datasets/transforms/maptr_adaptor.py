@@ -6,6 +6,7 @@ import numpy as np
 from mmcv.transforms import BaseTransform
 from pyquaternion import Quaternion
 
+from turbox_mm.datasets.sparse4d_dataset import camera_projections
 from turbox_mm.registry import TRANSFORMS
 
 
@@ -82,18 +83,13 @@ class NuScenesMapTRAdaptor(BaseTransform):
         if not images:
             raise KeyError(f'NuScenesMapTRAdaptor: sample {token} has no images (the dataset '
                            "needs modality=dict(use_camera=True))")
-        lidar2img, intrinsics, camera2ego = [], [], []
         for name, cam in images.items():
-            missing = [k for k in ('cam2img', 'lidar2cam', 'cam2ego') if k not in cam]
-            if missing:
-                raise KeyError(f'NuScenesMapTRAdaptor: sample {token}, camera {name} lacks '
-                               f'{missing}')
-            intrinsic = np.asarray(cam['cam2img'], dtype=np.float64)
-            viewpad = np.eye(4)
-            viewpad[:intrinsic.shape[0], :intrinsic.shape[1]] = intrinsic
-            intrinsics.append(viewpad)
-            lidar2img.append(viewpad @ np.asarray(cam['lidar2cam'], dtype=np.float64))
-            camera2ego.append(np.asarray(cam['cam2ego'], dtype=np.float64))
+            if 'cam2ego' not in cam:
+                raise KeyError(f"NuScenesMapTRAdaptor: sample {token}, camera {name} lacks "
+                               "['cam2ego']")
+        lidar2img, intrinsics = camera_projections(
+            images, where=f'NuScenesMapTRAdaptor: sample {token}')
+        camera2ego = [np.asarray(cam['cam2ego'], dtype=np.float64) for cam in images.values()]
         lidar2ego = np.asarray(results['lidar_points']['lidar2ego'], dtype=np.float64)
         ego2global = np.asarray(results['ego2global'], dtype=np.float64)
         results.update(
