@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 from turbox_mm.models.layers import TurboxSyncBatchNorm, convert_sync_batchnorm
 from turbox_mm.models.layers import sync_batchnorm as sbn
+from turbox_mm.models.layers import sync_batchnorm_triton as sbn_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -617,7 +618,7 @@ def triton_device(monkeypatch):
         return 'cuda'
     if os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('no GPU and TRITON_INTERPRET is not set')
-    monkeypatch.setattr(sbn, '_TRITON_ON_CPU', True)
+    monkeypatch.setattr(sbn_triton, '_TRITON_ON_CPU', True)
     return 'cpu'
 
 
@@ -673,18 +674,18 @@ def test_triton_finalize_matches_torch(triton_device, channels, mode):
 def test_triton_failure_falls_back_with_one_warning(triton_device, monkeypatch):
 
     class Broken:
-        fn = sbn._pack_kernel.fn
+        fn = sbn_triton._pack_kernel.fn
 
         def __getitem__(self, grid):
             raise RuntimeError('no compiler')
 
-    monkeypatch.setattr(sbn, '_pack_kernel', Broken())
-    monkeypatch.setattr(sbn, '_triton_failed', False)
+    monkeypatch.setattr(sbn_triton, '_pack_kernel', Broken())
+    monkeypatch.setattr(sbn_triton, '_triton_failed', False)
     mean = torch.randn(5, device=triton_device)
     invstd = torch.rand(5, device=triton_device) + 0.5
     with pytest.warns(UserWarning, match='_pack_kernel failed.*no compiler'):
         packed = sbn.pack_from_invstd(mean, invstd, 3)
-    assert sbn._triton_failed and not sbn._use_triton(mean)
+    assert sbn_triton._triton_failed and not sbn_triton._use_triton(mean)
     inv64 = invstd.double()
     assert_close(packed, sbn.pack_moments(mean, inv64.pow(-2), 3), rtol=1e-12, atol=0)
 
