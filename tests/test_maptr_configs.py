@@ -186,11 +186,13 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def _train_tiny(name, data_root, work_dir):
-    """``tools/train.py`` on the tiny config; the logged per-iteration losses."""
+def _train_tiny(name, data_root, work_dir, *options):
+    """``tools/train.py`` on the tiny config (``--cfg-options`` ``options``); the logged
+    per-iteration losses."""
     from conftest import run_python
-    proc = run_python(['tools/train.py', f'{TINY}_{name}.py', '--work-dir', str(work_dir)],
-                      env={'NUSCENES_ROOT': data_root}, timeout=900)
+    extra = ['--cfg-options', *options] if options else []
+    proc = run_python(['tools/train.py', f'{TINY}_{name}.py', '--work-dir', str(work_dir),
+                      *extra], env={'NUSCENES_ROOT': data_root}, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     losses = [float(v)
@@ -205,9 +207,17 @@ def _train_tiny(name, data_root, work_dir):
 def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_step(tiny_data,
                                                                              tmp_path):
     """Both tiny configs: 8 iterations with finite, falling loss, then the Chamfer mAP on the
-    synthetic val split; one seed, so turbox logs stock's first loss (turbox: batched
+    synthetic val split; one seed, so turbox with the stock image pipeline
+    (``turbox.data.fast_pipeline=False``) logs stock's first losses (turbox: batched
     matching, the cross-attention without rebatching, its ops' CPU references, the pipelined
-    loop; from the third step its fused AdamW rounds otherwise)."""
+    loop; from the third step its fused AdamW rounds otherwise). The default twin's image
+    pipeline (``LoadScaledMultiViewImagesTurbo``: 1/2 DCT-scaled decoding, photometric
+    distortion and normalisation in the data preprocessor, from a torch generator) changes
+    the pixels within interpolation tolerance (``tests/test_maptr_fast_pipeline.py``) and
+    the random draws, so its first losses stay close (measured: 0.34% off), not equal."""
     stock = _train_tiny('stock', tiny_data, tmp_path / 'stock')
+    same_pipeline = _train_tiny('turbox', tiny_data, tmp_path / 'turbox_stock_pipeline',
+                                'turbox.data.fast_pipeline=False')
+    assert same_pipeline[:2] == pytest.approx(stock[:2], rel=1e-5)
     turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
-    assert turbox[:2] == pytest.approx(stock[:2], rel=1e-5)
+    assert turbox[:2] == pytest.approx(stock[:2], rel=0.03)

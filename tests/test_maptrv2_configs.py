@@ -174,11 +174,13 @@ def tiny_data(tmp_path_factory):
 LOSS_KEYS = ('loss_depth', 'loss_seg', 'loss_pv_seg', 'loss_pts', 'loss_pts_one2many')
 
 
-def _train_tiny(name, data_root, work_dir):
-    """``tools/train.py`` on the tiny config; the logged per-iteration losses by key."""
+def _train_tiny(name, data_root, work_dir, *options):
+    """``tools/train.py`` on the tiny config (``--cfg-options`` ``options``); the logged
+    per-iteration losses by key."""
     from conftest import run_python
-    proc = run_python(['tools/train.py', f'{TINY}_{name}.py', '--work-dir', str(work_dir)],
-                      env={'NUSCENES_ROOT': data_root}, timeout=900)
+    extra = ['--cfg-options', *options] if options else []
+    proc = run_python(['tools/train.py', f'{TINY}_{name}.py', '--work-dir', str(work_dir),
+                      *extra], env={'NUSCENES_ROOT': data_root}, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     lines = re.findall(r'Iter\(train\) \[\d+/\d+\][^\n]*', log)
@@ -200,8 +202,18 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_steps(ti
     one-to-many losses, finite and falling, then the Chamfer mAP on the synthetic val split;
     one seed, so turbox logs stock's first epoch (3 iterations: the LSS encoder's turbox
     path with the sync-free depth loss and the pooling op's CPU reference, batched matching,
-    the pipelined loop; afterwards its cyclic loader orders the samples differently)."""
+    the pipelined loop; afterwards its cyclic loader orders the samples differently), with
+    the stock image pipeline (``turbox.data.fast_pipeline=False``). The default twin's image
+    pipeline (``LoadScaledMultiViewImagesTurbo``: 1/2 DCT-scaled decoding, photometric
+    distortion and normalisation in the data preprocessor, from a torch generator) changes
+    the pixels within interpolation tolerance (``tests/test_maptr_fast_pipeline.py``) and
+    the random draws, so its first losses stay close, not equal (measured: within 0.6% at
+    the first step; by the third, after two updates, up to 4%)."""
     stock = _train_tiny('stock', tiny_data, tmp_path / 'stock')
-    turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
+    same_pipeline = _train_tiny('turbox', tiny_data, tmp_path / 'turbox_stock_pipeline',
+                                'turbox.data.fast_pipeline=False')
     for key in ('loss', ) + LOSS_KEYS:
-        assert turbox[key][:3] == pytest.approx(stock[key][:3], rel=1e-4), key
+        assert same_pipeline[key][:3] == pytest.approx(stock[key][:3], rel=1e-4), key
+    turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
+    for key in ('loss', ) + LOSS_KEYS:  # before any update (then the gradients differ too)
+        assert turbox[key][0] == pytest.approx(stock[key][0], rel=0.03), key

@@ -16,6 +16,8 @@ from .image_aug_3d_turbo import ImageAug3DTurbo
 from .instance_name_filter import InstanceNameFilter
 from .load_map_gt import LoadMapGT
 from .load_multiview_images import LoadMultiViewImagesTurbo
+from .load_scaled_multiview_images_turbo import (LoadScaledMultiViewImagesTurbo,
+                                                 exact_decode_factor)
 from .load_points_checked import LoadPointsFromFileChecked
 from .load_points_fast import LoadPointsFromMultiSweepsFast
 from .maptr_adaptor import NuScenesMapTRAdaptor
@@ -38,7 +40,8 @@ __all__ = [
     'BEVLoadMultiViewImageFromFiles', 'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo',
     'CircleObjectRangeFilter', 'GridMask', 'ImageAug3D', 'InstanceNameFilter',
     'LoadMapGT',
-    'LoadMultiViewImagesTurbo', 'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
+    'LoadMultiViewImagesTurbo', 'LoadScaledMultiViewImagesTurbo', 'exact_decode_factor',
+    'LoadPointsFromFileChecked', 'LoadPointsFromMultiSweepsFast',
     'MultiScaleDepthMapGenerator', 'MultiViewAffineAug', 'NormalizeMultiviewImage',
     'PackJpegBytes', 'pack_jpeg_bytes', 'PhotoMetricDistortionMultiViewImage',
     'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor',

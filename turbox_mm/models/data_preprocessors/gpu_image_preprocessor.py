@@ -48,6 +48,11 @@ the stock code path. It adds three things:
    variable ``TURBOX_DECODE_BACKEND``) picks a backend explicitly; an explicit GPU backend
    that cannot run, or fails, raises instead of falling back.
 
+With ``refill_padding`` (MapTR's pipelines, ``turbox.data.fast_pipeline``), images that the
+pipeline padded as uint8 (``PadMultiViewImage``) get their padding, outside each camera's
+metainfo ``ori_shape``, set to that value after normalisation, where the stock pipeline pads
+the normalised images.
+
 Deferred data contract (per sample, as ``PackJpegBytes`` packs it; mmengine's
 ``pseudo_collate`` turns each key into a list over the batch, numpy arrays untouched, and
 ``cast_data`` leaves numpy arrays on the host, which is what nvJPEG wants)::
@@ -144,6 +149,12 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         op_impl (str): ``'turbox'`` voxelizes the batch in one call of turbox_mm's voxelize
             ops (hard and dynamic voxel types; :mod:`.fast_voxelize`); ``'stock'`` keeps
             mmcv's per-sample op. Defaults to 'stock'.
+        refill_padding (float, optional): The images come padded from the pipeline (MapTR's
+            ``PadMultiViewImage`` on uint8 images), where the stock pipeline pads after
+            normalising: pixels outside each image's unpadded size, the sample's metainfo
+            ``ori_shape`` (one ``(h, w[, c])`` per camera, or one for all, as
+            ``PadMultiViewImage`` records it), are set to this value after the
+            normalisation. Defaults to None (off).
         **kwargs: ``Det3DDataPreprocessor``'s arguments (``mean``, ``std``, ``bgr_to_rgb``,
             ``pad_size_divisor``, ``voxel``, ...).
 
@@ -158,8 +169,10 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
                                  saturation_clip=False, seed=None)
 
     def __init__(self, photometric: Optional[dict] = None, decode_backend: str = 'auto',
-                 op_impl: str = 'stock', **kwargs) -> None:
+                 op_impl: str = 'stock', refill_padding: Optional[float] = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.refill_padding = None if refill_padding is None else float(refill_padding)
         self._setup_fast_voxelize(op_impl, kwargs.get('voxel_layer'))
         self.photometric = self._check_photometric(photometric)
         if decode_backend not in DECODE_BACKENDS:
@@ -250,8 +263,10 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         else:
             raise TypeError('TurboxDet3DDataPreprocessor: inputs["img"] must be a tensor or a '
                             f'non-empty list of tensors, got {type(imgs).__name__}')
-        data['inputs']['imgs'] = batch_imgs
         data.setdefault('data_samples', None)
+        if self.refill_padding is not None:
+            self._refill_padding(batch_imgs, data['data_samples'])
+        data['inputs']['imgs'] = batch_imgs
         return data
 
     # -- images -------------------------------------------------------------------------------
@@ -345,6 +360,41 @@ class TurboxDet3DDataPreprocessor(FastVoxelizeMixin, Det3DDataPreprocessor):
         else:
             view.copy_(batch)
         return out
+
+    def _refill_padding(self, batch: Tensor, data_samples) -> None:
+        """Set the pipeline's padding (outside each image's ``ori_shape``) to
+        ``refill_padding``, in place: one fill per side where the whole batch shares a size."""
+        name = type(self).__name__
+        if data_samples is None or len(data_samples) != batch.shape[0]:
+            raise ValueError(f'{name}: refill_padding needs one data sample per image batch '
+                             'entry (their metainfo ori_shape is the unpadded size)')
+        views = batch.shape[1] if batch.dim() == 5 else 1
+        sizes = []
+        for sample in data_samples:
+            shape = sample.metainfo.get('ori_shape')
+            if shape is None:
+                raise KeyError(f'{name}: refill_padding needs ori_shape in the metainfo (the '
+                               'unpadded image sizes, as PadMultiViewImage records them)')
+            per_view = (list(shape) if shape and isinstance(shape[0], (tuple, list)) else
+                        [shape] * views)
+            if len(per_view) != views:
+                raise ValueError(f'{name}: ori_shape has {len(per_view)} shapes for {views} '
+                                 'views')
+            sizes.append([(int(s[0]), int(s[1])) for s in per_view])
+        height, width = batch.shape[-2:]
+        if any(h > height or w > width for row in sizes for h, w in row):
+            raise ValueError(f'{name}: ori_shape {sizes} exceeds the images ({height}, {width})')
+        value = self.refill_padding
+        if len({hw for row in sizes for hw in row}) == 1:
+            h, w = sizes[0][0]
+            batch[..., h:, :].fill_(value)
+            batch[..., :h, w:].fill_(value)
+            return
+        for b, row in enumerate(sizes):
+            for n, (h, w) in enumerate(row):
+                img = batch[b, n] if batch.dim() == 5 else batch[b]
+                img[..., h:, :].fill_(value)
+                img[..., :h, w:].fill_(value)
 
     # -- deferred decode ----------------------------------------------------------------------
 
