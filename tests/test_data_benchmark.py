@@ -99,3 +99,114 @@ def test_benchmark_tool_data_mode(tmp_path):
     assert 'turbox_gpu_decode' in proc.stdout and 'command: ' in proc.stdout
     report = json.load(open(tmp_path / 'data_sparse4d.json'))
     assert [r['pipeline'] for r in report['rows']] == list(PIPELINES)
+
+
+# -- maptr: MapTR v2's training pipeline and its turbox.data rewrite --------------------------
+
+@pytest.fixture(scope='module')
+def maptr_root(tmp_path_factory):
+    """Two scenes of 320x180 images, keyframe points, the map expansion and the map ground
+    truth precomputed into the infos (the map-gt step)."""
+    cache = str(tmp_path_factory.mktemp('data_bench_maptr'))
+    options = dict(scenes=2, frames=2, image_size=(320, 180), points=1500, sweeps=0,
+                   workers=1)
+    root = synthetic_data_root(cache_dir=cache, map_gt=True, **options)
+    assert root.endswith('_mapgt')
+    assert synthetic_data_root(cache_dir=cache, map_gt=True, **options) == root
+    return root
+
+
+@pytest.fixture(scope='module')
+def maptr_rows(maptr_root):
+    return measure_data_pipelines(maptr_root, 'maptr', num_workers_list=(0, ),
+                                  num_samples=3, gpu_device='cpu', gpu_iters=2)
+
+
+@pytest.mark.filterwarnings('ignore:turbox_mm.ops.photometric')
+def test_maptr_rows(maptr_rows):
+    from turbox_mm.benchmark.data import setting_pipelines
+    assert setting_pipelines('maptr') == ('stock', 'turbox')  # no gpu_decode for MapTR
+    assert [r['pipeline'] for r in maptr_rows] == ['stock', 'turbox']
+    stock, turbox = maptr_rows
+    for row in maptr_rows:
+        assert set(row) == ROW_FIELDS
+        assert row['setting'] == 'maptr' and row['batch_size'] == 4
+        assert row['image_hw'] == (180, 320) and row['final_dim'] == (96, 160)  # 0.5, padded
+        assert row['cpu_ms'] > 0 and row['cpu_ms_p20'] <= row['cpu_ms'] <= row['cpu_ms_p80']
+        assert set(row['samples_per_s']) == {0} and row['samples_per_s'][0] > 0
+        assert row['gpu_ms'] > 0 and row['gpu_device'] == 'cpu'
+        assert row['decode_backend'] is None
+        stages = row['cpu_ms_by_transform']
+        assert sum(stages.values()) == pytest.approx(row['cpu_ms_mean'], rel=1e-6)
+        assert {'NuScenesMapTRAdaptor', 'PointToMultiViewDepth', 'PadMultiViewImageDepth',
+                'LoadMapGT', 'RasterizeMapGT', 'PackMapTRInputs'} <= set(stages)
+    assert stock['dataset_len'] == turbox['dataset_len'] > 0
+    # the v2 config's camera pipeline and its rewrite (the checked point loader too)
+    assert {'LoadMultiViewImageFromFiles', 'RandomScaleImageMultiViewImage',
+            'PhotoMetricDistortionMultiViewImage', 'NormalizeMultiviewImage',
+            'LoadPointsFromFile'} <= set(stock['cpu_ms_by_transform'])
+    assert {'LoadScaledMultiViewImagesTurbo', 'LoadPointsFromFileChecked'} <= set(
+        turbox['cpu_ms_by_transform'])
+    assert not {'RandomScaleImageMultiViewImage', 'PhotoMetricDistortionMultiViewImage',
+                'NormalizeMultiviewImage'} & set(turbox['cpu_ms_by_transform'])
+    # the images only: uint8 against float32, the same padded shapes
+    assert set(stock['bytes_by_key']) == set(turbox['bytes_by_key']) == {'img'}
+    assert turbox['bytes_by_key']['img'] * 4 == stock['bytes_by_key']['img']
+    assert stock['bytes_by_key']['img'] == 6 * 3 * 96 * 160 * 4
+    table = format_data_rows(maptr_rows, title='data')
+    assert table.startswith('data\nmaptr: 6 cameras 320x180 -> 96x160, batch 4')
+    assert 'turbox_gpu_decode' in table and 'refuses gpu_decode for MapTR' in table
+
+
+def test_maptr_refuses_gpu_decode(maptr_root):
+    with pytest.raises(ValueError, match='maptr has no turbox_gpu_decode'):
+        measure_data_pipelines(maptr_root, 'maptr', pipelines=('stock', 'turbox_gpu_decode'),
+                               num_workers_list=(0, ), num_samples=1)
+
+
+def test_maptr_pipelines_see_the_same_samples_and_draws(maptr_root):
+    """The same samples (those with map elements), the same rescale draw and geometry, the
+    same depth, map and segmentation targets; the images uint8 against float32, and the
+    preprocessed batches of the same shape."""
+    from mmengine.dataset import pseudo_collate
+
+    import mmengine
+
+    from turbox_mm.benchmark.data_setup import build_preprocessors
+    stock, turbox = (build_dataset(maptr_root, 'maptr', p, seed=3) for p in ('stock', 'turbox'))
+    infos = mmengine.load(f'{maptr_root}/nuscenes_infos_train.pkl')['data_list']
+    nonempty = [i['token'] for i in infos if len(i['map_annotation']['labels'])]
+    assert len(stock) == len(turbox) == len(nonempty) > 0
+    batches = {}
+    for idx in range(len(stock)):
+        a, b = stock[idx], turbox[idx]
+        meta_a, meta_b = a['data_samples'].metainfo, b['data_samples'].metainfo
+        assert meta_a['token'] == meta_b['token'] == nonempty[idx]
+        assert meta_a['scale_factor'] == meta_b['scale_factor'] == 0.5
+        assert meta_a['img_shape'] == meta_b['img_shape'] == [(96, 160, 3)] * 6
+        np.testing.assert_allclose(np.stack(meta_b['lidar2img']), np.stack(meta_a['lidar2img']),
+                                   rtol=1e-9, atol=1e-6)
+        for field in ('gt_depth', 'gt_map_bev_seg', 'gt_map_pv_seg'):
+            assert torch.equal(torch.as_tensor(a['data_samples'].get(field)),
+                               torch.as_tensor(b['data_samples'].get(field))), field
+        gt_a, gt_b = a['data_samples'].gt_instances_3d, b['data_samples'].gt_instances_3d
+        assert gt_a.keys() == gt_b.keys() and len(gt_a) > 0
+        for key in gt_a.keys():
+            assert torch.equal(torch.as_tensor(np.asarray(gt_a[key])),
+                               torch.as_tensor(np.asarray(gt_b[key]))), key
+        assert a['inputs']['img'].dtype == torch.float32
+        assert b['inputs']['img'].dtype == torch.uint8
+        assert a['inputs']['img'].shape == b['inputs']['img'].shape == (6, 3, 96, 160)
+        batches.setdefault('stock', []).append(a)
+        batches.setdefault('turbox', []).append(b)
+    preprocessors = build_preprocessors('maptr', seed=0)
+    assert set(preprocessors) == {'stock', 'turbox'}
+    assert type(preprocessors['turbox']).__name__ == 'TurboxDet3DDataPreprocessor'
+    assert preprocessors['turbox'].photometric is not None
+    outs = {name: preprocessors[name](pseudo_collate(batches[name]), False)['inputs']['imgs']
+            for name in preprocessors}
+    assert outs['stock'].shape == outs['turbox'].shape == (len(stock), 6, 3, 96, 160)
+    assert outs['turbox'].dtype == torch.float32
+    # the padding (rows 90 on) is 0 in normalised units in both: the stock pipeline pads the
+    # normalised images, the turbox preprocessor refills it after normalising
+    assert (outs['stock'][..., 90:, :] == 0).all() and (outs['turbox'][..., 90:, :] == 0).all()

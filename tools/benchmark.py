@@ -31,6 +31,7 @@ loader workers, bytes per sample to the GPU and the GPU time of the moved work::
 
     python tools/benchmark.py --data sparse4d --workers 0 2 4 8
     python tools/benchmark.py --data bevfusion --data-root data/nuscenes_synth
+    python tools/benchmark.py --data maptr --workers 0 2 4   # MapTR v2 (no gpu_decode row)
 
 Op mode is the same for the ops of ``turbox_mm.ops`` (forward and forward+backward against
 the stock op or the PyTorch reference, at the stock configs' sizes)::
@@ -64,7 +65,7 @@ def parse_args(argv=None):
                         'all of turbox_mm.benchmark.micro)')
     parser.add_argument('--ops', nargs='*', metavar='NAME',
                         help='time turbox ops against the ops they replace (no NAME: all)')
-    parser.add_argument('--data', choices=['sparse4d', 'bevfusion'],
+    parser.add_argument('--data', choices=['sparse4d', 'bevfusion', 'maptr'],
                         help='time the stock and turbox input pipelines of a model setting')
     parser.add_argument('--workers', type=int, nargs='+', default=[0, 2, 4, 8],
                         help='data mode: loader worker counts to measure')

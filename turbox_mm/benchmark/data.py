@@ -10,9 +10,14 @@ On the synthetic nuScenes (:mod:`turbox_mm.datasets.synthetic`), mmdet3d's
   matrices; nvJPEG decodes and warps on the GPU.
 
 Settings (:mod:`turbox_mm.benchmark.data_setup`, which builds the pipelines, datasets and data
-preprocessors): ``sparse4d`` (Sparse4D v3's camera pipeline, batch 6) and ``bevfusion`` (the
+preprocessors): ``sparse4d`` (Sparse4D v3's camera pipeline, batch 6), ``bevfusion`` (the
 training pipeline and data preprocessor of the BEVFusion camera + lidar config, batch 4, and
-their ``turbox.data`` rewrite). Every pipeline sees the same samples and the same random draws.
+their ``turbox.data`` rewrite) and ``maptr`` (the same of MapTR v2's config, batch 4: images
+scaled by 0.5, photometric distortion, normalisation, depth targets, padding, the precomputed
+map ground truth and its rasterisation; ``stock`` and ``turbox`` only, the rewrite refuses
+``gpu_decode`` for MapTR). Every pipeline sees the same samples and the same random draws
+(MapTR's photometric draws aside: numpy's in the stock workers, a seeded torch generator on
+the device in turbox).
 
 What is measured (:func:`measure_data_pipelines`):
 
@@ -48,14 +53,16 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from turbox_mm.benchmark.data_setup import (CAMERAS, PIPELINES, SETTINGS, build_dataset,
+from turbox_mm.benchmark.data_setup import (CAMERAS, PIPELINES, SETTINGS,
+                                            UNSUPPORTED_PIPELINES, build_dataset,
                                             build_pipeline, build_preprocessors,
-                                            camera_image_hw, setting_values,
-                                            synthetic_data_root)
+                                            camera_image_hw, setting_pipelines, setting_values,
+                                            synthetic_data_root, synthetic_options)
 from turbox_mm.benchmark.timing import summarize_ms, warm_up_gpu
 
 __all__ = ['CAMERAS', 'PIPELINES', 'SETTINGS', 'build_dataset', 'build_pipeline',
-           'format_data_rows', 'loader_threads', 'measure_data_pipelines', 'synthetic_data_root']
+           'format_data_rows', 'loader_threads', 'measure_data_pipelines', 'setting_pipelines',
+           'synthetic_data_root']
 
 
 @contextlib.contextmanager
@@ -264,7 +271,7 @@ def measure_data_pipelines(data_root: Optional[str] = None,
                            num_workers_list: Sequence[int] = (0, 2, 4, 8),
                            num_samples: int = 24,
                            seed: int = 0,
-                           pipelines: Sequence[str] = PIPELINES,
+                           pipelines: Optional[Sequence[str]] = None,
                            gpu_device: Optional[str] = None,
                            gpu_iters: int = 20,
                            progress: bool = False) -> List[Dict]:
@@ -275,15 +282,19 @@ def measure_data_pipelines(data_root: Optional[str] = None,
 
     Args:
         data_root (str, optional): A nuScenes-format data root with
-            ``nuscenes_infos_train.pkl``. Defaults to a synthetic one of
-            :data:`DEFAULT_SYNTHETIC` made once by :func:`synthetic_data_root`.
-        setting (str): ``'sparse4d'`` or ``'bevfusion'``. Defaults to 'sparse4d'.
+            ``nuscenes_infos_train.pkl`` (maptr: with the map ground truth precomputed).
+            Defaults to a synthetic one of :data:`DEFAULT_SYNTHETIC` (maptr:
+            :data:`MAPTR_SYNTHETIC`) made once by :func:`synthetic_data_root`.
+        setting (str): ``'sparse4d'``, ``'bevfusion'`` or ``'maptr'``. Defaults to
+            'sparse4d'.
         num_workers_list (sequence[int]): DataLoader worker counts to measure samples/s at.
             Defaults to (0, 2, 4, 8).
         num_samples (int): Timed samples per CPU measurement; each rate is measured over at
             least as many samples. Defaults to 24.
         seed (int): Seed of the augmentation parameters and the sample order. Defaults to 0.
-        pipelines (sequence[str]): A subset of :data:`PIPELINES`. Defaults to all three.
+        pipelines (sequence[str], optional): A subset of the setting's pipelines
+            (:func:`setting_pipelines`: :data:`PIPELINES`, maptr without
+            ``turbox_gpu_decode``). Defaults to all of them.
         gpu_device (str, optional): Where to time the data preprocessors: ``'cuda'``,
             ``'cuda:N'``, or ``'cpu'`` (host wall time; for tests). Defaults to ``'cuda'``
             when available, else not measured.
@@ -313,16 +324,23 @@ def measure_data_pipelines(data_root: Optional[str] = None,
         ['stock', 'turbox', 'turbox_gpu_decode']
         >>> print(format_data_rows(rows))  # doctest: +SKIP
     """
-    unknown = [p for p in pipelines if p not in PIPELINES]
+    valid = setting_pipelines(setting)
+    if pipelines is None:
+        pipelines = valid
+    unsupported = UNSUPPORTED_PIPELINES.get(setting, {})
+    for name in pipelines:
+        if name in unsupported:
+            raise ValueError(f'{setting} has no {name} pipeline: {unsupported[name]}')
+    unknown = [p for p in pipelines if p not in valid]
     if unknown or not pipelines:
-        raise ValueError(f'pipelines must be a non-empty subset of {PIPELINES}, got '
+        raise ValueError(f'pipelines must be a non-empty subset of {valid}, got '
                          f'{list(pipelines)}')
     if num_samples < 1:
         raise ValueError(f'num_samples must be >= 1, got {num_samples}')
     if any(n < 0 for n in num_workers_list):
         raise ValueError(f'num_workers must be >= 0, got {list(num_workers_list)}')
     if data_root is None:
-        data_root = synthetic_data_root(progress=progress)
+        data_root = synthetic_data_root(progress=progress, **synthetic_options(setting))
     image_hw = camera_image_hw(data_root)
     cfg = setting_values(setting, image_hw)
     batch_size = cfg['batch_size']
@@ -397,6 +415,13 @@ _PIPELINE_NOTES = {
     'turbox': 'libjpeg-turbo scaled decode + one warp, uint8 to the GPU',
     'turbox_gpu_decode': 'JPEG bytes + warps to the GPU, nvJPEG decode there',
 }
+# Where a setting's pipelines do other work than the notes above say.
+_SETTING_NOTES = {
+    'maptr': {
+        'stock': 'upstream loader + cv2 0.5 rescale, photometric, normalise; float32 to the GPU',
+        'turbox': 'libjpeg-turbo 1/2 DCT decode, uint8 to the GPU; photometric + normalise there',
+    },
+}
 
 
 def format_data_rows(rows: List[Dict], title: str = '') -> str:
@@ -430,7 +455,8 @@ def format_data_rows(rows: List[Dict], title: str = '') -> str:
         table = [header]
         for r in block:
             ratio = f'{r["cpu_vs_stock"]:.2f}x' if r['cpu_vs_stock'] else 'n/a'
-            note = _PIPELINE_NOTES[r['pipeline']]
+            notes = _SETTING_NOTES.get(setting, {})
+            note = notes.get(r['pipeline'], _PIPELINE_NOTES[r['pipeline']])
             if r['decode_backend']:
                 note += f' ({r["decode_backend"]})'
             table.append(
@@ -439,11 +465,17 @@ def format_data_rows(rows: List[Dict], title: str = '') -> str:
                 + [_fmt(r['samples_per_s'].get(n), '.1f') for n in workers]
                 + [f'{r["bytes_to_gpu"] / 1e6:.2f}', _fmt(r['gpu_ms'], '.3f'),
                    _fmt(r['gpu_host_ms'], '.3f'), note])
+        unsupported = UNSUPPORTED_PIPELINES.get(setting, {})
+        for name in unsupported:
+            table.append([name, 'n/a', 'n/a'] + ['n/a'] * len(workers)
+                         + ['n/a', 'n/a', 'n/a', f'not run: no {name} for {setting}'])
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for i, row in enumerate(table):
             lines.append('  '.join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip())
             if i == 0:
                 lines.append('  '.join('-' * wd for wd in widths))
+        for name, why in unsupported.items():
+            lines.append(f'({name} not run: {why})')
         lines.append('CPU ms/sample by transform (mean):')
         for r in block:
             stages = ', '.join(f'{k} {v:.1f}' for k, v in r['cpu_ms_by_transform'].items())
