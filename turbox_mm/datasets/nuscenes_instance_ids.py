@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .nuscenes_tables import (VERSIONS, check_version, load_info_files, read_table,
-                              write_info_file)
+                              step_command, write_info_file)
 
 __all__ = ['VERSIONS', 'TABLES', 'InstanceIdError', 'AnnotationTables', 'load_tables',
            'instance_ids_of', 'add_instance_ids', 'format_results', 'command_line']
@@ -56,8 +56,7 @@ def command_line(info_files: Sequence[str] = ('<data_root>/nuscenes_infos_train.
         >>> print(command_line(['data/nuscenes/nuscenes_infos_train.pkl'], 'data/nuscenes'))
         python tools/create_data.py instance-ids data/nuscenes/nuscenes_infos_train.pkl --root-path data/nuscenes
     """  # noqa: E501
-    line = f'python tools/create_data.py instance-ids {" ".join(info_files)} --root-path {root}'
-    return line + (f' --version {version}' if version else '')
+    return step_command('instance-ids', info_files, root, version)
 
 
 @dataclass

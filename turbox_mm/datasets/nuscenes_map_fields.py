@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .nuscenes_tables import (NuScenesTableError, check_version, load_info_files, read_table,
-                              write_info_file)
+                              step_command, write_info_file)
 
 __all__ = ['FIELDS', 'TABLES', 'CAN_BLACKLIST', 'MapFieldsError', 'SceneTables',
            'load_scene_tables', 'find_can_bus', 'CanBusPoses', 'can_bus_from_poses',
@@ -93,8 +93,7 @@ def command_line(info_files: Sequence[str] = ('<data_root>/nuscenes_infos_train.
         >>> print(command_line(['data/nuscenes/nuscenes_infos_val.pkl'], 'data/nuscenes'))
         python tools/create_data.py map-fields data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
     """  # noqa: E501
-    line = f'python tools/create_data.py map-fields {" ".join(info_files)} --root-path {root}'
-    return line + (f' --version {version}' if version else '')
+    return step_command('map-fields', info_files, root, version)
 
 
 @dataclass

@@ -46,6 +46,19 @@ class MissingTableError(NuScenesTableError, FileNotFoundError):
     ``FileNotFoundError``)."""
 
 
+def step_command(step: str, info_files: Sequence[str], root: str,
+                 version: Optional[str] = None) -> str:
+    """The ``tools/create_data.py <step>`` command line of an info-rewriting step that reads
+    the nuScenes tables (``instance-ids``, ``map-fields``).
+
+    Examples:
+        >>> step_command('map-fields', ['a.pkl', 'b.pkl'], 'data/nuscenes', 'v1.0-mini')
+        'python tools/create_data.py map-fields a.pkl b.pkl --root-path data/nuscenes --version v1.0-mini'
+    """  # noqa: E501
+    line = f'python tools/create_data.py {step} {" ".join(info_files)} --root-path {root}'
+    return line + (f' --version {version}' if version else '')
+
+
 def check_version(version: str, error: Type[Exception] = NuScenesTableError) -> str:
     """``version`` if it is one of :data:`VERSIONS`, else ``error`` naming them."""
     if version not in VERSIONS:
