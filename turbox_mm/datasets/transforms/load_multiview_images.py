@@ -326,6 +326,17 @@ class LoadMultiViewImagesTurbo(BaseTransform):
                 return d
         return 1
 
+    @staticmethod
+    def _camera_lists(results: Dict) -> Tuple[List[str], List[str]]:
+        """``(image paths, camera names)`` in the info's camera order; writes mmdet3d's
+        ``filename``, ``cam2img``, ``lidar2cam`` and ``ori_cam2img`` into ``results``."""
+        items = list(results['images'].items())
+        results['filename'] = [item['img_path'] for _, item in items]
+        results['cam2img'] = [item['cam2img'] for _, item in items]
+        results['lidar2cam'] = [item['lidar2cam'] for _, item in items]
+        results['ori_cam2img'] = copy.deepcopy(results['cam2img'])
+        return results['filename'], [cam for cam, _ in items]
+
     def transform(self, results: Dict) -> Dict:
         """Read (and decode) every camera's image.
 
@@ -336,17 +347,7 @@ class LoadMultiViewImagesTurbo(BaseTransform):
         Returns:
             dict: ``results`` with the keys described in the class docstring.
         """
-        filename, cam2img, lidar2cam, cams = [], [], [], []
-        for cam, cam_item in results['images'].items():
-            cams.append(cam)
-            filename.append(cam_item['img_path'])
-            cam2img.append(cam_item['cam2img'])
-            lidar2cam.append(cam_item['lidar2cam'])
-        results['filename'] = filename
-        results['cam2img'] = cam2img
-        results['lidar2cam'] = lidar2cam
-        results['ori_cam2img'] = copy.deepcopy(results['cam2img'])
-
+        filename, cams = self._camera_lists(results)
         datas = [self._read(path, cam, results) for path, cam in zip(filename, cams)]
         if self.decode_on == 'gpu':
             return self._deferred(results, datas, filename, cams)

@@ -1,6 +1,5 @@
 """``LoadScaledMultiViewImagesTurbo``: MapTR's image loading and rescale in one step, uint8,
 decoded by libjpeg-turbo straight at the drawn scale where that is exact."""
-import copy
 from typing import Dict, List, Sequence, Tuple
 
 import mmcv
@@ -136,17 +135,7 @@ class LoadScaledMultiViewImagesTurbo(LoadMultiViewImagesTurbo):
         """
         # The stock rescale's draw, first: the decode scale depends on it.
         scale = self.scales[np.random.permutation(len(self.scales))[0]]
-        filename, cam2img, lidar2cam, cams = [], [], [], []
-        for cam, cam_item in results['images'].items():
-            cams.append(cam)
-            filename.append(cam_item['img_path'])
-            cam2img.append(cam_item['cam2img'])
-            lidar2cam.append(cam_item['lidar2cam'])
-        results['filename'] = filename
-        results['cam2img'] = cam2img
-        results['lidar2cam'] = lidar2cam
-        results['ori_cam2img'] = copy.deepcopy(results['cam2img'])
-
+        filename, cams = self._camera_lists(results)
         datas = [self._read(path, cam, results) for path, cam in zip(filename, cams)]
         infos = [self._info(data, path, cam, results)
                  for data, path, cam in zip(datas, filename, cams)]
