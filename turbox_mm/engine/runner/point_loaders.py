@@ -18,7 +18,7 @@ from typing import Dict, List
 
 from mmengine.config import Config
 
-from .turbox_options import DATALOADER_KEYS, config_dicts
+from .turbox_options import dataset_type_nodes
 
 TWINS = {
     'LoadPointsFromFile': 'turbox_mm.LoadPointsFromFileChecked',
@@ -49,16 +49,9 @@ def apply_point_loaders(cfg: Config, opts: Dict) -> List[str]:
     except ImportError:  # no mmdet3d: no mmdet3d loaders to swap
         return []
     changes: List[str] = []
-    for key in DATALOADER_KEYS:
-        loader = cfg.get(key)
-        if not (isinstance(loader, dict) and isinstance(loader.get('dataset'), dict)):
-            continue
-        for path, node in config_dicts(loader['dataset'], f'{key}.dataset'):
-            type_name = node.get('type')
-            if not isinstance(type_name, str):
-                continue
-            scope, _, name = type_name.rpartition('.')
-            if scope in ('', 'mmdet3d') and name in TWINS and _is_mmdet3d_original(name):
-                node['type'] = TWINS[name]
-                changes.append(f'{path} = {TWINS[name]} (was {type_name})')
+    for path, node, scope, name in dataset_type_nodes(cfg):
+        if scope in ('', 'mmdet3d') and name in TWINS and _is_mmdet3d_original(name):
+            type_name = node['type']
+            node['type'] = TWINS[name]
+            changes.append(f'{path} = {TWINS[name]} (was {type_name})')
     return changes

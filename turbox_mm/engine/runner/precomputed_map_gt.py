@@ -24,7 +24,7 @@ from typing import Dict, List
 
 from mmengine.config import Config
 
-from .turbox_options import DATALOADER_KEYS, config_dicts
+from .turbox_options import dataset_type_nodes
 
 TRANSFORM = 'LoadMapGT'
 
@@ -43,23 +43,15 @@ def apply_precomputed_map_gt(cfg: Config, opts: Dict) -> List[str]:
     if not opts['fast_pipeline']:
         return []
     changes: List[str] = []
-    for key in DATALOADER_KEYS:
-        loader = cfg.get(key)
-        if not (isinstance(loader, dict) and isinstance(loader.get('dataset'), dict)):
+    for path, node, scope, name in dataset_type_nodes(cfg):
+        if scope not in ('', 'turbox_mm') or name != TRANSFORM:
             continue
-        for path, node in config_dicts(loader['dataset'], f'{key}.dataset'):
-            type_name = node.get('type')
-            if not isinstance(type_name, str):
-                continue
-            scope, _, name = type_name.rpartition('.')
-            if scope not in ('', 'turbox_mm') or name != TRANSFORM:
-                continue
-            if node.get('impl', 'fast') != 'reference':
-                continue
-            node['impl'] = 'precomputed'
-            node['fallback'] = 'reference'
-            changes.append(f"{path}: {type_name}(impl='reference') -> impl='precomputed', "
-                           "fallback='reference' (the polylines tools/create_data.py map-gt "
-                           'stored, the same as the reference\'s; samples without them cut '
-                           'with the reference, warned)')
+        if node.get('impl', 'fast') != 'reference':
+            continue
+        node['impl'] = 'precomputed'
+        node['fallback'] = 'reference'
+        changes.append(f"{path}: {node['type']}(impl='reference') -> impl='precomputed', "
+                       "fallback='reference' (the polylines tools/create_data.py map-gt "
+                       'stored, the same as the reference\'s; samples without them cut '
+                       'with the reference, warned)')
     return changes

@@ -283,6 +283,21 @@ def config_dicts(node, path: str):
             yield from config_dicts(value, f'{path}[{i}]')
 
 
+def dataset_type_nodes(cfg: Config):
+    """Every typed dict inside the datasets of the config's train, val and test loaders
+    (pipelines, wrapped datasets): ``(path, node, scope, name)`` with ``node['type']`` split
+    at its last dot (``scope`` is ``''`` without one); parents before their children."""
+    for key in DATALOADER_KEYS:
+        loader = cfg.get(key)
+        if not (isinstance(loader, dict) and isinstance(loader.get('dataset'), dict)):
+            continue
+        for path, node in config_dicts(loader['dataset'], f'{key}.dataset'):
+            type_name = node.get('type')
+            if isinstance(type_name, str):
+                scope, _, name = type_name.rpartition('.')
+                yield path, node, scope, name
+
+
 def _short(type_name) -> str:
     """'mmengine.DefaultSampler' -> 'DefaultSampler' (scope prefixes do not matter here)."""
     return type_name.split('.')[-1] if isinstance(type_name, str) else ''
