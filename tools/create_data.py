@@ -42,6 +42,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def _table_step(sub, name: str, help_text: str, tables: str):
+    """A sub-command that rewrites v2 info files from the nuScenes tables: its ``infos``,
+    ``--root-path`` and ``--version`` arguments (the caller adds ``--force`` and the rest)."""
+    step = sub.add_parser(name, help=help_text)
+    step.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
+    step.add_argument('--root-path', default='data/nuscenes',
+                      help=f'nuScenes data root, holding <version>/{tables}')
+    step.add_argument('--version', default=None,
+                      help="the tables' version, v1.0-trainval, v1.0-test or v1.0-mini "
+                           "(default: the infos' metainfo.version)")
+    return step
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Create datasets and info files')
     sub = parser.add_subparsers(dest='dataset', required=True)
@@ -84,32 +97,18 @@ def parse_args(argv=None):
                           'and val infos (the map-fields step, with the CAN bus expansion at '
                           'its default place)')
 
-    ids = sub.add_parser('instance-ids',
-                         help='add instances[k].instance_id (the row of the annotation\'s '
-                              'instance in instance.json) to v2 info files, from the nuScenes '
-                              'tables')
-    ids.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
-    ids.add_argument('--root-path', default='data/nuscenes',
-                     help='nuScenes data root, holding <version>/sample.json, '
-                          'sample_annotation.json and instance.json')
-    ids.add_argument('--version', default=None,
-                     help="the tables' version, v1.0-trainval, v1.0-test or v1.0-mini "
-                          "(default: the infos' metainfo.version)")
+    ids = _table_step(sub, 'instance-ids',
+                      'add instances[k].instance_id (the row of the annotation\'s instance in '
+                      'instance.json) to v2 info files, from the nuScenes tables',
+                      'sample.json, sample_annotation.json and instance.json')
     ids.add_argument('--force', action='store_true',
                      help='overwrite ids that differ from the tables (else an error; equal '
                           'ids are kept, so running the step twice changes nothing)')
 
-    maps = sub.add_parser('map-fields',
-                          help="add MapTR's scene_token, map_location (the scene's log "
-                               'location) and can_bus (from the CAN bus expansion) to v2 info '
-                               'files, from the nuScenes tables')
-    maps.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
-    maps.add_argument('--root-path', default='data/nuscenes',
-                      help='nuScenes data root, holding <version>/sample.json, scene.json and '
-                           'log.json')
-    maps.add_argument('--version', default=None,
-                      help="the tables' version, v1.0-trainval, v1.0-test or v1.0-mini "
-                           "(default: the infos' metainfo.version)")
+    maps = _table_step(sub, 'map-fields',
+                       "add MapTR's scene_token, map_location (the scene's log location) and "
+                       'can_bus (from the CAN bus expansion) to v2 info files, from the '
+                       'nuScenes tables', 'sample.json, scene.json and log.json')
     maps.add_argument('--can-bus-root', default=None,
                       help='the folder holding can_bus/ (upstream\'s --canbus; default: '
                            '<root-path>/can_bus, then can_bus next to <root-path>); without '
