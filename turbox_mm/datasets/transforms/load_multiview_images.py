@@ -326,6 +326,23 @@ class LoadMultiViewImagesTurbo(BaseTransform):
                 return d
         return 1
 
+    def _decode_cameras(self, datas: List, filename: List[str], cams: List[str], factor: int,
+                        results: Dict) -> Tuple[List[np.ndarray], List[tuple], tuple]:
+        """Decode every camera at ``1 / factor``: the images, their source shapes and the
+        largest source ``(h, w)``; cameras decoding to different channel counts are an error
+        naming the sample."""
+        imgs, src_shapes = [], []
+        for data, path, cam in zip(datas, filename, cams):
+            img, src_shape = self._decode(data, factor, path, cam, results)
+            imgs.append(img)
+            src_shapes.append(src_shape)
+        if len({img.shape[2:] for img in imgs}) > 1:
+            raise ValueError(f'{type(self).__name__}: the cameras of sample '
+                             f'{results.get("sample_idx")} decode to different numbers of '
+                             f'channels: {[img.shape for img in imgs]}')
+        full_shape = tuple(int(v) for v in np.max([s[:2] for s in src_shapes], axis=0))
+        return imgs, src_shapes, full_shape
+
     @staticmethod
     def _camera_lists(results: Dict) -> Tuple[List[str], List[str]]:
         """``(image paths, camera names)`` in the info's camera order; writes mmdet3d's
@@ -353,16 +370,8 @@ class LoadMultiViewImagesTurbo(BaseTransform):
             return self._deferred(results, datas, filename, cams)
 
         factor = self.decode_factor(results)
-        imgs, src_shapes = [], []
-        for data, path, cam in zip(datas, filename, cams):
-            img, src_shape = self._decode(data, factor, path, cam, results)
-            imgs.append(img)
-            src_shapes.append(src_shape)
-        if len({img.shape[2:] for img in imgs}) > 1:
-            raise ValueError(f'{type(self).__name__}: the cameras of sample '
-                             f'{results.get("sample_idx")} decode to different numbers of '
-                             f'channels: {[img.shape for img in imgs]}')
-        full_shape = tuple(int(v) for v in np.max([s[:2] for s in src_shapes], axis=0))
+        imgs, src_shapes, full_shape = self._decode_cameras(datas, filename, cams, factor,
+                                                            results)
         if len({img.shape for img in imgs}) > 1:  # as stock: pad to the largest
             pad = tuple(int(v) for v in np.max([img.shape[:2] for img in imgs], axis=0))
             imgs = [mmcv.impad(img, shape=pad, pad_val=0) for img in imgs]

@@ -7,6 +7,7 @@ import numpy as np
 
 from turbox_mm.registry import TRANSFORMS
 from .load_multiview_images import LoadMultiViewImagesTurbo
+from .random_scale_multiview_image import rescale_geometry
 
 
 def exact_decode_factor(shapes: Sequence[Tuple[int, int]], scale: float,
@@ -143,23 +144,15 @@ class LoadScaledMultiViewImagesTurbo(LoadMultiViewImagesTurbo):
         if self.scaled_decode and all(info is not None for info in infos):
             factor = exact_decode_factor([info[:2] for info in infos], scale,
                                          self.max_decode_factor)
-        imgs, src_shapes = [], []
-        for data, path, cam in zip(datas, filename, cams):
-            img, src_shape = self._decode(data, factor, path, cam, results)
-            imgs.append(img)
-            src_shapes.append(src_shape)
-        if len({img.shape[2:] for img in imgs}) > 1:
-            raise ValueError(f'{type(self).__name__}: the cameras of sample '
-                             f'{results.get("sample_idx")} decode to different numbers of '
-                             f'channels: {[img.shape for img in imgs]}')
-        full_shape = tuple(int(v) for v in np.max([s[:2] for s in src_shapes], axis=0))
+        imgs, src_shapes, full_shape = self._decode_cameras(datas, filename, cams, factor,
+                                                            results)
         if factor == 1:
             imgs = self._resize(imgs, scale)
         results['img'] = imgs
         channels = imgs[0].shape[2] if imgs[0].ndim == 3 else None
         self._set_common(results, channels, full_shape, 1, src_shapes)
         results['img_decode_scale'] = 1
-        self._rescale_geometry(results, scale)
+        rescale_geometry(results, scale)
         return results
 
     @staticmethod
@@ -176,18 +169,6 @@ class LoadScaledMultiViewImagesTurbo(LoadMultiViewImagesTurbo):
                 resized = resized[..., None]
             out.append(resized)
         return out
-
-    @staticmethod
-    def _rescale_geometry(results: Dict, scale: float) -> None:
-        """``RandomScaleImageMultiViewImage``'s bookkeeping, the same arithmetic."""
-        matrix = np.eye(4)
-        matrix[0, 0] = matrix[1, 1] = scale
-        results['lidar2img'] = [matrix @ m for m in results['lidar2img']]
-        if 'img_aug_matrix' in results:
-            results['img_aug_matrix'] = [matrix @ m for m in results['img_aug_matrix']]
-        results['img_shape'] = [img.shape for img in results['img']]
-        results['ori_shape'] = [img.shape for img in results['img']]
-        results['scale_factor'] = scale
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(scales={self.scales}, color_type={self.color_type!r}, '

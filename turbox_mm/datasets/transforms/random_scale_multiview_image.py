@@ -10,6 +10,20 @@ from turbox_mm.registry import TRANSFORMS
 from .normalize_multiview_image import image_list
 
 
+def rescale_geometry(results: Dict, scale: float) -> None:
+    """The bookkeeping of a rescale of ``results['img']`` (already resized) by ``scale``:
+    ``lidar2img`` and ``img_aug_matrix`` (when present) left-multiplied by ``diag(s, s, 1,
+    1)``, ``img_shape`` and ``ori_shape`` the images' shapes, ``scale_factor``."""
+    matrix = np.eye(4)
+    matrix[0, 0] = matrix[1, 1] = scale
+    results['lidar2img'] = [matrix @ m for m in results['lidar2img']]
+    if 'img_aug_matrix' in results:
+        results['img_aug_matrix'] = [matrix @ m for m in results['img_aug_matrix']]
+    results['img_shape'] = [img.shape for img in results['img']]
+    results['ori_shape'] = [img.shape for img in results['img']]
+    results['scale_factor'] = scale
+
+
 @TRANSFORMS.register_module()
 class RandomScaleImageMultiViewImage(BaseTransform):
     """Resize every camera image by one scale drawn from ``scales`` (MapTR's v1 pipeline
@@ -44,17 +58,10 @@ class RandomScaleImageMultiViewImage(BaseTransform):
     def transform(self, results: Dict) -> Dict:
         imgs = image_list(results, type(self).__name__)
         scale = self.scales[np.random.permutation(len(self.scales))[0]]
-        matrix = np.eye(4)
-        matrix[0, 0] = matrix[1, 1] = scale
         results['img'] = [
             mmcv.imresize(img, (int(img.shape[1] * scale), int(img.shape[0] * scale)),
                           return_scale=False) for img in imgs]
-        results['lidar2img'] = [matrix @ m for m in results['lidar2img']]
-        if 'img_aug_matrix' in results:
-            results['img_aug_matrix'] = [matrix @ m for m in results['img_aug_matrix']]
-        results['img_shape'] = [img.shape for img in results['img']]
-        results['ori_shape'] = [img.shape for img in results['img']]
-        results['scale_factor'] = scale
+        rescale_geometry(results, scale)
         return results
 
     def __repr__(self) -> str:
