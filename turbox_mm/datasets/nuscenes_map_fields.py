@@ -140,21 +140,22 @@ def load_scene_tables(root: str, version: str, can_bus: bool = False) -> SceneTa
 
     samples, scenes, logs = rows('sample'), rows('scene'), rows('log')
     location = {row['token']: row['location'] for row in logs}
-    scene_of = {}
-    for index, row in enumerate(scenes):
-        if row['log_token'] not in location:
-            raise MapFieldsError(f'{osp.join(folder, "scene.json")}: row {index} (token '
-                                 f'{row["token"]!r}) has log_token {row["log_token"]!r}, '
-                                 'which log.json does not hold')
-        scene_of[row['token']] = (location[row['log_token']], row.get('name'))
-    sample_of = {}
-    for index, row in enumerate(samples):
-        if row['scene_token'] not in scene_of:
-            raise MapFieldsError(f'{osp.join(folder, "sample.json")}: row {index} (token '
-                                 f'{row["token"]!r}) has scene_token {row["scene_token"]!r}, '
-                                 'which scene.json does not hold')
-        sample_of[row['token']] = (row['scene_token'], row.get('timestamp'))
+    _check_links(folder, 'scene', scenes, 'log_token', location, 'log')
+    scene_of = {row['token']: (location[row['log_token']], row.get('name')) for row in scenes}
+    _check_links(folder, 'sample', samples, 'scene_token', scene_of, 'scene')
+    sample_of = {row['token']: (row['scene_token'], row.get('timestamp')) for row in samples}
     return SceneTables(folder, version, sample_of, scene_of)
+
+
+def _check_links(folder: str, table: str, rows: list, key: str, targets: dict,
+                 target_table: str) -> None:
+    """Every row's ``key`` names a row of ``target_table`` (``targets``), else an error naming
+    the file, the row and the token."""
+    for index, row in enumerate(rows):
+        if row[key] not in targets:
+            raise MapFieldsError(f'{osp.join(folder, table + ".json")}: row {index} (token '
+                                 f'{row["token"]!r}) has {key} {row[key]!r}, which '
+                                 f'{target_table}.json does not hold')
 
 
 def find_can_bus(root: str, can_bus_root: Optional[str] = None) -> Tuple[Optional[str], list]:
