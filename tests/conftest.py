@@ -80,6 +80,23 @@ def make_sparse4d_tiny(root) -> str:
     return root + '/'
 
 
+def make_maptr_tiny(root, points=1000, map_gt=False) -> str:
+    """The tiny MapTR configs' data: 2 train scenes and 1 val scene of 3 frames, 320x180
+    images, keyframe points and the map expansion; with ``map_gt``, the map ground truth
+    precomputed into the infos (``create_data.py map-gt``, what v2's configs read)."""
+    root = str(root).rstrip('/') + '/'
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
+                       '--frames', '3', '--image-size', '320x180', '--points', str(points),
+                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if map_gt:
+        proc = run_python(['tools/create_data.py', 'map-gt', root + 'nuscenes_infos_train.pkl',
+                           root + 'nuscenes_infos_val.pkl', '--data-root', root,
+                           '--workers', '1', '--no-progress'])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
 def logged_losses(work_dir, key='loss'):
     """Per-iteration training losses (or another logged scalar, ``key``) of every run in
     ``work_dir`` (mmengine's scalars.json)."""

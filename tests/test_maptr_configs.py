@@ -177,13 +177,8 @@ def test_configs_build_with_their_encoder(name):
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """3 scenes (2 train, 1 val) of 3 frames with 320 x 180 images and the map expansion."""
-    from conftest import run_python
-    root = str(tmp_path_factory.mktemp('maptr') / 'nuscenes') + '/'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
-                       '--frames', '3', '--image-size', '320x180', '--points', '1000',
-                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    from conftest import make_maptr_tiny
+    return make_maptr_tiny(tmp_path_factory.mktemp('maptr') / 'nuscenes')
 
 
 def _train_tiny(name, data_root, work_dir, *options):

@@ -14,7 +14,7 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from torch import nn
 
-from conftest import ROOT, run_python
+from conftest import ROOT, make_maptr_tiny
 
 TINY = osp.join(ROOT, 'configs/maptr/maptr_tiny_cpu_stock.py')
 
@@ -56,13 +56,7 @@ def tiny_cfg(data_root):
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
     """3 scenes (2 train, 1 val) of 3 frames, 320 x 180 images, with the map expansion."""
-    root = str(tmp_path_factory.mktemp('maptr') / 'nuscenes') + '/'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
-                       '--frames', '3', '--image-size', '320x180', '--points', '500',
-                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1',
-                       '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    return make_maptr_tiny(tmp_path_factory.mktemp('maptr') / 'nuscenes', points=500)
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,6 @@ import os.path as osp
 import re
 
 import pytest
-import torch
 from mmengine.config import Config
 
 from conftest import ROOT
@@ -158,17 +157,8 @@ def tiny_data(tmp_path_factory):
     """3 scenes (2 train, 1 val) of 3 frames with 320 x 180 images, lidar points, the map
     expansion and the map ground truth precomputed into the infos (the map-gt step: the
     configs read it with LoadMapGT(impl='precomputed'), as upstream's v2)."""
-    from conftest import run_python
-    root = str(tmp_path_factory.mktemp('maptrv2') / 'nuscenes') + '/'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
-                       '--frames', '3', '--image-size', '320x180', '--points', '1000',
-                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_python(['tools/create_data.py', 'map-gt', root + 'nuscenes_infos_train.pkl',
-                       root + 'nuscenes_infos_val.pkl', '--data-root', root, '--workers', '1',
-                       '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    from conftest import make_maptr_tiny
+    return make_maptr_tiny(tmp_path_factory.mktemp('maptrv2') / 'nuscenes', map_gt=True)
 
 
 LOSS_KEYS = ('loss_depth', 'loss_seg', 'loss_pv_seg', 'loss_pts', 'loss_pts_one2many')

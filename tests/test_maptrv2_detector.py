@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 
-from conftest import ROOT, run_python
+from conftest import ROOT, make_maptr_tiny
 
 TINY = osp.join(ROOT, 'configs/maptr/maptrv2_tiny_cpu_stock.py')
 
@@ -18,17 +18,7 @@ TINY = osp.join(ROOT, 'configs/maptr/maptrv2_tiny_cpu_stock.py')
 def data_root(tmp_path_factory):
     """3 scenes (2 train, 1 val) of 3 frames, 320 x 180 images, lidar points, the map, and
     the map ground truth precomputed into the infos (the tiny config reads it)."""
-    root = str(tmp_path_factory.mktemp('maptrv2') / 'nuscenes') + '/'
-    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
-                       '--frames', '3', '--image-size', '320x180', '--points', '1000',
-                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1',
-                       '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_python(['tools/create_data.py', 'map-gt', root + 'nuscenes_infos_train.pkl',
-                       root + 'nuscenes_infos_val.pkl', '--data-root', root, '--workers', '1',
-                       '--no-progress'])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+    return make_maptr_tiny(tmp_path_factory.mktemp('maptrv2') / 'nuscenes', map_gt=True)
 
 
 def tiny_cfg(data_root):
