@@ -40,7 +40,23 @@ def _takes_op_impl(type_name: Any, default_scope: str) -> bool:
     if cls is None:
         import turbox_mm.models  # noqa: F401  (registers the models)
         cls = MODELS.module_dict.get(name)
-    return cls is not None and OP_IMPL in inspect.signature(cls).parameters
+    return cls is not None and accepts_op_impl(cls)
+
+
+def accepts_op_impl(cls: type) -> bool:
+    """Whether ``cls(op_impl=...)`` reaches a constructor that names ``op_impl``: its own
+    ``__init__`` or, through ``**kwargs`` passed on, a base class's (``MapTRv2Head`` takes
+    ``**kwargs`` for ``MapTRHead``'s arguments)."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        if OP_IMPL in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
 
 
 def _is_mmdet3d_original(type_name: str, twin: str) -> bool:
