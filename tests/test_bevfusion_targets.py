@@ -101,4 +101,28 @@ def test_turbox_targets_on_cuda_equal_stock_with_one_sync():
         turbox.loss_by_feat(preds, gts)
     assert_same_targets(expected, got)
     # one for the targets inside get_targets, one for those loss_by_feat builds again
-    assert syncs.total == 2, syncs.sources
+    assert syncs.total == 2, '\n'.join(f'{f}:{line} x{n}' for f, line, n in syncs.top())
+
+
+def test_sync_free_costs_equal_the_stock_ones():
+    """The turbox targets' costs (cached range constants, :func:`lidar_iou_3d`) are the stock
+    costs (mmdet3d's ``BboxOverlaps3D``), bit for bit, for fp32 and fp64 proposals."""
+    from turbox_mm.models.bevfusion.transfusion_assigner import lidar_iou_3d
+    stock, _ = heads()
+    assigner, cfg = stock.bbox_assigner, stock.train_cfg
+    assert assigner._lidar_iou()  # the config's mmdet3d IoU: the sync-free path is taken
+    gts = batch_gts([9])[0]
+    gen = torch.Generator().manual_seed(3)
+    boxes = gts.bboxes_3d.tensor[torch.randint(0, 9, (40, ), generator=gen)]
+    boxes = boxes + 0.4 * torch.randn(boxes.shape, generator=gen)  # overlapping, not equal
+    boxes[:7, 3:6] = 0  # degenerate sizes: mmdet3d's 1e-4 guard
+    logits = torch.randn(stock.num_classes, 40, generator=gen)
+    for dtype in (torch.float32, torch.float64):
+        props = boxes.to(dtype)
+        expected = assigner.cost(props, gts.bboxes_3d.tensor, gts.labels_3d, logits, cfg)
+        got = assigner.cost(props, gts.bboxes_3d.tensor, gts.labels_3d, logits, cfg,
+                            sync_free=True)
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b), dtype
+    assert (expected[1] > 0).any()  # some pairs overlap: the IoU is exercised
+    assert lidar_iou_3d(boxes[:0], boxes).shape == (0, 40)

@@ -126,6 +126,7 @@ def test_cpu_path_equals_mmcvs_cuda_layers(subm):
     layer = (mmcv_ops.SubMConv3d(3, 8, 3, padding=1) if subm else
              mmcv_ops.SparseConv3d(3, 8, 3, stride=2, padding=1))
     cpu = layer(mmcv_ops.SparseConvTensor(features, indices, shape, 2)).dense()
-    gpu = layer.cuda()(mmcv_ops.SparseConvTensor(features.cuda(), indices.cuda(), shape,
-                                                 2)).dense()
+    # mmcv's CUDA kernels need contiguous indices (nonzero's are column-major)
+    gpu = layer.cuda()(mmcv_ops.SparseConvTensor(features.cuda(), indices.cuda().contiguous(),
+                                                 shape, 2)).dense()
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)

@@ -114,7 +114,8 @@ class BEVFusion(Base3DDetector):
             voxels, coors, sizes = hard_voxelize(
                 torch.cat(points), layer.voxel_size, layer.point_cloud_range,
                 layer.max_num_points, max_voxels, sample_sizes=[len(p) for p in points])
-            coords = coors[:, [0, 3, 2, 1]].contiguous()
+            # (batch, z, y, x) -> (batch, x, y, z); a list index would copy it from the host
+            coords = torch.cat([coors[:, :1], coors[:, 1:].flip(1)], 1)
         else:
             parts, coord_parts, size_parts = [], [], []
             for k, cloud in enumerate(points):

@@ -11,16 +11,24 @@ is the sum of
 
 then scipy's ``linear_sum_assignment`` on the host. A sample without ground truth assigns
 every proposal to the background (upstream fails there).
+
+:meth:`HungarianAssigner3D.cost` with ``sync_free=True`` (the batched turbox targets) gives the
+same costs without the host waits of the stock procedure: the range constants come from a
+per-device cache instead of ``new_tensor`` (a host-to-device copy each call), and for mmdet3d's
+LiDAR ``BboxOverlaps3D`` the IoU is :func:`lidar_iou_3d`, the same operations without the
+list indexing of the boxes' ``bev`` property (another host copy).
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
+from mmcv.ops import box_iou_rotated
 from mmdet.models.task_modules import AssignResult
 from mmengine.structures import InstanceData
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
+from turbox_mm.utils.upload import upload
 
 
 @TASK_UTILS.register_module()
@@ -29,13 +37,53 @@ class BBoxBEVL1Cost:
 
     def __init__(self, weight: float) -> None:
         self.weight = weight
+        self._ranges: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
-    def __call__(self, bboxes: Tensor, gt_bboxes: Tensor, train_cfg: Dict) -> Tensor:
+    def __call__(self, bboxes: Tensor, gt_bboxes: Tensor, train_cfg: Dict,
+                 sync_free: bool = False) -> Tensor:
+        """``[P, G]`` costs; ``sync_free`` takes the range constants from a per-device cache
+        (the same values) instead of two host-to-device copies."""
         pcr = train_cfg['point_cloud_range']
-        start = bboxes.new_tensor(pcr[0:2])
-        extent = bboxes.new_tensor(pcr[3:5]) - start
+        if sync_free:
+            start, extent = self._range(pcr, bboxes)
+        else:
+            start = bboxes.new_tensor(pcr[0:2])
+            extent = bboxes.new_tensor(pcr[3:5]) - start
         return torch.cdist((bboxes[:, :2] - start) / extent, (gt_bboxes[:, :2] - start) / extent,
                            p=1) * self.weight
+
+    def _range(self, pcr, like: Tensor) -> Tuple[Tensor, Tensor]:
+        key = (like.device, like.dtype, tuple(float(v) for v in pcr))
+        if key not in self._ranges:
+            start = upload(torch.tensor(pcr[0:2], dtype=like.dtype), like.device)
+            end = upload(torch.tensor(pcr[3:5], dtype=like.dtype), like.device)
+            self._ranges[key] = (start, end - start)
+        return self._ranges[key]
+
+
+def lidar_iou_3d(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """``[N, M]`` 3D IoU of LiDAR boxes ``[N, 7+]`` and ``[M, 7+]`` (bottom centre, l, w, h,
+    yaw): the operations of mmdet3d's ``BboxOverlaps3D(coordinate='lidar')`` in their order,
+    without a host wait (its ``bev`` property indexes with a Python list, a host copy)."""
+    rows, cols = boxes1.shape[0], boxes2.shape[0]
+    boxes1, boxes2 = boxes1.float(), boxes2.float()  # mmdet3d's box classes hold float32
+    if rows * cols == 0:
+        return boxes1.new_zeros(rows, cols)
+    bottom1, bottom2 = boxes1[:, 2].view(-1, 1), boxes2[:, 2].view(1, -1)
+    top1 = (boxes1[:, 2] + boxes1[:, 5]).view(-1, 1)
+    top2 = (boxes2[:, 2] + boxes2[:, 5]).view(1, -1)
+    overlaps_h = torch.clamp(torch.min(top1, top2) - torch.max(bottom1, bottom2), min=0)
+    bev1, bev2 = (torch.stack([b[:, 0], b[:, 1], b[:, 3], b[:, 4], b[:, 6]], 1)
+                  for b in (boxes1, boxes2))
+    bev1[:, 2:4] = bev1[:, 2:4].clamp(min=1e-4)  # mmdet3d's guard for box_iou_rotated
+    bev2[:, 2:4] = bev2[:, 2:4].clamp(min=1e-4)
+    iou2d = box_iou_rotated(bev1, bev2)
+    areas1 = (bev1[:, 2] * bev1[:, 3]).unsqueeze(1).expand(rows, cols)
+    areas2 = (bev2[:, 2] * bev2[:, 3]).unsqueeze(0).expand(rows, cols)
+    overlaps_3d = iou2d * (areas1 + areas2) / (1 + iou2d) * overlaps_h
+    volume1 = (boxes1[:, 3] * boxes1[:, 4] * boxes1[:, 5]).view(-1, 1)
+    volume2 = (boxes2[:, 3] * boxes2[:, 4] * boxes2[:, 5]).view(1, -1)
+    return overlaps_3d / torch.clamp(volume1 + volume2 - overlaps_3d, min=1e-8)
 
 
 @TASK_UTILS.register_module()
@@ -70,12 +118,26 @@ class HungarianAssigner3D:
         self.iou_calculator = TASK_UTILS.build(iou_calculator)
 
     def cost(self, bboxes: Tensor, gt_bboxes: Tensor, gt_labels: Tensor, cls_logits: Tensor,
-             train_cfg: Dict):
-        """``(cost [P, G], iou [P, G])`` (``cls_logits``: ``[K, P]``)."""
+             train_cfg: Dict, sync_free: bool = False):
+        """``(cost [P, G], iou [P, G])`` (``cls_logits``: ``[K, P]``); ``sync_free``: the
+        same values without host waits where the costs allow it (module docstring)."""
         cls_cost = self.cls_cost(InstanceData(scores=cls_logits.T),
                                  InstanceData(labels=gt_labels))
-        iou = self.iou_calculator(bboxes, gt_bboxes)
-        return cls_cost + self.reg_cost(bboxes, gt_bboxes, train_cfg) + self.iou_cost(iou), iou
+        if sync_free and self._lidar_iou():
+            iou = lidar_iou_3d(bboxes, gt_bboxes)
+        else:
+            iou = self.iou_calculator(bboxes, gt_bboxes)
+        if sync_free and isinstance(self.reg_cost, BBoxBEVL1Cost):
+            reg_cost = self.reg_cost(bboxes, gt_bboxes, train_cfg, sync_free=True)
+        else:
+            reg_cost = self.reg_cost(bboxes, gt_bboxes, train_cfg)
+        return cls_cost + reg_cost + self.iou_cost(iou), iou
+
+    def _lidar_iou(self) -> bool:
+        """Whether the IoU calculator is mmdet3d's 3D IoU of LiDAR boxes."""
+        from mmdet3d.structures.ops import BboxOverlaps3D
+        calc = self.iou_calculator
+        return type(calc) is BboxOverlaps3D and calc.coordinate == 'lidar'
 
     def assign(self, bboxes: Tensor, gt_bboxes: Tensor, gt_labels: Tensor, cls_logits: Tensor,
                train_cfg: Dict) -> AssignResult:

@@ -27,8 +27,10 @@ from mmdet3d.structures import xywhr2xyxyr
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from turbox_mm.models.losses import focal_loss_like_mmdet
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
+from turbox_mm.utils.upload import upload
 
 from .transfusion_targets import batched_targets
 
@@ -304,19 +306,33 @@ class TransFusionHead(nn.Module):
             span = slice(layer * self.num_proposals, (layer + 1) * self.num_proposals)
             cls_score = preds['heatmap'][..., span].permute(0, 2, 1).reshape(-1,
                                                                              self.num_classes)
-            losses[f'{prefix}_loss_cls'] = self.loss_cls(
-                cls_score.float(), labels[:, span].reshape(-1),
-                label_weights[:, span].reshape(-1), avg_factor=max(num_pos, 1))
+            cls_args = (cls_score.float(), labels[:, span].reshape(-1),
+                        label_weights[:, span].reshape(-1))
+            losses[f'{prefix}_loss_cls'] = (
+                focal_loss_like_mmdet(self.loss_cls, *cls_args, avg_factor=max(num_pos, 1))
+                if self.op_impl == 'turbox' else
+                self.loss_cls(*cls_args, avg_factor=max(num_pos, 1)))
             box = torch.cat([preds[k][..., span] for k in BOX_KEYS if k in preds],
                             1).permute(0, 2, 1)
             weights = bbox_weights[:, span]
             if code_weights is not None:
-                weights = weights * weights.new_tensor(code_weights)
+                weights = weights * self._code_weights(code_weights, weights)
             losses[f'{prefix}_loss_bbox'] = self._loss_bbox(
                 box, bbox_targets[:, span], weights, num_pos)
         losses['matched_ious'] = (matched_ious.detach() if isinstance(matched_ious, Tensor) else
                                   losses['loss_heatmap'].new_tensor(matched_ious))
         return losses
+
+    def _code_weights(self, code_weights: Sequence[float], like: Tensor) -> Tensor:
+        """``code_weights`` on ``like``'s device: a fresh host copy each call on the stock
+        path (upstream's ``new_tensor``), a per-device cache on the turbox path."""
+        if self.op_impl != 'turbox':
+            return like.new_tensor(code_weights)
+        key = (like.device, like.dtype, tuple(code_weights))
+        cache = self.__dict__.setdefault('_code_weight_cache', {})
+        if key not in cache:
+            cache[key] = upload(torch.tensor(code_weights, dtype=like.dtype), like.device)
+        return cache[key]
 
     def _loss_bbox(self, box: Tensor, targets: Tensor, weights: Tensor, num_pos: int) -> Tensor:
         """The box loss normalised by the positive count. mmdet's ``L1Loss`` first asks the

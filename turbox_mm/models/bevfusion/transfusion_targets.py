@@ -110,7 +110,8 @@ def batched_targets(head, batch_gt_instances_3d: List[InstanceData], preds: Dict
     if num_gt:
         flat_boxes = decoded.reshape(batch * total, -1)
         logits = score.permute(1, 0, 2).reshape(num_classes, batch * total)
-        cost, iou = head.bbox_assigner.cost(flat_boxes, gt_boxes, gt_labels, logits, cfg)
+        cost, iou = head.bbox_assigner.cost(flat_boxes, gt_boxes, gt_labels, logits, cfg,
+                                            sync_free=True)
         # each sample's columns, padded to the largest count (padding is never solved)
         g_max = max(counts)
         last = np.maximum(np.asarray(counts) - 1, 0)
@@ -127,18 +128,19 @@ def batched_targets(head, batch_gt_instances_3d: List[InstanceData], preds: Dict
         gt_index = column + upload(offsets, device)[sample]
         num_pos = int(pairs.shape[1])
         labels[proposal] = gt_labels[gt_index]
-        if cfg['pos_weight'] > 0:
-            label_weights[proposal] = cfg['pos_weight']
+        if cfg['pos_weight'] > 0:  # index_fill_: a scalar, where `[...] = x` copies it over
+            label_weights.index_fill_(0, proposal, cfg['pos_weight'])
         bbox_targets[proposal] = head.bbox_coder.encode(gt_boxes[gt_index])
-        bbox_weights[proposal] = 1.0
+        bbox_weights.index_fill_(0, proposal, 1.0)
         ious[proposal] = iou[proposal, gt_index].to(ious.dtype)
         ious = ious.clamp(0.0, 1.0)
         per_sample = torch.zeros(batch, dtype=torch.float32, device=device)
         per_sample.index_add_(0, sample, ious[proposal].float())
-        found = torch.bincount(sample, minlength=batch).float()
+        found = torch.zeros(batch, dtype=torch.float32, device=device).index_add_(
+            0, sample, torch.ones_like(sample, dtype=torch.float32))  # bincount waits
         matched_ious = (per_sample / found.clamp(min=1)).mean()
         table = gaussian_table(int(r_max), device)
-        draw_gaussians(heatmap, gt_sample, gt_labels, cell[:, [1, 0]], radius, drawn, table)
+        draw_gaussians(heatmap, gt_sample, gt_labels, cell.flip(1), radius, drawn, table)
     return (labels.view(batch, total), label_weights.view(batch, total),
             bbox_targets.view(batch, total, code), bbox_weights.view(batch, total, code),
             ious.view(batch, total), num_pos, matched_ious, heatmap)
