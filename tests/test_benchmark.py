@@ -269,3 +269,18 @@ def test_spconv_precision_benchmark_says_it_needs_cuda_on_the_cpu():
     assert 'spconv_precision' in available('component')
     rows = get('spconv_precision')('cpu', quick=True)
     assert len(rows) == 2 and all(r['stock'] is None and 'needs CUDA' in r['note'] for r in rows)
+
+
+def test_worker_end_names_an_exit_hang(tmp_path):
+    """A worker the watchdog stopped after it wrote its result hung on exit, and is named so;
+    one stopped before is a plain timeout; a failed one gives its last line."""
+    from tools.benchmark import check_worker_end
+    result = tmp_path / 'a.result.json'
+    with pytest.raises(RuntimeError, match='timed out after 5 s'):
+        check_worker_end(True, -9, str(result), [], 5, 'a.log')
+    with pytest.raises(RuntimeError, match=r'boom \(exit code 1; full log: a.log\)'):
+        check_worker_end(False, 1, str(result), ['x\n', 'boom\n'], 5, 'a.log')
+    result.write_text('{}')
+    with pytest.raises(RuntimeError, match='did not exit within 5 s: an exit hang'):
+        check_worker_end(True, -9, str(result), [], 5, 'a.log')
+    check_worker_end(False, 0, str(result), [], 5, 'a.log')  # a good end: no error

@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import List, Optional
 
 from mmengine.config import DictAction
 
@@ -147,14 +148,32 @@ def _run_one(config: str, args, out_dir: str) -> dict:
             proc.wait()
         finally:
             timer.cancel()
-    if fired.is_set():
-        raise RuntimeError(f'timed out after {args.timeout:g} s (log: {log_path})')
-    if proc.returncode != 0 or not osp.isfile(result_path):
-        last = ''.join(tail).strip().splitlines()
-        reason = last[-1] if last else f'exit code {proc.returncode}'
-        raise RuntimeError(f'{reason} (exit code {proc.returncode}; full log: {log_path})')
+    check_worker_end(fired.is_set(), proc.returncode, result_path, tail, args.timeout, log_path)
     with open(result_path) as f:
-        return json.load(f)
+        result = json.load(f)
+    # How long the worker took to exit after writing its result (its shutdown: loader workers,
+    # threads, exit handlers); a slow exit is part of a training job's wall time too.
+    result['exit_s'] = round(max(0.0, time.time() - osp.getmtime(result_path)), 2)
+    if result['exit_s'] > 10:
+        print(f'  note: {osp.basename(config)} took {result["exit_s"]:.1f} s to exit after '
+              'writing its result', flush=True)
+    return result
+
+
+def check_worker_end(timed_out: bool, returncode: Optional[int], result_path: str,
+                     tail: List[str], timeout: float, log_path: str) -> None:
+    """Raise ``RuntimeError`` unless a benchmark worker ended well: it exited with status 0
+    and wrote its result. A worker stopped by the watchdog after writing its result is named
+    an exit hang (it measured, then did not end)."""
+    if timed_out:
+        if osp.isfile(result_path):
+            raise RuntimeError(f'wrote its result, then did not exit within {timeout:g} s: an '
+                               f'exit hang (log: {log_path})')
+        raise RuntimeError(f'timed out after {timeout:g} s (log: {log_path})')
+    if returncode != 0 or not osp.isfile(result_path):
+        last = ''.join(tail).strip().splitlines()
+        reason = last[-1] if last else f'exit code {returncode}'
+        raise RuntimeError(f'{reason} (exit code {returncode}; full log: {log_path})')
 
 
 def _cli_value(value) -> str:
