@@ -30,6 +30,7 @@ from turbox_mm.datasets.transforms.multiview_affine_aug import (MultiViewAffineA
                                                                 source_warp)
 from turbox_mm.datasets.transforms.pack_jpeg_bytes import PackJpegBytes, pack_jpeg_bytes
 from turbox_mm.models.data_preprocessors import TurboxDet3DDataPreprocessor
+from turbox_mm.models.data_preprocessors import deferred_decode as dd
 from turbox_mm.models.data_preprocessors import gpu_image_preprocessor as gip
 
 MEAN = [123.675, 116.28, 103.53]
@@ -487,7 +488,7 @@ def test_warp_matrix_to_grid_sample_matches_warpaffine():
              for flip, angle in [(False, 0.0), (True, 0.0), (False, 4.7), (True, -5.4)]]
     warps.append(np.array([[1.7, 0.2, -8.5], [-0.1, 1.9, -6.0], [0, 0, 1]], np.float32))
     rgb = torch.from_numpy(img[..., ::-1].copy()).permute(2, 0, 1)
-    outs = gip._warp_on_device([rgb] * len(warps), warps, [out_hw] * len(warps), rgb=True)
+    outs = dd._warp_on_device([rgb] * len(warps), warps, [out_hw] * len(warps), rgb=True)
     for warp, out in zip(warps, outs):
         ref = cv2.warpAffine(img, warp[:2].astype(np.float64), out_hw[::-1],
                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -560,9 +561,9 @@ class FakeNvimgcodec:
 def test_gpu_decode_path_with_stand_in_decoders(monkeypatch, backend):
     """The GPU path minus CUDA streams: what the decoders return (RGB, CHW tensors or HWC
     DLPack images) is warped, turned to BGR, stacked per sample and counted."""
-    monkeypatch.setattr(gip, '_torchvision_decoder', lambda: lambda tensors, device: [
+    monkeypatch.setattr(dd, '_torchvision_decoder', lambda: lambda tensors, device: [
         torch.from_numpy(cv2_rgb_decode(t.numpy())).permute(2, 0, 1) for t in tensors])
-    monkeypatch.setattr(gip, '_nvimgcodec_module', lambda: FakeNvimgcodec)
+    monkeypatch.setattr(dd, '_nvimgcodec_module', lambda: FakeNvimgcodec)
     raws = [make_sample(7, views=4), make_sample(8, views=4, out_hw=(36, 60))]
     pre = TurboxDet3DDataPreprocessor(decode_backend=backend)
     pre._backend = backend  # as resolved on a CUDA device
@@ -620,7 +621,7 @@ def test_a_failing_gpu_decoder_falls_back_for_that_batch_only(monkeypatch):
     def flaky(backend, streams, *args):
         if fail['now']:
             raise RuntimeError('nvjpeg says no')
-        return [img for img in gip._decode_warp_cv2(streams, *args)]
+        return [img for img in dd._decode_warp_cv2(streams, *args)]
 
     monkeypatch.setattr(pre, '_decode_gpu', flaky)
     with pytest.warns(UserWarning, match=r'torchvision GPU decoder failed \(RuntimeError: '
@@ -676,9 +677,9 @@ def test_an_undecodable_image_names_its_file(monkeypatch):
 def test_auto_tries_the_next_gpu_decoder_before_opencv(monkeypatch):
     """'auto' on a CUDA device: nvImageCodec first; when it fails, torchvision takes over
     (with a warning) and OpenCV is not used."""
-    monkeypatch.setattr(gip, '_torchvision_decoder', lambda: lambda tensors, device: [
+    monkeypatch.setattr(dd, '_torchvision_decoder', lambda: lambda tensors, device: [
         torch.from_numpy(cv2_rgb_decode(t.numpy())).permute(2, 0, 1) for t in tensors])
-    monkeypatch.setattr(gip, '_nvimgcodec_module', lambda: FakeNvimgcodec)
+    monkeypatch.setattr(dd, '_nvimgcodec_module', lambda: FakeNvimgcodec)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     pre = TurboxDet3DDataPreprocessor()
     monkeypatch.setattr(type(pre), 'device', property(lambda self: torch.device('cuda')))
@@ -715,14 +716,14 @@ def test_nvimgcodec_decoder_asks_for_the_hardware_engine_first(monkeypatch):
                 if backends and 'refuse' in calls[0][1][0]:
                     raise RuntimeError('no such backend')
 
-    gip._nvimgcodec_decoder(Module, 3)
+    dd._nvimgcodec_decoder(Module, 3)
     assert calls == [(3, ['backend:hw', 'backend:hybrid', 'backend:cpu'])]
     calls.clear()
     Module.Backend = staticmethod(lambda kind: f'refuse:{kind}')
     with pytest.warns(UserWarning, match='refused the backends'):
-        gip._nvimgcodec_decoder(Module, 0)
+        dd._nvimgcodec_decoder(Module, 0)
     assert calls[-1] == (0, None)  # the library's default decoder
-    assert gip._nvimgcodec_decoder(FakeNvimgcodec, 1).device_id == 1  # no BackendKind
+    assert dd._nvimgcodec_decoder(FakeNvimgcodec, 1).device_id == 1  # no BackendKind
 
 
 def test_one_value_mean_and_std_broadcast_over_three_channels():
@@ -813,7 +814,7 @@ def cpu_masks(config, paths):
 def use_stand_in_torchvision(monkeypatch, pre):
     """Run the device path (block average, grid_sample, mask) on the CPU: the torchvision
     decoder is replaced by OpenCV's (RGB, CHW), the backend forced as on a CUDA device."""
-    monkeypatch.setattr(gip, '_torchvision_decoder', lambda: lambda tensors, device: [
+    monkeypatch.setattr(dd, '_torchvision_decoder', lambda: lambda tensors, device: [
         torch.from_numpy(cv2_rgb_decode(t.numpy())).permute(2, 0, 1) for t in tensors])
     pre._backend = 'torchvision'
     return pre
@@ -1062,7 +1063,7 @@ def test_cuda_deferred_decode_torchvision_matches_cv2():
         auto = cuda_pre()  # 'auto' finds the GPU decoder: no fallback, no warning
         auto(packed_batch([make_sample(0)]))
     assert not [w for w in record if 'OpenCV' in str(w.message)]
-    first = 'nvimgcodec' if gip._nvimgcodec_module() is not None else 'torchvision'
+    first = 'nvimgcodec' if dd._nvimgcodec_module() is not None else 'torchvision'
     assert auto.last_decode_backend == first and pre.decode_counts['cv2'] == 0
 
 

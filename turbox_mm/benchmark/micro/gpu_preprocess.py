@@ -31,6 +31,7 @@ import torch
 from turbox_mm.benchmark.timing import time_fn
 from turbox_mm.datasets.transforms.multiview_affine_aug import block_factor, decoded_warp
 from turbox_mm.models.data_preprocessors import gpu_image_preprocessor as gip
+from turbox_mm.models.data_preprocessors import deferred_images
 from turbox_mm.ops import image_warp
 from turbox_mm.ops.photometric import photometric_normalize, photometric_normalize_reference
 
@@ -139,8 +140,9 @@ def _decode_rows(device: str, size: dict) -> List[Dict]:
     sizes = [out_hw] * n
     it, wu = max(3, size['iters'] // 3), size['warmup']
     with _cv2_threads(1):
-        reference = torch.stack(gip._decode_warp_cv2(streams, warps, sizes)).float()
-        stock_ms = time_fn(lambda: gip._decode_warp_cv2(streams, warps, sizes), it, wu, 'cpu')
+        decode_cv2 = deferred_images._decode_warp_cv2
+        reference = torch.stack(decode_cv2(streams, warps, sizes)).float()
+        stock_ms = time_fn(lambda: decode_cv2(streams, warps, sizes), it, wu, 'cpu')
     kb = sum(s.size for s in streams) / n / 1e3
     case = f'decode + warp {n}x{src_hw[1]}x{src_hw[0]} JPEG -> {out_hw[0]}x{out_hw[1]}'
     backends = ['torchvision', 'nvimgcodec'] if on_cuda else ['cv2']
