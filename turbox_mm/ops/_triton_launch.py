@@ -5,12 +5,39 @@ The rule: on CUDA without an explicit ``config`` the kernel is autotuned (one au
 kind and tile layout, made on first use); otherwise it runs with ``config``, or, under
 ``TRITON_INTERPRET=1``, with the op's fixed interpreter configuration. Launches happen on the
 tensors' device. Imported only by the ops' ``triton_kernels`` modules (it imports Triton).
+
+Every launch is on the host's critical path (training steps are host-bound), so the launch
+does the least it can: the autotuner runs once per key, after which the kernel is launched
+with the configuration it picked (Triton's ``Autotuner.run`` would rebuild its key from the
+arguments on each call), and :func:`cdiv` / :func:`next_power_of_2` are plain Python
+(``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects, several
+microseconds a call from the host).
 """
-import contextlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import triton
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, as ``triton.cdiv``, at the cost of a Python division.
+
+    Examples:
+        >>> cdiv(7, 2), cdiv(8, 2), cdiv(0, 4)
+        (4, 4, 0)
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` for ``n >= 1`` (0 for 0), as
+    ``triton.next_power_of_2``.
+
+    Examples:
+        >>> [next_power_of_2(n) for n in (0, 1, 3, 4, 5, 32)]
+        [0, 1, 4, 4, 8, 32]
+    """
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 class KernelPair:
@@ -33,6 +60,8 @@ class KernelPair:
         self.key = list(key)
         self.reset_to_zero = list(reset_to_zero)
         self._tuned: Dict[tuple, object] = {}
+        # (kind, layout, key values, argument dtypes) -> the autotuner's pick, as kwargs.
+        self._picked: Dict[tuple, dict] = {}
 
     def tuned(self, kind: str, *layout: int):
         """The autotuned ``kind`` ('fwd' or 'bwd') kernel for this tile layout."""
@@ -68,13 +97,33 @@ class KernelPair:
                 and ``interpreter_config`` elsewhere.
             interpreter_config (dict): The configuration without CUDA (Triton's interpreter).
         """
-        # Triton launches on the current device: make it the tensors' one.
-        guard = torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
-        with guard:
-            if device.type == 'cuda' and config is None:
-                self.tuned(kind, *layout)[grid](*args, **kwargs)
-                return
+        kernel = self.fwd if kind == 'fwd' else self.bwd
+        if device.type != 'cuda':
             if config is None:
                 config = interpreter_config
-            kernel = self.fwd if kind == 'fwd' else self.bwd
             kernel[grid(config)](*args, **kwargs, **config)
+            return
+        # Triton launches on the current device: make it the tensors' one.
+        if device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                self._launch_cuda(kind, kernel, layout, grid, args, kwargs, config)
+        else:
+            self._launch_cuda(kind, kernel, layout, grid, args, kwargs, config)
+
+    def _launch_cuda(self, kind: str, kernel, layout: Sequence[int], grid: Callable,
+                     args: tuple, kwargs: dict, config: Optional[dict]) -> None:
+        """:meth:`launch` on the current CUDA device."""
+        if config is not None:
+            kernel[grid(config)](*args, **kwargs, **config)
+            return
+        # The autotuner's key: the key arguments and every argument's dtype (ours are tensors).
+        key = (kind, *layout, *[kwargs[name] for name in self.key], *[a.dtype for a in args])
+        picked = self._picked.get(key)
+        if picked is not None:
+            kernel[grid(picked)](*args, **kwargs, **picked)
+            return
+        tuner = self.tuned(kind, *layout)
+        tuner[grid](*args, **kwargs)  # benchmarks the candidates the first time it sees the key
+        best = getattr(tuner, 'best_config', None)  # what it launched with
+        if best is not None:
+            self._picked[key] = best.all_kwargs()

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_launch import cdiv, next_power_of_2
 from .reference import IOU3D_EPS, IOU3D_MARGIN, score_order
 from .triton_geometry import _pair_values
 
@@ -44,7 +45,7 @@ def box_params(boxes: Tensor, kind: str, order: Tensor) -> Tensor:
     num = order.numel()
     out = torch.empty(num, PARAMS, dtype=torch.float32, device=boxes.device)
     if num:
-        grid = (triton.cdiv(num, 256), )
+        grid = (cdiv(num, 256), )
         _params_kernel[grid](boxes, order, out, num, boxes.stride(0), boxes.stride(1),
                              KIND=KIND_IDS[kind], BLOCK=256)
     return out
@@ -288,7 +289,7 @@ def nms_keep(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> Tens
         return order
     kind_id = KIND_IDS[kind]
     prm = box_params(boxes, kind, order)
-    col_blocks = triton.cdiv(num, WORD)
+    col_blocks = cdiv(num, WORD)
     mask = torch.empty(num, col_blocks, dtype=torch.int64, device=boxes.device)
     polygon = kind_id <= 1
     near = torch.empty_like(mask) if polygon else mask
@@ -298,11 +299,11 @@ def nms_keep(boxes: Tensor, scores: Tensor, threshold: float, kind: str) -> Tens
     if polygon:
         _refine_kernel[(num, )](prm, mask, near, num, col_blocks, float(threshold),
                                 KIND=kind_id, MARGIN=IOU3D_MARGIN, EPS=IOU3D_EPS,
-                                BLOCKS=min(max(triton.next_power_of_2(col_blocks), 2), 256),
+                                BLOCKS=min(max(next_power_of_2(col_blocks), 2), 256),
                                 num_warps=4)
     out = torch.empty(num, dtype=torch.int64, device=boxes.device)
     count = torch.empty(1, dtype=torch.int32, device=boxes.device)
-    blocks = max(triton.next_power_of_2(col_blocks), 2)
+    blocks = max(next_power_of_2(col_blocks), 2)
     if blocks <= REGISTER_BLOCKS:
         _reduce_kernel[(1, )](mask, order, out, count, num, col_blocks, CB=blocks,
                               num_warps=4 if blocks <= 64 else 8)
@@ -321,7 +322,7 @@ def iou_matrix(boxes_a: Tensor, boxes_b: Tensor, kind: str) -> Tensor:
         return out
     pa = box_params(boxes_a, kind, torch.arange(m, device=boxes_a.device))
     pb = box_params(boxes_b, kind, torch.arange(n, device=boxes_b.device))
-    grid = (m, triton.cdiv(n, GROUP))
+    grid = (m, cdiv(n, GROUP))
     _iou_kernel[grid](pa, pb, out, m, n, KIND=KIND_IDS[kind], MARGIN=IOU3D_MARGIN,
                       EPS=IOU3D_EPS, num_warps=4)
     return out

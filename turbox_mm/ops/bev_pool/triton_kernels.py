@@ -15,12 +15,15 @@ channel, in both directions; the ``[B, N, D, H, W, C]`` product is never stored:
 
 No host synchronisation anywhere.
 """
+import functools
 from typing import Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._triton_launch import cdiv, next_power_of_2
 
 PIXELS = 16
 
@@ -150,14 +153,20 @@ def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_
     tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty), mask=mask2)
 
 
+@functools.lru_cache(maxsize=64)
+def _float32_values(values: Tuple[float, ...]) -> Tuple[float, ...]:
+    """``values`` rounded to float32, as the reference (and upstream's float32 tensors) has
+    them; cached, as a model passes the same bounds on every call."""
+    return tuple(torch.tensor(values, dtype=torch.float32).tolist())
+
+
 def _launch_args(depth: Tensor, feats: Tensor, lower, cell_size, grid):
     b, n, d, h, w = depth.shape
     c = feats.shape[2]
-    # float32 values of the bounds, as the reference (and upstream's float32 tensors) has them
-    low = torch.tensor(lower, dtype=torch.float32).tolist()
-    size = torch.tensor(cell_size, dtype=torch.float32).tolist()
-    block_c = triton.next_power_of_2(max(c, 1))
-    return ((b * n * h, triton.cdiv(w, PIXELS)),
+    low = _float32_values(tuple(lower))
+    size = _float32_values(tuple(cell_size))
+    block_c = next_power_of_2(max(c, 1))
+    return ((b * n * h, cdiv(w, PIXELS)),
             (n, d, h, w, c, *[int(g) for g in grid], *low, *size, *depth.stride(),
              *feats.stride()), block_c)
 

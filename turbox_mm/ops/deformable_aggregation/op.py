@@ -1,7 +1,8 @@
 """``torch.ops.turbox_mm.deformable_aggregation``: the op, its fake, its autograd, its dispatch.
 
-Two ``torch.library.custom_op`` ops, each with a fake (shape-only) implementation so that
-``torch.compile`` traces through them without a graph break:
+Two ``torch.library`` ops (:func:`turbox_mm.ops._common.define_op`), each with a fake
+(shape-only) implementation so that ``torch.compile`` traces through them without a graph
+break:
 
 - ``turbox_mm::deformable_aggregation(mc_ms_feat, spatial_shape, scale_start_index,
   sampling_location, weights) -> Tensor``, upstream's signature;
@@ -13,13 +14,13 @@ Each dispatches when called: a CUDA tensor with Triton importable runs the Trito
 in the environment) runs :func:`.reference.deformable_aggregation_reference`, its backward
 being the reference's own autograd (``torch.func.vjp``), and warns once per process.
 
-``custom_op`` rather than ``triton_op``: the op must also hold the CPU path, whose reference
+An opaque op rather than ``triton_op``: the op must also hold the CPU path, whose reference
 reads the integer tables on the host and so cannot be traced with fake tensors; an opaque op
-with an explicit fake serves both paths.
+with an explicit fake serves both paths. Not ``torch.library.custom_op`` either, for its host
+time per call (:mod:`.._common`).
 """
 from typing import Tuple
 
-import torch
 from torch import Tensor
 
 from .. import _common, dispatch
@@ -37,9 +38,27 @@ _dispatch = dispatch.OpDispatch('deformable_aggregation', triton_kernels,
 fallback_reason = _dispatch.fallback_reason
 
 
+def _inputs_fit(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,
+                sampling_location: Tensor, weights: Tensor) -> bool:
+    """True when :func:`check_inputs` passes; False only means that it must run (it may say
+    False where the checks pass, never True where they fail)."""
+    fshape, lshape, wshape = mc_ms_feat.shape, sampling_location.shape, weights.shape
+    return (len(fshape) == 3 and len(lshape) == 5 and len(wshape) == 6 and lshape[4] == 2
+            and lshape[0] == fshape[0] and wshape[:4] == lshape[:4]
+            and spatial_shape.shape == (lshape[3], wshape[4], 2)
+            and scale_start_index.shape == wshape[3:5]
+            and wshape[5] != 0 and fshape[2] % wshape[5] == 0
+            and mc_ms_feat.dtype in _common.FLOATS and sampling_location.dtype in _common.FLOATS
+            and weights.dtype in _common.FLOATS and spatial_shape.dtype in _common.INTEGERS
+            and scale_start_index.dtype in _common.INTEGERS
+            and mc_ms_feat.device == sampling_location.device == weights.device)
+
+
 def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,
                  sampling_location: Tensor, weights: Tensor) -> None:
     """Raise ``ValueError`` unless the five inputs fit together as upstream's op expects."""
+    if _inputs_fit(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+        return  # the common case, in one expression; otherwise find what to raise
     _common.check_float_dtypes('deformable_aggregation', mc_ms_feat=mc_ms_feat,
                                sampling_location=sampling_location, weights=weights)
     _common.check_integer_dtypes('deformable_aggregation', spatial_shape=spatial_shape,
@@ -71,10 +90,8 @@ def check_inputs(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: T
                              sampling_location=sampling_location, weights=weights)
 
 
-@torch.library.custom_op('turbox_mm::deformable_aggregation', mutates_args=())
-def deformable_aggregation_op(mc_ms_feat: Tensor, spatial_shape: Tensor,
-                              scale_start_index: Tensor, sampling_location: Tensor,
-                              weights: Tensor) -> Tensor:
+def _forward(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,
+             sampling_location: Tensor, weights: Tensor) -> Tensor:
     """Sparse4D's deformable aggregation (see :mod:`.reference`): ``[bs, anchors, C]``."""
     check_inputs(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
     if _dispatch.use_kernel(mc_ms_feat):
@@ -84,18 +101,15 @@ def deformable_aggregation_op(mc_ms_feat: Tensor, spatial_shape: Tensor,
                                             sampling_location, weights).contiguous()
 
 
-@deformable_aggregation_op.register_fake
-def _(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+def _forward_fake(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
     check_inputs(mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights)
     bs, anchors = sampling_location.shape[:2]
     return mc_ms_feat.new_empty((bs, anchors, mc_ms_feat.shape[-1]))
 
 
-@torch.library.custom_op('turbox_mm::deformable_aggregation_backward', mutates_args=())
-def deformable_aggregation_backward_op(grad_output: Tensor, mc_ms_feat: Tensor,
-                                       spatial_shape: Tensor, scale_start_index: Tensor,
-                                       sampling_location: Tensor,
-                                       weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward(grad_output: Tensor, mc_ms_feat: Tensor, spatial_shape: Tensor,
+              scale_start_index: Tensor, sampling_location: Tensor,
+              weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``mc_ms_feat``, ``sampling_location`` and ``weights``, each in its dtype."""
     if _dispatch.use_kernel(mc_ms_feat):
         return triton_kernels.deformable_aggregation_backward(
@@ -107,12 +121,16 @@ def deformable_aggregation_backward_op(grad_output: Tensor, mc_ms_feat: Tensor,
     return _common.reference_vjp(forward, (mc_ms_feat, sampling_location, weights), grad_output)
 
 
-@deformable_aggregation_backward_op.register_fake
-def _(grad_output, mc_ms_feat, spatial_shape, scale_start_index, sampling_location, weights):
+def _backward_fake(grad_output, mc_ms_feat, spatial_shape, scale_start_index,
+                   sampling_location, weights):
     return (mc_ms_feat.new_empty(mc_ms_feat.shape), sampling_location.new_empty(
         sampling_location.shape), weights.new_empty(weights.shape))
 
 
+deformable_aggregation_op = _common.define_op('deformable_aggregation', _forward,
+                                              _forward_fake)
+deformable_aggregation_backward_op = _common.define_op('deformable_aggregation_backward',
+                                                       _backward, _backward_fake)
 # mc_ms_feat, sampling_location and weights; the level tables get no gradient.
-_common.register_backward_op(deformable_aggregation_op, deformable_aggregation_backward_op,
-                             (0, 3, 4))
+_common.register_autograd(deformable_aggregation_op, deformable_aggregation_backward_op,
+                          (0, 3, 4))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_launch import KernelPair
+from .._triton_launch import KernelPair, cdiv, next_power_of_2
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -193,7 +193,7 @@ def _da_bwd_kernel(feat_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, pairs_ptr, co
 
 def _block_sizes(groups: int, per_group: int) -> Tuple[int, int]:
     """``(BLOCK_G, BLOCK_J)``: all groups in one program, channels of a group padded to 2**k."""
-    return triton.next_power_of_2(groups), triton.next_power_of_2(per_group)
+    return next_power_of_2(groups), next_power_of_2(per_group)
 
 
 def _default_block_s(block_g: int, block_j: int) -> int:
@@ -241,7 +241,7 @@ def _launch(kind: str, device: torch.device, num_anchors: int, groups: int, per_
     block_g, block_j = _block_sizes(groups, per_group)
 
     def grid(meta):
-        return (num_anchors, triton.cdiv(groups, meta['BLOCK_G']))
+        return (num_anchors, cdiv(groups, meta['BLOCK_G']))
 
     _KERNELS.launch(kind, (block_g, block_j), device, grid, args,
                     dict(scalars, ACC=acc, BLOCK_J=block_j), config,

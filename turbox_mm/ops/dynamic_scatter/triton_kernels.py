@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_launch import cdiv, next_power_of_2
+
 BLOCK_P = 32
 KEY_BITS = 62
 SENTINEL = 2**63 - 1
@@ -121,8 +123,8 @@ def dynamic_scatter(feats: Tensor, coors: Tensor,
     argmax = torch.empty(voxels if reduce_type == 'max' else 0, channels, dtype=torch.int64,
                          device=device)
     if voxels and channels:
-        block_c = min(triton.next_power_of_2(channels), 64)
-        _reduce_kernel[(voxels, triton.cdiv(channels, block_c))](
+        block_c = min(next_power_of_2(channels), 64)
+        _reduce_kernel[(voxels, cdiv(channels, block_c))](
             feats, order, starts, out, argmax, num, channels, feats.stride(0), feats.stride(1),
             MODE=_MODES[reduce_type],
             ACC=tl.float64 if feats.dtype == torch.float64 else tl.float32, BLOCK_P=BLOCK_P,

@@ -1,7 +1,8 @@
 """``torch.ops.turbox_mm.geometric_kernel_attn``: the op, its fake, its autograd, its dispatch.
 
-Two ``torch.library.custom_op`` ops, each with a fake (shape-only) implementation so that
-``torch.compile`` traces through them without a graph break:
+Two ``torch.library`` ops (:func:`turbox_mm.ops._common.define_op`), each with a fake
+(shape-only) implementation so that ``torch.compile`` traces through them without a graph
+break:
 
 - ``turbox_mm::geometric_kernel_attn(value, spatial_shapes, level_start_index, sampling_loc,
   attn_weight) -> Tensor``, the tensors of MapTR's ``GeometricKernelAttentionFunc`` (its
@@ -15,8 +16,9 @@ Each dispatches when called: a CUDA tensor with Triton importable runs the Trito
 in the environment) runs :func:`.reference.geometric_kernel_attn_reference`, its backward
 being the reference's own autograd (``torch.func.vjp``), and warns once per process.
 
-``custom_op`` rather than ``triton_op``: the op also holds the CPU path, whose reference reads
-the level tables on the host; an opaque op with an explicit fake serves both paths.
+An opaque op rather than ``triton_op``: the op also holds the CPU path, whose reference reads
+the level tables on the host; an opaque op with an explicit fake serves both paths. Not
+``torch.library.custom_op`` either, for its host time per call (:mod:`.._common`).
 """
 from typing import Tuple
 
@@ -45,6 +47,9 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
 
     Only shapes, dtypes and devices: nothing here reads a tensor's values (no host sync).
     """
+    if _common.multi_scale_inputs_fit(value, spatial_shapes, level_start_index, sampling_loc,
+                                      attn_weight, _LOCATIONS):
+        return  # the common case, in one expression; otherwise find what to raise
     _common.check_float_dtypes('geometric_kernel_attn', value=value, attn_weight=attn_weight)
     if sampling_loc.dtype not in _LOCATIONS:
         raise ValueError('geometric_kernel_attn: sampling_loc must be int64 (or int32) pixel '
@@ -58,9 +63,8 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
                              attn_weight=attn_weight)
 
 
-@torch.library.custom_op('turbox_mm::geometric_kernel_attn', mutates_args=())
-def geometric_kernel_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                             sampling_loc: Tensor, attn_weight: Tensor) -> Tensor:
+def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+             sampling_loc: Tensor, attn_weight: Tensor) -> Tensor:
     """Geometric kernel attention (see :mod:`.reference`): ``[bs, num_query, heads * D]``."""
     check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
     if _dispatch.use_kernel(value):
@@ -71,17 +75,15 @@ def geometric_kernel_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_
                                            sampling_loc, attn_weight).contiguous()
 
 
-@geometric_kernel_attn_op.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_loc, attn_weight):
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_loc, attn_weight):
     check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
     bs, _, heads, dims = value.shape
     return value.new_empty((bs, sampling_loc.shape[1], heads * dims))
 
 
-@torch.library.custom_op('turbox_mm::geometric_kernel_attn_backward', mutates_args=())
-def geometric_kernel_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
-                                      level_start_index: Tensor, sampling_loc: Tensor,
-                                      attn_weight: Tensor) -> Tuple[Tensor, Tensor]:
+def _backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+              level_start_index: Tensor, sampling_loc: Tensor,
+              attn_weight: Tensor) -> Tuple[Tensor, Tensor]:
     """Gradients of ``value`` and ``attn_weight``, each in its input's dtype."""
     if _dispatch.use_kernel(value):
         return triton_kernels.geometric_kernel_attn_backward(grad_output, value, spatial_shapes,
@@ -95,10 +97,13 @@ def geometric_kernel_attn_backward_op(grad_output: Tensor, value: Tensor, spatia
     return _common.reference_vjp(forward, (value, attn_weight), grad_output)
 
 
-@geometric_kernel_attn_backward_op.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_loc, attn_weight):
+def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_loc,
+                   attn_weight):
     return value.new_empty(value.shape), attn_weight.new_empty(attn_weight.shape)
 
 
+geometric_kernel_attn_op = _common.define_op('geometric_kernel_attn', _forward, _forward_fake)
+geometric_kernel_attn_backward_op = _common.define_op('geometric_kernel_attn_backward',
+                                                      _backward, _backward_fake)
 # value and attn_weight; the level tables and the integer locations get no gradient.
-_common.register_backward_op(geometric_kernel_attn_op, geometric_kernel_attn_backward_op, (0, 4))
+_common.register_autograd(geometric_kernel_attn_op, geometric_kernel_attn_backward_op, (0, 4))

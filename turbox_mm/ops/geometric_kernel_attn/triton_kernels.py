@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_launch import KernelPair
+from .._triton_launch import KernelPair, cdiv, next_power_of_2
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -180,12 +180,12 @@ _MAX_BLOCK_K = 16
 
 def _block_d(dims: int) -> int:
     """``BLOCK_D``: every channel of a head, padded to 2**k."""
-    return triton.next_power_of_2(max(dims, 1))
+    return next_power_of_2(max(dims, 1))
 
 
 def _block_k(samples: int, chunk) -> int:
     """``BLOCK_K`` for ``levels * points = samples`` and a candidate's chunk ('all' or n)."""
-    full = min(triton.next_power_of_2(max(samples, 1)), _MAX_BLOCK_K)
+    full = min(next_power_of_2(max(samples, 1)), _MAX_BLOCK_K)
     return full if chunk == 'all' else min(chunk, full)
 
 
@@ -227,7 +227,7 @@ def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple
     heads = scalars['HEADS']
 
     def grid(meta):
-        return (bs * triton.cdiv(scalars['Q'], meta['BLOCK_Q']) * heads, )
+        return (bs * cdiv(scalars['Q'], meta['BLOCK_Q']) * heads, )
 
     block_k = _block_k(scalars['LP'], 'all')  # the interpreter: every sample at once
     _KERNELS.launch(kind, (scalars['LP'], block_d), device, grid, args,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_launch import cdiv
 from .reference import NUM_PARAMS
 
 BLOCK = 256
@@ -115,7 +116,7 @@ def warp_affine_u8(src: torch.Tensor, params: torch.Tensor, factor: int, out_h: 
     out = torch.empty((num, 3, out_h, out_w), dtype=torch.uint8, device=src.device)
     if num == 0 or out_h * out_w == 0:
         return out
-    blocks = triton.cdiv(out_h * out_w, BLOCK)
+    blocks = cdiv(out_h * out_w, BLOCK)
     _warp_u8_kernel[(blocks * num, )](src, params, out, hs, ws, -(-hs // factor),
                                       -(-ws // factor), out_h, out_w, blocks, NP=NUM_PARAMS,
                                       FACTOR=factor, HALF_UP=factor == 2,

@@ -1,7 +1,8 @@
 """``torch.ops.turbox_mm.ms_deform_attn``: the op, its fake, its autograd, its dispatch.
 
-Two ``torch.library.custom_op`` ops, each with a fake (shape-only) implementation so that
-``torch.compile`` traces through them without a graph break:
+Two ``torch.library`` ops (:func:`turbox_mm.ops._common.define_op`), each with a fake
+(shape-only) implementation so that ``torch.compile`` traces through them without a graph
+break:
 
 - ``turbox_mm::ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
   attention_weights) -> Tensor``, the tensors of mmcv's ``MultiScaleDeformableAttnFunction``
@@ -15,12 +16,12 @@ Each dispatches when called: a CUDA tensor with Triton importable runs the Trito
 in the environment) runs :func:`.reference.ms_deform_attn_reference`, its backward being the
 reference's own autograd (``torch.func.vjp``), and warns once per process.
 
-``custom_op`` rather than ``triton_op``: the op also holds the CPU path, whose reference reads
-the level tables on the host; an opaque op with an explicit fake serves both paths.
+An opaque op rather than ``triton_op``: the op also holds the CPU path, whose reference reads
+the level tables on the host; an opaque op with an explicit fake serves both paths. Not
+``torch.library.custom_op`` either, for its host time per call (:mod:`.._common`).
 """
 from typing import Tuple
 
-import torch
 from torch import Tensor
 
 from .. import _common, dispatch
@@ -43,6 +44,9 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
 
     Only shapes, dtypes and devices: nothing here reads a tensor's values (no host sync).
     """
+    if _common.multi_scale_inputs_fit(value, spatial_shapes, level_start_index,
+                                      sampling_locations, attention_weights, _common.FLOATS):
+        return  # the common case, in one expression; otherwise find what to raise
     _common.check_float_dtypes('ms_deform_attn', value=value,
                                sampling_locations=sampling_locations,
                                attention_weights=attention_weights)
@@ -56,9 +60,8 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tenso
                              attention_weights=attention_weights)
 
 
-@torch.library.custom_op('turbox_mm::ms_deform_attn', mutates_args=())
-def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                      sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+def _forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+             sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention (see :mod:`.reference`): ``[bs, num_query, heads * D]``."""
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _dispatch.use_kernel(value):
@@ -68,17 +71,16 @@ def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: 
                                     attention_weights).contiguous()
 
 
-@ms_deform_attn_op.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights):
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     bs, _, heads, dims = value.shape
     return value.new_empty((bs, sampling_locations.shape[1], heads * dims))
 
 
-@torch.library.custom_op('turbox_mm::ms_deform_attn_backward', mutates_args=())
-def ms_deform_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
-                               level_start_index: Tensor, sampling_locations: Tensor,
-                               attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+              level_start_index: Tensor, sampling_locations: Tensor,
+              attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``value``, ``sampling_locations`` and ``attention_weights``, each in its
     input's dtype."""
     if _dispatch.use_kernel(value):
@@ -93,12 +95,14 @@ def ms_deform_attn_backward_op(grad_output: Tensor, value: Tensor, spatial_shape
                                  grad_output)
 
 
-@ms_deform_attn_backward_op.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-      attention_weights):
+def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights):
     return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
             attention_weights.new_empty(attention_weights.shape))
 
 
+ms_deform_attn_op = _common.define_op('ms_deform_attn', _forward, _forward_fake)
+ms_deform_attn_backward_op = _common.define_op('ms_deform_attn_backward', _backward,
+                                               _backward_fake)
 # value, sampling_locations and attention_weights; the level tables get no gradient.
-_common.register_backward_op(ms_deform_attn_op, ms_deform_attn_backward_op, (0, 3, 4))
+_common.register_autograd(ms_deform_attn_op, ms_deform_attn_backward_op, (0, 3, 4))

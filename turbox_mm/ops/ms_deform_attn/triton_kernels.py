@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_launch import KernelPair
+from .._triton_launch import KernelPair, cdiv, next_power_of_2
 
 # --------------------------------------------------------------------------------------------
 # Kernels
@@ -214,7 +214,7 @@ _BWD_CANDIDATES = ((512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4), (2048, 8
 
 def _block_sizes(points: int, dims: int) -> Tuple[int, int]:
     """``(BLOCK_P, BLOCK_D)``: all points and all channels of a head, padded to 2**k."""
-    return triton.next_power_of_2(max(points, 1)), triton.next_power_of_2(max(dims, 1))
+    return next_power_of_2(max(points, 1)), next_power_of_2(max(dims, 1))
 
 
 def _block_q(elements: int, block_p: int, block_d: int) -> int:
@@ -253,7 +253,7 @@ def _launch(kind: str, device: torch.device, bs: int, scalars: dict, args: tuple
     programs = bs * scalars['HEADS']
 
     def grid(meta):
-        return (programs * triton.cdiv(scalars['Q'], meta['BLOCK_Q']), )
+        return (programs * cdiv(scalars['Q'], meta['BLOCK_Q']), )
 
     _KERNELS.launch(kind, (block_p, block_d), device, grid, args,
                     dict(scalars, ACC=acc, BLOCK_P=block_p, BLOCK_D=block_d), config,

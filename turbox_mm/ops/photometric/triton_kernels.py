@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_launch import cdiv
 from .reference import NUM_PARAMS, _FLT_EPSILON
 
 BLOCK = 512
@@ -103,7 +104,7 @@ def photometric_normalize(imgs: torch.Tensor, params: torch.Tensor, mean: torch.
     out = torch.empty((num, 3, h, w), dtype=torch.float32, device=device)
     if num == 0 or h * w == 0:
         return out
-    blocks = triton.cdiv(h * w, BLOCK)
+    blocks = cdiv(h * w, BLOCK)
     _photometric_kernel[(blocks * num, )](imgs, params, mean, std, out, h * w, _FLT_EPSILON,
                                           blocks, NP=NUM_PARAMS,
                                           AUGMENT=bool(augment), CLIP=bool(saturation_clip),

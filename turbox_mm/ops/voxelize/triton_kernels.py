@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_launch import cdiv, next_power_of_2
 from .reference import compute_dtype
 
 BLOCK = 256
@@ -177,7 +178,7 @@ def _scatter_kernel(pts_ptr, skey_ptr, order_ptr, firsts_ptr, before_ptr, offset
 
 
 def _grid(num: int):
-    return (triton.cdiv(max(num, 1), BLOCK), )
+    return (cdiv(max(num, 1), BLOCK), )
 
 
 def _params(points: Tensor, voxel_size: Sequence[float],
@@ -241,5 +242,5 @@ def hard_voxelize(points: Tensor, sample_sizes: Sequence[int], voxel_size: Seque
             points, sorted_keys, order, firsts, before, ends - opened, voxels, coors,
             num_points, num, channels, dropped, _steps(num), stride_n, stride_c, grid[0],
             grid[1], volume, grid[0] * grid[1], MAX_POINTS=max_points, MAX_VOXELS=max_voxels,
-            BLOCK=BLOCK, CBLOCK=min(triton.next_power_of_2(max(channels, 1)), 16))
+            BLOCK=BLOCK, CBLOCK=min(next_power_of_2(max(channels, 1)), 16))
     return voxels, coors, num_points
