@@ -7,6 +7,12 @@ y forward over ``[pc_range[1], pc_range[4]]`` (60 m). The head predicts points i
 are the ones of upstream's ``normalize_2d_pts`` / ``denormalize_2d_pts`` /
 ``normalize_2d_bbox`` / ``denormalize_2d_bbox`` (subtract, then divide; multiply, then add),
 so that the numbers match to the last bit.
+
+The normalisations divide by a tensor of the patch's extent, as upstream. Upstream makes it with
+``new_tensor`` (a host-to-device copy, which waits for the device); with ``sync_free=True`` (the
+turbox paths) the same numbers are filled on the device instead. Both divide by a device
+tensor, so the results are bit-identical (dividing by a Python scalar would not be: CUDA
+multiplies by its reciprocal).
 """
 from typing import Sequence, Tuple
 
@@ -22,8 +28,22 @@ def _extent(pc_range: Sequence[float]) -> Tuple[float, float]:
     return pc_range[3] - pc_range[0], pc_range[4] - pc_range[1]
 
 
-def normalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
+def _extent_tensor(like: Tensor, values: Sequence[float], sync_free: bool) -> Tensor:
+    """``values`` as a 1-D tensor of ``like``'s dtype and device: upstream's ``new_tensor``
+    (a host-to-device copy), or with ``sync_free`` filled on the device (no host data)."""
+    if not sync_free:
+        return like.new_tensor(values)
+    return torch.stack([like.new_full((), value) for value in values])
+
+
+def normalize_2d_pts(pts: Tensor, pc_range: Sequence[float], sync_free: bool = False) -> Tensor:
     """Metric ``[..., 2]`` points -> ``[0, 1]`` over the patch.
+
+    Args:
+        pts (Tensor): ``[..., 2]`` metric points.
+        pc_range (Sequence[float]): The point cloud range.
+        sync_free (bool): Divide by an extent made on the device (the same numbers, no
+            host-to-device copy). Defaults to False (upstream's ``new_tensor``).
 
     Examples:
         >>> normalize_2d_pts(torch.tensor([[-15., 30.]]), [-15, -30, -2, 15, 30, 2]).tolist()
@@ -31,7 +51,7 @@ def normalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
     """
     width, height = _extent(pc_range)
     shifted = torch.stack([pts[..., 0] - pc_range[0], pts[..., 1] - pc_range[1]], -1)
-    return shifted / pts.new_tensor([width, height])
+    return shifted / _extent_tensor(pts, [width, height], sync_free)
 
 
 def denormalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
@@ -46,13 +66,15 @@ def denormalize_2d_pts(pts: Tensor, pc_range: Sequence[float]) -> Tensor:
                        -1)
 
 
-def normalize_2d_bbox(bboxes: Tensor, pc_range: Sequence[float]) -> Tensor:
-    """Metric ``(x1, y1, x2, y2)`` -> normalised ``(cx, cy, w, h)``."""
+def normalize_2d_bbox(bboxes: Tensor, pc_range: Sequence[float],
+                      sync_free: bool = False) -> Tensor:
+    """Metric ``(x1, y1, x2, y2)`` -> normalised ``(cx, cy, w, h)`` (``sync_free`` as
+    :func:`normalize_2d_pts`)."""
     width, height = _extent(pc_range)
     cxcywh = bbox_xyxy_to_cxcywh(bboxes)
     shifted = torch.cat([cxcywh[..., 0:1] - pc_range[0], cxcywh[..., 1:2] - pc_range[1],
                          cxcywh[..., 2:4]], -1)
-    return shifted / bboxes.new_tensor([width, height, width, height])
+    return shifted / _extent_tensor(bboxes, [width, height, width, height], sync_free)
 
 
 def denormalize_2d_bbox(bboxes: Tensor, pc_range: Sequence[float]) -> Tensor:

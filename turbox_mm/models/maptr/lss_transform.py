@@ -247,7 +247,7 @@ class LSSTransform(BaseModule):
     def frustum(self, img_metas: Sequence[dict], feature_size: Tuple[int, int],
                 device: torch.device) -> Tensor:
         """The ``[D, fH, fW, 3]`` frustum of the first sample's first ``img_shape`` (module
-        docstring), cached per size and device."""
+        docstring), cached per size and device (turbox: uploaded without a host wait)."""
         shape = img_metas[0]['img_shape']
         first = shape if isinstance(shape[0], (int, np.integer)) else shape[0]
         height, width = int(first[0]), int(first[1])
@@ -259,7 +259,9 @@ class LSSTransform(BaseModule):
                              f'{height // ds} x {width // ds}')
         key = (height, width, fh, fw, str(device))
         if key not in self._frusta:
-            self._frusta[key] = image_frustum((height, width), (fh, fw), self.dbound).to(device)
+            frustum = image_frustum((height, width), (fh, fw), self.dbound)
+            self._frusta[key] = (upload(frustum, device) if self.op_impl == 'turbox'
+                                 else frustum.to(device))
         return self._frusta[key]
 
     @staticmethod

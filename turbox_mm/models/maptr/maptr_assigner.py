@@ -85,7 +85,8 @@ class MapTRAssigner:
         self.pc_range = list(PC_RANGE if pc_range is None else pc_range)
 
     def cost(self, bbox_pred: Tensor, cls_pred: Tensor, pts_pred: Tensor, gt_bboxes: Tensor,
-             gt_labels: Tensor, gt_pts: Tensor) -> Tuple[Tensor, Tensor]:
+             gt_labels: Tensor, gt_pts: Tensor,
+             sync_free: bool = False) -> Tuple[Tensor, Tensor]:
         """The cost matrices and the best order of every pair.
 
         Predictions may carry leading dimensions ``S`` (e.g. ``[layers, batch]``), the ground
@@ -98,6 +99,8 @@ class MapTRAssigner:
             gt_bboxes (Tensor): ``[*S', G, 4]`` metric ``(x1, y1, x2, y2)``.
             gt_labels (Tensor): ``[*S', G]`` long.
             gt_pts (Tensor): ``[*S', G, O, P_gt, 2]`` metric points of each order.
+            sync_free (bool): Normalise the ground truth without upstream's host-to-device
+                copies (the same numbers; :mod:`.geometry`). Defaults to False.
 
         Returns:
             tuple[Tensor, Tensor]: cost ``[*S, Q, G]`` and ``order_index`` ``[*S, Q, G]``.
@@ -117,19 +120,19 @@ class MapTRAssigner:
             flat = pts_pred.reshape(-1, pts_pred.shape[-2], 2).permute(0, 2, 1)
             flat = F.interpolate(flat, size=gt_points, mode='linear', align_corners=True)
             pts_pred = flat.permute(0, 2, 1).reshape(*lead, num_query, gt_points, 2)
-        ordered = self.pts_cost(pts_pred, normalize_2d_pts(gt_pts, self.pc_range))
+        ordered = self.pts_cost(pts_pred, normalize_2d_pts(gt_pts, self.pc_range, sync_free))
         pts_cost, order_index = ordered.view(*lead, num_query, num_gts, num_orders).min(-1)
         cost = cost + pts_cost
 
         if self.reg_weight != 0:
-            cost = cost + self.reg_weight * self._l1(bbox_pred, gt_bboxes)
+            cost = cost + self.reg_weight * self._l1(bbox_pred, gt_bboxes, sync_free)
         if self.iou_weight != 0:
             cost = cost - self.iou_weight * self._overlaps(bbox_pred, gt_bboxes)
         return cost, order_index
 
-    def _l1(self, bbox_pred: Tensor, gt_bboxes: Tensor) -> Tensor:
+    def _l1(self, bbox_pred: Tensor, gt_bboxes: Tensor, sync_free: bool = False) -> Tensor:
         """mmdet 2.x ``BBoxL1Cost`` on upstream's inputs (module docstring)."""
-        gt = normalize_2d_bbox(gt_bboxes, self.pc_range)
+        gt = normalize_2d_bbox(gt_bboxes, self.pc_range, sync_free)
         if self.reg_box_format == 'xywh':
             gt = bbox_xyxy_to_cxcywh(gt)
         else:

@@ -262,13 +262,16 @@ class MapTRPerceptionTransformer(BaseModule):
 
     def _level_tables_of(self, feats: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
         """``spatial_shapes [levels, 2]`` and ``level_start_index [levels]`` of the camera
-        features (turbox: cached per shapes and device)."""
+        features (turbox: uploaded without a host wait and cached per shapes and device)."""
         shapes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in feats)
         device = feats[0].device
         key = (shapes, str(device))
         if self.op_impl == 'turbox' and key in self._level_tables:
             return self._level_tables[key]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        if self.op_impl == 'turbox':
+            spatial_shapes = upload(np.asarray(shapes, dtype=np.int64).reshape(-1, 2), device)
+        else:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
         start = torch.cat((spatial_shapes.new_zeros((1, )),
                            spatial_shapes.prod(1).cumsum(0)[:-1]))
         if self.op_impl == 'turbox':

@@ -11,8 +11,10 @@ boolean indexing and ``.item()`` reads. Here (the head's ``op_impl='turbox'``):
   :func:`turbox_mm.models.sparse4d.matching.solve_batched`: the first group's matrices are the
   transfer, the other groups' ride along as its ``extras``; each matrix is solved on its own
   samples' columns by the same scipy solver, and the pairs go back without a host wait;
-- :func:`build_targets` scatters the targets from the pairs; the positive count of each layer
-  is counted on the device (``bincount``), so the losses need no host read;
+- :func:`build_targets` scatters the targets from the pairs (weights by ``index_fill_``, not
+  by assigning a Python scalar, which torch copies from the host); the positive count of each
+  layer is counted on the device (a comparison and a sum: ``bincount`` would read its output
+  size on the host), so the losses need no host read;
 - :func:`turbox_losses` computes the head's losses from them with the stock path's values.
 
 Padded columns are never solved, so each matrix is the per-sample one. The only difference
@@ -90,7 +92,7 @@ def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, Padd
         layers, batch, queries = cls.shape[:3]
         with torch.no_grad():
             cost, order = assigner.cost(bbox.detach(), cls.detach(), pts.detach(),
-                                        gt.bboxes, gt.labels, gt.shifts)
+                                        gt.bboxes, gt.labels, gt.shifts, sync_free=True)
         costs.append(cost.reshape(layers * batch, queries, -1))
         orders.append(order.reshape(layers * batch, queries, -1))
         todo.append(index)
@@ -134,10 +136,12 @@ def build_targets(cls: Tensor, gt: PaddedGT, pairs: Tensor, order_index: Tensor,
         order = order_index[matrix, row, col]
         labels[flat] = gt.labels[sample, col]
         bbox_targets[flat] = gt.bboxes[sample, col].to(dtype)
-        bbox_weights[flat] = 1.0
+        bbox_weights.index_fill_(0, flat, 1.0)  # not `[flat] = 1.0`: a host scalar, copied
         pts_targets[flat] = gt.shifts[sample, col, order].to(dtype)
-        pts_weights[flat] = 1.0
-    num_pos = torch.bincount(matrix // batch, minlength=layers).to(dtype)
+        pts_weights.index_fill_(0, flat, 1.0)
+    # pairs per layer (bincount would read its size on the host)
+    layer_of_pair = matrix // batch
+    num_pos = (layer_of_pair == torch.arange(layers, device=device)[:, None]).sum(1).to(dtype)
     shape = (layers, batch * queries)
     return Targets(labels.view(shape), label_weights.view(shape),
                    bbox_targets.view(*shape, 4), bbox_weights.view(*shape, 4),
@@ -167,7 +171,7 @@ def layer_losses(head, preds: Dict[str, Tensor], targets: Targets) -> List[Tuple
     are zeros that keep the graph."""
     num_pos = reduce_mean(targets.num_pos.clone()).clamp(min=1)
     cls_avg = num_pos if head.sync_cls_avg_factor else targets.num_pos.clamp(min=1)
-    normalized = normalize_2d_bbox(targets.bbox_targets, head.pc_range)
+    normalized = normalize_2d_bbox(targets.bbox_targets, head.pc_range, sync_free=True)
     finite = torch.isfinite(normalized).all(-1)
     keep = finite[..., None].to(normalized.dtype)
     normalized = torch.where(finite[..., None], normalized, 0.0)
@@ -175,7 +179,7 @@ def layer_losses(head, preds: Dict[str, Tensor], targets: Targets) -> List[Tuple
     bbox_weights = targets.bbox_weights * head.code_weights * keep
     pts_targets = torch.where(finite[..., None, None], targets.pts_targets, 0.0)
     pts_weights = targets.pts_weights * keep[..., None]
-    norm_pts_targets = normalize_2d_pts(pts_targets, head.pc_range)
+    norm_pts_targets = normalize_2d_pts(pts_targets, head.pc_range, sync_free=True)
     step = head.dir_interval
     target_dirs = pts_targets[:, :, step:] - pts_targets[:, :, :-step]
     out = []
