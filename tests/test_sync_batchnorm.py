@@ -117,7 +117,7 @@ class HostSync(RuntimeError):
 def no_host_sync():
     """Make every Python-level read of a tensor value on the host raise."""
     names = ('item', 'tolist', 'numpy', '__bool__', '__float__', '__int__', '__index__')
-    saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved = {n: vars(torch.Tensor).get(n) for n in names}  # None: inherited from TensorBase
 
     def forbid(name):
 
@@ -132,7 +132,10 @@ def no_host_sync():
         yield
     finally:
         for n, fn in saved.items():
-            setattr(torch.Tensor, n, fn)
+            if fn is None:
+                delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, fn)
 
 
 @contextlib.contextmanager
