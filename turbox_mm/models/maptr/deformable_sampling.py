@@ -1,6 +1,15 @@
 """What MapTR's two deformable attentions (:class:`.TemporalSelfAttention` and
 :class:`.CustomMSDeformableAttention`) share: the sampling op chosen by ``op_impl`` and the
-initial sampling offsets (mmcv's, BEVFormer's)."""
+initial sampling offsets (mmcv's, BEVFormer's).
+
+``op_impl='turbox'`` on CUDA runs turbox_mm's MSDA op where it pays and mmcv's CUDA op below
+:data:`TURBOX_MIN_SAMPLES` sampling points a call. Measured on the H200 (docs/benchmarks.md,
+"Ops", MapTR, commit c7af3f1), forward + backward: at MapTR's decoder sizes the calls are
+host-bound and turbox's takes longer to launch (0.59 ms of host time against mmcv's 0.36):
+0.825 against 0.399 ms at 4 x 1000 queries (128k samples), 0.816 against 0.723 ms at 4 x 7000
+(896k); from the TSA and encoder sizes (5.1M samples) up the GPU time dominates and turbox's
+is 2.1x faster.
+"""
 import math
 
 import torch
@@ -10,19 +19,40 @@ from torch import Tensor, nn
 
 from turbox_mm.ops.ms_deform_attn import ms_deform_attn
 
+#: Sampling points a call (batch x queries x heads x levels x points) from which the turbox
+#: path runs turbox_mm's MSDA op on CUDA; below, mmcv's CUDA op (module docstring).
+TURBOX_MIN_SAMPLES = 1 << 20
+
+
+def turbox_op_pays(value: Tensor, locations: Tensor) -> bool:
+    """Whether the turbox path runs turbox_mm's op for ``locations`` ``[bs, q, heads, levels,
+    points, 2]`` on ``value``: off CUDA always (mmcv has no CPU kernel), on CUDA from
+    :data:`TURBOX_MIN_SAMPLES` sampling points.
+
+    Examples:
+        >>> turbox_op_pays(torch.zeros(4, 20000, 8, 32), torch.zeros(4, 1000, 8, 1, 4, 2))  # CPU
+        True
+    """
+    return not value.is_cuda or locations[..., 0].numel() >= TURBOX_MIN_SAMPLES
+
 
 def deformable_attention(op_impl: str, value: Tensor, spatial_shapes: Tensor,
                          level_start_index: Tensor, locations: Tensor, weights: Tensor,
                          im2col_step: int = 64) -> Tensor:
     """Multi-scale deformable attention ``[bs, q, C]``, mmcv's argument order and layout.
 
-    ``'turbox'``: :func:`turbox_mm.ops.ms_deform_attn.ms_deform_attn`; ``'stock'``: mmcv's
+    ``'turbox'``: :func:`turbox_mm.ops.ms_deform_attn.ms_deform_attn` (mmcv's CUDA op for
+    small calls, :func:`turbox_op_pays`; the output in ``value``'s dtype); ``'stock'``: mmcv's
     CUDA ``MultiScaleDeformableAttnFunction`` on float32 inputs (BEVFormer's ``_fp32``
     variant; the output stays float32) on CUDA, mmcv's PyTorch function elsewhere.
     """
     if op_impl == 'turbox':
-        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                              im2col_step)
+        if turbox_op_pays(value, locations):
+            return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                                  im2col_step)
+        return MultiScaleDeformableAttnFunction.apply(
+            value.float(), spatial_shapes, level_start_index, locations.float(),
+            weights.float(), im2col_step).to(value.dtype)
     if value.is_cuda:
         return MultiScaleDeformableAttnFunction.apply(value.float(), spatial_shapes,
                                                       level_start_index, locations.float(),
