@@ -7,7 +7,7 @@ import numpy as np
 from mmcv.transforms import BaseTransform
 
 from turbox_mm.registry import TRANSFORMS
-from .load_multiview_images import block_average
+from .jpeg_utils import block_average
 
 INTERPOLATIONS = {
     'nearest': cv2.INTER_NEAREST,

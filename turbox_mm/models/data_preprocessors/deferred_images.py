@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from turbox_mm.datasets.transforms.load_multiview_images import block_average
+from turbox_mm.datasets.transforms.jpeg_utils import block_average
 from turbox_mm.datasets.transforms.multiview_affine_aug import (block_factor,
                                                                 block_factors, decoded_warp)
 from turbox_mm.ops.image_warp import NUM_PARAMS as NUM_WARP_PARAMS

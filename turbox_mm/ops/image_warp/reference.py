@@ -60,7 +60,7 @@ def warp_to_theta(warp: np.ndarray, src_hw: Tuple[int, int],
 
 
 def block_average_tensor(src: Tensor, factor: int) -> Tensor:
-    """:func:`~turbox_mm.datasets.transforms.load_multiview_images.block_average` on a batch.
+    """:func:`~turbox_mm.datasets.transforms.jpeg_utils.block_average` on a batch.
 
     The last row and column of blocks are completed by repeating the edge, then each
     ``factor x factor`` block is averaged (``avg_pool2d``; exact in float32, the sums being
