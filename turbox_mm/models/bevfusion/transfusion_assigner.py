@@ -13,12 +13,12 @@ then scipy's ``linear_sum_assignment`` on the host. A sample without ground trut
 every proposal to the background (upstream fails there).
 
 :meth:`HungarianAssigner3D.cost` with ``sync_free=True`` (the batched turbox targets) gives the
-same costs without the host waits of the stock procedure: the range constants come from a
-per-device cache instead of ``new_tensor`` (a host-to-device copy each call), and for mmdet3d's
-LiDAR ``BboxOverlaps3D`` the IoU is :func:`lidar_iou_3d`, the same operations without the
-list indexing of the boxes' ``bev`` property (another host copy).
+same costs without the host waits of the stock procedure: the range constants come from
+``device_constant`` (uploaded once) instead of ``new_tensor`` (a host-to-device copy each
+call), and for mmdet3d's LiDAR ``BboxOverlaps3D`` the IoU is :func:`lidar_iou_3d`, the same
+operations without the list indexing of the boxes' ``bev`` property (another host copy).
 """
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from mmcv.ops import box_iou_rotated
@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
-from turbox_mm.utils.upload import upload
+from turbox_mm.utils.upload import device_constant
 
 
 @TASK_UTILS.register_module()
@@ -37,28 +37,21 @@ class BBoxBEVL1Cost:
 
     def __init__(self, weight: float) -> None:
         self.weight = weight
-        self._ranges: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
     def __call__(self, bboxes: Tensor, gt_bboxes: Tensor, train_cfg: Dict,
                  sync_free: bool = False) -> Tensor:
-        """``[P, G]`` costs; ``sync_free`` takes the range constants from a per-device cache
-        (the same values) instead of two host-to-device copies."""
+        """``[P, G]`` costs; ``sync_free`` takes the range constants from
+        :func:`~turbox_mm.utils.upload.device_constant` (the same values) instead of two
+        host-to-device copies."""
         pcr = train_cfg['point_cloud_range']
         if sync_free:
-            start, extent = self._range(pcr, bboxes)
+            start = device_constant(pcr[0:2], bboxes)
+            extent = device_constant(pcr[3:5], bboxes) - start
         else:
             start = bboxes.new_tensor(pcr[0:2])
             extent = bboxes.new_tensor(pcr[3:5]) - start
         return torch.cdist((bboxes[:, :2] - start) / extent, (gt_bboxes[:, :2] - start) / extent,
                            p=1) * self.weight
-
-    def _range(self, pcr, like: Tensor) -> Tuple[Tensor, Tensor]:
-        key = (like.device, like.dtype, tuple(float(v) for v in pcr))
-        if key not in self._ranges:
-            start = upload(torch.tensor(pcr[0:2], dtype=like.dtype), like.device)
-            end = upload(torch.tensor(pcr[3:5], dtype=like.dtype), like.device)
-            self._ranges[key] = (start, end - start)
-        return self._ranges[key]
 
 
 def lidar_iou_3d(boxes1: Tensor, boxes2: Tensor) -> Tensor:

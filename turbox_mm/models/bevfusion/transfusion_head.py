@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from turbox_mm.models.losses import focal_loss_like_mmdet
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
-from turbox_mm.utils.upload import upload
+from turbox_mm.utils.upload import device_constant
 
 from .transfusion_targets import batched_targets
 
@@ -325,14 +325,10 @@ class TransFusionHead(nn.Module):
 
     def _code_weights(self, code_weights: Sequence[float], like: Tensor) -> Tensor:
         """``code_weights`` on ``like``'s device: a fresh host copy each call on the stock
-        path (upstream's ``new_tensor``), a per-device cache on the turbox path."""
+        path (upstream's ``new_tensor``), uploaded once on the turbox path."""
         if self.op_impl != 'turbox':
             return like.new_tensor(code_weights)
-        key = (like.device, like.dtype, tuple(code_weights))
-        cache = self.__dict__.setdefault('_code_weight_cache', {})
-        if key not in cache:
-            cache[key] = upload(torch.tensor(code_weights, dtype=like.dtype), like.device)
-        return cache[key]
+        return device_constant(code_weights, like)
 
     def _loss_bbox(self, box: Tensor, targets: Tensor, weights: Tensor, num_pos: int) -> Tensor:
         """The box loss normalised by the positive count. mmdet's ``L1Loss`` first asks the

@@ -10,7 +10,8 @@ so that the numbers match to the last bit.
 
 The normalisations divide by a tensor of the patch's extent, as upstream. Upstream makes it with
 ``new_tensor`` (a host-to-device copy, which waits for the device); with ``sync_free=True`` (the
-turbox paths) the same numbers are filled on the device instead. Both divide by a device
+turbox paths) the same numbers are uploaded once and kept on the device
+(:func:`turbox_mm.utils.upload.device_constant`). Both divide by a device
 tensor, so the results are bit-identical (dividing by a Python scalar would not be: CUDA
 multiplies by its reciprocal).
 """
@@ -19,6 +20,8 @@ from typing import Sequence, Tuple
 import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
 from torch import Tensor
+
+from turbox_mm.utils.upload import device_constant
 
 #: MapTR v1's point cloud range (``maptr_tiny_r50_24e``), the default of its modules.
 PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
@@ -30,10 +33,8 @@ def _extent(pc_range: Sequence[float]) -> Tuple[float, float]:
 
 def _extent_tensor(like: Tensor, values: Sequence[float], sync_free: bool) -> Tensor:
     """``values`` as a 1-D tensor of ``like``'s dtype and device: upstream's ``new_tensor``
-    (a host-to-device copy), or with ``sync_free`` filled on the device (no host data)."""
-    if not sync_free:
-        return like.new_tensor(values)
-    return torch.stack([like.new_full((), value) for value in values])
+    (a host-to-device copy), or with ``sync_free`` uploaded once (``device_constant``)."""
+    return device_constant(values, like) if sync_free else like.new_tensor(values)
 
 
 def normalize_2d_pts(pts: Tensor, pc_range: Sequence[float], sync_free: bool = False) -> Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
-from turbox_mm.utils.upload import upload
+from turbox_mm.utils.upload import device_constant, upload
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
 from .matching import INVALID_COST, solve, solve_batched
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
@@ -126,16 +126,11 @@ class SparseBox3DTarget(TemporalDnMixin):
         self.add_neg_dn = bool(add_neg_dn)
         self.num_classes = int(num_classes)
         self.dn_metas: Optional[Dict[str, Optional[Tensor]]] = None
-        self._constants: Dict[Tuple, Tensor] = {}
 
     def _constant(self, name: str, like: Tensor) -> Tensor:
         """``getattr(self, name)`` (a list of floats) as a tensor on ``like``'s device and dtype,
         uploaded once (an upload of a Python list waits for the device)."""
-        key = (name, like.device, like.dtype)
-        if key not in self._constants:
-            self._constants[key] = torch.tensor(getattr(self, name), dtype=like.dtype,
-                                                device=like.device)
-        return self._constants[key]
+        return device_constant(getattr(self, name), like)
 
     # ------------------------------------------------------------------------------------------
     # Encoding
