@@ -83,9 +83,6 @@ class OpDispatch:
 
     def use_kernel(self, tensor: Tensor) -> bool:
         """True to run the kernel; else warn once that the reference runs instead."""
-        if self.kernels_imported and (tensor.is_cuda or _state['kernel_on_cpu']) and \
-                os.environ.get(ENV_FORCE_REFERENCE, '') in ('', '0'):
-            return True  # the every-call case, without the calls of use_kernel
         return use_kernel(self.op_name, tensor, self.kernels_imported, self.reference)
 
 

@@ -46,17 +46,14 @@ def deformable_attention(op_impl: str, value: Tensor, spatial_shapes: Tensor,
     CUDA ``MultiScaleDeformableAttnFunction`` on float32 inputs (BEVFormer's ``_fp32``
     variant; the output stays float32) on CUDA, mmcv's PyTorch function elsewhere.
     """
-    if op_impl == 'turbox':
-        if turbox_op_pays(value, locations):
-            return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                                  im2col_step)
-        return MultiScaleDeformableAttnFunction.apply(
-            value.float(), spatial_shapes, level_start_index, locations.float(),
-            weights.float(), im2col_step).to(value.dtype)
-    if value.is_cuda:
-        return MultiScaleDeformableAttnFunction.apply(value.float(), spatial_shapes,
-                                                      level_start_index, locations.float(),
-                                                      weights.float(), im2col_step)
+    if op_impl == 'turbox' and turbox_op_pays(value, locations):
+        return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                              im2col_step)
+    if op_impl == 'turbox' or value.is_cuda:  # turbox's small calls (on CUDA) too
+        out = MultiScaleDeformableAttnFunction.apply(value.float(), spatial_shapes,
+                                                     level_start_index, locations.float(),
+                                                     weights.float(), im2col_step)
+        return out.to(value.dtype) if op_impl == 'turbox' else out
     return multi_scale_deformable_attn_pytorch(value, spatial_shapes, locations, weights)
 
 
