@@ -384,8 +384,8 @@ def test_v2_auxiliary_segmentation_heads_and_losses():
     grid = x.transpose(1, 2).reshape(2, DIMS, BEV_H, BEV_W)
     torch.testing.assert_close(preds['seg'], stock.seg_head(grid))
     bev_masks = torch.stack([s.gt_map_bev_seg for s in samples]).float()
-    expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0]))(preds['seg'],
-                                                                         bev_masks)
+    seg_loss = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0]))
+    expected = seg_loss(preds['seg'], bev_masks)
     torch.testing.assert_close(losses[0]['loss_seg'], expected)
     pv_masks = torch.stack([s.gt_map_pv_seg for s in samples]).float()
     expected = 2.0 * torch.nn.functional.binary_cross_entropy_with_logits(preds['pv_seg'],

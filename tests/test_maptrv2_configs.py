@@ -34,8 +34,8 @@ def test_model_values_are_upstreams():
     assert model.img_backbone.init_cfg.checkpoint == 'ckpts/resnet50-19c8e357.pth'
     encoder = model.bev_encoder
     assert encoder.type == 'turbox_mm.LSSTransform'
-    assert (encoder.in_channels, encoder.out_channels, encoder.feat_down_sample) == (256, 256,
-                                                                                       32)
+    shape = (encoder.in_channels, encoder.out_channels, encoder.feat_down_sample)
+    assert shape == (256, 256, 32)
     assert encoder.pc_range == PC_RANGE and encoder.voxel_size == [0.15, 0.15, 20.0]
     assert encoder.dbound == [1.0, 35.0, 0.5] and encoder.downsample == 2
     assert encoder.loss_depth_weight == 3.0
