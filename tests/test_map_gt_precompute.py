@@ -155,11 +155,14 @@ def test_malformed_annotation_is_named(edit, match):
 def test_classes_and_patch_size_are_checked():
     annotation = encode_map_annotation([], [], ['divider', 'boundary'], (60, 30))
     check_map_annotation(annotation, ('divider', 'boundary'), (60.0, 30.0), 's')
+    # some of the stored classes, in any order, are served (select_map_classes)
+    check_map_annotation(annotation, ('boundary', 'divider'), (60, 30), 's')
+    check_map_annotation(annotation, ('boundary', ), (60, 30), 's')
     with pytest.raises(MapAnnotationError, match=r"s: map_annotation was cut for classes "
                                                  r"\['divider', 'boundary'\], not "
-                                                 r"\['boundary', 'divider'\].*--classes "
-                                                 r"boundary divider --force"):
-        check_map_annotation(annotation, ('boundary', 'divider'), (60, 30), 's')
+                                                 r"\['boundary', 'centerline'\].*--classes "
+                                                 r"boundary centerline --force"):
+        check_map_annotation(annotation, ('boundary', 'centerline'), (60, 30), 's')
     with pytest.raises(MapAnnotationError, match=r'patch_size \[60\.0, 30\.0\], not '
                                                  r'\[100\.0, 50\.0\].*--patch-size 100 50'):
         check_map_annotation(annotation, ('divider', 'boundary'), (100, 50), 's')
@@ -242,9 +245,14 @@ def test_other_classes_or_patch_size_need_force(data):
     message = str(error.value)
     assert train in message and 'data_list[0]' in message and '--force' in message
     assert 'patch_size [60.0, 30.0], not [40.0, 20.0]' in message
+    # fewer classes are served by the stored ones (select_map_classes): kept as they are
+    before = read(train)
+    results = precompute_map_gt(train, root, classes=['divider'], workers=1)
+    assert results[0]['kept'] == 6 and read(train) == before
     with pytest.raises(MapAnnotationError, match=r"classes \['divider', 'ped_crossing', "
-                                                 r"'boundary'\], not \['divider'\]"):
-        precompute_map_gt(train, root, classes=['divider'], workers=1)
+                                                 r"'boundary'\], not \['divider', "
+                                                 r"'centerline'\]"):
+        precompute_map_gt(train, root, classes=['divider', 'centerline'], workers=1)
     results = precompute_map_gt(train, root, patch_size=(40, 20), classes=['divider'],
                                 force=True, workers=1)
     assert results[0]['overwritten'] == 6
@@ -263,7 +271,7 @@ def test_other_classes_or_patch_size_need_force(data):
     with pytest.raises(MapAnnotationError, match=r'data_list\[4\].*num_vertices is missing'):
         precompute_map_gt(train, root, patch_size=(40, 20), classes=['divider'], workers=1)
     with pytest.raises(MapAnnotationError, match='expected some of'):
-        precompute_map_gt(train, root, classes=['centerline'])
+        precompute_map_gt(train, root, classes=['stop_line'])
 
 
 def test_missing_map_location_names_the_map_fields_step(data):
@@ -406,7 +414,7 @@ def test_precomputed_checks_classes_and_patch_size(annotated):
     info = load(osp.join(annotated, 'nuscenes_infos_train.pkl'))['data_list'][0]
     with pytest.raises(MapAnnotationError, match=rf"LoadMapGT, sample {info['token']}: "
                                                  r"map_annotation was cut for classes"):
-        LoadMapGT(annotated, impl='precomputed', map_classes=['divider'])(dict(info))
+        LoadMapGT(annotated, impl='precomputed', map_classes=['centerline'])(dict(info))
     with pytest.raises(MapAnnotationError, match=r'not \[40\.0, 20\.0\].*--patch-size 40 20'):
         LoadMapGT(annotated, impl='precomputed', patch_size=(40, 20))(dict(info))
 

@@ -131,9 +131,9 @@ def parse_args(argv=None):
                      help="LoadMapGT's patch_size: metres along the lidar's y, then x axis "
                           '(default: 60 30)')
     mgt.add_argument('--classes', nargs='+', default=['divider', 'ped_crossing', 'boundary'],
-                     choices=['divider', 'ped_crossing', 'boundary'],
+                     choices=['divider', 'ped_crossing', 'boundary', 'centerline'],
                      help="LoadMapGT's map_classes, in order (default: divider ped_crossing "
-                          'boundary)')
+                          'boundary; MapTR v2 _w_centerline configs add centerline)')
     mgt.add_argument('--force', action='store_true',
                      help='cut and rewrite every sample (else samples that carry a '
                           'map_annotation for the same classes and patch size are kept, and '

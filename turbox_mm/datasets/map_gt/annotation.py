@@ -18,7 +18,11 @@ for bit::
 
 The instances are in the reference's order, in the lidar frame; a closed ring repeats its
 first vertex. ``classes`` and ``patch_size`` record what the polylines were cut for, so a
-transform asking for others fails instead of training on another patch.
+transform asking for others fails instead of training on another patch. A transform asking
+for some of the stored classes, in any order, gets those (:func:`select_map_classes`: each
+class's instances in their stored order), as upstream's v2 dataset picks its classes out of
+the converter's annotation of all four: one map-gt run with ``centerline`` serves the
+``_w_centerline`` configs and the three-class ones.
 
 Why bytes rather than arrays: the info files hold plain Python values only (they load under
 numpy 1 and 2, docs/data.md), and the ~34k samples of nuScenes with tens of instances each
@@ -40,13 +44,16 @@ from typing import Sequence, Tuple
 import numpy as np
 
 __all__ = ['MAP_ANNOTATION', 'MapAnnotationError', 'encode_map_annotation',
-           'decode_map_annotation', 'check_map_annotation']
+           'decode_map_annotation', 'check_map_annotation', 'select_map_classes',
+           'LABEL_OF_CLASS']
 
 #: The info key the map-gt step writes.
 MAP_ANNOTATION = 'map_annotation'
 #: The keys of a ``map_annotation``.
 KEYS = ('classes', 'patch_size', 'labels', 'num_vertices', 'vertices')
 _DTYPE = np.dtype('<f8')
+#: The label of each map class (upstream's ``CLASS2LABEL``, whatever the classes' order).
+LABEL_OF_CLASS = {'divider': 0, 'ped_crossing': 1, 'boundary': 2, 'centerline': 3}
 
 
 class MapAnnotationError(ValueError):
@@ -123,10 +130,10 @@ def decode_map_annotation(annotation: dict, where: str = 'map_annotation'
 
 def check_map_annotation(annotation: dict, classes: Sequence[str], patch_size: Sequence[float],
                          where: str = 'map_annotation') -> None:
-    """Raise unless ``annotation`` was cut for ``classes`` and ``patch_size``.
+    """Raise unless ``annotation`` was cut for ``patch_size`` and for ``classes`` (or more).
 
     Raises:
-        MapAnnotationError: Other classes (or another order), another patch size, or either
+        MapAnnotationError: Classes that were not cut, another patch size, or either
             missing; the message names both values.
     """
     for key in ('classes', 'patch_size'):
@@ -136,7 +143,7 @@ def check_map_annotation(annotation: dict, classes: Sequence[str], patch_size: S
     stored_patch = tuple(float(v) for v in annotation['patch_size'])
     wanted_classes = tuple(classes)
     wanted_patch = tuple(float(v) for v in patch_size)
-    if stored_classes != wanted_classes:
+    if not set(wanted_classes) <= set(stored_classes):
         raise MapAnnotationError(
             f'{where}: map_annotation was cut for classes {list(stored_classes)}, not '
             f'{list(wanted_classes)}: rerun tools/create_data.py map-gt with --classes '
@@ -146,3 +153,27 @@ def check_map_annotation(annotation: dict, classes: Sequence[str], patch_size: S
             f'{where}: map_annotation was cut for patch_size {list(stored_patch)}, not '
             f'{list(wanted_patch)}: rerun tools/create_data.py map-gt with --patch-size '
             f'{" ".join(f"{v:g}" for v in wanted_patch)} --force')
+
+
+def select_map_classes(polylines: list, labels: np.ndarray, stored: Sequence[str],
+                       wanted: Sequence[str]) -> Tuple[list, np.ndarray]:
+    """The instances of ``wanted`` classes, class by class in that order, out of an
+    annotation cut for ``stored`` (which holds them: :func:`check_map_annotation`).
+
+    Each class's instances keep their stored order, so the result is what the vectoriser
+    gives when asked for ``wanted`` (it cuts each class on its own).
+
+    Examples:
+        >>> lines = [np.zeros((2, 2)) + k for k in range(4)]
+        >>> got, labels = select_map_classes(lines, np.array([0, 2, 0, 3]),
+        ...                                  ['divider', 'boundary', 'centerline'],
+        ...                                  ['centerline', 'divider'])
+        >>> labels.tolist(), [float(p[0, 0]) for p in got]
+        ([3, 0, 0], [3.0, 0.0, 2.0])
+    """
+    if tuple(stored) == tuple(wanted):
+        return polylines, labels
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    order = np.concatenate([np.flatnonzero(labels == LABEL_OF_CLASS[name])
+                            for name in wanted] + [np.zeros(0, np.int64)])
+    return [polylines[i] for i in order], labels[order]

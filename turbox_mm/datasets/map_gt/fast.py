@@ -15,6 +15,8 @@ into the patch frame, and cut (:mod:`.box_clip`):
 - ``boundary`` (2): the outline pieces inside the patch shrunk by 0.2 m: upstream's rings of
   the cut union lose exactly the patch's edges to that box, and what is left is the union's
   own outline inside it.
+- ``centerline`` (3, MapTR v2): :mod:`.centerline` (lanes discretised once per location,
+  joined per sample with dicts): same instances, same order as the reference.
 
 Order: dividers as upstream. Crossings and boundaries come exteriors first, then holes, as
 upstream, but the order of polygons within a class, and where a closed ring starts, follow
@@ -39,10 +41,12 @@ from typing import Sequence
 import numpy as np
 
 from .box_clip import box_ring, clip_arcs, link_rings, point_in_rings
+from .centerline import LaneCenterlines, centerline_instances
+from .centerline_reference import CENTERLINE_LABEL
 from .expansion_file import load_map_expansion
 from .location_geometry import LocationGeometry
 from .patch_pose import PatchPose, patch_pose
-from .reference import CLASS2LABEL, MAP_CLASSES, PATCH_MARGIN
+from .reference import CLASS2LABEL, KNOWN_MAP_CLASSES, MAP_CLASSES, PATCH_MARGIN
 
 
 class FastVectorizedLocalMap:
@@ -58,6 +62,7 @@ class FastVectorizedLocalMap:
         line_classes (Sequence[str]): Layers of ``divider``.
         ped_crossing_classes (Sequence[str]): Layers of ``ped_crossing``.
         contour_classes (Sequence[str]): The two layers whose outline is ``boundary``.
+        centerline_classes (Sequence[str]): The lane layers of ``centerline``.
 
     Examples:
         >>> vector_map = FastVectorizedLocalMap('data/nuscenes')  # doctest: +SKIP
@@ -68,17 +73,21 @@ class FastVectorizedLocalMap:
                  map_classes: Sequence[str] = MAP_CLASSES,
                  line_classes: Sequence[str] = ('road_divider', 'lane_divider'),
                  ped_crossing_classes: Sequence[str] = ('ped_crossing',),
-                 contour_classes: Sequence[str] = ('road_segment', 'lane')):
+                 contour_classes: Sequence[str] = ('road_segment', 'lane'),
+                 centerline_classes: Sequence[str] = ('lane_connector', 'lane')):
         self.data_root = data_root
         self.patch_size = tuple(float(v) for v in patch_size)
         self.map_classes = tuple(map_classes)
         for name in self.map_classes:
-            if name not in MAP_CLASSES:
-                raise ValueError(f'unknown map class {name!r}; expected one of {MAP_CLASSES}')
+            if name not in KNOWN_MAP_CLASSES:
+                raise ValueError(f'unknown map class {name!r}; expected one of '
+                                 f'{KNOWN_MAP_CLASSES}')
         self.line_classes = tuple(line_classes)
         self.ped_crossing_classes = tuple(ped_crossing_classes)
         self.contour_classes = tuple(contour_classes)
+        self.centerline_classes = tuple(centerline_classes)
         self._geometry = {}
+        self._lanes = {}
 
     def geometry(self, location: str) -> LocationGeometry:
         """A location's prepared map, built on first use.
@@ -91,6 +100,14 @@ class FastVectorizedLocalMap:
             self._geometry[location] = LocationGeometry.from_expansion(
                 doc, self.line_classes, self.ped_crossing_classes, self.contour_classes)
         return self._geometry[location]
+
+    def lanes(self, location: str) -> LaneCenterlines:
+        """A location's lanes for the centerline class, built on first use."""
+        if location not in self._lanes:
+            doc = load_map_expansion(self.data_root, location)
+            self._lanes[location] = LaneCenterlines.from_expansion(
+                doc, self.centerline_classes, location)
+        return self._lanes[location]
 
     def __call__(self, location: str, lidar2global: np.ndarray) -> tuple:
         """A sample's instances.
@@ -117,10 +134,14 @@ class FastVectorizedLocalMap:
                 found = self._crossings(geometry, pose)
                 lines += found
                 labels += [CLASS2LABEL['ped_crossing']] * len(found)
-            else:
+            elif name == 'boundary':
                 found = self._boundaries(geometry, pose)
                 lines += found
                 labels += [CLASS2LABEL['contours']] * len(found)
+            else:
+                found = centerline_instances(self.lanes(location), pose)
+                lines += found
+                labels += [CENTERLINE_LABEL] * len(found)
         keep = [i for i, label in enumerate(labels) if label != -1]
         return [lines[i] for i in keep], np.asarray([labels[i] for i in keep], np.int64)
 

@@ -42,7 +42,7 @@ from .annotation import (KEYS, MAP_ANNOTATION, MapAnnotationError, check_map_ann
 from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, map_expansion_path,
                              missing_map_message)
 from .patch_pose import lidar2global_of
-from .reference import MAP_CLASSES, VectorizedLocalMapReference
+from .reference import KNOWN_MAP_CLASSES, MAP_CLASSES, VectorizedLocalMapReference
 
 __all__ = ['precompute_map_gt', 'format_results', 'command_line', 'DEFAULT_PATCH_SIZE']
 
@@ -200,7 +200,8 @@ def precompute_map_gt(infos_path: Union[str, Sequence[str]], data_root: str,
         patch_size (Sequence[float]): ``(patch_h, patch_w)``, as ``LoadMapGT`` takes it.
             Defaults to (60, 30).
         classes (Sequence[str]): The map classes, in order, as ``LoadMapGT``'s
-            ``map_classes``. Defaults to ``('divider', 'ped_crossing', 'boundary')``.
+            ``map_classes``, some of ``('divider', 'ped_crossing', 'boundary',
+            'centerline')``. Defaults to ``('divider', 'ped_crossing', 'boundary')``.
         force (bool): Cut and rewrite every sample, also those that carry a
             ``map_annotation`` already. Defaults to False (keep those made for the same
             classes and patch size; others are an error).
@@ -228,10 +229,10 @@ def precompute_map_gt(infos_path: Union[str, Sequence[str]], data_root: str,
     paths = [infos_path] if isinstance(infos_path, str) else list(infos_path)
     patch_size = tuple(float(v) for v in patch_size)
     classes = tuple(classes)
-    unknown = [c for c in classes if c not in MAP_CLASSES]
+    unknown = [c for c in classes if c not in KNOWN_MAP_CLASSES]
     if unknown or not classes:
         raise MapAnnotationError(f'map classes {list(classes)}: expected some of '
-                                 f'{list(MAP_CLASSES)}')
+                                 f'{list(KNOWN_MAP_CLASSES)}')
     if len(patch_size) != 2 or min(patch_size) <= 0:
         raise MapAnnotationError(f'patch_size {list(patch_size)}: expected (patch_h, patch_w) '
                                  'in metres, both > 0')

@@ -15,12 +15,15 @@ Follows upstream hustvl/MapTR ``projects/mmdet3d_plugin/datasets/nuscenes_map_da
 4. ``boundary`` (2): the valid ``road_segment`` and ``lane`` polygons likewise, united; each
    ring cut by the patch *shrunk* by 0.2 m (so the patch's own edges drop out) and
    line-merged: the kerbs, as open polylines, or closed rings where a ring lies inside;
-5. sampling (``LiDARInstanceLines``): ``fixed_num`` points evenly spaced by length along each
+5. ``centerline`` (3, MapTR v2 only, :mod:`.centerline_reference`): the lanes and lane
+   connectors discretised, cut, joined through their connectivity into every root-to-leaf
+   path, simplified;
+6. sampling (``LiDARInstanceLines``): ``fixed_num`` points evenly spaced by length along each
    instance, float32, clamped to the patch; the equivalent orders of pattern ``'v2'``
    (``shift_fixed_num_sampled_points_v2``): every rotation of a closed ring's own vertices
    (re-closed and resampled), or an open line forwards and backwards; more than
    ``fixed_num - 1`` orders are drawn without replacement, fewer are padded with
-   ``padding_value``.
+   ``padding_value``; a centerline (label 3) has its forward order only, closed or not.
 
 Where shapely 2 differs from the shapely 1.x upstream used, the code does what upstream
 meant: rings are reoriented by building a reversed ring (shapely 2 geometries are immutable),
@@ -43,14 +46,20 @@ import numpy as np
 from shapely import affinity, ops
 from shapely.geometry import LinearRing, LineString, MultiLineString, MultiPolygon, box
 
+from .centerline_reference import (CENTERLINE_LABEL, lane_pieces_reference,
+                                   union_centerlines_reference)
 from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, map_expansion_path,
                              missing_map_message)
 from .patch_pose import PatchPose, patch_pose
 
+#: MapTR's default map classes (v1, and v2 without centerlines).
 MAP_CLASSES = ('divider', 'ped_crossing', 'boundary')
-#: Upstream's ``CLASS2LABEL``: both divider layers are class 0, crossings 1, boundaries 2.
+#: Every map class the vectorisers know (v2's ``_w_centerline`` configs add the last).
+KNOWN_MAP_CLASSES = MAP_CLASSES + ('centerline', )
+#: Upstream's ``CLASS2LABEL``: both divider layers are class 0, crossings 1, boundaries 2,
+#: centerlines (v2) 3, whatever the order of the config's ``map_classes``.
 CLASS2LABEL = {'road_divider': 0, 'lane_divider': 0, 'ped_crossing': 1, 'contours': 2,
-               'others': -1}
+               'centerline': CENTERLINE_LABEL, 'others': -1}
 PATCH_MARGIN = 0.2  # m: crossings are cut by the patch grown by it, boundaries shrunk by it
 
 
@@ -61,13 +70,16 @@ class VectorizedLocalMapReference:
         data_root (str): nuScenes root holding ``maps/expansion/<location>.json``.
         patch_size (tuple[float, float]): ``(patch_h, patch_w)``, y then x extent in metres.
             Defaults to (60, 30).
-        map_classes (Sequence[str]): Classes to extract, in output order. Defaults to
-            ``('divider', 'ped_crossing', 'boundary')``.
+        map_classes (Sequence[str]): Classes to extract, in output order, some of
+            :data:`KNOWN_MAP_CLASSES`. Defaults to ``('divider', 'ped_crossing',
+            'boundary')``.
         line_classes (Sequence[str]): Layers of ``divider``. Defaults to
             ``('road_divider', 'lane_divider')``.
         ped_crossing_classes (Sequence[str]): Layers of ``ped_crossing``.
         contour_classes (Sequence[str]): The two polygon layers whose outline is
             ``boundary``. Defaults to ``('road_segment', 'lane')``.
+        centerline_classes (Sequence[str]): The lane layers of ``centerline``. Defaults to
+            ``('lane_connector', 'lane')``.
         strict (bool): Raise ``NotImplementedError`` on a cut that is not made of lines, as
             upstream does. Defaults to False (keep the lines, drop the points).
 
@@ -81,6 +93,7 @@ class VectorizedLocalMapReference:
                  line_classes: Sequence[str] = ('road_divider', 'lane_divider'),
                  ped_crossing_classes: Sequence[str] = ('ped_crossing',),
                  contour_classes: Sequence[str] = ('road_segment', 'lane'),
+                 centerline_classes: Sequence[str] = ('lane_connector', 'lane'),
                  strict: bool = False):
         self.data_root = data_root
         self.patch_size = tuple(float(v) for v in patch_size)
@@ -88,6 +101,7 @@ class VectorizedLocalMapReference:
         self.line_classes = tuple(line_classes)
         self.ped_crossing_classes = tuple(ped_crossing_classes)
         self.contour_classes = tuple(contour_classes)
+        self.centerline_classes = tuple(centerline_classes)
         self.strict = strict
         self._explorers = {}
 
@@ -150,9 +164,16 @@ class VectorizedLocalMapReference:
                 union = ops.unary_union([ops.unary_union(roads), ops.unary_union(lanes)])
                 for line in self._ring_instances(union, pose, -PATCH_MARGIN):
                     vectors.append((line, CLASS2LABEL['contours']))
+            elif vec_class == 'centerline':
+                pieces = lane_pieces_reference(
+                    explorer, pose, lambda g: self._to_local(g, pose),
+                    self._patch(explorer, pose), self.centerline_classes, self.strict,
+                    location)
+                for points in union_centerlines_reference(pieces):
+                    vectors.append((LineString(points), CENTERLINE_LABEL))
             else:
                 raise ValueError(f'unknown map class {vec_class!r}; expected one of '
-                                 f'{MAP_CLASSES}')
+                                 f'{KNOWN_MAP_CLASSES}')
         return [(line, label) for line, label in vectors if label != -1]
 
     # --- per layer ----------------------------------------------------------------------
@@ -267,8 +288,12 @@ def fixed_num_points_reference(polylines: list, fixed_num: int = 20,
 
 def shift_orders_v2_reference(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0),
                               padding_value: float = -10000,
-                              rng: Optional[np.random.RandomState] = None) -> np.ndarray:
+                              rng: Optional[np.random.RandomState] = None,
+                              labels: Optional[Sequence[int]] = None) -> np.ndarray:
     """``LiDARInstanceLines.shift_fixed_num_sampled_points_v2``, one instance at a time.
+
+    ``labels`` (MapTR v2's dataset passes them): a centerline (label 3) keeps its forward
+    order only, closed or not, as upstream checks the label before the ring test.
 
     Returns:
         np.ndarray: ``[N, fixed_num - 1, fixed_num, 2]`` float32.
@@ -280,7 +305,9 @@ def shift_orders_v2_reference(polylines: list, fixed_num: int = 20, patch_size=(
         distances = np.linspace(0, line.length, fixed_num)
         coords = np.asarray(line.coords)
         orders = []
-        if np.equal(coords[0], coords[-1]).all():
+        if labels is not None and int(labels[i]) == CENTERLINE_LABEL:
+            orders.append([line.interpolate(d).coords[0] for d in distances])
+        elif np.equal(coords[0], coords[-1]).all():
             ring = coords[:-1]
             for shift in range(len(ring)):
                 rolled = np.roll(ring, shift, axis=0)

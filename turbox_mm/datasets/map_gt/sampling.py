@@ -13,12 +13,15 @@ The same numbers as upstream's ``LiDARInstanceLines`` (see :mod:`.reference`, wh
   polyline has two: forwards and backwards. More than ``fixed_num - 1`` orders: that many
   drawn without replacement with ``rng.choice`` (upstream's unseeded ``np.random.choice``;
   pass a seeded generator for reproducible targets); fewer: padded with ``padding_value``
-  after clamping;
+  after clamping. A centerline (label 3, MapTR v2) has its forward order only, closed or
+  not (upstream tests the label first);
 - :func:`instance_bboxes` (``bbox``): bounds, float32, clamped.
 """
 from typing import Optional
 
 import numpy as np
+
+from .centerline_reference import CENTERLINE_LABEL
 
 
 class _Polyline:
@@ -43,9 +46,13 @@ class _Polyline:
         return np.stack([np.interp(distances, self.s, self.points[:, 0]),
                          np.interp(distances, self.s, self.points[:, 1])], axis=-1)
 
-    def orders(self, fixed_num: int) -> tuple:
-        """The evenly spaced points, and every equivalent order of them (pattern 'v2')."""
+    def orders(self, fixed_num: int, forward_only: bool = False) -> tuple:
+        """The evenly spaced points, and every equivalent order of them (pattern 'v2'; only
+        the forward one with ``forward_only``)."""
         distances = np.linspace(0, self.length, fixed_num)
+        if forward_only:
+            forward = self.at(distances)
+            return forward, forward[None]
         if not self.closed:
             forward = self.at(distances)
             return forward, np.stack([forward, forward[::-1]])
@@ -92,7 +99,8 @@ def _orders_into(out: np.ndarray, orders: np.ndarray, rng, half_x: float,
 
 
 def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0),
-                    padding_value: float = -10000, rng=None) -> np.ndarray:
+                    padding_value: float = -10000, rng=None,
+                    labels: Optional[np.ndarray] = None) -> np.ndarray:
     """The equivalent point orders of each instance (MapTR's shift pattern ``'v2'``).
 
     Args:
@@ -104,6 +112,8 @@ def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0
         rng (np.random.Generator | np.random.RandomState, optional): Draws the orders kept
             of a ring with more than ``fixed_num - 1`` vertices. Defaults to numpy's global
             generator, as upstream.
+        labels (np.ndarray, optional): ``[N]`` labels; a centerline (3) gets its forward
+            order only. Defaults to None (no centerlines).
 
     Returns:
         np.ndarray: ``[N, fixed_num - 1, fixed_num, 2]`` float32.
@@ -118,10 +128,21 @@ def shift_orders_v2(polylines: list, fixed_num: int = 20, patch_size=(60.0, 30.0
     """
     rng = np.random if rng is None else rng
     out = np.full((len(polylines), fixed_num - 1, fixed_num, 2), padding_value, np.float32)
+    forward_only = _centerlines(labels, len(polylines))
     for i, points in enumerate(polylines):
-        _orders_into(out[i], _Polyline(points).orders(fixed_num)[1], rng, patch_size[1] / 2,
-                     patch_size[0] / 2)
+        _orders_into(out[i], _Polyline(points).orders(fixed_num, forward_only[i])[1], rng,
+                     patch_size[1] / 2, patch_size[0] / 2)
     return out
+
+
+def _centerlines(labels: Optional[np.ndarray], count: int) -> np.ndarray:
+    """Which instances are centerlines (their equivalent orders: forward only)."""
+    if labels is None:
+        return np.zeros(count, bool)
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != count:
+        raise ValueError(f'{count} polylines but {len(labels)} labels')
+    return labels == CENTERLINE_LABEL
 
 
 def instance_bboxes(polylines: list, patch_size=(60.0, 30.0)) -> np.ndarray:
@@ -152,10 +173,11 @@ def map_targets(polylines: list, labels: np.ndarray, fixed_num: int = 20,
     polylines = [np.asarray(p, np.float64) for p in polylines]
     pts = np.zeros((len(polylines), fixed_num, 2), np.float64)
     shifts = np.full((len(polylines), fixed_num - 1, fixed_num, 2), padding_value, np.float32)
+    forward_only = _centerlines(labels, len(polylines))
     for i, points in enumerate(polylines):
         line = _Polyline(points)
         if with_shifts:
-            pts[i], orders = line.orders(fixed_num)
+            pts[i], orders = line.orders(fixed_num, forward_only[i])
             _orders_into(shifts[i], orders, rng, half_x, half_y)
         else:
             pts[i] = line.at(np.linspace(0, line.length, fixed_num))

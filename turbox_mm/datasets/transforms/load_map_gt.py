@@ -10,7 +10,7 @@ from mmengine.logging import print_log
 from turbox_mm.datasets.map_gt import (MAP_ANNOTATION, MAP_CLASSES, FastVectorizedLocalMap,
                                        MapExpansionError, VectorizedLocalMapReference,
                                        check_map_annotation, decode_map_annotation,
-                                       lidar2global_of, map_targets)
+                                       lidar2global_of, map_targets, select_map_classes)
 from turbox_mm.datasets.map_gt.precompute import command_line
 from turbox_mm.registry import TRANSFORMS
 
@@ -32,7 +32,8 @@ class LoadMapGT(BaseTransform):
 
     Adds:
 
-    - ``gt_map_labels`` (np.ndarray): ``[N]`` int64, divider 0, ped_crossing 1, boundary 2;
+    - ``gt_map_labels`` (np.ndarray): ``[N]`` int64, divider 0, ped_crossing 1, boundary 2,
+      centerline 3 (MapTR v2's ``_w_centerline`` configs);
     - ``gt_map_pts`` (np.ndarray): ``[N, fixed_num, 2]`` float32, evenly spaced by length,
       clamped to the patch (``fixed_num_sampled_points``);
     - ``gt_map_shifts`` (np.ndarray): ``[N, fixed_num - 1, fixed_num, 2]`` float32, the
@@ -54,7 +55,8 @@ class LoadMapGT(BaseTransform):
             sample), ``'reference'`` (stock: upstream's shapely code through nuscenes-devkit,
             as upstream's v1 cuts it online) or ``'precomputed'`` (the reference's polylines
             read from the sample's ``map_annotation``, as upstream's v2 reads its
-            precomputed annotations: the same outputs as ``'reference'``, bit for bit).
+            precomputed annotations: the same outputs as ``'reference'``, bit for bit; an
+            annotation cut for more classes serves, as upstream's v2 picks its classes).
             Defaults to 'fast'.
         patch_size (tuple[float, float]): ``(patch_h, patch_w)``: extent along the lidar's y,
             then x axis, as upstream derives it from the point-cloud range. Defaults to
@@ -76,8 +78,8 @@ class LoadMapGT(BaseTransform):
     Raises:
         KeyError: A sample without ``map_location`` (cut online), or without
             ``map_annotation`` (``impl='precomputed'`` without ``fallback``).
-        MapAnnotationError: A ``map_annotation`` cut for other classes or another patch
-            size than this transform's, or malformed.
+        MapAnnotationError: A ``map_annotation`` that lacks one of this transform's classes,
+            cut for another patch size, or malformed.
 
     Examples:
         >>> pipeline = [dict(type='turbox_mm.LoadMapGT', data_root='data/nuscenes/')]
@@ -129,7 +131,8 @@ class LoadMapGT(BaseTransform):
             where = f'LoadMapGT, sample {token}'
             annotation = results[MAP_ANNOTATION]
             check_map_annotation(annotation, self.map_classes, self.patch_size, where)
-            polylines, labels = decode_map_annotation(annotation, where)
+            polylines, labels = select_map_classes(*decode_map_annotation(annotation, where),
+                                                   annotation['classes'], self.map_classes)
         elif self.impl == 'precomputed' and self.fallback is None:
             raise KeyError(f"LoadMapGT(impl='precomputed'): sample {token} has no "
                            f'{MAP_ANNOTATION} (its info file has not been through the map-gt '

@@ -1,0 +1,357 @@
+"""The turbox ``centerline`` map class: :mod:`.centerline_reference` without shapely or
+networkx per sample.
+
+Per location, once (:class:`LaneCenterlines`): every lane and lane connector with a valid
+polygon, its arcline paths discretised by the devkit's own ``discretize_lane`` (the same
+numbers as ``NuScenesMap.discretize_lanes``), rounded to 3 decimals and packed in a
+:class:`~.polyline_set.PolylineSet`; its polygon's rings; its connectivity. Per sample, in
+numpy and plain Python:
+
+1. the polygons that meet the patch (an edge meets the box, or the box's centre lies inside
+   the polygon), and their lines cut by the box (:func:`~.box_clip.clip_arcs`) in the patch
+   frame;
+2. the point graph of the reference, built in the same order with dicts (nodes in order of
+   first appearance, successors in insertion order, repeated edges once, self-loops kept);
+3. every simple path from each root to a leaf, depth first in successor order (networkx's
+   ``all_simple_paths`` order), each simplified by :func:`simplify_line`.
+
+The same instances in the same order as the reference. Where the two can differ (measure
+zero): the reference cuts in the global frame and moves the pieces, this path moves the
+points and cuts, so a point whose coordinate lands within rounding error of a 3-decimal tie
+may round the other way; a polygon or a line touching the patch in a single point counts
+for the reference and not here.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import numpy as np
+from shapely.geometry import Polygon
+
+from .box_clip import _slab, clip_arcs, point_in_rings
+from .centerline_reference import (CENTERLINE_LAYERS, DISCRETIZE_RESOLUTION, ROUND_DECIMALS,
+                                   SIMPLIFY_TOLERANCE, LaneGeometryError)
+from .patch_pose import PatchPose
+from .polyline_set import PolylineSet
+
+
+@dataclass
+class LaneCenterlines:
+    """A location's lanes, packed for cutting centerlines.
+
+    Attributes:
+        tokens (list[str]): Token of each lane (layers in order, records in file order).
+        layers (list[str]): Layer of each lane.
+        lines (PolylineSet): Each lane's discretised centre line, rounded (global frame);
+            a lane without arcline paths has a placeholder and ``missing_path`` set.
+        missing_path (np.ndarray): ``(L,)`` bool: no ``arcline_path_3`` entry (an error if
+            the lane meets a patch, as in the reference).
+        rings (list[list[np.ndarray]]): Each lane's polygon rings (exterior first), closed.
+        bounds (np.ndarray): ``(L, 4)`` bounds of each polygon.
+        connectivity (list): Per lane ``(incoming, outgoing)`` token lists, or None where
+            the file has no entry.
+        location (str): For messages.
+    """
+    tokens: List[str]
+    layers: List[str]
+    lines: PolylineSet
+    missing_path: np.ndarray
+    rings: list
+    bounds: np.ndarray
+    connectivity: list
+    location: str = '?'
+    _index: Dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_expansion(cls, doc: dict, layers: Sequence[str] = CENTERLINE_LAYERS,
+                       location: str = '?') -> 'LaneCenterlines':
+        """Build from a map-expansion document (:func:`~.expansion_file.load_map_expansion`).
+
+        Args:
+            doc (dict): The JSON document.
+            layers (Sequence[str]): Lane layers, in order. Defaults to
+                ``('lane_connector', 'lane')``.
+            location (str): For messages.
+        """
+        from nuscenes.map_expansion.arcline_path_utils import discretize_lane
+        nodes = {n['token']: (n['x'], n['y']) for n in doc['node']}
+        polygons = {r['token']: r for r in doc['polygon']}
+        paths, links = doc.get('arcline_path_3', {}), doc.get('connectivity', {})
+        tokens, kinds, lines, missing, rings, bounds, connectivity = [], [], [], [], [], [], []
+        for layer in layers:
+            if layer not in CENTERLINE_LAYERS:
+                raise ValueError(f'{layer} is not a centerline layer; expected some of '
+                                 f'{CENTERLINE_LAYERS}')
+            for record in doc.get(layer, []):
+                if record.get('polygon_token') is None:
+                    continue
+                shape = polygons[record['polygon_token']]
+                if len(shape['exterior_node_tokens']) < 3:
+                    continue  # shapely cannot build it (the devkit would raise)
+                exterior = [nodes[t] for t in shape['exterior_node_tokens']]
+                holes = [[nodes[t] for t in hole['node_tokens']] for hole in shape['holes']
+                         if len(hole['node_tokens']) > 0]
+                polygon = Polygon(exterior, holes)
+                if not polygon.is_valid:
+                    continue
+                token = record['token']
+                points = (np.array(discretize_lane(paths[token], DISCRETIZE_RESOLUTION))
+                          if paths.get(token) else None)
+                missing.append(points is None)
+                if points is None:
+                    points = np.zeros((2, 2))
+                lines.append(_dedupe(points[:, :2].round(ROUND_DECIMALS)))
+                ring_list = [np.asarray(polygon.exterior.coords, np.float64)]
+                ring_list += [np.asarray(r.coords, np.float64) for r in polygon.interiors]
+                rings.append(ring_list)
+                bounds.append(polygon.bounds)
+                link = links.get(token)
+                connectivity.append(None if link is None else (list(link['incoming']),
+                                                               list(link['outgoing'])))
+                tokens.append(token)
+                kinds.append(layer)
+        lines = [line if len(line) >= 2 else np.repeat(line[:1], 2, axis=0) for line in lines]
+        return cls(tokens, kinds, PolylineSet.build(lines, [False] * len(lines), chunk=64),
+                   np.asarray(missing, bool), rings,
+                   np.asarray(bounds, np.float64).reshape(-1, 4), connectivity, location)
+
+    def pieces(self, pose: PatchPose) -> Dict[str, dict]:
+        """The lane pieces in a patch: :func:`~.centerline_reference.lane_pieces_reference`'s
+        output (patch frame), from the arrays."""
+        box = pose.global_bounds(1e-6)
+        b = self.bounds
+        near = np.flatnonzero((b[:, 0] <= box[2]) & (b[:, 2] >= box[0])
+                              & (b[:, 1] <= box[3]) & (b[:, 3] >= box[1]))
+        if len(near) == 0:
+            return {}
+        lanes = [int(i) for i in near if self._meets(i, pose)]
+        if not lanes:
+            return {}
+        for i in lanes:
+            if self.missing_path[i]:
+                raise LaneGeometryError(
+                    f'map {self.location}: {self.layers[i]} {self.tokens[i]} has no '
+                    'arcline_path_3 entry (the centerline class discretises it)')
+        starts, stops = self.lines.offsets[lanes], self.lines.offsets[np.asarray(lanes) + 1]
+        edges = np.concatenate([np.arange(s, e - 1) for s, e in zip(starts, stops)])
+        cut = {}
+        for lane, points, _ in clip_arcs(self.lines, edges, pose.to_local, pose.half_x,
+                                         pose.half_y):
+            cut.setdefault(lane, []).append(points)
+        out = {}
+        for i in lanes:  # lanes in order, as the reference visits its records
+            if i not in cut:
+                continue
+            if self.connectivity[i] is None:
+                raise LaneGeometryError(
+                    f'map {self.location}: {self.layers[i]} {self.tokens[i]} has no '
+                    'connectivity entry (the centerline class joins lanes through it)')
+            incoming, outgoing = self.connectivity[i]
+            out[self.tokens[i]] = dict(lines=cut[i], incoming=incoming, outgoing=outgoing)
+        return out
+
+    def _meets(self, lane: int, pose: PatchPose) -> bool:
+        """Whether the lane's polygon meets the patch."""
+        rings = self.rings[lane]
+        for ring in rings:
+            local = pose.to_local(ring)
+            a, d = local[:-1], local[1:] - local[:-1]
+            x_lo, x_hi = _slab(a[:, 0], d[:, 0], -pose.half_x, pose.half_x)
+            y_lo, y_hi = _slab(a[:, 1], d[:, 1], -pose.half_y, pose.half_y)
+            if np.any(np.maximum(np.maximum(x_lo, y_lo), 0.0)
+                      <= np.minimum(np.minimum(x_hi, y_hi), 1.0)):
+                return True
+        return point_in_rings(np.array([pose.x, pose.y]), rings)
+
+
+def _dedupe(points: np.ndarray) -> np.ndarray:
+    keep = np.ones(len(points), bool)
+    keep[1:] = np.any(points[1:] != points[:-1], axis=1)
+    return points[keep]
+
+
+def union_centerlines(pieces: Dict[str, dict]) -> List[np.ndarray]:
+    """:func:`~.centerline_reference.union_centerlines_reference` with dicts: the point
+    graph, its root-to-leaf simple paths, each simplified.
+
+    Args:
+        pieces (dict): ``{token: {lines, incoming, outgoing}}`` in the patch frame.
+
+    Returns:
+        list[np.ndarray]: ``(k, 2)`` float64 polylines, in the reference's order.
+    """
+    successors: Dict[tuple, dict] = {}  # node -> {successor: None}, both in insertion order
+    in_degree: Dict[tuple, int] = {}
+
+    def add_edge(a: tuple, b: tuple) -> None:
+        for node in (a, b):
+            if node not in successors:
+                successors[node] = {}
+                in_degree[node] = 0
+        if b not in successors[a]:
+            successors[a][b] = None
+            in_degree[b] += 1
+
+    ends = {}
+    for token, piece in pieces.items():
+        parts = [part.round(ROUND_DECIMALS) for part in piece['lines']]
+        ends[token] = (tuple(parts[0][0].tolist()), tuple(parts[-1][-1].tolist()))
+        piece['_parts'] = parts
+    for token, piece in pieces.items():
+        for part in piece.pop('_parts'):
+            nodes = [tuple(p) for p in part.tolist()]
+            for a, b in zip(nodes[:-1], nodes[1:]):
+                add_edge(a, b)
+        start, end = ends[token]
+        for other in piece['incoming']:
+            if other in pieces:
+                add_edge(ends[other][1], start)
+        for other in piece['outgoing']:
+            if other in pieces:
+                add_edge(end, ends[other][0])
+    leaves = {node for node, succ in successors.items() if not succ}
+    out = []
+    for root in [node for node, degree in in_degree.items() if degree == 0]:
+        for path in _simple_paths(successors, root, leaves):
+            out.append(simplify_line(np.array(path, np.float64), SIMPLIFY_TOLERANCE))
+    return out
+
+
+def _simple_paths(successors: dict, root: tuple, leaves: set):
+    """Every simple path from ``root`` to a leaf, depth first in successor order."""
+    path, on_path = [root], {root}
+    stack = [iter(successors[root])]
+    while stack:
+        node = next((n for n in stack[-1] if n not in on_path), None)
+        if node is None:
+            stack.pop()
+            on_path.discard(path.pop())
+            continue
+        if node in leaves:
+            yield path + [node]
+            continue
+        path.append(node)
+        on_path.add(node)
+        stack.append(iter(successors[node]))
+
+
+def simplify_line(points: np.ndarray, tolerance: float) -> np.ndarray:
+    """An open polyline simplified as shapely's ``simplify(tolerance, preserve_topology=True)``.
+
+    GEOS's topology-preserving Douglas-Peucker, section by section from the left: a section
+    ``i..j`` becomes the segment ``i-j`` when every point between lies within ``tolerance`` of
+    that segment and the segment would not cross the line's interior elsewhere (the input
+    segments outside the section that are still in place, and the segments flattened so far);
+    otherwise it is split at its furthest point (the first of equal ones).
+
+    Args:
+        points (np.ndarray): ``(n, 2)`` vertices, no two consecutive equal.
+        tolerance (float): Distance tolerance.
+
+    Returns:
+        np.ndarray: The kept vertices, ``(m, 2)``.
+
+    Examples:
+        >>> line = np.array([[0., 0.], [1., 0.1], [2., 0.], [3., 2.]])
+        >>> simplify_line(line, 0.2).tolist()
+        [[0.0, 0.0], [2.0, 0.0], [3.0, 2.0]]
+    """
+    n = len(points)
+    if n < 3:
+        return points.copy()
+    in_place = np.ones(n - 1, bool)  # input segments not yet replaced by a flattened one
+    flattened: List[tuple] = []
+    keep = [0]
+    stack = [(0, n - 1)]
+    while stack:
+        i, j = stack.pop()
+        if j == i + 1:
+            keep.append(j)
+            continue
+        distance = _segment_distances(points[i + 1:j], points[i], points[j])
+        k = int(np.argmax(distance))
+        if distance[k] <= tolerance and not _crosses(points, i, j, in_place, flattened):
+            in_place[i:j] = False
+            flattened.append((points[i], points[j]))
+            keep.append(j)
+            continue
+        k += i + 1
+        stack.append((k, j))
+        stack.append((i, k))
+    return points[keep]
+
+
+def _segment_distances(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances of points ``p`` to the segment ``a-b``, in GEOS's ``pointToSegment``
+    arithmetic (so ties with the tolerance fall the same way)."""
+    def to_point(q):
+        return np.sqrt((p[:, 0] - q[0]) ** 2 + (p[:, 1] - q[1]) ** 2)
+
+    if a[0] == b[0] and a[1] == b[1]:
+        return to_point(a)
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    length2 = dx * dx + dy * dy
+    r = ((p[:, 0] - a[0]) * dx + (p[:, 1] - a[1]) * dy) / length2
+    s = ((a[1] - p[:, 1]) * dx - (a[0] - p[:, 0]) * dy) / length2
+    return np.where(r <= 0.0, to_point(a),
+                    np.where(r >= 1.0, to_point(b), np.abs(s) * np.sqrt(length2)))
+
+
+def _crosses(points: np.ndarray, i: int, j: int, in_place: np.ndarray,
+             flattened: list) -> bool:
+    """Whether the segment ``points[i]-points[j]`` meets, at a point that is not an end of
+    both, an input segment outside ``i..j`` still in place or a flattened segment."""
+    others = np.flatnonzero(in_place)
+    others = others[(others < i) | (others >= j)]
+    a = np.concatenate([points[others]] + [f[0][None] for f in flattened])
+    b = np.concatenate([points[others + 1]] + [f[1][None] for f in flattened])
+    if len(a) == 0:
+        return False
+    return bool(np.any(_interior_intersections(points[i], points[j], a, b)))
+
+
+def _orient(a, b, c):
+    return np.sign((b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1])
+                   - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0]))
+
+
+def _interior_intersections(p: np.ndarray, q: np.ndarray, a: np.ndarray,
+                            b: np.ndarray) -> np.ndarray:
+    """Per segment ``a-b``: it meets ``p-q`` other than at a shared end point."""
+    o1, o2 = _orient(p, q, a), _orient(p, q, b)
+    o3, o4 = _orient(a, b, p), _orient(a, b, q)
+    proper = (o1 * o2 < 0) & (o3 * o4 < 0)
+
+    def on(s, t, r):  # r on segment s-t, given collinear
+        return ((np.minimum(s[..., 0], t[..., 0]) <= r[..., 0])
+                & (r[..., 0] <= np.maximum(s[..., 0], t[..., 0]))
+                & (np.minimum(s[..., 1], t[..., 1]) <= r[..., 1])
+                & (r[..., 1] <= np.maximum(s[..., 1], t[..., 1])))
+
+    pb, qb = np.broadcast_to(p, a.shape), np.broadcast_to(q, a.shape)
+    shared = (np.all(a == pb, -1) | np.all(a == qb, -1) | np.all(b == pb, -1)
+              | np.all(b == qb, -1))
+    # touching: an end of one segment on the other (interior unless it is a shared end)
+    touch = (((o1 == 0) & on(pb, qb, a)) | ((o2 == 0) & on(pb, qb, b))
+             | ((o3 == 0) & on(a, b, pb)) | ((o4 == 0) & on(a, b, qb)))
+    collinear_overlap = (o1 == 0) & (o2 == 0) & (on(pb, qb, a) | on(pb, qb, b)
+                                                 | on(a, b, pb))
+    return proper | (touch & ~shared) | (collinear_overlap & ~_single_shared_end(p, q, a, b))
+
+
+def _single_shared_end(p, q, a, b) -> np.ndarray:
+    """Collinear segments that meet only in one shared end point."""
+    pb, qb = np.broadcast_to(p, a.shape), np.broadcast_to(q, a.shape)
+    d = qb - pb
+    ta = np.einsum('ij,ij->i', a - pb, d)
+    tb = np.einsum('ij,ij->i', b - pb, d)
+    length2 = np.einsum('ij,ij->i', d, d)
+    lo, hi = np.minimum(ta, tb), np.maximum(ta, tb)
+    return (hi == 0) | (lo == length2)
+
+
+def centerline_instances(lanes: LaneCenterlines, pose: PatchPose) -> List[np.ndarray]:
+    """A sample's centerline polylines (patch frame), as the reference gives them."""
+    return union_centerlines(lanes.pieces(pose))
+
+
+__all__ = ['LaneCenterlines', 'union_centerlines', 'simplify_line', 'centerline_instances']
