@@ -24,6 +24,16 @@ def test_the_measured_sizes_take_the_measured_winner():
     assert turbox_op_pays(torch.zeros(1), locations(1, 10))  # off CUDA: turbox's op always
 
 
+def test_under_torch_compile_the_traceable_op_runs(monkeypatch):
+    """mmcv's extension call would break the graph in every decoder layer (Dynamo skips
+    it); turbox_mm's op traces through its fake."""
+    on_cuda = SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    assert turbox_op_pays(on_cuda, locations(4, 1000))
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: False)
+    assert not turbox_op_pays(on_cuda, locations(4, 1000))
+
+
 def test_a_small_call_on_cuda_runs_mmcvs_op_in_the_inputs_dtype(monkeypatch):
     calls = []
 

@@ -8,7 +8,8 @@ initial sampling offsets (mmcv's, BEVFormer's).
 host-bound and turbox's takes longer to launch (0.59 ms of host time against mmcv's 0.36):
 0.825 against 0.399 ms at 4 x 1000 queries (128k samples), 0.816 against 0.723 ms at 4 x 7000
 (896k); from the TSA and encoder sizes (5.1M samples) up the GPU time dominates and turbox's
-is 2.1x faster.
+is 2.1x faster. Under ``torch.compile`` the turbox path always runs turbox_mm's op: it traces
+through its fake, where mmcv's extension call would break the graph in every layer.
 """
 import math
 
@@ -27,13 +28,15 @@ TURBOX_MIN_SAMPLES = 1 << 20
 def turbox_op_pays(value: Tensor, locations: Tensor) -> bool:
     """Whether the turbox path runs turbox_mm's op for ``locations`` ``[bs, q, heads, levels,
     points, 2]`` on ``value``: off CUDA always (mmcv has no CPU kernel), on CUDA from
-    :data:`TURBOX_MIN_SAMPLES` sampling points.
+    :data:`TURBOX_MIN_SAMPLES` sampling points or while ``torch.compile`` traces (mmcv's op
+    would break the graph).
 
     Examples:
         >>> turbox_op_pays(torch.zeros(4, 20000, 8, 32), torch.zeros(4, 1000, 8, 1, 4, 2))  # CPU
         True
     """
-    return not value.is_cuda or locations[..., 0].numel() >= TURBOX_MIN_SAMPLES
+    return (not value.is_cuda or locations[..., 0].numel() >= TURBOX_MIN_SAMPLES
+            or torch.compiler.is_compiling())
 
 
 def deformable_attention(op_impl: str, value: Tensor, spatial_shapes: Tensor,
