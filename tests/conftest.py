@@ -80,10 +80,11 @@ def make_sparse4d_tiny(root) -> str:
     return root + '/'
 
 
-def make_maptr_tiny(root, points=1000, map_gt=False) -> str:
+def make_maptr_tiny(root, points=1000, map_gt=False, map_classes=None) -> str:
     """The tiny MapTR configs' data: 2 train scenes and 1 val scene of 3 frames, 320x180
     images, keyframe points and the map expansion; with ``map_gt``, the map ground truth
-    precomputed into the infos (``create_data.py map-gt``, what v2's configs read)."""
+    precomputed into the infos (``create_data.py map-gt``, what v2's configs read), for
+    ``map_classes`` (default: map-gt's)."""
     root = str(root).rstrip('/') + '/'
     proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
                        '--frames', '3', '--image-size', '320x180', '--points', str(points),
@@ -92,7 +93,8 @@ def make_maptr_tiny(root, points=1000, map_gt=False) -> str:
     if map_gt:
         proc = run_python(['tools/create_data.py', 'map-gt', root + 'nuscenes_infos_train.pkl',
                            root + 'nuscenes_infos_val.pkl', '--data-root', root,
-                           '--workers', '1', '--no-progress'])
+                           '--workers', '1', '--no-progress']
+                          + (['--classes', *map_classes] if map_classes else []))
         assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 

@@ -11,6 +11,7 @@
 #   v2      maptrv2_nusc_r50_24ep, like for like: both with turbox_mm's bev_pool (upstream
 #           compiles BEVFusion's CUDA bev_pool; our stock pooling is the PyTorch procedure)
 #   v2-ref  the v2 stock config as shipped (PyTorch pooling), alone
+#   v2c     maptrv2_nusc_r50_24ep_w_centerline (four classes, 70 vectors), like for like as v2
 #   (default: v1 v2)
 # Environment: PYTHON (default python3), ITERS / WARMUP (timed / untimed iterations),
 # WORKERS (data generation processes), DATA_DIR (default data/), TIMEOUT (seconds a config may
@@ -35,11 +36,13 @@ else
     --val-scenes 1 --image-size 1600x900 --workers "${WORKERS:-$(nproc)}" --no-progress
 fi
 # v2 reads the map ground truth precomputed in the infos (map_annotation, as upstream's v2),
-# v1's turbox twin too where it is there: cut it once with the reference vectoriser. Samples
-# that carry it already are kept, so for a reused dataset this only loads the infos.
+# v1's turbox twin too where it is there: cut it once with the reference vectoriser, for the
+# four classes (which serve the three-class configs too). Samples that carry it already are
+# kept, so for a reused dataset this only loads the infos (one cut for three classes by an
+# older version of this script is an error that names --force: delete the dataset).
 "$py" tools/create_data.py map-gt "$root/nuscenes_infos_train.pkl" \
   "$root/nuscenes_infos_val.pkl" --data-root "$root" --workers "${WORKERS:-$(nproc)}" \
-  --no-progress || exit 2
+  --classes divider ped_crossing boundary centerline --no-progress || exit 2
 export NUSCENES_ROOT
 NUSCENES_ROOT=$(cd "$root" && pwd)/
 if [ "${PREPARE_ONLY:-0}" = 1 ]; then
@@ -48,6 +51,7 @@ if [ "${PREPARE_ONLY:-0}" = 1 ]; then
 fi
 v1=configs/maptr/maptr_tiny_r50_24e
 v2=configs/maptr/maptrv2_nusc_r50_24ep
+v2c=configs/maptr/maptrv2_nusc_r50_24ep_w_centerline
 gkt=model.bev_encoder.encoder.transformerlayers.attn_cfgs.1.attention.op_impl=turbox
 common=(--iters "${ITERS:-30}" --warmup "${WARMUP:-8}" --timeout "${TIMEOUT:-1200}")
 # shellcheck disable=SC2206  # EXTRA is a list of arguments
@@ -67,7 +71,11 @@ for name in "${names[@]}"; do
     v2-ref)
       "$py" tools/benchmark.py "${v2}_stock.py" "${common[@]}" --out "$out/$name" \
         "${extra[@]}" ;;
-    *) echo "maptr_benchmark: unknown NAME $name (v1, v1-ref, v2, v2-ref)" >&2
+    v2c)
+      "$py" tools/benchmark.py "${v2c}_stock.py" "${v2c}_turbox.py" "${common[@]}" \
+        --out "$out/$name" --cfg-options model.bev_encoder.bev_pool_impl=turbox \
+        "${extra[@]}" ;;
+    *) echo "maptr_benchmark: unknown NAME $name (v1, v1-ref, v2, v2-ref, v2c)" >&2
        exit 2 ;;
   esac
 done
