@@ -21,7 +21,8 @@ def bench(tmp_path_factory):
     bad.write_text("_base_ = ['%s']\nmodel = dict(type='turbox_mm.NoSuchModel')\n" %
                    osp.abspath(STOCK))
     proc = run_python(['tools/benchmark.py', STOCK, str(bad), TURBOX, '--iters', '12',
-                       '--warmup', '4', '--out', str(out)], env=ENV)
+                       '--warmup', '4', '--out', str(out),
+                       '--variant', 'turbox.optim.fused=False'], env=ENV)
     return proc, out
 
 
@@ -31,7 +32,9 @@ def test_runs_every_config_and_reports_the_failure(bench):
     assert 'FAILED' in proc.stdout and 'NoSuchModel' in proc.stdout
     report = json.load(open(out / 'benchmark.json'))
     assert [osp.basename(s['config']) for s in report['summaries']] == \
-        ['smoke_stock.py', 'smoke_turbox.py']
+        ['smoke_stock.py', 'smoke_turbox.py', 'smoke_turbox.py']
+    assert [s['variant'] for s in report['summaries']] == [None, None,
+                                                           'turbox.optim.fused=False']
     assert list(report['failures']) == [str(out / 'broken.py')]
     assert report['machine']['cpu_cores'] >= 1 and report['iters'] == 12
     assert 'tools/benchmark.py' in report['command']
@@ -40,6 +43,7 @@ def test_runs_every_config_and_reports_the_failure(bench):
 def test_table_chart_and_progress(bench):
     proc, out = bench
     assert 'time saved' in proc.stdout and 'smoke_turbox.py' in proc.stdout
+    assert 'smoke_turbox.py + turbox.optim.fused=False' in proc.stdout  # the variant's row
     assert 'iteration 16/16' in proc.stdout
     with open(out / 'benchmark.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -66,8 +70,11 @@ def test_stock_and_turbox_see_the_same_losses(bench):
     relative after 12 steps of lr 1e-2; the losses are bit-identical with
     ``turbox.optim.fused=False``)."""
     _, out = bench
-    stock, turbox = json.load(open(out / 'benchmark.json'))['results']
+    stock, turbox, unfused = json.load(open(out / 'benchmark.json'))['results']
     assert stock['losses'] == pytest.approx(turbox['losses'], rel=5e-3)
+    # the --variant run got its override: without the fused kernel, stock's losses exactly
+    assert unfused['cfg_options'] == {'turbox.optim.fused': 'False'}
+    assert unfused['losses'] == stock['losses']
 
 
 def test_too_short_config_is_reported(tmp_path):

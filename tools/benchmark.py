@@ -14,6 +14,12 @@ Examples:
     python tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \\
         --iters 50 --warmup 10
     python tools/benchmark.py A.py B.py --cfg-options train_dataloader.num_workers=4
+    python tools/benchmark.py STOCK.py TURBOX.py \
+        --variant "turbox.compile.modules=['img_backbone','img_neck','pts_bbox_head']"
+
+``--variant`` runs the last config once more with its overrides added (repeatable), in the
+same call and on the same data, as its own table row: a turbox option switched on or off,
+measured beside the configs it is compared with.
 
 A config that fails is reported in the table; the others still run.
 
@@ -91,6 +97,10 @@ def parse_args(argv=None):
                         help='seconds one config may take before it is reported failed')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides applied to every config, key=value')
+    parser.add_argument('--variant', nargs='+', action='append', metavar='KEY=VALUE',
+                        help='one more run of the last config with these overrides too '
+                        '(repeatable), e.g. a turbox option switched on or off, measured in '
+                        'the same call as the configs it is compared with')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--result', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -117,16 +127,41 @@ def worker(args) -> int:
     return 0
 
 
-def _run_one(config: str, args, out_dir: str) -> dict:
-    result_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.result.json')
+def _variant_options(variant: List[str]) -> dict:
+    """``['key=value', ...]`` of ``--variant`` as mmengine's ``--cfg-options`` parses them."""
+    parser = argparse.ArgumentParser(prog='--variant')
+    parser.add_argument('--options', nargs='+', action=DictAction)
+    return dict(parser.parse_args(['--options', *variant]).options)
+
+
+def runs_of(args) -> List[tuple]:
+    """``(config, options, variant)`` of each run: the configs with ``--cfg-options``
+    (variant None), then the last config once per ``--variant`` with its overrides added
+    (variant: them, as text)."""
+    common = dict(args.cfg_options or {})
+    runs = [(config, common, None) for config in args.configs]
+    for variant in args.variant or []:
+        extra = _variant_options(variant)
+        label = ' '.join(f'{k}={_cli_value(v)}' for k, v in extra.items())
+        runs.append((args.configs[-1], {**common, **extra}, label))
+    return runs
+
+
+def _run_one(config: str, args, out_dir: str, options: Optional[dict] = None,
+             tag: str = '') -> dict:
+    """Measure ``config`` (with ``options``, default ``--cfg-options``) in a worker process;
+    ``tag`` tells a variant's files from the config's."""
+    options = dict(args.cfg_options or {}) if options is None else options
+    stem = osp.splitext(osp.basename(config))[0] + tag
+    result_path = osp.join(out_dir, stem + '.result.json')
     cmd = [sys.executable, osp.abspath(__file__), config, '--worker', '--result', result_path,
            '--iters', str(args.iters), '--warmup', str(args.warmup), '--seed', str(args.seed),
            '--sync-iters', str(args.sync_iters)] + (['--profile'] if args.profile else [])
-    if args.cfg_options:
-        cmd += ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in args.cfg_options.items()]
+    if options:
+        cmd += ['--cfg-options'] + [f'{k}={_cli_value(v)}' for k, v in options.items()]
     env = dict(os.environ)
     env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    log_path = osp.join(out_dir, osp.splitext(osp.basename(config))[0] + '.log')
+    log_path = osp.join(out_dir, stem + '.log')
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
         # A watchdog, so that a worker that hangs without printing is stopped too.
@@ -267,6 +302,7 @@ def main(argv=None) -> int:
         return run_components(args, command)
     if not args.configs:
         raise SystemExit('benchmark: give at least one config, or --components')
+    runs = runs_of(args)
     from turbox_mm.benchmark import format_table, machine_info, summarize, write_chart
 
     for config in args.configs:
@@ -275,17 +311,21 @@ def main(argv=None) -> int:
     out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    print(f'benchmark: {len(args.configs)} config(s), {args.warmup} warm-up + {args.iters} '
+    print(f'benchmark: {len(runs)} run(s), {args.warmup} warm-up + {args.iters} '
           f'timed iterations each, seed {args.seed}', flush=True)
     results, summaries, failures = [], [], {}
-    for i, config in enumerate(args.configs, 1):
-        print(f'[{i}/{len(args.configs)}] {config}', flush=True)
+    for i, (config, options, variant) in enumerate(runs, 1):
+        label = f'{config} + {variant}' if variant else config
+        print(f'[{i}/{len(runs)}] {label}', flush=True)
+        tag = f'.variant{i - len(args.configs)}' if variant else ''
         try:
-            result = _run_one(config, args, out_dir)
+            result = _run_one(config, args, out_dir, options, tag)
         except Exception as exc:  # one failure must not stop the others
-            failures[config] = str(exc)
+            failures[label] = str(exc)
             print(f'  FAILED: {exc}', flush=True)
             continue
+        result['variant'] = variant
+        result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
         results.append(result)
         summaries.append(summarize(result))
     table = format_table(summaries, failures) if summaries else '\n'.join(

@@ -25,7 +25,8 @@ def summarize(result: dict) -> dict:
         result (dict): The output of :func:`~turbox_mm.benchmark.measure_config`.
 
     Returns:
-        dict: ``iter_ms`` (median), ``iter_p10_ms``, ``iter_p90_ms``, the median of every
+        dict: ``config`` and ``variant`` (the overrides of a ``--variant`` run, or None),
+        ``iter_ms`` (median), ``iter_p10_ms``, ``iter_p90_ms``, the median of every
         phase in ``phases_ms``, ``samples_per_s`` and ``window_s`` (the whole timed window,
         slow iterations included), ``loss_mean`` and the resource figures.
     """
@@ -34,6 +35,7 @@ def summarize(result: dict) -> dict:
     losses = result.get('losses') or []
     return dict(
         config=result['config'],
+        variant=result.get('variant'),
         iter_ms=statistics.median(iters),
         iter_p10_ms=_quantile(iters, 0.1),
         iter_p90_ms=_quantile(iters, 0.9),
@@ -84,7 +86,7 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     for s in summaries:
         vs = '-' if s is summaries[0] else f"{reduction_percent(base, s['samples_per_s']):+.1f}%"
         lines.append([
-            os.path.basename(s['config']),
+            run_label(s),
             f"{s['iter_ms']:.2f} ({s['iter_p10_ms']:.2f}-{s['iter_p90_ms']:.2f})",
             vs,
             f"{s['samples_per_s']:.1f}",
@@ -107,6 +109,17 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     for config, error in (failures or {}).items():
         out.append(f'FAILED {config}: {error}')
     return '\n'.join(out)
+
+
+def run_label(summary: dict) -> str:
+    """A table row's name: the config's file name, with a variant's overrides after it.
+
+    Examples:
+        >>> run_label(dict(config='a/x_turbox.py', variant='turbox.gc=False'))
+        'x_turbox.py + turbox.gc=False'
+    """
+    name = os.path.basename(summary['config'])
+    return f"{name} + {summary['variant']}" if summary.get('variant') else name
 
 
 def chart_labels(configs: Sequence[str]) -> List[str]:
@@ -145,6 +158,8 @@ def write_chart(summaries: List[dict], path: str) -> Optional[str]:
     except ImportError:
         return None
     names = chart_labels([s['config'] for s in summaries])
+    names = [f"{n} + v{i}" if s.get('variant') else n
+             for i, (n, s) in enumerate(zip(names, summaries))]
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names) + 2), 4.5))
     bottom = [0.0] * len(names)
     for phase in PHASES:
