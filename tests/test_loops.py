@@ -303,6 +303,24 @@ def test_compile_auto_keeps_state_dict_and_results():
     assert net.backbone._compiled_call_impl is not None
 
 
+def test_compile_a_star_stands_for_each_child():
+    """``'backbone.*'``: each layer of the Sequential on its own (regional compile, e.g.
+    a head's decoder layers), results and state dict unchanged."""
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(3, 4)
+    eager = net(x)
+    names = compile_submodules(net, ['backbone.*', 'head'], backend='eager')
+    assert names == ['backbone.0', 'backbone.1', 'backbone.2', 'head']
+    assert all(net.backbone[i]._compiled_call_impl is not None for i in range(3))
+    assert net.backbone._compiled_call_impl is None  # the container itself is not compiled
+    torch.testing.assert_close(net(x), eager)
+    with pytest.raises(KeyError, match=r"'head.\*'.*has no children for \*"):
+        compile_submodules(_Net(), ['head.*'], backend='eager')
+    with pytest.raises(KeyError, match=r"no submodule 'tail'"):
+        compile_submodules(_Net(), ['tail.*'], backend='eager')
+
+
 def test_compile_names_a_missing_submodule():
     with pytest.raises(KeyError, match=r"no submodule 'backbone\.9'.*'0', '1', '2'"):
         compile_submodules(_Net(), ['backbone.9'], backend='eager')

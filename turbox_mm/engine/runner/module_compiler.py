@@ -24,6 +24,38 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def expand_paths(model: nn.Module, path: str) -> List[str]:
+    """The submodule paths that ``path`` names: itself, or with ``*`` components, every
+    child in their place (``'head.layers.*'``: each layer of a ``ModuleList``), in order.
+
+    Raises:
+        KeyError: A part that names no child (as :func:`_resolve`), or a ``*`` over a module
+            without children.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Module()
+        >>> model.head = nn.Module()
+        >>> model.head.layers = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
+        >>> expand_paths(model, 'head.layers.*')
+        ['head.layers.0', 'head.layers.1']
+    """
+    if '*' not in path.split('.'):
+        _resolve(model, path)
+        return [path]
+    head, _, rest = path.partition('*')
+    prefix = head.rstrip('.')
+    parent = _resolve(model, prefix) if prefix else model
+    children = [name for name, _ in parent.named_children()]
+    if not children:
+        raise KeyError(f'turbox.compile.modules: {path!r}: {prefix or type(model).__name__} '
+                       f'({type(parent).__name__}) has no children for * to stand for')
+    out = []
+    for child in children:
+        out += expand_paths(model, '.'.join(p for p in (prefix, child) if p) + rest)
+    return out
+
+
 def _compile_errors() -> tuple:
     """The exceptions that mean "this code could not be compiled", raised before the compiled
     graph runs: Dynamo's tracing limits and its backend's (Inductor's) failures."""
@@ -82,13 +114,14 @@ def compile_submodules(model: nn.Module,
 
     Args:
         model (nn.Module): The unwrapped model.
-        modules (str | Sequence[str]): Dotted paths of submodules, or ``'auto'`` for those of
+        modules (str | Sequence[str]): Dotted paths of submodules (a ``*`` part stands for
+            each child: ``'head.layers.*'``), or ``'auto'`` for those of
             :data:`AUTO_MODULES` that the model has. Defaults to ``'auto'``.
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``,
             ``fullgraph``, ``options``).
 
     Returns:
-        list[str]: The paths compiled.
+        list[str]: The paths compiled (``*`` expanded).
 
     Raises:
         KeyError: An explicit path names no submodule; the message lists what exists.
@@ -106,7 +139,7 @@ def compile_submodules(model: nn.Module,
         raise ValueError(f"turbox.compile.modules: expected 'auto' or a list of submodule "
                          f'paths, got {modules!r}')
     else:
-        names = list(modules)
+        names = [name for path in modules for name in expand_paths(model, path)]
     for name in names:
         module = _resolve(model, name)
         module.compile(**compile_kwargs)

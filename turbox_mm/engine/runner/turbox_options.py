@@ -249,9 +249,11 @@ def _check_compile_modules(cfg: Config, opts: Dict) -> None:
         if isinstance(model, dict) else None
     for path in modules:
         parts = path.split('.') if isinstance(path, str) else []
-        if not parts or not all(p.isidentifier() or p.isdigit() for p in parts):
+        if not parts or not all(p.isidentifier() or p.isdigit() or (p == '*' and i > 0)
+                                for i, p in enumerate(parts)):
             raise ValueError(f"Config key 'turbox.compile.modules': {path!r} is not a dotted "
-                             "submodule path such as 'img_backbone' or 'head.layers.0'")
+                             "submodule path such as 'img_backbone', 'head.layers.0' or "
+                             "'head.layers.*'")
         if keys is not None and parts[0] not in keys:
             raise ValueError(f"Config key 'turbox.compile.modules': {path!r} names no "
                              f'submodule of the model: {parts[0]!r} is not a key of '
