@@ -43,7 +43,9 @@ lidar=configs/bevfusion/bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_
 cam=configs/bevfusion/bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d
 common=(--iters "${ITERS:-30}" --warmup "${WARMUP:-8}" --timeout "${TIMEOUT:-1200}")
 # shellcheck disable=SC2206  # EXTRA is a list of arguments
+set -f  # no globbing: overrides such as modules=[a,head.layers.*] stay as written
 extra=(${EXTRA:-})
+set +f
 for name in "${names[@]}"; do
   case "$name" in
     lidar)

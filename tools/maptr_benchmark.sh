@@ -55,7 +55,9 @@ v2c=configs/maptr/maptrv2_nusc_r50_24ep_w_centerline
 gkt=model.bev_encoder.encoder.transformerlayers.attn_cfgs.1.attention.op_impl=turbox
 common=(--iters "${ITERS:-30}" --warmup "${WARMUP:-8}" --timeout "${TIMEOUT:-1200}")
 # shellcheck disable=SC2206  # EXTRA is a list of arguments
+set -f  # no globbing: overrides such as modules=[a,head.layers.*] stay as written
 extra=(${EXTRA:-})
+set +f
 for name in "${names[@]}"; do
   case "$name" in
     v1)

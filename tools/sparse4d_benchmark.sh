@@ -10,7 +10,9 @@
 #   auto  full where CUDA is available, else tiny (the default)
 # Environment: PYTHON (default python3), ITERS / WARMUP (timed / untimed iterations),
 # WORKERS (data generation processes), DATA_DIR (where the datasets go, default data/),
-# TIMEOUT (seconds a config may run, default 3600), PREPARE_ONLY=1 (make the data and stop).
+# TIMEOUT (seconds a config may run, default 3600), PREPARE_ONLY=1 (make the data and stop),
+# EXTRA (more benchmark.py arguments, e.g. the like-for-like row's
+# `--cfg-options model.head.deformable_model.op_impl=turbox`, or a `--variant`).
 # Datasets already generated are reused.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,8 +63,12 @@ if [ "${PREPARE_ONLY:-0}" = 1 ]; then
   echo "data ready: NUSCENES_ROOT=$NUSCENES_ROOT"
   exit 0
 fi
+# shellcheck disable=SC2206  # EXTRA is a list of arguments
+set -f  # no globbing: overrides such as modules=[a,head.layers.*] stay as written
+extra=(${EXTRA:-})
+set +f
 "$py" tools/benchmark.py "${configs[@]}" --iters "$iters" --warmup "$warmup" --out "$out" \
-  --timeout "${TIMEOUT:-3600}"
+  --timeout "${TIMEOUT:-3600}" "${extra[@]}"
 if [ "$size" = tiny ]; then
   cat <<'MSG'
 
