@@ -12,7 +12,8 @@ from shapely.geometry import LineString
 from turbox_mm.datasets.map_gt import (FastVectorizedLocalMap, VectorizedLocalMapReference,
                                        map_targets, shift_orders_v2,
                                        shift_orders_v2_reference)
-from turbox_mm.datasets.map_gt.centerline import simplify_line, union_centerlines
+from turbox_mm.datasets.map_gt.centerline import union_centerlines
+from turbox_mm.datasets.map_gt.line_simplify import simplify_line
 from turbox_mm.datasets.map_gt.centerline_reference import (LaneGeometryError,
                                                             union_centerlines_reference)
 from turbox_mm.datasets.synthetic.map_expansion import expansion_json
@@ -204,6 +205,31 @@ def test_the_whole_town_in_one_patch(root):
     assert np.isclose(lines[4][:, 1].max() + 305.0, 348.0, atol=0.05)
 
 
+def test_a_lane_that_crosses_itself(tmp_path):
+    """GEOS splits a line where it crosses itself and the split point joins the graph, so
+    the path takes the shortcut and drops the loop; the fast path cuts such lanes (found once
+    per location) as the reference does. A 270 degree loop whose crossing falls between
+    discretised points (20.3 m before it)."""
+    m = MapBuilder()
+    turn = _arc(120.3, 100.0, 0.0, 5.0, 1.5 * math.pi)
+    m.lane('S1', [_straight(100.0, 100.0, 0.0, 20.3), turn, _straight(*turn['end_pose'], 20.0)])
+    m.write(str(tmp_path))
+    fast = FastVectorizedLocalMap(str(tmp_path), (60.0, 30.0), ('centerline', ))
+    assert not fast.lanes(LOCATION).simple.any()
+    reference = VectorizedLocalMapReference(str(tmp_path), (60.0, 30.0), ('centerline', ))
+    along = np.eye(4)
+    along[:2, 3] = (112.0, 100.0)
+    for pose in _poses(30, seed=5, centre=(115.0, 95.0), spread=12.0) + [along]:
+        want, _ = reference(LOCATION, pose)
+        got, labels = fast(LOCATION, pose)
+        assert len(got) == len(want) and set(labels.tolist()) <= {3}
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    # facing along the lane: the loop is cut off at the crossing, 30.3 m of path are left
+    length = np.sum(np.hypot(*np.diff(want[0], axis=0).T))
+    assert len(want) == 1 and len(want[0]) == 3 and length == pytest.approx(30.3, abs=0.01)
+
+
 def test_union_matches_networkx_on_hand_made_graphs():
     """Forks, merges, self-loops (a piece ending where its successor starts), pieces cut
     in two, and a cycle, straight from pieces (patch frame)."""
@@ -236,6 +262,32 @@ def test_union_matches_networkx_on_hand_made_graphs():
         assert len(got) == len(want) == 4
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+def test_simplify_equals_shapely_on_degenerate_walks():
+    """Walks along slanted lattice lines that turn back on themselves (collinear overlaps,
+    touching end points, nearly collinear points in binary): GEOS's orientation filter and
+    double-double fallback decide them, and so does the port."""
+    rng = np.random.default_rng(1)
+    compared = 0
+    for trial in range(4000):
+        n = int(rng.integers(3, 9))
+        step = (0.1, 0.3, 0.7, 0.001, 0.05)[trial % 5]
+        t = rng.integers(-6, 7, n)
+        points = np.outer(t, rng.integers(-3, 4, 2)) * step
+        points = points + rng.integers(-1, 2, (n, 2)) * step * (rng.random((n, 1)) < 0.3)
+        points = points.round(3)
+        if len({tuple(p) for p in points.tolist()}) != n:
+            continue  # a path's nodes are distinct
+        tolerance = float(rng.choice([0.2, 0.5, 1.0]))
+        want = np.asarray(LineString(points).simplify(tolerance, preserve_topology=True).coords)
+        np.testing.assert_array_equal(simplify_line(points, tolerance), want)
+        compared += 1
+    assert compared > 1000
+    # found by review: a float determinant calls the back-tracking points collinear
+    walk = np.array([[1.8, 0.6], [-1.8, -0.6], [-2.7, -0.9], [4.5, 1.5], [0.9, 0.3]])
+    assert simplify_line(walk, 0.2).tolist() == [[1.8, 0.6], [-2.7, -0.9], [4.5, 1.5],
+                                                 [0.9, 0.3]]
 
 
 def test_simplify_equals_shapely():

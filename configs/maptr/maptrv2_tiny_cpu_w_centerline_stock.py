@@ -1,8 +1,9 @@
 # A tiny MapTR v2 with the centerline class, for CPU tests: the tiny v2 config
 # (maptrv2_tiny_cpu_stock.py) with the changes that maptrv2_nusc_r50_24ep_w_centerline makes to
 # the full one: a fourth map class, `centerline`, and more one-to-one vectors (8 here, 6 in
-# the tiny v2). The pipelines are repeated only because mmengine cannot change one entry of a
-# list.
+# the tiny v2; the decoded top-k, `bbox_coder.max_num`, stays 6, as the full config keeps 50
+# for 70 vectors). The pipelines are repeated only because mmengine cannot change one entry
+# of a list.
 #
 #     python tools/create_data.py synthetic --out data/nuscenes_tiny --scenes 3 --frames 3 \
 #         --image-size 320x180 --points 1000 --sweeps 0 --val-scenes 1

@@ -9,27 +9,29 @@ numpy and plain Python:
 
 1. the polygons that meet the patch (an edge meets the box, or the box's centre lies inside
    the polygon), and their lines cut by the box (:func:`~.box_clip.clip_arcs`) in the patch
-   frame;
+   frame; a lane whose line crosses or touches itself (rare: found once per location) is cut
+   with shapely as the reference cuts it, since GEOS splits a line where it crosses itself
+   and the split point becomes a graph node;
 2. the point graph of the reference, built in the same order with dicts (nodes in order of
    first appearance, successors in insertion order, repeated edges once, self-loops kept);
 3. every simple path from each root to a leaf, depth first in successor order (networkx's
-   ``all_simple_paths`` order), each simplified by :func:`simplify_line`.
+   ``all_simple_paths`` order), each simplified by :func:`~.line_simplify.simplify_line`.
 
 The same instances in the same order as the reference. Where the two can differ (measure
 zero): the reference cuts in the global frame and moves the pieces, this path moves the
 points and cuts, so a point whose coordinate lands within rounding error of a 3-decimal tie
-may round the other way; a polygon or a line touching the patch in a single point counts
-for the reference and not here.
+may round the other way.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import numpy as np
-from shapely.geometry import Polygon
+from shapely.geometry import LineString, Polygon
 
 from .box_clip import _slab, clip_arcs, point_in_rings
 from .centerline_reference import (CENTERLINE_LAYERS, DISCRETIZE_RESOLUTION, ROUND_DECIMALS,
-                                   SIMPLIFY_TOLERANCE, LaneGeometryError)
+                                   SIMPLIFY_TOLERANCE, LaneGeometryError, lines_of)
+from .line_simplify import simplify_line
 from .patch_pose import PatchPose
 from .polyline_set import PolylineSet
 
@@ -45,6 +47,8 @@ class LaneCenterlines:
             a lane without arcline paths has a placeholder and ``missing_path`` set.
         missing_path (np.ndarray): ``(L,)`` bool: no ``arcline_path_3`` entry (an error if
             the lane meets a patch, as in the reference).
+        simple (np.ndarray): ``(L,)`` bool: the lane's line neither crosses nor touches
+            itself (else it is cut with shapely, module docstring).
         rings (list[list[np.ndarray]]): Each lane's polygon rings (exterior first), closed.
         bounds (np.ndarray): ``(L, 4)`` bounds of each polygon.
         connectivity (list): Per lane ``(incoming, outgoing)`` token lists, or None where
@@ -55,6 +59,7 @@ class LaneCenterlines:
     layers: List[str]
     lines: PolylineSet
     missing_path: np.ndarray
+    simple: np.ndarray
     rings: list
     bounds: np.ndarray
     connectivity: list
@@ -110,8 +115,9 @@ class LaneCenterlines:
                 tokens.append(token)
                 kinds.append(layer)
         lines = [line if len(line) >= 2 else np.repeat(line[:1], 2, axis=0) for line in lines]
+        simple = [bool(LineString(line).is_simple) for line in lines]
         return cls(tokens, kinds, PolylineSet.build(lines, [False] * len(lines), chunk=64),
-                   np.asarray(missing, bool), rings,
+                   np.asarray(missing, bool), np.asarray(simple, bool), rings,
                    np.asarray(bounds, np.float64).reshape(-1, 4), connectivity, location)
 
     def pieces(self, pose: PatchPose) -> Dict[str, dict]:
@@ -126,19 +132,22 @@ class LaneCenterlines:
         lanes = [int(i) for i in near if self._meets(i, pose)]
         if not lanes:
             return {}
-        for i in lanes:
+        with_path = [i for i in lanes if not self.missing_path[i]]
+        cut = self._shapely_cuts([i for i in with_path if not self.simple[i]], pose)
+        simple = [i for i in with_path if self.simple[i]]
+        if simple:
+            starts = self.lines.offsets[simple]
+            stops = self.lines.offsets[np.asarray(simple) + 1]
+            edges = np.concatenate([np.arange(s, e - 1) for s, e in zip(starts, stops)])
+            for lane, points, _ in clip_arcs(self.lines, edges, pose.to_local, pose.half_x,
+                                             pose.half_y):
+                cut.setdefault(lane, []).append(points)
+        out = {}
+        for i in lanes:  # lanes in order, as the reference visits its records
             if self.missing_path[i]:
                 raise LaneGeometryError(
                     f'map {self.location}: {self.layers[i]} {self.tokens[i]} has no '
                     'arcline_path_3 entry (the centerline class discretises it)')
-        starts, stops = self.lines.offsets[lanes], self.lines.offsets[np.asarray(lanes) + 1]
-        edges = np.concatenate([np.arange(s, e - 1) for s, e in zip(starts, stops)])
-        cut = {}
-        for lane, points, _ in clip_arcs(self.lines, edges, pose.to_local, pose.half_x,
-                                         pose.half_y):
-            cut.setdefault(lane, []).append(points)
-        out = {}
-        for i in lanes:  # lanes in order, as the reference visits its records
             if i not in cut:
                 continue
             if self.connectivity[i] is None:
@@ -147,6 +156,26 @@ class LaneCenterlines:
                     'connectivity entry (the centerline class joins lanes through it)')
             incoming, outgoing = self.connectivity[i]
             out[self.tokens[i]] = dict(lines=cut[i], incoming=incoming, outgoing=outgoing)
+        return out
+
+    def _shapely_cuts(self, lanes: List[int], pose: PatchPose) -> Dict[int, list]:
+        """The pieces of lanes whose lines cross themselves, cut as the reference cuts them
+        (GEOS splits a line where it crosses itself)."""
+        if not lanes:
+            return {}
+        from nuscenes.map_expansion.map_api import NuScenesMapExplorer
+
+        from .reference import VectorizedLocalMapReference
+        patch = NuScenesMapExplorer.get_patch_coord(
+            (pose.x, pose.y, 2 * pose.half_y, 2 * pose.half_x), pose.angle_degrees)
+        out = {}
+        for i in lanes:
+            points = self.lines.points[self.lines.offsets[i]:self.lines.offsets[i + 1]]
+            piece = LineString(points).intersection(patch)
+            if not piece.is_empty:
+                lines = lines_of(VectorizedLocalMapReference._to_local(piece, pose), False)
+                if lines:
+                    out[i] = lines
         return out
 
     def _meets(self, lane: int, pose: PatchPose) -> bool:
@@ -191,13 +220,13 @@ def union_centerlines(pieces: Dict[str, dict]) -> List[np.ndarray]:
             successors[a][b] = None
             in_degree[b] += 1
 
-    ends = {}
+    ends, rounded = {}, {}
     for token, piece in pieces.items():
-        parts = [part.round(ROUND_DECIMALS) for part in piece['lines']]
-        ends[token] = (tuple(parts[0][0].tolist()), tuple(parts[-1][-1].tolist()))
-        piece['_parts'] = parts
+        rounded[token] = [part.round(ROUND_DECIMALS) for part in piece['lines']]
+        ends[token] = (tuple(rounded[token][0][0].tolist()),
+                       tuple(rounded[token][-1][-1].tolist()))
     for token, piece in pieces.items():
-        for part in piece.pop('_parts'):
+        for part in rounded[token]:
             nodes = [tuple(p) for p in part.tolist()]
             for a, b in zip(nodes[:-1], nodes[1:]):
                 add_edge(a, b)
@@ -232,121 +261,6 @@ def _simple_paths(successors: dict, root: tuple, leaves: set):
         path.append(node)
         on_path.add(node)
         stack.append(iter(successors[node]))
-
-
-def simplify_line(points: np.ndarray, tolerance: float) -> np.ndarray:
-    """An open polyline simplified as shapely's ``simplify(tolerance, preserve_topology=True)``.
-
-    GEOS's topology-preserving Douglas-Peucker, section by section from the left: a section
-    ``i..j`` becomes the segment ``i-j`` when every point between lies within ``tolerance`` of
-    that segment and the segment would not cross the line's interior elsewhere (the input
-    segments outside the section that are still in place, and the segments flattened so far);
-    otherwise it is split at its furthest point (the first of equal ones).
-
-    Args:
-        points (np.ndarray): ``(n, 2)`` vertices, no two consecutive equal.
-        tolerance (float): Distance tolerance.
-
-    Returns:
-        np.ndarray: The kept vertices, ``(m, 2)``.
-
-    Examples:
-        >>> line = np.array([[0., 0.], [1., 0.1], [2., 0.], [3., 2.]])
-        >>> simplify_line(line, 0.2).tolist()
-        [[0.0, 0.0], [2.0, 0.0], [3.0, 2.0]]
-    """
-    n = len(points)
-    if n < 3:
-        return points.copy()
-    in_place = np.ones(n - 1, bool)  # input segments not yet replaced by a flattened one
-    flattened: List[tuple] = []
-    keep = [0]
-    stack = [(0, n - 1)]
-    while stack:
-        i, j = stack.pop()
-        if j == i + 1:
-            keep.append(j)
-            continue
-        distance = _segment_distances(points[i + 1:j], points[i], points[j])
-        k = int(np.argmax(distance))
-        if distance[k] <= tolerance and not _crosses(points, i, j, in_place, flattened):
-            in_place[i:j] = False
-            flattened.append((points[i], points[j]))
-            keep.append(j)
-            continue
-        k += i + 1
-        stack.append((k, j))
-        stack.append((i, k))
-    return points[keep]
-
-
-def _segment_distances(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distances of points ``p`` to the segment ``a-b``, in GEOS's ``pointToSegment``
-    arithmetic (so ties with the tolerance fall the same way)."""
-    def to_point(q):
-        return np.sqrt((p[:, 0] - q[0]) ** 2 + (p[:, 1] - q[1]) ** 2)
-
-    if a[0] == b[0] and a[1] == b[1]:
-        return to_point(a)
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    length2 = dx * dx + dy * dy
-    r = ((p[:, 0] - a[0]) * dx + (p[:, 1] - a[1]) * dy) / length2
-    s = ((a[1] - p[:, 1]) * dx - (a[0] - p[:, 0]) * dy) / length2
-    return np.where(r <= 0.0, to_point(a),
-                    np.where(r >= 1.0, to_point(b), np.abs(s) * np.sqrt(length2)))
-
-
-def _crosses(points: np.ndarray, i: int, j: int, in_place: np.ndarray,
-             flattened: list) -> bool:
-    """Whether the segment ``points[i]-points[j]`` meets, at a point that is not an end of
-    both, an input segment outside ``i..j`` still in place or a flattened segment."""
-    others = np.flatnonzero(in_place)
-    others = others[(others < i) | (others >= j)]
-    a = np.concatenate([points[others]] + [f[0][None] for f in flattened])
-    b = np.concatenate([points[others + 1]] + [f[1][None] for f in flattened])
-    if len(a) == 0:
-        return False
-    return bool(np.any(_interior_intersections(points[i], points[j], a, b)))
-
-
-def _orient(a, b, c):
-    return np.sign((b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1])
-                   - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0]))
-
-
-def _interior_intersections(p: np.ndarray, q: np.ndarray, a: np.ndarray,
-                            b: np.ndarray) -> np.ndarray:
-    """Per segment ``a-b``: it meets ``p-q`` other than at a shared end point."""
-    o1, o2 = _orient(p, q, a), _orient(p, q, b)
-    o3, o4 = _orient(a, b, p), _orient(a, b, q)
-    proper = (o1 * o2 < 0) & (o3 * o4 < 0)
-
-    def on(s, t, r):  # r on segment s-t, given collinear
-        return ((np.minimum(s[..., 0], t[..., 0]) <= r[..., 0])
-                & (r[..., 0] <= np.maximum(s[..., 0], t[..., 0]))
-                & (np.minimum(s[..., 1], t[..., 1]) <= r[..., 1])
-                & (r[..., 1] <= np.maximum(s[..., 1], t[..., 1])))
-
-    pb, qb = np.broadcast_to(p, a.shape), np.broadcast_to(q, a.shape)
-    shared = (np.all(a == pb, -1) | np.all(a == qb, -1) | np.all(b == pb, -1)
-              | np.all(b == qb, -1))
-    # touching: an end of one segment on the other (interior unless it is a shared end)
-    touch = (((o1 == 0) & on(pb, qb, a)) | ((o2 == 0) & on(pb, qb, b))
-             | ((o3 == 0) & on(a, b, pb)) | ((o4 == 0) & on(a, b, qb)))
-    collinear_overlap = (o1 == 0) & (o2 == 0) & (on(pb, qb, a) | on(pb, qb, b)
-                                                 | on(a, b, pb))
-    return proper | (touch & ~shared) | (collinear_overlap & ~_single_shared_end(p, q, a, b))
-
-
-def _single_shared_end(p, q, a, b) -> np.ndarray:
-    """Collinear segments that meet only in one shared end point."""
-    pb, qb = np.broadcast_to(p, a.shape), np.broadcast_to(q, a.shape)
-    d = qb - pb
-    ta = np.einsum('ij,ij->i', a - pb, d)
-    tb = np.einsum('ij,ij->i', b - pb, d)
-    length2 = np.einsum('ij,ij->i', d, d)
-    lo, hi = np.minimum(ta, tb), np.maximum(ta, tb)
-    return (hi == 0) | (lo == length2)
 
 
 def centerline_instances(lanes: LaneCenterlines, pose: PatchPose) -> List[np.ndarray]:

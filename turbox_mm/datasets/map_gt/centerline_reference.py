@@ -26,7 +26,8 @@ Label 3. Degenerate input (documented, the same in :mod:`.centerline`): a cut th
 points besides lines keeps the lines (upstream raises ``NotImplementedError`` on anything but
 (Multi)LineStrings, which ``strict=True`` restores); a record whose token has no arcline path
 raises :class:`LaneGeometryError` naming it (upstream fails with an unnamed ``IndexError``);
-one without a ``connectivity`` entry raises it too (the devkit's unnamed ``ValueError``).
+one without a ``connectivity`` entry raises it too (where the devkit's ``ValueError`` names
+the token but not the map or the layer).
 """
 from typing import Dict, List, Sequence
 
@@ -97,7 +98,7 @@ def lane_pieces_reference(explorer, pose: PatchPose, to_local, patch,
             cut = line.intersection(patch)
             if cut.is_empty:
                 continue
-            lines = _lines_of(to_local(cut), strict)
+            lines = lines_of(to_local(cut), strict)
             if not lines:
                 continue
             if token not in api.connectivity:
@@ -110,7 +111,9 @@ def lane_pieces_reference(explorer, pose: PatchPose, to_local, patch,
     return pieces
 
 
-def _lines_of(geometry, strict: bool) -> List[np.ndarray]:
+def lines_of(geometry, strict: bool) -> List[np.ndarray]:
+    """The lines of a cut (points and empty parts dropped; ``strict``: anything but
+    (Multi)LineStrings raises, as upstream)."""
     if geometry.geom_type == 'LineString':
         parts = [geometry]
     elif geometry.geom_type == 'MultiLineString':
@@ -161,5 +164,5 @@ def union_centerlines_reference(pieces: Dict[str, dict]) -> List[np.ndarray]:
 
 
 __all__ = ['CENTERLINE_LABEL', 'CENTERLINE_LAYERS', 'DISCRETIZE_RESOLUTION', 'ROUND_DECIMALS',
-           'SIMPLIFY_TOLERANCE', 'LaneGeometryError', 'lane_pieces_reference',
+           'SIMPLIFY_TOLERANCE', 'LaneGeometryError', 'lane_pieces_reference', 'lines_of',
            'union_centerlines_reference']
