@@ -51,14 +51,18 @@ class KernelPair:
         key (Sequence[str]): The shape arguments autotuning keys on.
         reset_to_zero (Sequence[str]): The backward's outputs that accumulate (zeroed before
             each autotuning trial).
+        forward_reset_to_zero (Sequence[str]): The forward's outputs that accumulate.
+            Defaults to none.
     """
 
     def __init__(self, fwd, bwd, configs: Callable[..., List['triton.Config']],
-                 key: Sequence[str], reset_to_zero: Sequence[str]):
+                 key: Sequence[str], reset_to_zero: Sequence[str],
+                 forward_reset_to_zero: Sequence[str] = ()):
         self.fwd, self.bwd = fwd, bwd
         self.configs = configs
         self.key = list(key)
         self.reset_to_zero = list(reset_to_zero)
+        self.forward_reset_to_zero = list(forward_reset_to_zero)
         self._tuned: Dict[tuple, object] = {}
         # (kind, layout, key values, argument dtypes) -> the autotuner's pick, as kwargs.
         self._picked: Dict[tuple, dict] = {}
@@ -68,8 +72,9 @@ class KernelPair:
         cache_key = (kind, *layout)
         if cache_key not in self._tuned:
             if kind == 'fwd':
-                self._tuned[cache_key] = triton.autotune(self.configs('fwd', *layout),
-                                                         key=self.key)(self.fwd)
+                self._tuned[cache_key] = triton.autotune(
+                    self.configs('fwd', *layout), key=self.key,
+                    reset_to_zero=self.forward_reset_to_zero or None)(self.fwd)
             else:
                 self._tuned[cache_key] = triton.autotune(
                     self.configs('bwd', *layout), key=self.key,

@@ -1,14 +1,19 @@
 """Triton kernels of BEV pooling (spec: :mod:`.reference`).
 
-One program per row of ``P`` pixels of one camera (``(b, n, h)``, ``w`` block) and every
-channel, in both directions; the ``[B, N, D, H, W, C]`` product is never stored:
+The ``[B, N, D, H, W, C]`` product is never stored:
 
-- :func:`_forward_kernel`: the pixels' feature rows are loaded once; with ``depth_logits`` a
-  first walk over the depth bins takes the softmax's maximum and sum; then for each bin the
-  points' cells are computed from ``geom`` (IEEE division, truncation, as the reference) and
-  ``prob * feature`` is added to the cells' rows with relaxed atomic adds into a float32 BEV
-  (so the order of the additions, and the last bits of a cell's sum, vary between runs).
-- :func:`_backward_kernel`: for each bin the output gradient rows of the points' cells are
+- :func:`_forward_kernel`: one program per block of ``HB`` image rows and ``P`` pixels of one
+  camera, every channel. With ``depth_logits`` a first walk over the depth bins takes the
+  softmax's maximum and sum; then for each bin the points' cells are computed from ``geom``
+  (IEEE division, truncation, as the reference), and ``prob * feature`` of the block's rows
+  is summed in registers row by row while consecutive rows fall into the same cell (the rows
+  of an image column at one depth mostly do: they differ in height, which the BEV's single
+  z cell does not tell apart), each run added to its cell's row with one relaxed atomic add
+  into a float32 BEV: up to ``HB`` times fewer atomics than one per point (the order of the
+  additions, and the last bits of a cell's sum, vary between runs). ``HB`` and ``P`` are
+  autotuned on CUDA (``HB = 1``: one atomic per point).
+- :func:`_backward_kernel`: one program per row of ``P`` pixels (``(b, n, h)``, ``w``
+  block); for each bin the output gradient rows of the points' cells are
   gathered; the feature gradient sums ``prob * grad`` over the bins in registers, the depth
   gradient is ``grad . feature`` per point (with ``depth_logits``, then the softmax's
   backward ``p * (g - sum_d p g)``, in a second walk). No atomics: deterministic.
@@ -16,16 +21,17 @@ channel, in both directions; the ``[B, N, D, H, W, C]`` product is never stored:
 No host synchronisation anywhere.
 """
 import functools
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_launch import cdiv, next_power_of_2
+from .._triton_launch import KernelPair, cdiv, next_power_of_2
 
-PIXELS = 16
+#: Pixels a program, rows a forward program and warps without CUDA (Triton's interpreter).
+INTERPRETER_CONFIG = dict(fwd=dict(P=16, HB=4, num_warps=4), bwd=dict(P=16, num_warps=4))
 
 
 @triton.jit
@@ -46,10 +52,10 @@ def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
 
 
 @triton.jit
-def _softmax_stats(depth_ptr, d_base, stride_dd, w, live, D):
+def _softmax_stats(depth_ptr, d_base, stride_dd, live, D):
     """Maximum and sum of exp over the depth bins of the pixels (online, one walk)."""
-    m = tl.full(w.shape, float('-inf'), tl.float32)
-    s = tl.zeros(w.shape, tl.float32)
+    m = tl.full(live.shape, float('-inf'), tl.float32)
+    s = tl.zeros(live.shape, tl.float32)
     for d in range(0, D):
         x = tl.load(depth_ptr + d_base + d * stride_dd, mask=live, other=0.0).to(tl.float32)
         new = tl.maximum(m, x)
@@ -98,20 +104,52 @@ def _pixel_row(feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, s
 def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                     sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
-                    LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, bn, h, w, live, c, c_live, feat, d_base, g_row = _pixel_row(
-        feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D, P,
-        BLOCK_C)
+                    LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    row_blocks = tl.cdiv(H, HB)
+    block = tl.program_id(0)
+    h0 = (block % row_blocks) * HB
+    bn = block // row_blocks
+    n = bn % N
+    b = bn // N
+    rows = tl.arange(0, HB)
+    h = h0 + rows
+    w = tl.program_id(1) * P + tl.arange(0, P)
+    live = (h < H)[:, None] & (w < W)[None, :]  # [HB, P]
+    c = tl.arange(0, BLOCK_C)
+    c_live = c < C
+    d_base = b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w
+    g_row = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
+    f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
     if LOGITS:
-        m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+        m, s = _softmax_stats(depth_ptr, d_base, sd_d, live, D)
     else:
         m = 0.0
         s = 0.0
     for d in range(0, D):
         prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
                                 H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
-        tl.atomic_add(out_ptr + cell[:, None] * C + c[None, :], prob[:, None] * feat,
-                      mask=kept[:, None] & c_live[None, :], sem='relaxed')
+        # rows one after the other: a run of rows in one cell is summed, then added once
+        acc = tl.zeros((P, BLOCK_C), tl.float32)
+        acc_cell = tl.zeros((P, ), tl.int64)
+        acc_live = tl.zeros((P, ), tl.int32) > 0
+        for r in tl.static_range(HB):
+            pick = (rows == r)[:, None]
+            prob_r = tl.sum(tl.where(pick, prob, 0.0), 0)
+            cell_r = tl.sum(tl.where(pick, cell, 0), 0)
+            kept_r = tl.sum(tl.where(pick, kept.to(tl.int32), 0), 0) > 0
+            feat = tl.load(feat_ptr + f_col + (h0 + r) * sf_h,
+                           mask=kept_r[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            part = prob_r[:, None] * feat
+            same = kept_r & acc_live & (cell_r == acc_cell)
+            flush = kept_r & acc_live & (cell_r != acc_cell)
+            tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
+                          mask=flush[:, None] & c_live[None, :], sem='relaxed')
+            acc = tl.where(same[:, None], acc + part, tl.where(kept_r[:, None], part, acc))
+            acc_cell = tl.where(kept_r, cell_r, acc_cell)
+            acc_live = acc_live | kept_r
+        tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
+                      mask=acc_live[:, None] & c_live[None, :], sem='relaxed')
 
 
 @triton.jit
@@ -124,7 +162,7 @@ def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_
         BLOCK_C)
     mask2 = live[:, None] & c_live[None, :]
     if LOGITS:
-        m, s = _softmax_stats(depth_ptr, d_base, sd_d, w, live, D)
+        m, s = _softmax_stats(depth_ptr, d_base, sd_d, live, D)
     else:
         m = 0.0
         s = 0.0
@@ -160,44 +198,92 @@ def _float32_values(values: Tuple[float, ...]) -> Tuple[float, ...]:
     return tuple(torch.tensor(values, dtype=torch.float32).tolist())
 
 
-def _launch_args(depth: Tensor, feats: Tensor, lower, cell_size, grid):
-    b, n, d, h, w = depth.shape
-    c = feats.shape[2]
-    low = _float32_values(tuple(lower))
-    size = _float32_values(tuple(cell_size))
-    block_c = next_power_of_2(max(c, 1))
-    return ((b * n * h, cdiv(w, PIXELS)),
-            (n, d, h, w, c, *[int(g) for g in grid], *low, *size, *depth.stride(),
-             *feats.stride()), block_c)
+def _configs(kind: str, block_c: int) -> List['triton.Config']:
+    """Autotuning candidates: pixels ``P`` (and rows ``HB`` of the forward) and warps, for
+    ``block_c`` padded channels (a program's tiles stay within about 8k elements)."""
+    configs = []
+    if kind == 'fwd':
+        for rows in (1, 4, 8, 16):
+            for pixels in (16, 32):
+                for warps in (4, 8):
+                    if pixels * block_c <= 8192:
+                        configs.append(triton.Config({'P': pixels, 'HB': rows},
+                                                     num_warps=warps))
+    else:
+        for pixels in (8, 16, 32):
+            for warps in (2, 4, 8):
+                if pixels * block_c <= 4096:
+                    configs.append(triton.Config({'P': pixels}, num_warps=warps))
+    return configs
+
+
+_KERNELS = KernelPair(_forward_kernel, _backward_kernel, _configs, key=['C', 'D', 'H', 'W'],
+                      reset_to_zero=[], forward_reset_to_zero=['out_ptr'])
+
+
+def config_dicts(kind: str, channels: int) -> List[dict]:
+    """The autotuning candidates of ``kind`` ('fwd' or 'bwd') at ``channels``, as the
+    launchers' ``config=`` takes them (tests run every one)."""
+    return _KERNELS.config_dicts(kind, next_power_of_2(max(channels, 1)))
+
+
+def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
+    """The kernels' shape, grid and stride arguments by name (cached: a model passes the same
+    layout on every call, and the launch is on the host's critical path)."""
+    return _scalars_of(tuple(depth.shape), depth.stride(), feats.shape[2], feats.stride(),
+                       tuple(lower), tuple(cell_size), tuple(grid))
+
+
+@functools.lru_cache(maxsize=64)
+def _scalars_of(shape, sd, channels, sf, lower, cell_size, grid) -> dict:
+    _, n, d, h, w = shape
+    low = _float32_values(lower)
+    size = _float32_values(cell_size)
+    x_cells, y_cells, z_cells = (int(g) for g in grid)
+    return dict(N=n, D=d, H=h, W=w, C=channels, X=x_cells, Y=y_cells, Z=z_cells,
+                lx=low[0], ly=low[1], lz=low[2], sx=size[0], sy=size[1], sz=size[2],
+                sd_b=sd[0], sd_n=sd[1], sd_d=sd[2], sd_h=sd[3], sd_w=sd[4],
+                sf_b=sf[0], sf_n=sf[1], sf_c=sf[2], sf_h=sf[3], sf_w=sf[4])
 
 
 def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence[float],
                      cell_size: Sequence[float], grid: Sequence[int],
-                     depth_logits: bool) -> Tensor:
-    """The kernel path of :func:`.reference.bev_pool_reference`."""
-    b = depth.shape[0]
+                     depth_logits: bool, config: Optional[dict] = None) -> Tensor:
+    """The kernel path of :func:`.reference.bev_pool_reference`; ``config`` (one of
+    :func:`config_dicts`) replaces autotuning."""
+    b, n, _, h, w = depth.shape
     c = feats.shape[2]
     x_cells, y_cells, z_cells = (int(g) for g in grid)
     out = torch.zeros(b * x_cells * y_cells * z_cells, c, dtype=torch.float32,
                       device=depth.device)
-    grid_launch, args, block_c = _launch_args(depth, feats, lower, cell_size, grid)
     if depth.numel() and c:
-        _forward_kernel[grid_launch](depth, feats, geom.contiguous(), out, *args,
-                                     LOGITS=depth_logits, P=PIXELS, BLOCK_C=block_c)
+        block_c = next_power_of_2(c)
+        _KERNELS.launch(
+            'fwd', (block_c, ), depth.device,
+            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P'])),
+            (depth, feats, geom.contiguous(), out),
+            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits,
+                 BLOCK_C=block_c), config, INTERPRETER_CONFIG['fwd'])
     return out.view(b, x_cells, y_cells, z_cells * c).to(feats.dtype)
 
 
 def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
                       lower: Sequence[float], cell_size: Sequence[float], grid: Sequence[int],
-                      depth_logits: bool) -> Tuple[Tensor, Tensor]:
-    """Gradients of ``depth`` (of the logits with ``depth_logits``) and ``feats``."""
+                      depth_logits: bool, config: Optional[dict] = None
+                      ) -> Tuple[Tensor, Tensor]:
+    """Gradients of ``depth`` (of the logits with ``depth_logits``) and ``feats``; ``config``
+    as :func:`bev_pool_forward`'s."""
     grad_depth = torch.empty(depth.shape, dtype=torch.float32, device=depth.device)
     grad_feats = torch.empty(feats.shape, dtype=feats.dtype, device=feats.device)
-    grid_launch, args, block_c = _launch_args(depth, feats, lower, cell_size, grid)
+    b, n, _, h, w = depth.shape
     if depth.numel() and feats.shape[2]:
-        _backward_kernel[grid_launch](grad.contiguous(), depth, feats, geom.contiguous(),
-                                      grad_depth, grad_feats, *args, LOGITS=depth_logits,
-                                      P=PIXELS, BLOCK_C=block_c)
+        block_c = next_power_of_2(feats.shape[2])
+        _KERNELS.launch(
+            'bwd', (block_c, ), depth.device,
+            lambda meta: (b * n * h, cdiv(w, meta['P'])),
+            (grad.contiguous(), depth, feats, geom.contiguous(), grad_depth, grad_feats),
+            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits,
+                 BLOCK_C=block_c), config, INTERPRETER_CONFIG['bwd'])
     elif depth.numel():
         grad_depth.zero_()
         grad_feats.zero_()
