@@ -12,8 +12,9 @@ The ``[B, N, D, H, W, C]`` product is never stored:
   into a float32 BEV: up to ``HB`` times fewer atomics than one per point (the order of the
   additions, and the last bits of a cell's sum, vary between runs). ``HB`` and ``P`` are
   autotuned on CUDA (``HB = 1``: one atomic per point).
-- :func:`_backward_kernel`: one program per row of ``P`` pixels (``(b, n, h)``, ``w``
-  block); for each bin the output gradient rows of the points' cells are
+- :func:`_backward_kernel`: one program per block of ``HB`` rows and ``P`` pixels, as the
+  forward's; for each bin the output gradient rows of the points' cells are (a run of the
+  block's rows in one cell loads its row once)
   gathered; the feature gradient sums ``prob * grad`` over the bins in registers, the depth
   gradient is ``grad . feature`` per point (with ``depth_logits``, then the softmax's
   backward ``p * (g - sum_d p g)``, in a second walk). No atomics: deterministic.
@@ -31,7 +32,8 @@ from torch import Tensor
 from .._triton_launch import KernelPair, cdiv, next_power_of_2
 
 #: Pixels a program, rows a forward program and warps without CUDA (Triton's interpreter).
-INTERPRETER_CONFIG = dict(fwd=dict(P=16, HB=4, num_warps=4), bwd=dict(P=16, num_warps=4))
+INTERPRETER_CONFIG = dict(fwd=dict(P=16, HB=4, num_warps=4),
+                          bwd=dict(P=8, HB=4, num_warps=4))
 
 
 @triton.jit
@@ -75,29 +77,6 @@ def _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s, H, W, X, Y,
     cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy, sz,
                         X, Y, Z)
     return prob, cell, kept
-
-
-@triton.jit
-def _pixel_row(feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D,
-               P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's pixels (``(b, n, h)`` from grid axis 0, a block of ``w`` from axis 1),
-    their feature rows (float32 ``[P, BLOCK_C]``), the depth offsets of bin 0 and the point
-    index of bin 0 (``geom`` is contiguous ``[B, N, D, H, W, 3]``)."""
-    row = tl.program_id(0)
-    h = row % H
-    bn = row // H
-    n = bn % N
-    b = bn // N
-    w = tl.program_id(1) * P + tl.arange(0, P)
-    live = w < W
-    c = tl.arange(0, BLOCK_C)
-    c_live = c < C
-    f_off = b.to(tl.int64) * sf_b + n * sf_n + h * sf_h + w[:, None] * sf_w + c[None, :] * sf_c
-    feat = tl.load(feat_ptr + f_off, mask=live[:, None] & c_live[None, :],
-                   other=0.0).to(tl.float32)
-    d_base = b.to(tl.int64) * sd_b + n * sd_n + h * sd_h + w * sd_w
-    g_row = ((bn.to(tl.int64) * D) * H + h) * W + w
-    return b, bn, h, w, live, c, c_live, feat, d_base, g_row
 
 
 @triton.jit
@@ -156,39 +135,69 @@ def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
 def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_ptr,
                      N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
-                     LOGITS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, bn, h, w, live, c, c_live, feat, d_base, g_row = _pixel_row(
-        feat_ptr, N, H, W, C, sd_b, sd_n, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w, D, P,
-        BLOCK_C)
-    mask2 = live[:, None] & c_live[None, :]
+                     LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    row_blocks = tl.cdiv(H, HB)
+    block = tl.program_id(0)
+    h0 = (block % row_blocks) * HB
+    bn = block // row_blocks
+    n = bn % N
+    b = bn // N
+    rows = tl.arange(0, HB)
+    h = h0 + rows
+    w = tl.program_id(1) * P + tl.arange(0, P)
+    live = (h < H)[:, None] & (w < W)[None, :]  # [HB, P]
+    c = tl.arange(0, BLOCK_C)
+    c_live = c < C
+    d_base = b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w
+    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
+    g_row = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
+    f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
     if LOGITS:
         m, s = _softmax_stats(depth_ptr, d_base, sd_d, live, D)
     else:
         m = 0.0
         s = 0.0
-    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
-    gd_row = g_row
-    grad_feat = tl.zeros((P, BLOCK_C), tl.float32)
-    dot = tl.zeros((P, ), tl.float32)  # sum_d p * g (softmax backward)
+    grad_feat = tl.zeros((HB, P, BLOCK_C), tl.float32)
+    dot = tl.zeros((HB, P), tl.float32)  # sum_d p * g (softmax backward)
     for d in range(0, D):
         prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
                                 H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
-        grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
-                       mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
-        grad_feat += prob[:, None] * grad
-        g_prob = tl.sum(grad * feat, 1)
-        tl.store(gdepth_ptr + gd_row + d * H * W, g_prob, mask=live)
+        # rows one after the other: a cell's gradient row is gathered once for a run of
+        # rows in that cell
+        g_cur = tl.zeros((P, BLOCK_C), tl.float32)
+        g_cell = tl.full((P, ), -1, tl.int64)
+        g_prob = tl.zeros((HB, P), tl.float32)
+        for r in tl.static_range(HB):
+            pick = (rows == r)[:, None]
+            prob_r = tl.sum(tl.where(pick, prob, 0.0), 0)
+            cell_r = tl.sum(tl.where(pick, cell, 0), 0)
+            kept_r = tl.sum(tl.where(pick, kept.to(tl.int32), 0), 0) > 0
+            need = kept_r & (cell_r != g_cell)
+            g_new = tl.load(grad_ptr + cell_r[:, None] * C + c[None, :],
+                            mask=need[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            g_cur = tl.where(need[:, None], g_new, g_cur)
+            g_cell = tl.where(need, cell_r, g_cell)
+            g_r = tl.where(kept_r[:, None], g_cur, 0.0)
+            feat = tl.load(feat_ptr + f_col + (h0 + r) * sf_h,
+                           mask=kept_r[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            g_prob = tl.where(pick, tl.sum(g_r * feat, 1)[None, :], g_prob)
+            grad_feat = tl.where((rows == r)[:, None, None],
+                                 grad_feat + (prob_r[:, None] * g_r)[None, :, :], grad_feat)
+        tl.store(gdepth_ptr + g_row + d * H * W, g_prob, mask=live)
         if LOGITS:
             dot += prob * g_prob
     if LOGITS:  # d logit = p * (g - sum_d p g); each program rereads only what it wrote
         for d in range(0, D):
             x = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
             prob = tl.exp(x - m) / s
-            g_prob = tl.load(gdepth_ptr + gd_row + d * H * W, mask=live, other=0.0)
-            tl.store(gdepth_ptr + gd_row + d * H * W, prob * (g_prob - dot), mask=live)
+            g_prob = tl.load(gdepth_ptr + g_row + d * H * W, mask=live, other=0.0)
+            tl.store(gdepth_ptr + g_row + d * H * W, prob * (g_prob - dot), mask=live)
     # the feature gradient is written contiguous [B, N, C, H, W]
-    gf_off = ((bn.to(tl.int64) * C + c[None, :]) * H + h) * W + w[:, None]
-    tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty), mask=mask2)
+    gf_off = (((bn.to(tl.int64) * C + c[None, None, :]) * H + h[:, None, None]) * W
+              + w[None, :, None])
+    tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty),
+             mask=live[:, :, None] & c_live[None, None, :])
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,10 +219,11 @@ def _configs(kind: str, block_c: int) -> List['triton.Config']:
                         configs.append(triton.Config({'P': pixels, 'HB': rows},
                                                      num_warps=warps))
     else:
-        for pixels in (8, 16, 32):
-            for warps in (2, 4, 8):
-                if pixels * block_c <= 4096:
-                    configs.append(triton.Config({'P': pixels}, num_warps=warps))
+        for rows, pixels in ((1, 16), (1, 32), (2, 8), (2, 16), (4, 8)):
+            for warps in (4, 8):
+                if rows * pixels * block_c <= 4096:
+                    configs.append(triton.Config({'P': pixels, 'HB': rows},
+                                                 num_warps=warps))
     return configs
 
 
@@ -280,7 +290,7 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
         block_c = next_power_of_2(feats.shape[2])
         _KERNELS.launch(
             'bwd', (block_c, ), depth.device,
-            lambda meta: (b * n * h, cdiv(w, meta['P'])),
+            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P'])),
             (grad.contiguous(), depth, feats, geom.contiguous(), grad_depth, grad_feats),
             dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits,
                  BLOCK_C=block_c), config, INTERPRETER_CONFIG['bwd'])
