@@ -1,25 +1,27 @@
 """Triton kernels of BEV pooling (spec: :mod:`.reference`).
 
-The ``[B, N, D, H, W, C]`` product is never stored:
+The ``[B, N, D, H, W, C]`` product is never stored. Both kernels take a block of ``HB`` image
+rows and ``P`` pixels of one camera, and walk the depth bins; for each bin they take the
+block's rows one after the other: each point's probability (with ``depth_logits``, the
+softmax as ``exp(logit - lse)`` from the pixels' log-sum-exp over the bins, which torch
+computes first) and its cell from ``geom`` (IEEE division, truncation, as the reference).
+The rows of an image column at one depth mostly fall into one cell (they differ in height,
+which the BEV's single z cell does not tell apart), and the kernels use that:
 
-- :func:`_forward_kernel`: one program per block of ``HB`` image rows and ``P`` pixels of one
-  camera, every channel. With ``depth_logits`` a first walk over the depth bins takes the
-  softmax's maximum and sum; then for each bin the points' cells are computed from ``geom``
-  (IEEE division, truncation, as the reference), and ``prob * feature`` of the block's rows
-  is summed in registers row by row while consecutive rows fall into the same cell (the rows
-  of an image column at one depth mostly do: they differ in height, which the BEV's single
-  z cell does not tell apart), each run added to its cell's row with one relaxed atomic add
-  into a float32 BEV: up to ``HB`` times fewer atomics than one per point (the order of the
-  additions, and the last bits of a cell's sum, vary between runs). ``HB`` and ``P`` are
-  autotuned on CUDA (``HB = 1``: one atomic per point).
-- :func:`_backward_kernel`: one program per block of ``HB`` rows and ``P`` pixels, as the
-  forward's; for each bin the output gradient rows of the points' cells are (a run of the
-  block's rows in one cell loads its row once)
-  gathered; the feature gradient sums ``prob * grad`` over the bins in registers, the depth
-  gradient is ``grad . feature`` per point (with ``depth_logits``, then the softmax's
-  backward ``p * (g - sum_d p g)``, in a second walk). No atomics: deterministic.
+- :func:`_forward_kernel` (a block of ``BLOCK_C`` channels, a third grid axis) sums
+  ``prob * feature`` over a run of consecutive rows in one cell in registers and adds the run
+  to the cell's row with one relaxed atomic add into a float32 BEV: up to ``HB`` times fewer
+  atomics than one per point (the order of the additions, and the last bits of a cell's sum,
+  vary between runs).
+- :func:`_backward_kernel` (every channel: the depth gradient sums over them) gathers a
+  cell's output-gradient row once for a run of rows in that cell; the feature gradient sums
+  ``prob * grad`` over the bins in registers, the depth gradient is ``grad . feature`` per
+  point (with ``depth_logits``, then the softmax's backward ``p * (g - sum_d p g)``, in a
+  second walk). No atomics: deterministic.
 
-No host synchronisation anywhere.
+With ``HB = 1`` a program's features stay in registers over the bins (the kernels before
+the row blocks). ``HB``, ``P`` and the forward's ``BLOCK_C`` are autotuned on CUDA; the
+candidates always include one that fits any channel count. No host synchronisation anywhere.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -30,10 +32,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .._triton_launch import KernelPair, cdiv, next_power_of_2
-
-#: Pixels a program, rows a forward program and warps without CUDA (Triton's interpreter).
-INTERPRETER_CONFIG = dict(fwd=dict(P=16, HB=4, num_warps=4),
-                          bwd=dict(P=8, HB=4, num_warps=4))
 
 
 @triton.jit
@@ -54,33 +52,22 @@ def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
 
 
 @triton.jit
-def _softmax_stats(depth_ptr, d_base, stride_dd, live, D):
-    """Maximum and sum of exp over the depth bins of the pixels (online, one walk)."""
-    m = tl.full(live.shape, float('-inf'), tl.float32)
-    s = tl.zeros(live.shape, tl.float32)
-    for d in range(0, D):
-        x = tl.load(depth_ptr + d_base + d * stride_dd, mask=live, other=0.0).to(tl.float32)
-        new = tl.maximum(m, x)
-        s = s * tl.exp(m - new) + tl.exp(x - new)
-        m = new
-    return m, s
-
-
-@triton.jit
-def _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s, H, W, X, Y, Z, lx, ly,
-         lz, sx, sy, sz, LOGITS: tl.constexpr):
-    """Depth bin ``d`` of the pixels: the points' probabilities (the softmax with ``LOGITS``,
-    from its maximum ``m`` and sum ``s``), cells and whether they are kept."""
-    prob = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
+def _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w, live, D, H, W, X, Y, Z,
+               lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS: tl.constexpr):
+    """Depth bin ``d`` of image row ``hr`` at pixels ``w``: the points' probabilities (the
+    softmax from the row's log-sum-exp with ``LOGITS``), cells and whether they are kept."""
+    x = tl.load(depth_ptr + b.to(tl.int64) * sd_b + n * sd_n + d * sd_d + hr * sd_h
+                + w * sd_w, mask=live, other=0.0).to(tl.float32)
     if LOGITS:
-        prob = tl.exp(prob - m) / s
-    cell, kept = _cells(geom_ptr, (g_row + d * H * W) * 3, live, b, lx, ly, lz, sx, sy, sz,
-                        X, Y, Z)
-    return prob, cell, kept
+        lse = tl.load(lse_ptr + (bn.to(tl.int64) * H + hr) * W + w, mask=live, other=0.0)
+        x = tl.exp(x - lse)
+    cell, kept = _cells(geom_ptr, (((bn.to(tl.int64) * D + d) * H + hr) * W + w) * 3, live,
+                        b, lx, ly, lz, sx, sy, sz, X, Y, Z)
+    return x, cell, kept
 
 
 @triton.jit
-def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
+def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                     sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                     LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
@@ -91,48 +78,45 @@ def _forward_kernel(depth_ptr, feat_ptr, geom_ptr, out_ptr,
     bn = block // row_blocks
     n = bn % N
     b = bn // N
-    rows = tl.arange(0, HB)
-    h = h0 + rows
     w = tl.program_id(1) * P + tl.arange(0, P)
-    live = (h < H)[:, None] & (w < W)[None, :]  # [HB, P]
-    c = tl.arange(0, BLOCK_C)
+    w_live = w < W
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C
-    d_base = b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w
-    g_row = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
     f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
-    if LOGITS:
-        m, s = _softmax_stats(depth_ptr, d_base, sd_d, live, D)
-    else:
-        m = 0.0
-        s = 0.0
+    if HB == 1:  # one row: its features stay in registers over the bins
+        feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
+                            mask=(w_live & (h0 < H))[:, None] & c_live[None, :],
+                            other=0.0).to(tl.float32)
     for d in range(0, D):
-        prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
-                                H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
         # rows one after the other: a run of rows in one cell is summed, then added once
         acc = tl.zeros((P, BLOCK_C), tl.float32)
         acc_cell = tl.zeros((P, ), tl.int64)
         acc_live = tl.zeros((P, ), tl.int32) > 0
         for r in tl.static_range(HB):
-            pick = (rows == r)[:, None]
-            prob_r = tl.sum(tl.where(pick, prob, 0.0), 0)
-            cell_r = tl.sum(tl.where(pick, cell, 0), 0)
-            kept_r = tl.sum(tl.where(pick, kept.to(tl.int32), 0), 0) > 0
-            feat = tl.load(feat_ptr + f_col + (h0 + r) * sf_h,
-                           mask=kept_r[:, None] & c_live[None, :], other=0.0).to(tl.float32)
-            part = prob_r[:, None] * feat
-            same = kept_r & acc_live & (cell_r == acc_cell)
-            flush = kept_r & acc_live & (cell_r != acc_cell)
+            hr = h0 + r
+            live = w_live & (hr < H)
+            prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
+                                          live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                                          sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+            if HB == 1:
+                feat = feat_once
+            else:
+                feat = tl.load(feat_ptr + f_col + hr * sf_h,
+                               mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            part = prob[:, None] * feat
+            same = kept & acc_live & (cell == acc_cell)
+            flush = kept & acc_live & (cell != acc_cell)
             tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
                           mask=flush[:, None] & c_live[None, :], sem='relaxed')
-            acc = tl.where(same[:, None], acc + part, tl.where(kept_r[:, None], part, acc))
-            acc_cell = tl.where(kept_r, cell_r, acc_cell)
-            acc_live = acc_live | kept_r
+            acc = tl.where(same[:, None], acc + part, tl.where(kept[:, None], part, acc))
+            acc_cell = tl.where(kept, cell, acc_cell)
+            acc_live = acc_live | kept
         tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
                       mask=acc_live[:, None] & c_live[None, :], sem='relaxed')
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_ptr,
+def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_ptr,
                      N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
@@ -146,58 +130,68 @@ def _backward_kernel(grad_ptr, depth_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_
     rows = tl.arange(0, HB)
     h = h0 + rows
     w = tl.program_id(1) * P + tl.arange(0, P)
-    live = (h < H)[:, None] & (w < W)[None, :]  # [HB, P]
+    w_live = w < W
+    live2 = (h < H)[:, None] & w_live[None, :]  # [HB, P]
     c = tl.arange(0, BLOCK_C)
     c_live = c < C
-    d_base = b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w
-    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
-    g_row = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
     f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
-    if LOGITS:
-        m, s = _softmax_stats(depth_ptr, d_base, sd_d, live, D)
-    else:
-        m = 0.0
-        s = 0.0
+    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
+    g_row2 = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
+    if HB == 1:
+        feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
+                            mask=(w_live & (h0 < H))[:, None] & c_live[None, :],
+                            other=0.0).to(tl.float32)
     grad_feat = tl.zeros((HB, P, BLOCK_C), tl.float32)
     dot = tl.zeros((HB, P), tl.float32)  # sum_d p * g (softmax backward)
     for d in range(0, D):
-        prob, cell, kept = _bin(depth_ptr, geom_ptr, d, d_base, sd_d, g_row, live, b, m, s,
-                                H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, LOGITS)
-        # rows one after the other: a cell's gradient row is gathered once for a run of
-        # rows in that cell
+        # rows one after the other: a cell's gradient row is gathered once for a run of the
+        # block's rows in that cell
         g_cur = tl.zeros((P, BLOCK_C), tl.float32)
         g_cell = tl.full((P, ), -1, tl.int64)
-        g_prob = tl.zeros((HB, P), tl.float32)
         for r in tl.static_range(HB):
-            pick = (rows == r)[:, None]
-            prob_r = tl.sum(tl.where(pick, prob, 0.0), 0)
-            cell_r = tl.sum(tl.where(pick, cell, 0), 0)
-            kept_r = tl.sum(tl.where(pick, kept.to(tl.int32), 0), 0) > 0
-            need = kept_r & (cell_r != g_cell)
-            g_new = tl.load(grad_ptr + cell_r[:, None] * C + c[None, :],
+            hr = h0 + r
+            live = w_live & (hr < H)
+            prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
+                                          live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                                          sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+            need = kept & (cell != g_cell)
+            g_new = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
                             mask=need[:, None] & c_live[None, :], other=0.0).to(tl.float32)
             g_cur = tl.where(need[:, None], g_new, g_cur)
-            g_cell = tl.where(need, cell_r, g_cell)
-            g_r = tl.where(kept_r[:, None], g_cur, 0.0)
-            feat = tl.load(feat_ptr + f_col + (h0 + r) * sf_h,
-                           mask=kept_r[:, None] & c_live[None, :], other=0.0).to(tl.float32)
-            g_prob = tl.where(pick, tl.sum(g_r * feat, 1)[None, :], g_prob)
-            grad_feat = tl.where((rows == r)[:, None, None],
-                                 grad_feat + (prob_r[:, None] * g_r)[None, :, :], grad_feat)
-        tl.store(gdepth_ptr + g_row + d * H * W, g_prob, mask=live)
-        if LOGITS:
-            dot += prob * g_prob
+            g_cell = tl.where(need, cell, g_cell)
+            grad = tl.where(kept[:, None], g_cur, 0.0)
+            if HB == 1:
+                feat = feat_once
+            else:
+                feat = tl.load(feat_ptr + f_col + hr * sf_h,
+                               mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            g_prob = tl.sum(grad * feat, 1)
+            tl.store(gdepth_ptr + ((bn.to(tl.int64) * D + d) * H + hr) * W + w, g_prob,
+                     mask=live)
+            if HB == 1:
+                grad_feat += (prob[:, None] * grad)[None, :, :]
+                if LOGITS:
+                    dot += (prob * g_prob)[None, :]
+            else:
+                this = (rows == r)
+                grad_feat = tl.where(this[:, None, None],
+                                     grad_feat + (prob[:, None] * grad)[None, :, :], grad_feat)
+                if LOGITS:
+                    dot = tl.where(this[:, None], dot + (prob * g_prob)[None, :], dot)
     if LOGITS:  # d logit = p * (g - sum_d p g); each program rereads only what it wrote
+        lse = tl.load(lse_ptr + (bn.to(tl.int64) * H + h[:, None]) * W + w[None, :],
+                      mask=live2, other=0.0)
+        d_base = (b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w)
         for d in range(0, D):
-            x = tl.load(depth_ptr + d_base + d * sd_d, mask=live, other=0.0).to(tl.float32)
-            prob = tl.exp(x - m) / s
-            g_prob = tl.load(gdepth_ptr + g_row + d * H * W, mask=live, other=0.0)
-            tl.store(gdepth_ptr + g_row + d * H * W, prob * (g_prob - dot), mask=live)
+            x = tl.load(depth_ptr + d_base + d * sd_d, mask=live2, other=0.0).to(tl.float32)
+            g_prob = tl.load(gdepth_ptr + g_row2 + d * H * W, mask=live2, other=0.0)
+            tl.store(gdepth_ptr + g_row2 + d * H * W, tl.exp(x - lse) * (g_prob - dot),
+                     mask=live2)
     # the feature gradient is written contiguous [B, N, C, H, W]
     gf_off = (((bn.to(tl.int64) * C + c[None, None, :]) * H + h[:, None, None]) * W
               + w[None, :, None])
     tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty),
-             mask=live[:, :, None] & c_live[None, None, :])
+             mask=live2[:, :, None] & c_live[None, None, :])
 
 
 @functools.lru_cache(maxsize=64)
@@ -207,23 +201,36 @@ def _float32_values(values: Tuple[float, ...]) -> Tuple[float, ...]:
     return tuple(torch.tensor(values, dtype=torch.float32).tolist())
 
 
+#: Forward candidates ``(P, HB, BLOCK_C, num_warps)``, BLOCK_C capped at the channels: those
+#: that compile for sm_90 without register spills at BEVFusion's 80 channels (Triton 3.7,
+#: ``cuobjdump -res-usage``; the old one-row kernel used 125 registers).
+_FWD_CANDIDATES = ((16, 1, 32, 4), (32, 1, 32, 4), (16, 1, 64, 4), (16, 1, 128, 4),
+                   (16, 2, 32, 4), (16, 4, 32, 8), (16, 8, 32, 8), (32, 4, 32, 8),
+                   (16, 2, 64, 8), (16, 4, 64, 8), (16, 2, 128, 8))
+#: Backward candidates ``(P, HB, num_warps)`` (BLOCK_C: every channel), likewise.
+_BWD_CANDIDATES = ((16, 1, 8), (8, 2, 8), (16, 1, 4), (8, 2, 4))
+
+
 def _configs(kind: str, block_c: int) -> List['triton.Config']:
-    """Autotuning candidates: pixels ``P`` (and rows ``HB`` of the forward) and warps, for
-    ``block_c`` padded channels (a program's tiles stay within about 8k elements)."""
-    configs = []
+    """Autotuning candidates for ``block_c`` (the channels, padded to a power of two).
+
+    Forward: rows ``HB``, pixels ``P`` and a channel block ``BLOCK_C`` (a third grid axis);
+    backward (the depth gradient sums over every channel, so one block holds them all): rows
+    and pixels, for up to 128 channels; wider ones get one row of fewer pixels, so that any
+    channel count has a candidate.
+    """
+    configs, seen = [], set()
     if kind == 'fwd':
-        for rows in (1, 4, 8, 16):
-            for pixels in (16, 32):
-                for warps in (4, 8):
-                    if pixels * block_c <= 8192:
-                        configs.append(triton.Config({'P': pixels, 'HB': rows},
-                                                     num_warps=warps))
+        candidates = [(p, rows, min(c, block_c), w) for p, rows, c, w in _FWD_CANDIDATES]
+    elif block_c <= 128:
+        candidates = [(p, rows, block_c, w) for p, rows, w in _BWD_CANDIDATES]
     else:
-        for rows, pixels in ((1, 16), (1, 32), (2, 8), (2, 16), (4, 8)):
-            for warps in (4, 8):
-                if rows * pixels * block_c <= 4096:
-                    configs.append(triton.Config({'P': pixels, 'HB': rows},
-                                                 num_warps=warps))
+        candidates = [(max(1, 2048 // block_c), 1, block_c, 8)]
+    for pixels, rows, channels, warps in candidates:
+        if (pixels, rows, channels, warps) not in seen:
+            seen.add((pixels, rows, channels, warps))
+            configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels},
+                                         num_warps=warps))
     return configs
 
 
@@ -235,6 +242,15 @@ def config_dicts(kind: str, channels: int) -> List[dict]:
     """The autotuning candidates of ``kind`` ('fwd' or 'bwd') at ``channels``, as the
     launchers' ``config=`` takes them (tests run every one)."""
     return _KERNELS.config_dicts(kind, next_power_of_2(max(channels, 1)))
+
+
+def _interpreter_config(kind: str, channels: int) -> dict:
+    """The configuration without CUDA (Triton's interpreter): several rows a program, and
+    the forward's channels in blocks of up to 32."""
+    block_c = next_power_of_2(max(channels, 1))
+    if kind == 'fwd':
+        return dict(P=16, HB=4, BLOCK_C=min(block_c, 32), num_warps=4)
+    return dict(P=8, HB=4, BLOCK_C=block_c, num_warps=4)
 
 
 def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
@@ -256,6 +272,13 @@ def _scalars_of(shape, sd, channels, sf, lower, cell_size, grid) -> dict:
                 sf_b=sf[0], sf_n=sf[1], sf_c=sf[2], sf_h=sf[3], sf_w=sf[4])
 
 
+def _log_sum_exp(depth: Tensor, depth_logits: bool) -> Tensor:
+    """The softmax's ``log(sum_d exp)`` of every pixel, ``[B, N, H, W]`` float32 (the
+    kernels' probabilities are ``exp(logit - lse)``); ``depth`` itself stands in (unread)
+    without ``depth_logits``."""
+    return torch.logsumexp(depth.float(), dim=2).contiguous() if depth_logits else depth
+
+
 def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence[float],
                      cell_size: Sequence[float], grid: Sequence[int],
                      depth_logits: bool, config: Optional[dict] = None) -> Tensor:
@@ -267,13 +290,13 @@ def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence
     out = torch.zeros(b * x_cells * y_cells * z_cells, c, dtype=torch.float32,
                       device=depth.device)
     if depth.numel() and c:
-        block_c = next_power_of_2(c)
         _KERNELS.launch(
-            'fwd', (block_c, ), depth.device,
-            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P'])),
-            (depth, feats, geom.contiguous(), out),
-            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits,
-                 BLOCK_C=block_c), config, INTERPRETER_CONFIG['fwd'])
+            'fwd', (next_power_of_2(c), ), depth.device,
+            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P']),
+                          cdiv(c, meta['BLOCK_C'])),
+            (depth, _log_sum_exp(depth, depth_logits), feats, geom.contiguous(), out),
+            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits),
+            config, _interpreter_config('fwd', c))
     return out.view(b, x_cells, y_cells, z_cells * c).to(feats.dtype)
 
 
@@ -286,14 +309,15 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
     grad_depth = torch.empty(depth.shape, dtype=torch.float32, device=depth.device)
     grad_feats = torch.empty(feats.shape, dtype=feats.dtype, device=feats.device)
     b, n, _, h, w = depth.shape
-    if depth.numel() and feats.shape[2]:
-        block_c = next_power_of_2(feats.shape[2])
+    c = feats.shape[2]
+    if depth.numel() and c:
         _KERNELS.launch(
-            'bwd', (block_c, ), depth.device,
+            'bwd', (next_power_of_2(c), ), depth.device,
             lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P'])),
-            (grad.contiguous(), depth, feats, geom.contiguous(), grad_depth, grad_feats),
-            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits,
-                 BLOCK_C=block_c), config, INTERPRETER_CONFIG['bwd'])
+            (grad.contiguous(), depth, _log_sum_exp(depth, depth_logits), feats,
+             geom.contiguous(), grad_depth, grad_feats),
+            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits),
+            config, _interpreter_config('bwd', c))
     elif depth.numel():
         grad_depth.zero_()
         grad_feats.zero_()
