@@ -35,6 +35,9 @@ def test_runs_every_config_and_reports_the_failure(bench):
         ['smoke_stock.py', 'smoke_turbox.py', 'smoke_turbox.py']
     assert [s['variant'] for s in report['summaries']] == [None, None,
                                                            'turbox.optim.fused=False']
+    # the variant's files and work folder are its own, beside the config's
+    assert (out / 'smoke_turbox.variant1.result.json').is_file()
+    assert (out / 'smoke_turbox.result.json').is_file() and (out / 'smoke_turbox.variant1').is_dir()
     assert list(report['failures']) == [str(out / 'broken.py')]
     assert report['machine']['cpu_cores'] >= 1 and report['iters'] == 12
     assert 'tools/benchmark.py' in report['command']
@@ -75,6 +78,15 @@ def test_stock_and_turbox_see_the_same_losses(bench):
     # the --variant run got its override: without the fused kernel, stock's losses exactly
     assert unfused['cfg_options'] == {'turbox.optim.fused': 'False'}
     assert unfused['losses'] == stock['losses']
+
+
+def test_a_variant_needs_key_value_and_configs(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, '--variant', 'turbox', '--out',
+                       str(tmp_path)], env=ENV)
+    assert proc.returncode != 0 and "--variant takes KEY=VALUE overrides, got 'turbox'" in \
+        proc.stderr
+    proc = run_python(['tools/benchmark.py', '--ops', 'bev_pool', '--variant', 'a=1'], env=ENV)
+    assert proc.returncode != 0 and '--variant reruns the last config' in proc.stderr
 
 
 def test_too_short_config_is_reported(tmp_path):

@@ -315,10 +315,16 @@ def test_compile_a_star_stands_for_each_child():
     assert all(net.backbone[i]._compiled_call_impl is not None for i in range(3))
     assert net.backbone._compiled_call_impl is None  # the container itself is not compiled
     torch.testing.assert_close(net(x), eager)
-    with pytest.raises(KeyError, match=r"'head.\*'.*has no children for \*"):
+    with pytest.raises(KeyError, match=r"'head.\*' matches no submodule of _Net"):
         compile_submodules(_Net(), ['head.*'], backend='eager')
-    with pytest.raises(KeyError, match=r"no submodule 'tail'"):
+    with pytest.raises(KeyError, match=r"'tail.\*' matches no submodule"):
         compile_submodules(_Net(), ['tail.*'], backend='eager')
+    # glob semantics: children without the rest of the path are skipped; duplicates once
+    net = nn.Module()
+    net.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)), nn.ReLU(),
+                                nn.Sequential(nn.Linear(2, 2), nn.ReLU())])
+    names = compile_submodules(net, ['blocks.*.0', 'blocks.0.0'], backend='eager')
+    assert names == ['blocks.0.0', 'blocks.2.0']
 
 
 def test_compile_names_a_missing_submodule():

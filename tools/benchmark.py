@@ -118,7 +118,9 @@ def worker(args) -> int:
         print(f'[{osp.basename(config)}] iteration {done}/{total}', file=sys.stderr,
               flush=True)
 
-    work_dir = osp.join(osp.dirname(args.result), osp.splitext(osp.basename(config))[0])
+    # the result's own stem: a --variant run of the same config gets its own folder
+    work_dir = args.result[:-len('.result.json')] if args.result.endswith('.result.json') \
+        else osp.join(osp.dirname(args.result), osp.splitext(osp.basename(config))[0])
     result = measure_config(config, iters=args.iters, warmup=args.warmup, cfg_options=options,
                             sync_iters=args.sync_iters, profile=args.profile,
                             work_dir=work_dir, progress=progress)
@@ -129,6 +131,9 @@ def worker(args) -> int:
 
 def _variant_options(variant: List[str]) -> dict:
     """``['key=value', ...]`` of ``--variant`` as mmengine's ``--cfg-options`` parses them."""
+    bad = [item for item in variant if '=' not in item]
+    if bad:
+        raise SystemExit(f'benchmark: --variant takes KEY=VALUE overrides, got {bad[0]!r}')
     parser = argparse.ArgumentParser(prog='--variant')
     parser.add_argument('--options', nargs='+', action=DictAction)
     return dict(parser.parse_args(['--options', *variant]).options)
@@ -291,6 +296,8 @@ def main(argv=None) -> int:
         return worker(args)
     command = ' '.join(shlex.quote(a) for a in ['python', 'tools/benchmark.py', *sys.argv[1:]]) \
         if argv is None else 'tools/benchmark.py ' + ' '.join(map(shlex.quote, argv))
+    if args.variant and not args.configs:
+        raise SystemExit('benchmark: --variant reruns the last config: give configs')
     if args.data is not None:
         if args.configs or args.components is not None or args.ops is not None:
             raise SystemExit('benchmark: give configs, --components, --ops or --data, one of '
@@ -325,6 +332,7 @@ def main(argv=None) -> int:
             print(f'  FAILED: {exc}', flush=True)
             continue
         result['variant'] = variant
+        result['variant_index'] = i - len(args.configs) if variant else None
         result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
         results.append(result)
         summaries.append(summarize(result))

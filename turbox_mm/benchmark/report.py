@@ -36,6 +36,7 @@ def summarize(result: dict) -> dict:
     return dict(
         config=result['config'],
         variant=result.get('variant'),
+        variant_index=result.get('variant_index'),
         iter_ms=statistics.median(iters),
         iter_p10_ms=_quantile(iters, 0.1),
         iter_p90_ms=_quantile(iters, 0.9),
@@ -122,6 +123,21 @@ def run_label(summary: dict) -> str:
     return f"{name} + {summary['variant']}" if summary.get('variant') else name
 
 
+def bar_labels(summaries: Sequence[dict]) -> List[str]:
+    """The chart's bar names: :func:`chart_labels` of the distinct configs, a ``--variant``
+    run's with ``+ v<its number>``.
+
+    Examples:
+        >>> bar_labels([dict(config='a/m_stock.py'), dict(config='a/m_turbox.py'),
+        ...             dict(config='a/m_turbox.py', variant='x=1', variant_index=1)])
+        ['stock', 'turbox', 'turbox + v1']
+    """
+    configs = list(dict.fromkeys(s['config'] for s in summaries))
+    short = dict(zip(configs, chart_labels(configs)))
+    return [f"{short[s['config']]} + v{s.get('variant_index') or ''}" if s.get('variant')
+            else short[s['config']] for s in summaries]
+
+
 def chart_labels(configs: Sequence[str]) -> List[str]:
     """Short bar labels: the config names without the part they all share in front, e.g.
     ``sparse4dv3_r50_..._stock.py`` and ``..._turbox.py`` become ``stock`` and ``turbox``.
@@ -157,9 +173,7 @@ def write_chart(summaries: List[dict], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = chart_labels([s['config'] for s in summaries])
-    names = [f"{n} + v{i}" if s.get('variant') else n
-             for i, (n, s) in enumerate(zip(names, summaries))]
+    names = bar_labels(summaries)
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names) + 2), 4.5))
     bottom = [0.0] * len(names)
     for phase in PHASES:

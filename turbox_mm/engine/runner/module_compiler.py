@@ -25,12 +25,13 @@ def _resolve(model: nn.Module, path: str) -> nn.Module:
 
 
 def expand_paths(model: nn.Module, path: str) -> List[str]:
-    """The submodule paths that ``path`` names: itself, or with ``*`` components, every
-    child in their place (``'head.layers.*'``: each layer of a ``ModuleList``), in order.
+    """The submodule paths that ``path`` names: itself, or, with ``*`` parts, every path
+    whose parts match it (a ``*`` stands for any one child: ``'head.layers.*'`` is each layer
+    of a ``ModuleList``), in the model's order.
 
     Raises:
-        KeyError: A part that names no child (as :func:`_resolve`), or a ``*`` over a module
-            without children.
+        KeyError: A path without ``*`` that names no submodule (as :func:`_resolve`), or a
+            pattern that matches none (named as written).
 
     Examples:
         >>> from torch import nn
@@ -40,19 +41,25 @@ def expand_paths(model: nn.Module, path: str) -> List[str]:
         >>> expand_paths(model, 'head.layers.*')
         ['head.layers.0', 'head.layers.1']
     """
-    if '*' not in path.split('.'):
+    parts = path.split('.')
+    if '*' not in parts:
         _resolve(model, path)
         return [path]
-    head, _, rest = path.partition('*')
-    prefix = head.rstrip('.')
-    parent = _resolve(model, prefix) if prefix else model
-    children = [name for name, _ in parent.named_children()]
-    if not children:
-        raise KeyError(f'turbox.compile.modules: {path!r}: {prefix or type(model).__name__} '
-                       f'({type(parent).__name__}) has no children for * to stand for')
+    found = _matches(model, parts, [])
+    if not found:
+        raise KeyError(f'turbox.compile.modules: {path!r} matches no submodule of '
+                       f'{type(model).__name__} (a * stands for any one child)')
+    return found
+
+
+def _matches(module: nn.Module, parts: List[str], done: List[str]) -> List[str]:
+    """The dotted paths below ``module`` (reached by ``done``) whose parts match ``parts``."""
+    if not parts:
+        return ['.'.join(done)]
     out = []
-    for child in children:
-        out += expand_paths(model, '.'.join(p for p in (prefix, child) if p) + rest)
+    for name, child in module.named_children():
+        if parts[0] in ('*', name):
+            out += _matches(child, parts[1:], done + [name])
     return out
 
 
@@ -138,8 +145,9 @@ def compile_submodules(model: nn.Module,
     elif isinstance(modules, str):
         raise ValueError(f"turbox.compile.modules: expected 'auto' or a list of submodule "
                          f'paths, got {modules!r}')
-    else:
-        names = [name for path in modules for name in expand_paths(model, path)]
+    else:  # in order, each module once
+        names = list(dict.fromkeys(name for path in modules
+                                   for name in expand_paths(model, path)))
     for name in names:
         module = _resolve(model, name)
         module.compile(**compile_kwargs)

@@ -249,6 +249,10 @@ def _check_compile_modules(cfg: Config, opts: Dict) -> None:
         if isinstance(model, dict) else None
     for path in modules:
         parts = path.split('.') if isinstance(path, str) else []
+        if parts and parts[0] == '*':
+            raise ValueError(f"Config key 'turbox.compile.modules': {path!r} starts with *: "
+                             "the first part must name a submodule (a key of cfg.model), "
+                             "a * may stand for the children below it")
         if not parts or not all(p.isidentifier() or p.isdigit() or (p == '*' and i > 0)
                                 for i, p in enumerate(parts)):
             raise ValueError(f"Config key 'turbox.compile.modules': {path!r} is not a dotted "

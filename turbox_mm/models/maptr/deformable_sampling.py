@@ -9,7 +9,9 @@ host-bound and turbox's takes longer to launch (0.59 ms of host time against mmc
 0.825 against 0.399 ms at 4 x 1000 queries (128k samples), 0.816 against 0.723 ms at 4 x 7000
 (896k); from the TSA and encoder sizes (5.1M samples) up the GPU time dominates and turbox's
 is 2.1x faster. Under ``torch.compile`` the turbox path always runs turbox_mm's op: it traces
-through its fake, where mmcv's extension call would break the graph in every layer.
+through its fake, where mmcv's extension call would break the graph in every layer (under
+autocast it then samples in the inputs' dtype where the eager small calls run mmcv's in
+float32: the compiled numbers differ in rounding; not measured yet).
 """
 import math
 
@@ -35,8 +37,9 @@ def turbox_op_pays(value: Tensor, locations: Tensor) -> bool:
         >>> turbox_op_pays(torch.zeros(4, 20000, 8, 32), torch.zeros(4, 1000, 8, 1, 4, 2))  # CPU
         True
     """
-    return (not value.is_cuda or locations[..., 0].numel() >= TURBOX_MIN_SAMPLES
-            or torch.compiler.is_compiling())
+    # is_compiling first: under dynamic shapes the size test would add a guard
+    return (torch.compiler.is_compiling() or not value.is_cuda
+            or locations[..., 0].numel() >= TURBOX_MIN_SAMPLES)
 
 
 def deformable_attention(op_impl: str, value: Tensor, spatial_shapes: Tensor,
