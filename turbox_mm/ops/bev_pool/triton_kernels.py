@@ -67,11 +67,12 @@ def _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w, live, D, H, W, 
 
 
 @triton.jit
-def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
-                    N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                    sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
-                    LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+def _program_block(feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P: tl.constexpr,
+                   HB: tl.constexpr):
+    """This program's block: its first row ``h0`` (grid axis 0 runs over ``(b, n)`` and row
+    blocks), ``(b, n)``, its pixels (axis 1), the feature offsets of channels ``c`` at those
+    pixels (a row adds ``h * sf_h``), and with ``HB == 1`` the row's features (float32
+    ``[P, len(c)]``, kept in registers over the bins; zeros otherwise, unused)."""
     row_blocks = tl.cdiv(H, HB)
     block = tl.program_id(0)
     h0 = (block % row_blocks) * HB
@@ -80,13 +81,26 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
     b = bn // N
     w = tl.program_id(1) * P + tl.arange(0, P)
     w_live = w < W
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C
     f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
-    if HB == 1:  # one row: its features stay in registers over the bins
+    if HB == 1:
         feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
                             mask=(w_live & (h0 < H))[:, None] & c_live[None, :],
                             other=0.0).to(tl.float32)
+    else:
+        feat_once = tl.zeros((P, c.shape[0]), tl.float32)
+    return h0, bn, n, b, w, w_live, c_live, f_col, feat_once
+
+
+@triton.jit
+def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
+                    N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                    sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
+                    LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h0, bn, n, b, w, w_live, c_live, f_col, feat_once = _program_block(
+        feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P, HB)
     for d in range(0, D):
         # rows one after the other: a run of rows in one cell is summed, then added once
         acc = tl.zeros((P, BLOCK_C), tl.float32)
@@ -121,26 +135,14 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    row_blocks = tl.cdiv(H, HB)
-    block = tl.program_id(0)
-    h0 = (block % row_blocks) * HB
-    bn = block // row_blocks
-    n = bn % N
-    b = bn // N
+    c = tl.arange(0, BLOCK_C)
+    h0, bn, n, b, w, w_live, c_live, f_col, feat_once = _program_block(
+        feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P, HB)
     rows = tl.arange(0, HB)
     h = h0 + rows
-    w = tl.program_id(1) * P + tl.arange(0, P)
-    w_live = w < W
     live2 = (h < H)[:, None] & w_live[None, :]  # [HB, P]
-    c = tl.arange(0, BLOCK_C)
-    c_live = c < C
-    f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
     # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
     g_row2 = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
-    if HB == 1:
-        feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
-                            mask=(w_live & (h0 < H))[:, None] & c_live[None, :],
-                            other=0.0).to(tl.float32)
     grad_feat = tl.zeros((HB, P, BLOCK_C), tl.float32)
     dot = tl.zeros((HB, P), tl.float32)  # sum_d p * g (softmax backward)
     for d in range(0, D):
