@@ -85,7 +85,7 @@ def _program_block(feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P: tl.
     f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
     if HB == 1:
         feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
-                            mask=(w_live & (h0 < H))[:, None] & c_live[None, :],
+                            mask=(w_live & (w * 0 + h0 < H))[:, None] & c_live[None, :],
                             other=0.0).to(tl.float32)
     else:
         feat_once = tl.zeros((P, c.shape[0]), tl.float32)
@@ -108,7 +108,7 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
         acc_live = tl.zeros((P, ), tl.int32) > 0
         for r in tl.static_range(HB):
             hr = h0 + r
-            live = w_live & (hr < H)
+            live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
             prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
                                           live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
                                           sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
@@ -152,7 +152,7 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
         g_cell = tl.full((P, ), -1, tl.int64)
         for r in tl.static_range(HB):
             hr = h0 + r
-            live = w_live & (hr < H)
+            live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
             prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
                                           live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
                                           sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
