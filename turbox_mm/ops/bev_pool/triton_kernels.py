@@ -52,10 +52,14 @@ def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
 
 
 @triton.jit
-def _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w, live, D, H, W, X, Y, Z,
-               lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS: tl.constexpr):
+def _row(depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n, hr,
+         w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w,
+         sf_h, LOGITS: tl.constexpr, HB: tl.constexpr):
     """Depth bin ``d`` of image row ``hr`` at pixels ``w``: the points' probabilities (the
-    softmax from the row's log-sum-exp with ``LOGITS``), cells and whether they are kept."""
+    softmax from the row's log-sum-exp with ``LOGITS``), cells, whether they are kept, which
+    pixels are live, and the row's features (float32 ``[P, len(c)]``, zero where not kept;
+    :func:`_program_block`'s with ``HB == 1``)."""
+    live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
     x = tl.load(depth_ptr + b.to(tl.int64) * sd_b + n * sd_n + d * sd_d + hr * sd_h
                 + w * sd_w, mask=live, other=0.0).to(tl.float32)
     if LOGITS:
@@ -63,7 +67,12 @@ def _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w, live, D, H, W, 
         x = tl.exp(x - lse)
     cell, kept = _cells(geom_ptr, (((bn.to(tl.int64) * D + d) * H + hr) * W + w) * 3, live,
                         b, lx, ly, lz, sx, sy, sz, X, Y, Z)
-    return x, cell, kept
+    if HB == 1:
+        feat = feat_once
+    else:
+        feat = tl.load(feat_ptr + f_col + hr * sf_h, mask=kept[:, None] & c_live[None, :],
+                       other=0.0).to(tl.float32)
+    return x, cell, kept, live, feat
 
 
 @triton.jit
@@ -108,15 +117,10 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
         acc_live = tl.zeros((P, ), tl.int32) > 0
         for r in tl.static_range(HB):
             hr = h0 + r
-            live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
-            prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
-                                          live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                                          sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
-            if HB == 1:
-                feat = feat_once
-            else:
-                feat = tl.load(feat_ptr + f_col + hr * sf_h,
-                               mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+            prob, cell, kept, live, feat = _row(
+                depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n,
+                hr, w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
+                sd_w, sf_h, LOGITS, HB)
             part = prob[:, None] * feat
             same = kept & acc_live & (cell == acc_cell)
             flush = kept & acc_live & (cell != acc_cell)
@@ -152,21 +156,16 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
         g_cell = tl.full((P, ), -1, tl.int64)
         for r in tl.static_range(HB):
             hr = h0 + r
-            live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
-            prob, cell, kept = _point_row(depth_ptr, lse_ptr, geom_ptr, d, b, bn, n, hr, w,
-                                          live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                                          sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+            prob, cell, kept, live, feat = _row(
+                depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n,
+                hr, w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
+                sd_w, sf_h, LOGITS, HB)
             need = kept & (cell != g_cell)
             g_new = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
                             mask=need[:, None] & c_live[None, :], other=0.0).to(tl.float32)
             g_cur = tl.where(need[:, None], g_new, g_cur)
             g_cell = tl.where(need, cell, g_cell)
             grad = tl.where(kept[:, None], g_cur, 0.0)
-            if HB == 1:
-                feat = feat_once
-            else:
-                feat = tl.load(feat_ptr + f_col + hr * sf_h,
-                               mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
             g_prob = tl.sum(grad * feat, 1)
             tl.store(gdepth_ptr + ((bn.to(tl.int64) * D + d) * H + hr) * W + w, g_prob,
                      mask=live)
