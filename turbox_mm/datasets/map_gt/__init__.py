@@ -22,16 +22,15 @@ precomputed annotations.
 :func:`bev_seg_mask` and :func:`pv_seg_mask` draw MapTR v2's auxiliary segmentation targets
 (:class:`~turbox_mm.datasets.transforms.RasterizeMapGT` in a pipeline).
 """
-from .annotation import (LABEL_OF_CLASS, MAP_ANNOTATION, MapAnnotationError,
-                         check_map_annotation, decode_map_annotation, encode_map_annotation,
-                         select_map_classes)
+from .annotation import (MAP_ANNOTATION, MapAnnotationError, check_map_annotation,
+                         decode_map_annotation, encode_map_annotation, select_map_classes)
 from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, check_map_expansion,
                              load_map_expansion, map_expansion_path)
 from .fast import FastVectorizedLocalMap
 from .location_geometry import LocationGeometry
 from .patch_pose import PatchPose, lidar2global_of, patch_pose
 from .precompute import precompute_map_gt
-from .reference import (CLASS2LABEL, KNOWN_MAP_CLASSES, MAP_CLASSES,
+from .reference import (CLASS2LABEL, KNOWN_MAP_CLASSES, LABEL_OF_CLASS, MAP_CLASSES,
                         VectorizedLocalMapReference,
                         bboxes_reference, fixed_num_points_reference,
                         shift_orders_v2_reference)

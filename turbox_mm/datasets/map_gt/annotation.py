@@ -43,17 +43,16 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from .reference import LABEL_OF_CLASS
+
 __all__ = ['MAP_ANNOTATION', 'MapAnnotationError', 'encode_map_annotation',
-           'decode_map_annotation', 'check_map_annotation', 'select_map_classes',
-           'LABEL_OF_CLASS']
+           'decode_map_annotation', 'check_map_annotation', 'select_map_classes']
 
 #: The info key the map-gt step writes.
 MAP_ANNOTATION = 'map_annotation'
 #: The keys of a ``map_annotation``.
 KEYS = ('classes', 'patch_size', 'labels', 'num_vertices', 'vertices')
 _DTYPE = np.dtype('<f8')
-#: The label of each map class (upstream's ``CLASS2LABEL``, whatever the classes' order).
-LABEL_OF_CLASS = {'divider': 0, 'ped_crossing': 1, 'boundary': 2, 'centerline': 3}
 
 
 class MapAnnotationError(ValueError):

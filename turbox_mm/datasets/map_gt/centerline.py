@@ -22,16 +22,17 @@ zero): the reference cuts in the global frame and moves the pieces, this path mo
 points and cuts, so a point whose coordinate lands within rounding error of a 3-decimal tie
 may round the other way.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
-from shapely.geometry import LineString, Polygon
+from shapely.geometry import LineString
 
-from .box_clip import _slab, clip_arcs, point_in_rings
+from .box_clip import _dedupe, _slab, clip_arcs, point_in_rings
 from .centerline_reference import (CENTERLINE_LAYERS, DISCRETIZE_RESOLUTION, ROUND_DECIMALS,
                                    SIMPLIFY_TOLERANCE, LaneGeometryError, lines_of)
 from .line_simplify import simplify_line
+from .location_geometry import record_polygon
 from .patch_pose import PatchPose
 from .polyline_set import PolylineSet
 
@@ -64,7 +65,6 @@ class LaneCenterlines:
     bounds: np.ndarray
     connectivity: list
     location: str = '?'
-    _index: Dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_expansion(cls, doc: dict, layers: Sequence[str] = CENTERLINE_LAYERS,
@@ -89,14 +89,8 @@ class LaneCenterlines:
             for record in doc.get(layer, []):
                 if record.get('polygon_token') is None:
                     continue
-                shape = polygons[record['polygon_token']]
-                if len(shape['exterior_node_tokens']) < 3:
-                    continue  # shapely cannot build it (the devkit would raise)
-                exterior = [nodes[t] for t in shape['exterior_node_tokens']]
-                holes = [[nodes[t] for t in hole['node_tokens']] for hole in shape['holes']
-                         if len(hole['node_tokens']) > 0]
-                polygon = Polygon(exterior, holes)
-                if not polygon.is_valid:
+                polygon = record_polygon(polygons[record['polygon_token']], nodes)
+                if polygon is None:
                     continue
                 token = record['token']
                 points = (np.array(discretize_lane(paths[token], DISCRETIZE_RESOLUTION))
@@ -192,12 +186,6 @@ class LaneCenterlines:
         return point_in_rings(np.array([pose.x, pose.y]), rings)
 
 
-def _dedupe(points: np.ndarray) -> np.ndarray:
-    keep = np.ones(len(points), bool)
-    keep[1:] = np.any(points[1:] != points[:-1], axis=1)
-    return points[keep]
-
-
 def union_centerlines(pieces: Dict[str, dict]) -> List[np.ndarray]:
     """:func:`~.centerline_reference.union_centerlines_reference` with dicts: the point
     graph, its root-to-leaf simple paths, each simplified.
@@ -268,4 +256,4 @@ def centerline_instances(lanes: LaneCenterlines, pose: PatchPose) -> List[np.nda
     return union_centerlines(lanes.pieces(pose))
 
 
-__all__ = ['LaneCenterlines', 'union_centerlines', 'simplify_line', 'centerline_instances']
+__all__ = ['LaneCenterlines', 'union_centerlines', 'centerline_instances']

@@ -17,6 +17,7 @@ Records too small for shapely (lines of fewer than two nodes, polygons of fewer 
 are skipped, as in :mod:`.reference`.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from shapely import ops
@@ -75,17 +76,9 @@ class LocationGeometry:
                     divider_labels.append(labels.get(layer, -1))
 
         def shapes(layer):
-            out = []
-            for record in doc.get(layer, []):
-                shape = polygons[record['polygon_token']]
-                if len(shape['exterior_node_tokens']) < 3:
-                    continue
-                holes = [[nodes[t] for t in hole['node_tokens']] for hole in shape['holes']
-                         if len(hole['node_tokens']) > 0]
-                polygon = Polygon([nodes[t] for t in shape['exterior_node_tokens']], holes)
-                if polygon.is_valid:
-                    out.append(polygon)
-            return out
+            found = (record_polygon(polygons[record['polygon_token']], nodes)
+                     for record in doc.get(layer, []))
+            return [polygon for polygon in found if polygon is not None]
 
         crossing_union = ops.unary_union([p for layer in ped_crossing_classes
                                           for p in shapes(layer)])
@@ -96,6 +89,23 @@ class LocationGeometry:
         boundaries, _ = _outline(boundary_union)
         return cls(PolylineSet.build(divider_lines, [False] * len(divider_lines)),
                    np.asarray(divider_labels, np.int64), crossings, boundaries, parts)
+
+
+def record_polygon(shape: dict, nodes: dict) -> Optional[Polygon]:
+    """The shapely polygon of a ``polygon`` record (exterior and non-empty holes), as the
+    devkit's ``extract_polygon`` builds it; None for one of fewer than three exterior nodes
+    (shapely cannot build it) or an invalid one, which the vectorisers skip.
+
+    Args:
+        shape (dict): The ``polygon`` record.
+        nodes (dict): ``{node token: (x, y)}``.
+    """
+    if len(shape['exterior_node_tokens']) < 3:
+        return None
+    holes = [[nodes[t] for t in hole['node_tokens']] for hole in shape['holes']
+             if len(hole['node_tokens']) > 0]
+    polygon = Polygon([nodes[t] for t in shape['exterior_node_tokens']], holes)
+    return polygon if polygon.is_valid else None
 
 
 def _outline(union) -> tuple:

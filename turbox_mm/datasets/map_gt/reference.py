@@ -60,6 +60,9 @@ KNOWN_MAP_CLASSES = MAP_CLASSES + ('centerline', )
 #: centerlines (v2) 3, whatever the order of the config's ``map_classes``.
 CLASS2LABEL = {'road_divider': 0, 'lane_divider': 0, 'ped_crossing': 1, 'contours': 2,
                'centerline': CENTERLINE_LABEL, 'others': -1}
+#: The label of each map class (upstream's dataset labels instances by class name).
+LABEL_OF_CLASS = {'divider': CLASS2LABEL['road_divider'], 'ped_crossing': CLASS2LABEL[
+    'ped_crossing'], 'boundary': CLASS2LABEL['contours'], 'centerline': CENTERLINE_LABEL}
 PATCH_MARGIN = 0.2  # m: crossings are cut by the patch grown by it, boundaries shrunk by it
 
 
