@@ -118,9 +118,8 @@ def worker(args) -> int:
         print(f'[{osp.basename(config)}] iteration {done}/{total}', file=sys.stderr,
               flush=True)
 
-    # the result's own stem: a --variant run of the same config gets its own folder
-    work_dir = args.result[:-len('.result.json')] if args.result.endswith('.result.json') \
-        else osp.join(osp.dirname(args.result), osp.splitext(osp.basename(config))[0])
+    # beside the result, named by its stem (a --variant run of a config gets its own)
+    work_dir = args.result[:-len('.result.json')]
     result = measure_config(config, iters=args.iters, warmup=args.warmup, cfg_options=options,
                             sync_iters=args.sync_iters, profile=args.profile,
                             work_dir=work_dir, progress=progress)
@@ -140,23 +139,21 @@ def _variant_options(variant: List[str]) -> dict:
 
 
 def runs_of(args) -> List[tuple]:
-    """``(config, options, variant)`` of each run: the configs with ``--cfg-options``
-    (variant None), then the last config once per ``--variant`` with its overrides added
-    (variant: them, as text)."""
+    """``(config, options, variant, index)`` of each run: the configs with ``--cfg-options``
+    (variant and index None), then the last config once per ``--variant`` with its overrides
+    added (variant: them, as text; index: 1, 2, ...)."""
     common = dict(args.cfg_options or {})
-    runs = [(config, common, None) for config in args.configs]
-    for variant in args.variant or []:
+    runs = [(config, common, None, None) for config in args.configs]
+    for index, variant in enumerate(args.variant or [], 1):
         extra = _variant_options(variant)
         label = ' '.join(f'{k}={_cli_value(v)}' for k, v in extra.items())
-        runs.append((args.configs[-1], {**common, **extra}, label))
+        runs.append((args.configs[-1], {**common, **extra}, label, index))
     return runs
 
 
-def _run_one(config: str, args, out_dir: str, options: Optional[dict] = None,
-             tag: str = '') -> dict:
-    """Measure ``config`` (with ``options``, default ``--cfg-options``) in a worker process;
-    ``tag`` tells a variant's files from the config's."""
-    options = dict(args.cfg_options or {}) if options is None else options
+def _run_one(config: str, args, out_dir: str, options: dict, tag: str = '') -> dict:
+    """Measure ``config`` with the overrides ``options`` in a worker process; ``tag`` tells a
+    variant's files from the config's."""
     stem = osp.splitext(osp.basename(config))[0] + tag
     result_path = osp.join(out_dir, stem + '.result.json')
     cmd = [sys.executable, osp.abspath(__file__), config, '--worker', '--result', result_path,
@@ -321,10 +318,10 @@ def main(argv=None) -> int:
     print(f'benchmark: {len(runs)} run(s), {args.warmup} warm-up + {args.iters} '
           f'timed iterations each, seed {args.seed}', flush=True)
     results, summaries, failures = [], [], {}
-    for i, (config, options, variant) in enumerate(runs, 1):
+    for i, (config, options, variant, index) in enumerate(runs, 1):
         label = f'{config} + {variant}' if variant else config
         print(f'[{i}/{len(runs)}] {label}', flush=True)
-        tag = f'.variant{i - len(args.configs)}' if variant else ''
+        tag = f'.variant{index}' if variant else ''
         try:
             result = _run_one(config, args, out_dir, options, tag)
         except Exception as exc:  # one failure must not stop the others
@@ -332,7 +329,7 @@ def main(argv=None) -> int:
             print(f'  FAILED: {exc}', flush=True)
             continue
         result['variant'] = variant
-        result['variant_index'] = i - len(args.configs) if variant else None
+        result['variant_index'] = index
         result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
         results.append(result)
         summaries.append(summarize(result))
