@@ -620,6 +620,7 @@ def test_cuda_targets_take_one_host_sync_per_step_part():
     gt_box = [b.to(dev) for b in gt_box]
     ids = [torch.arange(c.numel(), device=dev) for c in gt_cls]
     want = [target.sample(c, b, gt_cls, gt_box) for c, b in zip(cls_preds, box_preds)]
+    want_indices = target.indices  # the last layer's
     target.get_dn_anchors(gt_cls, gt_box, ids)  # warm-up: constants uploaded once
     torch.cuda.synchronize()
     with SyncCounter() as syncs:
@@ -627,6 +628,8 @@ def test_cuda_targets_take_one_host_sync_per_step_part():
     assert syncs.total == 1, syncs.top()
     for g, w in zip(got, want):
         assert all(torch.equal(a, b) for a, b in zip(g, w))
+    for (q, g), (wq, wg) in zip(target.indices, want_indices):
+        assert q.is_cuda and torch.equal(q, wq) and torch.equal(g, wg)
     with SyncCounter() as syncs:
         out = target.get_dn_anchors(gt_cls, gt_box, ids)
     assert syncs.total == 1, syncs.top()
@@ -663,3 +666,95 @@ def test_row_weights_equal_indexing_the_rows_away(all_out):
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-6,
                                    atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored matches (SparseDrive's motion loss reads them)
+# ----------------------------------------------------------------------------------------------
+def _random_case(sizes, queries, layers=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gt_cls = [torch.randint(0, 10, (n, ), generator=gen) for n in sizes]
+    gt_box = [torch.cat([torch.randn(n, 3, generator=gen) * 3,
+                         torch.rand(n, 3, generator=gen) * 3 + 0.5,
+                         torch.randn(n, 3, generator=gen)], 1) for n in sizes]
+    cls_preds = [torch.randn(len(sizes), queries, 10, generator=gen) for _ in range(layers)]
+    box_preds = [torch.randn(len(sizes), queries, 11, generator=gen) * 2 for _ in range(layers)]
+    return cls_preds, box_preds, gt_cls, gt_box
+
+
+def _scipy_pairs(target, cls_pred, box_pred, labels, boxes):
+    """The reference: one scipy solve on the cost written out with the plain encoding."""
+    from scipy.optimize import linear_sum_assignment
+    if labels.numel() == 0:
+        return [], []
+    enc = torch.stack([_enc(row) for row in boxes])
+    weights = target._gt_weights(labels, torch.ones_like(enc, dtype=torch.bool))
+    cost = target._cls_cost(cls_pred, labels) + target._box_cost(box_pred, enc, weights)
+    rows, cols = linear_sum_assignment(cost.double().numpy())
+    return rows.tolist(), cols.tolist()
+
+
+@pytest.mark.parametrize('sizes, queries', [([3, 0], 8), ([6, 2], 4), ([0, 5], 5), ([7], 3),
+                                            ([0, 0], 4)])
+def test_indices_of_sample_and_last_layer_agree_and_reproduce_targets(sizes, queries):
+    """B = 1 and 2, a sample without GT, more GT than queries, a batch without GT: sample() on
+    the last layer and sample_layers() store the same pairs, those of scipy on the last layer's
+    cost, and the pairs index the returned targets."""
+    target = _v3_target()
+    assert target.indices is None
+    cls_preds, box_preds, gt_cls, gt_box = _random_case(sizes, queries)
+    got = target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    layered = target.indices
+    single = target.sample(cls_preds[-1], box_preds[-1], gt_cls, gt_box)
+    assert len(layered) == len(target.indices) == len(sizes)
+    for b, n in enumerate(sizes):
+        want_q, want_g = _scipy_pairs(target, cls_preds[-1][b], box_preds[-1][b], gt_cls[b],
+                                      gt_box[b])
+        assert len(want_q) == min(queries, n)
+        for q, g in (layered[b], target.indices[b]):
+            assert q.dtype == g.dtype == torch.long and q.shape == g.shape == (min(queries, n), )
+            assert q.tolist() == want_q and g.tolist() == want_g
+        q, g = layered[b]
+        enc = SparseBox3DTarget().encode_reg_target([gt_box[b]])[0]
+        for cls, box, _ in (got[-1], single):
+            assert torch.equal(cls[b, q], gt_cls[b][g])
+            torch.testing.assert_close(box[b, q], enc[g], rtol=0, atol=0)
+            rest = torch.ones(queries, dtype=torch.bool)
+            rest[q] = False
+            assert (cls[b, rest] == 10).all() and (box[b, rest] == 0).all()
+
+
+def test_indices_are_the_last_layers_and_follow_the_last_call():
+    target = _v3_target()
+    cls_preds, box_preds, gt_cls, gt_box = _random_case([5, 4], 6, layers=2, seed=4)
+    firsts = []
+    for c, b in zip(cls_preds, box_preds):
+        target.sample(c, b, gt_cls, gt_box)
+        firsts.append(target.indices)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(*firsts))  # the layers differ
+    target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(target.indices, firsts[1]))
+    target.sample_layers(cls_preds[:1], box_preds[:1], gt_cls, gt_box)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(target.indices, firsts[0]))
+    target.sample(cls_preds[0], box_preds[0], [gt_cls[0][:0], gt_cls[1]],
+                  [gt_box[0][:0], gt_box[1]])
+    assert target.indices[0][0].numel() == 0 and target.indices[1][0].numel() == 4
+
+
+def test_storing_indices_adds_no_host_sync():
+    """CPU stand-in for CUDA's sync count: sample_layers() still only has solve_batched's two
+    copies (costs and the label check riding along), sample() five per sample with GT (label
+    check, cost copy, two index uploads), none for the sample without GT."""
+    from turbox_mm.benchmark.sync_prone import SyncProneOps
+    target = _v3_target()
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=4)
+    target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)  # warm-up: constants uploaded
+    with SyncProneOps(backward_sources=False) as found:
+        target.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    assert found.total == 2, found.table()
+    assert {f.file.replace('\\', '/').rsplit('/', 1)[-1] for f in found.findings} == {
+        'matching.py'}, found.table()
+    with SyncProneOps(backward_sources=False) as stock:
+        target.sample(cls_preds[0], box_preds[0], gt_cls, gt_box)
+    assert stock.total == 5 * 2, stock.table()

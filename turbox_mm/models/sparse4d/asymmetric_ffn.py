@@ -13,7 +13,11 @@ class AsymmetricFFN(nn.Module):
 
     ``x = norm(x)``; ``out = fcs(x)``; with ``add_identity``, ``out = identity_fc(x) + out``,
     the identity being taken *after* the pre-norm (docs/design/sparse4d.md, 2.8).
-    ``identity_fc`` is a Linear when ``in_channels != embed_dims``, else the identity.
+    ``identity_fc`` is a Linear when ``in_channels != embed_dims``, else the identity; with
+    ``identity_by_hidden`` (upstream's actual rule) a Linear whenever
+    ``feedforward_channels != embed_dims``. The two rules agree for Sparse4D's and
+    SparseDrive's det and map FFNs (512 -> 1024 -> 256); SparseDrive's motion FFN (256 -> 512
+    -> 256) has a Linear identity upstream, so its config sets ``identity_by_hidden``.
 
     Args:
         in_channels (int): Input features. Defaults to 512.
@@ -27,6 +31,8 @@ class AsymmetricFFN(nn.Module):
         act_cfg (dict): Activation config (mmcv). Defaults to
             ``dict(type='ReLU', inplace=True)``.
         add_identity (bool): Add the (projected) normalised input. Defaults to True.
+        identity_by_hidden (bool): Choose the identity's projection by the hidden width, as
+            upstream's constructor does. Defaults to False.
 
     Examples:
         >>> import torch
@@ -43,7 +49,8 @@ class AsymmetricFFN(nn.Module):
                  num_fcs: int = 2,
                  ffn_drop: float = 0.1,
                  act_cfg: Optional[dict] = None,
-                 add_identity: bool = True) -> None:
+                 add_identity: bool = True,
+                 identity_by_hidden: bool = False) -> None:
         super().__init__()
         if num_fcs < 2:
             raise ValueError(f'AsymmetricFFN: num_fcs must be at least 2, got {num_fcs}')
@@ -68,8 +75,10 @@ class AsymmetricFFN(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.add_identity = add_identity
         if add_identity:
-            self.identity_fc = (nn.Identity() if in_channels == embed_dims else
-                                nn.Linear(in_channels, embed_dims))
+            project = (feedforward_channels != embed_dims if identity_by_hidden else
+                       in_channels != embed_dims)
+            self.identity_fc = (nn.Linear(in_channels, embed_dims) if project else
+                                nn.Identity())
 
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         """Apply the block.

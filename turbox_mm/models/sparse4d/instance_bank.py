@@ -58,6 +58,13 @@ class InstanceBank(nn.Module):
     cache. :meth:`project_to_current` moves other past-frame states (the temporal denoising
     anchors) by the same motion.
 
+    Other anchor kinds (SparseDrive's map instances, ``[M, 20, 2]`` point sets flattened to
+    ``[M, 40]``) come with an ``anchor_handler``: a module whose ``anchor_projection(anchor,
+    transform, time_interval)`` carries them from the past frame into the current one. Without
+    a handler, anchors are Sparse4D's 11-d box states and :func:`project_anchors` moves them.
+    ``num_temp_instances=0`` keeps no cache at all (SparseDrive's stage-1 map bank): every
+    frame starts afresh and the temporal attention sees no past instances.
+
     Tracking (test time): :meth:`get_instance_id`, after :meth:`cache`, gives every query of
     the frame an instance id. The queries that continue a cached instance keep its id; every
     other query (above ``threshold``, where one is given) takes a fresh id; the ids of the
@@ -73,14 +80,24 @@ class InstanceBank(nn.Module):
         num_anchor (int): Learned anchors. Defaults to 900.
         embed_dims (int): Feature size. Defaults to 256.
         anchor (str | np.ndarray | Sequence): ``[>= num_anchor, 11]`` initial anchors or the
-            path of a ``.npy`` file with them (``tools/sparse4d_anchors.py``).
-        num_temp_instances (int): Instances carried to the next frame. Defaults to 600.
+            path of a ``.npy`` file with them (``tools/sparse4d_anchors.py``); with an
+            ``anchor_handler``, ``[>= num_anchor, D]`` or ``[>= num_anchor, P, d]`` (flattened
+            to ``[num_anchor, P * d]``).
+        num_temp_instances (int): Instances carried to the next frame, 0 for none. Defaults
+            to 600.
         confidence_decay (float): Decay of carried confidences a frame. Defaults to 0.6.
         max_time_interval (float): Older caches do not update. Defaults to 2.0 s.
         default_time_interval (float): ``dt`` used without a (recent) cache. Defaults to 0.5.
         anchor_grad (bool): Learn the anchors. Defaults to True.
         feat_grad (bool): Learn the initial features (else zeros). Defaults to False.
         upstream_yaw_order (bool): See :func:`project_anchors`. Defaults to False.
+        anchor_handler (dict, optional): Config (``MODELS``) of a module with
+            ``anchor_projection``; it then projects the cached anchors instead of
+            :func:`project_anchors`. Defaults to None.
+        reset_stale_confidence (bool): In :meth:`update`, zero the carried confidence of
+            samples whose cache is stale (``|dt| > max_time_interval``) before it decays into
+            the next cache, as SparseDrive's bank does (Sparse4D v3's does not). Defaults to
+            False.
     """
 
     def __init__(self,
@@ -93,19 +110,38 @@ class InstanceBank(nn.Module):
                  default_time_interval: float = 0.5,
                  anchor_grad: bool = True,
                  feat_grad: bool = False,
-                 upstream_yaw_order: bool = False) -> None:
+                 upstream_yaw_order: bool = False,
+                 anchor_handler: Optional[dict] = None,
+                 reset_stale_confidence: bool = False) -> None:
         super().__init__()
         if anchor is None:
             raise ValueError('InstanceBank: anchor (an array or an .npy file) is required')
+        source = anchor if isinstance(anchor, str) else 'the anchor array'
         if isinstance(anchor, str):
             anchor = np.load(anchor)
         anchor = np.asarray(anchor, dtype=np.float32)
-        if anchor.ndim != 2 or anchor.shape[1] != 11 or len(anchor) < num_anchor:
+        self.anchor_handler = None
+        if anchor_handler is not None:
+            self.anchor_handler = MODELS.build(anchor_handler)
+            if not callable(getattr(self.anchor_handler, 'anchor_projection', None)):
+                raise TypeError(f'InstanceBank: anchor_handler {type(self.anchor_handler).__name__}'
+                                ' has no anchor_projection(anchor, transform, time_interval)')
+            if upstream_yaw_order:
+                raise ValueError('InstanceBank: upstream_yaw_order applies to the built-in box '
+                                 'projection only, not with an anchor_handler')
+            if anchor.ndim == 3:
+                anchor = anchor.reshape(len(anchor), -1)
+            if anchor.ndim != 2 or len(anchor) < num_anchor:
+                raise ValueError(f'InstanceBank: anchors must be [>= {num_anchor}, D] or '
+                                 f'[>= {num_anchor}, P, d], got {anchor.shape} from {source}')
+        elif anchor.ndim != 2 or anchor.shape[1] != 11 or len(anchor) < num_anchor:
             raise ValueError(f'InstanceBank: anchors must be [>= {num_anchor}, 11], got '
-                             f'{anchor.shape}')
-        if not 0 < num_temp_instances <= num_anchor:
-            raise ValueError(f'InstanceBank: num_temp_instances must be in (0, {num_anchor}], '
+                             f'{anchor.shape} from {source} (other anchor kinds need an '
+                             'anchor_handler)')
+        if not 0 <= num_temp_instances <= num_anchor:
+            raise ValueError(f'InstanceBank: num_temp_instances must be in [0, {num_anchor}], '
                              f'got {num_temp_instances}')
+        self.reset_stale_confidence = reset_stale_confidence
         self.num_anchor, self.embed_dims = num_anchor, embed_dims
         self.num_temp_instances = num_temp_instances
         self.confidence_decay = confidence_decay
@@ -189,6 +225,8 @@ class InstanceBank(nn.Module):
         if self._temp2cur is None:
             raise RuntimeError('InstanceBank.project_to_current: no previous frame; call get() '
                                'after a cache() first')
+        if self.anchor_handler is not None:
+            return self.anchor_handler.anchor_projection(anchor, self._temp2cur, self._dt)
         return project_anchors(anchor, self._temp2cur, self._dt, self.upstream_yaw_order)
 
     def update(self, feature: Tensor, anchor: Tensor, cls: Tensor) -> Tuple[Tensor, Tensor]:
@@ -217,6 +255,9 @@ class InstanceBank(nn.Module):
         mask = self.mask[:, None, None]
         feature = torch.where(mask, merged_f, feature)
         anchor = torch.where(mask, merged_a, anchor)
+        if self.reset_stale_confidence and self.confidence is not None:
+            self.confidence = torch.where(self.mask[:, None], self.confidence,
+                                          torch.zeros_like(self.confidence))
         if self.instance_id is not None:
             # The cached instances now lead the queries; a stale slot keeps none of them.
             carried = torch.cat([self.instance_id, self.instance_id.new_full((
@@ -236,6 +277,8 @@ class InstanceBank(nn.Module):
             T_global (Tensor): ``[B, 4, 4]`` this frame to global.
         """
         n, t = self.num_anchor, self.num_temp_instances
+        if t == 0:
+            return  # nothing is carried: the next get() starts afresh
         feature, anchor = feature[:, :n].detach(), anchor[:, :n].detach()
         confidence = cls[:, :n].detach().max(dim=-1).values.sigmoid()
         if self.confidence is not None and self.confidence.shape[0] == confidence.shape[0]:

@@ -5,8 +5,10 @@ its own costs one synchronising copy per matrix; :func:`solve_batched` instead t
 matrix of a step as one padded tensor, copies it (and any small tensors that should come
 along) in one transfer, solves each matrix on its valid columns, and sends the assignment back
 as one index tensor without waiting for it (pinned memory, ``non_blocking``).
+:func:`group_pairs` cuts one group of matrices (e.g. the last decoder layer) out of that tensor
+per matrix, without a wait: how many pairs each matrix got is known on the host.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ from turbox_mm.utils.upload import upload
 
 #: What an infinite or NaN matching cost is replaced by before the solver sees it.
 INVALID_COST = 1e8
+#: The ``(row, column)`` long index tensors of one matrix's assignment.
+Pairs = Tuple[Tensor, Tensor]
 
 
 def solve(cost: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -66,3 +70,56 @@ def solve_batched(cost: Tensor, num_cols: Sequence[int],
     extras_host = [e.detach().to('cpu', non_blocking=device.type == 'cuda') for e in extras]
     host = cost.detach().to('cpu', torch.float64).numpy()  # the one sync
     return upload(solve_host(host, num_cols), device), extras_host
+
+
+def no_pairs(device: Union[torch.device, str]) -> Pairs:
+    """The assignment of a matrix without columns: two empty long tensors on ``device``."""
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return empty, empty
+
+
+def group_pairs(pairs: Tensor, num_rows: int, num_cols: Sequence[int], group: int = -1,
+                num_groups: int = 1) -> List[Pairs]:
+    """The ``(row, column)`` pairs of each matrix of one group, cut from
+    :func:`solve_batched`'s result without reading it on the host.
+
+    The matrices of :func:`solve_batched` come in ``num_groups`` groups of ``len(num_cols)``
+    (e.g. layers of samples, layer-major). scipy assigns ``min(num_rows, num_cols[i])`` pairs
+    to matrix ``i`` of a group, rows ascending, and :func:`solve_host` lists them matrix by
+    matrix, so the slice of each matrix follows from the host-side counts.
+
+    Args:
+        pairs (Tensor): ``[3, K]`` (matrix, row, column) from :func:`solve_batched`.
+        num_rows (int): Rows of every matrix (e.g. the queries).
+        num_cols (Sequence[int]): Valid columns of the matrices of one group, as given to
+            :func:`solve_batched`.
+        group (int): Which group; negative counts from the end. Defaults to -1 (the last).
+        num_groups (int): How many groups ``pairs`` holds. Defaults to 1.
+
+    Returns:
+        list[tuple[Tensor, Tensor]]: Per matrix of the group, the row and column index
+        tensors (views of ``pairs``; :func:`no_pairs` for a matrix without columns).
+
+    Raises:
+        ValueError: ``group`` outside ``[-num_groups, num_groups)``.
+
+    Examples:
+        >>> cost = torch.tensor([[[1., 0.], [0., 1.]], [[0., 5.], [9., 9.]]])
+        >>> pairs, _ = solve_batched(cost, [2, 1])  # one group of two matrices
+        >>> [(r.tolist(), c.tolist()) for r, c in group_pairs(pairs, 2, [2, 1])]
+        [([0, 1], [1, 0]), ([0], [0])]
+        >>> [(r.tolist(), c.tolist()) for r, c in group_pairs(pairs, 2, [2], 1, 2)]
+        [([0], [0])]
+    """
+    if not -num_groups <= group < num_groups:
+        raise ValueError(f'group_pairs: group {group} outside [-{num_groups}, {num_groups})')
+    counts = [min(num_rows, int(c)) for c in num_cols]
+    start = (group % num_groups) * sum(counts)
+    out = []
+    for count in counts:
+        if count == 0:
+            out.append(no_pairs(pairs.device))
+        else:
+            out.append((pairs[1, start:start + count], pairs[2, start:start + count]))
+        start += count
+    return out

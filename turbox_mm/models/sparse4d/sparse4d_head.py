@@ -5,9 +5,9 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
-from turbox_mm.models.losses import focal_loss_like_mmdet
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
+from .head_losses import Sparse4DHeadLosses
 
 #: The operations a decoder layer may hold.
 OPERATIONS = ('temp_gnn', 'gnn', 'norm', 'ffn', 'deformable', 'refine')
@@ -43,7 +43,7 @@ def default_operation_order(num_decoder: int = 6, num_single_frame_decoder: int 
 
 
 @MODELS.register_module()
-class Sparse4DHead(BaseModule):
+class Sparse4DHead(Sparse4DHeadLosses, BaseModule):
     """The Sparse4D v3 head: instance bank, decoder layers, denoising, losses and decoding.
 
     Per frame: the instance bank hands out the learned anchors (and, after the first frame of
@@ -90,6 +90,17 @@ class Sparse4DHead(BaseModule):
             its best class score exceeds this. Defaults to -1 (all).
         decouple_attn (bool): Concatenate instead of adding positional embeddings. Defaults to
             True.
+        gt_cls_key (str): Key of the ground-truth labels in ``metas``. Defaults to
+            ``'gt_labels_3d'`` (SparseDrive's map head: ``'gt_map_labels'``).
+        gt_reg_key (str): Key of the regression targets in ``metas``. Defaults to
+            ``'gt_bboxes_3d'`` (map head: ``'gt_map_pts'``).
+        gt_id_key (str): Key of the ground-truth instance ids (temporal denoising). Defaults
+            to ``'instance_id'``.
+        with_instance_id (bool, optional): Tracking ids from the bank: None (Sparse4D v3) in
+            inference only; True (SparseDrive's det head) in training too, where the motion
+            head's instance queue needs them; False never (the map head). Defaults to None.
+        task_prefix (str, optional): Prefix of the loss keys (``'det'`` gives
+            ``det_loss_cls_0``, ...), as SparseDrive's heads name theirs. Defaults to None.
         op_impl (str): How the training losses are computed. ``'stock'`` as upstream: the
             matching layer by layer and sample by sample (a host copy each), boolean indexing
             of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
@@ -119,10 +130,18 @@ class Sparse4DHead(BaseModule):
                  reg_weights: Optional[Sequence[float]] = None,
                  cls_threshold_to_reg: float = -1.0,
                  decouple_attn: bool = True,
+                 gt_cls_key: str = 'gt_labels_3d',
+                 gt_reg_key: str = 'gt_bboxes_3d',
+                 gt_id_key: str = 'instance_id',
+                 with_instance_id: Optional[bool] = None,
+                 task_prefix: Optional[str] = None,
                  op_impl: str = 'stock',
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg)
         self.op_impl = check_op_impl('Sparse4DHead', op_impl)
+        self.gt_cls_key, self.gt_reg_key, self.gt_id_key = gt_cls_key, gt_reg_key, gt_id_key
+        self.with_instance_id = with_instance_id
+        self.task_prefix = task_prefix
         self.num_decoder = num_decoder
         self.num_single_frame_decoder = num_single_frame_decoder
         self.cls_threshold_to_reg = cls_threshold_to_reg
@@ -234,20 +253,21 @@ class Sparse4DHead(BaseModule):
         bank = self.instance_bank
         batch = metas['projection_mat'].shape[0]
         sampler = self.sampler
-        if sampler is not None and sampler.dn_metas is not None and (
+        num_dn_groups = getattr(sampler, 'num_dn_groups', 0) if sampler is not None else 0
+        if num_dn_groups > 0 and sampler.dn_metas is not None and (
                 sampler.dn_metas['dn_anchor'].shape[0] != batch):
             sampler.dn_metas = None
         feature, anchor, temp_feature, temp_anchor, time_interval = bank.get(
             batch, metas['timestamp'], metas['T_global'], metas['T_global_inv'])
-        if temp_anchor is not None and sampler is not None:
+        if temp_anchor is not None and num_dn_groups > 0:
             sampler.project_dn_anchors(bank.project_to_current)
 
         dn = None
         attn_mask = None
         num_free = feature.shape[1]
-        if self.training and sampler is not None and sampler.num_dn_groups > 0:
-            dn = sampler.get_dn_anchors(metas['gt_labels_3d'], metas['gt_bboxes_3d'],
-                                        metas.get('instance_id'))
+        if self.training and num_dn_groups > 0:
+            dn = sampler.get_dn_anchors(metas[self.gt_cls_key], metas[self.gt_reg_key],
+                                        metas.get(self.gt_id_key))
         if dn is not None:
             dn_anchor, dn_reg_target, dn_cls_target, dn_attn_mask, valid_mask, dn_id = dn
             num_dn = dn_anchor.shape[1]
@@ -298,8 +318,9 @@ class Sparse4DHead(BaseModule):
                                                     dn_cls_target, valid_mask, dn_id,
                                                     bank.num_anchor, bank.mask)
                         temp_dn = (t_reg, t_cls, t_valid)
-                if i != last:
-                    anchor_embed = self.anchor_encoder(anchor)
+                # After the last layer too (as SparseDrive's head): the output's embedding is
+                # that of the final anchors, which the motion head reads.
+                anchor_embed = self.anchor_encoder(anchor)
                 if (len(predictions) > self.num_single_frame_decoder
                         and temp_anchor_embed is not None):
                     temp_anchor_embed = anchor_embed[:, :bank.num_temp_instances]
@@ -323,146 +344,19 @@ class Sparse4DHead(BaseModule):
                 sampler.cache_dn(feature[:, num_free:], anchor[:, num_free:], cache_cls,
                                  cache_valid, dn_id)
             feature, anchor, cls = feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free]
+            anchor_embed = anchor_embed[:, :num_free]
+        # The final features and anchor embeddings (before the cache), which SparseDrive's
+        # motion head reads.
         output.update(classification=classifications, prediction=predictions,
-                      quality=qualities)
+                      quality=qualities, instance_feature=feature, anchor_embed=anchor_embed)
         bank.cache(feature, anchor, cls, metas['timestamp'], metas['T_global'])
-        if not self.training:
+        with_id = (not self.training if self.with_instance_id is None else
+                   self.with_instance_id)
+        if with_id:
             # Tracking, as upstream: ids with the decoder's score threshold (None in v3).
-            output['instance_id'] = bank.get_instance_id(cls, self.decoder.score_threshold)
+            output['instance_id'] = bank.get_instance_id(
+                cls, getattr(self.decoder, 'score_threshold', None))
         return output
-
-    # -- losses -----------------------------------------------------------------------------
-
-    def _cls_loss(self, cls: Tensor, target: Tensor, avg_factor: Tensor,
-                  weight: Optional[Tensor] = None) -> Tensor:
-        """Focal loss with every label outside ``[0, C)`` read as background.
-
-        mmdet's CPU focal loss one-hot encodes ``C + 1`` classes and fails on the negative
-        labels of denoising (-1, -3); its CUDA path treats any label outside ``[0, C)`` as
-        background. Mapping them to ``C`` gives both paths the same, valid input. ``weight``
-        (``[N]``, 0 or 1) keeps rows in or out without indexing (which would wait for the
-        device).
-        """
-        num_classes = cls.shape[-1]
-        target = torch.where((target < 0) | (target > num_classes),
-                             torch.full_like(target, num_classes), target)
-        if self.op_impl == 'turbox':
-            return focal_loss_like_mmdet(self.loss_cls, cls.float(), target, weight=weight,
-                                         avg_factor=avg_factor)
-        return self.loss_cls(cls.float(), target, weight=weight, avg_factor=avg_factor)
-
-    def loss(self, outputs: Dict, metas: Dict) -> Dict[str, Tensor]:
-        """Losses of every decoder layer, and of the denoising queries.
-
-        Args:
-            outputs (dict): :meth:`forward`'s output (training mode).
-            metas (dict): The ground truth (see :meth:`forward`).
-
-        Returns:
-            dict[str, Tensor]: ``loss_cls_i``, ``loss_box_i``, ``loss_cns_i``, ``loss_yns_i``
-            per layer ``i``; ``loss_cls_dn_i``, ``loss_box_dn_i`` with denoising.
-        """
-        from mmdet.utils import reduce_mean
-        if self.sampler is None or self.loss_cls is None or self.loss_reg is None:
-            raise RuntimeError('Sparse4DHead.loss needs sampler, loss_cls and loss_reg')
-        gt_labels, gt_boxes = metas['gt_labels_3d'], metas['gt_bboxes_3d']
-        if self.op_impl == 'turbox':
-            return self._loss_batched(outputs, gt_labels, gt_boxes)
-        losses = {}
-        for i, (cls, reg, quality) in enumerate(
-                zip(outputs['classification'], outputs['prediction'], outputs['quality'])):
-            reg = reg[..., :len(self.reg_weights)]
-            cls_target, reg_target, reg_weights = self.sampler.sample(cls, reg, gt_labels,
-                                                                      gt_boxes)
-            reg_target = reg_target[..., :len(self.reg_weights)]
-            mask, num_pos = self._matched_rows(cls, reg_target)
-            losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
-                                                     num_pos)
-            mask = mask.flatten()
-            weight = reg_weights * reg.new_tensor(self.reg_weights)
-            target = torch.nan_to_num(reg_target.flatten(0, 1)[mask])
-            losses.update(self.loss_reg(
-                reg.flatten(0, 1)[mask], target, weight=weight.flatten(0, 1)[mask],
-                avg_factor=num_pos, suffix=f'_{i}',
-                quality=quality.flatten(0, 1)[mask] if quality is not None else None,
-                cls_target=cls_target.flatten()[mask]))
-        if 'dn_prediction' not in outputs:
-            return losses
-        for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
-                                           outputs['dn_prediction'])):
-            valid, cls_target, reg_target = self._dn_targets(outputs, i)
-            valid_cls = cls_target[valid]
-            positive = valid_cls >= 0
-            num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
-            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls[valid], valid_cls, num_dn)
-            reg = reg[valid][positive][:, :len(self.reg_weights)]
-            target = torch.nan_to_num(reg_target[valid][positive][:, :len(self.reg_weights)])
-            weight = reg.new_tensor(self.reg_weights).expand_as(reg)
-            losses.update(self.loss_reg(reg, target, weight=weight, avg_factor=num_dn,
-                                        suffix=f'_dn_{i}'))
-        return losses
-
-    def _matched_rows(self, cls: Tensor, reg_target: Tensor):
-        """``[B, Q]`` rows that enter a layer's regression losses (a matched ground truth,
-        and a best class score above ``cls_threshold_to_reg`` where that is set), and the
-        number of matched rows (averaged over ranks, at least 1): the losses' normaliser."""
-        from mmdet.utils import reduce_mean
-        mask = (reg_target != 0).any(dim=-1)
-        num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
-        if self.cls_threshold_to_reg > 0:
-            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
-        return mask, num_pos
-
-    def _dn_targets(self, outputs: Dict, layer: int):
-        """Denoising ``(valid_mask, cls_target, reg_target)`` of decoder layer ``layer``: the
-        layers after the bank's update see the temporal denoising queries."""
-        prefix = ('temp_' if layer >= self.num_single_frame_decoder
-                  and 'temp_dn_valid_mask' in outputs else '')
-        return (outputs[f'{prefix}dn_valid_mask'], outputs[f'{prefix}dn_cls_target'],
-                outputs[f'{prefix}dn_reg_target'])
-
-    def _loss_batched(self, outputs: Dict, gt_labels: List[Tensor],
-                      gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
-        """:meth:`loss` with ``op_impl='turbox'``: the same losses without host waits."""
-        from mmdet.utils import reduce_mean
-        dims = len(self.reg_weights)
-        # Rows leave the losses through 0/1 row weights, not boolean indexing: the sums are
-        # those of the selected rows, and the host never waits for a row count.
-        targets = self.sampler.sample_layers(outputs['classification'],
-                                             [r[..., :dims] for r in outputs['prediction']],
-                                             gt_labels, gt_boxes)
-        losses = {}
-        for i, (cls, reg, quality) in enumerate(
-                zip(outputs['classification'], outputs['prediction'], outputs['quality'])):
-            reg = reg[..., :dims]
-            cls_target, reg_target, reg_weights = targets[i]
-            reg_target = reg_target[..., :dims]
-            mask, num_pos = self._matched_rows(cls, reg_target)
-            losses[f'loss_cls_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target.flatten(),
-                                                     num_pos)
-            weight = reg_weights * self.reg_weight_vector.to(reg_weights.dtype)
-            losses.update(self.loss_reg(
-                reg.flatten(0, 1), torch.nan_to_num(reg_target.flatten(0, 1)),
-                weight=weight.flatten(0, 1), avg_factor=num_pos, suffix=f'_{i}',
-                quality=quality.flatten(0, 1) if quality is not None else None,
-                cls_target=cls_target.flatten(), row_weight=mask.flatten().to(reg.dtype)))
-        if 'dn_prediction' not in outputs:
-            return losses
-        for i, (cls, reg) in enumerate(zip(outputs['dn_classification'],
-                                           outputs['dn_prediction'])):
-            valid, cls_target, reg_target = self._dn_targets(outputs, i)
-            valid, cls_target = valid.flatten(), cls_target.flatten()
-            reg_target = reg_target.flatten(0, 1)[:, :dims]
-            positive = valid & (cls_target >= 0)
-            num_dn = reduce_mean(valid.sum().float()).clamp(min=1.0)
-            losses[f'loss_cls_dn_{i}'] = self._cls_loss(cls.flatten(0, 1), cls_target, num_dn,
-                                                        weight=valid.float())
-            reg = reg.flatten(0, 1)[:, :dims]
-            weight = self.reg_weight_vector.to(reg.dtype).expand_as(reg)
-            losses.update(self.loss_reg(reg, torch.nan_to_num(reg_target), weight=weight,
-                                        avg_factor=num_dn, suffix=f'_dn_{i}',
-                                        row_weight=positive.to(reg.dtype)))
-        return losses
 
     # -- inference --------------------------------------------------------------------------
 

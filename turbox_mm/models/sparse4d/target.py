@@ -23,7 +23,7 @@ from torch import Tensor
 from turbox_mm.registry import TASK_UTILS
 from turbox_mm.utils.upload import device_constant, upload
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
-from .matching import INVALID_COST, solve, solve_batched
+from .matching import INVALID_COST, Pairs, group_pairs, no_pairs, solve, solve_batched
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
@@ -69,6 +69,12 @@ class SparseBox3DTarget(TemporalDnMixin):
             denoising queries. Defaults to 32.
         add_neg_dn (bool): Add the negative copies. Defaults to True.
         num_classes (int): Classes; the background label of :meth:`sample`. Defaults to 10.
+
+    :attr:`indices` holds the matches of the last :meth:`sample` call (the last layer's after
+    :meth:`sample_layers`), which SparseDrive's motion loss reads: per sample ``(query_idx,
+    gt_idx)`` long tensors on the predictions' device in scipy's order (queries ascending);
+    None before the first call. A sample without GT gets empty tensors where upstream stores
+    ``[None, None]``, so every entry has one type (a tuple where upstream has a list).
 
     The per-frame temporal state lives in :attr:`dn_metas` (None until :meth:`cache_dn` stored
     something). The head projects the cached anchors into the next frame before calling
@@ -126,6 +132,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         self.add_neg_dn = bool(add_neg_dn)
         self.num_classes = int(num_classes)
         self.dn_metas: Optional[Dict[str, Optional[Tensor]]] = None
+        self.indices: Optional[List[Pairs]] = None
 
     def _constant(self, name: str, like: Tensor) -> Tensor:
         """``getattr(self, name)`` (a list of floats) as a tensor on ``like``'s device and dtype,
@@ -282,7 +289,8 @@ class SparseBox3DTarget(TemporalDnMixin):
             - ``reg_weights`` ``[B, Q, 10]``: the matched GT's weights (1 where finite, the
               class-wise override where given), 0 elsewhere.
 
-            The float outputs are float32 (float64 for float64 predictions).
+            The float outputs are float32 (float64 for float64 predictions). The matches go to
+            :attr:`indices`.
         """
         self._check_predictions(cls_pred, box_pred, '')
         batch, num_query, _ = cls_pred.shape
@@ -298,6 +306,7 @@ class SparseBox3DTarget(TemporalDnMixin):
                              device=device)
         out_box = torch.zeros(batch, num_query, REG_DIM, dtype=dtype, device=device)
         out_weights = torch.zeros_like(out_box)
+        indices = [no_pairs(device) for _ in range(batch)]
         for b in range(batch):
             if cls_target[b].numel() == 0:
                 continue
@@ -313,6 +322,8 @@ class SparseBox3DTarget(TemporalDnMixin):
             out_cls[b, pred_idx] = labels[gt_idx]
             out_box[b, pred_idx] = target[gt_idx]
             out_weights[b, pred_idx] = weights[gt_idx]
+            indices[b] = (pred_idx, gt_idx)
+        self.indices = indices
         return out_cls, out_box, out_weights
 
     def _check_predictions(self, cls_pred: Tensor, box_pred: Tensor, where: str) -> None:
@@ -336,7 +347,9 @@ class SparseBox3DTarget(TemporalDnMixin):
         The cost matrices of all layers and samples are built on the device as one padded
         tensor and copied to the host in one transfer (with the label-range check); scipy
         solves each matrix on its valid columns; the assignment goes back as one index tensor
-        without a wait. The matches are those of calling :meth:`sample` per layer.
+        without a wait. The matches are those of calling :meth:`sample` per layer; the last
+        layer's go to :attr:`indices`, cut from that index tensor by counts known on the host
+        (``min(Q, n_b)`` pairs per sample), so storing them adds no wait.
 
         Args:
             cls_preds (list[Tensor]): Per layer ``[B, Q, C]`` logits (equal shapes).
@@ -365,6 +378,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         out_box = torch.zeros(layers, batch, num_query, REG_DIM, dtype=dtype, device=device)
         out_weights = torch.zeros_like(out_box)
         sizes = [int(c.shape[0]) for c in cls_target]
+        indices = [no_pairs(device) for _ in range(batch)]
         if max(sizes, default=0) > 0:
             labels, target, weights = self._padded_gts(cls_target, box_target, device, dtype)
             bad = self._bad_labels(labels, sizes)
@@ -381,6 +395,8 @@ class SparseBox3DTarget(TemporalDnMixin):
             out_cls[layer, sample, query] = labels[sample, gt]
             out_box[layer, sample, query] = target[sample, gt]
             out_weights[layer, sample, query] = weights[sample, gt]
+            indices = group_pairs(pairs, num_query, sizes, -1, layers)
+        self.indices = indices
         return [(out_cls[i], out_box[i], out_weights[i]) for i in range(layers)]
 
     # ------------------------------------------------------------------------------------------
