@@ -35,6 +35,9 @@ from .rasterize_map_gt import RasterizeMapGT
 from .resize_crop_flip_image import ResizeCropFlipImage
 from .sparse4d_adaptor import SPARSE4D_META_KEYS, NuScenesSparse4DAdaptor
 
+from .sparsedrive_adaptor import SPARSEDRIVE_META_KEYS, NuScenesSparseDriveAdaptor
+from .vectorize_map import VectorizeMap
+
 __all__ = [
     'BBoxRotation', 'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
     'BEVLoadMultiViewImageFromFiles', 'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo',
@@ -47,5 +50,6 @@ __all__ = [
     'ResizeCropFlipImage', 'SPARSE4D_META_KEYS', 'NuScenesSparse4DAdaptor',
     'MAPTR_META_KEYS', 'NuScenesMapTRAdaptor', 'PackMapTRInputs', 'PadMultiViewImage',
     'RandomScaleImageMultiViewImage', 'PadMultiViewImageDepth', 'PointToMultiViewDepth',
-    'multiview_depth_maps', 'RasterizeMapGT'
+    'multiview_depth_maps', 'RasterizeMapGT', 'SPARSEDRIVE_META_KEYS',
+    'NuScenesSparseDriveAdaptor', 'VectorizeMap'
 ]

@@ -9,6 +9,8 @@ from turbox_mm.registry import TRANSFORMS
 
 #: Upstream's default radii (m) per Sparse4D class, used when none are given.
 DEFAULT_CLASS_DIST = (52.5, ) * 5 + (31.5, ) + (42.0, ) * 3 + (31.5, )
+#: Per-instance keys filtered along with ``gt_bboxes_3d`` (each where present).
+INSTANCE_KEYS = ('gt_labels_3d', 'instance_id', 'gt_agent_fut_trajs', 'gt_agent_fut_masks')
 
 
 def box_array(boxes, owner: str) -> np.ndarray:
@@ -34,7 +36,8 @@ def filter_instances(results: Dict, keep: np.ndarray, owner: str) -> Dict:
     """Keep the ground truths where ``keep`` is True in every per-instance key.
 
     ``gt_bboxes_3d`` (boxes object, tensor or array), ``gt_labels_3d`` and, when present,
-    ``instance_id`` are filtered by the same mask, so they stay aligned.
+    ``instance_id`` and SparseDrive's agent futures (``gt_agent_fut_trajs`` ``(n, T, 2)``,
+    ``gt_agent_fut_masks`` ``(n, T)``) are filtered by the same mask, so they stay aligned.
 
     Args:
         results (dict): The sample.
@@ -55,7 +58,7 @@ def filter_instances(results: Dict, keep: np.ndarray, owner: str) -> Dict:
     num_boxes = len(getattr(results['gt_bboxes_3d'], 'tensor', results['gt_bboxes_3d']))
     if num_boxes != len(keep):
         raise ValueError(f'{owner}: a mask of {len(keep)} for {num_boxes} boxes')
-    for key in ('gt_labels_3d', 'instance_id'):
+    for key in INSTANCE_KEYS:
         if key in results and len(results[key]) != len(keep):
             raise ValueError(f'{owner}: {key} has {len(results[key])} entries for '
                              f'{len(keep)} boxes in gt_bboxes_3d')
@@ -65,7 +68,7 @@ def filter_instances(results: Dict, keep: np.ndarray, owner: str) -> Dict:
     else:
         data = getattr(boxes, 'tensor', boxes)
         results['gt_bboxes_3d'] = boxes[torch.from_numpy(keep).to(data.device)]
-    for key in ('gt_labels_3d', 'instance_id'):
+    for key in INSTANCE_KEYS:
         if key not in results:
             continue
         value = results[key]
@@ -91,7 +94,9 @@ class CircleObjectRangeFilter(BaseTransform):
     Sparse4D v3's range filter: the distance is ``sqrt(x^2 + y^2)`` of the box centre in the
     (augmented, so run it after ``BBoxRotation``) lidar frame. Labels outside
     ``[0, len(class_dist_thred))`` (e.g. -1) are dropped, as upstream.
-    ``gt_bboxes_3d``, ``gt_labels_3d`` and ``instance_id`` are filtered together.
+    ``gt_bboxes_3d``, ``gt_labels_3d``, ``instance_id`` and SparseDrive's
+    ``gt_agent_fut_trajs`` / ``gt_agent_fut_masks`` (each where present) are filtered
+    together.
 
     Args:
         class_dist_thred (sequence[float]): Radius (m) per class index. Defaults to
@@ -99,7 +104,8 @@ class CircleObjectRangeFilter(BaseTransform):
             ``[55] * 10``.
 
     Required keys: ``gt_bboxes_3d`` (mmdet3d boxes, tensor or ``(n, >=7)`` array),
-    ``gt_labels_3d``. Modified keys: those and ``instance_id`` (when present).
+    ``gt_labels_3d``. Modified keys: those, ``instance_id``, ``gt_agent_fut_trajs`` and
+    ``gt_agent_fut_masks`` (when present).
 
     Examples:
         >>> results = dict(gt_bboxes_3d=np.array([[30., 40, 0, 1, 1, 1, 0],

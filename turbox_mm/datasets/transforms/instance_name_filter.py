@@ -15,14 +15,15 @@ class InstanceNameFilter(BaseTransform):
     Labels are indices into ``classes`` (the dataset's ``metainfo['classes']``), so a
     ground truth is kept when ``0 <= label < len(classes)``: mmdet3d labels the classes
     outside the configured ones -1, and those are dropped. ``gt_bboxes_3d``,
-    ``gt_labels_3d`` and ``instance_id`` (when present) are filtered together, which
-    mmdet3d's ``ObjectNameFilter`` does not do for ``instance_id``.
+    ``gt_labels_3d`` and, when present, ``instance_id`` and SparseDrive's
+    ``gt_agent_fut_trajs`` / ``gt_agent_fut_masks`` are filtered together, which mmdet3d's
+    ``ObjectNameFilter`` does not do for the last three.
 
     Args:
         classes (sequence[str]): The trained classes.
 
-    Required keys: ``gt_bboxes_3d``, ``gt_labels_3d``. Modified keys: those and
-    ``instance_id``.
+    Required keys: ``gt_bboxes_3d``, ``gt_labels_3d``. Modified keys: those,
+    ``instance_id``, ``gt_agent_fut_trajs`` and ``gt_agent_fut_masks`` (when present).
 
     Examples:
         >>> results = dict(gt_bboxes_3d=np.zeros((3, 9)), gt_labels_3d=np.array([1, -1, 0]),

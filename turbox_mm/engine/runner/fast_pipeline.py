@@ -114,7 +114,8 @@ IMAGE_SAFE = ('LoadPointsFromFile', 'LoadPointsFromFileChecked', 'LoadPointsFrom
               'ObjectRangeFilter', 'NuScenesSparse4DAdaptor', 'PointsRangeFilter',
               'PointShuffle', 'MultiViewAffineAug', 'LoadMultiViewImagesTurbo', 'PackJpegBytes',
               'BEVFusionGlobalRotScaleTrans', 'BEVFusionRandomFlip3D',
-              'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo')
+              'BEVLoadMultiViewImagesTurbo', 'ImageAug3DTurbo', 'VectorizeMap',
+              'NuScenesSparseDriveAdaptor')
 #: MapTR style: transforms that may stand after the loader besides those above: they read the
 #: map, the points, the image size or the geometry, or pad uint8 images (``PADS``, whose
 #: padding the data preprocessor refills after normalising).
