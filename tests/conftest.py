@@ -80,6 +80,41 @@ def make_sparse4d_tiny(root) -> str:
     return root + '/'
 
 
+def make_sparsedrive_tiny(root) -> str:
+    """The tiny SparseDrive configs' data: Sparse4D's tiny dataset (2 train scenes and 1 val
+    scene of 6 frames) with SparseDrive's k-means anchors, 32 for detection and 8 for the
+    map, where the configs look for them."""
+    root = make_sparse4d_tiny(root)
+    for task, num in (('det', 32), ('map', 8)):
+        proc = run_python(['tools/sparsedrive_anchors.py', task,
+                           f'{root}nuscenes_infos_train.pkl', '--out',
+                           f'{root}kmeans/kmeans_{task}_{100 if task == "map" else 900}.npy',
+                           '--num', str(num)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def make_sparsedrive_stage2_tiny(root) -> str:
+    """The tiny SparseDrive stage-2 configs' data: 2 train scenes and 1 val scene of 14 frames
+    (complete 6 s agent futures need 13), 320x180 images, and the four k-means anchor files
+    (motion and planning pooled over groups: a tiny set lacks complete futures of some
+    classes and commands)."""
+    root = str(root).rstrip('/') + '/'
+    proc = run_python(['tools/create_data.py', 'synthetic', '--out', root, '--scenes', '3',
+                       '--frames', '14', '--image-size', '320x180', '--points', '4000',
+                       '--sweeps', '0', '--val-scenes', '1', '--workers', '1', '--no-progress'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task, name, extra in (('det', 'kmeans_det_900', ['--num', '32']),
+                              ('map', 'kmeans_map_100', ['--num', '8']),
+                              ('motion', 'kmeans_motion_6', ['--short', 'pool']),
+                              ('plan', 'kmeans_plan_6', ['--short', 'pool'])):
+        proc = run_python(['tools/sparsedrive_anchors.py', task,
+                           f'{root}nuscenes_infos_train.pkl', '--out',
+                           f'{root}kmeans/{name}.npy', *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
 def make_maptr_tiny(root, points=1000, map_gt=False, map_classes=None) -> str:
     """The tiny MapTR configs' data: 2 train scenes and 1 val scene of 3 frames, 320x180
     images, keyframe points and the map expansion; with ``map_gt``, the map ground truth

@@ -10,9 +10,10 @@
 #          spconv/ folder, which the phase installs)
 #   bevfusion  tools/bevfusion_benchmark.sh $BEVFUSION (default: lidar lidar-cam; spconv too)
 #   maptr  tools/maptr_benchmark.sh $MAPTR (default: v1 v2)
+#   sparsedrive  tools/sparsedrive_benchmark.sh $SPARSEDRIVE (default: stage1)
 # Environment: OUT (default gpu_out), ITERS / WARMUP (benchmark), BENCH_TIMEOUT / TEST_TIMEOUT
-# / EVAL_TIMEOUT / OPS_TIMEOUT / LIDAR_TIMEOUT / BEVFUSION_TIMEOUT / MAPTR_TIMEOUT (seconds for
-# each phase),
+# / EVAL_TIMEOUT / OPS_TIMEOUT / LIDAR_TIMEOUT / BEVFUSION_TIMEOUT / MAPTR_TIMEOUT /
+# SPARSEDRIVE_TIMEOUT (seconds for each phase),
 # TIMEOUT (seconds per benchmarked config).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,7 +32,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
   echo "cores: $(nproc)"; } | tee "$out/bench.log"
 tests=()
 for arg in "${phases[@]}"; do
-  case "$arg" in bench|eval|ops|lidar|bevfusion|maptr|tests) ;; *) tests+=("$arg") ;; esac
+  case "$arg" in bench|eval|ops|lidar|bevfusion|maptr|sparsedrive|tests) ;; *) tests+=("$arg") ;; esac
 done
 [ ${#tests[@]} -eq 0 ] && tests=(tests)
 for phase in "${phases[@]}"; do
@@ -66,12 +67,18 @@ for phase in "${phases[@]}"; do
       DATA_DIR=/tmp/data PYTHON=python3 timeout "${MAPTR_TIMEOUT:-540}" \
         bash tools/maptr_benchmark.sh "$results/maptr" ${MAPTR:-} 2>&1 \
         | tee "$out/maptr.log" | grep -vE '^  \[' | tail -40 ;;
+    sparsedrive)
+      # shellcheck disable=SC2086  # SPARSEDRIVE is a list of names
+      DATA_DIR=/tmp/data PYTHON=python3 timeout "${SPARSEDRIVE_TIMEOUT:-540}" \
+        bash tools/sparsedrive_benchmark.sh "$results/sparsedrive" ${SPARSEDRIVE:-} 2>&1 \
+        | tee "$out/sparsedrive.log" | grep -vE '^  \[' | tail -40 ;;
     tests)
       timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m cuda -p no:cacheprovider \
         "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;
   esac
 done
-# The results of the ops, lidar, bevfusion and maptr phases (JSON, logs, charts; no checkpoints),
+# The results of the ops, lidar, bevfusion, maptr and sparsedrive phases (JSON, logs, charts;
+# no checkpoints),
 # one archive.
 if [ -n "$(ls -A "$results")" ]; then
   (cd "$results" && find . \( -name '*.json' -o -name '*.log' -o -name '*.png' \) -size -4M \

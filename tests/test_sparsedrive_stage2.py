@@ -1,0 +1,155 @@
+"""SparseDrive stage 2 end to end on the tiny synthetic nuScenes: configs, stock/turbox parity
+with the motion-planning head, prediction, training and the five evaluations (detection,
+tracking, map, motion, planning).
+
+The tiny configs (configs/sparsedrive/sparsedrive_tiny_stage2_{stock,turbox}.py) are the full
+model with small sizes; everything runs on the CPU in the test suite.
+"""
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+
+from conftest import ROOT, logged_losses, make_sparsedrive_stage2_tiny, run_python
+from test_sparsedrive_model import _batches, _build, _config, _turbox_applied, full_fp32  # noqa
+
+TINY_STOCK = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_tiny_stage2_stock.py')
+TINY_TURBOX = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_tiny_stage2_turbox.py')
+FULL_STOCK = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_small_stage2_stock.py')
+FULL_TURBOX = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_small_stage2_turbox.py')
+
+
+@pytest.fixture(scope='module')
+def tiny_root(tmp_path_factory):
+    return make_sparsedrive_stage2_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny2')
+
+
+def test_full_stage2_config_holds_upstreams_setting():
+    """upstream's sparsedrive_small_stage2.py against its stage 1 (docs/design/sparsedrive.md,
+    sections 1 and 6)."""
+    cfg = Config.fromfile(FULL_STOCK)
+    assert cfg.train_dataloader.batch_size == 6 and cfg.train_dataloader.num_workers == 6
+    assert cfg.train_cfg.max_iters == 586 * 10 and cfg.train_cfg.val_interval == 586 * 10
+    opt = cfg.optim_wrapper
+    assert opt.optimizer.lr == 3e-4 and opt.optimizer.weight_decay == 1e-3
+    assert opt.paramwise_cfg.custom_keys['img_backbone']['lr_mult'] == 0.1
+    assert cfg.param_scheduler[0].end == 500 and cfg.param_scheduler[1].T_max == 5860
+    assert cfg.load_from == 'ckpt/sparsedrive_stage1.pth'
+    head = cfg.model.head
+    assert head.task_config.with_motion_plan and head.map_head.instance_bank.num_temp_instances \
+        == 33
+    motion = head.motion_plan_head
+    assert (motion.fut_ts, motion.fut_mode, motion.ego_fut_ts, motion.ego_fut_mode) == (
+        12, 6, 6, 6)
+    assert motion.instance_queue.feature_map_scale == (8, 22)
+    assert motion.instance_queue.queue_length == 4
+    assert len(motion.operation_order) == 22 and motion.operation_order[-1] == 'refine'
+    assert motion.temp_graph_model.type == 'MultiheadAttention'
+    assert motion.graph_model.embed_dims == 512 and motion.cross_graph_model.embed_dims == 256
+    assert motion.ffn.identity_by_hidden and motion.ffn.feedforward_channels == 512
+    assert [motion[k].loss_weight for k in ('motion_loss_cls', 'motion_loss_reg',
+                                            'plan_loss_cls', 'plan_loss_reg',
+                                            'plan_loss_status')] == [0.2, 0.2, 0.5, 1.0, 1.0]
+    assert (motion.num_det, motion.num_map) == (50, 10)
+    assert motion.planning_decoder.use_rescore
+    assert cfg.val_dataloader.dataset.with_fut_boxes
+    assert [m['type'] for m in cfg.val_evaluator.metrics] == [
+        'turbox_mm.NuScenesTrackingMetric', 'turbox_mm.SparseDriveMapMetric',
+        'turbox_mm.SparseDriveMotionMetric', 'turbox_mm.SparseDrivePlanningMetric']
+    with open(FULL_TURBOX) as f:
+        lines = [ln for ln in f.read().splitlines() if ln and not ln.startswith('#')]
+    assert lines == ["_base_ = ['./sparsedrive_small_stage2_stock.py', '../_base_/turbox.py']"]
+
+
+def test_motion_ffn_projects_its_identity_as_upstream():
+    """Upstream's FFN picks a Linear identity by the hidden width: the motion FFN (256 -> 512
+    -> 256) has one; the det FFN (512 -> 1024 -> 256) has one either way."""
+    from turbox_mm.models.sparse4d import AsymmetricFFN
+    ours = AsymmetricFFN(in_channels=8, embed_dims=8, feedforward_channels=16)
+    upstream = AsymmetricFFN(in_channels=8, embed_dims=8, feedforward_channels=16,
+                             identity_by_hidden=True)
+    assert isinstance(ours.identity_fc, torch.nn.Identity)
+    assert isinstance(upstream.identity_fc, torch.nn.Linear)
+
+
+def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):  # noqa: F811
+    """Same weights, batch and seed in fp32: every loss of the four heads and the gradients
+    agree between the stock model and the turbox one."""
+    from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
+    stock_cfg = _config(TINY_STOCK, tiny_root)
+    turbox_cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
+    assert turbox_cfg.model.head.motion_plan_head.op_impl == 'turbox'
+    stock, turbox = _build(stock_cfg), _build(turbox_cfg)
+    turbox.load_state_dict(stock.state_dict())
+    batch = stock.data_preprocessor(_batches(stock_cfg, 1)[0], training=True)
+
+    def run(model):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        model.train()
+        model.zero_grad()
+        losses = model.loss(batch['inputs'], batch['data_samples'])
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    stock_losses, stock_grads = run(stock)
+    with kernel_on_cpu():
+        turbox_losses, turbox_grads = run(turbox)
+    assert stock_losses.keys() == turbox_losses.keys()
+    assert {'det_loss_cls_1', 'map_loss_line_1', 'motion_loss_cls_0', 'motion_loss_reg_0',
+            'planning_loss_cls_0', 'planning_loss_reg_0', 'planning_loss_status_0',
+            'loss_dense_depth'} <= set(stock_losses), sorted(stock_losses)
+    for key in stock_losses:
+        torch.testing.assert_close(turbox_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)
+    assert any(n.startswith('head.motion_plan_head') for n in stock_grads)
+    errors = {name: float((turbox_grads[name] - stock_grads[name]).norm()
+                          / stock_grads[name].norm().clamp_min(1e-12)) for name in stock_grads}
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_predict_gives_trajectories_and_a_plan(tiny_root):
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.eval()
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import DATASETS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        dataset = DATASETS.build(cfg.val_dataloader.dataset)
+    for index in (0, 1):  # the second frame reads the queue of the first
+        batch = model.data_preprocessor(pseudo_collate([dataset[index]]), training=False)
+        with torch.no_grad():
+            sample = model.predict(batch['inputs'], batch['data_samples'])[0]
+    pred = sample.pred_instances_3d
+    assert pred.trajs_3d.shape == (16, 6, 12, 2) and pred.trajs_score.shape == (16, 6)
+    # trajectories start near their box: the first step is the box centre plus one offset
+    assert sample.pred_planning['final_planning'].shape == (6, 2)
+    assert sample.pred_planning['planning_score'].shape == (3, 6)
+    assert len(sample.eval_ann_info['fut_boxes']) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', [TINY_STOCK, TINY_TURBOX], ids=['stock', 'turbox'])
+def test_tiny_stage2_trains_with_falling_loss_and_evaluates(tiny_root, tmp_path, config):
+    work = tmp_path / 'work'
+    proc = run_python(['tools/train.py', config, '--work-dir', str(work), '--cfg-options',
+                       'train_cfg.max_iters=12', 'train_cfg.val_interval=12'],
+                      env={'NUSCENES_ROOT': tiny_root}, timeout=1500)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    losses = logged_losses(work)
+    assert sorted(losses) == list(range(1, 13)), sorted(losses)
+    for key in ('loss', 'motion_loss_reg_0', 'planning_loss_reg_0'):
+        values = logged_losses(work, key=key)
+        assert np.mean([values[i] for i in range(9, 13)]) < np.mean(
+            [values[i] for i in range(1, 5)]), (key, values)
+    for key in ('pred_instances_3d_NuScenes/NDS', 'pred_instances_3d_NuScenes/AMOTA',
+                'SparseDriveMap/mAP_normal', 'SparseDriveMotion/car_EPA',
+                'SparseDriveMotion/pedestrian_min_ade_err', 'SparseDrivePlanning/L2',
+                'SparseDrivePlanning/obj_box_col'):
+        assert key in log, (key, log[-3000:])
