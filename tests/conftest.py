@@ -159,3 +159,103 @@ def root():
 # variable must be set before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
+
+
+# -- end-to-end model tests (Sparse4D, SparseDrive) -------------------------------------------
+
+def config_with_root(path, root):
+    """The config at ``path`` with ``$NUSCENES_ROOT`` set to ``root`` while it is read."""
+    from mmengine.config import Config
+    os.environ['NUSCENES_ROOT'] = root
+    try:
+        return Config.fromfile(path)
+    finally:
+        del os.environ['NUSCENES_ROOT']
+
+
+def turbox_applied(cfg):
+    """The config as TurboxRunner leaves it (the `turbox` section applied), and the changes."""
+    import copy
+
+    from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS, apply_turbox_options
+    from turbox_mm.utils.options import check_options
+    cfg = copy.deepcopy(cfg)
+    changes = apply_turbox_options(cfg, check_options(cfg.get('turbox'), TURBOX_OPTIONS))
+    return cfg, changes
+
+
+def build_model(cfg):
+    """The config's model, built in mmdet3d's scope and initialised."""
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import MODELS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def train_batches(cfg, num):
+    """``num`` training batches of the config's pipeline (the batch sampler's first walks)."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.registry import DATA_SAMPLERS, DATASETS
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        dataset = DATASETS.build(cfg.train_dataloader.dataset)
+        sampler = DATA_SAMPLERS.build(dict(cfg.train_dataloader.batch_sampler,
+                                           dataset=dataset, seed=0, world_size=1, rank=0,
+                                           batch_size=cfg.train_dataloader.batch_size))
+    stream = iter(sampler)
+    return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
+
+
+def first_step(model, batch):
+    """Losses (detached) and gradients of one training step of ``model`` on a preprocessed
+    ``batch``, seeded (torch and numpy at 0) so that two models draw the same randomness."""
+    import numpy as np
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model.train()
+    model.zero_grad()
+    losses = model.loss(batch['inputs'], batch['data_samples'])
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def relative_grad_errors(grads, reference):
+    """``||g - g_ref|| / ||g_ref||`` per parameter."""
+    return {name: float((grads[name] - reference[name]).norm()
+                        / reference[name].norm().clamp_min(1e-12)) for name in reference}
+
+
+def assert_same_gradients(grads, reference, total=1e-2, each=5e-2):
+    """Two models' gradients agree: over all parameters together within ``total`` (relative
+    norm of the difference) and per tensor within ``each``.
+
+    Why not tighter: the deformable aggregation's kernel and grid_sample sum in other orders
+    in float32, and a sampling point that lands within rounding of a pixel boundary takes the
+    other side's bilinear derivative, so the keypoint and anchor branches behind the sampling
+    locations amplify rounding. Measured on the tiny Sparse4D / SparseDrive models: alone in a
+    process, below 1e-3 per tensor; after other model tests in the same process (other
+    rounding upstream), up to 2.5e-3 together and about 1e-2 per tensor. A wrong kernel or
+    loss gives errors of order 1.
+    """
+    assert grads.keys() == reference.keys()
+    diff = sum(float((grads[n] - reference[n]).pow(2).sum()) for n in reference) ** 0.5
+    norm = sum(float(reference[n].pow(2).sum()) for n in reference) ** 0.5
+    assert diff <= total * max(norm, 1e-12), (diff, norm)
+    errors = relative_grad_errors(grads, reference)
+    assert max(errors.values()) < each, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+@pytest.fixture
+def full_fp32():
+    """Full float32 matmuls meanwhile: an earlier in-process run may have left torch's matmul
+    precision lowered (TurboxRunner's TF32 policy), which on CPUs with bf16 units changes the
+    arithmetic of a comparison."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    yield
+    torch.set_float32_matmul_precision(saved)

@@ -4,7 +4,6 @@ error, the metric on the synthetic val split, and the tiny Sparse4D configs' tra
 evaluation through tools/test.py."""
 import importlib.util
 import json
-import os
 import os.path as osp
 import pickle
 
@@ -14,6 +13,7 @@ import torch
 from mmengine.config import Config
 
 from conftest import ROOT, make_sparse4d_tiny, run_python
+from conftest import build_model as _build, config_with_root as _config
 
 TINY_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_stock.py')
 TINY_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_turbox.py')
@@ -243,24 +243,6 @@ def test_evaluation_names_unknown_tokens_and_missing_tables(tiny_root, tmp_path)
     empty = evaluate_tracking(_submission(tmp_path / 'empty.json', results), tiny_root,
                               'v1.0-trainval')
     assert (empty['amota'], empty['amotp'], empty['recall']) == (0.0, 2.0, 0.0)
-
-
-def _build(cfg):
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import MODELS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def _config(path, root):
-    os.environ['NUSCENES_ROOT'] = root
-    try:
-        return Config.fromfile(path)
-    finally:
-        del os.environ['NUSCENES_ROOT']
 
 
 @pytest.mark.slow

@@ -574,3 +574,24 @@ def test_grid_mask_rotation_and_offset():
     kept = torch.from_numpy(grid_mask_numpy(16, 16).copy()) == 1
     assert (out[:, :, kept] == 5.0).all()
     assert (out[:, :, ~kept].abs() <= 1.0).all() and torch.equal(out[0], out[1])
+
+
+def test_ffn_loads_upstreams_nested_layout():
+    """Upstream's checkpoints nest the hidden block (``layers.0.0``) and put the last Linear at
+    ``layers.1``: they load into the flat layout with the same outputs."""
+    ffn = AsymmetricFFN(in_channels=8, embed_dims=4, feedforward_channels=16).eval()
+    ours = ffn.state_dict()
+    upstream = {}
+    for key, value in ours.items():
+        key = key.replace('layers.0.', 'layers.0.0.').replace('layers.3.', 'layers.1.')
+        upstream[key] = value.clone()
+    assert 'layers.0.0.weight' in upstream and 'layers.1.bias' in upstream
+    loaded = AsymmetricFFN(in_channels=8, embed_dims=4, feedforward_channels=16).eval()
+    loaded.load_state_dict(upstream)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), ffn(x))
+    # inside a model (a prefix) too
+    wrapped = torch.nn.Sequential(AsymmetricFFN(in_channels=8, embed_dims=4,
+                                                feedforward_channels=16)).eval()
+    wrapped.load_state_dict({f'0.{k}': v for k, v in upstream.items()})
+    torch.testing.assert_close(wrapped(x), ffn(x))

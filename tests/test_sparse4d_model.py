@@ -13,7 +13,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT, logged_losses, make_sparse4d_tiny, run_python
+from conftest import ROOT, assert_same_gradients, logged_losses, make_sparse4d_tiny, run_python
+from conftest import build_model as _build, config_with_root as _config
+from conftest import train_batches as _batches, turbox_applied as _turbox_applied
 
 TINY_STOCK = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_stock.py')
 TINY_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_tiny_turbox.py')
@@ -25,23 +27,6 @@ FULL_TURBOX = osp.join(ROOT, 'configs/sparse4d/sparse4dv3_r50_8xb6-100e_nus-256x
 def tiny_root(tmp_path_factory):
     # <tmp>/nuscenes_tiny, where tools/sparse4d_benchmark.sh looks for it under DATA_DIR=<tmp>.
     return make_sparse4d_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny')
-
-
-def _config(path, root):
-    os.environ['NUSCENES_ROOT'] = root
-    try:
-        return Config.fromfile(path)
-    finally:
-        del os.environ['NUSCENES_ROOT']
-
-
-def _turbox_applied(cfg):
-    """The config as TurboxRunner leaves it (the `turbox` section applied)."""
-    from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS, apply_turbox_options
-    from turbox_mm.utils.options import check_options
-    cfg = copy.deepcopy(cfg)
-    changes = apply_turbox_options(cfg, check_options(cfg.get('turbox'), TURBOX_OPTIONS))
-    return cfg, changes
 
 
 # -- configs ----------------------------------------------------------------------------------
@@ -142,42 +127,6 @@ def test_operation_order_of_v3():
     assert [order.count(op) for op in ('refine', 'temp_gnn', 'gnn', 'deformable')] == [6, 5, 5, 6]
 
 
-def _build(cfg):
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import MODELS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def _batches(cfg, num):
-    """``num`` training batches of the config's pipeline (the sampler's first walks)."""
-    from mmengine.dataset import pseudo_collate
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import DATA_SAMPLERS, DATASETS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        dataset = DATASETS.build(cfg.train_dataloader.dataset)
-        sampler = DATA_SAMPLERS.build(dict(cfg.train_dataloader.batch_sampler,
-                                           dataset=dataset, seed=0, world_size=1, rank=0,
-                                           batch_size=cfg.train_dataloader.batch_size))
-    stream = iter(sampler)
-    return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
-
-
-@pytest.fixture
-def full_fp32():
-    """Full float32 matmuls meanwhile: an earlier in-process run may have left torch's matmul
-    precision lowered (TurboxRunner's TF32 policy), which on CPUs with bf16 units changes the
-    arithmetic of the comparison."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')
-    yield
-    torch.set_float32_matmul_precision(saved)
-
-
 def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp32):
     """Same weights, same batch, same seed, fp32: the stock model (grid_sample deformable
     aggregation) and the turbox one (the Triton kernel, run here by Triton's interpreter) give
@@ -213,14 +162,10 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
         torch.testing.assert_close(turbox_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
                                    msg=key)
     assert stock_grads.keys() == turbox_grads.keys()
-    # Gradients by relative error per tensor (||g_turbox - g_stock|| / ||g_stock||): the
-    # kernel's float32 atomics sum in another order than grid_sample's backward, and the
-    # gradients with respect to the sampling locations carry that into the keypoint and anchor
-    # branches (measured: at most 2.5e-4, in the anchor encoder's yaw branch). A wrong kernel
-    # gives errors of order 1.
-    errors = {name: float((turbox_grads[name] - stock_grads[name]).norm()
-                          / stock_grads[name].norm().clamp_min(1e-12)) for name in stock_grads}
-    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    # Gradients together within 1e-2 and per tensor within 5e-2 (conftest's
+    # assert_same_gradients says why and what was measured). A wrong kernel gives errors of
+    # order 1.
+    assert_same_gradients(turbox_grads, stock_grads)
 
 
 def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):

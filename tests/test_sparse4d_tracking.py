@@ -1,15 +1,14 @@
 """Sparse4D v3 tracking at test time: the instance bank's ids (kept by the instance they
 belong to, fresh for new ones, none below a threshold, restarted at a new scene), the decoder
 and the model that carry them to the predictions."""
-import os
 import os.path as osp
 
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 
 from conftest import ROOT, make_sparse4d_tiny
+from conftest import build_model as _build, config_with_root as _config
 from turbox_mm.models.sparse4d import InstanceBank
 from turbox_mm.models.sparse4d.box3d import COS_YAW
 
@@ -150,24 +149,6 @@ def test_decoder_keeps_each_box_id():
 @pytest.fixture(scope='module')
 def tiny_root(tmp_path_factory):
     return make_sparse4d_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny')
-
-
-def _build(cfg):
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import MODELS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def _config(path, root):
-    os.environ['NUSCENES_ROOT'] = root
-    try:
-        return Config.fromfile(path)
-    finally:
-        del os.environ['NUSCENES_ROOT']
 
 
 def test_predictions_carry_ids_from_frame_to_frame(tiny_root):

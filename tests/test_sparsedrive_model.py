@@ -4,8 +4,6 @@ prediction, training and evaluation (detection, tracking, map).
 The tiny configs (configs/sparsedrive/sparsedrive_tiny_stage1_{stock,turbox}.py) are the full
 model with small sizes; everything runs on the CPU in the test suite.
 """
-import copy
-import os
 import os.path as osp
 
 import numpy as np
@@ -13,7 +11,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT, logged_losses, make_sparsedrive_tiny, run_python
+from conftest import (ROOT, assert_same_gradients, build_model, config_with_root, first_step,
+                      logged_losses, make_sparsedrive_tiny, run_python, train_batches,
+                      turbox_applied)
 
 TINY_STOCK = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_tiny_stage1_stock.py')
 TINY_TURBOX = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_tiny_stage1_turbox.py')
@@ -24,56 +24,6 @@ FULL_TURBOX = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_small_stage1_turbo
 @pytest.fixture(scope='module')
 def tiny_root(tmp_path_factory):
     return make_sparsedrive_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny')
-
-
-def _config(path, root):
-    os.environ['NUSCENES_ROOT'] = root
-    try:
-        return Config.fromfile(path)
-    finally:
-        del os.environ['NUSCENES_ROOT']
-
-
-def _turbox_applied(cfg):
-    """The config as TurboxRunner leaves it (the `turbox` section applied)."""
-    from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS, apply_turbox_options
-    from turbox_mm.utils.options import check_options
-    cfg = copy.deepcopy(cfg)
-    changes = apply_turbox_options(cfg, check_options(cfg.get('turbox'), TURBOX_OPTIONS))
-    return cfg, changes
-
-
-def _build(cfg):
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import MODELS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
-
-
-def _batches(cfg, num):
-    """``num`` training batches of the config's pipeline (the sampler's first walks)."""
-    from mmengine.dataset import pseudo_collate
-    from mmengine.registry import DefaultScope
-
-    from turbox_mm.registry import DATA_SAMPLERS, DATASETS
-    with DefaultScope.overwrite_default_scope('mmdet3d'):
-        dataset = DATASETS.build(cfg.train_dataloader.dataset)
-        sampler = DATA_SAMPLERS.build(dict(cfg.train_dataloader.batch_sampler,
-                                           dataset=dataset, seed=0, world_size=1, rank=0,
-                                           batch_size=cfg.train_dataloader.batch_size))
-    stream = iter(sampler)
-    return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
-
-
-@pytest.fixture
-def full_fp32():
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')
-    yield
-    torch.set_float32_matmul_precision(saved)
 
 
 # -- configs ----------------------------------------------------------------------------------
@@ -119,7 +69,7 @@ def test_turbox_twin_is_the_stock_config_plus_the_turbox_base():
     with open(FULL_TURBOX) as f:
         lines = [ln for ln in f.read().splitlines() if ln and not ln.startswith('#')]
     assert lines == ["_base_ = ['./sparsedrive_small_stage1_stock.py', '../_base_/turbox.py']"]
-    cfg, changes = _turbox_applied(Config.fromfile(FULL_TURBOX))
+    cfg, changes = turbox_applied(Config.fromfile(FULL_TURBOX))
     head = cfg.model.head
     for sub in (head.det_head, head.map_head):
         assert sub.op_impl == 'turbox' and sub.deformable_model.op_impl == 'turbox'
@@ -162,26 +112,16 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     weights, the Triton kernel under its interpreter) give the same det and map losses and
     gradients."""
     from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
-    stock_cfg = _config(TINY_STOCK, tiny_root)
-    turbox_cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
-    stock, turbox = _build(stock_cfg), _build(turbox_cfg)
+    stock_cfg = config_with_root(TINY_STOCK, tiny_root)
+    turbox_cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
+    stock, turbox = build_model(stock_cfg), build_model(turbox_cfg)
     turbox.load_state_dict(stock.state_dict())
-    batch = stock.data_preprocessor(_batches(stock_cfg, 1)[0], training=True)
+    batch = stock.data_preprocessor(train_batches(stock_cfg, 1)[0], training=True)
     assert all(len(s.metainfo['gt_map_labels']) > 0 for s in batch['data_samples'])
 
-    def run(model):
-        torch.manual_seed(0)
-        np.random.seed(0)
-        model.train()
-        model.zero_grad()
-        losses = model.loss(batch['inputs'], batch['data_samples'])
-        sum(losses.values()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return {k: v.detach() for k, v in losses.items()}, grads
-
-    stock_losses, stock_grads = run(stock)
+    stock_losses, stock_grads = first_step(stock, batch)
     with kernel_on_cpu():
-        turbox_losses, turbox_grads = run(turbox)
+        turbox_losses, turbox_grads = first_step(turbox, batch)
     assert stock_losses.keys() == turbox_losses.keys()
     assert {'det_loss_cls_0', 'det_loss_box_1', 'map_loss_cls_0', 'map_loss_line_1',
             'loss_dense_depth'} <= set(stock_losses), sorted(stock_losses)
@@ -190,20 +130,18 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
                                    msg=key)
     assert stock_grads.keys() == turbox_grads.keys()
     assert any(n.startswith('head.map_head.instance_bank') for n in stock_grads)
-    errors = {name: float((turbox_grads[name] - stock_grads[name]).norm()
-                          / stock_grads[name].norm().clamp_min(1e-12)) for name in stock_grads}
-    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert_same_gradients(turbox_grads, stock_grads)
 
 
 def test_training_frames_carry_det_ids_and_no_map_cache(tiny_root):
     """The det bank caches and numbers its instances in training too (the motion head's
     queue needs the ids); the stage-1 map bank keeps nothing from frame to frame."""
-    cfg = _config(TINY_STOCK, tiny_root)
-    model = _build(cfg)
+    cfg = config_with_root(TINY_STOCK, tiny_root)
+    model = build_model(cfg)
     model.train()
     det_bank = model.head.det_head.instance_bank
     map_bank = model.head.map_head.instance_bank
-    for batch in _batches(cfg, 2):
+    for batch in train_batches(cfg, 2):
         batch = model.data_preprocessor(batch, training=True)
         feats = [f.float() for f in model.extract_feat(batch['inputs'])]
         from turbox_mm.ops.deformable_aggregation import feature_maps_format
@@ -221,8 +159,8 @@ def test_training_frames_carry_det_ids_and_no_map_cache(tiny_root):
 
 
 def test_predict_gives_boxes_and_map_polylines(tiny_root):
-    cfg = _config(TINY_STOCK, tiny_root)
-    model = _build(cfg)
+    cfg = config_with_root(TINY_STOCK, tiny_root)
+    model = build_model(cfg)
     model.eval()
     from mmengine.registry import DefaultScope
 

@@ -22,6 +22,15 @@ Examples:
     python tools/create_data.py nuscenes --root-path data/nuscenes --run --map-fields
     python tools/create_data.py map-fields data/nuscenes/nuscenes_infos_train.pkl \\
         data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes
+    # ... and SparseDrive's planning fields (agent and ego futures, driving command, and
+    # ego_status from the CAN bus expansion; scenes without CAN data are an error unless
+    # --allow-missing-can-bus writes upstream's zeros):
+    python tools/create_data.py planning data/nuscenes/nuscenes_infos_train.pkl \\
+        data/nuscenes/nuscenes_infos_val.pkl --root-path data/nuscenes --can-bus data
+    # ... and SparseDrive's map_annos (StreamMapNet's extractor, as upstream's converter; after
+    # map-fields, which adds map_location):
+    python tools/create_data.py sparsedrive-map data/nuscenes/nuscenes_infos_train.pkl \\
+        data/nuscenes/nuscenes_infos_val.pkl --data-root data/nuscenes --workers 8
     # ... and MapTR's map ground truth, precomputed (upstream's v2 reads it from its infos):
     # every sample cut once with the reference vectoriser, stored as map_annotation (also
     # after `synthetic`, whose infos do not carry it):
@@ -118,6 +127,25 @@ def parse_args(argv=None):
                       help='overwrite values that differ from the tables (else an error; '
                            'equal values are kept, so running the step twice changes nothing)')
 
+    plan = _table_step(sub, 'planning',
+                       "add SparseDrive's planning fields (instances[k].fut_traj / fut_mask, "
+                       'gt_ego_fut_trajs / _masks / _cmd, ego_status) to v2 info files, from '
+                       'the nuScenes tables and the CAN bus expansion, as upstream\'s '
+                       'converter computes them', 'sample.json, sample_data.json, '
+                       'ego_pose.json, calibrated_sensor.json, sensor.json, '
+                       'sample_annotation.json and scene.json')
+    plan.add_argument('--can-bus', '--can-bus-root', dest='can_bus_root', default=None,
+                      help="the folder holding can_bus/ (upstream's --canbus), or can_bus/ "
+                           'itself (default: <root-path>/can_bus, then can_bus next to '
+                           '<root-path>)')
+    plan.add_argument('--allow-missing-can-bus', action='store_true',
+                      help="write upstream's zeros as ego_status for scenes without CAN bus "
+                           'data (named in the output) instead of failing')
+    plan.add_argument('--force', action='store_true',
+                      help='recompute and overwrite the fields samples already carry (else '
+                           'they are kept, so running the step twice changes nothing)')
+    plan.add_argument('--no-progress', action='store_true', help='no progress bar')
+
     mgt = sub.add_parser('map-gt',
                          help="store MapTR's map ground truth in v2 info files: every "
                               "sample's polylines cut with the reference vectoriser "
@@ -141,6 +169,25 @@ def parse_args(argv=None):
     mgt.add_argument('--workers', type=int, default=0,
                      help='worker processes (0: one per CPU, 1: no pool)')
     mgt.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+    sdm = sub.add_parser('sparsedrive-map',
+                         help="store SparseDrive's map_annos in v2 info files: each sample's "
+                              "ped crossings, dividers and boundaries around the lidar "
+                              "(upstream's NuscMapExtractor, StreamMapNet's procedure), keyed "
+                              '0, 1, 2')
+    sdm.add_argument('infos', nargs='+', help='.pkl v2 info files (rewritten in place)')
+    sdm.add_argument('--data-root', '--root-path', dest='data_root', default='data/nuscenes',
+                     help='nuScenes data root, holding maps/expansion/<location>.json')
+    sdm.add_argument('--roi-size', type=float, nargs=2, default=[30.0, 60.0],
+                     metavar=('X', 'Y'),
+                     help='the patch in metres along the lidar x, then y axis (default: 30 60)')
+    sdm.add_argument('--force', action='store_true',
+                     help='recompute every sample (else samples that carry map_annos in this '
+                          "format are kept, and any other map_annos, e.g. the synthetic "
+                          "generator's, is an error)")
+    sdm.add_argument('--workers', type=int, default=1,
+                     help='worker processes (1: no pool)')
+    sdm.add_argument('--no-progress', action='store_true', help='no progress bar')
 
     chk = sub.add_parser('check', help="check info files (mmdet3d v2 format and the fields "
                                        "mmdet3d's nuScenes dataset reads) before reusing them")
@@ -233,6 +280,28 @@ def map_fields(args) -> int:
     return 0
 
 
+def planning(args) -> int:
+    """Exit status 2 with the named problem if the fields cannot be added, else 0."""
+    import warnings
+
+    from turbox_mm.datasets.nuscenes_planning_fields import (add_planning_fields,
+                                                             format_results)
+    from turbox_mm.datasets.nuscenes_tables import NuScenesTableError
+    from turbox_mm.datasets.synthetic import InfoFileError
+    try:
+        with warnings.catch_warnings():
+            # the scenes given zeros are named in the results' lines
+            warnings.filterwarnings('ignore', message='ego_status is zeros')
+            results = add_planning_fields(
+                args.infos, args.root_path, args.version, args.force, args.can_bus_root,
+                args.allow_missing_can_bus, progress=not args.no_progress)
+    except (NuScenesTableError, InfoFileError, OSError) as error:
+        print(f'create_data.py planning: {error}', file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
 def map_gt(args) -> int:
     """Exit status 2 with the named problem if the map ground truth cannot be stored, else
     0."""
@@ -244,6 +313,25 @@ def map_gt(args) -> int:
                                     args.force, args.workers, progress=not args.no_progress)
     except (MapAnnotationError, MapExpansionError, InfoFileError, OSError) as error:
         print(f'create_data.py map-gt: {error}', file=sys.stderr)
+        return 2
+    print(format_results(results))
+    return 0
+
+
+def sparsedrive_map(args) -> int:
+    """Exit status 2 with the named problem if the map_annos cannot be stored, else 0."""
+    from turbox_mm.datasets.map_gt import MapAnnotationError, MapExpansionError
+    from turbox_mm.datasets.map_gt.sparsedrive_extractor import (add_sparsedrive_map_annos,
+                                                                 format_results)
+    from turbox_mm.datasets.synthetic import InfoFileError
+    try:
+        results = add_sparsedrive_map_annos(args.infos, args.data_root, force=args.force,
+                                            workers=args.workers,
+                                            progress=not args.no_progress,
+                                            roi_size=tuple(args.roi_size))
+    except (MapAnnotationError, MapExpansionError, InfoFileError, KeyError, ValueError,
+            OSError) as error:
+        print(f'create_data.py sparsedrive-map: {error}', file=sys.stderr)
         return 2
     print(format_results(results))
     return 0
@@ -295,7 +383,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     return {'synthetic': synthetic, 'nuscenes': nuscenes, 'check': check,
             'instance-ids': instance_ids, 'map-fields': map_fields,
-            'map-gt': map_gt}[args.dataset](args)
+            'planning': planning, 'map-gt': map_gt,
+            'sparsedrive-map': sparsedrive_map}[args.dataset](args)
 
 
 if __name__ == '__main__':

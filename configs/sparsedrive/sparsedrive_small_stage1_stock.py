@@ -190,7 +190,7 @@ meta_keys = ('projection_mat', 'image_wh', 'T_global', 'T_global_inv', 'timestam
              'gt_depth', 'instance_id', 'sample_idx', 'token', 'box_type_3d', 'img_shape',
              'lidar2img', 'scene_token', 'frame_idx', 'gt_map_labels', 'gt_map_pts',
              'gt_agent_fut_trajs', 'gt_agent_fut_masks', 'gt_ego_fut_trajs', 'gt_ego_fut_masks',
-             'gt_ego_fut_cmd', 'ego_status')
+             'gt_ego_fut_cmd', 'ego_status', 'lidar2ego')
 train_pipeline = [
     dict(type='LoadMultiViewImageFromFiles', to_float32=True, num_views=num_cams),
     dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=5),

@@ -30,6 +30,8 @@ class SparseDriveNuScenesDataset(Sparse4DNuScenesDataset):
       :class:`~turbox_mm.datasets.transforms.vectorize_map.VectorizeMap` (keyed by class
       name or by SparseDrive label, lidar frame).
     - ``ego_status``: float32 ``(10,)``.
+    - ``lidar2ego``: float64 ``(4, 4)`` (the motion metric measures class ranges from the
+      ego origin, as upstream).
     - ``gt_ego_fut_trajs`` float32 ``(T_e, 2)`` (per-step xy offsets of the lidar origin in
       the current lidar frame), ``gt_ego_fut_masks`` float32 ``(T_e,)``, ``gt_ego_fut_cmd``
       float32 ``(3,)`` one-hot over (right, left, straight); ``T_e = ego_fut_ts``.
@@ -119,6 +121,8 @@ class SparseDriveNuScenesDataset(Sparse4DNuScenesDataset):
             raise KeyError(f'{where}: the info has no map_annos (SparseDrive\'s map '
                            'polylines in the lidar frame)')
         info['ego_status'] = self._ego_status(info, where)
+        # the motion metric measures nuScenes' class ranges from the ego, as upstream
+        info['lidar2ego'] = np.asarray(info['lidar_points']['lidar2ego'], np.float64)
         trajs, masks, command = ego_future(info, self.ego_fut_ts, where)
         info.update(gt_ego_fut_trajs=trajs, gt_ego_fut_masks=masks, gt_ego_fut_cmd=command)
         ann_info = info.get('ann_info')

@@ -1,4 +1,5 @@
 """Sparse4D's feed-forward block whose input and output sizes differ (512 in, 256 out)."""
+import re
 from typing import Optional, Union
 
 from mmcv.cnn import build_activation_layer, build_norm_layer
@@ -73,12 +74,31 @@ class AsymmetricFFN(nn.Module):
             dims = feedforward_channels
         layers += [nn.Linear(dims, embed_dims), nn.Dropout(ffn_drop)]
         self.layers = nn.Sequential(*layers)
+        self.num_fcs = num_fcs
         self.add_identity = add_identity
         if add_identity:
             project = (feedforward_channels != embed_dims if identity_by_hidden else
                        in_channels != embed_dims)
             self.identity_fc = (nn.Linear(in_channels, embed_dims) if project else
                                 nn.Identity())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also read upstream's layout (Sparse4D / SparseDrive checkpoints): upstream nests each
+        hidden block as ``layers.i.0`` (Linear, activation, dropout) and puts the last Linear
+        at ``layers.{num_fcs - 1}``; here the blocks are flat (``layers.{3 i}``, the last at
+        ``layers.{3 (num_fcs - 1)}``). Keys in upstream's layout are renamed in place."""
+        nested = re.compile(re.escape(prefix) + r'layers\.(\d+)\.0\.(weight|bias)$')
+        if any(nested.match(k) for k in state_dict):
+            last = re.compile(re.escape(prefix) + rf'layers\.{self.num_fcs - 1}\.(weight|bias)$')
+            for key in list(state_dict):
+                m, t = nested.match(key), last.match(key)
+                if m:
+                    state_dict[f'{prefix}layers.{3 * int(m.group(1))}.{m.group(2)}'] = \
+                        state_dict.pop(key)
+                elif t:
+                    state_dict[f'{prefix}layers.{3 * (self.num_fcs - 1)}.{t.group(1)}'] = \
+                        state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         """Apply the block.

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from .head_losses import Sparse4DHeadLosses
+from .operation_layers import OperationLayers
 
 #: The operations a decoder layer may hold.
 OPERATIONS = ('temp_gnn', 'gnn', 'norm', 'ffn', 'deformable', 'refine')
@@ -43,7 +44,7 @@ def default_operation_order(num_decoder: int = 6, num_single_frame_decoder: int 
 
 
 @MODELS.register_module()
-class Sparse4DHead(Sparse4DHeadLosses, BaseModule):
+class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
     """The Sparse4D v3 head: instance bank, decoder layers, denoising, losses and decoding.
 
     Per frame: the instance bank hands out the learned anchors (and, after the first frame of
@@ -176,7 +177,7 @@ class Sparse4DHead(Sparse4DHeadLosses, BaseModule):
 
         configs = dict(temp_gnn=temp_graph_model, gnn=graph_model, norm=norm_layer, ffn=ffn,
                        deformable=deformable_model, refine=refine_layer)
-        self.layers = nn.ModuleList([self._build_op(op, configs[op]) for op in operation_order])
+        self.layers = nn.ModuleList([self.build_op(op, configs[op]) for op in operation_order])
         self.embed_dims = self.instance_bank.embed_dims
         if decouple_attn:
             self.fc_before = nn.Linear(self.embed_dims, self.embed_dims * 2, bias=False)
@@ -184,51 +185,7 @@ class Sparse4DHead(Sparse4DHeadLosses, BaseModule):
         else:
             self.fc_before = self.fc_after = nn.Identity()
 
-    @staticmethod
-    def _build_op(op: str, cfg: dict) -> nn.Module:
-        if op == 'norm':
-            from mmcv.cnn import build_norm_layer
-            cfg = dict(cfg)
-            dims = cfg.pop('normalized_shape', None) or cfg.pop('num_features', None)
-            if dims is None:
-                raise ValueError("Sparse4DHead: norm_layer needs 'normalized_shape'")
-            return build_norm_layer(cfg, dims)[1]
-        return MODELS.build(cfg)
-
-    def init_weights(self) -> None:
-        """Xavier-uniform for every weight matrix of the decoder layers but the refinement
-        layers (upstream's rule), then each layer's own initialisation.
-
-        Unlike upstream, buffers are not touched: the fixed keypoints keep their configured
-        values (docs/design/sparse4d.md, 0.3-2).
-        """
-        for i, op in enumerate(self.operation_order):
-            if op == 'refine':
-                continue
-            for p in self.layers[i].parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if module is not self and hasattr(module, 'init_weights'):
-                module.init_weights()
-        self._is_init = True
-
     # -- forward ----------------------------------------------------------------------------
-
-    def graph_model(self, index: int, query: Tensor, key: Optional[Tensor] = None,
-                    value: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
-                    key_pos: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Attention of layer ``index``; decoupled as described in the class docstring."""
-        if self.decouple_attn:
-            query = torch.cat([query, query_pos], dim=-1)
-            if key is not None:
-                key = torch.cat([key, key_pos], dim=-1)
-            query_pos = key_pos = None
-        if value is not None:
-            value = self.fc_before(value)
-        out = self.layers[index](query, key, value, query_pos=query_pos, key_pos=key_pos,
-                                 **kwargs)
-        return self.fc_after(out)
 
     def forward(self, feature_maps, metas: Dict) -> Dict:
         """Decode one frame.

@@ -7,7 +7,7 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
-from turbox_mm.models.sparse4d.sparse4d_head import Sparse4DHead
+from turbox_mm.models.sparse4d.operation_layers import OperationLayers
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from .motion_blocks import (NUM_COMMANDS, agent_to_lidar, load_anchor, mode_query_encoder,
@@ -18,7 +18,7 @@ OPERATIONS = ('temp_gnn', 'gnn', 'norm', 'cross_gnn', 'ffn', 'refine')
 
 
 @MODELS.register_module()
-class MotionPlanningHead(BaseModule):
+class MotionPlanningHead(OperationLayers, BaseModule):
     """SparseDrive's stage-2 head (upstream ``P/models/motion/motion_planning_head.py`` at
     ffebeb4): motion prediction for the det queries and planning for the ego car.
 
@@ -148,7 +148,7 @@ class MotionPlanningHead(BaseModule):
                              'norm_layer, ffn, refine_layer)')
         self.operation_order = operation_order
         self.instance_queue = MODELS.build(instance_queue)
-        self.layers = nn.ModuleList([Sparse4DHead._build_op(op, configs[op])
+        self.layers = nn.ModuleList([self.build_op(op, configs[op])
                                      for op in operation_order])
         self._check_refine()
         if decouple_attn:
@@ -187,36 +187,7 @@ class MotionPlanningHead(BaseModule):
                     raise ValueError(f'MotionPlanningHead: refine_layer.{name} is {value}, the '
                                      f'head has {getattr(self, name)}')
 
-    def init_weights(self) -> None:
-        """Xavier-uniform for every weight matrix of the decoder layers but ``refine``
-        (upstream's rule), then each submodule's own ``init_weights`` (the refinement's score
-        biases). Everything else keeps PyTorch's default, as upstream."""
-        for op, layer in zip(self.operation_order, self.layers):
-            if op == 'refine':
-                continue
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if module is not self and hasattr(module, 'init_weights'):
-                module.init_weights()
-        self._is_init = True
-
     # -- forward ------------------------------------------------------------------------------
-
-    def graph_model(self, index: int, query: Tensor, key: Optional[Tensor] = None,
-                    value: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
-                    key_pos: Optional[Tensor] = None, **kwargs) -> Tensor:
-        """Attention of layer ``index``, decoupled when ``decouple_attn`` (see the class)."""
-        if self.decouple_attn:
-            query = torch.cat([query, query_pos], dim=-1)
-            if key is not None:
-                key = torch.cat([key, key_pos], dim=-1)
-            query_pos = key_pos = None
-        if value is not None:
-            value = self.fc_before(value)
-        return self.fc_after(self.layers[index](query, key, value, query_pos=query_pos,
-                                                key_pos=key_pos, **kwargs))
 
     def motion_anchors(self, det_cls: Tensor, det_boxes: Tensor) -> Tensor:
         """Each det query's motion anchors ``[B, A, fut_mode, fut_ts, 2]`` in the lidar frame:
