@@ -10,6 +10,8 @@
 #               which no package ships; our stock op is the grid_sample procedure)
 #   stage1-ref  the stage-1 stock config as shipped (grid_sample aggregation), alone: the
 #               slower reference row
+#   stage2      sparsedrive_small_stage2, like for like as stage1, from scratch (load_from off:
+#               the benchmark times steps, it does not need the stage-1 weights)
 #   tiny        the tiny stage-1 configs (CPU: a check that both build, train and agree; no
 #               speed claim)
 #   (default: stage1)
@@ -43,13 +45,20 @@ else
     --workers "${WORKERS:-$(nproc)}" --no-progress
 fi
 # The configs read kmeans/kmeans_det_900.npy and kmeans/kmeans_map_100.npy (upstream's names;
-# for the tiny configs these files hold 32 and 8 anchors).
-for task in det map; do
-  num=$det_num; file=kmeans_det_900.npy
-  [ "$task" = map ] && num=$map_num && file=kmeans_map_100.npy
+# for the tiny configs these files hold 32 and 8 anchors), stage 2 also the motion and
+# planning modes (pooled where a synthetic class or command has too few complete futures).
+tasks=(det map)
+[[ " ${names[*]} " == *" stage2 "* ]] && tasks+=(motion plan)
+for task in "${tasks[@]}"; do
+  case "$task" in
+    det) args=(--num "$det_num"); file=kmeans_det_900.npy ;;
+    map) args=(--num "$map_num"); file=kmeans_map_100.npy ;;
+    motion) args=(--short pool); file=kmeans_motion_6.npy ;;
+    plan) args=(--short pool); file=kmeans_plan_6.npy ;;
+  esac
   if [ ! -f "$root/kmeans/$file" ]; then
     "$py" tools/sparsedrive_anchors.py "$task" "$root/nuscenes_infos_train.pkl" \
-      --out "$root/kmeans/$file" --num "$num"
+      --out "$root/kmeans/$file" "${args[@]}"
   fi
 done
 export NUSCENES_ROOT
@@ -59,6 +68,7 @@ if [ "${PREPARE_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 s1=configs/sparsedrive/sparsedrive_small_stage1
+s2=configs/sparsedrive/sparsedrive_small_stage2
 tiny=configs/sparsedrive/sparsedrive_tiny_stage1
 daf=(model.head.det_head.deformable_model.op_impl=turbox
      model.head.map_head.deformable_model.op_impl=turbox)
@@ -72,6 +82,9 @@ for name in "${names[@]}"; do
     stage1)
       "$py" tools/benchmark.py "${s1}_stock.py" "${s1}_turbox.py" "${common[@]}" \
         --out "$out/$name" --cfg-options "${daf[@]}" "${extra[@]}" ;;
+    stage2)
+      "$py" tools/benchmark.py "${s2}_stock.py" "${s2}_turbox.py" "${common[@]}" \
+        --out "$out/$name" --cfg-options "${daf[@]}" load_from=None "${extra[@]}" ;;
     stage1-ref)
       "$py" tools/benchmark.py "${s1}_stock.py" "${common[@]}" --out "$out/$name" \
         "${extra[@]}" ;;
@@ -79,7 +92,7 @@ for name in "${names[@]}"; do
       "$py" tools/benchmark.py "${tiny}_stock.py" "${tiny}_turbox.py" --iters "${ITERS:-6}" \
         --warmup "${WARMUP:-2}" --timeout "${TIMEOUT:-1800}" --out "$out/$name" \
         "${extra[@]}" ;;
-    *) echo "sparsedrive_benchmark: unknown NAME $name (stage1, stage1-ref, tiny)" >&2
+    *) echo "sparsedrive_benchmark: unknown NAME $name (stage1, stage1-ref, stage2, tiny)" >&2
        exit 2 ;;
   esac
 done
