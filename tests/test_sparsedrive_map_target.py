@@ -278,7 +278,7 @@ def test_cuda_sample_layers_one_sync_and_equal_to_sample():
 
 
 def test_config_errors_and_registry():
-    target = TASK_UTILS.build(dict(type='SparsePoint3DTarget', assigner=DEFAULT_ASSIGNER,
+    target = TASK_UTILS.build(dict(type='turbox_mm.SparsePoint3DTarget', assigner=DEFAULT_ASSIGNER,
                                    num_cls=3, num_sample=20, roi_size=(30, 60)))
     assert isinstance(target, SparsePoint3DTarget) and isinstance(target.cost, MapQueriesCost)
     assert (target.num_dn_groups, target.num_temp_dn_groups, target.dn_metas) == (0, 0, None)
@@ -363,7 +363,7 @@ def test_line_loss_hand_computed():
 
 def test_line_loss_row_weight_equals_indexing():
     gen = torch.Generator().manual_seed(7)
-    loss = MODELS.build(dict(type='SparseLineLoss',
+    loss = MODELS.build(dict(type='turbox_mm.SparseLineLoss',
                              loss_line=dict(type='LinesL1Loss', loss_weight=10.0, beta=0.01)))
     line = ((torch.rand(9, D, generator=gen) - 0.5) * 40).requires_grad_()
     target = (torch.rand(9, D, generator=gen) - 0.5) * 40

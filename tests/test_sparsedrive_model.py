@@ -59,8 +59,11 @@ def test_full_stage1_config_holds_upstreams_setting():
         3, (0, 0.5, -0.5, 1, -1), -1.84023)
     assert map_head.reg_weights == [1.0] * 40
     assert map_head.loss_reg.loss_line.loss_weight == 10.0
-    reg_cost = map_head.sampler.assigner.cost.reg_cost
-    assert reg_cost == dict(type='LinesL1Cost', weight=10.0, beta=0.01, permute=True)
+    from turbox_mm.models.sparsedrive.map_target import DEFAULT_ASSIGNER
+    assert 'assigner' not in map_head.sampler  # the target's default: upstream's
+    assert DEFAULT_ASSIGNER['cost']['reg_cost'] == dict(type='LinesL1Cost', weight=10.0,
+                                                        beta=0.01, permute=True)
+    assert DEFAULT_ASSIGNER['cost']['cls_cost'] == dict(type='FocalLossCost', weight=1.0)
     metrics = [m['type'] for m in cfg.val_evaluator.metrics]
     assert metrics == ['turbox_mm.NuScenesTrackingMetric', 'turbox_mm.SparseDriveMapMetric']
 

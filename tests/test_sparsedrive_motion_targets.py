@@ -293,7 +293,7 @@ def test_motion_decoder_one_host_copy_per_field_and_errors():
     bad = {**motion, 'period': motion['period'][:, :3]}
     with pytest.raises(ValueError, match=r"motion_output\['period'\]"):
         decoder.decode([cls], [box], ids, [quality], bad)
-    assert isinstance(TASK_UTILS.build(dict(type='SparseBox3DMotionDecoder')),
+    assert isinstance(TASK_UTILS.build(dict(type='turbox_mm.SparseBox3DMotionDecoder')),
                       SparseBox3DMotionDecoder)
 
 
@@ -566,6 +566,6 @@ def test_planning_rescore_has_no_sync_prone_ops_and_decode_copies_once_per_field
         decoder.decode(det, motion, planning, dict(gt_ego_fut_cmd=torch.eye(3)))
     with pytest.raises(ValueError, match='planning classification must be'):
         HierarchicalPlanningDecoder(ego_fut_mode=3).decode(det, motion, planning, data)
-    built = TASK_UTILS.build(dict(type='HierarchicalPlanningDecoder', ego_fut_ts=6,
+    built = TASK_UTILS.build(dict(type='turbox_mm.HierarchicalPlanningDecoder', ego_fut_ts=6,
                                   ego_fut_mode=6, use_rescore=True))
     assert built.use_rescore and not built.fix_ego_offset

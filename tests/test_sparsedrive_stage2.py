@@ -6,6 +6,7 @@ The tiny configs (configs/sparsedrive/sparsedrive_tiny_stage2_{stock,turbox}.py)
 model with small sizes; everything runs on the CPU in the test suite.
 """
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ FULL_TURBOX = osp.join(ROOT, 'configs/sparsedrive/sparsedrive_small_stage2_turbo
 
 @pytest.fixture(scope='module')
 def tiny_root(tmp_path_factory):
+    import os
+    if os.environ.get('TURBOX_PARITY_CHILD') == '1':  # the parent's data (see the parity test)
+        return os.environ['TURBOX_TINY2_ROOT']
     return make_sparsedrive_stage2_tiny(tmp_path_factory.mktemp('data') / 'nuscenes_tiny2')
 
 
@@ -77,7 +81,22 @@ def test_motion_ffn_projects_its_identity_as_upstream():
 
 def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):
     """Same weights, batch and seed in fp32: every loss of the four heads and the gradients
-    agree between the stock model and the turbox one."""
+    agree between the stock model and the turbox one.
+
+    Run in a fresh process: after other model tests in the same process (other rounding in
+    the shared kernels' state), the matching and the motion targets can flip on near ties and
+    the comparison measures that, not the two paths (seen in the full suite: 6.6% in
+    gradients, against below 1e-3 alone).
+    """
+    import os
+    if os.environ.get('TURBOX_PARITY_CHILD') != '1':
+        proc = run_python(['-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__, '-k',
+                           'test_stock_and_turbox_agree_on_the_first_iteration'],
+                          env={'TURBOX_PARITY_CHILD': '1', 'TURBOX_TINY2_ROOT': tiny_root},
+                          timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        assert re.search(r'^1 passed', proc.stdout, re.M), proc.stdout[-3000:]
+        return
     from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
     stock_cfg = config_with_root(TINY_STOCK, tiny_root)
     turbox_cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))

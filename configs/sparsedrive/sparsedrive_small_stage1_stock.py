@@ -156,15 +156,11 @@ model = dict(
             refine_layer=dict(type='turbox_mm.SparsePoint3DRefinementModule',
                               embed_dims=embed_dims, num_sample=num_sample,
                               num_cls=num_map_classes),
+            # The assigner is SparsePoint3DTarget's default, upstream's: HungarianLinesAssigner(
+            # MapQueriesCost(FocalLossCost(weight 1.0), LinesL1Cost(weight 10.0, beta 0.01,
+            # permute))); those three names are read by the target, not built by a registry.
             sampler=dict(
                 type='turbox_mm.SparsePoint3DTarget',
-                assigner=dict(
-                    type='HungarianLinesAssigner',
-                    cost=dict(
-                        type='MapQueriesCost',
-                        cls_cost=dict(type='FocalLossCost', weight=1.0),
-                        reg_cost=dict(type='LinesL1Cost', weight=10.0, beta=0.01,
-                                      permute=True))),
                 num_cls=num_map_classes, num_sample=num_sample, roi_size=roi_size),
             loss_cls=dict(type='mmdet.FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
                           loss_weight=1.0),
