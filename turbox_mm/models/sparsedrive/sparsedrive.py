@@ -10,13 +10,13 @@ from turbox_mm.ops.deformable_aggregation import feature_maps_format
 from turbox_mm.registry import MODELS
 from turbox_mm.utils.upload import upload
 
-#: Per-sample ground truth of variable length: ``(key, dtype, shape after the first dim)``.
-#: Each goes to the head as a list of tensors, one per sample.
+#: Per-sample ground truth of variable length: ``(key, dtype)``. Each goes to the head as a
+#: list of tensors, one per sample.
 RAGGED_KEYS = (
-    ('gt_map_labels', torch.long, ()),
-    ('gt_map_pts', torch.float32, None),  # [G, orders, points, 2]; orders/points from data
-    ('gt_agent_fut_trajs', torch.float32, None),
-    ('gt_agent_fut_masks', torch.float32, None),
+    ('gt_map_labels', torch.long),
+    ('gt_map_pts', torch.float32),  # [G, orders, points, 2]
+    ('gt_agent_fut_trajs', torch.float32),
+    ('gt_agent_fut_masks', torch.float32),
 )
 #: The planning decoder's outputs that go into a data sample's ``pred_planning``.
 PLANNING_KEYS = ('planning_score', 'planning', 'final_planning')
@@ -27,6 +27,19 @@ STACKED_KEYS = (
     ('gt_ego_fut_cmd', torch.float32),
     ('ego_status', torch.float32),
 )
+
+
+def carried_by_all(infos: Sequence[dict], key: str) -> bool:
+    """Whether every sample's metainfo carries ``key`` (False when none does).
+
+    Raises:
+        KeyError: Some samples carry it and others do not (names those that lack it).
+    """
+    present = [key in m for m in infos]
+    if any(present) and not all(present):
+        raise KeyError(f'SparseDrive: {key!r} is in the metainfo of some samples of the batch '
+                       f'only (samples {[i for i, p in enumerate(present) if not p]} lack it)')
+    return all(present)
 
 
 def upload_ragged(arrays: Sequence[np.ndarray], device: torch.device,
@@ -92,22 +105,12 @@ class SparseDrive(Sparse4D):
         metas = super().metas(batch_data_samples, device, with_gt=with_gt)
         infos = [s.metainfo for s in batch_data_samples]
         for key, dtype in STACKED_KEYS:
-            present = [key in m for m in infos]
-            if any(present) and not all(present):
-                raise KeyError(f'SparseDrive: {key!r} is in the metainfo of some samples of the '
-                               f'batch only (samples {[i for i, p in enumerate(present) if not p]}'
-                               ' lack it)')
-            if all(present):
+            if carried_by_all(infos, key):
                 metas[key] = upload(np.stack([np.asarray(m[key]) for m in infos]), device, dtype)
         if not with_gt:
             return metas
-        for key, dtype, _ in RAGGED_KEYS:
-            present = [key in m for m in infos]
-            if any(present) and not all(present):
-                raise KeyError(f'SparseDrive: {key!r} is in the metainfo of some samples of the '
-                               f'batch only (samples {[i for i, p in enumerate(present) if not p]}'
-                               ' lack it)')
-            if all(present):
+        for key, dtype in RAGGED_KEYS:
+            if carried_by_all(infos, key):
                 metas[key] = upload_ragged([m[key] for m in infos], device, dtype)
         return metas
 
