@@ -21,18 +21,36 @@ from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
 
-__all__ = ['MotionTarget', 'best_mode', 'gather_mode']
+__all__ = ['MotionTarget', 'best_mode', 'gather_mode', 'mode_distance']
 
 #: A sample's matched pairs: ``(query_idx, gt_idx)`` long tensors, or None without ground truth.
 Pairs = Optional[Tuple[Tensor, Tensor]]
 
 
-def best_mode(reg_pred: Tensor, reg_target: Tensor, reg_weight: Tensor) -> Tensor:
-    """Index of the predicted mode nearest to the ground truth.
+def mode_distance(reg_pred: Tensor, reg_target: Tensor, reg_weight: Tensor) -> Tensor:
+    """Distance of every predicted mode to the ground truth: the mean over the ``T`` steps
+    of ``mask x ||P_t - G_t||_2``, with ``P`` and ``G`` the cumulative sums of the per-step
+    offsets (positions).
 
-    The distance of a mode is the mean over the ``T`` steps of ``mask x ||P_t - G_t||_2``,
-    with ``P`` and ``G`` the cumulative sums of the per-step offsets (positions). Ties go to
-    the lowest mode index (``argmin``'s first minimum), so a fully masked row picks mode 0.
+    Args:
+        reg_pred (Tensor): ``[..., K, T, 2]`` predicted per-step offsets.
+        reg_target (Tensor): ``[..., T, 2]`` ground-truth per-step offsets.
+        reg_weight (Tensor): ``[..., T]`` step weights (the validity mask).
+
+    Returns:
+        Tensor: ``[..., K]`` distances (no gradient).
+    """
+    with torch.no_grad():
+        pos_pred = reg_pred.detach().cumsum(dim=-2)
+        pos_target = reg_target.detach().cumsum(dim=-2).unsqueeze(-3)
+        dist = torch.linalg.norm(pos_target - pos_pred, dim=-1)  # [..., K, T]
+        return (dist * reg_weight.detach().unsqueeze(-2).to(dist.dtype)).mean(dim=-1)
+
+
+def best_mode(reg_pred: Tensor, reg_target: Tensor, reg_weight: Tensor) -> Tensor:
+    """Index of the predicted mode nearest to the ground truth (:func:`mode_distance`). Ties
+    go to the lowest mode index (``argmin``'s first minimum), so a fully masked row picks
+    mode 0.
 
     Args:
         reg_pred (Tensor): ``[..., K, T, 2]`` predicted per-step offsets.
@@ -47,12 +65,7 @@ def best_mode(reg_pred: Tensor, reg_target: Tensor, reg_weight: Tensor) -> Tenso
         >>> best_mode(pred, torch.tensor([[0., 1.], [0., 1.]]), torch.ones(2)).item()
         1
     """
-    with torch.no_grad():
-        pos_pred = reg_pred.detach().cumsum(dim=-2)
-        pos_target = reg_target.detach().cumsum(dim=-2).unsqueeze(-3)
-        dist = torch.linalg.norm(pos_target - pos_pred, dim=-1)  # [..., K, T]
-        dist = (dist * reg_weight.detach().unsqueeze(-2).to(dist.dtype)).mean(dim=-1)
-        return dist.argmin(dim=-1)
+    return mode_distance(reg_pred, reg_target, reg_weight).argmin(dim=-1)
 
 
 def gather_mode(reg_pred: Tensor, mode: Tensor) -> Tensor:
