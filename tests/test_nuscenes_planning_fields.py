@@ -486,7 +486,7 @@ def test_can_bus_reader(tmp_path):
                [dict(utime=90, value=-0.5), dict(utime=160, value=0.25)])
     for name in ('scene-0161', 'scene-0002'):  # blacklisted (its file ignored); empty
         write_json(f'{tmp_path}/can_bus/{name}_pose.json', [])
-    can = CanBusMessages(f'{tmp_path}/can_bus', [f'{tmp_path}/can_bus'])
+    can = CanBusMessages(f'{tmp_path}/can_bus', [f'{tmp_path}/can_bus'], PlanningFieldsError)
     # t = 150: a tie between the pose messages goes to the later one; steering at 160
     assert can.ego_status('scene-0001', 150) == [0.1, 0.2, 9.8, 0, 0, 0.3, 6, 0, 0, 0.25]
     assert can.ego_status('scene-0001', 120)[6:] == [5, 0.5, 0, -0.5]

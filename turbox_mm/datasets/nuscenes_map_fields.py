@@ -45,15 +45,14 @@ Examples:
     >>> add_map_fields(['data/nuscenes/nuscenes_infos_train.pkl'],  # doctest: +SKIP
     ...                'data/nuscenes', 'v1.0-trainval')
 """
-import json
 import os.path as osp
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .can_bus_files import CAN_BLACKLIST, find_can_bus, load_messages, scene_file
 from .nuscenes_tables import (NuScenesTableError, check_version, load_info_files, read_table,
                               step_command, write_info_file)
 
@@ -68,15 +67,10 @@ TABLES = {'sample': ('token', 'scene_token'), 'scene': ('token', 'log_token'),
           'log': ('token', 'location')}
 #: The keys read in addition when ``can_bus`` is written.
 CAN_BUS_KEYS = {'sample': ('timestamp', ), 'scene': ('name', )}
-#: Scene numbers without CAN bus data: nuscenes-devkit 1.2.0's
-#: ``NuScenesCanBus.can_blacklist`` (``get_messages`` raises for them).
-CAN_BLACKLIST = frozenset((161, 162, 163, 164, 165, 166, 167, 168, 170, 171, 172, 173, 174, 175,
-                           176, 309, 310, 311, 312, 313, 314))
 #: The length of ``can_bus``.
 CAN_BUS_SIZE = 18
 #: The keys of a pose message that are not the 9 motion numbers.
 _POSE_KEYS = ('utime', 'pos', 'orientation')
-_SCENE_NAME = re.compile(r'^scene-\d\d\d\d$')
 
 
 class MapFieldsError(NuScenesTableError):
@@ -158,33 +152,6 @@ def _check_links(folder: str, table: str, rows: list, key: str, targets: dict,
                                  f'{target_table}.json does not hold')
 
 
-def find_can_bus(root: str, can_bus_root: Optional[str] = None) -> Tuple[Optional[str], list]:
-    """The CAN bus expansion's folder, and the folders looked at.
-
-    Args:
-        root (str): The nuScenes data root.
-        can_bus_root (str, optional): The folder holding ``can_bus/`` (upstream's
-            ``--canbus``, the devkit's ``NuScenesCanBus(dataroot)``), or ``can_bus/`` itself.
-            Defaults to looking at ``<root>/can_bus`` and then at ``can_bus`` next to
-            ``<root>`` (upstream's layout: ``data/can_bus`` beside ``data/nuscenes``).
-
-    Returns:
-        tuple[str | None, list[str]]: The first folder that exists (None if none does), and
-        the folders looked at.
-    """
-    if can_bus_root is not None:
-        looked = [osp.join(can_bus_root, 'can_bus')]
-        if osp.basename(osp.normpath(can_bus_root)) == 'can_bus':
-            looked.append(can_bus_root)
-    else:
-        looked = [osp.join(root, 'can_bus'),
-                  osp.join(osp.dirname(osp.abspath(root)), 'can_bus')]
-    for folder in looked:
-        if osp.isdir(folder):
-            return folder, looked
-    return None, looked
-
-
 @dataclass
 class CanBusPoses:
     """The pose messages of the scenes, read once per scene.
@@ -208,13 +175,9 @@ class CanBusPoses:
                 message and the key named; upstream's bare ``except`` would have turned an
                 unreadable file into zeros).
         """
-        if not _SCENE_NAME.match(scene):
-            return None, 'not a nuScenes scene name (scene-NNNN)'
-        if int(scene[-4:]) in CAN_BLACKLIST:
-            return None, "on nuscenes-devkit's CAN bus blacklist"
-        path = osp.join(self.folder, f'{scene}_pose.json')
-        if not osp.isfile(path):
-            return None, f'no {osp.basename(path)}'
+        path, why = scene_file(self.folder, scene, 'pose')
+        if path is None:
+            return None, why
         if scene not in self._cache:
             self._cache[scene] = _read_poses(path)
         return self._cache[scene], None
@@ -231,14 +194,9 @@ class CanBusPoses:
 
 
 def _read_poses(path: str) -> list:
-    try:
-        with open(path, 'rb') as f:
-            messages = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MapFieldsError(f'{path}: not a JSON CAN bus file ({exc})') from exc
-    if not isinstance(messages, list) or not messages:
-        what = f'a {type(messages).__name__}' if not isinstance(messages, list) else 'no message'
-        raise MapFieldsError(f'{path}: not a list of pose messages, got {what}')
+    messages = load_messages(path, MapFieldsError, 'pose messages')
+    if not messages:
+        raise MapFieldsError(f'{path}: not a list of pose messages, got no message')
     for index, message in enumerate(messages):
         absent = [k for k in _POSE_KEYS if not isinstance(message, dict) or k not in message]
         if absent:

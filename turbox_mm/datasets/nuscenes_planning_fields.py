@@ -44,24 +44,21 @@ Examples:
     >>> add_planning_fields(['data/nuscenes/nuscenes_infos_train.pkl'],  # doctest: +SKIP
     ...                     'data/nuscenes', 'v1.0-trainval', can_bus_root='data')
 """
-import bisect
-import json
 import math
 import os.path as osp
-import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .nuscenes_map_fields import CAN_BLACKLIST, find_can_bus
+from .can_bus_files import CAN_MESSAGES, CanBusMessages, find_can_bus, locate_message
 from .nuscenes_tables import (NuScenesTableError, check_version, load_info_files, read_table,
                               step_command, write_info_file)
 from .synthetic.geometry import apply, invert, matrix_from_quaternion
 
-__all__ = ['GROUPS', 'TABLES', 'PlanningFieldsError', 'MissingCanBusError', 'PlanningTables',
-           'load_planning_tables', 'agent_future', 'ego_future', 'locate_message',
+__all__ = ['GROUPS', 'TABLES', 'CAN_MESSAGES', 'PlanningFieldsError', 'MissingCanBusError',
+           'PlanningTables', 'load_planning_tables', 'agent_future', 'ego_future', 'locate_message',
            'CanBusMessages', 'add_planning_fields', 'format_results', 'command_line']
 
 AGENT_FUTURE_STEPS = 12  # upstream's fut_ts (6 s at 2 Hz)
@@ -82,10 +79,6 @@ TABLES = {'sample': ('token', 'timestamp', 'scene_token', 'next'),
           'sensor': ('token', 'channel'),
           'sample_annotation': ('token', 'sample_token', 'translation', 'rotation', 'next'),
           'scene': ('token', 'name')}
-#: Per CAN bus message type read: the keys of the nearest message, and their lengths.
-CAN_MESSAGES = {'pose': (('accel', 3), ('rotation_rate', 3), ('vel', 3)),
-                'steeranglefeedback': (('value', None), )}
-_SCENE_NAME = re.compile(r'^scene-\d\d\d\d$')
 _CENTRE_TOLERANCE = 0.01  # m between an instance's bbox_3d and its annotation
 
 
@@ -287,111 +280,6 @@ def ego_future(token: str, tables: PlanningTables, steps: int = EGO_FUTURE_STEPS
     return np.diff(local[:, :2], axis=0).tolist(), mask, command
 
 
-def locate_message(utimes: Sequence[int], utime: int) -> int:
-    """Index of the message nearest to ``utime`` in sorted ``utimes`` (upstream's rule: the
-    earlier one only when strictly nearer).
-
-    Examples:
-        >>> locate_message([10, 20, 30], 15), locate_message([10, 20, 30], 14)
-        (1, 0)
-        >>> locate_message([10, 20, 30], 5), locate_message([10, 20, 30], 99)
-        (0, 2)
-    """
-    i = bisect.bisect_left(utimes, utime)
-    if i == len(utimes) or (i > 0 and utime - utimes[i - 1] < utimes[i] - utime):
-        i -= 1
-    return i
-
-
-@dataclass
-class CanBusMessages:
-    """The CAN bus messages SparseDrive reads, one file read once per scene and type.
-
-    Attributes:
-        folder (str | None): The expansion (``.../can_bus``); None where there is none.
-        looked (list[str]): The folders looked at.
-        missing (dict[str, str]): Scene name -> why it has no CAN data (filled by
-            :meth:`ego_status`).
-    """
-    folder: Optional[str]
-    looked: List[str]
-    missing: Dict[str, str] = field(default_factory=dict)
-    _cache: Dict[tuple, tuple] = field(default_factory=dict, repr=False)
-
-    def _messages(self, scene: str, kind: str) -> Tuple[Optional[list], Optional[str]]:
-        if self.folder is None:
-            return None, f'no CAN bus expansion at {" or ".join(self.looked)}'
-        if not _SCENE_NAME.match(scene):
-            return None, 'not a nuScenes scene name (scene-NNNN)'
-        if int(scene[-4:]) in CAN_BLACKLIST:
-            return None, "on nuscenes-devkit's CAN bus blacklist"
-        path = osp.join(self.folder, f'{scene}_{kind}.json')
-        if not osp.isfile(path):
-            return None, f'no {osp.basename(path)}'
-        if (scene, kind) not in self._cache:
-            self._cache[scene, kind] = _read_messages(path)
-        messages, utimes = self._cache[scene, kind]
-        if not messages:
-            return None, f'{osp.basename(path)} holds no message'
-        return (messages, utimes, path), None
-
-    def ego_status(self, scene: str, timestamp: int) -> Optional[List[float]]:
-        """The sample's 10 numbers, or None (the reason kept in :attr:`missing`) for a scene
-        without CAN data.
-
-        Raises:
-            PlanningFieldsError: A file that is not a JSON list of messages with increasing
-                numeric ``utime``, or a nearest message without a key of
-                :data:`CAN_MESSAGES` (or with a wrong length); the file, the message and the
-                key named.
-        """
-        values = []
-        for kind, keys in CAN_MESSAGES.items():
-            found, why = self._messages(scene, kind)
-            if found is None:
-                self.missing[scene] = why
-                return None
-            messages, utimes, path = found
-            index = locate_message(utimes, timestamp)
-            for key, size in keys:
-                value = messages[index].get(key)
-                numbers = value if size else [value]
-                if (not isinstance(numbers, list) or (size and len(numbers) != size)
-                        or not all(_is_number(v) for v in numbers)):
-                    shape = f'a list of {size} numbers' if size else 'a number'
-                    raise PlanningFieldsError(f'{path}: message {index} has {key} {value!r}, '
-                                              f'not {shape}')
-                values.extend(float(v) for v in numbers)
-        return values
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _read_messages(path: str) -> tuple:
-    try:
-        with open(path, 'rb') as f:
-            messages = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PlanningFieldsError(f'{path}: not a JSON CAN bus file ({exc})') from exc
-    if not isinstance(messages, list):
-        raise PlanningFieldsError(f'{path}: not a list of messages, got a '
-                                  f'{type(messages).__name__}')
-    utimes = []
-    for index, message in enumerate(messages):
-        utime = message.get('utime') if isinstance(message, dict) else None
-        if not _is_number(utime):
-            raise PlanningFieldsError(f'{path}: message {index} has no numeric utime '
-                                      f'(microseconds), got {utime!r}')
-        if utimes and utime < utimes[-1]:
-            raise PlanningFieldsError(f'{path}: message {index} has utime {utime} before the '
-                                      f'previous message\'s {utimes[-1]} (the search for the '
-                                      'nearest message needs them in time order)')
-        utimes.append(utime)
-    return messages, utimes
-
-
 def _present(node: dict, group: str, where: str, force: bool) -> bool:
     """Whether ``node`` carries the whole group (False: none of it, or ``force``)."""
     have = [key for key in GROUPS[group] if key in node]
@@ -529,7 +417,7 @@ def add_planning_fields(infos_path: Union[str, Sequence[str]], root_path: str,
     if not loaded:
         return []
     tables = load_planning_tables(root_path, version)
-    can = CanBusMessages(*find_can_bus(root_path, can_bus_root))
+    can = CanBusMessages(*find_can_bus(root_path, can_bus_root), error=PlanningFieldsError)
     bar = None
     if progress:
         from tqdm import tqdm
