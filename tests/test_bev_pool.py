@@ -272,6 +272,25 @@ for dtype in ('*fp32', '*fp16', '*bf16'):
                                  dict(grad_ptr=dtype, depth_ptr=dtype, lse_ptr='*fp32',
                                       feat_ptr=dtype, geom_ptr='*fp32', gdepth_ptr='*fp32',
                                       gfeat_ptr=dtype)))
+# every autotuning candidate as a launch at BEVFusion's size specialises it: Z = 1, depth and
+# features contiguous in w, and H (32), C (80) and the larger strides multiples of 16 (MapTR
+# v2's 64 channels too); a layout-pass failure of Triton showed only so (module docstring of
+# turbox_mm/testing/triton_aot.py)
+RUNTIME_ONES = ('Z', 'sd_w', 'sf_w')
+DIVISIBLE = ('H', 'C', 'sd_b', 'sd_n', 'sd_d', 'sf_b', 'sf_n', 'sf_c')
+for channels in (80, 64):
+    for logits in (False, True):
+        for kind, kernel in (('fwd', tk._forward_kernel), ('bwd', tk._backward_kernel)):
+            for config in tk.config_dicts(kind, channels):
+                config = dict(config)
+                warps = config.pop('num_warps')
+                pointers = (dict(depth_ptr='*fp32', lse_ptr='*fp32', feat_ptr='*fp32',
+                                 geom_ptr='*fp32', out_ptr='*fp32') if kind == 'fwd' else
+                            dict(grad_ptr='*fp32', depth_ptr='*fp32', lse_ptr='*fp32',
+                                 feat_ptr='*fp32', geom_ptr='*fp32', gdepth_ptr='*fp32',
+                                 gfeat_ptr='*fp32'))
+                variants.append((kernel, dict(config, LOGITS=logits), RUNTIME_ONES, pointers,
+                                 dict(divisible=DIVISIBLE, num_warps=warps)))
 failures = compile_variants(variants, floats=FLOATS)
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -281,5 +300,6 @@ sys.exit(1 if failures else 0)
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile both kernels for the H200's
-    sm_90, for every input dtype, with and without the softmax, size arguments at 1."""
+    sm_90, for every input dtype, with and without the softmax, size arguments at 1, and every
+    autotuning candidate as a launch at BEVFusion's and MapTR v2's sizes specialises it."""
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)

@@ -44,9 +44,13 @@ def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
     vy = tl.math.div_rn(gy - ly, sy)
     vz = tl.math.div_rn(gz - lz, sz)
     kept = live & (vx > -1.0) & (vx < X) & (vy > -1.0) & (vy < Y) & (vz > -1.0) & (vz < Z)
-    ix = tl.where(kept, vx, 0.0).to(tl.int32)  # truncation toward zero, as torch's .long()
-    iy = tl.where(kept, vy, 0.0).to(tl.int32)
-    iz = tl.where(kept, vz, 0.0).to(tl.int32)
+    # truncation toward zero, as torch's .long(); a point that is not kept is clamped into
+    # the grid (its cell is never used unmasked) rather than selected away: a select on
+    # ``kept`` here broke Triton's layout pass (3.6 and 3.7, sm_90) when features are
+    # contiguous in w and C is a multiple of 16
+    ix = tl.minimum(tl.maximum(vx, 0.0), X - 1.0).to(tl.int32)
+    iy = tl.minimum(tl.maximum(vy, 0.0), Y - 1.0).to(tl.int32)
+    iz = tl.minimum(tl.maximum(vz, 0.0), Z - 1.0).to(tl.int32)
     cell = ((b * X + ix).to(tl.int64) * Y + iy) * Z + iz
     return cell, kept
 
