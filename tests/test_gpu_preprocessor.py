@@ -420,6 +420,19 @@ def test_pack_jpeg_bytes_layout_survives_pseudo_collate():
     assert len(batch['data_samples']) == 2
 
 
+def test_pack_keeps_the_image_files_for_error_messages():
+    """A decode failure on the GPU names the file: the files reach the metainfo as img_path
+    even where meta_keys omits them (Sparse4D's configs), from the loaders' filename."""
+    raw = dict(make_sample(0, views=2), filename=['a/cam0.jpg', 'a/cam1.jpg'])
+    sample = PackJpegBytes(keys=['img'], meta_keys=('timestamp', ))(dict(raw))['data_samples']
+    assert sample.img_path == ['a/cam0.jpg', 'a/cam1.jpg']
+    listed = PackJpegBytes(keys=['img'], meta_keys=('img_path', ))(
+        dict(raw, img_path=['b/0.jpg', 'b/1.jpg']))['data_samples']
+    assert listed.img_path == ['b/0.jpg', 'b/1.jpg']  # the listed key wins
+    mismatched = PackJpegBytes(keys=['img'], meta_keys=())(dict(raw, filename=['x.jpg']))
+    assert 'img_path' not in mismatched['data_samples'].metainfo  # not the images' files
+
+
 def test_pack_single_view_and_bytes_like_inputs():
     jpeg = make_sample(0, single=True)['img_bytes']
     for buf in (jpeg, bytearray(jpeg), memoryview(jpeg), np.frombuffer(jpeg, np.uint8),

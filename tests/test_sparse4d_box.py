@@ -95,6 +95,13 @@ def test_anchor_tool_on_synthetic_infos(tmp_path):
     anchors = np.load(out)
     assert anchors.shape == (16, 11)
     np.testing.assert_array_equal(anchors, kmeans_anchors(boxes, 16, 55.0, 0))
+    # --out without the suffix: the file written is the one printed
+    bare = tmp_path / 'bare'
+    proc = run_python(['tools/sparse4d_anchors.py', str(infos), '--out', str(bare), '--num',
+                       '16'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(f'-> {bare}.npy') and not bare.exists()
+    np.testing.assert_array_equal(np.load(f'{bare}.npy'), anchors)
     proc = run_python(['tools/sparse4d_anchors.py', str(tmp_path / 'nope.pkl'), '--out',
                        str(out)])
     assert proc.returncode != 0 and 'info file not found' in proc.stderr

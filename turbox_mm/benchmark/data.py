@@ -449,7 +449,8 @@ def format_data_rows(rows: List[Dict], title: str = '') -> str:
                      f'{first["batch_size"]}, {first["dataset_len"]} samples in '
                      f'{first["data_root"]}; CPU over {first["cpu_samples"]} samples, '
                      f'GPU on {device or "n/a (no CUDA)"}')
-        header = (['pipeline', 'CPU ms/sample (p20-p80)', 'vs stock']
+        header = (['pipeline', 'CPU ms/sample (p20-p80)',
+                   'stock CPU ms / this (GPU work not counted)']
                   + [f'samples/s N={n}' for n in workers]
                   + ['MB/sample to GPU', 'GPU ms/sample', 'GPU host ms', 'note'])
         table = [header]

@@ -129,6 +129,10 @@ class PackJpegBytes(Pack3DDetInputs):
     ``img_warp_size`` and (where present) ``img_valid_box``, packed into ``inputs`` whenever
     ``results`` has ``img_bytes`` (they need not be listed in ``keys``). Arguments are
     ``Pack3DDetInputs``'s.
+
+    The images' files always reach the sample's metainfo as ``img_path`` (from ``img_path``,
+    else the loaders' ``filename``), also where ``meta_keys`` omits them (Sparse4D's and
+    SparseDrive's configs list their own): a decode failure on the GPU names the file.
     """
 
     DEFERRED_KEYS = ('img_bytes', 'img_warp', 'img_warp_size')
@@ -156,4 +160,11 @@ class PackJpegBytes(Pack3DDetInputs):
                                    *(results.pop(k, None) for k in self.OPTIONAL_KEYS))
         packed = super().pack_single_results(results)
         packed['inputs'].update(deferred)
+        sample = packed.get('data_samples')
+        if sample is not None and 'img_path' not in sample.metainfo:
+            paths = results.get('img_path', results.get('filename'))
+            paths = [paths] if isinstance(paths, str) else paths
+            if isinstance(paths, (list, tuple)) and \
+                    len(paths) == len(deferred['img_bytes_offsets']) - 1:
+                sample.set_metainfo(dict(img_path=[str(p) for p in paths]))
         return packed
