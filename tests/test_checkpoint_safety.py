@@ -126,6 +126,61 @@ def test_failed_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _resume_and_finish(tmp_path)
 
 
+class _FullDisk:
+    """An open file whose ``write`` stores half the bytes, then fails as a full disk does."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def write(self, data):
+        self._file.write(data[:len(data) // 2])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+@pytest.mark.parametrize('step', ['write', 'rename'])
+def test_failed_last_checkpoint_write_keeps_both_checkpoints(tmp_path, monkeypatch, step):
+    """The third save fails while ``last_checkpoint`` is written (a full disk half-way
+    through the write, or the rename): the new checkpoint stays whole, ``last_checkpoint``
+    still names the previous one (not deleted: deletion comes after), and a resume works."""
+    writes = []
+    if step == 'write':
+        def full_disk_open(path, *args, **kwargs):
+            file = open(path, *args, **kwargs)
+            if 'last_checkpoint' in osp.basename(path):  # its temporary file
+                writes.append(path)
+                if len(writes) == 3:
+                    return _FullDisk(file)
+            return file
+
+        monkeypatch.setattr(atomic_files, 'open', full_disk_open, raising=False)
+    else:
+        def third_last_checkpoint(src, dst):
+            if osp.basename(dst) == 'last_checkpoint':
+                writes.append(dst)
+            return len(writes) == 3 and osp.basename(dst) == 'last_checkpoint'
+
+        _fail_on(monkeypatch, atomic_files.os, 'replace',
+                 OSError(errno.ENOSPC, 'No space left on device'), third_last_checkpoint)
+    with pytest.raises(OSError, match='No space left'):
+        _train(_cfg(tmp_path))
+    monkeypatch.undo()
+    assert len(writes) == 3
+    assert readable_checkpoint(str(tmp_path / 'epoch_3.pth')) is None  # the new one: whole
+    assert readable_checkpoint(str(tmp_path / 'epoch_2.pth')) is None  # the previous: kept
+    assert _last(tmp_path) == str(tmp_path / 'epoch_2.pth') and not _leftovers(tmp_path)
+    _resume_and_finish(tmp_path)  # from epoch 2, as last_checkpoint says
+
+
 def test_failed_deletion_warns_and_loses_nothing(tmp_path, monkeypatch, capfd):
     from mmengine.fileio.backends import LocalBackend
     real = LocalBackend.remove
@@ -238,6 +293,55 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert readable_checkpoint(str(tmp_path / 'none.pth')) == 'the file does not exist'
     torch.save({'a': torch.ones(3)}, tmp_path / 'ok.pth')
     assert readable_checkpoint(str(tmp_path / 'ok.pth')) is None
+
+
+def test_durable_writes_fsync_the_file_then_its_folder(tmp_path, monkeypatch):
+    """``durable=True``: the file is fsync-ed before the rename and its folder after it; for
+    a checkpoint and ``last_checkpoint`` in training alike. ``durable=False``: no fsync."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+
+    def fsync(fd):
+        stat = os.fstat(fd)
+        events.append(('fsync', (stat.st_dev, stat.st_ino)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(('replace', osp.basename(dst)))
+        return real_replace(src, dst)
+
+    def node(path):  # a renamed file keeps its inode: the temporary file's is the final one's
+        stat = os.stat(path)
+        return stat.st_dev, stat.st_ino
+
+    monkeypatch.setattr(atomic_files.os, 'fsync', fsync)
+    monkeypatch.setattr(atomic_files.os, 'replace', replace)
+    path = tmp_path / 'notes.txt'
+    atomic_files.atomic_write_text(str(path), 'kept', durable=True)
+    assert events == [('fsync', node(path)), ('replace', 'notes.txt'),
+                      ('fsync', node(tmp_path))]
+    events.clear()
+    atomic_files.atomic_write_text(str(path), 'fast')
+    assert events == [('replace', 'notes.txt')] and path.read_text() == 'fast'
+
+    events.clear()
+    _train(_cfg(tmp_path / 'run', epochs=1))
+    run = tmp_path / 'run'
+    for name in ('epoch_1.pth', 'last_checkpoint'):
+        at = events.index(('replace', name))
+        assert events[at - 1] == ('fsync', node(run / name)), (name, events)
+        assert events[at + 1] == ('fsync', node(run)), (name, events)
+
+
+def test_plain_resume_in_an_empty_folder_warns_and_trains_from_scratch(tmp_path, capfd):
+    """``--resume`` without a path on a fresh work dir (a common auto-resume workflow) trains
+    from scratch, but says so, naming the folder."""
+    capfd.readouterr()
+    runner = _train(_cfg(tmp_path, epochs=1, resume=True))
+    log = ''.join(capfd.readouterr())
+    assert (f'turbox: resume was asked for, but {tmp_path} holds no checkpoint; training '
+            'starts from scratch') in log, log
+    assert runner.epoch == 1 and runner.iter == 8
+    assert _last(tmp_path) == str(tmp_path / 'epoch_1.pth')
 
 
 def test_a_failing_run_restores_automatic_gc(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@ import contextlib
 import copy
 import logging
 import os.path as osp
-from typing import Dict, Iterator, Optional
+import pickle
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -81,8 +82,24 @@ class TurboxRunner(Runner):
     def build_dataloader(self, dataloader, seed: Optional[int] = None,
                          diff_rank_seed: bool = False):
         """mmengine's loader, watched: a stuck or dead worker fails naming its sample
-        (``turbox.dataloader.timeout``, :mod:`turbox_mm.datasets.loader_watchdog`)."""
-        loader = Runner.build_dataloader(dataloader, seed=seed, diff_rank_seed=diff_rank_seed)
+        (``turbox.dataloader.timeout``, :mod:`turbox_mm.datasets.loader_watchdog`).
+
+        Every loader the runner builds (train, val and test: mmengine's loops call this) comes
+        through here, and mmengine builds and fully initialises the dataset here (with or
+        without ``lazy_init``), so an info file that cannot be unpickled fails here, named.
+
+        Raises:
+            InfoFileError: An info file (``ann_file``) is truncated or damaged: the message
+                names it and the check to run; the unpickling error is its ``__cause__``.
+        """
+        try:
+            loader = Runner.build_dataloader(dataloader, seed=seed,
+                                             diff_rank_seed=diff_rank_seed)
+        except (pickle.UnpicklingError, EOFError) as exc:
+            named = _named_info_file_error(exc, dataloader)
+            if named is None:
+                raise
+            raise named from exc
         if isinstance(loader, DataLoader):
             watch_dataloader(loader, self.turbox_options['dataloader']['timeout'])
         return loader
@@ -288,3 +305,56 @@ class TurboxRunner(Runner):
                 '  (nothing to change)'
             print_log(f'turbox_mm: config changes\n{summary}', logger=runner.logger)
         return runner
+
+
+def _info_files(dataset_cfg) -> List[str]:
+    """The ``ann_file`` of a dataset config and of the datasets it wraps (``dataset``,
+    ``datasets``), joined with their ``data_root`` as mmengine's ``BaseDataset`` does."""
+    from mmengine.fileio import join_path
+    from mmengine.utils import is_abs
+    found: List[str] = []
+    if isinstance(dataset_cfg, (list, tuple)):
+        for cfg in dataset_cfg:
+            found += _info_files(cfg)
+    elif isinstance(dataset_cfg, dict):
+        ann_file, root = dataset_cfg.get('ann_file'), dataset_cfg.get('data_root')
+        if isinstance(ann_file, str) and ann_file:
+            found.append(join_path(root, ann_file) if root and not is_abs(ann_file)
+                         else ann_file)
+        found += _info_files(dataset_cfg.get('dataset'))
+        found += _info_files(dataset_cfg.get('datasets'))
+    return found
+
+
+def _loading_dataset(exc: BaseException):
+    """The innermost dataset (an object with a string ``ann_file``) on ``exc``'s traceback:
+    the one whose loading failed, its ``ann_file`` already resolved."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get('self')
+        if isinstance(getattr(owner, 'ann_file', None), str) and owner.ann_file:
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def _named_info_file_error(exc: BaseException, dataloader) -> Optional[Exception]:
+    """A :class:`~turbox_mm.datasets.synthetic.InfoFileError` naming the info file whose
+    unpickling raised ``exc`` while a loader's dataset was built; None where no info file
+    can be named (``exc`` then propagates as it is)."""
+    dataset = _loading_dataset(exc)
+    if dataset is not None:
+        files, owner = [dataset.ann_file], type(dataset).__name__
+    else:
+        cfg = dataloader.get('dataset') if isinstance(dataloader, dict) else None
+        files = list(dict.fromkeys(_info_files(cfg)))
+        owner = cfg.get('type', 'dataset') if isinstance(cfg, dict) else 'dataset'
+    if not files:
+        return None
+    from turbox_mm.datasets.synthetic import InfoFileError
+    which = files[0] if len(files) == 1 else 'one of ' + ', '.join(files)
+    return InfoFileError(
+        f'turbox: cannot read the info file {which} ({owner}): '
+        f'{type(exc).__name__}: {exc}. The file is damaged, e.g. truncated by an '
+        'interrupted write. Check it with `python tools/create_data.py check '
+        f'{" ".join(files)}`, and regenerate it if the check fails.')
