@@ -398,6 +398,151 @@ def test_compile_keeps_errors_of_the_inputs():
     assert net.backbone._compiled_call_impl is not None  # still compiled
 
 
+class _BNThenBreak(nn.Module):
+    """BatchNorm (training statistics: a side effect), a graph break, more ops: two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.bn(x)
+        torch._dynamo.graph_break()
+        return self.lin(x).relu()
+
+
+def _backend_failing_on_graph(number, error=None):
+    """A backend that runs graphs as they are (``gm.forward``) but fails to compile graph
+    ``number`` (1-based); with ``error``, the compiled graph ``number`` raises it when it runs
+    instead."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        if len(graphs) != number:
+            return gm.forward
+        if error is None:
+            raise RuntimeError(f'the backend fails on graph {number}')
+
+        def run(*args):
+            raise error
+        return run
+
+    backend.graphs = graphs
+    return backend
+
+
+def _current_log_records():
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    return logger, handler, records
+
+
+@pytest.mark.parametrize('failing', [2, 1])
+def test_compile_failure_after_a_graph_ran_does_not_rerun_the_module(failing):
+    """The backend fails on the second graph, after the first (BatchNorm in training mode)
+    has run: only the part that could not be compiled runs eagerly; the statistics are
+    updated once, the output is eager's and the first graph stays compiled. On the first
+    graph (nothing has run): the forward runs eagerly, with the same one warning."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, ref = nn.Module(), _BNThenBreak()
+    net.backbone = _BNThenBreak()
+    net.backbone.load_state_dict(ref.state_dict())
+    backend = _backend_failing_on_graph(failing)
+    compile_submodules(net, ['backbone'], backend=backend)
+    x = torch.randn(4, 3)
+    logger, handler, records = _current_log_records()
+    dynamo_records = []
+    dynamo_handler = logging.Handler()
+    dynamo_handler.emit = dynamo_records.append
+    logging.getLogger('torch._dynamo').addHandler(dynamo_handler)
+    try:
+        out = net.backbone(x)
+        assert net.backbone.bn.num_batches_tracked.item() == 1  # once, not twice
+        torch.testing.assert_close(out, ref(x))
+        out = net.backbone(x)  # the failing part is not compiled again
+    finally:
+        logger.removeHandler(handler)
+        logging.getLogger('torch._dynamo').removeHandler(dynamo_handler)
+    torch.testing.assert_close(out, ref(x))
+    assert net.backbone.bn.num_batches_tracked.item() == 2
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(net.backbone.state_dict()[key], value, msg=key)
+    # graph 1 compiled once and reused; the failing one not tried again
+    assert len(backend.graphs) == failing
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert 'backbone (_BNThenBreak) could not be compiled and runs eagerly in part' in \
+        warnings[0]
+    assert f'the backend fails on graph {failing}' in warnings[0]
+    assert ('resume_in_forward' if failing == 2 else 'Dynamo runs forward') in warnings[0]
+    assert not [r for r in dynamo_records if r.levelno >= logging.WARNING]  # ours, not both
+    assert net.backbone._compiled_call_impl is not None  # the rest stays compiled
+
+
+def test_fullgraph_compile_failure_is_raised_even_with_suppress_errors():
+    """``fullgraph=True`` raises even where the environment asks Dynamo to suppress errors."""
+    torch._dynamo.reset()
+    net = nn.Module()
+    net.backbone = _Net()  # a module of ours: Dynamo skips torch.nn's own forwards
+    compile_submodules(net, ['backbone'], backend=_backend_failing_on_graph(1),
+                       fullgraph=True)
+    with torch._dynamo.config.patch(suppress_errors=True), \
+            pytest.raises(RuntimeError, match=r'fullgraph=True: backbone \(_Net\) could not '
+                                              r'be compiled as one graph: BackendCompiler'
+                                              r'Failed.*the backend fails on graph 1'):
+        net.backbone(torch.randn(2, 4))
+
+
+def test_runtime_error_of_a_later_compiled_graph_propagates_and_nothing_reruns():
+    """A real compiled graph that raises while it runs (here the second, after BatchNorm's
+    graph ran): the error propagates as it is, nothing runs again."""
+    torch._dynamo.reset()
+    net = nn.Module()
+    net.backbone = _BNThenBreak()
+    oom = torch.cuda.OutOfMemoryError('out of memory')
+    compile_submodules(net, ['backbone'],
+                       backend=_backend_failing_on_graph(2, error=oom))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match='out of memory'):
+        net.backbone(torch.randn(4, 3))
+    assert net.backbone.bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize('when', ['a later call', 'a frame compiled first'])
+def test_compile_error_reaching_the_call_after_part_of_it_ran_raises(when):
+    """A compile error that reaches the wrapper (not suppressed by Dynamo) where part of the
+    module may have run (a call after the first, or a frame compiled in this call) is raised
+    naming the module, not answered by running the module again."""
+    torch._dynamo.reset()
+    net = nn.Module()
+    net.backbone = nn.BatchNorm1d(3)
+    double = torch.compile(lambda y: y * 2, backend='eager')
+    calls = []
+
+    def compiled(x):  # runs the module (once), then fails as a compile error would
+        calls.append(1)
+        out = net.backbone._call_impl(double(x) if when != 'a later call' else x)
+        if when == 'a frame compiled first' or len(calls) == 2:
+            raise torch._dynamo.exc.Unsupported('no can do')
+        return out
+
+    from turbox_mm.engine.runner.module_compiler import _guard
+    net.backbone._compiled_call_impl = compiled
+    _guard('backbone', net.backbone)
+    if when == 'a later call':
+        net.backbone(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r'backbone \(BatchNorm1d\) failed to compile after '
+                                           r'part of its call had run.*Unsupported: no can do'):
+        net.backbone(torch.randn(4, 3))
+    assert net.backbone.num_batches_tracked.item() == len(calls)  # each call ran once
+    assert net.backbone._compiled_call_impl is not None
+
+
 # ---------------------------------------------------------------- precision
 
 
@@ -564,9 +709,20 @@ def test_shutdown_loader_workers_ends_a_persistent_loaders_workers():
 def test_pipelined_iter_loop_ends_its_loader_workers_with_training(fail):
     """The pipelined loop shuts its persistent loader's workers down when it stops, also when
     a step raises, instead of leaving them to the interpreter's exit."""
+    _check_loader_workers_end_with_training('iter', fail)
+
+
+@pytest.mark.parametrize('fail', [False, True])
+def test_pipelined_epoch_loop_ends_its_loader_workers_with_training(fail):
+    """The same for the epoch loop (one epoch, a loader without a cyclic sampler)."""
+    _check_loader_workers_end_with_training('epoch', fail)
+
+
+def _check_loader_workers_end_with_training(loop_type, fail):
     from mmengine.logging import MessageHub
     from torch.utils.data import DataLoader
 
+    from turbox_mm.engine.loops.pipelined_epoch_loop import PipelinedEpochBasedTrainLoop
     from turbox_mm.engine.loops.pipelined_iter_loop import PipelinedIterBasedTrainLoop
 
     class Runner(_LoopRunner):
@@ -579,9 +735,12 @@ def test_pipelined_iter_loop_ends_its_loader_workers_with_training(fail):
 
     Runner.model.data_preprocessor = lambda data, training=False: data
     loader = DataLoader(list(range(32)), batch_size=2, num_workers=2, persistent_workers=True)
-    loop = PipelinedIterBasedTrainLoop(Runner(), loader, max_iters=3)
+    if loop_type == 'iter':
+        loop = PipelinedIterBasedTrainLoop(Runner(), loader, max_iters=3)
+    else:
+        loop = PipelinedEpochBasedTrainLoop(Runner(), loader, max_epochs=1)
 
-    def step(data_batch, ready=None):
+    def step(*args, ready=None):  # (data_batch) for the iteration loop, (idx, data_batch)
         if fail and loop._iter == 1:
             raise RuntimeError('a step failed')
         loop._iter += 1
@@ -600,5 +759,6 @@ def test_pipelined_iter_loop_ends_its_loader_workers_with_training(fail):
                 loop.run()
         else:
             loop.run()
+    assert loop._iter == (1 if fail else 3 if loop_type == 'iter' else 16)
     assert seen['iterator']._workers and not _alive_workers(seen['iterator'])
     assert loader._iterator is None
