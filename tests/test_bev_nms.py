@@ -328,7 +328,29 @@ variants += [(tk._reduce_large_kernel, dict(CHUNK=64), o, dict(POINTERS, **INDIC
              for o in ((), SIZES)]
 variants += [(tk._params_kernel, dict(KIND=k, BLOCK=256), o, dict(POINTERS, box_ptr=d))
              for k in range(5) for d in ('*fp32', '*fp16', '*bf16', '*fp64')
-             for o in ((), ('n', 'stride_n', 'stride_c'))]
+             for o in ((), ('n', 'stride_n', 'stride_c')) if d == '*fp32' or not o]
+# every kernel as a launch at CenterPoint's and PointPillars' test-time NMS specialises it
+# (module docstring of turbox_mm/testing/triton_aot.py): mmdet3d's nms_bev ('rotated', kind
+# 0) and nms_normal_bev ('aligned', kind 2) of up to pre_max_size = 1000 boxes, [n, 5] rows
+# (stride_c = 1). n depends on the scene: the cap (16 blocks, a multiple of 16), multiples of
+# 16 with 15, 8 and 1 blocks, and a single box; float32 boxes, and float16 once
+for n in (1000, 960, 512, 48, 1):
+    blocks = -(-n // 64)
+    ones = tuple(name for name, v in (('n', n), ('col_blocks', blocks)) if v == 1)
+    options = dict(divisible=tuple(name for name, v in (('n', n), ('col_blocks', blocks))
+                                   if v % 16 == 0))
+    padded = max(1 << (blocks - 1).bit_length(), 2)
+    for kind in (0, 2):
+        const = dict(KIND=kind, MARGIN=0.01, EPS=1e-8)
+        for dtype in ('*fp32', '*fp16') if (n, kind) == (1000, 0) else ('*fp32', ):
+            variants.append((tk._params_kernel, dict(KIND=kind, BLOCK=256),
+                             ones + ('stride_c', ), dict(POINTERS, box_ptr=dtype), options))
+        variants.append((tk._mask_kernel, const, ones, POINTERS, options))
+        if kind == 0:
+            variants.append((tk._refine_kernel, dict(const, BLOCKS=padded), ones, POINTERS,
+                             options))
+    variants.append((tk._reduce_kernel, dict(CB=padded), ones, dict(POINTERS, **INDICES),
+                     options))
 failures = compile_variants(variants)
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -338,7 +360,8 @@ sys.exit(1 if failures else 0)
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_for_every_kind_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile every kernel ahead of time
-    for the H200's sm_90, for every kind and with the size arguments at 1."""
+    for the H200's sm_90, for every kind, with the size arguments at 1, and as a launch at
+    CenterPoint's and PointPillars' NMS sizes specialises it (ints at 1, multiples of 16)."""
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
 
 

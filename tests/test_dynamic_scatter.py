@@ -284,6 +284,23 @@ for dtype, acc in (('*fp32', tl.float32), ('*fp16', tl.float32), ('*bf16', tl.fl
                              dict(MODE=mode, ACC=acc, BLOCK_P=32, BLOCK_C=8), ones,
                              dict(feats_ptr=dtype, out_ptr=dtype, order_ptr='*i64',
                                   starts_ptr='*i64', arg_ptr='*i64')))
+# the kernel as a launch at mmdet3d's dynamic encoders' sizes specialises it (module docstring of
+# turbox_mm/testing/triton_aot.py): contiguous [N, C] features (stride_c = 1) of
+# DynamicPillarFeatureNet / DynamicVFE, 64 channels (C and stride_n multiples of 16; max) and
+# the 5 raw channels (cluster centres; mean); N (about 4 x 349k points) a multiple of 16 or
+# not; float32, and float16 at 64 channels (features under autocast)
+for channels, block_c in ((64, 64), (5, 8)):
+    for mode in (0, 2):
+        for n_divisible in (True, False):
+            divisible = (('channels', 'stride_n') if channels % 16 == 0 else ()) + \
+                (('num', ) if n_divisible else ())
+            for dtype in ('*fp32', '*fp16') if channels == 64 and n_divisible else ('*fp32', ):
+                variants.append((tk._reduce_kernel,
+                                 dict(MODE=mode, ACC=tl.float32, BLOCK_P=tk.BLOCK_P,
+                                      BLOCK_C=block_c), ('stride_c', ),
+                                 dict(feats_ptr=dtype, out_ptr=dtype, order_ptr='*i64',
+                                      starts_ptr='*i64', arg_ptr='*i64'),
+                                 dict(divisible=divisible)))
 failures = compile_variants(variants, floats=())
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -293,7 +310,8 @@ sys.exit(1 if failures else 0)
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile the kernel for the H200's
-    sm_90 for every feature dtype and mode, with the size arguments at 1."""
+    sm_90 for every feature dtype and mode, with the size arguments at 1, and as a launch at
+    mmdet3d's dynamic encoders' sizes specialises it (ints at 1, multiples of 16)."""
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
 
 

@@ -477,6 +477,27 @@ for dtype in ('*fp32', '*fp16', '*bf16'):
             variants.append((tk._gka_fwd_kernel, const, ones, dict(common, out_ptr=dtype)))
             variants.append((tk._gka_bwd_kernel, const, ones,
                              dict(common, gout_ptr=dtype, gvalue_ptr='*fp32', gw_ptr=dtype)))
+# every autotuning candidate as a launch at MapTR v1's size specialises it (module docstring of
+# turbox_mm/testing/triton_aot.py): GeometryKernelAttention of maptr_tiny_r50_24e, 4 heads of
+# 64 channels (D a multiple of 16), one 15x25 level (375 values), a 3x5 kernel (15 points); the
+# queries are the 20000 BEV cells (turbox's sync-free cross-attention: a multiple of 16) or a
+# set max_len (any count); int32 locations (the cross-attention's) and int64 (the attention's
+# default); float32 (the cross-attention runs with autocast off), and a float16 value with
+# float32 weights (the op under autocast)
+CASES = (('*fp32', '*fp32', '*i32', ('Q', 'D')),
+         ('*fp32', '*fp32', '*i64', ('D', )),
+         ('*fp16', '*fp32', '*i32', ('D', )))
+for dtype, wdtype, loc, divisible in CASES:
+    for kind, kernel in (('fwd', tk._gka_fwd_kernel), ('bwd', tk._gka_bwd_kernel)):
+        for config in tk.configs(kind, 1, 15, 64):
+            config = dict(config)
+            warps = config.pop('num_warps')
+            common = dict(value_ptr=dtype, shape_ptr='*i64', start_ptr='*i64', loc_ptr=loc,
+                          w_ptr=wdtype)
+            pointers = (dict(common, out_ptr=dtype) if kind == 'fwd' else
+                        dict(common, gout_ptr=dtype, gvalue_ptr='*fp32', gw_ptr=wdtype))
+            variants.append((kernel, dict(config, ACC=tk.tl.float32, BLOCK_D=64), (), pointers,
+                             dict(divisible=divisible, num_warps=warps)))
 failures = compile_variants(variants, floats=())
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -486,8 +507,9 @@ sys.exit(1 if failures else 0)
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile both kernels for the H200's
-    sm_90, for every input dtype, int32 and int64 locations, and with every size argument at
-    1 (Triton makes an int argument equal to 1 a constant)."""
+    sm_90, for every input dtype, int32 and int64 locations, with every size argument at 1
+    (Triton makes an int argument equal to 1 a constant), and every autotuning candidate as a
+    launch at MapTR v1's size specialises it (multiples of 16 marked)."""
     from conftest import compile_for_sm90_in_subprocess
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
 

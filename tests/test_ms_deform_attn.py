@@ -444,6 +444,29 @@ for dtype in ('*fp32', '*fp16', '*bf16'):
         variants.append((tk._msda_bwd_kernel, const, ones,
                          dict(common, gout_ptr=dtype, gvalue_ptr='*fp32', gloc_ptr=dtype,
                               gw_ptr=dtype)))
+# every autotuning candidate as a launch at MapTR's sizes specialises it (8 heads of 32
+# channels, 4 points; D = 32 a multiple of 16; module docstring of
+# turbox_mm/testing/triton_aot.py): (ints at 1, ints that are multiples of 16) of
+#   the 4-level encoder (20000 queries over 116x200 + 58x100 + 29x50 + 15x25 = 30825 values),
+#   MapTR v1's temporal self-attention (20000 BEV queries over the 200x100 BEV, 1 level),
+#   the decoder over the BEV (1000 or 7000 queries, 1 level; under torch.compile);
+# float32, and the encoder with a float16 value too (autocast: float32 locations and weights)
+CASES = (((), ('Q', 'D'), ('*fp32', '*fp16')),
+         (('L', ), ('Q', 'S', 'D'), ('*fp32', )),
+         (('L', ), ('S', 'D'), ('*fp32', )))
+for ones, divisible, dtypes in CASES:
+    for kind, kernel in (('fwd', tk._msda_fwd_kernel), ('bwd', tk._msda_bwd_kernel)):
+        for config in tk.configs(kind, 4, 32):
+            config = dict(config)
+            warps = config.pop('num_warps')
+            for dtype in dtypes:
+                common = dict(value_ptr=dtype, shape_ptr='*i32', start_ptr='*i64',
+                              loc_ptr='*fp32', w_ptr='*fp32')
+                pointers = (dict(common, out_ptr=dtype) if kind == 'fwd' else
+                            dict(common, gout_ptr=dtype, gvalue_ptr='*fp32', gloc_ptr='*fp32',
+                                 gw_ptr='*fp32'))
+                variants.append((kernel, dict(config, ACC=tk.tl.float32, BLOCK_P=4, BLOCK_D=32),
+                                 ones, pointers, dict(divisible=divisible, num_warps=warps)))
 failures = compile_variants(variants, floats=())
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -453,7 +476,8 @@ sys.exit(1 if failures else 0)
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: compile both kernels for the H200's
-    sm_90, for every input dtype, and with heads, levels and points at 1."""
+    sm_90, for every input dtype, with heads, levels and points at 1, and every autotuning
+    candidate as a launch at MapTR's sizes specialises it (ints at 1, multiples of 16)."""
     from conftest import compile_for_sm90_in_subprocess
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
 

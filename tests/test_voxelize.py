@@ -305,6 +305,23 @@ variants = [(kernel, CONSTEXPRS, ones, pointers(kernel, dtype))
             for kernel in (tk._coords_kernel, tk._keys_kernel, tk._opens_kernel,
                            tk._scatter_kernel)
             for dtype in ('*fp32', '*fp16', '*bf16', '*fp64') for ones in ((), SIZES)]
+# each kernel as a launch at the lidar models' sizes specialises it (module docstring of
+# turbox_mm/testing/triton_aot.py): [N, 5] contiguous points (stride_c = 1), grids (x, y, z,
+# max points) of CenterPoint pillar02 (512, 512, 1, 20), CenterPoint / BEVFusion voxel0075
+# (1440, 1440, 40, 10) and PointPillars (400, 400, 1, 64), max_voxels 30000 to 160000: grid
+# sides, volumes and max_voxels multiples of 16; in training 4 samples and a point count
+# that may be a multiple of 16, in testing 1 sample; float32 points, and float16 once
+GRIDS = ((512, 512, 1, 20), (1440, 1440, 40, 10), (400, 400, 1, 64))
+for gx, gy, gz, max_points in GRIDS:
+    for samples, n_divisible in ((4, True), (1, False)):
+        ones = ('stride_c', ) + (('gz', ) if gz == 1 else ()) + (('S', ) if samples == 1 else ())
+        divisible = ('gx', 'gy', 'VOLUME', 'PLANE', 'DROPPED', 'MAX_VOXELS') + \
+            (('N', ) if n_divisible else ())
+        for dtype in ('*fp32', '*fp16') if (gx, samples) == (1440, 4) else ('*fp32', ):
+            variants += [(kernel, dict(CONSTEXPRS, CBLOCK=8, MAX_POINTS=max_points), ones,
+                          pointers(kernel, dtype), dict(divisible=divisible))
+                         for kernel in (tk._coords_kernel, tk._keys_kernel, tk._opens_kernel,
+                                        tk._scatter_kernel)]
 failures = compile_variants(variants, floats=())
 print('\n'.join(failures) or 'all compiled')
 sys.exit(1 if failures else 0)
@@ -316,5 +333,6 @@ def test_kernels_compile_for_sm90_for_every_dtype_and_specialisation(tmp_path):
     """The interpreter runs Python, not Triton's compiler: a kernel can pass every CPU test and
     still fail to compile for the GPU (a statement after an early return is compiled too; an
     int argument equal to 1 becomes a constant). Compile each kernel ahead of time for the
-    H200's sm_90, for every point dtype and with the size arguments at 1."""
+    H200's sm_90, for every point dtype, with the size arguments at 1, and as a launch at the
+    lidar models' sizes specialises it (ints at 1, multiples of 16)."""
     compile_for_sm90_in_subprocess(COMPILE_SCRIPT, tmp_path)
