@@ -299,6 +299,9 @@ def test_main_job_benchmarks_the_tiny_configs_without_a_gpu(tiny_root, tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert 'sparse4dv3_tiny_stock.py' in proc.stdout and 'sparse4dv3_tiny_turbox.py' in proc.stdout
     assert f'chart:   {out}/benchmark.png' in proc.stdout
+    # the CPU run says what it shows, and that its times are not turbox's speed (issue 16)
+    assert 'It does not measure turbox\'s speed' in proc.stdout
+    assert 'docs/benchmarks.md' in proc.stdout.split('This ran the tiny configs on the CPU')[-1]
     import json
     report = json.load(open(out / 'benchmark.json'))
     assert not report['failures'] and len(report['summaries']) == 2
