@@ -85,6 +85,18 @@ class OpDispatch:
         """True to run the kernel; else warn once that the reference runs instead."""
         return use_kernel(self.op_name, tensor, self.kernels_imported, self.reference)
 
+    def reference_in_eager(self, tensor: Tensor) -> bool:
+        """True where the op would run its reference for ``tensor`` and no ``torch.compile``
+        traces the call (warning once, as :meth:`use_kernel`): the op's Python entry point
+        then calls the reference itself, under plain autograd. Through the registered op the
+        reference's backward runs its forward a second time (``torch.func.vjp``): on the CPU
+        that made a turbox step slower than stock's (issue 16). Under ``torch.compile`` the
+        registered op stays, as the references read host values that cannot be traced."""
+        import torch
+        if torch.compiler.is_compiling():
+            return False
+        return not self.use_kernel(tensor)
+
 
 #: The values of a module's ``op_impl`` argument: the stock config's op, or turbox_mm's kernel.
 OP_IMPLS = ('stock', 'turbox')

@@ -36,6 +36,7 @@ _dispatch = dispatch.OpDispatch('deformable_aggregation', triton_kernels,
                                 'grid_sample per camera and level')
 #: Why the op would run the reference for a tensor rather than the kernel; None if not.
 fallback_reason = _dispatch.fallback_reason
+reference_in_eager = _dispatch.reference_in_eager
 
 
 def _inputs_fit(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_start_index: Tensor,

@@ -39,6 +39,7 @@ _dispatch = dispatch.OpDispatch('geometric_kernel_attn', triton_kernels,
                                 'an indexed gather per level')
 #: Why the op would run the reference for a tensor rather than the kernel; None if not.
 fallback_reason = _dispatch.fallback_reason
+reference_in_eager = _dispatch.reference_in_eager
 
 
 def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,

@@ -36,6 +36,7 @@ except ImportError:  # no Triton: the reference serves every device
 _dispatch = dispatch.OpDispatch('ms_deform_attn', triton_kernels, 'grid_sample per level')
 #: Why the op would run the reference for a tensor rather than the kernel; None if not.
 fallback_reason = _dispatch.fallback_reason
+reference_in_eager = _dispatch.reference_in_eager
 
 
 def check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
