@@ -10,13 +10,12 @@ when it is on the devkit's blacklist, or when its file is absent; a file that ex
 not a JSON list of messages is an error naming it.
 """
 import bisect
-import json
 import os.path as osp
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
-from .nuscenes_tables import NuScenesTableError
+from .nuscenes_tables import NuScenesTableError, load_json_list
 
 __all__ = ['CAN_BLACKLIST', 'CAN_MESSAGES', 'find_can_bus', 'scene_file', 'load_messages',
            'is_number', 'locate_message', 'CanBusMessages']
@@ -92,14 +91,7 @@ def load_messages(path: str, error: Type[Exception] = NuScenesTableError,
     Raises:
         error: The file is not JSON, or not a list; the file named.
     """
-    try:
-        with open(path, 'rb') as f:
-            messages = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise error(f'{path}: not a JSON CAN bus file ({exc})') from exc
-    if not isinstance(messages, list):
-        raise error(f'{path}: not a list of {what}, got a {type(messages).__name__}')
-    return messages
+    return load_json_list(path, error, 'CAN bus file', f'not a list of {what}')
 
 
 def locate_message(utimes: Sequence[int], utime: int) -> int:

@@ -30,7 +30,7 @@ from turbox_mm.utils.atomic_files import atomic_write
 from .synthetic.validate import check_infos
 
 __all__ = ['VERSIONS', 'NuScenesTableError', 'MissingTableError', 'check_version',
-           'read_table', 'load_info_files', 'write_info_file']
+           'load_json_list', 'read_table', 'load_info_files', 'write_info_file']
 
 #: nuScenes versions (the folders of the tables under the data root).
 VERSIONS = ('v1.0-trainval', 'v1.0-test', 'v1.0-mini')
@@ -64,6 +64,30 @@ def check_version(version: str, error: Type[Exception] = NuScenesTableError) -> 
     if version not in VERSIONS:
         raise error(f'version {version!r}: not a nuScenes version ({", ".join(VERSIONS)})')
     return version
+
+
+def load_json_list(path: str, error: Type[Exception], kind: str, not_list: str) -> list:
+    """The list a JSON file holds.
+
+    Args:
+        path (str): The file.
+        error (type): The exception raised.
+        kind (str): What the file is, for the message of one that is not JSON (``'table'``:
+            ``PATH: not a JSON table (...)``).
+        not_list (str): The message for JSON that is not a list (``PATH: <not_list>, got a
+            dict``).
+
+    Raises:
+        error: The file is not JSON, or not a list; the file named.
+    """
+    try:
+        with open(path, 'rb') as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f'{path}: not a JSON {kind} ({exc})') from exc
+    if not isinstance(value, list):
+        raise error(f'{path}: {not_list}, got a {type(value).__name__}')
+    return value
 
 
 def read_table(root: str, version: str, name: str, keys: Sequence[str] = (), *,
@@ -102,14 +126,7 @@ def read_table(root: str, version: str, name: str, keys: Sequence[str] = (), *,
         tables = ', '.join(f'{n}.json' for n in (needed or (name, )))
         raise (missing or error)(f'{path}: missing ({purpose} reads the nuScenes tables '
                                  f'{tables} of {version} from <data root>/{version}/; {where})')
-    try:
-        with open(path, 'rb') as f:
-            rows = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise error(f'{path}: not a JSON table ({exc})') from exc
-    if not isinstance(rows, list):
-        raise error(f'{path}: not a nuScenes table (a JSON list of rows), got a '
-                    f'{type(rows).__name__}')
+    rows = load_json_list(path, error, 'table', 'not a nuScenes table (a JSON list of rows)')
     for index, row in enumerate(rows):
         absent = [k for k in keys if not isinstance(row, dict) or k not in row]
         if absent:
