@@ -61,9 +61,16 @@ def step_findings(data_root, name, impl):
 @pytest.fixture
 def cuda_focal_path(monkeypatch):
     """The turbox focal loss as it runs on CUDA (its torch formulas; on CPU tensors it defers
-    to mmdet's own path)."""
+    to mmdet's own path), and the attention ops' CUDA route."""
     import turbox_mm.models.losses.focal_loss as focal
     monkeypatch.setattr(focal, '_on_gpu', lambda pred: True)
+    # the attention ops by CUDA's route too: the registered op (the kernel on the GPU; here
+    # the reference inside it), not the eager reference their entry points call on the CPU,
+    # which reads the level shapes on the host
+    import importlib
+    for op in ('ms_deform_attn', 'geometric_kernel_attn', 'deformable_aggregation'):
+        monkeypatch.setattr(importlib.import_module(f'turbox_mm.ops.{op}'),
+                            'reference_in_eager', lambda tensor: False)
 
 
 @pytest.mark.parametrize('name', ['maptr', 'maptrv2'])
