@@ -131,8 +131,10 @@ def test_backward_ops_point_at_their_forward_line():
 def test_custom_ops_run_opaque_under_the_mode():
     """turbox_mm's ops are torch.library ops whose CPU path differs from the device's (the
     reference reads the level shapes on the host): the mode runs them as they are, and
-    their functorch backward works under it."""
-    from turbox_mm.ops.ms_deform_attn import ms_deform_attn
+    their functorch backward works under it. (On CPU tensors the ops' entry points call the
+    reference eagerly instead, whose host reads the mode does see; the registered op is
+    what runs on the GPU.)"""
+    from turbox_mm.ops.ms_deform_attn.op import ms_deform_attn_op as ms_deform_attn
     value = torch.randn(1, 20, 2, 4, requires_grad=True)
     shapes, start = torch.tensor([[4, 5]]), torch.tensor([0])
     loc = torch.rand(1, 3, 2, 1, 2, 2, requires_grad=True)
