@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .can_bus_files import CAN_BLACKLIST, find_can_bus, load_messages, scene_file
+from .can_bus_files import CAN_BLACKLIST, find_can_bus, is_number, load_messages, scene_file
 from .nuscenes_tables import (NuScenesTableError, check_version, load_info_files, read_table,
                               step_command, write_info_file)
 
@@ -202,7 +202,7 @@ def _read_poses(path: str) -> list:
         if absent:
             raise MapFieldsError(f'{path}: message {index} has no {absent[0]!r}')
         utime = message['utime']
-        if isinstance(utime, bool) or not isinstance(utime, (int, float)):
+        if not is_number(utime):
             raise MapFieldsError(f'{path}: message {index} has utime {utime!r}, not a number '
                                  '(microseconds)')
     return messages

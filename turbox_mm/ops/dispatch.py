@@ -8,7 +8,7 @@ process. Tests run the kernels on CPU tensors, in Triton's interpreter, inside
 import contextlib
 import os
 import warnings
-from typing import Iterator, Optional, Set
+from typing import Callable, Iterator, Optional, Set
 
 from torch import Tensor
 
@@ -96,6 +96,15 @@ class OpDispatch:
         if torch.compiler.is_compiling():
             return False
         return not self.use_kernel(tensor)
+
+    def run(self, registered: Callable[..., Tensor], impl: Callable[..., Tensor],
+            *args: Tensor) -> Tensor:
+        """The op for a Python call on ``args``: ``registered(*args)`` (the ``torch.library``
+        op), or where :meth:`reference_in_eager` holds for ``args[0]``, ``impl(*args)``, the
+        op's own implementation (its checks, then the reference), under plain autograd."""
+        if self.reference_in_eager(args[0]):
+            return impl(*args)
+        return registered(*args)
 
 
 #: The values of a module's ``op_impl`` argument: the stock config's op, or turbox_mm's kernel.

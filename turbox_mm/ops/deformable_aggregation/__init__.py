@@ -15,8 +15,7 @@ numbers of upstream's ``DeformableAggregationFunction``.
 """
 from torch import Tensor
 
-from .op import (ENV_FORCE_REFERENCE, check_inputs, deformable_aggregation_op, fallback_reason,
-                 reference_in_eager)
+from .op import ENV_FORCE_REFERENCE, deformable_aggregation_call, fallback_reason
 from .reference import deformable_aggregation_reference, feature_maps_format
 
 __all__ = [
@@ -61,10 +60,5 @@ def deformable_aggregation(mc_ms_feat: Tensor, spatial_shape: Tensor, scale_star
         >>> deformable_aggregation(feat, shape, start, loc, weights).shape
         torch.Size([2, 10, 16])
     """
-    if reference_in_eager(mc_ms_feat):  # no kernel: plain autograd, one forward
-        check_inputs(mc_ms_feat, spatial_shape, scale_start_index,
-                     sampling_location, weights)
-        return deformable_aggregation_reference(mc_ms_feat, spatial_shape, scale_start_index,
-                                                sampling_location, weights).contiguous()
-    return deformable_aggregation_op(mc_ms_feat, spatial_shape, scale_start_index,
-                                     sampling_location, weights)
+    return deformable_aggregation_call(mc_ms_feat, spatial_shape, scale_start_index,
+                                       sampling_location, weights)

@@ -19,6 +19,7 @@ reads the integer tables on the host and so cannot be traced with fake tensors; 
 with an explicit fake serves both paths. Not ``torch.library.custom_op`` either, for its host
 time per call (:mod:`.._common`).
 """
+import functools
 from typing import Tuple
 
 from torch import Tensor
@@ -130,8 +131,14 @@ def _backward_fake(grad_output, mc_ms_feat, spatial_shape, scale_start_index,
 
 deformable_aggregation_op = _common.define_op('deformable_aggregation', _forward,
                                               _forward_fake)
+
 deformable_aggregation_backward_op = _common.define_op('deformable_aggregation_backward',
                                                        _backward, _backward_fake)
 # mc_ms_feat, sampling_location and weights; the level tables get no gradient.
 _common.register_autograd(deformable_aggregation_op, deformable_aggregation_backward_op,
                           (0, 3, 4))
+
+#: The op for a Python call (the entry point's): the registered op, or, where it would run the
+#: reference outside ``torch.compile``, :func:`_forward` under plain autograd
+#: (:meth:`~turbox_mm.ops.dispatch.OpDispatch.run`).
+deformable_aggregation_call = functools.partial(_dispatch.run, deformable_aggregation_op, _forward)

@@ -16,8 +16,7 @@ docs/design/maptr.md sections 3.1 and 8.2). No package ships that extension.
 """
 from torch import Tensor
 
-from .op import (ENV_FORCE_REFERENCE, check_inputs, fallback_reason, geometric_kernel_attn_op,
-                 reference_in_eager)
+from .op import ENV_FORCE_REFERENCE, fallback_reason, geometric_kernel_attn_call
 from .reference import geometric_kernel_attn_reference
 
 __all__ = [
@@ -65,13 +64,8 @@ def geometric_kernel_attn(value: Tensor, spatial_shapes: Tensor, level_start_ind
         >>> geometric_kernel_attn(value, shapes, start, loc, weights).shape
         torch.Size([2, 100, 256])
     """
-    if reference_in_eager(value):  # no kernel: plain autograd, one forward
-        check_inputs(value, spatial_shapes, level_start_index,
-                     sampling_loc, attn_weight)
-        return geometric_kernel_attn_reference(value, spatial_shapes, level_start_index,
-                                               sampling_loc, attn_weight).contiguous()
-    return geometric_kernel_attn_op(value, spatial_shapes, level_start_index, sampling_loc,
-                                    attn_weight)
+    return geometric_kernel_attn_call(value, spatial_shapes, level_start_index, sampling_loc,
+                                      attn_weight)
 
 
 class GeometricKernelAttentionFunc:

@@ -16,8 +16,7 @@ BEVFormer's spatial cross-attention and temporal self-attention, MapTR's decoder
 """
 from torch import Tensor
 
-from .op import (ENV_FORCE_REFERENCE, check_inputs, fallback_reason, ms_deform_attn_op,
-                 reference_in_eager)
+from .op import ENV_FORCE_REFERENCE, fallback_reason, ms_deform_attn_call
 from .reference import ms_deform_attn_reference, multi_scale_deformable_attn_pytorch
 
 __all__ = [
@@ -66,13 +65,8 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
         >>> ms_deform_attn(value, shapes, start, loc, weights).shape
         torch.Size([2, 30, 256])
     """
-    if reference_in_eager(value):  # no kernel: plain autograd, one forward
-        check_inputs(value, spatial_shapes, level_start_index,
-                     sampling_locations, attention_weights)
-        return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
-                                        sampling_locations, attention_weights).contiguous()
-    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations,
-                             attention_weights)
+    return ms_deform_attn_call(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights)
 
 
 class MultiScaleDeformableAttnFunction:

@@ -20,6 +20,7 @@ An opaque op rather than ``triton_op``: the op also holds the CPU path, whose re
 the level tables on the host; an opaque op with an explicit fake serves both paths. Not
 ``torch.library.custom_op`` either, for its host time per call (:mod:`.._common`).
 """
+import functools
 from typing import Tuple
 
 from torch import Tensor
@@ -103,7 +104,13 @@ def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampli
 
 
 ms_deform_attn_op = _common.define_op('ms_deform_attn', _forward, _forward_fake)
+
 ms_deform_attn_backward_op = _common.define_op('ms_deform_attn_backward', _backward,
                                                _backward_fake)
 # value, sampling_locations and attention_weights; the level tables get no gradient.
 _common.register_autograd(ms_deform_attn_op, ms_deform_attn_backward_op, (0, 3, 4))
+
+#: The op for a Python call (the entry point's): the registered op, or, where it would run the
+#: reference outside ``torch.compile``, :func:`_forward` under plain autograd
+#: (:meth:`~turbox_mm.ops.dispatch.OpDispatch.run`).
+ms_deform_attn_call = functools.partial(_dispatch.run, ms_deform_attn_op, _forward)
