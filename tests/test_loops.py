@@ -327,6 +327,29 @@ def test_compile_a_star_stands_for_each_child():
     assert names == ['blocks.0.0', 'blocks.2.0']
 
 
+def test_compile_takes_mmdet3ds_numpy_strides_as_one_graph():
+    """mmdet3d's SECONDFPN (``use_conv_for_no_stride``, as CenterPoint and BEVFusion build it)
+    has NumPy strides, which Dynamo reads as tensors: without turning them into ints the
+    neck's frame fails to compile (seen on the GPU as a graph break in BEVFusion's pts_neck)."""
+    import numpy as np
+    from mmdet3d.models.necks import SECONDFPN
+    from turbox_mm.engine.runner.module_compiler import plain_int_conv_args
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    neck = SECONDFPN(in_channels=[4, 8], out_channels=[4, 4], upsample_strides=[1, 2],
+                     use_conv_for_no_stride=True).eval()
+    assert isinstance(neck.deblocks[0][0].stride[0], np.integer)  # what mmdet3d builds
+    x = [torch.randn(1, 4, 8, 8), torch.randn(1, 8, 4, 4)]
+    eager = neck(x)[0]
+    net = nn.Module()
+    net.pts_neck = neck
+    assert compile_submodules(net, 'auto', backend='aot_eager', fullgraph=True) == ['pts_neck']
+    # fullgraph: a frame that fails to compile raises here instead of running eagerly
+    torch.testing.assert_close(neck(x)[0], eager)
+    assert type(neck.deblocks[0][0].stride[0]) is int
+    assert plain_int_conv_args(neck) == 0  # nothing left to change
+
+
 def test_compile_names_a_missing_submodule():
     with pytest.raises(KeyError, match=r"no submodule 'backbone\.9'.*'0', '1', '2'"):
         compile_submodules(_Net(), ['backbone.9'], backend='eager')

@@ -2,6 +2,7 @@
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from mmengine.logging import print_log
 from torch import nn
 
@@ -225,6 +226,36 @@ def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
     module._compiled_call_impl = call_fullgraph if fullgraph else call
 
 
+_CONV_SHAPE_ARGS = ('kernel_size', 'stride', 'padding', 'dilation', 'output_padding')
+
+
+def plain_int_conv_args(module: nn.Module) -> int:
+    """Turn NumPy integers in the shape arguments of ``module``'s convolutions into ``int``.
+
+    mmdet3d builds some convolutions with NumPy strides (``SECONDFPN`` with
+    ``use_conv_for_no_stride=True``, as in CenterPoint and BEVFusion, passes
+    ``np.round(1 / stride).astype(np.int64)``). Dynamo traces a NumPy scalar as a tensor, so
+    such a convolution reads its stride back from a tensor and the whole frame fails to compile.
+    The values are equal, so the convolution computes the same thing.
+
+    Args:
+        module (nn.Module): Searched recursively, changed in place.
+
+    Returns:
+        int: How many convolution arguments were changed.
+    """
+    changed = 0
+    for conv in module.modules():
+        if not isinstance(conv, nn.modules.conv._ConvNd):
+            continue
+        for arg in _CONV_SHAPE_ARGS:
+            value = getattr(conv, arg, None)
+            if isinstance(value, tuple) and any(isinstance(v, np.integer) for v in value):
+                setattr(conv, arg, tuple(int(v) for v in value))
+                changed += 1
+    return changed
+
+
 def compile_submodules(model: nn.Module,
                        modules: Union[str, Sequence[str]] = 'auto',
                        **compile_kwargs) -> List[str]:
@@ -270,6 +301,7 @@ def compile_submodules(model: nn.Module,
                                    for name in expand_paths(model, path)))
     for name in names:
         module = _resolve(model, name)
+        plain_int_conv_args(module)
         module.compile(**compile_kwargs)
         _guard(name, module, bool(compile_kwargs.get('fullgraph')))
     return names
