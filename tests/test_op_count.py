@@ -1,0 +1,113 @@
+"""The operation counter (turbox_mm.benchmark.op_count) and tools/step_ops.py: what is counted,
+where it is attributed, and a config's step counted per phase."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_python
+from turbox_mm.benchmark.op_count import OpCounter, count_step_ops, format_counts
+
+
+def _line(marker):
+    """The line number of ``marker`` in this file."""
+    with open(__file__) as f:
+        return next(i for i, text in enumerate(f, 1) if marker in text and 'def _line' not in text
+                    and '_line(' not in text)
+
+
+def test_views_and_allocations_are_free_and_work_is_counted_at_its_line():
+    x = torch.randn(4, 3)
+    with OpCounter(backward_sources=False) as counted:
+        y = x.view(12).view(3, 4).t()  # views only
+        z = torch.empty(5)
+        w = (y * 2 + 1).sum()  # count-here
+    assert counted.total == 3 and sorted(counted.ops) == ['aten.add', 'aten.mul', 'aten.sum']
+    assert counted.free >= 4  # view, view, t, empty
+    assert counted.top(1) == [(__file__, _line('# count-here'), False, 3)]
+    assert z.shape == (5, ) and float(w) == pytest.approx(float((x * 2 + 1).sum()))
+
+
+def test_backward_operations_point_at_their_forward_line():
+    """Backward operations go to the forward line that recorded their node (the forward ran
+    under the counter, or anomaly mode, so the node has its traceback); the gradient seed
+    (``ones_like``) is no node's and stays at the backward call."""
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(2, 3)
+    with OpCounter():
+        loss = torch.relu(x @ w).sum()  # forward-line
+    with OpCounter() as counted:
+        loss.backward()  # backward-line
+    sites = {(file, line, bwd): n for file, line, bwd, n in counted.top(10)}
+    assert sites == {(__file__, _line('# forward-line'), True): 2,  # relu's and mm's backward
+                     (__file__, _line('# backward-line'), False): 1}
+    # without the sources: the backward call's line, still marked as backward
+    w.grad = None
+    with OpCounter():
+        loss = torch.relu(x @ w).sum()
+    with OpCounter(backward_sources=False) as plain:
+        loss.backward()  # plain-backward
+    assert {(line, bwd) for _, line, bwd, _ in plain.top(10)} == {
+        (_line('# plain-backward'), True), (_line('# plain-backward'), False)}
+    assert plain.total == counted.total == 3
+
+
+@torch.library.custom_op('turbox_test_op_count::triple', mutates_args=())
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return (x + x + x).clone()  # three operations inside: one kernel for the counter
+
+
+def test_a_custom_op_counts_once_and_runs_opaque():
+    ones = torch.ones(3)
+    with OpCounter(backward_sources=False) as counted:
+        out = _triple(ones)
+    assert dict(counted.ops) == {'turbox_test_op_count.triple': 1}
+    assert out.tolist() == [3.0, 3.0, 3.0]
+
+
+def test_operations_of_other_threads_are_not_counted():
+    import threading
+    x = torch.ones(8)
+    with OpCounter(backward_sources=False) as counted:
+        thread = threading.Thread(target=lambda: (x * 3).sum())
+        thread.start()
+        thread.join()
+        x + 1
+    assert dict(counted.ops) == {'aten.add': 1}
+
+
+def test_a_step_is_counted_per_phase_and_turbox_fuses_the_optimizer():
+    from mmengine.config import Config
+    counts = {}
+    for name in ('stock', 'turbox'):
+        cfg = Config.fromfile(f'{ROOT}/configs/smoke/smoke_{name}.py')
+        counts[name] = count_step_ops(cfg, steps=2)
+        assert set(counts[name]) == {'forward', 'backward', 'optimizer'}
+        assert all(c.total > 0 for c in counts[name].values())
+    # AdamW over every parameter: a loop of per-tensor ops in stock, fused launches in turbox
+    assert counts['turbox']['optimizer'].total < counts['stock']['optimizer'].total / 2
+    report = format_counts(counts['turbox'], top=3, root=ROOT)
+    assert 'turbox_mm/testing/smoke_model.py' in report and 'backward' in report
+    with pytest.raises(ValueError, match='steps must be at least 1'):
+        count_step_ops(cfg, steps=0)
+
+
+def test_step_ops_tool_writes_its_counts(tmp_path):
+    out = tmp_path / 'ops.json'
+    proc = run_python(['tools/step_ops.py', 'configs/smoke/smoke_stock.py',
+                       'configs/smoke/smoke_turbox.py', '--top', '3', '--no-backward-sources',
+                       '--out', str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'smoke_turbox.py:' in proc.stdout and 'operations a step' in proc.stdout
+    saved = json.loads(out.read_text())
+    stock = saved['results']['configs/smoke/smoke_stock.py']
+    assert stock['forward']['operations'] > 0 and len(stock['forward']['lines']) <= 3
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='paths')
+def test_step_ops_tool_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is present')
+    proc = run_python(['tools/step_ops.py', 'configs/smoke/smoke_stock.py', '--device', 'cuda'])
+    assert proc.returncode == 2 and 'CUDA is not available' in proc.stderr
