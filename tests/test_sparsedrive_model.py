@@ -118,6 +118,9 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
     stock_cfg = config_with_root(TINY_STOCK, tiny_root)
     turbox_cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
+    # seeded weights: unseeded, an initialisation can land on gradients that rounding moves
+    # by several percent (seen in stage 2's test, which is seeded the same way)
+    torch.manual_seed(0)
     stock, turbox = build_model(stock_cfg), build_model(turbox_cfg)
     turbox.load_state_dict(stock.state_dict())
     batch = stock.data_preprocessor(train_batches(stock_cfg, 1)[0], training=True)
