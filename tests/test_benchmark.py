@@ -146,13 +146,15 @@ def test_summary_and_table():
 @pytest.mark.cuda
 def test_measures_on_gpu(tmp_path):
     """On a GPU the phases come from CUDA events and peak memory is recorded."""
-    proc = run_python(['tools/benchmark.py', TURBOX, '--iters', '12', '--warmup', '4', '--out',
-                       str(tmp_path)])
+    proc = run_python(['tools/benchmark.py', TURBOX, '--iters', '12', '--warmup', '4',
+                       '--profile', '--out', str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.load(open(tmp_path / 'benchmark.json'))['results'][0]
     assert result['device'] == 'cuda'
     assert result['peak_mem_mb'] > 0
     assert all(row['forward'] > 0 and row['backward'] > 0 for row in result['per_iter'])
+    profile = open(result['profile']).read()  # the GPU's share: what a GPU-bound step costs
+    assert 'by self device time' in profile
 
 
 def test_timeout_stops_a_silent_worker(tmp_path):
@@ -198,6 +200,7 @@ def test_profile_writes_sources_and_operator_table_on_the_cpu(tmp_path):
     assert len(result['per_iter']) == 4  # the profiled iterations are not timed
     profile = open(result['profile']).read()
     assert '2 iterations after the timed window' in profile and 'Self CPU' in profile
+    assert 'by self CPU time' in profile and 'by self device time' not in profile  # no GPU
     assert 'no CUDA device' in open(result['syncs']).read()
     assert f"profile: {result['syncs']}" in proc.stdout
 

@@ -8,7 +8,8 @@ saved against the first config), plus ``benchmark.json`` and a stacked-bar chart
 ``benchmark.png`` in ``--out``. The synchronisations are counted over ``--sync-iters`` untimed
 iterations after the window; ``--profile`` also profiles those iterations and writes, per
 config, ``syncs.txt`` (the Python lines that synchronise, per iteration) and ``profile.txt``
-(torch profiler operators by self CPU time) beside its log.
+(torch profiler operators by self CPU time and, on a GPU, by self device time) beside
+its log.
 
 Examples:
     python tools/benchmark.py configs/smoke/smoke_stock.py configs/smoke/smoke_turbox.py \\

@@ -82,8 +82,16 @@ def format_sources(sources: List[Tuple[str, int, int]], iters: int) -> str:
 
 
 def profile_table(profiler: 'torch.profiler.profile', rows: int = 30) -> str:
-    """The profiler's operator summary, by self CPU time (the host's share of the step)."""
-    return profiler.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows)
+    """The profiler's operator summary by self CPU time (the host's share of the step), and,
+    where the profile holds device (CUDA) activity, by self device time too (the GPU's share:
+    what a GPU-bound step spends its time on)."""
+    averages = profiler.key_averages()
+    text = ('by self CPU time\n'
+            + averages.table(sort_by='self_cpu_time_total', row_limit=rows))
+    if any(getattr(a, 'self_device_time_total', 0) > 0 for a in averages):
+        text += ('\n\nby self device time\n'
+                 + averages.table(sort_by='self_device_time_total', row_limit=rows))
+    return text
 
 
 def sync_summary(counter: SyncCounter, iters: int) -> Dict[str, object]:
