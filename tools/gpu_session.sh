@@ -77,10 +77,9 @@ for phase in "${phases[@]}"; do
         "${tests[@]}" 2>&1 | tee "$out/cuda_tests.log" | tail -15 ;;
   esac
 done
-# The results of the ops, lidar, bevfusion, maptr and sparsedrive phases (JSON, logs, charts;
-# no checkpoints),
-# one archive.
+# The results of the ops, lidar, bevfusion, maptr and sparsedrive phases (JSON, logs, charts,
+# --profile's syncs.txt and profile.txt; no checkpoints), one archive.
 if [ -n "$(ls -A "$results")" ]; then
-  (cd "$results" && find . \( -name '*.json' -o -name '*.log' -o -name '*.png' \) -size -4M \
-    -print0 | tar czf "$out/results.tgz" --null -T -)
+  (cd "$results" && find . \( -name '*.json' -o -name '*.log' -o -name '*.png' -o -name '*.txt' \) \
+    -size -4M -print0 | tar czf "$out/results.tgz" --null -T -)
 fi
