@@ -239,7 +239,8 @@ def _configs(kind: str, block_c: int) -> List['triton.Config']:
     return configs
 
 
-_KERNELS = KernelPair(_forward_kernel, _backward_kernel, _configs, key=['C', 'D', 'H', 'W'],
+_KERNELS = KernelPair(_forward_kernel, _backward_kernel, _configs,
+                      key=['C', 'D', 'H', 'W', 'LOGITS'],  # softmax fused or not: other work
                       reset_to_zero=[], forward_reset_to_zero=['out_ptr'])
 
 
