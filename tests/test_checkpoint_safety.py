@@ -397,6 +397,23 @@ def test_a_wrong_compile_modules_entry_fails_before_the_model_is_built(tmp_path,
         _train(cfg)
 
 
+def test_an_unknown_compile_backend_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    from turbox_mm.testing import SmokeModel
+    cfg = _cfg(tmp_path, epochs=1)
+    cfg.turbox['compile'] = dict(enable=True, backend='inductr', on_cpu=True)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError('the model was built before the options were checked')
+
+    monkeypatch.setattr(SmokeModel, '__init__', not_yet)
+    with pytest.raises(ValueError, match=r"'turbox.compile.backend': torch.compile has no "
+                                         r"backend 'inductr'; registered here: .*inductor"):
+        _train(cfg)
+    cfg.turbox['compile'] = dict(enable=False, backend='inductr')  # off: not checked
+    monkeypatch.undo()
+    _train(cfg)
+
+
 def test_loading_a_damaged_checkpoint_names_it(tmp_path):
     _train(_cfg(tmp_path / 'a', epochs=1))
     damaged = tmp_path / 'a' / 'epoch_1.pth'

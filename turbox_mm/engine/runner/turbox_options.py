@@ -180,6 +180,7 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
         raise ValueError(f"Config key 'turbox.dataloader.prefetch_factor' must be None or >= 1 "
                          f'(batches each worker prepares ahead), got {prefetch}')
     _check_compile_modules(cfg, options['compile'])
+    _check_compile_backend(options['compile'])
     timeout = loader_opts['timeout']
     if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
         raise ValueError(f"Config key 'turbox.dataloader.timeout' must be None or a number of "
@@ -263,6 +264,19 @@ def _check_compile_modules(cfg: Config, opts: Dict) -> None:
                              f'submodule of the model: {parts[0]!r} is not a key of '
                              f"cfg.model holding a module config (those are: "
                              f"{', '.join(keys)})")
+
+
+def _check_compile_backend(opts: Dict) -> None:
+    """Fail before anything is built on a ``compile.backend`` that torch does not know
+    (``torch.compile`` itself would fail only at the first compiled call, after the model, the
+    data and the first batch were made)."""
+    if not opts['enable']:
+        return
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if opts['backend'] not in known:
+        raise ValueError(f"Config key 'turbox.compile.backend': torch.compile has no backend "
+                         f"{opts['backend']!r}; registered here: {', '.join(sorted(known))}")
 
 
 # Stock loop names (as configs write them) and their pipelined twins.
