@@ -240,3 +240,28 @@ def test_pts_l1_loss_and_direction_loss_values():
     assert float(loss) == pytest.approx(0.005 * 2.0 / 2)
     with pytest.raises(ValueError, match='avg_factor'):
         PtsDirCosLoss()(dirs, target_dirs, torch.ones(1, 3))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_direction_loss_equals_torchs_cosine_embedding_loss(dtype):
+    """The loss's own cosine is ``F.cosine_embedding_loss`` with target 1 (upstream's call):
+    the same values, and the same gradients up to rounding (in float64 the gradients at zero
+    target vectors, about 1e6, differ in the 9th digit: ATen's backward multiplies in another
+    order), zero vectors included."""
+    import torch.nn.functional as F
+    from turbox_mm.models.maptr.pts_dir_cos_loss import pts_dir_cos_loss
+    torch.manual_seed(0)
+    pred = torch.randn(20, 19, 2, dtype=dtype)
+    target = torch.randn(20, 19, 2, dtype=dtype)
+    pred[0, :3] = 0
+    target[1, :2] = 0
+    target[2] = pred[2] * 3  # parallel: cosine 1
+    pred = pred.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # not contiguous
+    ours = pts_dir_cos_loss(pred, target, reduction='none')
+    grad, = torch.autograd.grad((ours * torch.arange(19, dtype=dtype)).sum(), pred)
+    ref = F.cosine_embedding_loss(pred.reshape(-1, 2), target.reshape(-1, 2),
+                                  target.new_ones(20 * 19), reduction='none').view(20, 19)
+    ref_grad, = torch.autograd.grad((ref * torch.arange(19, dtype=dtype)).sum(), pred)
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6 if dtype == torch.float32 else 1e-8,
+                               atol=0)
