@@ -3,41 +3,17 @@
 mmcv's CUDA ``sigmoid_focal_loss`` (what mmdet's ``FocalLoss`` runs on the GPU) checks
 ``target.max().item() <= num_classes`` in its forward: a host sync a call.
 :func:`focal_loss_like_mmdet` computes the same loss with the same formulas (mmcv's kernel:
-``p = 1 / (1 + exp(-x))``, ``log(max(p, FLT_MIN))``, the analytic gradient) in torch ops,
-which never wait for the device; labels outside ``[0, C)`` count as background, as in mmcv's
-kernel. The values agree with mmcv's to float32 rounding.
+``p = 1 / (1 + exp(-x))``, ``log(max(p, FLT_MIN))``, the analytic gradient) with
+:func:`turbox_mm.ops.sigmoid_focal` (one Triton kernel each way on the GPU), which never
+waits for the device; labels outside ``[0, C)`` count as background, as in mmcv's kernel. The
+values agree with mmcv's to float32 rounding.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-#: float32's smallest normal number, mmcv's guard inside the logarithms.
-FLT_MIN = 1.1754943508222875e-38
-
-
-class _SigmoidFocal(torch.autograd.Function):
-    """Per-element focal loss ``[N, C]`` of logits and ``[N]`` labels (mmcv's kernels)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
-        p = 1.0 / (1.0 + torch.exp(-logits))
-        positive = target[:, None] == torch.arange(logits.shape[1], device=logits.device)
-        term_p = (1.0 - p).pow(gamma) * torch.log(p.clamp(min=FLT_MIN))
-        term_n = p.pow(gamma) * torch.log((1.0 - p).clamp(min=FLT_MIN))
-        ctx.save_for_backward(p, positive)
-        ctx.gamma, ctx.alpha = gamma, alpha
-        return torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        p, positive = ctx.saved_tensors
-        gamma, alpha = ctx.gamma, ctx.alpha
-        term_p = (1.0 - p).pow(gamma) * (1.0 - p - gamma * p * torch.log(p.clamp(min=FLT_MIN)))
-        term_n = p.pow(gamma) * (gamma * (1.0 - p) * torch.log((1.0 - p).clamp(min=FLT_MIN))
-                                 - p)
-        local = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
-        return grad * local, None, None, None
+from turbox_mm.ops.sigmoid_focal import sigmoid_focal
 
 
 def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tensor,
@@ -64,7 +40,7 @@ def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tenso
     if type(loss_cls) is not FocalLoss or not loss_cls.use_sigmoid or loss_cls.activated or \
             not _on_gpu(pred) or pred.dim() != 2 or target.dim() != 1:
         return loss_cls(pred, target, weight=weight, avg_factor=avg_factor)
-    loss = _SigmoidFocal.apply(pred, target, float(loss_cls.gamma), float(loss_cls.alpha))
+    loss = sigmoid_focal(pred, target, float(loss_cls.gamma), float(loss_cls.alpha))
     if weight is not None and weight.shape != loss.shape:  # mmdet's sigmoid_focal_loss
         if weight.size(0) == loss.size(0):
             weight = weight.view(-1, 1)
