@@ -6,8 +6,9 @@ dispatcher, the launch), so the number of operations a step dispatches is a meas
 host work that needs no GPU. :class:`OpCounter` is a ``TorchDispatchMode`` that counts every
 aten operation of a block that does work: views and metadata (``view``, ``permute``,
 ``expand``, ``detach``, ...) and uninitialised allocations (``empty``, ``empty_strided``) are
-counted apart as free, and the profiler's ``record_function`` markers not at all. A custom op (``turbox_mm::...``) counts once and runs opaque: its CPU
-implementation is a reference, not the one kernel it is on the GPU. Operations of the
+counted apart as free, and the profiler's ``record_function`` markers not at all. A custom op
+(``turbox_mm::...``) counts once and runs opaque: its CPU implementation is a reference, not
+the one kernel it is on the GPU. Operations of the
 backward pass are attributed to the forward line that recorded their autograd node (anomaly
 mode's tracebacks, as :mod:`turbox_mm.benchmark.sync_prone` does).
 

@@ -20,7 +20,7 @@ boolean indexing and ``.item()`` reads. Here (the head's ``op_impl='turbox'``):
 Padded columns are never solved, so each matrix is the per-sample one. The only difference
 from upstream is upstream's own: scipy gets float64 copies of the float32 costs either way.
 """
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mmdet.utils import reduce_mean
@@ -198,18 +198,22 @@ def layer_losses(head, preds: Dict[str, Tensor], targets: Targets) -> List[Tuple
         loss_dir = head.loss_dir(metric_preds[:, step:] - metric_preds[:, :-step],
                                  target_dirs[i], pts_weights[i][:, :-step, 0],
                                  avg_factor=num_pos[i])
-        loss_iou = _weighted_or_zero(head.loss_iou,
-                                     denormalize_2d_bbox(bbox_preds, head.pc_range),
-                                     bbox_targets[i], bbox_weights[i], num_pos[i])
+        loss_iou = _weighted_or_zero(head.loss_iou, bbox_preds, bbox_targets[i],
+                                     bbox_weights[i], num_pos[i],
+                                     lambda b: denormalize_2d_bbox(b, head.pc_range))
         out.append(tuple(torch.nan_to_num(loss)
                          for loss in (loss_cls, loss_bbox, loss_iou, loss_pts, loss_dir)))
     return out
 
 
 def _weighted_or_zero(loss: nn.Module, pred: Tensor, target: Tensor, weight: Tensor,
-                      avg_factor: Tensor) -> Tensor:
-    """A weight-0 term as the zero it is (keeping the graph); else the loss itself (mmdet's
-    box losses then read the weights on the host once)."""
+                      avg_factor: Tensor,
+                      transform: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """A weight-0 term as the zero it is (keeping the graph to ``pred``; ``transform`` is not
+    even run: MapTR's IoU term, weight 0 in upstream's configs, would denormalise every
+    layer's boxes for nothing); else the loss of ``transform(pred)`` (mmdet's box losses then
+    read the weights on the host once)."""
     if getattr(loss, 'loss_weight', 1.0) == 0:
         return pred.sum() * 0
-    return loss(pred, target, weight, avg_factor=avg_factor)
+    return loss(pred if transform is None else transform(pred), target, weight,
+                avg_factor=avg_factor)

@@ -14,8 +14,9 @@ _EPS = 1e-12
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
     """Cosine over the last dim, as ``F.cosine_embedding_loss`` computes it for target 1
     (``a.b / sqrt((|a|^2 + eps)(|b|^2 + eps))``: the same value, and the same gradient up to
-    the backward's rounding order), in about half its operations (it also builds the targets and selects by them):
-    host time in a host-bound step, which calls this 12 times in MapTR v2."""
+    the backward's rounding order), in about half its operations (it also builds the targets
+    and selects by them): host time in a host-bound step, which calls this 12 times in MapTR
+    v2."""
     dot = (a * b).sum(-1)
     return dot / (((a * a).sum(-1) + _EPS) * ((b * b).sum(-1) + _EPS)).sqrt()
 

@@ -2,8 +2,9 @@
 
 One program per block of ``BLOCK`` elements of ``[N, C]``: the logit and its row's label are
 read once, the loss (forward) or the gradient times the incoming gradient (backward) is
-computed in float32 registers (float64 logits too) and written once. Two launches a loss call in all, where the
-torch formulas of the reference take about 35 (a host-bound step pays for each). Powers are
+computed in float32 registers (float64 logits too) and written once. Two launches a loss call
+in all, where the torch formulas of the reference take about 35 (a host-bound step pays for
+each). Powers are
 ``exp2(gamma log2(base))`` (``base^0 = 1``, ``0^gamma = 0`` for ``gamma > 0``), so values
 differ from the reference's ``pow`` by float32 rounding.
 """
