@@ -50,7 +50,7 @@ def test_other_losses_and_cpu_tensors_go_through_the_module():
     assert calls == [((50, 10), 3.0)]
 
 
-@pytest.mark.parametrize('weight_kind', ['rows', 'elements', 'none'])
+@pytest.mark.parametrize('weight_kind', ['rows', 'elements', 'flat', 'none'])
 def test_wrapper_reduces_as_mmdets_focal_loss(monkeypatch, weight_kind):
     """The GPU branch's weighting, avg_factor and loss_weight, run on the CPU (the branch is
     chosen by device; patched here) against mmdet's FocalLoss on the CPU."""
@@ -58,8 +58,10 @@ def test_wrapper_reduces_as_mmdets_focal_loss(monkeypatch, weight_kind):
     monkeypatch.setattr(fl, '_on_gpu', lambda pred: True)
     loss = mmdet_losses.FocalLoss(use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0)
     logits, target, weight = _case(scale=1.5)
-    if weight_kind == 'elements':
+    if weight_kind in ('elements', 'flat'):
         weight = torch.rand(50, 10, generator=torch.Generator().manual_seed(1))
+        if weight_kind == 'flat':  # [N * C], which mmdet views as [N, C]
+            weight = weight.flatten()
     elif weight_kind == 'none':
         weight = None
     got = focal_loss_like_mmdet(loss, logits, target, weight, avg_factor=17.0)

@@ -62,6 +62,53 @@ def test_non_contiguous_logits_and_gradients():
     assert out.is_contiguous()
 
 
+def test_strided_targets_and_a_broadcast_gradient():
+    """A label column sliced from a wider tensor, and the stride-0 gradient of ``.sum()``."""
+    logits, target = _inputs(40, 5)
+    wide = torch.stack([target.flip(0), target], 1)  # [40, 2]: the labels are column 1
+    strided = wide[:, 1]
+    assert strided.stride(0) == 2
+    grad_out = torch.ones(()).expand(40, 5)
+    out, grad = _run('kernel', logits, strided, grad_out)
+    torch.testing.assert_close(out, sigmoid_focal_reference(logits, target, 2.0, 0.25))
+    torch.testing.assert_close(
+        grad, sigmoid_focal_backward_reference(torch.ones(40, 5), logits, target, 2.0, 0.25))
+
+
+@pytest.mark.parametrize('label_dtype', [torch.int32, torch.int16, torch.uint8])
+def test_narrow_label_dtypes(label_dtype):
+    logits, target = _inputs(30, 6)
+    target = target.clamp(0, 6)
+    out, _ = _run('kernel', logits, target.to(label_dtype), torch.ones(30, 6))
+    torch.testing.assert_close(out, sigmoid_focal_reference(logits, target, 2.0, 0.25))
+
+
+@pytest.mark.parametrize('gamma', [2.0, 0.5, 0.0])
+def test_extreme_and_non_finite_logits(gamma):
+    """Saturated, infinite and NaN logits: the kernel as the reference (NaN where it is NaN,
+    for the loss and the gradient; a NaN logit is never hidden as a finite loss)."""
+    values = torch.tensor([100.0, -100.0, 88.0, -88.0, -89.0, 16.0, -16.0, float('inf'),
+                           float('-inf'), float('nan')])
+    logits = values.view(-1, 1).expand(10, 2).contiguous()
+    target = torch.tensor([0, 1] * 5)
+    out, grad = _run('kernel', logits, target, torch.ones(10, 2), gamma)
+    want = sigmoid_focal_reference(logits, target, gamma, 0.25)
+    grad_want = sigmoid_focal_backward_reference(torch.ones(10, 2), logits, target, gamma, 0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad, grad_want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert out[-1].isnan().all() and grad[-1].isnan().all()
+
+
+def test_float64_logits_get_float32_precision_from_the_kernel():
+    logits, target = _inputs(20, 4, dtype=torch.float64)
+    out, grad = _run('kernel', logits, target, torch.ones(20, 4, dtype=torch.float64))
+    assert out.dtype == grad.dtype == torch.float64
+    # the float32 result (the reference computes float64 in float64: it differs where 1 - p
+    # cancels, up to 2e-4 relative at these logits)
+    want = sigmoid_focal_reference(logits.float(), target, 2.0, 0.25).double()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_is_mmdets_focal_loss_and_its_gradient():
     """mmdet's CPU formula (one-hot, BCE with logits) is the same maths (moderate logits: both
     take log(1 - p) in float32, see test_focal_loss.py)."""
@@ -97,6 +144,11 @@ def test_bad_inputs_are_named_errors():
         sigmoid_focal(logits.long(), target)
     with pytest.raises(ValueError, match=r'expected logits \[N, C\]'):
         sigmoid_focal(logits[None], target)
+    from turbox_mm.ops.sigmoid_focal.op import sigmoid_focal_backward_op
+    with pytest.raises(ValueError, match=r'expected logits \[N, C\] and target \[N\]'):
+        sigmoid_focal_backward_op(torch.ones(37, 10), logits, target[:3], 2.0, 0.25)
+    with pytest.raises(ValueError, match=r'grad of shape \(37, 9\) on cpu does not match'):
+        sigmoid_focal_backward_op(torch.ones(37, 9), logits, target, 2.0, 0.25)
 
 
 def test_dispatch_warns_once_on_the_cpu(monkeypatch):
@@ -123,6 +175,12 @@ def test_registration_fake_autograd_and_compile():
     logits, target = _inputs(9, 4, dtype=torch.float64, scale=1.0)
     result = torch.library.opcheck(sigmoid_focal_op,
                                    (logits.clone().requires_grad_(), target, 2.0, 0.25))
+    assert all(v == 'SUCCESS' for v in result.values()), result
+    from turbox_mm.ops.sigmoid_focal.op import sigmoid_focal_backward_op
+    column_major = logits.t().contiguous().t()  # the fake's strides hold for any input's
+    result = torch.library.opcheck(sigmoid_focal_backward_op,
+                                   (column_major * 1.0, column_major, target, 2.0, 0.25),
+                                   test_utils=('test_schema', 'test_faketensor'))
     assert all(v == 'SUCCESS' for v in result.values()), result
     with quiet_on_path('reference'):
         assert torch.autograd.gradcheck(lambda x: sigmoid_focal(x, target),
@@ -175,17 +233,22 @@ def test_cuda_kernel_equals_mmcvs_kernel_without_syncs(dtype):
     from mmcv.ops import sigmoid_focal_loss
 
     from turbox_mm.benchmark.syncs import SyncCounter
-    logits, target = _inputs(5400, 10, dtype)
+    # moderate logits: with large ones, 1 - p cancels and both kernels' float32 rounding
+    # (Triton's fast exp here) shows; mmcv in float16 computes in half precision and
+    # overflows above about 8.3, so its float32 run is the float16 reference
+    logits, target = _inputs(5400, 10, dtype, scale=1.5)
     logits, target = logits.cuda().requires_grad_(), target.clamp(0, 10).cuda()
-    want = sigmoid_focal_loss(logits, target, 2.0, 0.25, None, 'none')
+    ref_logits = logits.detach().float().requires_grad_()
+    want = sigmoid_focal_loss(ref_logits, target, 2.0, 0.25, None, 'none')
     grad_out = torch.rand_like(want)
-    grad_want, = torch.autograd.grad(want, logits, grad_out)
+    grad_want, = torch.autograd.grad(want, ref_logits, grad_out)
+    want, grad_want, grad_out = want.to(dtype), grad_want.to(dtype), grad_out.to(dtype)
     sigmoid_focal(logits, target)  # compile the kernels
     torch.cuda.synchronize()
     with SyncCounter() as syncs:
         got = sigmoid_focal(logits, target)
         grad_got, = torch.autograd.grad(got, logits, grad_out)
     assert syncs.total == 0, syncs.top()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-3)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-3)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(grad_got, grad_want, **tol)

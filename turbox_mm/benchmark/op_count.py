@@ -24,7 +24,6 @@ import contextlib
 import copy
 import os
 import sys
-import threading
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,17 +33,20 @@ from turbox_mm.benchmark.sync_prone import _TRACEBACK_LINE, _internal
 
 aten = torch.ops.aten
 _THIS_FILE = os.path.abspath(__file__)
+#: turbox_mm's ops (entry points, registration, dispatch): an op counts at its caller's line.
+_OPS_DIR = os.path.join(os.path.dirname(os.path.dirname(_THIS_FILE)), 'ops') + os.sep
 #: Operations that launch no kernel: uninitialised allocations and metadata queries.
-FREE = frozenset({aten.empty, aten.empty_strided, aten.empty_like, aten.lift_fresh,
-                  aten._unsafe_view, aten._reshape_alias,
+FREE = frozenset({aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty,
+                  aten.new_empty_strided, aten.lift_fresh, aten._unsafe_view, aten._reshape_alias,
                   aten.is_same_size, aten.sym_size, aten.sym_stride, aten.sym_numel,
                   aten.sym_storage_offset, aten.detach, aten.alias, aten.set_})
 
 
 def _skipped(filename: str) -> bool:
-    """Frames the attribution skips: torch, the standard library, this module, generated
-    code (:mod:`~turbox_mm.benchmark.sync_prone`'s rule, plus this file)."""
-    return _internal(filename) or filename == _THIS_FILE
+    """Frames the attribution skips: torch, the standard library, generated code
+    (:mod:`~turbox_mm.benchmark.sync_prone`'s rule), this file and :mod:`turbox_mm.ops`
+    (so a turbox op counts at the model line that calls it)."""
+    return _internal(filename) or filename == _THIS_FILE or filename.startswith(_OPS_DIR)
 
 
 class OpCounter(TorchDispatchMode):
@@ -75,7 +77,6 @@ class OpCounter(TorchDispatchMode):
         self.free = 0
         self._keys = None
         self._anomaly = None
-        self._thread: Optional[int] = None
         self._opaque = 0
 
     @property
@@ -99,7 +100,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._opaque or threading.get_ident() != self._thread:
+        if self._opaque:
             return func(*args, **kwargs)
         packet = func.overloadpacket
         if func.namespace == 'profiler':  # record_function markers: no device work
@@ -123,7 +124,6 @@ class OpCounter(TorchDispatchMode):
         if self.backward_sources:
             self._anomaly = torch.autograd.set_detect_anomaly(True, check_nan=False)
             self._anomaly.__enter__()
-        self._thread = threading.get_ident()
         self._keys = (torch._C._dispatch_tls_local_include_set(),
                       torch._C._dispatch_tls_local_exclude_set())
         return super().__enter__()
@@ -145,10 +145,13 @@ class OpCounter(TorchDispatchMode):
 def cuda_route_on_cpu() -> Iterator[None]:
     """Run turbox_mm's ops and losses on the CPU by the route they take on CUDA.
 
-    On CUDA the attention ops call their registered op (one kernel) and the focal loss its
-    torch formulas; on CPU tensors they call an eager reference and mmdet's own loss. Inside
-    this context the CPU takes CUDA's route (the registered op's reference runs opaque under
-    :class:`OpCounter`), so a CPU count stands for what the GPU step dispatches.
+    On CUDA the attention ops call their registered op (one kernel) and the turbox focal loss
+    ``turbox_mm::sigmoid_focal``; on CPU tensors they call an eager reference and mmdet's own
+    loss. Inside this context the CPU takes CUDA's route (the registered op's reference runs
+    opaque under :class:`OpCounter`), so a CPU count stands for what the GPU step of a turbox
+    head dispatches. Stock code with CUDA-only kernels is not rerouted: mmdet's ``FocalLoss``
+    and mmcv's attention run their many-op PyTorch paths on the CPU where the GPU runs one
+    kernel, so a stock step's CPU count overstates its GPU step.
     """
     from turbox_mm.models.losses import focal_loss
     from turbox_mm.ops.dispatch import OpDispatch
@@ -162,20 +165,33 @@ def cuda_route_on_cpu() -> Iterator[None]:
 
 
 def _first_batch(cfg) -> dict:
-    """The config's first training batch: the dataset's first ``batch_size`` samples,
-    collated as the loader would."""
+    """The config's first training batch: the dataset's first ``batch_size`` samples (numpy,
+    random and torch seeded at 0 first, so the augmentations draw the same every run),
+    collated as mmengine's runner collates."""
+    import functools
+    import random
+
+    import numpy as np
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import FUNCTIONS
 
     from turbox_mm.registry import DATASETS
     loader = cfg.train_dataloader
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     dataset = DATASETS.build(copy.deepcopy(loader.dataset))
-    size = loader.get('batch_size') or loader.get('batch_sampler', {}).get('batch_size', 1)
+    size = loader.get('batch_size') or (loader.get('batch_sampler') or {}).get('batch_size') or 1
     if len(dataset) < size:
         raise ValueError(f'count_step_ops: the training dataset has {len(dataset)} samples, '
                          f'fewer than a batch ({size})')
-    collate = loader.get('collate_fn')
-    fn = FUNCTIONS.get(collate['type']) if collate else pseudo_collate
+    collate = copy.deepcopy(loader.get('collate_fn')) or dict(type=pseudo_collate)
+    if callable(collate):
+        fn = collate
+    else:
+        kind = collate.pop('type')
+        fn = functools.partial(FUNCTIONS.get(kind) if isinstance(kind, str) else kind,
+                               **collate)
     return fn([dataset[i] for i in range(size)])
 
 
@@ -183,7 +199,10 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
                    device: str = 'cpu') -> Dict[str, OpCounter]:
     """Count the operations of the last of ``steps`` training steps of ``cfg``'s model.
 
-    The model is built and initialised in mmdet3d's scope (a ``turbox`` section applied as
+    As mmengine's ``train_step``: the forward under the wrapper's ``optim_context`` (autocast
+    for AMP wrappers, which need a GPU), the loss scaled for the backward. The model is built
+    and initialised in the config's ``default_scope`` (mmdet3d's by default; a ``turbox``
+    section applied as
     :class:`~turbox_mm.engine.TurboxRunner` applies it, ``torch.compile`` left out: compiled
     graphs are not dispatched eagerly), then runs ``steps`` steps on the config's first
     training batch; the earlier steps fill caches that a steady-state step would have filled.
@@ -213,24 +232,34 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
         options['compile'] = dict(options['compile'], enable=False)
         apply_turbox_options(cfg, options)
     route = cuda_route_on_cpu() if device == 'cpu' else contextlib.nullcontext()
-    with DefaultScope.overwrite_default_scope('mmdet3d'), route:
+    scope = cfg.get('default_scope') or 'mmdet3d'
+    with DefaultScope.overwrite_default_scope(scope), route:
         torch.manual_seed(0)
         model = MODELS.build(cfg.model)
         model.init_weights()
         model.to(device).train()
-        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        try:
+            wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+        except AssertionError as error:  # mmengine's AmpOptimWrapper asserts a GPU
+            if device != 'cpu' or 'Amp' not in str(cfg.optim_wrapper.get('type', '')):
+                raise
+            raise RuntimeError(
+                f'count_step_ops: optim_wrapper {cfg.optim_wrapper.get("type")!r} needs a GPU '
+                f'({error}); on the CPU count with '
+                "--cfg-options optim_wrapper.type=OptimWrapper (no autocast)") from error
+        wrapper.initialize_count_status(model, 0, steps)
         batch = _first_batch(cfg)
         counters: Dict[str, OpCounter] = {}
         for step in range(steps):
             counted = step == steps - 1
             phase = {name: (OpCounter(backward_sources) if counted else contextlib.nullcontext())
                      for name in ('forward', 'backward', 'optimizer')}
-            with phase['forward']:
+            with phase['forward'], wrapper.optim_context(model):  # autocast where AMP
                 data = model.data_preprocessor(batch, training=True)
                 losses = model(**data, mode='loss')
                 loss, _ = model.parse_losses(losses)
             with phase['backward']:
-                wrapper.backward(loss)
+                wrapper.backward(wrapper.scale_loss(loss))
             with phase['optimizer']:
                 wrapper.step()
                 wrapper.zero_grad()

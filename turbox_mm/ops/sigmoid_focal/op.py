@@ -45,15 +45,22 @@ def _forward_fake(logits, target, gamma, alpha):
 def _backward(grad: Tensor, logits: Tensor, target: Tensor, gamma: float,
               alpha: float) -> Tensor:
     """``grad * dloss/dlogits`` ``[N, C]``."""
-    if grad.shape != logits.shape:
-        raise ValueError(f'sigmoid_focal_backward: grad of shape {tuple(grad.shape)} does not '
-                         f'match logits of shape {tuple(logits.shape)}')
+    _check_grad(grad, logits, target)
     if _dispatch.use_kernel(logits):
         return triton_kernels.sigmoid_focal_backward(grad, logits, target, gamma, alpha)
     return sigmoid_focal_backward_reference(grad, logits, target, gamma, alpha)
 
 
+def _check_grad(grad: Tensor, logits: Tensor, target: Tensor) -> None:
+    check_inputs(logits, target)
+    if grad.shape != logits.shape or grad.device != logits.device:
+        raise ValueError(f'sigmoid_focal_backward: grad of shape {tuple(grad.shape)} on '
+                         f'{grad.device} does not match logits of shape {tuple(logits.shape)} '
+                         f'on {logits.device}')
+
+
 def _backward_fake(grad, logits, target, gamma, alpha):
+    _check_grad(grad, logits, target)
     return logits.new_empty(logits.shape)
 
 

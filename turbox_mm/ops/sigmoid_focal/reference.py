@@ -10,7 +10,8 @@ class of its row is positive), with ``p = 1 / (1 + exp(-x))``:
   ``dloss/dx = -(1 - alpha) p^gamma (gamma (1 - p) log(max(1 - p, FLT_MIN)) - p)``.
 
 mmcv's kernel reads ``target.max()`` on the host first (a sync a call); these formulas need
-no host read.
+no host read. Labels above ``C`` are background here; mmcv's launcher asserts that none is
+(with that host read).
 """
 from typing import Tuple
 
@@ -50,7 +51,8 @@ def sigmoid_focal_reference(logits: Tensor, target: Tensor, gamma: float,
     p, positive = _terms(logits, target)
     term_p = (1.0 - p).pow(gamma) * torch.log(p.clamp(min=FLT_MIN))
     term_n = p.pow(gamma) * torch.log((1.0 - p).clamp(min=FLT_MIN))
-    return torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n).to(logits.dtype)
+    loss = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
+    return loss.to(logits.dtype).contiguous()  # as the kernel's and the fake's
 
 
 def sigmoid_focal_backward_reference(grad: Tensor, logits: Tensor, target: Tensor,
@@ -62,4 +64,4 @@ def sigmoid_focal_backward_reference(grad: Tensor, logits: Tensor, target: Tenso
     term_p = (1.0 - p).pow(gamma) * (1.0 - p - gamma * p * log_p)
     term_n = p.pow(gamma) * (gamma * (1.0 - p) * log_q - p)
     local = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
-    return (grad.to(local.dtype) * local).to(logits.dtype)
+    return (grad.to(local.dtype) * local).to(logits.dtype).contiguous()

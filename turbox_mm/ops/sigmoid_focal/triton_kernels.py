@@ -2,11 +2,16 @@
 
 One program per block of ``BLOCK`` elements of ``[N, C]``: the logit and its row's label are
 read once, the loss (forward) or the gradient times the incoming gradient (backward) is
-computed in float32 registers (float64 logits too) and written once. Two launches a loss call
-in all, where the torch formulas of the reference take about 35 (a host-bound step pays for
-each). Powers are
-``exp2(gamma log2(base))`` (``base^0 = 1``, ``0^gamma = 0`` for ``gamma > 0``), so values
-differ from the reference's ``pow`` by float32 rounding.
+computed in float32 registers and written once. Two launches a loss call in all, where the
+torch formulas of the reference take about 35 (a host-bound step pays for each).
+
+Numerics: mmcv's formulas in mmcv's order (``1 - p`` included, with its cancellation for
+large logits), in float32 for every input dtype: float16 and bfloat16 logits are more exact
+than mmcv's kernel, which computes in half precision and overflows to inf/NaN for logits
+above about 8.3; float64 logits get float32 precision (mmcv computes them in double). ``exp``
+is Triton's fast ``exp`` and powers are ``exp2(gamma log2(base))``, so values differ from
+the reference's by float32 rounding, amplified where ``1 - p`` cancels. A NaN logit gives a
+NaN loss and gradient.
 """
 import torch
 import triton
@@ -21,25 +26,28 @@ _FLT_MIN = tl.constexpr(FLT_MIN)
 
 @triton.jit
 def _power(base, gamma):
-    """``base ** gamma`` for ``base >= 0`` (``0 ** 0 = 1``)."""
-    safe = tl.maximum(base, 1e-38)
-    value = tl.exp2(gamma * tl.log2(safe))
-    return tl.where(base > 0, value, tl.where(gamma == 0, 1.0, 0.0))
+    """``base ** gamma`` for ``base >= 0`` or NaN, as C's ``pow``: ``x ** 0 = 1`` (NaN too),
+    ``0 ** gamma = 0`` for ``gamma > 0``, NaN stays NaN (no ``maximum``: on the GPU it
+    would pick the non-NaN operand and hide a NaN logit's loss)."""
+    value = tl.exp2(gamma * tl.log2(base))
+    return tl.where(gamma == 0, 1.0, tl.where(base == 0, 0.0, value))
 
 
 @triton.jit
-def _focal_kernel(x_ptr, t_ptr, g_ptr, out_ptr, total, C, sx_n, sx_c, sg_n, sg_c, gamma, alpha,
-                  BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+def _focal_kernel(x_ptr, t_ptr, g_ptr, out_ptr, total, C, sx_n, sx_c, st_n, sg_n, sg_c, gamma,
+                  alpha, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < total
     row = offs // C
     col = offs - row * C
     x = tl.load(x_ptr + row * sx_n + col * sx_c, mask=live, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + row, mask=live, other=-1)
-    p = 1.0 / (1.0 + tl.exp(-x))
+    t = tl.load(t_ptr + row * st_n, mask=live, other=-1)
+    p = tl.math.div_rn(1.0, 1.0 + tl.exp(-x))
     q = 1.0 - p
-    log_p = tl.log(tl.maximum(p, _FLT_MIN))
-    log_q = tl.log(tl.maximum(q, _FLT_MIN))
+    # clamp(min=FLT_MIN) as the reference's torch.clamp: a NaN stays NaN (tl.maximum is the
+    # GPU's maxnum, which would return FLT_MIN for a NaN)
+    log_p = tl.log(tl.where(p < _FLT_MIN, _FLT_MIN, p))
+    log_q = tl.log(tl.where(q < _FLT_MIN, _FLT_MIN, q))
     positive = t == col
     if BACKWARD:
         term_p = _power(q, gamma) * (q - gamma * p * log_p)
@@ -52,14 +60,12 @@ def _focal_kernel(x_ptr, t_ptr, g_ptr, out_ptr, total, C, sx_n, sx_c, sg_n, sg_c
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=live)
 
 
-#: Output dtypes the kernel stores itself; others (bfloat16, whose store Triton's interpreter
-#: gets wrong, so the tests could not check it, and float64) go through a float32 buffer.
-_STORED = (torch.float32, torch.float16)
-
-
 def _launch(logits: torch.Tensor, target: torch.Tensor, grad, gamma: float,
             alpha: float) -> torch.Tensor:
-    dtype = logits.dtype if logits.dtype in _STORED else torch.float32
+    # On the GPU the kernel stores every dtype itself. Triton's interpreter (the CPU tests)
+    # stores bfloat16 wrongly, so there bfloat16 goes through a float32 buffer.
+    interpreted = logits.device.type != 'cuda'
+    dtype = torch.float32 if interpreted and logits.dtype == torch.bfloat16 else logits.dtype
     out = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     total = logits.numel()
     if total == 0:
@@ -67,8 +73,8 @@ def _launch(logits: torch.Tensor, target: torch.Tensor, grad, gamma: float,
     g = logits if grad is None else grad
     _focal_kernel[(cdiv(total, BLOCK), )](
         logits, target, g, out, total, logits.shape[1], logits.stride(0), logits.stride(1),
-        g.stride(0), g.stride(1), float(gamma), float(alpha), BACKWARD=grad is not None,
-        BLOCK=BLOCK)
+        target.stride(0), g.stride(0), g.stride(1), float(gamma), float(alpha),
+        BACKWARD=grad is not None, BLOCK=BLOCK)
     return out.to(logits.dtype)
 
 
