@@ -14,7 +14,7 @@ from turbox_mm.ops import dispatch
 triton = pytest.importorskip('triton')
 
 DIFFERENTIABLE = ('ms_deform_attn', 'deformable_aggregation', 'geometric_kernel_attn',
-                  'bev_pool', 'dynamic_scatter')
+                  'bev_pool', 'dynamic_scatter', 'sigmoid_focal')
 
 
 def test_reports_every_op():

@@ -114,7 +114,7 @@ def op_cases() -> List[OpCase]:
     from turbox_mm.ops import bev_nms as nms
     from turbox_mm.ops import (bev_pool, deformable_aggregation, dynamic_scatter,
                                geometric_kernel_attn, image_warp, ms_deform_attn, photometric,
-                               voxelize)
+                               sigmoid_focal, voxelize)
     voxel, pcr = [1.0, 1.0, 4.0], [0.0, 0.0, 0.0, 4.0, 4.0, 4.0]
     mean_std = (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0]))
     return [
@@ -124,6 +124,9 @@ def op_cases() -> List[OpCase]:
         OpCase('geometric_kernel_attn', lambda d: _multi_scale(d, int_locations=True),
                geometric_kernel_attn.geometric_kernel_attn, (0, 4)),
         OpCase('bev_pool', _bev_pool, bev_pool.bev_pool, (0, 1)),
+        OpCase('sigmoid_focal',
+               lambda d: (_rand(6, 3, device=d), torch.tensor([0, 1, 2, 3, 1, 0], device=d)),
+               sigmoid_focal.sigmoid_focal, (0, )),
         OpCase('dynamic_scatter',
                lambda d: (_points(d), (_points(d)[:, :3] / 2).int(), 'mean'),
                dynamic_scatter.dynamic_scatter, (0, )),
