@@ -23,13 +23,13 @@ import collections
 import contextlib
 import copy
 import os
-import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from turbox_mm.benchmark.sync_prone import _TRACEBACK_LINE, _internal
+from turbox_mm.benchmark.sync_prone import (_internal, _python_source, _traceback_source,
+                                            call_opaque)
 
 aten = torch.ops.aten
 _THIS_FILE = os.path.abspath(__file__)
@@ -77,7 +77,6 @@ class OpCounter(TorchDispatchMode):
         self.free = 0
         self._keys = None
         self._anomaly = None
-        self._opaque = 0
 
     @property
     def total(self) -> int:
@@ -87,24 +86,16 @@ class OpCounter(TorchDispatchMode):
     def _site(self) -> Tuple[str, int, bool]:
         node = torch._C._current_autograd_node()
         if node is not None and self.backward_sources:
-            for entry in reversed(node.metadata.get('traceback_', ())):
-                match = _TRACEBACK_LINE.search(entry)
-                if match and not _skipped(match.group('file')):
-                    return match.group('file'), int(match.group('line')), True
-        frame = sys._getframe(1)
-        while frame is not None and _skipped(frame.f_code.co_filename):
-            frame = frame.f_back
-        if frame is None:
-            return '<unknown>', 0, node is not None
-        return frame.f_code.co_filename, frame.f_lineno, node is not None
+            found = _traceback_source(node.metadata.get('traceback_', ()), _skipped)
+            if found is not None:
+                return (*found, True)
+        return (*_python_source(1, _skipped), node is not None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._opaque:
-            return func(*args, **kwargs)
-        packet = func.overloadpacket
         if func.namespace == 'profiler':  # record_function markers: no device work
             return func(*args, **kwargs)
+        packet = func.overloadpacket
         custom = func.namespace not in ('aten', 'prims')
         if not custom and (func.is_view or packet in FREE):
             self.free += 1
@@ -113,12 +104,8 @@ class OpCounter(TorchDispatchMode):
             self.sources[self._site()] += 1
         if not custom:
             return func(*args, **kwargs)
-        self._opaque += 1  # one operation on the device; its CPU reference is not counted
-        try:
-            with torch._C._ForceDispatchKeyGuard(*self._keys), torch.no_grad():
-                return func(*args, **kwargs)
-        finally:
-            self._opaque -= 1
+        # one operation on the device; its CPU reference runs below the mode, not counted
+        return call_opaque(self._keys, func, args, kwargs)
 
     def __enter__(self) -> 'OpCounter':
         if self.backward_sources:

@@ -130,27 +130,38 @@ def _internal(filename: str) -> bool:
             or filename.startswith('<'))
 
 
-def _python_source(skip: int = 0) -> Tuple[str, int]:
-    """``(file, line)`` of the innermost frame outside torch, the standard library and this
-    module."""
+def _python_source(skip: int = 0,
+                   internal: Callable[[str], bool] = _internal) -> Tuple[str, int]:
+    """``(file, line)`` of the innermost frame whose file is not ``internal`` (by default:
+    outside torch, the standard library and this module)."""
     frame = sys._getframe(skip + 1)
     last = None
     while frame is not None:
         filename = frame.f_code.co_filename
         last = (filename, frame.f_lineno)
-        if not _internal(filename):
+        if not internal(filename):
             return last
         frame = frame.f_back
     return last or ('<unknown>', 0)
 
 
-def _traceback_source(lines: Sequence[str]) -> Optional[Tuple[str, int]]:
-    """The innermost non-internal frame of a formatted traceback (anomaly mode's)."""
+def _traceback_source(lines: Sequence[str], internal: Callable[[str], bool] = _internal
+                      ) -> Optional[Tuple[str, int]]:
+    """The innermost frame of a formatted traceback (anomaly mode's) whose file is not
+    ``internal``."""
     for entry in reversed(lines):
         match = _TRACEBACK_LINE.search(entry)
-        if match and not _internal(match.group('file')):
+        if match and not internal(match.group('file')):
             return match.group('file'), int(match.group('line'))
     return None
+
+
+def call_opaque(keys: Tuple[Any, Any], func, args, kwargs) -> Any:
+    """Run a custom op as one operation under a dispatch mode: with the dispatch keys
+    ``keys`` that held when the mode was entered (so its insides reach no Python mode) and
+    without autograd (its CPU implementation is not what runs on the device)."""
+    with torch._C._ForceDispatchKeyGuard(*keys), torch.no_grad():
+        return func(*args, **kwargs)
 
 
 def _on_stack(files: Sequence[str]) -> bool:
@@ -252,8 +263,7 @@ class SyncProneOps(TorchDispatchMode):
         else:  # a custom op: opaque, run with the dispatch keys of the block (module docstring)
             self._opaque += 1
             try:
-                with torch._C._ForceDispatchKeyGuard(*self._keys), torch.no_grad():
-                    out = func(*args, **kwargs)
+                out = call_opaque(self._keys, func, args, kwargs)
             finally:
                 self._opaque -= 1
         packet = func.overloadpacket

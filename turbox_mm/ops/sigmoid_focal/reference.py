@@ -36,11 +36,12 @@ def check_inputs(logits: Tensor, target: Tensor) -> None:
     _common.check_one_device(OP, logits=logits, target=target)
 
 
-def _terms(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
-    """``p`` (float32, float64 for float64 logits) and the positive mask ``[N, C]``."""
+def _terms(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``p``, ``log(max(p, FLT_MIN))``, ``log(max(1 - p, FLT_MIN))`` (float32, float64 for
+    float64 logits) and the positive mask ``[N, C]``."""
     p = 1.0 / (1.0 + torch.exp(-logits.to(torch.promote_types(logits.dtype, torch.float32))))
     positive = target[:, None] == torch.arange(logits.shape[1], device=logits.device)
-    return p, positive
+    return p, torch.log(p.clamp(min=FLT_MIN)), torch.log((1.0 - p).clamp(min=FLT_MIN)), positive
 
 
 def sigmoid_focal_reference(logits: Tensor, target: Tensor, gamma: float,
@@ -48,9 +49,9 @@ def sigmoid_focal_reference(logits: Tensor, target: Tensor, gamma: float,
     """The per-element loss ``[N, C]`` in ``logits``' dtype (computed in float32, or float64
     for float64 logits)."""
     check_inputs(logits, target)
-    p, positive = _terms(logits, target)
-    term_p = (1.0 - p).pow(gamma) * torch.log(p.clamp(min=FLT_MIN))
-    term_n = p.pow(gamma) * torch.log((1.0 - p).clamp(min=FLT_MIN))
+    p, log_p, log_q, positive = _terms(logits, target)
+    term_p = (1.0 - p).pow(gamma) * log_p
+    term_n = p.pow(gamma) * log_q
     loss = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
     return loss.to(logits.dtype).contiguous()  # as the kernel's and the fake's
 
@@ -58,9 +59,7 @@ def sigmoid_focal_reference(logits: Tensor, target: Tensor, gamma: float,
 def sigmoid_focal_backward_reference(grad: Tensor, logits: Tensor, target: Tensor,
                                      gamma: float, alpha: float) -> Tensor:
     """``grad * dloss/dlogits`` ``[N, C]`` in ``logits``' dtype (the analytic gradient)."""
-    p, positive = _terms(logits, target)
-    log_p = torch.log(p.clamp(min=FLT_MIN))
-    log_q = torch.log((1.0 - p).clamp(min=FLT_MIN))
+    p, log_p, log_q, positive = _terms(logits, target)
     term_p = (1.0 - p).pow(gamma) * (1.0 - p - gamma * p * log_p)
     term_n = p.pow(gamma) * (gamma * (1.0 - p) * log_q - p)
     local = torch.where(positive, -alpha * term_p, -(1.0 - alpha) * term_n)
