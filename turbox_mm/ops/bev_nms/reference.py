@@ -10,6 +10,11 @@ Five pair tests, each with mmcv 2.1's semantics (``kind``):
   are parallel, ``|det| <= 1e-14``), then each corner of the first box inside the second, then
   each corner of the second inside the first. Fewer than three candidates: no overlap. A box
   with an area below ``1e-14`` has IoU 0. ``iou = inter / (area_a + area_b - inter)``.
+  One deliberate difference: a pair whose corners are equal (a box with itself, or an exact
+  duplicate) overlaps by its whole area, so its IoU is 1. mmcv's candidate tests have no
+  tolerance, and for such a pair every corner sits exactly on the other box's boundary: its
+  result there depends on float rounding, and a machine whose rounding drops one corner gets a
+  triangle (IoU about 1/3), so duplicates escape suppression.
 * ``'iou3d'``: boxes ``[x, y, z, dx, dy, dz, heading]``; the BEV IoU of ``mmcv.ops.nms3d``
   (``iou3d_nms3d_forward``) and the overlap of ``boxes_overlap_bev``. Corners are the
   axis-aligned ones rotated about the centre by float32 ``cos``/``sin``; candidates are the
@@ -96,7 +101,8 @@ def _inside_rect(p: Tensor, corners: Tensor) -> Tensor:
 
 
 def _candidates_rotated(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Candidates ``[..., 24, 2]``, their validity, and both areas, for xywhr pairs."""
+    """Candidates ``[..., 24, 2]``, their validity, both areas, and whether the pairs' corners
+    are equal, for xywhr pairs."""
     shift_x = (a[..., 0] + b[..., 0]) / 2
     shift_y = (a[..., 1] + b[..., 1]) / 2
     pa = _corners_rotated(a[..., 0] - shift_x, a[..., 1] - shift_y, a[..., 2], a[..., 3],
@@ -120,7 +126,7 @@ def _candidates_rotated(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     cross_pts = torch.stack([px, py], -1).flatten(-3, -2)
     pts = torch.cat([cross_pts, pa, pb], -2)
     valid = torch.cat([ok.flatten(-2), _inside_rect(pa, pb), _inside_rect(pb, pa)], -1)
-    return pts, valid, (a[..., 2] * a[..., 3], b[..., 2] * b[..., 3])
+    return pts, valid, (a[..., 2] * a[..., 3], b[..., 2] * b[..., 3]), (pa == pb).all(-1).all(-1)
 
 
 def _trig(angle: Tensor) -> Tuple[Tensor, Tensor]:
@@ -218,12 +224,12 @@ def polygon_area(pts: Tensor, valid: Tensor) -> Tensor:
 def pair_overlap(a: Tensor, b: Tensor, kind: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Overlap areas of broadcast box pairs ``a [..., D]``, ``b [..., D]`` and both areas."""
     if kind == 'rotated':
-        pts, valid, (area_a, area_b) = _candidates_rotated(a, b)
-    elif kind == 'iou3d':
+        pts, valid, (area_a, area_b), same = _candidates_rotated(a, b)
+        return torch.where(same, area_a, polygon_area(pts, valid)), area_a, area_b
+    if kind == 'iou3d':
         pts, valid, (area_a, area_b) = _candidates_iou3d(a, b)
-    else:
-        raise ValueError(f'bev_nms: no polygon overlap for kind {kind!r}')
-    return polygon_area(pts, valid), area_a, area_b
+        return polygon_area(pts, valid), area_a, area_b
+    raise ValueError(f'bev_nms: no polygon overlap for kind {kind!r}')
 
 
 def pair_iou(a: Tensor, b: Tensor, kind: str) -> Tensor:
@@ -231,7 +237,7 @@ def pair_iou(a: Tensor, b: Tensor, kind: str) -> Tensor:
     a, b = a.float(), b.float()
     if kind in ('rotated', 'iou3d'):
         inter, area_a, area_b = pair_overlap(a, b, kind)
-        if kind == 'rotated':
+        if kind == 'rotated':  # a box with itself: inter == area_a == area_b, so exactly 1
             iou = inter / (area_a + area_b - inter)
             return torch.where((area_a < 1e-14) | (area_b < 1e-14), torch.zeros_like(iou), iou)
         return inter / torch.clamp(area_a + area_b - inter, min=IOU3D_EPS)

@@ -116,6 +116,9 @@ def _iou_rotated(ax, ay, aw, ah, ac, asn, bx, by, bw, bh, bc, bsn, lane):
     area_a = tl.sum(aw * ah, 1)
     area_b = tl.sum(bw * bh, 1)
     iou = inter / (area_a + area_b - inter)
+    same = (a0x == b0x) & (a0y == b0y) & (a1x == b1x) & (a1y == b1y) & (a2x == b2x) & \
+        (a2y == b2y) & (a3x == b3x) & (a3y == b3y)
+    iou = tl.where(tl.sum(same.to(tl.int32), 1) > 0, 1.0, iou)
     return tl.where((area_a < 1e-14) | (area_b < 1e-14), 0.0, iou)
 
 
