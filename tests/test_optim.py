@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from mmengine.config import ConfigDict
 from mmengine.logging import MessageHub
 from mmengine.optim import AmpOptimWrapper, DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.optim.optimizer import amp_optimizer_wrapper as amp_module
@@ -167,6 +168,28 @@ def test_param_groups_match_mmengine_and_are_fused(optimizer):
     lr = optimizer['lr']
     assert {g['lr'] for g in ours.param_groups} == {lr, 2 * lr, 0.1 * lr}
     assert 0.0 in {g['weight_decay'] for g in ours.param_groups}
+
+
+@pytest.mark.parametrize('optimizer', [ADAMW, SGD, dict(type='RMSprop', lr=1e-3, weight_decay=1e-4)],
+                         ids=['AdamW', 'SGD', 'RMSprop'])
+def test_param_groups_from_a_config_file_become_plain_dicts(optimizer):
+    """A runner's config is a ConfigDict, so mmengine's groups are ConfigDicts (slow reads:
+    torch's step makes thousands a step with one group a parameter); ours are plain dicts
+    with the same entries and the same parameter lists."""
+    model = make_model()
+
+    def built(constructor_cls):
+        cfg = ConfigDict(type='OptimWrapper', optimizer=copy.deepcopy(optimizer))
+        return constructor_cls(cfg, ConfigDict(copy.deepcopy(PARAMWISE)))(model).optimizer
+
+    ref, ours = built(DefaultOptimWrapperConstructor), built(TurboxOptimWrapperConstructor)
+    assert {type(g) for g in ref.param_groups} == {ConfigDict}
+    assert {type(g) for g in ours.param_groups} == {dict}
+    for g_ref, g in zip(ref.param_groups, ours.param_groups):
+        assert g['params'] is not None and [id(p) for p in g['params']] == [
+            id(p) for p in g_ref['params']]
+        assert {k: v for k, v in g.items() if k not in ('params', 'fused', 'foreach')} == {
+            k: v for k, v in g_ref.items() if k not in ('params', 'fused', 'foreach')}
 
 
 def test_fused_without_paramwise_cfg():
@@ -690,6 +713,26 @@ def test_merged_step_equals_torch_step_bit_for_bit(kernel):
     calls = 4 if kernel.get('fused') else 7
     assert len(ours.param_groups) == 7 and ours.last_step_calls == bucket_count(
         ours.param_groups) == calls
+
+
+def test_update_key_fast_path_equals_the_general_one():
+    from turbox_mm.engine.optim.merged_adam import UPDATE_KEYS, _hashable, update_key
+    param = torch.zeros(2)
+    group = dict(params=[param], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 amsgrad=False, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=True, decoupled_weight_decay=True)
+    general = tuple(_hashable(group[k]) for k in UPDATE_KEYS) + (param.device, )
+    assert update_key(group) == general
+    assert update_key(dict(group, betas=[0.9, 0.999])) == general  # a list from a config
+    assert update_key(dict(group, lr=2e-3)) != general
+    lr_a, lr_b = torch.tensor(1e-3), torch.tensor(1e-3)  # tensors: only the same one merges
+    assert update_key(dict(group, lr=lr_a)) == update_key(dict(group, lr=lr_a))
+    assert update_key(dict(group, lr=lr_a)) != update_key(dict(group, lr=lr_b))
+    beta = torch.tensor(0.9)
+    assert update_key(dict(group, betas=(beta, 0.999))) != update_key(
+        dict(group, betas=(torch.tensor(0.9), 0.999)))
+    unfused = dict(group, fused=False)  # a call of its own (the module docstring says why)
+    assert update_key(unfused) == ('group', id(unfused))
 
 
 def test_merged_step_counts_one_adam_call_per_bucket():

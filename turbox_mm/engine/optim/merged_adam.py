@@ -34,6 +34,10 @@ UPDATE_KEYS = ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad', 'maximize', 'for
                'capturable', 'differentiable', 'fused', 'decoupled_weight_decay')
 
 
+# Values hashed as they are; anything else goes through _hashable (a tensor by its identity).
+_PLAIN_TYPES = frozenset((float, int, bool, str, type(None)))
+
+
 def _hashable(value):
     if torch.is_tensor(value):  # a tensor lr (capturable): only the same tensor merges
         return ('tensor', id(value))
@@ -44,10 +48,20 @@ def _hashable(value):
 
 def update_key(group: dict) -> Tuple:
     """The hyper-parameters of ``group`` that its update reads and the device, hashable;
-    unique to the group unless it is fused (the module docstring says why)."""
+    unique to the group unless it is fused (the module docstring says why).
+
+    Called for every group at every step (hundreds with ``paramwise_cfg``), so the common
+    case, plain numbers and a tuple of plain ``betas``, skips the recursive conversion.
+    """
     if group.get('fused') is not True or not group['params']:
         return ('group', id(group))
-    return tuple(_hashable(group.get(k)) for k in UPDATE_KEYS) + (group['params'][0].device, )
+    values = [group.get(k) for k in UPDATE_KEYS]
+    betas = values[1]
+    if not (all(type(v) in _PLAIN_TYPES for v in values[:1] + values[2:])
+            and type(betas) is tuple and all(type(b) in _PLAIN_TYPES for b in betas)):
+        values = [_hashable(v) for v in values]
+    values.append(group['params'][0].device)
+    return tuple(values)
 
 
 class MergedStepMixin:
@@ -75,9 +89,10 @@ class MergedStepMixin:
                 loss = closure()
         buckets: Dict[Tuple, dict] = {}
         for group in self.param_groups:
-            bucket = buckets.get(update_key(group))
+            key = update_key(group)
+            bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[update_key(group)] = dict(
+                bucket = buckets[key] = dict(
                     group=group, has_complex=False,
                     lists=tuple([] for _ in range(6)))  # params, grads, m, v, v_max, steps
             bucket['has_complex'] |= self._init_group(group, *bucket['lists'])
