@@ -221,6 +221,30 @@ def test_stock_and_turbox_losses_and_gradients_agree(v2):
         torch.testing.assert_close(named[name].grad, param.grad, msg=name)
 
 
+def test_nan_to_num_all_equals_nan_to_num_of_each_loss():
+    raw = torch.tensor([1.5, float('nan'), float('inf'), -float('inf'), 2.0, 0.25],
+                       requires_grad=True)
+    ref_raw = raw.detach().clone().requires_grad_()
+    layers = [tuple(raw[j] * (k + 1) for k, j in enumerate(range(i, i + 3))) for i in (0, 3)]
+    ref_layers = [tuple(ref_raw[j] * (k + 1) for k, j in enumerate(range(i, i + 3)))
+                  for i in (0, 3)]
+    got = maptr_targets.nan_to_num_all(layers)
+    want = [tuple(torch.nan_to_num(loss) for loss in layer) for layer in ref_layers]
+    assert [len(layer) for layer in got] == [3, 3]
+    for g_layer, w_layer in zip(got, want):
+        for g, w in zip(g_layer, w_layer):
+            assert g.shape == w.shape == () and torch.equal(g, w)
+    assert got[0][1] == 0 and got[0][2] == torch.finfo(torch.float32).max  # not vacuous
+    sum(sum(layer) for layer in got).backward()
+    sum(sum(layer) for layer in want).backward()
+    assert torch.equal(raw.grad, ref_raw.grad) and ref_raw.grad[1] == 0
+    # mixed dtypes: converted one by one, each keeping its dtype
+    mixed = maptr_targets.nan_to_num_all([(torch.tensor(float('nan')),
+                                           torch.tensor(float('inf'), dtype=torch.float64))])
+    assert mixed[0][0] == 0 and mixed[0][1].dtype == torch.float64
+    assert maptr_targets.nan_to_num_all([]) == []
+
+
 def test_turbox_loss_reads_nothing_on_the_host_and_solves_once():
     _, turbox = build_pair(v2=True)
     gts = [map_gt(3, 0), map_gt(0, 1)]

@@ -201,8 +201,24 @@ def layer_losses(head, preds: Dict[str, Tensor], targets: Targets) -> List[Tuple
         loss_iou = _weighted_or_zero(head.loss_iou, bbox_preds, bbox_targets[i],
                                      bbox_weights[i], num_pos[i],
                                      lambda b: denormalize_2d_bbox(b, head.pc_range))
-        out.append(tuple(torch.nan_to_num(loss)
-                         for loss in (loss_cls, loss_bbox, loss_iou, loss_pts, loss_dir)))
+        out.append((loss_cls, loss_bbox, loss_iou, loss_pts, loss_dir))
+    return nan_to_num_all(out)
+
+
+def nan_to_num_all(losses: List[Tuple[Tensor, ...]]) -> List[Tuple[Tensor, ...]]:
+    """``torch.nan_to_num`` of every loss, as upstream applies it to each, in one call over
+    the stacked scalars (a few operations a step instead of some six a loss, backward
+    included). The same values and gradients; losses of mixed dtypes or shapes are converted
+    one by one."""
+    flat = [loss for layer in losses for loss in layer]
+    if not flat or any(loss.shape != flat[0].shape or loss.dtype != flat[0].dtype
+                       for loss in flat):
+        return [tuple(torch.nan_to_num(loss) for loss in layer) for layer in losses]
+    clean = torch.nan_to_num(torch.stack(flat)).unbind(0)
+    out, start = [], 0
+    for layer in losses:
+        out.append(tuple(clean[start:start + len(layer)]))
+        start += len(layer)
     return out
 
 
