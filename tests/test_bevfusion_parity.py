@@ -30,8 +30,12 @@ STOCK = osp.join(ROOT, 'configs/bevfusion/bevfusion_lidar_tiny_stock.py')
 TURBOX = osp.join(ROOT, 'configs/bevfusion/bevfusion_lidar_tiny_turbox.py')
 LOSS_KEYS = ('loss', 'loss_heatmap', 'layer_-1_loss_cls', 'layer_-1_loss_bbox')
 # Relative tolerance of losses and gradients. Measured on this CPU: the losses and every
-# gradient equal to the last bit (matched_ious, logged only, within 1e-7).
+# gradient equal to the last bit (matched_ious, logged only, within 1e-7), until turbox.ops.fast
+# ran mmcv's MultiheadAttention through scaled_dot_product_attention (fast_model.py): since
+# then the losses within 1e-6 and the gradients within 2.0e-4 (decoder.0.norms.2.bias, a sum
+# with cancellation; the next 2.3e-5), and equal to the last bit without that change.
 RTOL = 1e-4
+GRAD_RTOL = 1e-3
 
 
 @pytest.fixture(scope='module')
@@ -133,8 +137,9 @@ def first_steps(tiny_lidar, tmp_path_factory, full_fp32):
     return stock, turbox
 
 
-def _assert_same_losses_and_gradients(losses, grads, reference, rtol=RTOL, floor=1e-6):
-    """Every loss term within ``rtol``; every gradient within ``rtol`` relative error per
+def _assert_same_losses_and_gradients(losses, grads, reference, rtol=RTOL, grad_rtol=GRAD_RTOL,
+                                      floor=1e-6):
+    """Every loss term within ``rtol``; every gradient within ``grad_rtol`` relative error per
     tensor, ``||g - g_ref|| / max(||g_ref||, 1e-6 ||g_ref||_all)``. The floor is for the
     gradients that are zero but for rounding (biases followed by a norm layer: about 1e-8
     here, against 1e-2 and more for every other tensor), whose relative error says nothing."""
@@ -146,7 +151,7 @@ def _assert_same_losses_and_gradients(losses, grads, reference, rtol=RTOL, floor
     floor = floor * float(torch.stack([g.norm() for g in reference.grads.values()]).norm())
     errors = {name: float((grads[name] - ref).norm()) / max(float(ref.norm()), floor)
               for name, ref in reference.grads.items()}
-    assert max(errors.values()) < rtol, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert max(errors.values()) < grad_rtol, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
 def test_seeded_runs_start_alike_and_log_the_same_first_step(first_steps):

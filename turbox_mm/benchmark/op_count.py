@@ -190,7 +190,8 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
     for AMP wrappers, which need a GPU), the loss scaled for the backward. The model is built
     and initialised in the config's ``default_scope`` (mmdet3d's by default; a ``turbox``
     section applied as
-    :class:`~turbox_mm.engine.TurboxRunner` applies it, ``torch.compile`` left out: compiled
+    :class:`~turbox_mm.engine.TurboxRunner` applies it, to the config and, with ``ops.fast``,
+    to the model (:mod:`~turbox_mm.engine.runner.fast_model`), ``torch.compile`` left out: compiled
     graphs are not dispatched eagerly), then runs ``steps`` steps on the config's first
     training batch; the earlier steps fill caches that a steady-state step would have filled.
     On the CPU the ops take their CUDA route (:func:`cuda_route_on_cpu`).
@@ -208,6 +209,7 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
 
+    from turbox_mm.engine.runner.fast_model import apply_fast_model
     from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS, apply_turbox_options
     from turbox_mm.registry import MODELS
     from turbox_mm.utils.options import check_options
@@ -225,6 +227,8 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
         model = MODELS.build(cfg.model)
         model.init_weights()
         model.to(device).train()
+        if cfg.get('turbox') is not None and options['ops']['fast']:
+            apply_fast_model(model)
         try:
             wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
         except AssertionError as error:  # mmengine's AmpOptimWrapper asserts a GPU

@@ -21,6 +21,7 @@ from turbox_mm.datasets.loader_watchdog import name_stuck_samples, watch_dataloa
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
+from .fast_model import apply_fast_model
 from .module_compiler import compile_kwargs_from_options, compile_submodules
 from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
@@ -109,8 +110,11 @@ class TurboxRunner(Runner):
 
         In a distributed run with ``turbox.sync_bn``, torch's and mmcv's SyncBN layers become
         :class:`~turbox_mm.models.layers.TurboxSyncBatchNorm`; with ``cfg.sync_bn`` set
-        (``--sync_bn``), every BN does, in place of mmengine's own conversion.
+        (``--sync_bn``), every BN does, in place of mmengine's own conversion. First, with
+        ``turbox.ops.fast``, the model-level changes of :mod:`.fast_model`.
         """
+        if self.turbox_options['ops']['fast'] and not is_model_wrapper(model):
+            self.turbox_changes += apply_fast_model(model)
         if (self.distributed and self.turbox_options.get('sync_bn')
                 and not is_model_wrapper(model)):
             from turbox_mm.models.layers import convert_sync_batchnorm

@@ -1,0 +1,132 @@
+"""turbox_mm.engine.runner.fast_model: the loss sum and mmcv's attention, changed on the model."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from mmcv.cnn.bricks.transformer import MultiheadAttention
+from mmengine.model import BaseModel
+
+from turbox_mm.benchmark.op_count import OpCounter
+from turbox_mm.engine.runner.fast_model import (WeightlessMultiheadAttention,
+                                                apply_fast_model, stacked_parse_losses,
+                                                weightless_attention)
+
+
+class Toy(BaseModel):
+
+    def __init__(self):
+        super().__init__()
+        # explicit dropout_layer: mmcv's default dict is shared and other tests' `dropout=`
+        # arguments write into it
+        self.attn = MultiheadAttention(16, 4, attn_drop=0.0, proj_drop=0.0, batch_first=True,
+                                       dropout_layer=dict(type='Dropout', drop_prob=0.0))
+        self.plain = nn.MultiheadAttention(16, 4)  # used directly: keeps its weights
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, mode='loss'):
+        y = self.head(self.attn(x))
+        pair = [y[..., 1].abs().mean(), y[..., 2].mean() * 0.5]
+        return {'loss_a': y[..., 0].pow(2).mean(), 'loss_b': pair,
+                'loss_vec': y[..., 2].flatten()[:4], 'acc': y.detach().mean() * 0 + 0.75}
+
+
+class OwnParse(Toy):
+
+    def parse_losses(self, losses):
+        return super().parse_losses(losses)
+
+
+def test_stacked_parse_losses_logs_alike_and_gives_bit_identical_gradients():
+    torch.manual_seed(0)
+    ours, ref = Toy(), Toy()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 16)
+    loss, log = stacked_parse_losses(ours(x))
+    ref_loss, ref_log = BaseModel.parse_losses(ref, ref(x))
+    assert list(log) == list(ref_log) == ['loss', 'loss_a', 'loss_b', 'loss_vec', 'acc']
+    for key in ('loss_a', 'loss_b', 'loss_vec', 'acc'):
+        assert torch.equal(log[key], ref_log[key]), key
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)  # the order of the adds
+    assert log['loss'] is loss and log['acc'] == 0.75  # 'acc' is logged, not summed
+    loss.backward()
+    ref_loss.backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
+def test_stacked_parse_losses_counts_few_operations():
+    terms = {f'loss_{i}': torch.tensor(float(i), requires_grad=True) for i in range(40)}
+    with OpCounter() as ours:
+        stacked_parse_losses(terms)[0].backward()
+    for t in terms.values():
+        t.grad = None
+    with OpCounter() as ref:
+        BaseModel.parse_losses(None, terms)[0].backward()
+    assert ours.total <= 4 and ref.total >= 80  # mmengine: a mean and an add a term
+
+
+def test_stacked_parse_losses_edge_cases():
+    half = torch.tensor(1.5, dtype=torch.float16)
+    loss, log = stacked_parse_losses({'loss_x': torch.tensor(2.0), 'loss_h': half})
+    assert loss.dtype == torch.float32 and loss == 3.5  # mixed dtypes: Python's sum
+    assert stacked_parse_losses({'acc': torch.tensor(1.0)})[0] == 0  # no loss terms: 0
+    one, _ = stacked_parse_losses({'loss_x': torch.tensor(2.0)})
+    assert one == 2.0
+    for parse in (stacked_parse_losses, lambda d: BaseModel.parse_losses(None, d)):
+        with pytest.raises(RuntimeError, match='mean'):  # integer losses: both refuse
+            parse({'loss_n': torch.tensor([1, 3])})
+    with pytest.raises(TypeError, match='loss_bad is not a tensor or list of tensors'):
+        stacked_parse_losses({'loss_bad': 1.0})
+
+
+def test_weightless_attention_same_output_state_and_fewer_operations():
+    torch.manual_seed(0)
+    model = Toy().train()
+    x = torch.randn(2, 7, 16)
+    mask = torch.zeros(7, 7, dtype=torch.bool)
+    mask[:, -2:] = True
+    with OpCounter() as before:
+        want = model.attn(x, attn_mask=mask)
+        want.sum().backward()
+    keys = list(model.state_dict())
+    assert weightless_attention(model) == 1
+    assert type(model.attn.attn) is WeightlessMultiheadAttention
+    assert type(model.plain) is nn.MultiheadAttention  # not inside mmcv's class: untouched
+    assert list(model.state_dict()) == keys
+    with OpCounter() as after:
+        got = model.attn(x, attn_mask=mask)
+        got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert after.total < before.total
+    seq = x.transpose(0, 1)  # the inner module is sequence-first
+    _, weights = model.attn.attn(seq, seq, seq, need_weights=True)  # still there when asked
+    assert weights.shape == (2, 7, 7)
+    twin = copy.deepcopy(model)  # EMA copies, checkpoints: the class travels
+    assert type(twin.attn.attn) is WeightlessMultiheadAttention
+    assert weightless_attention(model) == 0  # already changed: nothing more
+
+
+def test_apply_fast_model_respects_a_models_own_parse_losses():
+    model = Toy()
+    lines = apply_fast_model(model)
+    assert model.parse_losses is stacked_parse_losses and len(lines) == 2
+    assert copy.deepcopy(model).parse_losses is stacked_parse_losses
+    assert apply_fast_model(model) == []  # idempotent
+    own = OwnParse()
+    assert all('parse_losses' not in line for line in apply_fast_model(own))
+    assert 'parse_losses' not in vars(own)
+
+
+class Subclassed(MultiheadAttention):
+
+    def forward(self, query, *args, **kwargs):
+        return self.attn(query, query, query)[1]  # uses the weights
+
+
+def test_subclass_with_its_own_forward_keeps_the_weights():
+    module = nn.Module()
+    module.sub = Subclassed(16, 4, dropout_layer=dict(type='Dropout', drop_prob=0.0))
+    assert weightless_attention(module) == 0
+    assert module.sub(torch.randn(3, 2, 16)) is not None

@@ -1,0 +1,139 @@
+"""``turbox.ops.fast`` on the built model: fewer operations a training step, the same maths.
+
+Two changes that no config can reach, made to the model object (any config's, before it is
+compiled or wrapped for DDP):
+
+* **Loss summation.** mmengine's ``BaseModel.parse_losses`` takes ``mean()`` of every loss (a
+  scalar already, in practice) and adds them one by one in Python: two operations a loss,
+  about 190 a step for MapTR v2 (70 loss terms), each a kernel launch on the GPU.
+  :func:`stacked_parse_losses` leaves scalar losses as they are and sums the terms in one
+  reduction over their stack. The log holds the same entries; the gradient reaching every
+  term is exactly 1 times the incoming one, as before, so the parameters' gradients are
+  bit for bit mmengine's; only the logged total may differ from mmengine's sequential sum in
+  the last bits. Installed where the model's class keeps mmengine's ``parse_losses``.
+* **Attention without weights.** mmcv's ``MultiheadAttention`` calls ``torch.nn``'s with
+  ``need_weights`` left at its default (True) and discards the weights. torch then computes
+  the attention explicitly (scores, softmax, dropout, weighted sum, and the head-averaged
+  weights, each materialised) instead of one ``scaled_dot_product_attention`` kernel. Its
+  inner module becomes :class:`WeightlessMultiheadAttention`, whose default is
+  ``need_weights=False``: the same output (up to float rounding; attention dropout draws its
+  mask inside the kernel, from another random stream), the same parameters and
+  ``state_dict``. Only inner modules of mmcv's class (or subclasses that keep its
+  ``forward``) change; an ``nn.MultiheadAttention`` used directly keeps returning weights.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class WeightlessMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose ``need_weights`` defaults to False.
+
+    Its attention weights are then ``None`` unless a caller asks for them, and torch runs
+    ``scaled_dot_product_attention`` (one fused kernel on the GPU). Made only by changing the
+    class of the inner module of mmcv's ``MultiheadAttention``, which discards them.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """``nn.MultiheadAttention.forward`` with ``need_weights=False`` by default."""
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                               need_weights=need_weights, attn_mask=attn_mask,
+                               average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+def _sum(terms: Sequence[Tensor]):
+    """The sum of ``terms``: one reduction over their stack where they are scalars of one
+    dtype and device; else Python's ``sum`` (mmengine's); ``0`` when empty, as there."""
+    if len(terms) > 1 and all(t.dim() == 0 and t.dtype == terms[0].dtype
+                              and t.device == terms[0].device for t in terms):
+        return torch.stack(list(terms)).sum()
+    return sum(terms)
+
+
+def _mean(value: Tensor) -> Tensor:
+    """mmengine's ``value.mean()``, except that a floating-point scalar is its own mean."""
+    if value.dim() == 0 and value.is_floating_point():
+        return value
+    return value.mean()
+
+
+def stacked_parse_losses(losses: Dict[str, object]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """mmengine's ``BaseModel.parse_losses`` in a few operations (see the module docstring).
+
+    Args:
+        losses (dict): The model's loss dict: tensors or lists of tensors.
+
+    Returns:
+        tuple[Tensor, dict]: The total of the entries whose name contains ``'loss'``, and the
+        log variables (``'loss'`` first, then every entry's mean, in order).
+
+    Raises:
+        TypeError: An entry is neither a tensor nor a list of tensors (named, as mmengine).
+    """
+    from mmengine.utils import is_list_of
+    log_vars = []
+    for name, value in losses.items():
+        if isinstance(value, Tensor):
+            log_vars.append((name, _mean(value)))
+        elif is_list_of(value, Tensor):
+            log_vars.append((name, _sum([_mean(v) for v in value])))
+        else:
+            raise TypeError(f'{name} is not a tensor or list of tensors')
+    loss = _sum([value for name, value in log_vars if 'loss' in name])
+    return loss, dict([('loss', loss)] + log_vars)
+
+
+def _mmcv_attention_classes():
+    try:
+        from mmcv.cnn.bricks.transformer import MultiheadAttention
+    except ImportError:  # pragma: no cover - mmcv is a dependency
+        return None
+    return MultiheadAttention
+
+
+def weightless_attention(model: nn.Module) -> int:
+    """Make the inner attention of every mmcv ``MultiheadAttention`` in ``model`` (whose class
+    keeps mmcv's ``forward``) a :class:`WeightlessMultiheadAttention`; returns how many."""
+    mmcv_cls = _mmcv_attention_classes()
+    if mmcv_cls is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        inner = getattr(module, 'attn', None)
+        if (isinstance(module, mmcv_cls) and type(module).forward is mmcv_cls.forward
+                and type(inner) is nn.MultiheadAttention):
+            inner.__class__ = WeightlessMultiheadAttention
+            count += 1
+    return count
+
+
+def apply_fast_model(model: nn.Module) -> List[str]:
+    """Apply this module's two changes to ``model`` (unwrapped); one report line per change.
+
+    Args:
+        model (nn.Module): The model as built, before compile and DDP.
+
+    Returns:
+        list[str]: What changed.
+    """
+    from mmengine.model import BaseModel
+    changes = []
+    if isinstance(model, BaseModel) and type(model).parse_losses is BaseModel.parse_losses \
+            and 'parse_losses' not in vars(model):
+        model.parse_losses = stacked_parse_losses
+        changes.append('model.parse_losses: the loss terms summed in one reduction '
+                       '(turbox_mm.stacked_parse_losses; the same gradients)')
+    count = weightless_attention(model)
+    if count:
+        changes.append(f"mmcv MultiheadAttention: {count} without attention weights "
+                       "(scaled_dot_product_attention; mmcv discards them)")
+    return changes
+
+
+__all__ = ['WeightlessMultiheadAttention', 'stacked_parse_losses', 'weightless_attention',
+           'apply_fast_model']
