@@ -170,8 +170,9 @@ def test_param_groups_match_mmengine_and_are_fused(optimizer):
     assert 0.0 in {g['weight_decay'] for g in ours.param_groups}
 
 
-@pytest.mark.parametrize('optimizer', [ADAMW, SGD, dict(type='RMSprop', lr=1e-3, weight_decay=1e-4)],
-                         ids=['AdamW', 'SGD', 'RMSprop'])
+@pytest.mark.parametrize(
+    'optimizer', [ADAMW, SGD, dict(type='RMSprop', lr=1e-3, weight_decay=1e-4)],
+    ids=['AdamW', 'SGD', 'RMSprop'])
 def test_param_groups_from_a_config_file_become_plain_dicts(optimizer):
     """A runner's config is a ConfigDict, so mmengine's groups are ConfigDicts (slow reads:
     torch's step makes thousands a step with one group a parameter); ours are plain dicts
