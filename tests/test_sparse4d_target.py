@@ -449,6 +449,20 @@ def _yaw_box(x, y, z, yaw, dx=0.0):
     return torch.tensor([x + dx, y, z, 1., .5, .3, math.sin(yaw), math.cos(yaw), 1., 0.])
 
 
+def test_yaw_similarity_has_the_cosine_similaritys_sign_and_no_gradient():
+    gen = torch.Generator().manual_seed(0)
+    box = torch.randn(500, 10, generator=gen, requires_grad=True)
+    target = torch.randn(500, 10, generator=gen)
+    target[:5, 6:8] = 0  # zero vectors: cosine 0, dot 0 (neither sign)
+    target[5:10, 6:8] = torch.stack([-box[5:10, 7], box[5:10, 6]], -1).detach()  # perpendicular
+    dot = SparseBox3DLoss._yaw_similarity(target, box)
+    cos = F.cosine_similarity(target[:, 6:8], box[:, 6:8], dim=-1)
+    assert not dot.requires_grad
+    assert (dot[:10] == 0).all() and (cos[:5] == 0).all()  # cos[5:10]: rounding decides
+    assert torch.equal(dot[10:] > 0, cos[10:] > 0) and torch.equal(dot[10:] < 0, cos[10:] < 0)
+    assert 100 < int((dot < 0).sum()) < 400  # both signs present: not vacuous
+
+
 def test_box_loss_toy_batch_against_plain_formulas():
     loss = SparseBox3DLoss(cls_allow_reverse=[BARRIER])
     # Row 0: barrier, target heading opposite to the prediction -> flipped target.

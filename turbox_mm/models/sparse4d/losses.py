@@ -7,7 +7,6 @@ a gradient into the predicted centre through its soft target; this port does the
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from turbox_mm.registry import MODELS
@@ -75,9 +74,13 @@ class SparseBox3DLoss(nn.Module):
 
     @staticmethod
     def _yaw_similarity(box_target: Tensor, box: Tensor) -> Tensor:
+        """The dot product of the (sin, cos) yaw pairs, without gradient: upstream compares
+        their cosine similarity with 0, whose sign is the dot product's (the norms are
+        positive), so two operations instead of the cosine's eleven; the two differ only for
+        pairs within rounding of perpendicular."""
         # slices, not index lists: an index list is uploaded to the device, which waits
-        return F.cosine_similarity(box_target[..., SIN_YAW:COS_YAW + 1],
-                                   box[..., SIN_YAW:COS_YAW + 1], dim=-1)
+        yaw = slice(SIN_YAW, COS_YAW + 1)
+        return (box_target[..., yaw] * box[..., yaw].detach()).sum(-1)
 
     def forward(self,
                 box: Tensor,
