@@ -130,3 +130,16 @@ def test_subclass_with_its_own_forward_keeps_the_weights():
     module.sub = Subclassed(16, 4, dropout_layer=dict(type='Dropout', drop_prob=0.0))
     assert weightless_attention(module) == 0
     assert module.sub(torch.randn(3, 2, 16)) is not None
+
+
+def test_weightless_attention_compiles_in_one_graph():
+    torch.manual_seed(0)
+    model = Toy().train()
+    x = torch.randn(2, 9, 16)
+    want = model.attn(x)
+    weightless_attention(model)
+    compiled = torch.compile(model.attn, backend='aot_eager', fullgraph=True)
+    got = compiled(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert model.attn.attn.in_proj_weight.grad is not None
