@@ -1,5 +1,6 @@
 """turbox_mm.engine.runner.fast_model: the loss sum and mmcv's attention, changed on the model."""
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -71,6 +72,11 @@ def test_stacked_parse_losses_edge_cases():
     half = torch.tensor(1.5, dtype=torch.float16)
     loss, log = stacked_parse_losses({'loss_x': torch.tensor(2.0), 'loss_h': half})
     assert loss.dtype == torch.float32 and loss == 3.5  # mixed dtypes: Python's sum
+    assert isinstance(log, OrderedDict)
+    # half precision: mmengine's sequential sum, so an overflow stays inf as there
+    big = {f'loss_{i}': torch.tensor(v, dtype=torch.float16)
+           for i, v in enumerate((60000., 10000., -20000.))}
+    assert stacked_parse_losses(big)[0] == BaseModel.parse_losses(None, big)[0] == float('inf')
     assert stacked_parse_losses({'acc': torch.tensor(1.0)})[0] == 0  # no loss terms: 0
     one, _ = stacked_parse_losses({'loss_x': torch.tensor(2.0)})
     assert one == 2.0
@@ -143,3 +149,18 @@ def test_weightless_attention_compiles_in_one_graph():
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert model.attn.attn.in_proj_weight.grad is not None
+
+
+def test_fully_masked_query_is_finite_without_weights():
+    """The documented difference: a query whose keys are all masked gets NaN from mmcv's
+    explicit softmax and a finite output through scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    model = Toy().eval()
+    x = torch.randn(1, 4, 16)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[2] = True  # query 2 sees no key
+    before = model.attn(x, attn_mask=mask)
+    weightless_attention(model)
+    after = model.attn(x, attn_mask=mask)
+    assert torch.isnan(before[0, 2]).all() and torch.isfinite(after[0, 2]).all()
+    torch.testing.assert_close(after[0, [0, 1, 3]], before[0, [0, 1, 3]], rtol=1e-5, atol=1e-6)

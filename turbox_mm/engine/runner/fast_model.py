@@ -6,11 +6,14 @@ compiled or wrapped for DDP):
 * **Loss summation.** mmengine's ``BaseModel.parse_losses`` takes ``mean()`` of every loss (a
   scalar already, in practice) and adds them one by one in Python: two operations a loss,
   about 190 a step for MapTR v2 (70 loss terms), each a kernel launch on the GPU.
-  :func:`stacked_parse_losses` leaves scalar losses as they are and sums the terms in one
-  reduction over their stack. The log holds the same entries; the gradient reaching every
-  term is exactly 1 times the incoming one, as before, so the parameters' gradients are
-  bit for bit mmengine's; only the logged total may differ from mmengine's sequential sum in
-  the last bits. Installed where the model's class keeps mmengine's ``parse_losses``.
+  :func:`stacked_parse_losses` leaves scalar losses as they are and sums float32 / float64
+  terms in one reduction over their stack. The log holds the same entries; the gradient
+  reaching every term is exactly 1 times the incoming one, as before, so the parameters'
+  gradients are bit for bit mmengine's; only the logged total may differ from mmengine's
+  sequential sum in the last bits. Half-precision terms keep mmengine's sequential sum (a
+  reduction would accumulate in float32 and could stay finite where mmengine's overflows to
+  inf, which ``CheckInvalidLossHook`` watches for). Installed where the model's class keeps
+  mmengine's ``parse_losses``.
 * **Attention without weights.** mmcv's ``MultiheadAttention`` calls ``torch.nn``'s with
   ``need_weights`` left at its default (True) and discards the weights. torch then computes
   the attention explicitly (scores, softmax, dropout, weighted sum, and the head-averaged
@@ -20,7 +23,13 @@ compiled or wrapped for DDP):
   mask inside the kernel, from another random stream), the same parameters and
   ``state_dict``. Only inner modules of mmcv's class (or subclasses that keep its
   ``forward``) change; an ``nn.MultiheadAttention`` used directly keeps returning weights.
+  Two differences outside well-formed input and bit reproducibility: a query whose keys are
+  all masked gets NaN from the explicit softmax but a finite output (the projection's bias)
+  from ``scaled_dot_product_attention`` (``tests/test_fast_model.py`` pins it); and on the GPU
+  the memory-efficient attention's backward is not bitwise deterministic unless
+  ``torch.use_deterministic_algorithms(True)`` is set.
 """
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,11 +55,16 @@ class WeightlessMultiheadAttention(nn.MultiheadAttention):
                                average_attn_weights=average_attn_weights, is_causal=is_causal)
 
 
+#: Loss dtypes summed in one reduction (half precision keeps mmengine's sequential sum).
+_STACKED_DTYPES = (torch.float32, torch.float64)
+
+
 def _sum(terms: Sequence[Tensor]):
-    """The sum of ``terms``: one reduction over their stack where they are scalars of one
-    dtype and device; else Python's ``sum`` (mmengine's); ``0`` when empty, as there."""
-    if len(terms) > 1 and all(t.dim() == 0 and t.dtype == terms[0].dtype
-                              and t.device == terms[0].device for t in terms):
+    """The sum of ``terms``: one reduction over their stack where they are float32 / float64
+    scalars of one dtype and device; else Python's ``sum`` (mmengine's); ``0`` when empty."""
+    if len(terms) > 1 and terms[0].dtype in _STACKED_DTYPES and all(
+            t.dim() == 0 and t.dtype == terms[0].dtype and t.device == terms[0].device
+            for t in terms):
         return torch.stack(list(terms)).sum()
     return sum(terms)
 
@@ -85,7 +99,7 @@ def stacked_parse_losses(losses: Dict[str, object]) -> Tuple[Tensor, Dict[str, T
         else:
             raise TypeError(f'{name} is not a tensor or list of tensors')
     loss = _sum([value for name, value in log_vars if 'loss' in name])
-    return loss, dict([('loss', loss)] + log_vars)
+    return loss, OrderedDict([('loss', loss)] + log_vars)
 
 
 def _mmcv_attention_classes():

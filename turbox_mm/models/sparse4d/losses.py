@@ -79,8 +79,8 @@ class SparseBox3DLoss(nn.Module):
         positive), so two operations instead of the cosine's eleven; the two differ only for
         pairs within rounding of perpendicular."""
         # slices, not index lists: an index list is uploaded to the device, which waits
-        yaw = slice(SIN_YAW, COS_YAW + 1)
-        return (box_target[..., yaw] * box[..., yaw].detach()).sum(-1)
+        yaw = slice(SIN_YAW, COS_YAW + 1)  # float32: half-precision products can overflow
+        return (box_target[..., yaw].detach().float() * box[..., yaw].detach().float()).sum(-1)
 
     def forward(self,
                 box: Tensor,

@@ -14,7 +14,9 @@ Five pair tests, each with mmcv 2.1's semantics (``kind``):
   duplicate) overlaps by its whole area, so its IoU is 1. mmcv's candidate tests have no
   tolerance, and for such a pair every corner sits exactly on the other box's boundary: its
   result there depends on float rounding, and a machine whose rounding drops one corner gets a
-  triangle (IoU about 1/3), so duplicates escape suppression.
+  triangle (IoU about 1/3), so duplicates escape suppression. Only equal corners are caught: a
+  near-duplicate (one field an ulp apart) keeps mmcv's arithmetic and can lose a corner the
+  same way, in mmcv and here.
 * ``'iou3d'``: boxes ``[x, y, z, dx, dy, dz, heading]``; the BEV IoU of ``mmcv.ops.nms3d``
   (``iou3d_nms3d_forward``) and the overlap of ``boxes_overlap_bev``. Corners are the
   axis-aligned ones rotated about the centre by float32 ``cos``/``sin``; candidates are the
@@ -221,11 +223,17 @@ def polygon_area(pts: Tensor, valid: Tensor) -> Tensor:
     return torch.where(count >= 3, area, torch.zeros_like(area))
 
 
+def _rotated_overlap(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``'rotated'`` overlaps (a pair of equal corners: the first box's area), both areas, and
+    whether the corners are equal."""
+    pts, valid, (area_a, area_b), same = _candidates_rotated(a, b)
+    return torch.where(same, area_a, polygon_area(pts, valid)), area_a, area_b, same
+
+
 def pair_overlap(a: Tensor, b: Tensor, kind: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Overlap areas of broadcast box pairs ``a [..., D]``, ``b [..., D]`` and both areas."""
     if kind == 'rotated':
-        pts, valid, (area_a, area_b), same = _candidates_rotated(a, b)
-        return torch.where(same, area_a, polygon_area(pts, valid)), area_a, area_b
+        return _rotated_overlap(a, b)[:3]
     if kind == 'iou3d':
         pts, valid, (area_a, area_b) = _candidates_iou3d(a, b)
         return polygon_area(pts, valid), area_a, area_b
@@ -235,11 +243,13 @@ def pair_overlap(a: Tensor, b: Tensor, kind: str) -> Tuple[Tensor, Tensor, Tenso
 def pair_iou(a: Tensor, b: Tensor, kind: str) -> Tensor:
     """IoU (``'circle'``: squared centre distance) of broadcast pairs, in float32."""
     a, b = a.float(), b.float()
-    if kind in ('rotated', 'iou3d'):
+    if kind == 'rotated':
+        inter, area_a, area_b, same = _rotated_overlap(a, b)
+        # equal corners: exactly 1, as the kernel (the areas may still differ by an ulp)
+        iou = torch.where(same, 1.0, inter / (area_a + area_b - inter))
+        return torch.where((area_a < 1e-14) | (area_b < 1e-14), torch.zeros_like(iou), iou)
+    if kind == 'iou3d':
         inter, area_a, area_b = pair_overlap(a, b, kind)
-        if kind == 'rotated':  # a box with itself: inter == area_a == area_b, so exactly 1
-            iou = inter / (area_a + area_b - inter)
-            return torch.where((area_a < 1e-14) | (area_b < 1e-14), torch.zeros_like(iou), iou)
         return inter / torch.clamp(area_a + area_b - inter, min=IOU3D_EPS)
     if kind == 'circle':
         return (a[..., 0] - b[..., 0])**2 + (a[..., 1] - b[..., 1])**2
