@@ -102,7 +102,7 @@ def stacked_parse_losses(losses: Dict[str, object]) -> Tuple[Tensor, Dict[str, T
     return loss, OrderedDict([('loss', loss)] + log_vars)
 
 
-def _mmcv_attention_classes():
+def _mmcv_attention_class():
     try:
         from mmcv.cnn.bricks.transformer import MultiheadAttention
     except ImportError:  # pragma: no cover - mmcv is a dependency
@@ -113,7 +113,7 @@ def _mmcv_attention_classes():
 def weightless_attention(model: nn.Module) -> int:
     """Make the inner attention of every mmcv ``MultiheadAttention`` in ``model`` (whose class
     keeps mmcv's ``forward``) a :class:`WeightlessMultiheadAttention`; returns how many."""
-    mmcv_cls = _mmcv_attention_classes()
+    mmcv_cls = _mmcv_attention_class()
     if mmcv_cls is None:
         return 0
     count = 0

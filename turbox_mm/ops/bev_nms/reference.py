@@ -102,7 +102,8 @@ def _inside_rect(p: Tensor, corners: Tensor) -> Tensor:
         (ap_ad <= (da * da).sum(-1))
 
 
-def _candidates_rotated(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _candidates_rotated(a: Tensor, b: Tensor
+                        ) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor], Tensor]:
     """Candidates ``[..., 24, 2]``, their validity, both areas, and whether the pairs' corners
     are equal, for xywhr pairs."""
     shift_x = (a[..., 0] + b[..., 0]) / 2
@@ -161,7 +162,7 @@ def _inside_iou3d(box: Tensor, p: Tensor) -> Tensor:
         (rot_y.abs() < box[..., 4, None] / 2 + IOU3D_MARGIN)
 
 
-def _candidates_iou3d(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _candidates_iou3d(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tuple[Tensor, Tensor]]:
     """Candidates ``[..., 24, 2]`` and their validity for iou3d pairs (mmcv's order)."""
     ca, cb = _corners_iou3d(a), _corners_iou3d(b)
     p0, p1 = ca[..., :, None, :], ca.roll(-1, -2)[..., :, None, :]  # edge i of a
