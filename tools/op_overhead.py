@@ -113,8 +113,8 @@ def op_cases() -> List[OpCase]:
     """Every turbox_mm custom op, in the order of the table."""
     from turbox_mm.ops import bev_nms as nms
     from turbox_mm.ops import (bev_pool, deformable_aggregation, dynamic_scatter,
-                               geometric_kernel_attn, image_warp, ms_deform_attn, photometric,
-                               sigmoid_focal, voxelize)
+                               geometric_kernel_attn, image_warp, lsap, ms_deform_attn,
+                               photometric, sigmoid_focal, voxelize)
     voxel, pcr = [1.0, 1.0, 4.0], [0.0, 0.0, 0.0, 4.0, 4.0, 4.0]
     mean_std = (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0]))
     return [
@@ -136,6 +136,9 @@ def op_cases() -> List[OpCase]:
                skip='sizes its outputs from a kernel result (host sync): not timed stubbed'),
         OpCase('bev_nms', lambda d: (*_boxes(d), 0.5, 'rotated'), nms.bev_nms),
         OpCase('bev_iou', lambda d: (_boxes(d)[0], _boxes(d)[0]), nms.box_iou_rotated),
+        OpCase('lsap', lambda d: (_rand(2, 6, 4, device=d), torch.tensor([6, 3], device=d),
+                                  torch.tensor([4, 4], device=d)),
+               lsap.linear_sum_assignment),
         OpCase('warp_affine_u8',
                lambda d: (_images(d), _rand(2, image_warp.NUM_PARAMS, device=d), 1, (4, 6)),
                image_warp.warp_affine_u8),

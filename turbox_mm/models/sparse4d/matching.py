@@ -5,6 +5,8 @@ its own costs one synchronising copy per matrix; :func:`solve_batched` instead t
 matrix of a step as one padded tensor, copies it (and any small tensors that should come
 along) in one transfer, solves each matrix on its valid columns, and sends the assignment back
 as one index tensor without waiting for it (pinned memory, ``non_blocking``).
+:func:`solve_on_device` gives the same pairs without the host: ``turbox_mm::lsap`` solves the
+matrices where they are (scipy's algorithm, ties included), so the step does not wait.
 :func:`group_pairs` cuts one group of matrices (e.g. the last decoder layer) out of that tensor
 per matrix, without a wait: how many pairs each matrix got is known on the host.
 """
@@ -70,6 +72,43 @@ def solve_batched(cost: Tensor, num_cols: Sequence[int],
     extras_host = [e.detach().to('cpu', non_blocking=device.type == 'cuda') for e in extras]
     host = cost.detach().to('cpu', torch.float64).numpy()  # the one sync
     return upload(solve_host(host, num_cols), device), extras_host
+
+
+def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
+    """:func:`solve_batched`'s pairs, solved on ``cost``'s device by ``turbox_mm::lsap``: no
+    host read.
+
+    The costs are taken in float64 with non-finite ones replaced by :data:`INVALID_COST`, as
+    :func:`solve_batched` hands them to scipy, so the assignment is scipy's. The pairs are
+    listed matrix by matrix, rows ascending, as :func:`solve_host` lists them; how many there
+    are (``min(Q, num_cols[r])`` for matrix ``r``) is known on the host, so cutting them out
+    of the per-row result needs no wait either.
+
+    Args:
+        cost (Tensor): ``[R, Q, N]`` costs (any float dtype).
+        num_cols (Sequence[int]): Valid columns of each matrix, cycled over ``R``.
+
+    Returns:
+        Tensor: ``[3, K]`` int64 on ``cost``'s device: matrix, row and column of every
+        assigned pair.
+
+    Examples:
+        >>> cost = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 5.0], [9.0, 9.0]]])
+        >>> solve_on_device(cost, [2, 1]).tolist()  # as solve_host's example
+        [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    """
+    from turbox_mm.ops.lsap import linear_sum_assignment
+    matrices, rows = cost.shape[:2]
+    device = cost.device
+    cols = np.resize(np.asarray(num_cols, np.int64), matrices)
+    count = int(np.minimum(cols, rows).sum())
+    work = cost.detach().to(torch.float64)
+    work = torch.where(torch.isfinite(work), work, INVALID_COST)
+    column = linear_sum_assignment(work, upload(np.full(matrices, rows, np.int64), device),
+                                   upload(cols, device)).flatten()
+    # the assigned rows in (matrix, row) order: a stable sort puts them first
+    flat = torch.sort((column < 0).to(torch.uint8), stable=True).indices[:count]
+    return torch.stack([flat // rows, flat % rows, column[flat]])
 
 
 def no_pairs(device: Union[torch.device, str]) -> Pairs:
