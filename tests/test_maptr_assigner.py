@@ -200,6 +200,29 @@ def test_two_groups_share_one_transfer_and_match_per_sample():
             assert torch.equal(batched[key][1], orders), key
 
 
+def test_device_matcher_gives_the_per_sample_scipy_matches():
+    """matcher='device' (turbox_mm::lsap, its kernel in Triton's interpreter here): each group
+    solved where it is, no ``solve_batched`` call, the same pairs as the host path."""
+    from turbox_mm.ops import dispatch
+    gen = torch.Generator().manual_seed(11)
+    counts = (3, 0, 2)
+    gts = [random_gt(c, gen) for c in counts]
+    repeated = [(labels.repeat(3), bboxes.repeat(3, 1), shifts.repeat(3, 1, 1, 1))
+                for labels, bboxes, shifts in gts]
+    groups = [(*random_preds(2, 3, 4, gen), pad_ground_truth(gts)),
+              (*random_preds(2, 3, 12, gen), pad_ground_truth(repeated))]
+    assigner = MapTRAssigner(pc_range=PC)
+    host = assign_batched(assigner, groups, 'host')
+    with dispatch.kernel_on_cpu(), mock.patch.object(
+            maptr_targets, 'solve_batched', wraps=maptr_targets.solve_batched) as solved:
+        device = assign_batched(assigner, groups, 'device')
+    assert solved.call_count == 0
+    for (pairs, order), (want_pairs, want_order) in zip(device, host):
+        assert torch.equal(pairs, want_pairs) and torch.equal(order, want_order)
+    with pytest.raises(ValueError, match="matcher must be 'host' or 'device'"):
+        assign_batched(assigner, groups, 'gpu')
+
+
 def test_build_targets_places_the_matched_order():
     gen = torch.Generator().manual_seed(3)
     counts = (2, 0)

@@ -620,6 +620,75 @@ def test_sample_layers_checks_shapes_and_labels():
         target.get_dn_anchors([torch.tensor([-2, 1, 1, 1]), gt_cls[1], gt_cls[2]], gt_box)
 
 
+def test_device_matcher_gives_the_host_matches_and_defers_the_label_check():
+    """matcher='device' (turbox_mm::lsap, its kernel in Triton's interpreter here): the targets,
+    indices and denoising queries of the host path; a bad label still raises its named error,
+    at the next call once its flags have arrived (on CPU tensors: at once)."""
+    from turbox_mm.ops import dispatch
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=2)
+    host, device = _v3_target(matcher='host'), _v3_target(matcher='device')
+    with pytest.raises(ValueError, match="matcher must be 'host', 'device' or None"):
+        _v3_target(matcher='gpu')
+    want = host.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    with dispatch.kernel_on_cpu():
+        got = device.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+        for g, w in zip(got, want):
+            assert all(torch.equal(a, b) for a, b in zip(g, w))
+        for (q, g), (wq, wg) in zip(device.indices, host.indices):
+            assert torch.equal(q, wq) and torch.equal(g, wg)
+        torch.manual_seed(3)
+        dn_got = device.get_dn_anchors(gt_cls, gt_box)
+        torch.manual_seed(3)
+        dn_want = host.get_dn_anchors(gt_cls, gt_box)
+        assert all(torch.equal(a, b) for a, b in zip(dn_got[:5], dn_want[:5]))
+        bad = [gt_cls[0], gt_cls[1], torch.tensor([BARRIER, 12])]
+        with pytest.raises(ValueError, match=r'cls_target\[2\] holds labels outside'):
+            device.sample_layers(cls_preds, box_preds, bad, gt_box)
+
+
+@pytest.mark.parametrize('impl, matcher, want', [
+    ('stock', None, 'host'), ('turbox', None, 'device'), ('turbox', 'host', 'host'),
+    ('stock', 'device', 'device')])
+def test_the_head_picks_the_matcher_from_its_op_impl(impl, matcher, want):
+    """The tiny config's head: a sampler that leaves the matcher open gets the device one
+    under op_impl='turbox', the host one under 'stock'; a sampler's own choice stands."""
+    import copy
+
+    from mmengine.config import Config
+
+    import turbox_mm.models  # noqa: F401  (registers the models)
+    from turbox_mm.registry import MODELS
+    head = copy.deepcopy(Config.fromfile('configs/sparse4d/sparse4dv3_tiny_stock.py').model.head)
+    head.op_impl = impl
+    head.sampler.matcher = matcher
+    head.instance_bank.anchor = [[0.0] * 11] * head.instance_bank.num_anchor  # no anchor file
+    assert MODELS.build(head).sampler.matcher == want
+
+
+@pytest.mark.cuda
+def test_cuda_device_matcher_takes_no_host_sync():
+    """With matcher='device', sample_layers and get_dn_anchors do not wait for the device; the
+    matches are the host path's."""
+    from turbox_mm.benchmark.syncs import SyncCounter
+    host, device = _v3_target(matcher='host'), _v3_target(matcher='device')
+    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=6, queries=900)
+    dev = torch.device('cuda')
+    cls_preds = [c.to(dev) for c in cls_preds]
+    box_preds = [b.to(dev) for b in box_preds]
+    gt_cls = [c.to(dev) for c in gt_cls]
+    gt_box = [b.to(dev) for b in gt_box]
+    want = host.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+    device.sample_layers(cls_preds, box_preds, gt_cls, gt_box)  # warm-up: kernel compiled
+    device.get_dn_anchors(gt_cls, gt_box)
+    torch.cuda.synchronize()
+    with SyncCounter() as syncs:
+        got = device.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
+        device.get_dn_anchors(gt_cls, gt_box)
+    assert syncs.total == 0, syncs.top()
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+
+
 @pytest.mark.cuda
 def test_cuda_targets_take_one_host_sync_per_step_part():
     """sample_layers (all layers) and get_dn_anchors wait for the device once each; the

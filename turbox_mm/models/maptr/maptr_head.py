@@ -25,8 +25,9 @@ The BEV encoder is not part of this head: the head takes the BEV embedding ``[B,
 - ``'stock'``: upstream's procedure. Per layer and sample: costs, one host copy and scipy;
   targets by boolean masks; the positive count read on the host (``.item()``); every loss
   term computed, the weight-0 ones included.
-- ``'turbox'``: the same numbers without host waits: all layers x samples assigned with one
-  host transfer (:mod:`.maptr_targets`), the positive count a device tensor, mmdet's focal
+- ``'turbox'``: the same numbers without host waits: all layers x samples assigned at once,
+  on the GPU by ``turbox_mm::lsap`` (``matcher='device'``) or with one host transfer
+  (:mod:`.maptr_targets`), the positive count a device tensor, mmdet's focal
   loss through :func:`turbox_mm.models.losses.focal_loss_like_mmdet`, non-finite box targets
   masked rather than indexed away, loss terms whose ``loss_weight`` is 0 returned as a zero
   that keeps the graph (``0 * sum(preds)``) instead of being computed, host ground truth
@@ -56,6 +57,7 @@ from mmengine.model import BaseModule, bias_init_with_prob
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from turbox_mm.models.sparse4d.matching import MATCHERS
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from turbox_mm.utils.upload import upload
@@ -112,6 +114,10 @@ class MapTRHead(BaseModule):
             defaulting to the head's). Needed for the losses.
         test_cfg (dict, optional): Unused (upstream's ``pts`` test config).
         op_impl (str): ``'stock'`` or ``'turbox'`` (module docstring). Defaults to 'stock'.
+        matcher (str): Where ``op_impl='turbox'`` solves the assignments: ``'device'``
+            (``turbox_mm::lsap`` on the GPU, scipy's matches without a host sync; the host
+            path serves tensors its kernel does not run for) or ``'host'`` (scipy after one
+            transfer). The stock path is upstream's either way. Defaults to 'device'.
         in_channels, num_query, as_two_stage: Upstream's arguments: ``in_channels`` must be
             ``embed_dims``; ``num_query`` is ignored (V x P, as upstream); two-stage is not
             supported (MapTR does not use it).
@@ -135,12 +141,15 @@ class MapTRHead(BaseModule):
                  loss_pts: dict = dict(type='turbox_mm.PtsL1Loss', loss_weight=5.0),
                  loss_dir: dict = dict(type='turbox_mm.PtsDirCosLoss', loss_weight=0.005),
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
-                 op_impl: str = 'stock', in_channels: Optional[int] = None,
-                 num_query: Optional[int] = None, as_two_stage: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
+                 op_impl: str = 'stock', matcher: str = 'device',
+                 in_channels: Optional[int] = None, num_query: Optional[int] = None,
+                 as_two_stage: bool = False, init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg)
         name = type(self).__name__
         self.op_impl = check_op_impl(name, op_impl)
+        if matcher not in MATCHERS:
+            raise ValueError(f"{name}: matcher must be 'host' or 'device', got {matcher!r}")
+        self.matcher = matcher
         if as_two_stage:
             raise NotImplementedError(f'{name}: as_two_stage is not supported (MapTR does not '
                                       'use it)')

@@ -1,4 +1,4 @@
-"""MapTR's training targets for every decoder layer and sample at once, with one host transfer.
+"""MapTR's training targets for every decoder layer and sample at once, without a host wait.
 
 Upstream assigns each sample of each decoder layer on its own: a cost matrix copied to the host
 for scipy, six layers x the batch (twice that in v2, with the one-to-many queries), then
@@ -7,10 +7,12 @@ boolean indexing and ``.item()`` reads. Here (the head's ``op_impl='turbox'``):
 - :func:`pad_ground_truth` stacks the batch's instances, padded to the largest count;
 - :func:`assign_batched` prices all layers x samples of every query group (v2: one-to-one and
   one-to-many) with :meth:`MapTRAssigner.cost` (the same element-wise costs as the per-sample
-  path, ``[layers * batch, V, G_max]``), and solves them with
-  :func:`turbox_mm.models.sparse4d.matching.solve_batched`: the first group's matrices are the
-  transfer, the other groups' ride along as its ``extras``; each matrix is solved on its own
-  samples' columns by the same scipy solver, and the pairs go back without a host wait;
+  path, ``[layers * batch, V, G_max]``), and solves each matrix on its own sample's columns:
+  on the device by ``turbox_mm::lsap`` (:func:`turbox_mm.models.sparse4d.matching.
+  solve_on_device`, scipy's matches, no host read), or with scipy after one transfer
+  (:func:`~turbox_mm.models.sparse4d.matching.solve_batched`: the first group's matrices are
+  the transfer, the other groups' ride along as its ``extras``; the pairs go back without a
+  host wait);
 - :func:`build_targets` scatters the targets from the pairs (weights by ``index_fill_``, not
   by assigning a Python scalar, which torch copies from the host); the positive count of each
   layer is counted on the device (a comparison and a sum: ``bincount`` would read its output
@@ -28,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from turbox_mm.models.losses import focal_loss_like_mmdet
-from turbox_mm.models.sparse4d.matching import solve_batched, solve_host
+from turbox_mm.models.sparse4d.matching import (matches_on_device, solve_batched, solve_host,
+                                                solve_on_device)
 from turbox_mm.utils.upload import upload
 from .geometry import denormalize_2d_bbox, denormalize_2d_pts, normalize_2d_bbox, normalize_2d_pts
 
@@ -70,14 +73,17 @@ def pad_ground_truth(gts: Sequence[Tuple[Tensor, Tensor, Tensor]]) -> PaddedGT:
     return PaddedGT(labels.long(), bboxes, shifts, counts)
 
 
-def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, PaddedGT]]
-                   ) -> List[Tuple[Tensor, Tensor]]:
-    """Assign every layer and sample of every group with one device-to-host transfer.
+def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, PaddedGT]],
+                   matcher: str = 'host') -> List[Tuple[Tensor, Tensor]]:
+    """Assign every layer and sample of every group, on the device or with one
+    device-to-host transfer.
 
     Args:
         assigner (MapTRAssigner): Prices the pairs.
         groups: Per query group ``(cls [L, B, V, K], bbox [L, B, V, 4], pts [L, B, V, P, 2],
             gt)``; predictions are detached here.
+        matcher (str): ``'device'`` (:func:`~turbox_mm.models.sparse4d.matching.
+            solve_on_device` where its kernel runs) or ``'host'``. Defaults to 'host'.
 
     Returns:
         list[tuple[Tensor, Tensor]]: Per group, the pairs ``[3, N]`` (matrix ``l * B + b``,
@@ -99,7 +105,10 @@ def assign_batched(assigner, groups: Sequence[Tuple[Tensor, Tensor, Tensor, Padd
     device = groups[0][0].device
     empty = torch.zeros(3, 0, dtype=torch.long, device=device)
     pairs = [empty] * len(groups)
-    if todo:
+    if todo and matches_on_device(costs[0], matcher):
+        for index, cost in zip(todo, costs):
+            pairs[index] = solve_on_device(cost, groups[index][3].counts)
+    elif todo:
         first, *rest = todo
         pairs[first], extras = solve_batched(costs[0], groups[first][3].counts, costs[1:])
         for index, host in zip(rest, extras):
@@ -152,10 +161,12 @@ def build_targets(cls: Tensor, gt: PaddedGT, pairs: Tensor, order_index: Tensor,
 def turbox_losses(head, groups: Sequence[Tuple[Dict[str, Tensor], list]]
                   ) -> List[Dict[str, Tensor]]:
     """The head's loss dicts of query groups ``(preds, [(labels, bboxes, shifts)] per
-    sample)``: one assignment transfer for all, then :func:`layer_losses` per group."""
+    sample)``: one assignment for all (:func:`assign_batched`, on the head's ``matcher``), then
+    :func:`layer_losses` per group."""
     padded = [(preds, pad_ground_truth(gts)) for preds, gts in groups]
     assigned = assign_batched(head.assigner, [
-        (p['all_cls_scores'], p['all_bbox_preds'], p['all_pts_preds'], gt) for p, gt in padded])
+        (p['all_cls_scores'], p['all_bbox_preds'], p['all_pts_preds'], gt) for p, gt in padded],
+        getattr(head, 'matcher', 'host'))
     results = []
     for (preds, gt), (pairs, order_index) in zip(padded, assigned):
         targets = build_targets(preds['all_cls_scores'], gt, pairs, order_index,

@@ -111,6 +111,27 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
     return torch.stack([flat // rows, flat % rows, column[flat]])
 
 
+#: Where the turbox heads solve their matchings: ``'host'`` (scipy after one transfer,
+#: :func:`solve_batched`) or ``'device'`` (``turbox_mm::lsap``, :func:`solve_on_device`).
+MATCHERS = ('host', 'device')
+
+
+def matches_on_device(cost: Tensor, matcher: str = 'device') -> bool:
+    """Whether :func:`solve_on_device` serves ``cost``: ``matcher`` is ``'device'`` and the
+    op's kernel runs for it (a CUDA tensor, Triton importable, ``TURBOX_OPS_REFERENCE``
+    unset); otherwise the host path, whose scipy solve is faster than the op's reference.
+
+    Raises:
+        ValueError: ``matcher`` is not one of :data:`MATCHERS`.
+    """
+    if matcher not in MATCHERS:
+        raise ValueError(f"matcher must be 'host' or 'device', got {matcher!r}")
+    if matcher == 'host':
+        return False
+    from turbox_mm.ops.lsap import fallback_reason
+    return fallback_reason(cost) is None
+
+
 def no_pairs(device: Union[torch.device, str]) -> Pairs:
     """The assignment of a matrix without columns: two empty long tensors on ``device``."""
     empty = torch.zeros(0, dtype=torch.long, device=device)

@@ -107,8 +107,10 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
             values on the host); ``'turbox'`` (``ops.fast``): the same losses with one host
             sync for all layers' matching (:meth:`SparseBox3DTarget.sample_layers`), rows kept
-            by 0/1 weights, and the focal and L1 losses without host reads. Defaults to
-            ``'stock'``.
+            by 0/1 weights, and the focal and L1 losses without host reads; the matchings
+            (one-to-one and denoising) are solved on the GPU by ``turbox_mm::lsap`` where the
+            sampler leaves the choice to the head (``matcher=None``), so the step has no host
+            sync for them. Defaults to ``'stock'``.
         init_cfg (dict, optional): mmengine init config. Defaults to None.
     """
 
@@ -170,6 +172,8 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
         self.instance_bank = MODELS.build(instance_bank)
         self.anchor_encoder = MODELS.build(anchor_encoder)
         self.sampler = TASK_UTILS.build(sampler) if sampler is not None else None
+        if getattr(self.sampler, 'matcher', 'host') is None:  # the sampler leaves it to us
+            self.sampler.matcher = 'device' if self.op_impl == 'turbox' else 'host'
         self.decoder = TASK_UTILS.build(decoder if decoder is not None else
                                         dict(type='turbox_mm.SparseBox3DDecoder'))
         self.loss_cls = MODELS.build(loss_cls) if loss_cls is not None else None

@@ -23,7 +23,9 @@ from torch import Tensor
 from turbox_mm.registry import TASK_UTILS
 from turbox_mm.utils.upload import device_constant, upload
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
-from .matching import INVALID_COST, Pairs, group_pairs, no_pairs, solve, solve_batched
+from turbox_mm.utils.deferred_check import DeferredCheck
+from .matching import (INVALID_COST, MATCHERS, Pairs, group_pairs, matches_on_device, no_pairs,
+                       solve, solve_batched, solve_on_device)
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
@@ -69,6 +71,15 @@ class SparseBox3DTarget(TemporalDnMixin):
             denoising queries. Defaults to 32.
         add_neg_dn (bool): Add the negative copies. Defaults to True.
         num_classes (int): Classes; the background label of :meth:`sample`. Defaults to 10.
+        matcher (str, optional): Where :meth:`sample_layers` and :meth:`get_dn_anchors` solve
+            their matchings: ``'host'`` (scipy after one device-to-host transfer, the step's
+            sync) or ``'device'`` (``turbox_mm::lsap``: the same matches, no host read; the
+            host path still serves tensors the op's kernel does not run for, CPU ones). None
+            (the default) lets the owning head choose: ``Sparse4DHead`` picks ``'device'``
+            with ``op_impl='turbox'``, ``'host'`` otherwise; alone, None means ``'host'``. On
+            the device path the label-range check reads its flags when they have reached the
+            host (:class:`~turbox_mm.utils.deferred_check.DeferredCheck`): a bad label raises
+            its error a step or a few later.
 
     :attr:`indices` holds the matches of the last :meth:`sample` call (the last layer's after
     :meth:`sample_layers`), which SparseDrive's motion loss reads: per sample ``(query_idx,
@@ -104,7 +115,8 @@ class SparseBox3DTarget(TemporalDnMixin):
                  dn_noise_scale: Union[float, Sequence[float]] = 0.5,
                  max_dn_gt: int = 32,
                  add_neg_dn: bool = True,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10,
+                 matcher: Optional[str] = None) -> None:
         if num_dn_groups < 0 or num_temp_dn_groups < 0:
             raise ValueError(f'SparseBox3DTarget: num_dn_groups ({num_dn_groups}) and '
                              f'num_temp_dn_groups ({num_temp_dn_groups}) must be >= 0')
@@ -131,6 +143,11 @@ class SparseBox3DTarget(TemporalDnMixin):
         self.max_dn_gt = int(max_dn_gt)
         self.add_neg_dn = bool(add_neg_dn)
         self.num_classes = int(num_classes)
+        if matcher is not None and matcher not in MATCHERS:
+            raise ValueError(f"SparseBox3DTarget: matcher must be 'host', 'device' or None, "
+                             f'got {matcher!r}')
+        self.matcher = matcher
+        self._label_checks = DeferredCheck()
         self.dn_metas: Optional[Dict[str, Optional[Tensor]]] = None
         self.indices: Optional[List[Pairs]] = None
 
@@ -245,6 +262,20 @@ class SparseBox3DTarget(TemporalDnMixin):
         for i in np.flatnonzero(bad.numpy()):
             raise ValueError(f'SparseBox3DTarget: cls_target[{i}] holds labels outside '
                              f'[0, {self.num_classes}): {cls_target[i].tolist()}')
+
+    def _solve_checked(self, cost: Tensor, sizes: Sequence[int], bad: Tensor,
+                       cls_target: Sequence[Tensor]) -> Tensor:
+        """The pairs of :func:`solve_batched` for ``cost`` on :attr:`matcher`'s side, with the
+        label-range check of ``bad`` (:meth:`_bad_labels`): at once after the host path's
+        transfer, deferred on the device path (no wait)."""
+        if matches_on_device(cost, self.matcher or 'host'):
+            pairs = solve_on_device(cost, sizes)
+            targets = [c.detach() for c in cls_target]  # for the error message only
+            self._label_checks.push(bad, lambda flags: self._check_labels(flags, targets))
+            return pairs
+        pairs, (bad, ) = solve_batched(cost, sizes, extras=(bad, ))
+        self._check_labels(bad, cls_target)
+        return pairs
 
     def _padded_gts(self, cls_target: Sequence[Tensor], box_target: Sequence[Tensor],
                     device: torch.device, dtype: torch.dtype,
@@ -388,8 +419,7 @@ class SparseBox3DTarget(TemporalDnMixin):
                 torch.gather(self._class_costs(c), -1, index) * self.cls_weight +
                 self._box_cost(b, target, weights) for c, b in zip(cls_preds, box_preds)
             ]).flatten(0, 1)
-            pairs, (bad,) = solve_batched(cost, sizes, extras=(bad, ))
-            self._check_labels(bad, cls_target)
+            pairs = self._solve_checked(cost, sizes, bad, cls_target)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt = pairs[1], pairs[2]
             out_cls[layer, sample, query] = labels[sample, gt]
@@ -488,8 +518,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         # back as one index tensor: the matched GT slot of each anchor, -1 where unmatched.
         bad = self._bad_labels(labels[:batch], [c.shape[0] for c in cls_target])
         cost = self._box_cost(anchors, gt_box, torch.ones_like(gt_box))
-        pairs, (bad,) = solve_batched(cost, [num_gt], extras=(bad, ))
-        self._check_labels(bad, cls_target)
+        pairs = self._solve_checked(cost, [num_gt], bad, cls_target)
         matched = torch.full(anchors.shape[:2], -1, dtype=torch.long, device=device)
         matched[pairs[0], pairs[1]] = pairs[2]
         hit = matched >= 0
