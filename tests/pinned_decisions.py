@@ -56,9 +56,16 @@ class DecisionPins:
         import importlib
         from unittest import mock
         with contextlib.ExitStack() as stack:
+            from turbox_mm.models.sparse4d import matching
             for name in SOLVE_MODULES:
-                stack.enter_context(mock.patch.object(importlib.import_module(name), 'solve',
-                                                      solve))
+                module = importlib.import_module(name)
+                stack.enter_context(mock.patch.object(module, 'solve', solve))
+                if hasattr(module, 'solve_on_device'):
+                    # the GPU matcher's pairs are scipy's: taken by the host path here, so
+                    # that each matrix is one pinned decision
+                    stack.enter_context(mock.patch.object(
+                        module, 'solve_on_device',
+                        lambda cost, num_cols: matching.solve_batched(cost, num_cols)[0]))
             for name in MODE_MODULES:
                 stack.enter_context(mock.patch.object(importlib.import_module(name),
                                                       'best_mode', best_mode))

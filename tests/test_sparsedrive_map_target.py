@@ -239,6 +239,28 @@ def test_sample_layers_takes_flat_gt_and_unequal_order_counts():
                                                      target.sample(c, p, labels, short)))
 
 
+@pytest.mark.parametrize('num_gts', [[3, 0], [8, 1], [0, 0]])
+def test_device_matcher_gives_the_host_targets(num_gts):
+    """matcher='device' (turbox_mm::lsap in Triton's interpreter here): the host path's
+    targets and indices; a bad label still raises its named error (CPU flags: at once)."""
+    from turbox_mm.ops import dispatch
+    cls, pts, labels, gt = _layer_case(sum(num_gts) + 40, num_gts)
+    host, device = SparsePoint3DTarget(matcher='host'), SparsePoint3DTarget(matcher='device')
+    want = host.sample_layers(cls, pts, labels, gt)
+    with dispatch.kernel_on_cpu():
+        got = device.sample_layers(cls, pts, labels, gt)
+        if sum(num_gts):
+            bad = [torch.full_like(labels[0], 3), *labels[1:]] if num_gts[0] else None
+            if bad is not None:
+                with pytest.raises(ValueError, match=r'gt labels\[0\] hold values outside'):
+                    device.sample_layers(cls, pts, bad, gt)
+    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+    for (q1, g1), (q2, g2) in zip(device.indices, host.indices):
+        assert torch.equal(q1, q2) and torch.equal(g1, g2)
+    with pytest.raises(ValueError, match="matcher must be 'host', 'device' or None"):
+        SparsePoint3DTarget(matcher='gpu')
+
+
 def test_sample_layers_needs_one_host_copy():
     """The CPU stand-in for CUDA's sync count: only solve_batched's copies of the costs (and
     of the label check riding along, non-blocking on CUDA); sample() copies per sample and

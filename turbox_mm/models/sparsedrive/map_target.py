@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from turbox_mm.models.sparse4d.matching import (Pairs, group_pairs, no_pairs, solve,
-                                                solve_batched)
+from turbox_mm.models.sparse4d.matching import (MATCHERS, Pairs, group_pairs,
+                                                matches_on_device, no_pairs, solve,
+                                                solve_batched, solve_on_device)
 from turbox_mm.registry import TASK_UTILS
+from turbox_mm.utils.deferred_check import DeferredCheck
 from turbox_mm.utils.upload import upload
 from .map_match_cost import MapQueriesCost, build_lines_cost, normalize_lines
 
@@ -58,6 +60,11 @@ class SparsePoint3DTarget:
         num_sample (int): Points per polyline. Defaults to 20.
         roi_size (tuple[float, float]): ``(W, H)`` x and y extents of the map ROI in metres.
             Defaults to ``(30, 60)``.
+        matcher (str, optional): Where :meth:`sample_layers` solves: ``'host'`` (scipy after
+            one transfer) or ``'device'`` (``turbox_mm::lsap``, no host read; the label check
+            then runs once its flags reach the host, a step or a few later). None (the
+            default) lets the head choose (``Sparse4DHead``: ``'device'`` with
+            ``op_impl='turbox'``); alone it means ``'host'``.
 
     Attributes:
         indices (list[tuple[Tensor, Tensor]] or None): Per sample of the last call (for
@@ -85,7 +92,13 @@ class SparsePoint3DTarget:
                  num_temp_dn_groups: int = 0,
                  num_cls: int = 3,
                  num_sample: int = 20,
-                 roi_size: Sequence[float] = (30, 60)) -> None:
+                 roi_size: Sequence[float] = (30, 60),
+                 matcher: Optional[str] = None) -> None:
+        if matcher is not None and matcher not in MATCHERS:
+            raise ValueError(f"SparsePoint3DTarget: matcher must be 'host', 'device' or None, "
+                             f'got {matcher!r}')
+        self.matcher = matcher
+        self._label_checks = DeferredCheck()
         if num_dn_groups != 0 or num_temp_dn_groups != 0:
             raise ValueError(f'SparsePoint3DTarget: map denoising is not supported (upstream '
                              f'has none); num_dn_groups ({num_dn_groups}) and '
@@ -249,6 +262,12 @@ class SparsePoint3DTarget:
         lines = pad_sequence(lines, batch_first=True)
         return upload(labels, device), upload(lines, device)
 
+    def _check_labels(self, bad: Tensor, cls_target: Sequence[Tensor]) -> None:
+        """The named error for the first sample whose host flag in ``bad`` is set."""
+        for i in np.flatnonzero(bad.numpy())[:1]:
+            raise ValueError(f'SparsePoint3DTarget: gt labels[{i}] hold values outside '
+                             f'[0, {self.num_cls}): {cls_target[i].tolist()}')
+
     def sample_layers(self, cls_preds: Sequence[Tensor], pts_preds: Sequence[Tensor],
                       cls_target: Sequence[Tensor], pts_target: Sequence[Tensor]
                       ) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -301,10 +320,13 @@ class SparsePoint3DTarget:
                                     safe, gt_norm) for c, p in zip(cls_preds, pts_preds)]
             cost = torch.stack([c for c, _ in priced]).flatten(0, 1)  # [L * B, M, G], layer-major
             order = torch.stack([o for _, o in priced])  # [L, B, M, G]
-            pairs, (bad, ) = solve_batched(cost, sizes, extras=(bad, ))
-            for i in np.flatnonzero(bad.numpy())[:1]:  # on the host: the named error
-                raise ValueError(f'SparsePoint3DTarget: gt labels[{i}] hold values outside '
-                                 f'[0, {self.num_cls}): {cls_target[i].tolist()}')
+            if matches_on_device(cost, self.matcher or 'host'):
+                pairs = solve_on_device(cost, sizes)
+                targets = [c.detach() for c in cls_target]  # for the error message only
+                self._label_checks.push(bad, lambda flags: self._check_labels(flags, targets))
+            else:
+                pairs, (bad, ) = solve_batched(cost, sizes, extras=(bad, ))
+                self._check_labels(bad, cls_target)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt_idx = pairs[1], pairs[2]
             out_cls[layer, sample, query] = labels[sample, gt_idx]
