@@ -49,11 +49,11 @@ def _lsap_kernel(cost_ptr, rows_ptr, cols_ptr, out_ptr, R, C, s_p, s_r, s_c, so_
     for start in range(0, R, BLOCK):
         tl.store(out + start + lanes, tl.full((BLOCK, ), -1, tl.int64), mask=start + lanes < R)
     # a non-finite cost anywhere in the block: the problem is not solved
-    num_bad = tl.zeros((), tl.int32)
+    bad = tl.zeros((BLOCK, ), tl.int32)
     for i in range(0, work_rows):
         c = tl.load(base + i * stride_row + col_offset, mask=live, other=0.0).to(tl.float64)
-        num_bad += tl.sum((~(tl.abs(c) < _INF)).to(tl.int32), axis=0)  # NaN or +-inf
-    solve_rows = tl.where(num_bad == 0, work_rows, 0)
+        bad += (~(tl.abs(c) < _INF)).to(tl.int32)  # NaN or +-inf
+    solve_rows = tl.where(tl.sum(bad, axis=0) == 0, work_rows, 0)
 
     inf = tl.full((BLOCK, ), _INF, tl.float64)
     zero = tl.zeros((BLOCK, ), tl.float64)
@@ -78,20 +78,22 @@ def _lsap_kernel(cost_ptr, rows_ptr, cols_ptr, out_ptr, R, C, s_p, s_r, s_c, so_
             path_cost = tl.where(better, reduced, path_cost)
             lowest = tl.min(tl.where(taken, inf, path_cost), axis=0)
             tied = (~taken) & (path_cost == lowest)
-            free_tied = tied & (row_of_col < 0)
-            last_free = tl.max(tl.where(free_tied, position, -1), axis=0)
-            first_tied = tl.min(tl.where(tied, position, BLOCK), axis=0)
-            chosen = tl.where(last_free >= 0, last_free, first_tied)
-            col = tl.sum(tl.where((~taken) & (position == chosen), lanes, 0), axis=0)
+            # position and lane in one key: one reduction picks the column and its position
+            key = position * BLOCK + lanes
+            last_free = tl.max(tl.where(tied & (row_of_col < 0), key, -1), axis=0)
+            first_tied = tl.min(tl.where(tied, key, BLOCK * BLOCK), axis=0)
+            found_free = last_free >= 0
+            chosen_key = tl.where(found_free, last_free, first_tied)
+            col = chosen_key % BLOCK
+            chosen = chosen_key // BLOCK
             min_val = lowest
             position = tl.where((~taken) & (position == left - 1), chosen, position)
             taken = taken | (lanes == col)
             left -= 1
-            held_by = _take(row_of_col, lanes, col)
-            if held_by < 0:
+            if found_free:
                 sink = col
-            else:
-                row = held_by
+            else:  # a held column: go on from the row that holds it
+                row = _take(row_of_col, lanes, col)
                 u_row = _take(u_of_col, lanes, col)
         u_current = min_val
         real = lanes < work_cols
