@@ -424,3 +424,34 @@ def test_v2_auxiliary_segmentation_heads_and_losses():
         stock.train().loss(x, samples, img_feats=img_feats)
     with pytest.raises(ValueError, match='bev_seg or pv_seg'):
         MODELS.build(head_cfg(v2=True, aux_seg=dict(use_aux_seg=True)))
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(num_pts_per_vec=PTS + 3),
+                                dict(loss_bbox=dict(type='mmdet.L1Loss', loss_weight=0.25))])
+def test_all_layers_at_once_equals_layer_by_layer(monkeypatch, kw):
+    """The turbox losses of all layers in one pass (upstream's loss configuration) against
+    the layer-by-layer loop: values and gradients, points interpolated to the ground truth's
+    count too; a configuration the batched path does not know (a weighted box term) takes the
+    loop."""
+    from turbox_mm.models.maptr import maptr_targets
+    _, turbox = build_pair(v2=True, **kw)
+    batchable = maptr_targets._layers_batchable
+    gts = [map_gt(3, 0), map_gt(0, 1), map_gt(5, 2)]
+    x = bev(3)
+    results = []
+    for use_batched in (True, False):
+        monkeypatch.setattr(maptr_targets, '_layers_batchable',
+                            batchable if use_batched else (lambda head, preds: False))
+        turbox.zero_grad()
+        out = turbox.loss_by_feat(turbox(x), gts)
+        sum(out.values()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in turbox.named_parameters()
+                              if p.grad is not None}))
+    (batched, batched_grads), (loop, loop_grads) = results
+    assert sorted(batched) == sorted(loop)
+    for key in loop:
+        torch.testing.assert_close(batched[key], loop[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert batched_grads.keys() == loop_grads.keys()
+    for name, grad in loop_grads.items():
+        torch.testing.assert_close(batched_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert batchable(turbox, turbox(x)) == ('loss_bbox' not in kw)

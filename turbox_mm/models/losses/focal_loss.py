@@ -18,7 +18,8 @@ from turbox_mm.ops.sigmoid_focal import sigmoid_focal
 
 def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tensor,
                           weight: Optional[Tensor] = None,
-                          avg_factor: Optional[Tensor] = None) -> Tensor:
+                          avg_factor: Optional[Tensor] = None,
+                          reduction_override: Optional[str] = None) -> Tensor:
     """``loss_cls(pred, target, weight=weight, avg_factor=avg_factor)`` without host syncs.
 
     For mmdet's ``FocalLoss`` with ``use_sigmoid=True`` on CUDA tensors: the same loss as
@@ -31,6 +32,8 @@ def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tenso
         target (Tensor): ``[N]`` long labels (``C`` or beyond: background).
         weight (Tensor, optional): ``[N]`` per-row weights. Defaults to None.
         avg_factor (Tensor, optional): The normaliser. Defaults to None.
+        reduction_override (str, optional): ``'none'``, ``'mean'`` or ``'sum'`` instead of
+            the loss's own reduction, as mmdet's losses take it. Defaults to None.
 
     Returns:
         Tensor: The loss (scalar for ``reduction='mean'`` / ``'sum'``).
@@ -39,7 +42,9 @@ def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tenso
     from mmdet.models.losses.utils import weight_reduce_loss
     if type(loss_cls) is not FocalLoss or not loss_cls.use_sigmoid or loss_cls.activated or \
             not _on_gpu(pred) or pred.dim() != 2 or target.dim() != 1:
-        return loss_cls(pred, target, weight=weight, avg_factor=avg_factor)
+        override = {} if reduction_override is None else dict(
+            reduction_override=reduction_override)  # a loss may not take the argument
+        return loss_cls(pred, target, weight=weight, avg_factor=avg_factor, **override)
     loss = sigmoid_focal(pred, target, float(loss_cls.gamma), float(loss_cls.alpha))
     if weight is not None and weight.shape != loss.shape:  # mmdet's sigmoid_focal_loss
         if weight.size(0) == loss.size(0):
@@ -49,8 +54,8 @@ def focal_loss_like_mmdet(loss_cls: torch.nn.Module, pred: Tensor, target: Tenso
                 raise ValueError(f'focal loss: weight of shape {tuple(weight.shape)} fits '
                                  f'neither the rows nor the elements of {tuple(loss.shape)}')
             weight = weight.view(loss.size(0), -1)
-    return loss_cls.loss_weight * weight_reduce_loss(loss, weight, loss_cls.reduction,
-                                                     avg_factor)
+    return loss_cls.loss_weight * weight_reduce_loss(
+        loss, weight, reduction_override or loss_cls.reduction, avg_factor)
 
 
 def _on_gpu(pred: Tensor) -> bool:
