@@ -188,6 +188,31 @@ def test_solve_on_device_gives_solve_batched_pairs():
         assert got.dtype == torch.long and torch.equal(got, want), counts
 
 
+def test_solve_on_device_checks_its_first_call_against_scipy(monkeypatch):
+    """A kernel that disagreed with scipy raises at the first call on a device, naming the
+    matrix, rather than training on wrong matches; later calls are not checked (no sync)."""
+    from turbox_mm.models.sparse4d import matching
+    from turbox_mm.ops import lsap
+    monkeypatch.setattr(matching, '_CHECKED_DEVICES', set())
+    cost = torch.from_numpy(_problems(13, 3, 5, 4, 'random'))
+    right = lsap.linear_sum_assignment
+
+    def wrong(c, r, k):
+        out = right(c, r, k)
+        out[1] = out[1].roll(1)  # matrix 1's columns shuffled among its rows
+        return out
+
+    monkeypatch.setattr(lsap, 'linear_sum_assignment', wrong)
+    with quiet_on_path('kernel'):
+        with pytest.raises(RuntimeError, match=r'differ first in matrix 1 of 3'):
+            matching.solve_on_device(cost, [4])
+        monkeypatch.setattr(lsap, 'linear_sum_assignment', right)
+        matching.solve_on_device(cost, [4])  # checked once, passes, recorded
+        assert matching._CHECKED_DEVICES == {'cpu'}
+        monkeypatch.setattr(lsap, 'linear_sum_assignment', wrong)
+        matching.solve_on_device(cost, [4])  # not checked again
+
+
 # -- sm_90 compile of the kernel at the launch's specialisation ---------------------------------
 
 COMPILE_SCRIPT = r'''

@@ -84,6 +84,10 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
     are (``min(Q, num_cols[r])`` for matrix ``r``) is known on the host, so cutting them out
     of the per-row result needs no wait either.
 
+    The first call on each device checks its pairs against :func:`solve_batched`'s (one
+    host sync, once per process and device): a kernel that disagreed with scipy there would
+    otherwise train on wrong matches without a sign.
+
     Args:
         cost (Tensor): ``[R, Q, N]`` costs (any float dtype).
         num_cols (Sequence[int]): Valid columns of each matrix, cycled over ``R``.
@@ -91,6 +95,10 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
     Returns:
         Tensor: ``[3, K]`` int64 on ``cost``'s device: matrix, row and column of every
         assigned pair.
+
+    Raises:
+        RuntimeError: The first call's pairs differ from scipy's (names the device and the
+            first differing matrix; ``matcher='host'`` avoids the kernel).
 
     Examples:
         >>> cost = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 5.0], [9.0, 9.0]]])
@@ -108,7 +116,31 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
                                    upload(cols, device)).flatten()
     # the assigned rows in (matrix, row) order: a stable sort puts them first
     flat = torch.sort((column < 0).to(torch.uint8), stable=True).indices[:count]
-    return torch.stack([flat // rows, flat % rows, column[flat]])
+    pairs = torch.stack([flat // rows, flat % rows, column[flat]])
+    if str(device) not in _CHECKED_DEVICES:
+        _check_against_scipy(pairs, cost, num_cols)
+        _CHECKED_DEVICES.add(str(device))
+    return pairs
+
+
+#: Devices whose first :func:`solve_on_device` call was checked against scipy.
+_CHECKED_DEVICES = set()
+
+
+def _check_against_scipy(pairs: Tensor, cost: Tensor, num_cols: Sequence[int]) -> None:
+    """Raise unless ``pairs`` are :func:`solve_batched`'s pairs of the same costs."""
+    want, _ = solve_batched(cost, num_cols)
+    if pairs.shape == want.shape and torch.equal(pairs, want):
+        return
+    got = pairs.cpu()
+    want = want.cpu()
+    differ = [r for r in range(cost.shape[0])
+              if not torch.equal(got[1:, got[0] == r], want[1:, want[0] == r])]
+    raise RuntimeError(f'turbox_mm::lsap on {cost.device} assigned {got.shape[1]} pairs, '
+                       f'scipy {want.shape[1]}; they differ first in matrix '
+                       f'{differ[0] if differ else "?"} of {cost.shape[0]} '
+                       f'({tuple(cost.shape[1:])} costs). Set the matcher to \'host\' to '
+                       f'solve with scipy, and report this.')
 
 
 #: Where the turbox heads solve their matchings: ``'host'`` (scipy after one transfer,
