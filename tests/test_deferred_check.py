@@ -19,6 +19,50 @@ def test_host_flags_are_checked_at_once():
         checks.push(torch.tensor([False, True]), _raise_if_any)
 
 
+class _FakeEvent:
+    """A CUDA event stand-in: arrived once ``done`` is set."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def _queue(checks, flags, check):
+    """Queue ``check`` as a CUDA push would (host copy, event), without a GPU."""
+    event = _FakeEvent()
+    checks._pending.append((flags, event, check))
+    deferred_check._LIVE.add(checks)
+    return event
+
+
+def test_a_raising_check_leaves_the_later_ones_queued_and_flush_all_runs_them():
+    checks, seen = DeferredCheck(), []
+
+    def named(name):
+        def check(flags):
+            seen.append(name)
+            _raise_if_any(flags)
+        return check
+
+    first = _queue(checks, torch.tensor([True]), named('step1'))
+    second = _queue(checks, torch.tensor([True]), named('step2'))
+    _queue(checks, torch.tensor([False]), named('step3'))
+    checks.flush()  # nothing has arrived: nothing runs
+    assert seen == [] and len(checks) == 3
+    first.done = second.done = True
+    with pytest.raises(ValueError, match='bad sample 0'):
+        checks.flush()
+    assert seen == ['step1'] and len(checks) == 2  # step 2 and 3 still queued
+    with pytest.raises(ValueError, match='bad sample 0'):
+        deferred_check.flush_all()  # at exit: waits for all, raises the first error
+    assert seen == ['step1', 'step2', 'step3'] and len(checks) == 0
+
+
 @pytest.mark.cuda
 def test_cuda_flags_are_checked_later_without_a_wait_and_never_dropped():
     from turbox_mm.benchmark.syncs import SyncCounter

@@ -106,7 +106,7 @@ def test_non_contiguous_costs_and_sizes():
 def test_empty_problems_and_sizes_outside_the_shape():
     cost = torch.from_numpy(_problems(4, 4, 5, 6, 'random'))
     # no rows, no columns, sizes above the shape (clamped), negative sizes (clamped to 0)
-    rows, cols = torch.tensor([0, 5, 99, -3]), torch.tensor([6, 0, 99, 6])
+    rows, cols = torch.tensor([0, 5, 2**32 + 1, -3]), torch.tensor([6, 0, 2**31, 6])
     want = _scipy(cost.numpy(), [0, 5, 5, 0], [6, 0, 6, 6])
     assert (want[[0, 1, 3]] == -1).all()
     for path in ('kernel', 'reference'):
@@ -181,11 +181,15 @@ def test_solve_on_device_gives_solve_batched_pairs():
     cost = torch.from_numpy(_problems(12, 6, 9, 5, 'mixed')).float()
     cost[1, 2, 0] = float('inf')
     cost[4, 0, 1] = float('nan')
-    for counts in ([5, 0, 3], [2], [0]):
+    for counts in ([5, 0, 3], [2], [0], [7, 0, 4]):  # counts beyond the columns: clamped
         want, _ = solve_batched(cost, counts)
         with quiet_on_path('kernel'):
             got = solve_on_device(cost, counts)
         assert got.dtype == torch.long and torch.equal(got, want), counts
+    for bad in ([3, -1], []):
+        for solver in (solve_on_device, solve_batched):
+            with pytest.raises(ValueError, match='num_cols must hold one or more counts'):
+                solver(cost, bad)
 
 
 def test_solve_on_device_checks_its_first_call_against_scipy(monkeypatch):

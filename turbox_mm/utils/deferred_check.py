@@ -6,9 +6,15 @@ memory without a wait and runs the host-side check once they have arrived: at th
 :meth:`~DeferredCheck.push` whose copy is done, at the latest when
 :data:`MAX_PENDING` checks are waiting (then it waits for the oldest), or at
 :meth:`~DeferredCheck.flush` with ``wait=True``. A bad input therefore still raises its named
-error, a step or a few later than a synchronous check would; nothing is dropped.
+error, a step or a few later than a synchronous check would (the steps in between have used
+it: a label check's caller must keep such labels harmless meanwhile, as the heads clamp
+them). Nothing is dropped: the checks still waiting when the process exits run then
+(:func:`flush_all`, registered with ``atexit``), and a check that raises leaves the later ones
+queued.
 """
+import atexit
 import collections
+import weakref
 from typing import Callable, Deque, Tuple
 
 import torch
@@ -16,6 +22,25 @@ from torch import Tensor
 
 #: How many checks may wait for their copy before a push waits for the oldest.
 MAX_PENDING = 4
+#: Every DeferredCheck that has queued a device check (for :func:`flush_all`).
+_LIVE: 'weakref.WeakSet[DeferredCheck]' = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Wait for and run every queued check of every :class:`DeferredCheck` (at exit; callers
+    that end a run early may call it too). The first error raises after all have run."""
+    first = None
+    for checks in list(_LIVE):
+        while len(checks):
+            try:
+                checks.flush(wait=True)
+            except Exception as error:  # keep running the others, report the first
+                first = first or error
+    if first is not None:
+        raise first
+
+
+atexit.register(flush_all)
 
 
 class DeferredCheck:
@@ -39,17 +64,20 @@ class DeferredCheck:
     def push(self, flags: Tensor, check: Callable[[Tensor], None]) -> None:
         """Queue ``check`` on a host copy of ``flags`` (run at once for host flags), after the
         earlier checks that have arrived."""
-        self.flush()
         if flags.device.type != 'cuda':
+            self.flush()
             check(flags.detach().cpu())
             return
         host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags.detach(), non_blocking=True)
         arrived = torch.cuda.Event()
         arrived.record(torch.cuda.current_stream(flags.device))
+        # queued before any earlier check runs: an earlier check that raises cannot lose it
         self._pending.append((host, arrived, check))
+        _LIVE.add(self)
         while len(self._pending) > MAX_PENDING:
             self._run_oldest(wait=True)
+        self.flush()
 
     def flush(self, wait: bool = False) -> None:
         """Run the queued checks whose flags have arrived, oldest first; with ``wait``, wait

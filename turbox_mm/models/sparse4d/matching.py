@@ -41,6 +41,7 @@ def solve_host(cost: np.ndarray, num_cols: Sequence[int]) -> np.ndarray:
         >>> solve_host(cost, [2, 1]).tolist()  # matrix 1 keeps only its first column
         [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
     """
+    _check_counts(num_cols)
     found = []
     for r in range(cost.shape[0]):
         cols = int(num_cols[r % len(num_cols)])
@@ -72,6 +73,13 @@ def solve_batched(cost: Tensor, num_cols: Sequence[int],
     extras_host = [e.detach().to('cpu', non_blocking=device.type == 'cuda') for e in extras]
     host = cost.detach().to('cpu', torch.float64).numpy()  # the one sync
     return upload(solve_host(host, num_cols), device), extras_host
+
+
+def _check_counts(num_cols: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``num_cols`` holds one or more counts, none negative."""
+    if len(num_cols) == 0 or min(int(c) for c in num_cols) < 0:
+        raise ValueError(f'matching: num_cols must hold one or more counts >= 0, got '
+                         f'{list(num_cols)}')
 
 
 def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
@@ -108,7 +116,9 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
     from turbox_mm.ops.lsap import linear_sum_assignment
     matrices, rows = cost.shape[:2]
     device = cost.device
-    cols = np.resize(np.asarray(num_cols, np.int64), matrices)
+    _check_counts(num_cols)
+    # as solve_host slices: at most the tensor's columns
+    cols = np.minimum(np.resize(np.asarray(num_cols, np.int64), matrices), cost.shape[2])
     count = int(np.minimum(cols, rows).sum())
     work = cost.detach().to(torch.float64)
     work = torch.where(torch.isfinite(work), work, INVALID_COST)

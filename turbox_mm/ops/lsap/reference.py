@@ -5,8 +5,10 @@ What is solved: for each problem ``p`` of a padded batch ``cost [P, R, C]``, the
 first ``num_rows[p]`` rows and ``num_cols[p]`` columns gets a minimum-cost assignment of
 ``min(rows, cols)`` pairs, one per row or column, as scipy's ``linear_sum_assignment`` finds
 it. The result is the **same assignment as scipy's**, ties included, not merely one of equal
-cost: the algorithm below is the one scipy 1.x implements (the shortest augmenting path
-method of Crouse, "On implementing 2D rectangular assignment algorithms", 2016), step for
+cost: the algorithm below is the one scipy implements (the shortest augmenting path method
+of Crouse, "On implementing 2D rectangular assignment algorithms", 2016; checked against
+scipy 1.17's ``rectangular_lsap.cpp``, and tested against the installed scipy; older
+releases subtracted the matrix minimum first, which breaks some ties differently), step for
 step, in float64, with the same order of floating-point operations and the same choice among
 equal path costs. So integer costs, or copies of one row, give scipy's pairs.
 

@@ -14,6 +14,8 @@ sequential algorithm's, a few reductions per search step. A batch of a training 
 problems of up to ~1000 columns) takes on the order of a millisecond and, above all, needs no
 host: the assignment stays on the device.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -34,8 +36,9 @@ def _lsap_kernel(cost_ptr, rows_ptr, cols_ptr, out_ptr, R, C, s_p, s_r, s_c, so_
                  BLOCK: tl.constexpr):
     p = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
-    num_rows = tl.minimum(tl.maximum(tl.load(rows_ptr + p).to(tl.int32), 0), R)
-    num_cols = tl.minimum(tl.maximum(tl.load(cols_ptr + p).to(tl.int32), 0), C)
+    # clamped in the sizes' own dtype (int64 sizes beyond int32 must not wrap), then narrowed
+    num_rows = tl.minimum(tl.maximum(tl.load(rows_ptr + p), 0), R).to(tl.int32)
+    num_cols = tl.minimum(tl.maximum(tl.load(cols_ptr + p), 0), C).to(tl.int32)
     transposed = num_cols < num_rows
     work_rows = tl.minimum(num_rows, num_cols)
     work_cols = tl.maximum(num_rows, num_cols)
@@ -127,7 +130,10 @@ def lsap(cost: torch.Tensor, num_rows: torch.Tensor, num_cols: torch.Tensor) -> 
         return out
     block = max(next_power_of_2(max(rows, cols)), 16)
     num_rows, num_cols = num_rows.contiguous(), num_cols.contiguous()  # read at p, not by stride
-    _lsap_kernel[(problems, )](cost, num_rows, num_cols, out, rows, cols, cost.stride(0),
-                               cost.stride(1), cost.stride(2), out.stride(0), BLOCK=block,
-                               num_warps=4 if block <= 1024 else 8)
+    # Triton launches on the current device: make it the tensors' one
+    guard = torch.cuda.device(cost.device) if cost.is_cuda else contextlib.nullcontext()
+    with guard:
+        _lsap_kernel[(problems, )](cost, num_rows, num_cols, out, rows, cols, cost.stride(0),
+                                   cost.stride(1), cost.stride(2), out.stride(0), BLOCK=block,
+                                   num_warps=4 if block <= 1024 else 8)
     return out
