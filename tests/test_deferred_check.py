@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from fake_event import FakeEvent
+
 from turbox_mm.utils import deferred_check
 from turbox_mm.utils.deferred_check import DeferredCheck
 
@@ -19,22 +21,9 @@ def test_host_flags_are_checked_at_once():
         checks.push(torch.tensor([False, True]), _raise_if_any)
 
 
-class _FakeEvent:
-    """A CUDA event stand-in: arrived once ``done`` is set."""
-
-    def __init__(self):
-        self.done = False
-
-    def query(self):
-        return self.done
-
-    def synchronize(self):
-        self.done = True
-
-
 def _queue(checks, flags, check):
     """Queue ``check`` as a CUDA push would (host copy, event), without a GPU."""
-    event = _FakeEvent()
+    event = FakeEvent()
     checks._pending.append((flags, event, check))
     deferred_check._LIVE.add(checks)
     return event

@@ -80,17 +80,8 @@ def test_logs_and_checkpointed_history_equal_mmengine_hook(tmp_path):
 def test_values_wait_for_the_flush_and_arrive_in_order():
     from mmengine.logging import MessageHub
 
+    from fake_event import FakeEvent
     from turbox_mm.engine.async_scalars import AsyncScalars
-
-    class Event:
-        def __init__(self):
-            self.done = False
-
-        def query(self):
-            return self.done
-
-        def synchronize(self):
-            self.done = True
 
     class CPUScalars(AsyncScalars):
         ASYNC_DEVICES = ('cpu', )
@@ -99,7 +90,7 @@ def test_values_wait_for_the_flush_and_arrive_in_order():
             return torch.zeros(self.capacity, width, dtype=torch.float64)
 
         def _record_event(self, device):
-            return Event()
+            return FakeEvent()
 
     hub = MessageHub.get_instance('test_runtime_info_hook_order')
     log = CPUScalars(hub, capacity=8)

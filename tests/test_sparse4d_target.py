@@ -577,6 +577,11 @@ def _layer_case(seed=0, layers=3, queries=12):
     return cls_preds, box_preds, gt_cls, gt_box
 
 
+def _cuda_layer_case():
+    """:func:`_layer_case` at Sparse4D's size (6 layers, 900 queries), on the GPU."""
+    return tuple([t.cuda() for t in part] for part in _layer_case(layers=6, queries=900))
+
+
 def test_sample_layers_equals_one_scipy_solve_per_layer_and_sample():
     """All layers and samples in one transfer give the matches of solving each matrix alone,
     the way the step did before (one host copy per layer and sample)."""
@@ -671,12 +676,7 @@ def test_cuda_device_matcher_takes_no_host_sync():
     matches are the host path's."""
     from turbox_mm.benchmark.syncs import SyncCounter
     host, device = _v3_target(matcher='host'), _v3_target(matcher='device')
-    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=6, queries=900)
-    dev = torch.device('cuda')
-    cls_preds = [c.to(dev) for c in cls_preds]
-    box_preds = [b.to(dev) for b in box_preds]
-    gt_cls = [c.to(dev) for c in gt_cls]
-    gt_box = [b.to(dev) for b in gt_box]
+    cls_preds, box_preds, gt_cls, gt_box = _cuda_layer_case()
     want = host.sample_layers(cls_preds, box_preds, gt_cls, gt_box)
     device.sample_layers(cls_preds, box_preds, gt_cls, gt_box)  # warm-up: kernel compiled
     device.get_dn_anchors(gt_cls, gt_box)
@@ -695,12 +695,8 @@ def test_cuda_targets_take_one_host_sync_per_step_part():
     temporal denoising steps not at all."""
     from turbox_mm.benchmark.syncs import SyncCounter
     target = _v3_target()
-    cls_preds, box_preds, gt_cls, gt_box = _layer_case(layers=6, queries=900)
+    cls_preds, box_preds, gt_cls, gt_box = _cuda_layer_case()
     dev = torch.device('cuda')
-    cls_preds = [c.to(dev) for c in cls_preds]
-    box_preds = [b.to(dev) for b in box_preds]
-    gt_cls = [c.to(dev) for c in gt_cls]
-    gt_box = [b.to(dev) for b in gt_box]
     ids = [torch.arange(c.numel(), device=dev) for c in gt_cls]
     want = [target.sample(c, b, gt_cls, gt_box) for c, b in zip(cls_preds, box_preds)]
     want_indices = target.indices  # the last layer's
