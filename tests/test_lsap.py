@@ -192,6 +192,21 @@ def test_solve_on_device_gives_solve_batched_pairs():
                 solver(cost, bad)
 
 
+def test_matches_on_device_only_where_the_kernel_runs(monkeypatch):
+    """'device' takes the kernel's path only where it runs (CUDA tensors, Triton, no
+    TURBOX_OPS_REFERENCE): on CPU tensors the host path's scipy is the faster one."""
+    from turbox_mm.models.sparse4d.matching import matches_on_device
+    from turbox_mm.ops import dispatch
+    cost = torch.zeros(1, 2, 2)
+    assert not matches_on_device(cost, 'host') and not matches_on_device(cost, 'device')
+    with dispatch.kernel_on_cpu():
+        assert matches_on_device(cost, 'device') and not matches_on_device(cost, 'host')
+        monkeypatch.setenv(dispatch.ENV_FORCE_REFERENCE, '1')
+        assert not matches_on_device(cost, 'device')
+    with pytest.raises(ValueError, match="matcher must be 'host' or 'device', got 'gpu'"):
+        matches_on_device(cost, 'gpu')
+
+
 def test_solve_on_device_checks_its_first_call_against_scipy(monkeypatch):
     """A kernel that disagreed with scipy raises at the first call on a device, naming the
     matrix, rather than training on wrong matches; later calls are not checked (no sync)."""
