@@ -57,7 +57,7 @@ from mmengine.model import BaseModule, bias_init_with_prob
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from turbox_mm.models.sparse4d.matching import MATCHERS
+from turbox_mm.models.sparse4d.matching import check_matcher
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from turbox_mm.utils.upload import upload
@@ -147,9 +147,7 @@ class MapTRHead(BaseModule):
         super().__init__(init_cfg)
         name = type(self).__name__
         self.op_impl = check_op_impl(name, op_impl)
-        if matcher not in MATCHERS:
-            raise ValueError(f"{name}: matcher must be 'host' or 'device', got {matcher!r}")
-        self.matcher = matcher
+        self.matcher = check_matcher(name, matcher, allow_none=False)
         if as_two_stage:
             raise NotImplementedError(f'{name}: as_two_stage is not supported (MapTR does not '
                                       'use it)')

@@ -10,13 +10,14 @@ matrices where they are (scipy's algorithm, ties included), so the step does not
 :func:`group_pairs` cuts one group of matrices (e.g. the last decoder layer) out of that tensor
 per matrix, without a wait: how many pairs each matrix got is known on the host.
 """
-from typing import List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from turbox_mm.utils.deferred_check import DeferredCheck
 from turbox_mm.utils.upload import upload
 
 #: What an infinite or NaN matching cost is replaced by before the solver sees it.
@@ -172,6 +173,31 @@ def matches_on_device(cost: Tensor, matcher: str = 'device') -> bool:
         return False
     from turbox_mm.ops.lsap import fallback_reason
     return fallback_reason(cost) is None
+
+
+def check_matcher(owner: str, matcher: Optional[str], allow_none: bool = True) -> Optional[str]:
+    """``matcher`` if it is one of :data:`MATCHERS` (or None where ``allow_none``); else
+    ``ValueError`` naming ``owner``."""
+    if (matcher is None and allow_none) or matcher in MATCHERS:
+        return matcher
+    choices = "'host', 'device' or None" if allow_none else "'host' or 'device'"
+    raise ValueError(f'{owner}: matcher must be {choices}, got {matcher!r}')
+
+
+def solve_checked(cost: Tensor, num_cols: Sequence[int], bad: Tensor,
+                  check: Callable[[Tensor], None], matcher: str,
+                  deferred: DeferredCheck) -> Tensor:
+    """:func:`solve_batched`'s pairs on ``matcher``'s side, with ``check`` run on a host copy
+    of the device flags ``bad`` (it raises the caller's named error): at once after the host
+    path's transfer, which carries the flags along; on the device path through ``deferred``,
+    once they have arrived (no wait)."""
+    if matches_on_device(cost, matcher):
+        pairs = solve_on_device(cost, num_cols)
+        deferred.push(bad, check)
+        return pairs
+    pairs, (bad, ) = solve_batched(cost, num_cols, extras=(bad, ))
+    check(bad)
+    return pairs
 
 
 def no_pairs(device: Union[torch.device, str]) -> Pairs:

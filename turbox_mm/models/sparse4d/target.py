@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from turbox_mm.registry import TASK_UTILS
+from turbox_mm.utils.deferred_check import DeferredCheck
 from turbox_mm.utils.upload import device_constant, upload
 from .box3d import COS_YAW, SIN_YAW, VX, VY, X, Z
-from turbox_mm.utils.deferred_check import DeferredCheck
-from .matching import (INVALID_COST, MATCHERS, Pairs, group_pairs, matches_on_device, no_pairs,
-                       solve, solve_batched, solve_on_device)
+from .matching import (INVALID_COST, Pairs, check_matcher, group_pairs, no_pairs, solve,
+                       solve_checked)
 from .temporal_dn import DN_PADDING, DnOutput, TemporalDnMixin
 
 #: Length of a regression target (the state without ``vz``).
@@ -143,10 +143,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         self.max_dn_gt = int(max_dn_gt)
         self.add_neg_dn = bool(add_neg_dn)
         self.num_classes = int(num_classes)
-        if matcher is not None and matcher not in MATCHERS:
-            raise ValueError(f"SparseBox3DTarget: matcher must be 'host', 'device' or None, "
-                             f'got {matcher!r}')
-        self.matcher = matcher
+        self.matcher = check_matcher('SparseBox3DTarget', matcher)
         self._label_checks = DeferredCheck()
         self.dn_metas: Optional[Dict[str, Optional[Tensor]]] = None
         self.indices: Optional[List[Pairs]] = None
@@ -268,14 +265,9 @@ class SparseBox3DTarget(TemporalDnMixin):
         """The pairs of :func:`solve_batched` for ``cost`` on :attr:`matcher`'s side, with the
         label-range check of ``bad`` (:meth:`_bad_labels`): at once after the host path's
         transfer, deferred on the device path (no wait)."""
-        if matches_on_device(cost, self.matcher or 'host'):
-            pairs = solve_on_device(cost, sizes)
-            targets = [c.detach() for c in cls_target]  # for the error message only
-            self._label_checks.push(bad, lambda flags: self._check_labels(flags, targets))
-            return pairs
-        pairs, (bad, ) = solve_batched(cost, sizes, extras=(bad, ))
-        self._check_labels(bad, cls_target)
-        return pairs
+        targets = [c.detach() for c in cls_target]  # for the error message only
+        return solve_checked(cost, sizes, bad, lambda flags: self._check_labels(flags, targets),
+                             self.matcher or 'host', self._label_checks)
 
     def _padded_gts(self, cls_target: Sequence[Tensor], box_target: Sequence[Tensor],
                     device: torch.device, dtype: torch.dtype,

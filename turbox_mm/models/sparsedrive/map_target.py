@@ -27,9 +27,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from turbox_mm.models.sparse4d.matching import (MATCHERS, Pairs, group_pairs,
-                                                matches_on_device, no_pairs, solve,
-                                                solve_batched, solve_on_device)
+from turbox_mm.models.sparse4d.matching import (Pairs, check_matcher, group_pairs, no_pairs,
+                                                solve, solve_checked)
 from turbox_mm.registry import TASK_UTILS
 from turbox_mm.utils.deferred_check import DeferredCheck
 from turbox_mm.utils.upload import upload
@@ -94,10 +93,7 @@ class SparsePoint3DTarget:
                  num_sample: int = 20,
                  roi_size: Sequence[float] = (30, 60),
                  matcher: Optional[str] = None) -> None:
-        if matcher is not None and matcher not in MATCHERS:
-            raise ValueError(f"SparsePoint3DTarget: matcher must be 'host', 'device' or None, "
-                             f'got {matcher!r}')
-        self.matcher = matcher
+        self.matcher = check_matcher('SparsePoint3DTarget', matcher)
         self._label_checks = DeferredCheck()
         if num_dn_groups != 0 or num_temp_dn_groups != 0:
             raise ValueError(f'SparsePoint3DTarget: map denoising is not supported (upstream '
@@ -320,13 +316,10 @@ class SparsePoint3DTarget:
                                     safe, gt_norm) for c, p in zip(cls_preds, pts_preds)]
             cost = torch.stack([c for c, _ in priced]).flatten(0, 1)  # [L * B, M, G], layer-major
             order = torch.stack([o for _, o in priced])  # [L, B, M, G]
-            if matches_on_device(cost, self.matcher or 'host'):
-                pairs = solve_on_device(cost, sizes)
-                targets = [c.detach() for c in cls_target]  # for the error message only
-                self._label_checks.push(bad, lambda flags: self._check_labels(flags, targets))
-            else:
-                pairs, (bad, ) = solve_batched(cost, sizes, extras=(bad, ))
-                self._check_labels(bad, cls_target)
+            targets = [c.detach() for c in cls_target]  # for the error message only
+            pairs = solve_checked(cost, sizes, bad,
+                                  lambda flags: self._check_labels(flags, targets),
+                                  self.matcher or 'host', self._label_checks)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt_idx = pairs[1], pairs[2]
             out_cls[layer, sample, query] = labels[sample, gt_idx]
