@@ -123,8 +123,7 @@ def solve_on_device(cost: Tensor, num_cols: Sequence[int]) -> Tensor:
     count = int(np.minimum(cols, rows).sum())
     work = cost.detach().to(torch.float64)
     work = torch.where(torch.isfinite(work), work, INVALID_COST)
-    column = linear_sum_assignment(work, upload(np.full(matrices, rows, np.int64), device),
-                                   upload(cols, device)).flatten()
+    column = linear_sum_assignment(work, None, upload(cols, device)).flatten()  # all rows
     # the assigned rows in (matrix, row) order: a stable sort puts them first
     flat = torch.sort((column < 0).to(torch.uint8), stable=True).indices[:count]
     pairs = torch.stack([flat // rows, flat % rows, column[flat]])
@@ -167,9 +166,7 @@ def matches_on_device(cost: Tensor, matcher: str = 'device') -> bool:
     Raises:
         ValueError: ``matcher`` is not one of :data:`MATCHERS`.
     """
-    if matcher not in MATCHERS:
-        raise ValueError(f"matcher must be 'host' or 'device', got {matcher!r}")
-    if matcher == 'host':
+    if check_matcher('matches_on_device', matcher, allow_none=False) == 'host':
         return False
     from turbox_mm.ops.lsap import fallback_reason
     return fallback_reason(cost) is None
