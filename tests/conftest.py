@@ -251,6 +251,62 @@ def assert_same_gradients(grads, reference, total=1e-2, each=5e-2):
     assert max(errors.values()) < each, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
+def compiled_twin_agrees(cfg, steps: int = 3):
+    """Train ``steps`` steps (temporal frames: the instance cache fills) of the config's model
+    eagerly and of a copy compiled as ``turbox.compile.modules='auto'`` compiles it (Dynamo
+    with the ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no code generation),
+    and check that both give the same losses and gradients, that every frame Dynamo met was
+    compiled (none ran eagerly after an error) and that no graph broke.
+
+    Dropout is switched off in both (its draws would differ in order). Returns the compiled
+    paths and Dynamo's frame counters."""
+    import copy
+
+    import numpy as np
+    import torch
+    from torch._dynamo.utils import counters
+
+    from turbox_mm.engine.runner.module_compiler import compile_submodules
+    torch.manual_seed(0)
+    eager = build_model(cfg)
+    for module in eager.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ('dropout', 'attn_drop'):  # attention modules' float rates
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    names = compile_submodules(compiled, 'auto', backend='aot_eager')
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for step, data in enumerate(train_batches(cfg, steps)):
+        results = []
+        for model in (eager, compiled):
+            torch.manual_seed(step)
+            np.random.seed(step)
+            model.train()
+            model.zero_grad()
+            batch = model.data_preprocessor(copy.deepcopy(data), training=True)
+            losses = model.loss(batch['inputs'], batch['data_samples'])
+            sum(v for k, v in losses.items() if 'loss' in k).backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            results.append(({k: v.detach() for k, v in losses.items()}, grads))
+        (losses, grads), (c_losses, c_grads) = results
+        assert losses.keys() == c_losses.keys()
+        for key in losses:
+            torch.testing.assert_close(c_losses[key], losses[key], rtol=1e-5, atol=1e-6,
+                                       msg=f'step {step}: {key}')
+        assert grads.keys() == c_grads.keys()
+        for key in grads:
+            torch.testing.assert_close(c_grads[key], grads[key], rtol=1e-4, atol=1e-5,
+                                       msg=f'step {step}: {key}')
+    frames = dict(counters['frames'])
+    assert frames['total'] == frames['ok'] > 0, frames
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    return names, frames
+
+
 @pytest.fixture
 def full_fp32():
     """Full float32 matmuls meanwhile: an earlier in-process run may have left torch's matmul

@@ -303,6 +303,40 @@ def test_compile_auto_keeps_state_dict_and_results():
     assert net.backbone._compiled_call_impl is not None
 
 
+class _DeclaringHead(nn.Module):
+    """A head that declares its static parts to ``modules='auto'``."""
+    turbox_compile_submodules = ('encoder', 'layers.*')
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+        self.loss_fc = nn.Linear(4, 1)  # not declared: stays eager
+
+
+def test_compile_auto_adds_the_parts_heads_declare():
+    """``'auto'``: the conventional names, then each declared path of each module (``*``
+    expanded), under the module's own path; a declared part inside an already listed module
+    is not compiled twice, nor an undeclared one at all."""
+    from turbox_mm.engine.runner.module_compiler import auto_paths
+    net = _Net()
+    net.head = nn.Sequential(_DeclaringHead())  # nested: the declaration is relative
+    net.backbone.add_module('inner', _DeclaringHead())  # inside backbone: already compiled
+    names = compile_submodules(net, 'auto', backend='eager')
+    assert names == ['backbone', 'head.0.encoder', 'head.0.layers.0', 'head.0.layers.1']
+    assert auto_paths(net) == names
+    assert net.head[0].encoder._compiled_call_impl is not None
+    assert net.head[0].loss_fc._compiled_call_impl is None
+    assert net.backbone.inner.encoder._compiled_call_impl is None
+
+    class _Wrong(nn.Module):
+        turbox_compile_submodules = ('missing', )
+    net = _Net()
+    net.head = _Wrong()
+    with pytest.raises(KeyError, match='missing'):  # a defect of the declaring class, named
+        compile_submodules(net, 'auto', backend='eager')
+
+
 def test_compile_a_star_stands_for_each_child():
     """``'backbone.*'``: each layer of the Sequential on its own (regional compile, e.g.
     a head's decoder layers), results and state dict unchanged."""

@@ -13,7 +13,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import ROOT, assert_same_gradients, logged_losses, make_sparse4d_tiny, run_python
+from conftest import (ROOT, assert_same_gradients, compiled_twin_agrees, logged_losses,
+                      make_sparse4d_tiny, run_python)
 from conftest import build_model as _build, config_with_root as _config
 from conftest import train_batches as _batches, turbox_applied as _turbox_applied
 
@@ -166,6 +167,21 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     # assert_same_gradients says why and what was measured). A wrong kernel gives errors of
     # order 1.
     assert_same_gradients(turbox_grads, stock_grads)
+
+
+def test_compiled_head_agrees_with_eager_over_temporal_frames(tiny_root, full_fp32):
+    """``turbox.compile.modules='auto'`` on the turbox model: the image backbone and neck, the
+    head's anchor encoder and each decoder layer (the head's declaration), traced without a
+    graph break or an eager fallback, with the same losses and gradients as eager over three
+    frames (the first without, the later with cached instances and temporal denoising)."""
+    cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
+    names, frames = compiled_twin_agrees(cfg, steps=3)
+    assert names[:3] == ['img_backbone', 'img_neck', 'head.anchor_encoder']
+    # every decoder operation (v3's order: gnn, norm, deformable, ffn, norm, refine, ...)
+    assert names[3:] == [f'head.layers.{i}' for i in range(len(names) - 3)]
+    assert len(names) - 3 >= 6
+    # one frame per module class and input kind: bounded, far below Dynamo's limit of 8 a frame
+    assert frames['total'] <= 16, frames
 
 
 def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):

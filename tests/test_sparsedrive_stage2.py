@@ -12,7 +12,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import (ROOT, assert_same_gradients, build_model, config_with_root, first_step,
+from conftest import (ROOT, assert_same_gradients, build_model, compiled_twin_agrees,
+                      config_with_root, first_step,
                       logged_losses, make_sparsedrive_stage2_tiny, run_python,
                       train_batches, turbox_applied)
 from pinned_decisions import DecisionPins
@@ -117,6 +118,19 @@ def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):
                                    f'{pins.flips}): {m}')
     assert any(n.startswith('head.motion_plan_head') for n in stock_grads)
     assert_same_gradients(turbox_grads, stock_grads)
+
+
+def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp32):
+    """``turbox.compile.modules='auto'`` on the turbox stage-2 model: the detection and map
+    heads are Sparse4D heads, so their anchor encoders and decoder layers are compiled too (the
+    motion-planning head stays eager, and calls the compiled detection encoder with its ego and
+    cached anchors); no graph break, no eager fallback, the same losses and gradients as eager
+    over three frames."""
+    cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
+    names, _ = compiled_twin_agrees(cfg, steps=3)
+    for head in ('det_head', 'map_head'):
+        assert f'head.{head}.anchor_encoder' in names and f'head.{head}.layers.0' in names
+    assert not any(n.startswith('head.motion_plan_head') for n in names)
 
 
 def test_predict_gives_trajectories_and_a_plan(tiny_root):

@@ -11,6 +11,12 @@ from torch import nn
 # data-dependent control flow that would only cause graph breaks and recompiles.
 AUTO_MODULES = ('backbone', 'neck', 'img_backbone', 'img_neck', 'pts_backbone', 'pts_neck')
 
+#: The class attribute by which a module (a head) names, relative to itself, the submodules
+#: that ``modules='auto'`` also compiles: parts free of data-dependent control flow, whose
+#: eager launches dominate a host-bound step (Sparse4D's head: its anchor encoder and each
+#: decoder layer). Paths as in :func:`expand_paths` (``'layers.*'``).
+DECLARED_ATTR = 'turbox_compile_submodules'
+
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     module = model
@@ -62,6 +68,37 @@ def _matches(module: nn.Module, parts: List[str], done: List[str]) -> List[str]:
         if parts[0] in ('*', name):
             out += _matches(child, parts[1:], done + [name])
     return out
+
+
+def auto_paths(model: nn.Module) -> List[str]:
+    """What ``modules='auto'`` compiles: the names of :data:`AUTO_MODULES` that ``model`` has,
+    then, in the model's order, the submodules that modules declare through
+    :data:`DECLARED_ATTR` (``*`` expanded), without one inside another already listed.
+
+    Raises:
+        KeyError: A declared path that names no submodule (a defect of that module's class).
+
+    Examples:
+        >>> from torch import nn
+        >>> class Head(nn.Module):
+        ...     turbox_compile_submodules = ('layers.*', )
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+        >>> model = nn.Module()
+        >>> model.backbone, model.head = nn.Linear(2, 2), Head()
+        >>> auto_paths(model)
+        ['backbone', 'head.layers.0', 'head.layers.1']
+    """
+    names = [n for n in AUTO_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+    for prefix, module in model.named_modules():
+        for path in getattr(type(module), DECLARED_ATTR, ()):
+            names += expand_paths(model, f'{prefix}.{path}' if prefix else path)
+    kept: List[str] = []
+    for name in dict.fromkeys(names):
+        if not any(name.startswith(k + '.') or k.startswith(name + '.') for k in kept):
+            kept.append(name)
+    return kept
 
 
 def _compile_errors() -> tuple:
@@ -274,7 +311,8 @@ def compile_submodules(model: nn.Module,
         model (nn.Module): The unwrapped model.
         modules (str | Sequence[str]): Dotted paths of submodules (a ``*`` part stands for
             each child: ``'head.layers.*'``), or ``'auto'`` for those of
-            :data:`AUTO_MODULES` that the model has. Defaults to ``'auto'``.
+            :data:`AUTO_MODULES` that the model has plus those its modules declare
+            (:func:`auto_paths`). Defaults to ``'auto'``.
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``,
             ``fullgraph``, ``options``).
 
@@ -292,7 +330,7 @@ def compile_submodules(model: nn.Module,
         ['backbone']
     """
     if modules == 'auto':
-        names = [n for n in AUTO_MODULES if isinstance(getattr(model, n, None), nn.Module)]
+        names = auto_paths(model)
     elif isinstance(modules, str):
         raise ValueError(f"turbox.compile.modules: expected 'auto' or a list of submodule "
                          f'paths, got {modules!r}')

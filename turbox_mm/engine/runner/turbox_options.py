@@ -113,7 +113,8 @@ TURBOX_OPTIONS: Schema = {
         'modules': Option(
             'auto', (str, list, tuple),
             "dotted submodule paths, or 'auto' for those of backbone, neck, img_backbone, "
-            'img_neck, pts_backbone, pts_neck the model has'),
+            'img_neck, pts_backbone, pts_neck the model has, plus the static parts its heads '
+            "declare (turbox_compile_submodules; Sparse4D's head: anchor_encoder, layers.*)"),
         'backend': Option('inductor', (str,), 'torch.compile backend'),
         'mode': Option(None, (str, type(None)), 'torch.compile mode',
                        choices=(None, 'default', 'reduce-overhead', 'max-autotune',

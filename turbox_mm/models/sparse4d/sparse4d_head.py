@@ -114,6 +114,11 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
         init_cfg (dict, optional): mmengine init config. Defaults to None.
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of this head (each on its own): the
+    #: anchor encoder (called after every refinement) and each decoder layer. They hold no
+    #: data-dependent control flow; the bank, the denoising and the targets stay eager.
+    turbox_compile_submodules = ('anchor_encoder', 'layers.*')
+
     def __init__(self,
                  instance_bank: dict,
                  anchor_encoder: dict,
