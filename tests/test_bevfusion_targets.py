@@ -89,19 +89,47 @@ def test_box_loss_of_a_batch_without_boxes_is_zero_with_a_graph():
 
 
 @pytest.mark.cuda
-def test_turbox_targets_on_cuda_equal_stock_with_one_sync():
+@pytest.mark.parametrize('matcher,syncs', [('device', 0), ('host', 2)])
+def test_turbox_targets_on_cuda_equal_stock_without_a_sync(matcher, syncs):
+    """On CUDA the turbox targets wait for nothing with the device matcher (after the first
+    call, whose matching is checked against scipy once a process); with the host matcher once
+    per targets (one inside get_targets, one for those loss_by_feat builds again)."""
     stock, turbox = heads('cuda', num_decoder_layers=2)
+    turbox.matcher = matcher
     preds = stock(bev(batch=4).cuda())
     gts = batch_gts([12, 0, 30, 7], device='cuda')
     expected = stock.get_targets(gts, preds)
-    turbox.get_targets(gts, preds)  # warm-up: caches, the Gaussian table
+    turbox.get_targets(gts, preds)  # warm-up: caches, the Gaussian table, the matcher check
     torch.cuda.synchronize()
-    with SyncCounter() as syncs:
+    with SyncCounter() as counted:
         got = turbox.get_targets(gts, preds)
         turbox.loss_by_feat(preds, gts)
     assert_same_targets(expected, got)
-    # one for the targets inside get_targets, one for those loss_by_feat builds again
-    assert syncs.total == 2, '\n'.join(f'{f}:{line} x{n}' for f, line, n in syncs.top())
+    assert counted.total == syncs, '\n'.join(f'{f}:{line} x{n}' for f, line, n in counted.top())
+
+
+def test_turbox_targets_and_losses_read_nothing_on_the_host(monkeypatch):
+    """The CPU stand-in for CUDA's sync debug mode over the turbox targets and losses, on the
+    device matcher's path (taken here as on CUDA; the op's own CPU implementation is not what
+    runs on the device, so it is not searched): no sync-prone operation at all, and the stock
+    targets."""
+    import turbox_mm.models.bevfusion.transfusion_targets as targets
+    import turbox_mm.models.sparse4d.matching as matching
+    from turbox_mm.benchmark.sync_prone import SyncProneOps
+    monkeypatch.setattr(targets, 'matches_on_device', lambda cost, matcher: True)
+    monkeypatch.setattr(matching, '_CHECKED_DEVICES', {'cpu'})  # the first call's scipy check
+    import turbox_mm.models.losses.focal_loss as focal  # the focal loss's CUDA formulas
+    monkeypatch.setattr(focal, '_on_gpu', lambda pred: True)
+    stock, turbox = heads(num_decoder_layers=2)
+    preds = stock(bev(batch=3))
+    gts = batch_gts([6, 0, 9])
+    expected = stock.get_targets(gts, preds)
+    turbox.get_targets(gts, preds)  # the Gaussian table's first upload
+    with SyncProneOps() as found:
+        got = turbox.get_targets(gts, preds)
+        turbox.loss_by_feat(preds, gts)
+    assert found.total == 0, found.table()
+    assert_same_targets(expected, got)
 
 
 def test_sync_free_costs_equal_the_stock_ones():

@@ -113,6 +113,51 @@ def test_gaussian_radius_equals_mmdet3d_elementwise():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)])
+def test_gaussians_of_every_radius_are_mmdet3ds_bit_for_bit(device):
+    """:func:`gaussian_values` over each kernel's square and beyond: the table's values up to
+    its radius, the device formula's above (the same float64 operations; on CUDA its own
+    ``exp``), both equal to mmdet3d's ``gaussian_2d`` in float32; zero outside the square."""
+    from mmdet3d.models.utils import gaussian_2d
+
+    from turbox_mm.models.dense_heads.center_targets import TABLE_RADIUS, gaussian_values
+    for r in list(range(TABLE_RADIUS + 3)) + [47, 80, 121]:
+        d = torch.arange(-r - 2, r + 3, device=device)
+        got = gaussian_values(d[:, None], d[None, :], torch.tensor(r, device=device)).cpu()
+        want = torch.zeros_like(got)
+        want[2:-2, 2:-2] = torch.from_numpy(gaussian_2d((2 * r + 1, 2 * r + 1),
+                                                        sigma=(2 * r + 1) / 6)).float()
+        assert torch.equal(got, want), r
+
+
+def test_targets_with_large_boxes_and_small_chunks(monkeypatch):
+    """Boxes whose radius passes the table's (the device formula draws them) and chunks of a
+    few boxes each (``CHUNK_CELLS`` lowered): still the loop's targets."""
+    import turbox_mm.models.dense_heads.center_targets as targets
+    cfg = head_cfg('pillar02')
+    instances = random_instances(num_samples=2, seed=5, sizes=(30, 12))
+    for gt in instances[:1]:  # trucks 40-60 m long and wide: radii well above 32 cells
+        gt.bboxes_3d.tensor[:4, 3:5] = torch.tensor([[40.0, 45.0], [60.0, 55.0], [50.0, 3.0],
+                                                     [44.0, 41.0]])
+    want = CenterHead(**cfg).get_targets(copy.deepcopy(instances))
+    monkeypatch.setattr(targets, 'CHUNK_CELLS', 3 * 128 * 128)
+    got = TurboxCenterHead(op_impl='turbox', **cfg).get_targets(instances)
+    assert_same_targets(got, want)
+
+
+def test_batched_targets_read_nothing_on_the_host():
+    """The targets wait for no device value and upload nothing (the CPU stand-in for CUDA's
+    sync debug mode): no radius bound read to size windows, no scalar assigned by indexing."""
+    from turbox_mm.benchmark.sync_prone import SyncProneOps
+    cfg = head_cfg('voxel0075')
+    head = TurboxCenterHead(op_impl='turbox', **cfg)
+    instances = random_instances()
+    head.get_targets(instances)  # the Gaussian table's first upload
+    with SyncProneOps() as found:
+        head.get_targets(instances)
+    assert found.total == 0, found.table()
+
+
 def test_bad_op_impl():
     with pytest.raises(ValueError, match="op_impl must be 'stock' or 'turbox'"):
         TurboxCenterHead(op_impl='fast', **head_cfg('pillar02'))

@@ -28,6 +28,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from turbox_mm.models.losses import focal_loss_like_mmdet
+from turbox_mm.models.sparse4d.matching import check_matcher
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
 from turbox_mm.utils.upload import device_constant
@@ -76,9 +77,13 @@ class TransFusionHead(nn.Module):
             ``pos_weight``, ``code_weights``, ``assigner``; ``dataset``, ``nms_type``, ...).
         bbox_coder (dict): :class:`.transfusion_bbox_coder.TransFusionBBoxCoder`'s config.
         op_impl (str): ``'stock'`` builds the training targets sample by sample as upstream;
-            ``'turbox'`` builds the same targets for the batch with one host synchronisation
+            ``'turbox'`` builds the same targets for the batch without a host synchronisation
             (:mod:`.transfusion_targets`) and normalises the losses without reading tensors
             on the host. Defaults to 'stock'.
+        matcher (str): Where the turbox targets solve the Hungarian matching: ``'device'``
+            (``turbox_mm::lsap`` where its kernel runs, scipy's assignment without a host
+            read; elsewhere scipy) or ``'host'`` (scipy after one transfer). The stock path
+            always uses scipy per sample. Defaults to 'device'.
     """
 
     def __init__(self, num_proposals: int = 128, auxiliary: bool = True, in_channels: int = 384,
@@ -92,9 +97,11 @@ class TransFusionHead(nn.Module):
                  loss_bbox: dict = dict(type='mmdet.L1Loss', reduction='mean'),
                  loss_heatmap: dict = dict(type='mmdet.GaussianFocalLoss', reduction='mean'),
                  train_cfg: Optional[dict] = None, test_cfg: Optional[dict] = None,
-                 bbox_coder: Optional[dict] = None, op_impl: str = 'stock') -> None:
+                 bbox_coder: Optional[dict] = None, op_impl: str = 'stock',
+                 matcher: str = 'device') -> None:
         super().__init__()
         self.op_impl = check_op_impl('TransFusionHead', op_impl)
+        self.matcher = check_matcher('TransFusionHead', matcher, allow_none=False)
         if test_cfg is None or 'grid_size' not in test_cfg:
             raise ValueError('TransFusionHead: test_cfg must give grid_size and '
                              'out_size_factor (the BEV grid of the proposals)')

@@ -1,4 +1,4 @@
-"""The TransFusion head's training targets for a whole batch, with one host synchronisation.
+"""The TransFusion head's training targets for a whole batch, without a host synchronisation.
 
 Upstream builds targets sample by sample: a deep copy of the predictions, one cost matrix per
 sample and decoder layer copied to the host for scipy, boolean-mask indexing, a Python loop
@@ -10,10 +10,12 @@ positive count and the mean IoU. :func:`batched_targets` gives the same tensors 
 - the assigner's costs are computed between all proposals and all ground-truth boxes of the
   batch (every pair's cost is an elementwise function of that pair, so each sample's block
   equals the per-sample matrix) and gathered into ``[layers x samples, P, G_max]``;
-- :func:`turbox_mm.models.sparse4d.matching.solve_batched` solves every matrix in one
-  transfer (the same scipy solver on the same values), and brings the largest Gaussian radius
-  along;
-- the heatmap Gaussians are drawn for all boxes with one ``amax`` scatter
+- every matrix is solved at once: on the GPU by ``turbox_mm::lsap``
+  (:func:`turbox_mm.models.sparse4d.matching.solve_on_device`, scipy's assignment, ties
+  included) where its kernel runs and the head's ``matcher`` is ``'device'``, otherwise with
+  scipy after one transfer (:func:`~turbox_mm.models.sparse4d.matching.solve_batched`);
+- the heatmap Gaussians are drawn for all boxes with ``amax`` reductions, without a bound on
+  their radii read on the host
   (:func:`turbox_mm.models.dense_heads.center_targets.draw_gaussians`);
 - the positive count is known on the host from the assignment's size; the mean IoU stays a
   tensor.
@@ -29,9 +31,8 @@ import torch
 from mmengine.structures import InstanceData
 from torch import Tensor
 
-from turbox_mm.models.dense_heads.center_targets import (draw_gaussians, gaussian_radius,
-                                                         gaussian_table)
-from turbox_mm.models.sparse4d.matching import solve_batched
+from turbox_mm.models.dense_heads.center_targets import draw_gaussians, gaussian_radius
+from turbox_mm.models.sparse4d.matching import matches_on_device, solve_batched, solve_on_device
 from turbox_mm.utils.upload import upload
 
 #: The head outputs that decode to boxes, in the bbox coder's argument order.
@@ -120,8 +121,10 @@ def batched_targets(head, batch_gt_instances_3d: List[InstanceData], preds: Dict
         blocks = cost.view(batch, layers, proposals, num_gt).gather(
             3, col[:, None, None, :].expand(-1, layers, proposals, -1))
         blocks = blocks.permute(1, 0, 2, 3).reshape(layers * batch, proposals, g_max)
-        r_max = torch.where(drawn, radius, 0).max()
-        pairs, (r_max, ) = solve_batched(blocks, counts, extras=[r_max])
+        if matches_on_device(blocks, head.matcher):
+            pairs = solve_on_device(blocks, counts)
+        else:
+            pairs, _ = solve_batched(blocks, counts)  # the one host synchronisation
         matrix, row, column = pairs
         sample, layer = matrix % batch, matrix // batch
         proposal = sample * total + layer * proposals + row
@@ -139,8 +142,7 @@ def batched_targets(head, batch_gt_instances_3d: List[InstanceData], preds: Dict
         found = torch.zeros(batch, dtype=torch.float32, device=device).index_add_(
             0, sample, torch.ones_like(sample, dtype=torch.float32))  # bincount waits
         matched_ious = (per_sample / found.clamp(min=1)).mean()
-        table = gaussian_table(int(r_max), device)
-        draw_gaussians(heatmap, gt_sample, gt_labels, cell.flip(1), radius, drawn, table)
+        draw_gaussians(heatmap, gt_sample, gt_labels, cell.flip(1), radius, drawn)
     return (labels.view(batch, total), label_weights.view(batch, total),
             bbox_targets.view(batch, total, code), bbox_weights.view(batch, total, code),
             ious.view(batch, total), num_pos, matched_ious, heatmap)

@@ -3,17 +3,19 @@
 mmdet3d's ``CenterHead.get_targets`` walks every ground-truth box of every sample in Python:
 about ten ``.item()`` reads a box (radius, range checks, window bounds), which measured about
 3,200 host synchronisations a CenterPoint training step on the H200. The functions here give
-the same tensors with one synchronisation a batch (the largest Gaussian radius, to size the
-windows):
+the same tensors without one:
 
 - :func:`gaussian_radius`: mmdet3d's ``gaussian_radius``, elementwise over boxes, the same
   float32 operations in the same order.
 - :func:`gaussian_table`: mmdet3d's ``gaussian_2d`` kernels (numpy, float64, then float32) for
   radii ``0..r_max``, centred in one ``[r_max + 1, 2 r_max + 1, 2 r_max + 1]`` table, cached.
-- :func:`draw_gaussians`: ``draw_heatmap_gaussian`` for many boxes at once: every box's window
-  scattered with ``amax`` into the heatmaps, which is what the sequential ``torch.max`` calls
-  compute (the maximum does not depend on the order).
+- :func:`draw_gaussians`: ``draw_heatmap_gaussian`` for many boxes at once: every box's
+  Gaussian over the whole map, reduced with ``amax`` into the heatmaps, which is what the
+  sequential ``torch.max`` calls compute (the maximum does not depend on the order). The
+  whole map, not a window: a window's size would be the largest radius, a device value the
+  host would have to wait for.
 """
+import warnings
 from functools import lru_cache
 from typing import Tuple
 
@@ -71,9 +73,56 @@ def gaussian_table(r_max: int, device: torch.device) -> Tensor:
     return torch.from_numpy(_gaussian_table_host(int(r_max))).to(device, non_blocking=True)
 
 
+#: Radii up to this take their Gaussian from :func:`gaussian_table` (numpy's values, cached on
+#: each device); larger ones (a box some 40 m across at 0.6 m cells) are computed on the device
+#: with the same float64 formula.
+TABLE_RADIUS = 32
+#: Boxes drawn at once: at most about this many map cells a chunk (the chunks' count is known on
+#: the host, from the number of boxes and the map size).
+CHUNK_CELLS = 1 << 22
+
+_DEVICE_TABLES = {}
+# torch flags index_reduce_ as beta once per process; its amax is what draw_gaussians needs
+warnings.filterwarnings('ignore', message=r'index_reduce\(\) is in beta')
+
+
+def _device_table(device: torch.device) -> Tensor:
+    """:func:`gaussian_table` of :data:`TABLE_RADIUS` on ``device``, uploaded once."""
+    key = str(device)
+    if key not in _DEVICE_TABLES:
+        _DEVICE_TABLES[key] = gaussian_table(TABLE_RADIUS, device)
+    return _DEVICE_TABLES[key]
+
+
+def gaussian_values(dy: Tensor, dx: Tensor, radius: Tensor) -> Tensor:
+    """mmdet3d's ``gaussian_2d`` of diameter ``2 radius + 1`` at the integer offsets
+    ``(dy, dx)`` from its centre, elementwise (broadcast), float32; zero outside the kernel's
+    ``(2 radius + 1)^2`` square.
+
+    The formula of :func:`_gaussian_table_host` in float64 on the tensors' device: the same
+    operations in the same order, then the cut below ``eps * max`` (the maximum is 1, at the
+    centre) and the cast to float32. Radii up to :data:`TABLE_RADIUS` read the table itself.
+    """
+    within = (dy.abs() <= radius) & (dx.abs() <= radius)
+    sigma = (2 * radius + 1).double() / 6
+    value = torch.exp((-(dx * dx + dy * dy)).double() / (2 * sigma * sigma))
+    value = torch.where(value < np.finfo(np.float64).eps, 0.0, value).float()
+    table = _device_table(dy.device)
+    cap = TABLE_RADIUS
+    looked_up = table[radius.clamp(0, cap), (dy + cap).clamp(0, 2 * cap),
+                      (dx + cap).clamp(0, 2 * cap)]
+    value = torch.where(radius <= cap, looked_up, value)
+    return torch.where(within, value, 0.0)
+
+
 def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, radius: Tensor,
-                   valid: Tensor, table: Tensor) -> Tensor:
+                   valid: Tensor) -> Tensor:
     """Draw each valid box's Gaussian into ``heatmap`` in place (maximum with what is there).
+
+    No host read: each box's Gaussian (:func:`gaussian_values`) is evaluated over the whole
+    map, boxes in chunks of about :data:`CHUNK_CELLS` cells, and reduced into its
+    ``(sample, channel)`` map with ``amax``. Cells outside a box's kernel get zero, which the
+    maximum keeps as it was (the heatmap's values are >= 0).
 
     Args:
         heatmap (Tensor): ``[B, C, H, W]`` float32, values >= 0.
@@ -82,27 +131,37 @@ def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, 
         center (Tensor): ``[N, 2]`` int64 ``(x, y)`` cell of each box's centre.
         radius (Tensor): ``[N]`` int64 Gaussian radius of each box (>= 0).
         valid (Tensor): ``[N]`` bool, False for boxes not to draw.
-        table (Tensor): :func:`gaussian_table` of an upper bound ``r_max`` of the valid boxes'
-            radii (the windows' half size), on the heatmap's device.
 
     Returns:
         Tensor: ``heatmap``.
+
+    Examples:
+        >>> heatmap = torch.zeros(1, 1, 3, 4)
+        >>> one = torch.zeros(1, dtype=torch.long)
+        >>> _ = draw_gaussians(heatmap, one, one, torch.tensor([[1, 1]]), one + 1,
+        ...                    torch.tensor([True]))
+        >>> heatmap[0, 0, 1, :3].tolist() == [_gaussian_table_host(1)[1, 1, 0], 1.0,
+        ...                                   _gaussian_table_host(1)[1, 1, 2]]
+        True
     """
-    if radius.numel() == 0:
+    num = radius.numel()
+    if num == 0:
         return heatmap
-    _, channels, height, width = heatmap.shape
-    r_max = table.shape[0] - 1
-    offsets = torch.arange(-r_max, r_max + 1, device=heatmap.device)
-    ys = center[:, 1, None, None] + offsets[None, :, None]  # [N, D, 1]
-    xs = center[:, 0, None, None] + offsets[None, None, :]  # [N, 1, D]
-    values = table[torch.where(valid, radius, 0).clamp(max=r_max)]  # [N, D, D]
-    inside = (valid[:, None, None] & (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width))
-    flat = ((image * channels + cls)[:, None, None] * height + ys) * width + xs
-    # cells outside the map (and boxes not drawn) add a zero at cell 0: the maximum keeps it
-    flat = torch.where(inside, flat, 0)
-    values = torch.where(inside, values, torch.zeros((), device=heatmap.device))
-    heatmap.view(-1).scatter_reduce_(0, flat.reshape(-1), values.reshape(-1), 'amax',
-                                     include_self=True)
+    batch, channels, height, width = heatmap.shape
+    device = heatmap.device
+    ys = torch.arange(height, device=device)[None, :, None]
+    xs = torch.arange(width, device=device)[None, None, :]
+    maps = heatmap.view(batch * channels, height * width)
+    # boxes not drawn (other tasks' classes too) reduce zeros into map 0: the maximum keeps it
+    target = torch.where(valid, image * channels + cls, 0)
+    step = max(1, CHUNK_CELLS // (height * width))
+    for first in range(0, num, step):
+        part = slice(first, first + step)
+        r = torch.where(valid[part], radius[part], -1)[:, None, None]  # -1: nothing drawn
+        values = gaussian_values(ys - center[part, 1, None, None],
+                                 xs - center[part, 0, None, None], r)
+        maps.index_reduce_(0, target[part], values.view(-1, height * width), 'amax',
+                           include_self=True)
     return heatmap
 
 
