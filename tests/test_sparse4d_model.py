@@ -184,6 +184,32 @@ def test_compiled_head_agrees_with_eager_over_temporal_frames(tiny_root, full_fp
     assert frames['total'] <= 16, frames
 
 
+def test_turbox_head_embeds_current_and_cached_anchors_in_one_call(tiny_root, full_fp32):
+    """The turbox head's one encoder call over the current and cached anchors gives the two
+    calls' embeddings (the encoder works row by row); the stock head makes both calls, as
+    upstream; a first frame (no cache) is one call either way."""
+    cfg = _config(TINY_STOCK, tiny_root)
+    head = _build(cfg).head
+    calls = []
+    head.anchor_encoder.register_forward_hook(lambda *args: calls.append(1))
+    gen = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 40, 11, generator=gen, requires_grad=True)
+    temp = torch.randn(2, 24, 11, generator=gen)
+    head.op_impl = 'stock'
+    want = head._embed_anchors(anchor, temp)
+    assert len(calls) == 2
+    head.op_impl = 'turbox'
+    got = head._embed_anchors(anchor, temp)
+    assert len(calls) == 3
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert head._embed_anchors(anchor, None)[1] is None and len(calls) == 4
+    grads = [torch.autograd.grad(pair[0].sum() + pair[1].square().sum(), anchor)[0]
+             for pair in (want, got)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
 def test_temporal_frames_use_the_cache_and_temporal_denoising(tiny_root):
     cfg = _config(TINY_STOCK, tiny_root)
     model = _build(cfg)

@@ -1,5 +1,5 @@
 """Sparse4D v3's detection head: the decoder of anchors over 6 cameras and time."""
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.model import BaseModule
@@ -102,15 +102,16 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             head's instance queue needs them; False never (the map head). Defaults to None.
         task_prefix (str, optional): Prefix of the loss keys (``'det'`` gives
             ``det_loss_cls_0``, ...), as SparseDrive's heads name theirs. Defaults to None.
-        op_impl (str): How the training losses are computed. ``'stock'`` as upstream: the
-            matching layer by layer and sample by sample (a host copy each), boolean indexing
-            of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
+        op_impl (str): How the training losses (and a little of the forward) are computed.
+            ``'stock'`` as upstream: the matching layer by layer and sample by sample (a host
+            copy each), boolean indexing of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
             values on the host); ``'turbox'`` (``ops.fast``): the same losses with one host
             sync for all layers' matching (:meth:`SparseBox3DTarget.sample_layers`), rows kept
             by 0/1 weights, and the focal and L1 losses without host reads; the matchings
             (one-to-one and denoising) are solved on the GPU by ``turbox_mm::lsap`` where the
             sampler leaves the choice to the head (``matcher=None``), so the step has no host
-            sync for them. Defaults to ``'stock'``.
+            sync for them; and the current and cached anchors embedded by one encoder call
+            (:meth:`_embed_anchors`). Defaults to ``'stock'``.
         init_cfg (dict, optional): mmengine init config. Defaults to None.
     """
 
@@ -246,8 +247,7 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             attn_mask[num_free:, num_free:] = dn_attn_mask
         temp_dn = None
 
-        anchor_embed = self.anchor_encoder(anchor)
-        temp_anchor_embed = self.anchor_encoder(temp_anchor) if temp_anchor is not None else None
+        anchor_embed, temp_anchor_embed = self._embed_anchors(anchor, temp_anchor)
         predictions: List[Tensor] = []
         classifications: List[Optional[Tensor]] = []
         qualities: List[Optional[Tensor]] = []
@@ -323,6 +323,23 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             output['instance_id'] = bank.get_instance_id(
                 cls, getattr(self.decoder, 'score_threshold', None))
         return output
+
+    def _embed_anchors(self, anchor: Tensor,
+                       temp_anchor: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """The embeddings of the current anchors ``[B, Q, 11]`` and of the cached ones ``[B, T,
+        11]`` (None on a sequence's first frame).
+
+        Upstream calls the encoder once for each; the encoder embeds each anchor on its own
+        (an MLP per row), so on the turbox path one call over both gives the same rows with
+        half the encoder's launches, forward and backward, on every frame but the first.
+        """
+        if temp_anchor is None:
+            return self.anchor_encoder(anchor), None
+        if self.op_impl != 'turbox':
+            return self.anchor_encoder(anchor), self.anchor_encoder(temp_anchor)
+        both = self.anchor_encoder(torch.cat([anchor, temp_anchor.to(anchor.dtype)], dim=1))
+        embed, temp_embed = both.split([anchor.shape[1], temp_anchor.shape[1]], dim=1)
+        return embed, temp_embed
 
     # -- inference --------------------------------------------------------------------------
 

@@ -83,8 +83,10 @@ class MotionPlanningHead(OperationLayers, BaseModule):
         num_map (int): Map instances in ``cross_gnn``'s keys. Defaults to 10.
         op_impl (str): ``'stock'``: the losses through the configured modules, as upstream;
             ``'turbox'``: the same losses without host reads (mmcv's focal kernel reads the
-            largest label, mmdet's L1 loss tests its weights on the host). The forward pass
-            is the same for both and reads nothing on the host. Defaults to ``'stock'``.
+            largest label, mmdet's L1 loss tests its weights on the host), and one call of
+            the detection head's anchor encoder for the ego and the queued anchors where
+            upstream makes two (the encoder embeds each anchor on its own: the same rows).
+            Both forward passes read nothing on the host. Defaults to ``'stock'``.
         init_cfg (dict, optional): mmengine init config. Defaults to None.
 
     Raises:
@@ -257,8 +259,14 @@ class MotionPlanningHead(OperationLayers, BaseModule):
         queue = self.instance_queue
         ego_feature, ego_anchor, temp_feature, temp_anchor, temp_mask = queue.get(
             det_output, feature_maps, metas, batch, mask)
-        ego_embed = anchor_encoder(ego_anchor)
-        temp_embed = anchor_encoder(temp_anchor).flatten(0, 1)
+        if self.op_impl == 'turbox':  # one encoder call for both (it embeds row by row)
+            rows = temp_anchor.flatten(1, 2)
+            both = anchor_encoder(torch.cat([ego_anchor, rows.to(ego_anchor.dtype)], dim=1))
+            ego_embed, temp_embed = both.split([1, rows.shape[1]], dim=1)
+            temp_embed = temp_embed.unflatten(1, temp_anchor.shape[1:3]).flatten(0, 1)
+        else:
+            ego_embed = anchor_encoder(ego_anchor)
+            temp_embed = anchor_encoder(temp_anchor).flatten(0, 1)
         temp_feature, temp_mask = temp_feature.flatten(0, 1), temp_mask.flatten(0, 1)
 
         motion_anchor = self.motion_anchors(det_cls, det_boxes)
