@@ -1,4 +1,5 @@
-"""turbox_mm.engine.runner.fast_model: the loss sum and mmcv's attention, changed on the model."""
+"""turbox_mm.engine.runner.fast_model: the loss sum, mmcv's attention and in-place activations on
+views, changed on the model."""
 import copy
 from collections import OrderedDict
 
@@ -10,8 +11,8 @@ from mmengine.model import BaseModel
 
 from turbox_mm.benchmark.op_count import OpCounter
 from turbox_mm.engine.runner.fast_model import (WeightlessMultiheadAttention,
-                                                apply_fast_model, stacked_parse_losses,
-                                                weightless_attention)
+                                                apply_fast_model, out_of_place_activations,
+                                                stacked_parse_losses, weightless_attention)
 
 
 class Toy(BaseModel):
@@ -164,3 +165,39 @@ def test_fully_masked_query_is_finite_without_weights():
     after = model.attn(x, attn_mask=mask)
     assert torch.isnan(before[0, 2]).all() and torch.isfinite(after[0, 2]).all()
     torch.testing.assert_close(after[0, [0, 1, 3]], before[0, [0, 1, 3]], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_place_activations_same_values_fewer_operations():
+    """Sparse4D's ``linear_relu_ln`` block and mmcv's FFN on ``[B, Q, C]`` inputs: the ReLUs
+    right after a Linear become out of place, with the same outputs and gradients bit for bit
+    and fewer backward operations; others (after a LayerNorm, on their own) stay in place."""
+    from mmcv.cnn.bricks.transformer import FFN
+
+    from turbox_mm.models.sparse4d.anchor_encoder import linear_relu_ln
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(block=nn.Sequential(*linear_relu_ln(16, 1, 2, 3)),
+                               ffn=FFN(16, 32, ffn_drop=0.0), after_norm=nn.Sequential(
+                                   nn.LayerNorm(16), nn.ReLU(inplace=True))))
+    x = torch.randn(2, 9, 3, requires_grad=True)
+
+    def run():
+        model.zero_grad()
+        x.grad = None
+        out = model['after_norm'](model['ffn'](model['block'](x)))
+        with OpCounter() as counted:
+            out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+        return out.detach(), grads, counted.total
+
+    want, want_grads, before = run()
+    keys = list(model.state_dict())
+    assert out_of_place_activations(model) == 3  # two in the block, one in the FFN
+    assert model['after_norm'][1].inplace  # after a LayerNorm: no view, left in place
+    assert list(model.state_dict()) == keys
+    got, got_grads, after = run()
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    assert after < before, (after, before)
+    assert out_of_place_activations(model) == 0
+    changes = apply_fast_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)))
+    assert any('in-place activations' in c for c in changes)
