@@ -139,6 +139,12 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     # the turbox head's losses: batched matching, row weights, no host reads (same values)
     assert turbox_cfg.model.head.op_impl == 'turbox' and stock_cfg.model.head.get(
         'op_impl', 'stock') == 'stock'
+    # a fixed initialisation and augmentation: unseeded, 3 runs in 9 failed on one box loss
+    # (loss_box_0 or _1) with every other loss equal (2026-12-06); the likely cause, not yet
+    # confirmed, is a near-tie in the matching that the two paths' costs (batched and
+    # per-sample arithmetic, equal up to the last bits) break differently
+    torch.manual_seed(0)
+    np.random.seed(0)
     stock, turbox = _build(stock_cfg), _build(turbox_cfg)
     turbox.load_state_dict(stock.state_dict())
     batch = stock.data_preprocessor(_batches(stock_cfg, 1)[0], training=True)

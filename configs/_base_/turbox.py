@@ -44,8 +44,9 @@ turbox = dict(
     # TF32 matmuls/convolutions and cuDNN autotuning (env_cfg.allow_tf32, cudnn_benchmark).
     precision=dict(tf32=True, cudnn_benchmark=True),
     # Fast ops: modules with an op_impl choice run turbox_mm's kernels (Sparse4D's deformable
-    # aggregation in Triton); on the built model, the losses summed in one reduction and
-    # mmcv's MultiheadAttention through scaled_dot_product_attention (no discarded weights).
+    # aggregation in Triton); on the built model, the losses summed in one reduction,
+    # mmcv's MultiheadAttention through scaled_dot_product_attention (no discarded weights)
+    # and in-place activations after nn.Linear made out of place (no in-place write to a view).
     ops=dict(fast=True),
     # The camera pipeline's turbox twin: libjpeg-turbo scaled decoding and one affine warp per
     # image in the workers, uint8 to the GPU, photometric distortion and normalisation there

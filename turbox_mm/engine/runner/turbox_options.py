@@ -131,8 +131,9 @@ TURBOX_OPTIONS: Schema = {
             True, (bool,),
             "modules with an op_impl choice run turbox_mm's kernels (op_impl='turbox'): "
             'the Triton deformable aggregation of Sparse4D; and, on the built model, the '
-            'loss terms summed in one reduction and mmcv MultiheadAttention without the '
-            'attention weights it discards (turbox_mm.engine.runner.fast_model)'),
+            'loss terms summed in one reduction, mmcv MultiheadAttention without the '
+            'attention weights it discards, and in-place activations right after nn.Linear '
+            'made out of place (turbox_mm.engine.runner.fast_model)'),
     },
     'data': {
         'fast_pipeline': Option(
