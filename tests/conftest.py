@@ -251,38 +251,30 @@ def assert_same_gradients(grads, reference, total=1e-2, each=5e-2):
     assert max(errors.values()) < each, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
-def compiled_twin_agrees(cfg, steps: int = 3):
-    """Train ``steps`` steps (temporal frames: the instance cache fills) of the config's model
-    eagerly and of a copy compiled as ``turbox.compile.modules='auto'`` compiles it (Dynamo
-    with the ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no code generation),
-    and check that both give the same losses and gradients, that every frame Dynamo met was
-    compiled (none ran eagerly after an error) and that no graph broke.
-
-    Dropout is switched off in both (its draws would differ in order). Returns the compiled
-    paths and Dynamo's frame counters."""
+def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1e-6,
+                grad_check=None):
+    """Train ``steps`` steps (temporal frames: the instance caches fill) of the config's model
+    and of a copy that ``change(copy)`` altered, each on its own state, and check that both
+    give the same losses and gradients at every step: ``grad_check(copy's, original's)``, by
+    default each tensor within rtol 1e-4, atol 1e-5. Dropout is switched off in both (its
+    draws would differ in order). Returns the changed copy."""
     import copy
 
     import numpy as np
     import torch
-    from torch._dynamo.utils import counters
-
-    from turbox_mm.engine.runner.module_compiler import compile_submodules
     torch.manual_seed(0)
-    eager = build_model(cfg)
-    for module in eager.modules():
+    first = build_model(cfg)
+    for module in first.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         for name in ('dropout', 'attn_drop'):  # attention modules' float rates
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    counters.clear()
-    names = compile_submodules(compiled, 'auto', backend='aot_eager')
-    assert list(compiled.state_dict()) == list(eager.state_dict())
+    second = copy.deepcopy(first)
+    change(second)
     for step, data in enumerate(train_batches(cfg, steps)):
         results = []
-        for model in (eager, compiled):
+        for model in (first, second):
             torch.manual_seed(step)
             np.random.seed(step)
             model.train()
@@ -295,12 +287,38 @@ def compiled_twin_agrees(cfg, steps: int = 3):
         (losses, grads), (c_losses, c_grads) = results
         assert losses.keys() == c_losses.keys()
         for key in losses:
-            torch.testing.assert_close(c_losses[key], losses[key], rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(c_losses[key], losses[key], rtol=rtol, atol=atol,
                                        msg=f'step {step}: {key}')
         assert grads.keys() == c_grads.keys()
+        if grad_check is not None:
+            grad_check(c_grads, grads)
+            continue
         for key in grads:
             torch.testing.assert_close(c_grads[key], grads[key], rtol=1e-4, atol=1e-5,
                                        msg=f'step {step}: {key}')
+    return second
+
+
+def compiled_twin_agrees(cfg, steps: int = 3):
+    """:func:`twin_agrees` with the copy compiled as ``turbox.compile.modules='auto'``
+    compiles it (Dynamo with the ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no
+    code generation); also checks that every frame Dynamo met was compiled (none ran eagerly
+    after an error) and that no graph broke. Returns the compiled paths and Dynamo's frame
+    counters."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from turbox_mm.engine.runner.module_compiler import compile_submodules
+    names = []
+
+    def compile_auto(model):
+        torch._dynamo.reset()
+        counters.clear()
+        keys = list(model.state_dict())
+        names.extend(compile_submodules(model, 'auto', backend='aot_eager'))
+        assert list(model.state_dict()) == keys
+
+    twin_agrees(cfg, compile_auto, steps)
     frames = dict(counters['frames'])
     assert frames['total'] == frames['ok'] > 0, frames
     assert not counters['graph_break'], dict(counters['graph_break'])

@@ -39,6 +39,7 @@ def assert_same_targets(stock, turbox):
 
 @pytest.mark.parametrize('counts,layers,changes', [
     ([4, 0, 7], 1, {}),
+    ([5, 0], 1, {}),  # a last sample without boxes: its offset is the box count
     ([5, 3], 2, {}),
     ([0, 0], 1, {}),
     ([6, 1], 1, dict(train_cfg_pos_weight=2)),

@@ -136,9 +136,12 @@ def test_targets_with_large_boxes_and_small_chunks(monkeypatch):
     import turbox_mm.models.dense_heads.center_targets as targets
     cfg = head_cfg('pillar02')
     instances = random_instances(num_samples=2, seed=5, sizes=(30, 12))
-    for gt in instances[:1]:  # trucks 40-60 m long and wide: radii well above 32 cells
-        gt.bboxes_3d.tensor[:4, 3:5] = torch.tensor([[40.0, 45.0], [60.0, 55.0], [50.0, 3.0],
-                                                     [44.0, 41.0]])
+    boxes = instances[0].bboxes_3d.tensor  # 50-90 m across, centres inside the map
+    boxes[:4, :2] = torch.tensor([[0.0, 0.0], [10.0, -5.0], [-20.0, 15.0], [30.0, 30.0]])
+    boxes[:4, 3:5] = torch.tensor([[80.0, 85.0], [90.0, 70.0], [70.0, 65.0], [75.0, 80.0]])
+    cells = 0.2 * 4  # pillar02: 0.2 m pillars, out_size_factor 4
+    radii = gaussian_radius(boxes[:4, 4] / cells, boxes[:4, 3] / cells, min_overlap=0.1)
+    assert (radii > targets.TABLE_RADIUS + 1).all(), radii  # the device formula draws them
     want = CenterHead(**cfg).get_targets(copy.deepcopy(instances))
     monkeypatch.setattr(targets, 'CHUNK_CELLS', 3 * 128 * 128)
     got = TurboxCenterHead(op_impl='turbox', **cfg).get_targets(instances)

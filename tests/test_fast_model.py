@@ -199,5 +199,15 @@ def test_out_of_place_activations_same_values_fewer_operations():
     assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
     assert after < before, (after, before)
     assert out_of_place_activations(model) == 0
+
+    class Residual(nn.Sequential):  # its own forward reads the linear output afterwards
+        def forward(self, x):
+            out = self[0](x)
+            return out + self[1](out)
+
+    kept = Residual(nn.Linear(3, 3), nn.ReLU(inplace=True))
+    hooked = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True))
+    hooked[0].register_forward_hook(lambda mod, args, out: None)  # may keep the output
+    assert out_of_place_activations(nn.ModuleList([kept, hooked])) == 0
     changes = apply_fast_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)))
     assert any('in-place activations' in c for c in changes)

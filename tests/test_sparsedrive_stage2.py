@@ -13,7 +13,7 @@ import torch
 from mmengine.config import Config
 
 from conftest import (ROOT, assert_same_gradients, build_model, compiled_twin_agrees,
-                      config_with_root, first_step,
+                      config_with_root, first_step, twin_agrees,
                       logged_losses, make_sparsedrive_stage2_tiny, run_python,
                       train_batches, turbox_applied)
 from pinned_decisions import DecisionPins
@@ -131,6 +131,21 @@ def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp
     for head in ('det_head', 'map_head'):
         assert f'head.{head}.anchor_encoder' in names and f'head.{head}.layers.0' in names
     assert not any(n.startswith('head.motion_plan_head') for n in names)
+
+
+def test_turbox_and_stock_motion_heads_agree_over_temporal_frames(tiny_root, full_fp32):
+    """The motion-planning head's turbox path (one encoder call for the ego and the queued
+    anchors, its losses without host reads) against its stock path over three frames, where
+    the instance queue holds more than one frame (a wrong reshape of the queued embeddings
+    would pass the first frame)."""
+    cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
+    # gradients as the stage's stock/turbox parity test compares them (the two loss paths sum
+    # in other orders; conftest's assert_same_gradients says what was measured)
+    stock = twin_agrees(cfg, lambda model: setattr(model.head.motion_plan_head, 'op_impl',
+                                                   'stock'), steps=3,
+                        grad_check=assert_same_gradients)
+    assert stock.head.motion_plan_head.op_impl == 'stock'
+    assert len(stock.head.motion_plan_head.instance_queue.anchor_queue) > 1
 
 
 def test_predict_gives_trajectories_and_a_plan(tiny_root):

@@ -35,8 +35,9 @@ is compiled or wrapped for DDP):
   view, whose backward allocates and fills a zero tensor, copies slices and clones the
   gradient: about six kernels where the activation's own backward is one (measured on
   Sparse4D's anchor encoder). :func:`out_of_place_activations` makes exactly those
-  activations out of place: the same values, and no more memory, as autograd keeps neither
-  the linear layer's output nor (for ReLU) anything but the activation's result.
+  activations out of place: the same values, and no more memory kept for backward (autograd
+  keeps neither the linear layer's output nor, for ReLU, anything but the activation's
+  result; the transient peak holds one more activation).
 """
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -148,11 +149,14 @@ def out_of_place_activations(model: nn.Module) -> int:
     """
     count = 0
     for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
+        # only Sequentials that run their children in order (a subclass with its own forward
+        # might read the linear layer's output after the activation)
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
-        children = list(seq.children())
+        children = [m for m in seq._modules.values() if m is not None]  # as forward runs them
         for before, act in zip(children, children[1:]):
-            if (isinstance(before, nn.Linear) and getattr(act, 'inplace', False) is True
+            if (isinstance(before, nn.Linear) and not before._forward_hooks
+                    and getattr(act, 'inplace', False) is True
                     and type(act).__module__ == nn.ReLU.__module__):
                 act.inplace = False
                 count += 1

@@ -1,4 +1,5 @@
-"""The TransFusion head's training targets for a whole batch, without a host synchronisation.
+"""The TransFusion head's training targets for a whole batch, without a host synchronisation
+(with the head's ``matcher='host'``: one).
 
 Upstream builds targets sample by sample: a deep copy of the predictions, one cost matrix per
 sample and decoder layer copied to the host for scipy, boolean-mask indexing, a Python loop
@@ -113,10 +114,13 @@ def batched_targets(head, batch_gt_instances_3d: List[InstanceData], preds: Dict
         logits = score.permute(1, 0, 2).reshape(num_classes, batch * total)
         cost, iou = head.bbox_assigner.cost(flat_boxes, gt_boxes, gt_labels, logits, cfg,
                                             sync_free=True)
-        # each sample's columns, padded to the largest count (padding is never solved)
+        # each sample's columns, padded to the largest count (padding is never solved); a
+        # sample without boxes points at column 0 or its offset, kept inside the matrix (a
+        # last sample's offset is the box count)
         g_max = max(counts)
         last = np.maximum(np.asarray(counts) - 1, 0)
-        col = upload(offsets[:, None] + np.minimum(np.arange(g_max)[None], last[:, None]),
+        col = upload(np.minimum(offsets[:, None] + np.minimum(np.arange(g_max)[None],
+                                                              last[:, None]), num_gt - 1),
                      device)
         blocks = cost.view(batch, layers, proposals, num_gt).gather(
             3, col[:, None, None, :].expand(-1, layers, proposals, -1))

@@ -82,8 +82,6 @@ TABLE_RADIUS = 32
 CHUNK_CELLS = 1 << 22
 
 _DEVICE_TABLES = {}
-# torch flags index_reduce_ as beta once per process; its amax is what draw_gaussians needs
-warnings.filterwarnings('ignore', message=r'index_reduce\(\) is in beta')
 
 
 def _device_table(device: torch.device) -> Tensor:
@@ -160,8 +158,10 @@ def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, 
         r = torch.where(valid[part], radius[part], -1)[:, None, None]  # -1: nothing drawn
         values = gaussian_values(ys - center[part, 1, None, None],
                                  xs - center[part, 0, None, None], r)
-        maps.index_reduce_(0, target[part], values.view(-1, height * width), 'amax',
-                           include_self=True)
+        with warnings.catch_warnings():  # torch calls index_reduce_ beta; its amax is needed
+            warnings.filterwarnings('ignore', message=r'index_reduce\(\) is in beta')
+            maps.index_reduce_(0, target[part], values.view(-1, height * width), 'amax',
+                               include_self=True)
     return heatmap
 
 

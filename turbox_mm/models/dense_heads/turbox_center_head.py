@@ -77,15 +77,15 @@ class TurboxCenterHead(CenterHead):
         cell = center_int[:, 1].long() * width_cells + center_int[:, 0].long()
 
         heatmaps, anno_boxes, inds, masks = [], [], [], []
+        spans, drawn_any = [], torch.zeros_like(sized)
         first = 0
         for names in self.class_names:
             count = len(names)
             in_task, position = task_order(labels, sample, first, count, num_samples)
+            spans.append((first, count))
             first += count
             drawn = in_task & (position < max_objs) & sized & inside
-            heatmap = boxes.new_zeros(num_samples, count, height_cells, width_cells)
-            draw_gaussians(heatmap, sample, labels - (first - count), center_int.long(), radius,
-                           drawn)
+            drawn_any |= drawn  # a box belongs to one task
             slot = torch.where(drawn, sample * max_objs + position, num_samples * max_objs)
             anno = boxes.new_zeros(num_samples * max_objs + 1, 10, dtype=torch.float32)
             anno[slot] = target.float()
@@ -93,8 +93,11 @@ class TurboxCenterHead(CenterHead):
             ind[slot] = cell
             mask = boxes.new_zeros(num_samples * max_objs + 1, dtype=torch.uint8)
             mask.index_fill_(0, slot, 1)  # a scalar argument; `[...] = 1` uploads it
-            heatmaps.append(heatmap)
             anno_boxes.append(anno[:-1].view(num_samples, max_objs, 10))
             inds.append(ind[:-1].view(num_samples, max_objs))
             masks.append(mask[:-1].view(num_samples, max_objs))
+        # every task's Gaussians in one call (each box once), over all classes' channels
+        heatmap = boxes.new_zeros(num_samples, first, height_cells, width_cells)
+        draw_gaussians(heatmap, sample, labels, center_int.long(), radius, drawn_any)
+        heatmaps = [heatmap[:, start:start + count].contiguous() for start, count in spans]
         return heatmaps, anno_boxes, inds, masks
