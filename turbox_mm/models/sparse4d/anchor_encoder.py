@@ -1,5 +1,5 @@
 """Sparse4D's anchor embedding: one small MLP per part of the box state, concatenated."""
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,23 @@ def linear_relu_ln(embed_dims: int, in_loops: int, out_loops: int,
             dims = embed_dims
         layers.append(nn.LayerNorm(embed_dims))
     return nn.Sequential(*layers)
+
+
+def encode_at_once(encoder: nn.Module, *parts: Tensor) -> Tuple[Tensor, ...]:
+    """``encoder`` of each of ``parts`` (``[B, n_i, D]``) from one call over their
+    concatenation along dim 1, split back: the same rows as one call per part where the
+    encoder embeds each anchor on its own (an MLP per row, as the anchor encoders here), with
+    the launches of one call, forward and backward.
+
+    Examples:
+        >>> enc = SparseBox3DEncoder()
+        >>> a, b = torch.randn(2, 5, 11), torch.randn(2, 3, 11)
+        >>> ea, eb = encode_at_once(enc, a, b)
+        >>> torch.allclose(ea, enc(a), atol=1e-6), torch.allclose(eb, enc(b), atol=1e-6)
+        (True, True)
+    """
+    both = encoder(torch.cat([p.to(parts[0].dtype) for p in parts], dim=1))
+    return both.split([p.shape[1] for p in parts], dim=1)
 
 
 @MODELS.register_module()

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
+from .anchor_encoder import encode_at_once
 from .head_losses import Sparse4DHeadLosses
 from .operation_layers import OperationLayers
 
@@ -104,14 +105,15 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             ``det_loss_cls_0``, ...), as SparseDrive's heads name theirs. Defaults to None.
         op_impl (str): How the training losses (and a little of the forward) are computed.
             ``'stock'`` as upstream: the matching layer by layer and sample by sample (a host
-            copy each), boolean indexing of the matched rows, mmcv's focal loss and mmdet's L1 loss (which read device
-            values on the host); ``'turbox'`` (``ops.fast``): the same losses with one host
-            sync for all layers' matching (:meth:`SparseBox3DTarget.sample_layers`), rows kept
-            by 0/1 weights, and the focal and L1 losses without host reads; the matchings
-            (one-to-one and denoising) are solved on the GPU by ``turbox_mm::lsap`` where the
-            sampler leaves the choice to the head (``matcher=None``), so the step has no host
-            sync for them; and the current and cached anchors embedded by one encoder call
-            (:meth:`_embed_anchors`). Defaults to ``'stock'``.
+            copy each), boolean indexing of the matched rows, mmcv's focal loss and mmdet's L1
+            loss (which read device values on the host); ``'turbox'`` (``ops.fast``): the same
+            losses with one host sync for all layers' matching
+            (:meth:`SparseBox3DTarget.sample_layers`), rows kept by 0/1 weights, and the focal
+            and L1 losses without host reads; the matchings (one-to-one and denoising) are
+            solved on the GPU by ``turbox_mm::lsap`` where the sampler leaves the choice to the
+            head (``matcher=None``), so the step has no host sync for them; and the current
+            and cached anchors embedded by one encoder call (:meth:`_embed_anchors`).
+            Defaults to ``'stock'``.
         init_cfg (dict, optional): mmengine init config. Defaults to None.
     """
 
@@ -331,14 +333,14 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
 
         Upstream calls the encoder once for each; the encoder embeds each anchor on its own
         (an MLP per row), so on the turbox path one call over both gives the same rows with
-        half the encoder's launches, forward and backward, on every frame but the first.
+        half the encoder's launches, forward and backward, on every frame but the first
+        (:func:`.anchor_encoder.encode_at_once`).
         """
         if temp_anchor is None:
             return self.anchor_encoder(anchor), None
         if self.op_impl != 'turbox':
             return self.anchor_encoder(anchor), self.anchor_encoder(temp_anchor)
-        both = self.anchor_encoder(torch.cat([anchor, temp_anchor.to(anchor.dtype)], dim=1))
-        embed, temp_embed = both.split([anchor.shape[1], temp_anchor.shape[1]], dim=1)
+        embed, temp_embed = encode_at_once(self.anchor_encoder, anchor, temp_anchor)
         return embed, temp_embed
 
     # -- inference --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
+from turbox_mm.models.sparse4d.anchor_encoder import encode_at_once
 from turbox_mm.models.sparse4d.operation_layers import OperationLayers
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS, TASK_UTILS
@@ -260,9 +261,8 @@ class MotionPlanningHead(OperationLayers, BaseModule):
         ego_feature, ego_anchor, temp_feature, temp_anchor, temp_mask = queue.get(
             det_output, feature_maps, metas, batch, mask)
         if self.op_impl == 'turbox':  # one encoder call for both (it embeds row by row)
-            rows = temp_anchor.flatten(1, 2)
-            both = anchor_encoder(torch.cat([ego_anchor, rows.to(ego_anchor.dtype)], dim=1))
-            ego_embed, temp_embed = both.split([1, rows.shape[1]], dim=1)
+            ego_embed, temp_embed = encode_at_once(anchor_encoder, ego_anchor,
+                                                   temp_anchor.flatten(1, 2))
             temp_embed = temp_embed.unflatten(1, temp_anchor.shape[1:3]).flatten(0, 1)
         else:
             ego_embed = anchor_encoder(ego_anchor)
