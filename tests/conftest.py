@@ -252,12 +252,14 @@ def assert_same_gradients(grads, reference, total=1e-2, each=5e-2):
 
 
 def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1e-6,
-                grad_check=None):
+                grad_check=None, eager_steps: int = 0):
     """Train ``steps`` steps (temporal frames: the instance caches fill) of the config's model
     and of a copy that ``change(copy)`` altered, each on its own state, and check that both
     give the same losses and gradients at every step: ``grad_check(copy's, original's)``, by
     default each tensor within rtol 1e-4, atol 1e-5. Dropout is switched off in both (its
-    draws would differ in order). Returns the changed copy."""
+    draws would differ in order). The copy's first ``eager_steps`` steps run with Dynamo's
+    ``force_eager`` stance (as ``turbox.compile.eager_iters`` runs them). Returns the changed
+    copy."""
     import copy
 
     import numpy as np
@@ -279,9 +281,11 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
             np.random.seed(step)
             model.train()
             model.zero_grad()
-            batch = model.data_preprocessor(copy.deepcopy(data), training=True)
-            losses = model.loss(batch['inputs'], batch['data_samples'])
-            sum(v for k, v in losses.items() if 'loss' in k).backward()
+            eager = model is second and step < eager_steps
+            with torch.compiler.set_stance('force_eager' if eager else 'default'):
+                batch = model.data_preprocessor(copy.deepcopy(data), training=True)
+                losses = model.loss(batch['inputs'], batch['data_samples'])
+                sum(v for k, v in losses.items() if 'loss' in k).backward()
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
             results.append(({k: v.detach() for k, v in losses.items()}, grads))
         (losses, grads), (c_losses, c_grads) = results
@@ -299,16 +303,19 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     return second
 
 
-def compiled_twin_agrees(cfg, steps: int = 3):
-    """:func:`twin_agrees` with the copy compiled as ``turbox.compile.modules='auto'``
-    compiles it (Dynamo with the ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no
-    code generation); also checks that every frame Dynamo met was compiled (none ran eagerly
-    after an error) and that no graph broke. Returns the compiled paths and Dynamo's frame
+def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None):
+    """:func:`twin_agrees` with the copy compiled as ``turbox.compile`` compiles it by default
+    (``modules='auto'``, the first step eager, its recompile limit; Dynamo with the
+    ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no code generation); also checks
+    that every frame Dynamo met was compiled (none ran eagerly after an error or past the
+    recompile limit) and that no graph broke. Returns the compiled paths and Dynamo's frame
     counters."""
     import torch
     from torch._dynamo.utils import counters
 
     from turbox_mm.engine.runner.module_compiler import compile_submodules
+    from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS
+    defaults = TURBOX_OPTIONS['compile']
     names = []
 
     def compile_auto(model):
@@ -318,7 +325,9 @@ def compiled_twin_agrees(cfg, steps: int = 3):
         names.extend(compile_submodules(model, 'auto', backend='aot_eager'))
         assert list(model.state_dict()) == keys
 
-    twin_agrees(cfg, compile_auto, steps)
+    with torch._dynamo.config.patch(recompile_limit=defaults['recompile_limit'].default):
+        twin_agrees(cfg, compile_auto, steps, grad_check=grad_check,
+                    eager_steps=defaults['eager_iters'].default)
     frames = dict(counters['frames'])
     assert frames['total'] == frames['ok'] > 0, frames
     assert not counters['graph_break'], dict(counters['graph_break'])

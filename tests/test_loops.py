@@ -303,14 +303,25 @@ def test_compile_auto_keeps_state_dict_and_results():
     assert net.backbone._compiled_call_impl is not None
 
 
+class _Layer(nn.Module):
+    """A layer with a forward of its own (Dynamo compiles its frame)."""
+
+    def __init__(self, dims: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(dims, dims)
+
+    def forward(self, x):
+        return self.fc(x).relu()
+
+
 class _DeclaringHead(nn.Module):
     """A head that declares its static parts to ``modules='auto'``."""
     turbox_compile_submodules = ('encoder', 'layers.*')
 
     def __init__(self):
         super().__init__()
-        self.encoder = nn.Linear(4, 4)
-        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+        self.encoder = _Layer()
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
         self.loss_fc = nn.Linear(4, 1)  # not declared: stays eager
 
 
@@ -342,6 +353,8 @@ def test_compile_a_star_stands_for_each_child():
     a head's decoder layers), results and state dict unchanged."""
     torch.manual_seed(0)
     net = _Net()
+    net.backbone = nn.Sequential(_Layer(), _Layer(), _Layer())
+    net.head = _Layer()
     x = torch.randn(3, 4)
     eager = net(x)
     names = compile_submodules(net, ['backbone.*', 'head'], backend='eager')
@@ -355,10 +368,49 @@ def test_compile_a_star_stands_for_each_child():
         compile_submodules(_Net(), ['tail.*'], backend='eager')
     # glob semantics: children without the rest of the path are skipped; duplicates once
     net = nn.Module()
-    net.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)), nn.ReLU(),
-                                nn.Sequential(nn.Linear(2, 2), nn.ReLU())])
+    net.blocks = nn.ModuleList([nn.Sequential(_Layer(2)), nn.ReLU(),
+                                nn.Sequential(_Layer(2), nn.ReLU())])
     names = compile_submodules(net, ['blocks.*.0', 'blocks.0.0'], backend='eager')
     assert names == ['blocks.0.0', 'blocks.2.0']
+
+
+def test_torchs_own_modules_compile_through_a_frame_of_turbox_or_stay_eager():
+    """Dynamo compiles no outer frame of torch's own files: ``Module.compile`` on an
+    ``nn.Sequential`` compiled nothing (checked: no frame counted). turbox compiles such a
+    container through a frame of its own, one code object per module (so that 8 of them do
+    not exhaust Dynamo's recompile limit of one shared frame), and leaves torch's single
+    layers eager, saying so."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+                                for _ in range(10)])
+    net.norm = nn.LayerNorm(4)
+    x = torch.randn(3, 4, requires_grad=True)
+    eager = [block(x) for block in net.blocks]
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        names = compile_submodules(net, ['blocks.*', 'norm'], backend='aot_eager')
+    finally:
+        logger.removeHandler(handler)
+    assert names == [f'blocks.{i}' for i in range(10)]
+    assert net.norm._compiled_call_impl is None
+    assert [(r.levelno, r.getMessage()[:61]) for r in records] == [
+        (logging.WARNING, "turbox.compile: norm not compiled: each is one of torch's own")]
+    for block, want in zip(net.blocks, eager):
+        got = block(x)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+    assert dict(counters['frames']) == {'total': 10, 'ok': 10}
+    for block in net.blocks:  # no recompile: each has its own cached graph
+        block(x)
+    assert dict(counters['frames']) == {'total': 10, 'ok': 10}
 
 
 def test_compile_takes_mmdet3ds_numpy_strides_as_one_graph():

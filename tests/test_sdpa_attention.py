@@ -95,6 +95,23 @@ def test_matches_mmcv_cross_attention_identity_and_value(batch_first):
                                ours(q, key=k, value=k, query_pos=qp, key_pos=kp), rtol=0, atol=0)
 
 
+def test_residual_is_mmcvs_deprecated_name_of_identity():
+    """``residual=`` works as mmcv's decorated forward makes it work (a DeprecationWarning,
+    then ``identity``), without mmengine's decorator: its one wrapper code object is shared by
+    every decorated forward, so Dynamo's recompile limit would count them together."""
+    ours, ref = _pair(True)
+    q, ident = _x(2, 5, E, seed=1), _x(2, 5, E, seed=2)
+    with pytest.warns(DeprecationWarning, match='"residual" is deprecated'):
+        got = ours(q, residual=ident)
+    with pytest.warns(DeprecationWarning, match='"residual" is deprecated'):
+        want = ref(q, residual=ident)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ours(q, identity=ident), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='both "residual"'):
+        ours(q, residual=ident, identity=ident)
+    assert ours.forward.__code__.co_filename.endswith('sdpa_attention.py')
+
+
 def test_key_pos_falls_back_to_query_pos_only_when_shapes_match():
     ours, ref = _pair()
     q, qp, k = _x(2, 5, E, seed=1), _x(2, 5, E, seed=2), _x(2, 5, E, seed=3)

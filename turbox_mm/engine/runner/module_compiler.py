@@ -1,5 +1,6 @@
 """``torch.compile`` for chosen submodules of a model; what fails to compile runs eagerly."""
 import logging
+import types
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -316,6 +317,11 @@ def compile_submodules(model: nn.Module,
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``,
             ``fullgraph``, ``options``).
 
+    A module whose forward is torch's own is compiled through a frame of this file (Dynamo
+    would not compile it otherwise, see :func:`_forward_of_torch`); one of torch's single
+    layers (no children: ``nn.LayerNorm``, ``nn.Linear``) is left eager and named in one log
+    line (a warning where the paths were given, information for ``'auto'``).
+
     Returns:
         list[str]: The paths compiled (``*`` expanded).
 
@@ -337,12 +343,50 @@ def compile_submodules(model: nn.Module,
     else:  # in order, each module once
         names = list(dict.fromkeys(name for path in modules
                                    for name in expand_paths(model, path)))
+    compiled, leaves = [], []
     for name in names:
         module = _resolve(model, name)
+        if _forward_of_torch(module) and not any(True for _ in module.children()):
+            leaves.append(name)
+            continue
         plain_int_conv_args(module)
-        module.compile(**compile_kwargs)
+        if _forward_of_torch(module):
+            _compile_through_own_frame(name, module, compile_kwargs)
+        else:
+            module.compile(**compile_kwargs)
         _guard(name, module, bool(compile_kwargs.get('fullgraph')))
-    return names
+        compiled.append(name)
+    if leaves:
+        print_log(f"turbox.compile: {', '.join(leaves)} not compiled: each is one of torch's "
+                  'own single layers (LayerNorm, Linear, ...), which a graph of its own would '
+                  'not fuse with anything', logger='current',
+                  level=logging.INFO if modules == 'auto' else logging.WARNING)
+    return compiled
+
+
+def _forward_of_torch(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is defined in torch itself (``nn.Sequential``,
+    ``nn.LayerNorm``, ...). Dynamo does not compile a frame of torch's own files as the outer
+    frame: :meth:`torch.nn.Module.compile` on such a module compiles nothing, silently."""
+    return (getattr(type(module).forward, '__module__', None) or '').startswith('torch.')
+
+
+def _own_frame(*args, **kwargs):
+    return _call(*args, **kwargs)  # noqa: F821  (``_call`` is bound in each copy's globals)
+
+
+def _compile_through_own_frame(name: str, module: nn.Module, compile_kwargs: Dict) -> None:
+    """Compile a module whose forward is torch's (an ``nn.Sequential`` of layers) through a
+    frame of this file that calls it, which Dynamo compiles, inlining torch's forward. Each
+    module gets its own copy of the code object: Dynamo counts recompiles per code object, so
+    one shared frame would serve only 8 modules."""
+    import builtins
+
+    import torch
+    code = _own_frame.__code__.replace(co_name=f"turbox_compiled_{name.replace('.', '_')}")
+    frame = types.FunctionType(code, {'_call': module._call_impl, '__builtins__': builtins},
+                               code.co_name)
+    module._compiled_call_impl = torch.compile(frame, **compile_kwargs)
 
 
 def compile_kwargs_from_options(options: Dict) -> Dict:

@@ -122,6 +122,15 @@ TURBOX_OPTIONS: Schema = {
         'dynamic': Option(None, (bool, type(None)),
                           'torch.compile dynamic shapes (None: decided by torch)'),
         'fullgraph': Option(False, (bool,), 'fail instead of breaking the graph'),
+        'recompile_limit': Option(
+            16, (int, type(None)), "Dynamo's recompile limit per code object (torch's default "
+            '8; None keeps it): a head compiled layer by layer calls one forward with several '
+            "shapes (SparseDrive's attention: detection, map and motion-planning queries), and "
+            'past the limit the next shape runs eagerly'),
+        'eager_iters': Option(
+            1, (int,), 'first training iterations run eagerly (turbox_mm.EagerWarmupHook): a '
+            "temporal model's first iteration, with empty instance caches, has shapes no later "
+            'one has, so compiling it is wasted warm-up'),
         'on_cpu': Option(False, (bool,),
                          'compile also where no CUDA device is present (slow to compile, '
                          'rarely worth it for CPU training)'),
@@ -185,6 +194,13 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
                          f'(batches each worker prepares ahead), got {prefetch}')
     _check_compile_modules(cfg, options['compile'])
     _check_compile_backend(options['compile'])
+    limit = options['compile']['recompile_limit']
+    if limit is not None and limit < 1:
+        raise ValueError(f"Config key 'turbox.compile.recompile_limit' must be None or >= 1, "
+                         f'got {limit}')
+    if options['compile']['eager_iters'] < 0:
+        raise ValueError(f"Config key 'turbox.compile.eager_iters' must be >= 0, got "
+                         f"{options['compile']['eager_iters']}")
     timeout = loader_opts['timeout']
     if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
         raise ValueError(f"Config key 'turbox.dataloader.timeout' must be None or a number of "

@@ -54,7 +54,16 @@ class TurboxRunner(Runner):
         self.turbox_options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
         self.turbox_changes = []
         self._verified_checkpoint: Optional[str] = None  # see resume()
+        self._eager_warmup_iters = 0  # set where something is compiled (_compile_and_wrap)
         super().__init__(*args, **kwargs)
+
+    def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
+        """mmengine's hooks, then :class:`~turbox_mm.engine.hooks.EagerWarmupHook` where
+        ``turbox.compile`` compiled a submodule and ``turbox.compile.eager_iters`` > 0."""
+        super().register_hooks(default_hooks, custom_hooks)
+        if self._eager_warmup_iters:
+            from turbox_mm.engine.hooks import EagerWarmupHook
+            self.register_hook(EagerWarmupHook(self._eager_warmup_iters))
 
     def setup_env(self, env_cfg: Dict) -> None:
         """mmengine's environment setup, then the precision keys of ``env_cfg``.
@@ -139,10 +148,20 @@ class TurboxRunner(Runner):
         opts = self.turbox_options.get('compile')
         if opts and opts['enable'] and not is_model_wrapper(model):
             if torch.cuda.is_available() or opts['on_cpu']:
+                if opts['recompile_limit'] is not None:
+                    import torch._dynamo.config as dynamo_config
+                    dynamo_config.recompile_limit = opts['recompile_limit']
+                    self.turbox_changes.append(
+                        f"torch.compile: Dynamo's recompile_limit = {opts['recompile_limit']}")
                 names = compile_submodules(model, opts['modules'],
                                            **compile_kwargs_from_options(opts))
                 self.turbox_changes.append(
                     f"torch.compile: {', '.join(names) or 'no submodule matched'}")
+                if names and opts['eager_iters']:
+                    self._eager_warmup_iters = opts['eager_iters']
+                    self.turbox_changes.append(
+                        f"torch.compile: the first {opts['eager_iters']} training "
+                        'iteration(s) run eagerly (turbox_mm.EagerWarmupHook)')
             else:
                 self.turbox_changes.append('torch.compile: skipped, no CUDA device '
                                            '(turbox.compile.on_cpu=True compiles anyway)')
@@ -272,9 +291,12 @@ class TurboxRunner(Runner):
 
     def _restore_process_state(self) -> None:
         """Let the GC hook switch automatic collection back on and unfreeze the heap (its
-        ``after_run``, which mmengine does not call when a loop raises)."""
-        from turbox_mm.engine.hooks import GCHook
+        ``after_run``, which mmengine does not call when a loop raises), and the eager
+        warm-up hook give back Dynamo's stance."""
+        from turbox_mm.engine.hooks import EagerWarmupHook, GCHook
         for hook in self.hooks:
+            if isinstance(hook, EagerWarmupHook):
+                hook.restore()
             if isinstance(hook, GCHook):
                 try:
                     hook.after_run(self)

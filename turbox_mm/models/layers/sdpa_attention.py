@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from mmcv.cnn.bricks.drop import build_dropout
 from mmengine.model import BaseModule
-from mmengine.utils import deprecated_api_warning
 from torch import Tensor, nn
 
 from turbox_mm.registry import MODELS
@@ -285,7 +284,6 @@ class MultiheadSDPAttention(BaseModule):
         self.proj_drop = nn.Dropout(proj_drop)
         self.dropout_layer = build_dropout(dropout_layer) if dropout_layer else nn.Identity()
 
-    @deprecated_api_warning({'residual': 'identity'}, cls_name='MultiheadSDPAttention')
     def forward(self,
                 query: Tensor,
                 key: Optional[Tensor] = None,
@@ -311,15 +309,27 @@ class MultiheadSDPAttention(BaseModule):
                 masked, or float added to the logits. Defaults to None.
             key_padding_mask (Tensor, optional): ``[B, Lk]``; bool True = masked, or float.
                 Defaults to None.
-            **kwargs: Ignored (mmcv's transformer layers pass extra keys).
+            **kwargs: Ignored (mmcv's transformer layers pass extra keys), except
+                ``residual``, mmcv's old name of ``identity`` (a ``DeprecationWarning``, as
+                mmcv's ``deprecated_api_warning`` gives; not through that decorator, whose one
+                wrapper code object every decorated forward shares, so that Dynamo's
+                recompile limit counts them together).
 
         Returns:
             Tensor: Shaped as ``query``.
 
         Raises:
             ValueError: ``query``/``key``/``value`` are not 3-D with ``embed_dims`` features
-                and matching batch and key lengths, or a mask does not fit.
+                and matching batch and key lengths, or a mask does not fit; ``residual``
+                and ``identity`` both given.
         """
+        if 'residual' in kwargs:
+            if identity is not None:
+                raise ValueError('MultiheadSDPAttention.forward: got both "residual" (its '
+                                 'deprecated name) and "identity"')
+            warnings.warn('"residual" is deprecated in `MultiheadSDPAttention.forward`, '
+                          'please use "identity" instead', DeprecationWarning)
+            identity = kwargs.pop('residual')
         if key is None:
             key = query
         if value is None:

@@ -94,6 +94,10 @@ class MotionPlanningHead(OperationLayers, BaseModule):
         ValueError: A bad anchor, operation order, op_impl or missing layer config.
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of this head (module_compiler): each
+    #: layer of ``operation_order`` (attention, FFN, refinement; its LayerNorms stay eager).
+    turbox_compile_submodules = ('layers.*', )
+
     def __init__(self,
                  fut_ts: int = 12,
                  fut_mode: int = 6,
