@@ -390,11 +390,7 @@ def test_torchs_own_modules_compile_through_a_frame_of_turbox_or_stay_eager():
     net.norm = nn.LayerNorm(4)
     x = torch.randn(3, 4, requires_grad=True)
     eager = [block(x) for block in net.blocks]
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
+    logger, handler, records = _current_log_records()
     try:
         names = compile_submodules(net, ['blocks.*', 'norm'], backend='aot_eager')
     finally:
@@ -451,11 +447,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning():
     net.backbone._compiled_call_impl = _raising(torch._dynamo.exc.Unsupported('no can do'))
     from turbox_mm.engine.runner.module_compiler import _guard
     _guard('backbone', net.backbone)
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
+    logger, handler, records = _current_log_records()
     try:
         out = net.backbone(torch.ones(2))
     finally:
