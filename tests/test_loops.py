@@ -439,7 +439,11 @@ def test_compile_names_a_missing_submodule():
         compile_submodules(_Net(), 'backbone', backend='eager')
 
 
-def test_compile_failure_falls_back_to_eager_with_a_warning():
+@pytest.mark.parametrize('eager_first', [False, True])
+def test_compile_failure_falls_back_to_eager_with_a_warning(eager_first):
+    """On the first compiled call, a compile error falls back to eager with a warning; also
+    where calls under the ``force_eager`` stance came first (EagerWarmupHook's iterations:
+    they run the eager call and are not compiled calls)."""
     torch._dynamo.reset()
     net = nn.Module()
     net.backbone = _Breaks()
@@ -447,6 +451,10 @@ def test_compile_failure_falls_back_to_eager_with_a_warning():
     net.backbone._compiled_call_impl = _raising(torch._dynamo.exc.Unsupported('no can do'))
     from turbox_mm.engine.runner.module_compiler import _guard
     _guard('backbone', net.backbone)
+    if eager_first:
+        with torch.compiler.set_stance('force_eager'):
+            torch.testing.assert_close(net.backbone(torch.ones(2)), torch.full((2, ), 2.0))
+        assert net.backbone._compiled_call_impl is not None  # still compiled
     logger, handler, records = _current_log_records()
     try:
         out = net.backbone(torch.ones(2))

@@ -15,17 +15,22 @@ class EagerWarmupHook(Hook):
     A temporal model's first iteration is unlike every later one: its instance caches are
     empty, so its heads see shapes, strides and ``requires_grad`` flags that never recur
     (Sparse4D's and SparseDrive's instance banks, SparseDrive's motion queue). Compiling those
-    graphs costs warm-up time for code that runs once: on the tiny SparseDrive stage-2 model,
-    31 graphs are compiled when the first iteration is compiled too, 22 when it runs eagerly
-    (``tests/test_eager_warmup_hook.py``). For a model without such state the hook only moves
+    graphs costs warm-up time for code that runs once: on the tiny SparseDrive stage-2 model
+    over five frames, 41 graphs are compiled when the first iteration is compiled too, 32
+    when it runs eagerly (``tests/test_eager_warmup_hook.py``). For a model without such state the hook only moves
     the compilation one iteration later. The results are the same either way: compiled code
     computes what the eager code computes.
 
     :class:`~turbox_mm.engine.runner.TurboxRunner` registers it where ``turbox.compile``
-    compiled something and ``turbox.compile.eager_iters`` > 0. The stance is process-wide and
-    set only between ``before_train_iter`` and ``after_train_iter`` of those iterations; the
-    previous stance comes back after them, after training, or, through :meth:`restore`, when
-    the loop fails.
+    compiled something and ``turbox.compile.eager_iters`` > 0 (not a second time where the
+    config lists one already). The stance is process-wide and held from each of those
+    iterations' ``before_train_iter`` to its ``after_train_iter`` (the hook runs first in both,
+    priority ``VERY_HIGH``), so a validation or checkpoint between them runs as usual; the
+    previous stance comes back after each iteration, after training, or, through
+    :meth:`restore`, when the loop fails. Iterations are counted in this process, so a resumed
+    run's first iterations are eager again (its caches start empty too).
+    Needs ``torch.compiler.set_stance`` (torch 2.6 or later); the runner does not register
+    the hook on an older torch.
 
     Args:
         iters (int): Training iterations to run eagerly. Defaults to 1.
@@ -51,8 +56,7 @@ class EagerWarmupHook(Hook):
                          outputs: Optional[dict] = None) -> None:
         if self._stance is not None:
             self.done += 1
-            if self.done >= self.iters:
-                self.restore()
+            self.restore()
 
     def after_train(self, runner) -> None:
         self.restore()

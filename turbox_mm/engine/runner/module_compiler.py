@@ -168,6 +168,14 @@ class _SuppressErrors:
             self.config.suppress_errors = self.before
 
 
+def _forced_eager() -> bool:
+    """Whether Dynamo's stance is ``force_eager`` (``torch.compiler.set_stance``; False on a
+    torch without stances)."""
+    from torch._dynamo import eval_frame
+    stance = getattr(eval_frame, '_stance', None)
+    return getattr(stance, 'stance', 'default') == 'force_eager'
+
+
 def _frames() -> Tuple[int, int]:
     """Dynamo's counts of the frames it tried to compile, and of those it compiled."""
     from torch._dynamo.utils import counters
@@ -192,6 +200,8 @@ def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
     between them; each of Dynamo's frames (the forward, and the code after each graph break)
     is compiled when it is first reached, so compiling a later frame can fail after the
     earlier ones have run and changed state (BatchNorm statistics, in-place updates).
+    A call under Dynamo's ``force_eager`` stance (:class:`~turbox_mm.engine.hooks.
+    EagerWarmupHook`) runs the module's eager call and is not counted as a compiled call.
 
     - ``fullgraph=False``: the call runs with Dynamo's ``suppress_errors``: a frame that fails
       to compile runs eagerly, from where the call has got to, and Dynamo runs that frame's
@@ -228,6 +238,8 @@ def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
                   level=logging.WARNING)
 
     def call_fullgraph(*args, **kwargs):
+        if _forced_eager():
+            return module._call_impl(*args, **kwargs)
         try:
             with _SuppressErrors(False):
                 return compiled(*args, **kwargs)
@@ -237,6 +249,8 @@ def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
                 f'be compiled as one graph: {_reason(exc)}') from exc
 
     def call(*args, **kwargs):
+        if _forced_eager():  # nothing is compiled: not a compiled call (EagerWarmupHook)
+            return module._call_impl(*args, **kwargs)
         suppressed: List[logging.LogRecord] = []
         first_call = state['calls'] == 0
         state['calls'] += 1
@@ -308,6 +322,11 @@ def compile_submodules(model: nn.Module,
     Compiled graphs are cached by Inductor (``TORCHINDUCTOR_CACHE_DIR``, by default under the
     system temp dir), so a second run starts faster.
 
+    A module whose forward is torch's own (an ``nn.Sequential``) is compiled through a frame
+    of this file instead (see :func:`_forward_of_torch`), as one graph; one of torch's single
+    layers (no children: ``nn.LayerNorm``, ``nn.Linear``) is left eager and named in one log
+    line (a warning where the paths were given, information for ``'auto'``).
+
     Args:
         model (nn.Module): The unwrapped model.
         modules (str | Sequence[str]): Dotted paths of submodules (a ``*`` part stands for
@@ -316,11 +335,6 @@ def compile_submodules(model: nn.Module,
             (:func:`auto_paths`). Defaults to ``'auto'``.
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``,
             ``fullgraph``, ``options``).
-
-    A module whose forward is torch's own is compiled through a frame of this file (Dynamo
-    would not compile it otherwise, see :func:`_forward_of_torch`); one of torch's single
-    layers (no children: ``nn.LayerNorm``, ``nn.Linear``) is left eager and named in one log
-    line (a warning where the paths were given, information for ``'auto'``).
 
     Returns:
         list[str]: The paths compiled (``*`` expanded).
@@ -331,7 +345,7 @@ def compile_submodules(model: nn.Module,
     Examples:
         >>> from torch import nn
         >>> model = nn.Module()
-        >>> model.backbone = nn.Linear(4, 4)
+        >>> model.backbone = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
         >>> compile_submodules(model, 'auto')
         ['backbone']
     """
@@ -367,7 +381,9 @@ def compile_submodules(model: nn.Module,
 def _forward_of_torch(module: nn.Module) -> bool:
     """Whether ``module``'s forward is defined in torch itself (``nn.Sequential``,
     ``nn.LayerNorm``, ...). Dynamo does not compile a frame of torch's own files as the outer
-    frame: :meth:`torch.nn.Module.compile` on such a module compiles nothing, silently."""
+    frame: :meth:`torch.nn.Module.compile` on such a module compiles nothing of torch's own
+    layers, silently, and compiles each child with a forward of its own (mmdet's blocks in an
+    ``nn.Sequential``) as a frame of its own, not the container as one graph."""
     return (getattr(type(module).forward, '__module__', None) or '').startswith('torch.')
 
 
@@ -387,6 +403,17 @@ def _compile_through_own_frame(name: str, module: nn.Module, compile_kwargs: Dic
     frame = types.FunctionType(code, {'_call': module._call_impl, '__builtins__': builtins},
                                code.co_name)
     module._compiled_call_impl = torch.compile(frame, **compile_kwargs)
+
+
+def set_recompile_limit(limit: int) -> str:
+    """Set Dynamo's recompile limit per code object, process-wide and for the rest of the
+    process (as ``env_cfg``'s cuDNN flags are): ``recompile_limit``, or ``cache_size_limit``
+    on a torch that predates that name. Returns the change, for the runner's log."""
+    from torch._dynamo import config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+    before = getattr(config, name)
+    setattr(config, name, limit)
+    return f"torch.compile: Dynamo's {name} = {limit} (was {before}; process-wide)"
 
 
 def compile_kwargs_from_options(options: Dict) -> Dict:

@@ -22,7 +22,8 @@ from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
 from .fast_model import apply_fast_model
-from .module_compiler import compile_kwargs_from_options, compile_submodules
+from .module_compiler import (compile_kwargs_from_options, compile_submodules,
+                              set_recompile_limit)
 from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
 
@@ -59,11 +60,18 @@ class TurboxRunner(Runner):
 
     def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
         """mmengine's hooks, then :class:`~turbox_mm.engine.hooks.EagerWarmupHook` where
-        ``turbox.compile`` compiled a submodule and ``turbox.compile.eager_iters`` > 0."""
+        ``turbox.compile`` compiled a submodule and ``turbox.compile.eager_iters`` > 0, unless
+        the config lists one already.
+
+        Args:
+            default_hooks (dict, optional): As for mmengine's ``Runner.register_hooks``.
+            custom_hooks (list, optional): As for mmengine's ``Runner.register_hooks``.
+        """
         super().register_hooks(default_hooks, custom_hooks)
         if self._eager_warmup_iters:
             from turbox_mm.engine.hooks import EagerWarmupHook
-            self.register_hook(EagerWarmupHook(self._eager_warmup_iters))
+            if not any(isinstance(hook, EagerWarmupHook) for hook in self._hooks):
+                self.register_hook(EagerWarmupHook(self._eager_warmup_iters))
 
     def setup_env(self, env_cfg: Dict) -> None:
         """mmengine's environment setup, then the precision keys of ``env_cfg``.
@@ -148,20 +156,23 @@ class TurboxRunner(Runner):
         opts = self.turbox_options.get('compile')
         if opts and opts['enable'] and not is_model_wrapper(model):
             if torch.cuda.is_available() or opts['on_cpu']:
-                if opts['recompile_limit'] is not None:
-                    import torch._dynamo.config as dynamo_config
-                    dynamo_config.recompile_limit = opts['recompile_limit']
-                    self.turbox_changes.append(
-                        f"torch.compile: Dynamo's recompile_limit = {opts['recompile_limit']}")
                 names = compile_submodules(model, opts['modules'],
                                            **compile_kwargs_from_options(opts))
-                self.turbox_changes.append(
-                    f"torch.compile: {', '.join(names) or 'no submodule matched'}")
+                done = ', '.join(names) or ("nothing (no submodule matched, or only torch's "
+                                            'single layers, left eager)')
+                self.turbox_changes.append(f'torch.compile: {done}')
+                if names and opts['recompile_limit'] is not None:
+                    self.turbox_changes.append(set_recompile_limit(opts['recompile_limit']))
                 if names and opts['eager_iters']:
-                    self._eager_warmup_iters = opts['eager_iters']
-                    self.turbox_changes.append(
-                        f"torch.compile: the first {opts['eager_iters']} training "
-                        'iteration(s) run eagerly (turbox_mm.EagerWarmupHook)')
+                    if hasattr(torch.compiler, 'set_stance'):
+                        self._eager_warmup_iters = opts['eager_iters']
+                        self.turbox_changes.append(
+                            f"torch.compile: the first {opts['eager_iters']} training "
+                            'iteration(s) run eagerly (turbox_mm.EagerWarmupHook)')
+                    else:
+                        self.turbox_changes.append(
+                            'torch.compile: compile.eager_iters ignored (torch '
+                            f'{torch.__version__} has no torch.compiler.set_stance; 2.6+)')
             else:
                 self.turbox_changes.append('torch.compile: skipped, no CUDA device '
                                            '(turbox.compile.on_cpu=True compiles anyway)')

@@ -321,7 +321,9 @@ class MultiheadSDPAttention(BaseModule):
         Raises:
             ValueError: ``query``/``key``/``value`` are not 3-D with ``embed_dims`` features
                 and matching batch and key lengths, or a mask does not fit; ``residual``
-                and ``identity`` both given.
+                given with an ``identity`` that is not None (mmcv's decorator raises an
+                ``AssertionError`` there, and also where ``identity=None`` is passed
+                explicitly, which here means "not given").
         """
         if 'residual' in kwargs:
             if identity is not None:

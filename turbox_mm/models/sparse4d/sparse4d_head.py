@@ -118,9 +118,11 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
     """
 
     #: What ``turbox.compile.modules='auto'`` compiles of this head (each on its own): the
-    #: anchor encoder (called after every refinement) and each decoder layer. They hold no
-    #: data-dependent control flow; the bank, the denoising and the targets stay eager.
-    turbox_compile_submodules = ('anchor_encoder', 'layers.*')
+    #: anchor encoder (called after every refinement), each decoder layer and the regression
+    #: loss (box or line loss with their quality terms: elementwise work on all rows at once
+    #: in the turbox path). They hold no data-dependent control flow; the bank, the
+    #: denoising and the targets stay eager.
+    turbox_compile_submodules = ('anchor_encoder', 'layers.*', 'loss_reg')
 
     def __init__(self,
                  instance_bank: dict,
