@@ -15,6 +15,10 @@
 #   tiny        the tiny stage-1 configs (CPU: a check that both build, train and agree; no
 #               speed claim)
 #   (default: stage1)
+# Time: the turbox twins compile their heads during the warm-up iterations (the first
+# iteration runs eagerly); on the H100 (2026-12-06) stage 2's turbox run took about 4 minutes
+# in all, stage 1's stock and turbox runs together about 4.5 minutes. One stage per 600 s
+# device call.
 # Environment: PYTHON (default python3), ITERS / WARMUP (timed / untimed iterations),
 # WORKERS (data generation processes), DATA_DIR (default data/), TIMEOUT (seconds a config may
 # run, default 1800), PREPARE_ONLY=1 (make the data and stop), EXTRA (more benchmark.py
