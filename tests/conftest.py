@@ -303,9 +303,9 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     return second
 
 
-def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None):
+def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto'):
     """:func:`twin_agrees` with the copy compiled as ``turbox.compile`` compiles it by default
-    (``modules='auto'``, the first step eager, its recompile limit; Dynamo with the
+    (``modules``, default ``'auto'``, the first step eager, its recompile limit; Dynamo with the
     ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no code generation); also checks
     that every frame Dynamo met was compiled (none ran eagerly after an error or past the
     recompile limit) and that no graph broke. Returns the compiled paths and Dynamo's frame
@@ -322,7 +322,7 @@ def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None):
         torch._dynamo.reset()
         counters.clear()
         keys = list(model.state_dict())
-        names.extend(compile_submodules(model, 'auto', backend='aot_eager'))
+        names.extend(compile_submodules(model, modules, backend='aot_eager'))
         assert list(model.state_dict()) == keys
 
     with torch._dynamo.config.patch(recompile_limit=defaults['recompile_limit'].default):

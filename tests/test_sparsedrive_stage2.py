@@ -138,6 +138,21 @@ def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp
     assert frames['ok'] >= 20, frames
 
 
+def test_whole_heads_compile_as_one_graph_each_and_agree_with_eager(tiny_root, full_fp32):
+    """The three heads' forwards compiled whole (``turbox.compile.modules`` listing them, not
+    the default's layer-by-layer parts): each traces without a graph break (targets and losses
+    are not in the forward), the motion head once per queue length, with eager's losses and
+    gradients over four frames. What a GPU run would compare against the default."""
+    cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
+    heads = ['head.det_head', 'head.map_head', 'head.motion_plan_head']
+    names, frames = compiled_twin_agrees(cfg, steps=4, grad_check=assert_same_gradients,
+                                         modules=['img_backbone', 'img_neck'] + heads)
+    assert names == ['img_backbone', 'img_neck'] + heads
+    # measured 7: backbone, neck, the Sparse4D head's forward for the detection and for the
+    # map head (their decoders differ in type), the motion head once per queue length met
+    assert frames['total'] == frames['ok'] <= 8, frames
+
+
 def test_turbox_and_stock_motion_heads_agree_over_temporal_frames(tiny_root, full_fp32):
     """The motion-planning head's turbox path (one encoder call for the ego and the queued
     anchors, its losses without host reads) against its stock path over three frames, where
