@@ -1,7 +1,6 @@
 """EagerWarmupHook: the first training iterations run eagerly, then compiled code is used."""
 import copy
 import os
-import sys
 
 import pytest
 import torch
@@ -9,13 +8,12 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from torch._dynamo import eval_frame
 
+from conftest import (build_model, config_with_root, make_sparsedrive_stage2_tiny,
+                      train_batches, turbox_applied)
 from turbox_mm.engine.hooks import EagerWarmupHook
 from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS
 from turbox_mm.registry import HOOKS, MODELS
 from turbox_mm.testing import SmokeModel
-
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import build_model, config_with_root, train_batches, turbox_applied  # noqa: E402
 
 SMOKE = 'configs/smoke/smoke_turbox.py'
 
@@ -203,7 +201,6 @@ def test_sparsedrive_stage2_compiles_fewer_graphs_without_its_first_frame(tmp_pa
     eagerly, the first frame adds none, and the later frames need fewer graphs in all."""
     from torch._dynamo.utils import counters
 
-    from conftest import make_sparsedrive_stage2_tiny
     from turbox_mm.engine.runner.module_compiler import compile_submodules
     root = make_sparsedrive_stage2_tiny(tmp_path / 'nuscenes_tiny2')
     cfg, _ = turbox_applied(config_with_root(

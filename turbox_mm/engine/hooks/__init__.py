@@ -7,5 +7,5 @@ from .gc_hook import GCHook
 from .graph_ema import GraphExponentialMovingAverage
 from .runtime_info_hook import TurboxRuntimeInfoHook
 
-__all__ = ['CPUAffinityHook', 'EagerWarmupHook', 'GCHook', 'TurboxEMAHook', 'GraphExponentialMovingAverage',
-           'TurboxRuntimeInfoHook', 'TurboxCheckpointHook']
+__all__ = ['CPUAffinityHook', 'EagerWarmupHook', 'GCHook', 'TurboxEMAHook',
+           'GraphExponentialMovingAverage', 'TurboxRuntimeInfoHook', 'TurboxCheckpointHook']

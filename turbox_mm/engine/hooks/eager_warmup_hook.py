@@ -17,9 +17,9 @@ class EagerWarmupHook(Hook):
     (Sparse4D's and SparseDrive's instance banks, SparseDrive's motion queue). Compiling those
     graphs costs warm-up time for code that runs once: on the tiny SparseDrive stage-2 model
     over five frames, 41 graphs are compiled when the first iteration is compiled too, 32
-    when it runs eagerly (``tests/test_eager_warmup_hook.py``). For a model without such state the hook only moves
-    the compilation one iteration later. The results are the same either way: compiled code
-    computes what the eager code computes.
+    when it runs eagerly (``tests/test_eager_warmup_hook.py``). For a model without such
+    state the hook only moves the compilation one iteration later. The results are the same
+    either way: compiled code computes what the eager code computes.
 
     :class:`~turbox_mm.engine.runner.TurboxRunner` registers it where ``turbox.compile``
     compiled something and ``turbox.compile.eager_iters`` > 0 (not a second time where the

@@ -360,11 +360,12 @@ def compile_submodules(model: nn.Module,
     compiled, leaves = [], []
     for name in names:
         module = _resolve(model, name)
-        if _forward_of_torch(module) and not any(True for _ in module.children()):
+        of_torch = _forward_of_torch(module)
+        if of_torch and not any(True for _ in module.children()):
             leaves.append(name)
             continue
         plain_int_conv_args(module)
-        if _forward_of_torch(module):
+        if of_torch:
             _compile_through_own_frame(name, module, compile_kwargs)
         else:
             module.compile(**compile_kwargs)

@@ -115,8 +115,8 @@ TURBOX_OPTIONS: Schema = {
             "dotted submodule paths, or 'auto' for those of backbone, neck, img_backbone, "
             'img_neck, pts_backbone, pts_neck the model has, plus the static parts its heads '
             "declare (turbox_compile_submodules; Sparse4D's head: anchor_encoder, layers.*, "
-            "loss_reg; "
-            "SparseDrive's motion-planning head: layers.*); torch's single layers stay eager"),
+            "loss_reg; SparseDrive's motion-planning head: layers.*); torch's single layers "
+            'stay eager'),
         'backend': Option('inductor', (str,), 'torch.compile backend'),
         'mode': Option(None, (str, type(None)), 'torch.compile mode',
                        choices=(None, 'default', 'reduce-overhead', 'max-autotune',
@@ -196,13 +196,7 @@ def apply_turbox_options(cfg: Config, options: Dict) -> List[str]:
                          f'(batches each worker prepares ahead), got {prefetch}')
     _check_compile_modules(cfg, options['compile'])
     _check_compile_backend(options['compile'])
-    limit = options['compile']['recompile_limit']
-    if limit is not None and limit < 1:
-        raise ValueError(f"Config key 'turbox.compile.recompile_limit' must be None or >= 1, "
-                         f'got {limit}')
-    if options['compile']['eager_iters'] < 0:
-        raise ValueError(f"Config key 'turbox.compile.eager_iters' must be >= 0, got "
-                         f"{options['compile']['eager_iters']}")
+    _check_compile_counts(options['compile'])
     timeout = loader_opts['timeout']
     if timeout is not None and (isinstance(timeout, bool) or timeout <= 0):
         raise ValueError(f"Config key 'turbox.dataloader.timeout' must be None or a number of "
@@ -286,6 +280,17 @@ def _check_compile_modules(cfg: Config, opts: Dict) -> None:
                              f'submodule of the model: {parts[0]!r} is not a key of '
                              f"cfg.model holding a module config (those are: "
                              f"{', '.join(keys)})")
+
+
+def _check_compile_counts(opts: Dict) -> None:
+    """Fail on a ``compile.recompile_limit`` below 1 or a negative ``compile.eager_iters``."""
+    limit = opts['recompile_limit']
+    if limit is not None and limit < 1:
+        raise ValueError(f"Config key 'turbox.compile.recompile_limit' must be None or >= 1, "
+                         f'got {limit}')
+    if opts['eager_iters'] < 0:
+        raise ValueError(f"Config key 'turbox.compile.eager_iters' must be >= 0, got "
+                         f"{opts['eager_iters']}")
 
 
 def _check_compile_backend(opts: Dict) -> None:
