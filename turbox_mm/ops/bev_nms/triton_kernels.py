@@ -51,7 +51,7 @@ def box_params(boxes: Tensor, kind: str, order: Tensor) -> Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n'])
 def _params_kernel(box_ptr, order_ptr, out_ptr, n, stride_n, stride_c, KIND: tl.constexpr,
                    BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -102,7 +102,7 @@ def _words(bits, cols):
     return tl.reduce(tl.where(bits, one << cols.to(tl.int64), 0), 1, _or)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'col_blocks'])
 def _mask_kernel(prm_ptr, mask_ptr, near_ptr, n, col_blocks, threshold,
                  KIND: tl.constexpr, MARGIN: tl.constexpr, EPS: tl.constexpr):
     """One 64 x 64 block of pairs (upper blocks only), all pairs at once.
@@ -159,7 +159,7 @@ def _mask_kernel(prm_ptr, mask_ptr, near_ptr, n, col_blocks, threshold,
                      _words(live & hit, k[None, :]), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'col_blocks'])
 def _refine_kernel(prm_ptr, mask_ptr, near_ptr, n, col_blocks, threshold,
                    KIND: tl.constexpr, MARGIN: tl.constexpr, EPS: tl.constexpr,
                    BLOCKS: tl.constexpr):
@@ -223,7 +223,7 @@ def _emit(kept, b, count, order_ptr, out_ptr, rows):
     return count + tl.sum(bits.to(tl.int32), 0), bits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'col_blocks'])
 def _reduce_kernel(mask_ptr, order_ptr, out_ptr, count_ptr, n, col_blocks,
                    CB: tl.constexpr):
     """The walk with the removal words in registers (up to ``CB`` blocks): the kept boxes'
@@ -243,7 +243,7 @@ def _reduce_kernel(mask_ptr, order_ptr, out_ptr, count_ptr, n, col_blocks,
     tl.store(count_ptr, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n', 'col_blocks'])
 def _reduce_large_kernel(mask_ptr, removed_ptr, order_ptr, out_ptr, count_ptr, n, col_blocks,
                          CHUNK: tl.constexpr):
     """:func:`_reduce_kernel` for any number of blocks: removal words in global memory."""
@@ -264,7 +264,7 @@ def _reduce_large_kernel(mask_ptr, removed_ptr, order_ptr, out_ptr, count_ptr, n
     tl.store(count_ptr, count)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['m', 'n'])
 def _iou_kernel(pa_ptr, pb_ptr, out_ptr, m, n, KIND: tl.constexpr, MARGIN: tl.constexpr,
                 EPS: tl.constexpr):
     i = tl.program_id(0)  # rows on axis 0: CUDA caps the other axes at 65,535

@@ -76,7 +76,7 @@ def _corner(base, yy, xx, height, width, smask, ch, chmask, C):
     return offs, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _da_fwd_kernel(feat_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, pairs_ptr, count_ptr, out_ptr,
                    A, F, C, G, CPG, CAMS, L, PC,
                    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -118,7 +118,7 @@ def _da_fwd_kernel(feat_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, pairs_ptr, co
     tl.store(out_ptr + n * C + ch, res.to(out_ptr.dtype.element_ty), mask=chmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['A'])
 def _da_bwd_kernel(feat_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, pairs_ptr, count_ptr, gout_ptr,
                    gfeat_ptr, gloc_ptr, gw_ptr,
                    A, F, C, G, CPG, CAMS, L, PC,

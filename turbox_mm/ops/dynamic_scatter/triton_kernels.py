@@ -40,7 +40,7 @@ def _tile(feats_ptr, order_ptr, first, end, rows, cols, col_live, stride_n, stri
     return tl.load(ptrs, mask=mask, other=other).to(ACC), idx, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num'])
 def _reduce_kernel(feats_ptr, order_ptr, starts_ptr, out_ptr, arg_ptr, num, channels, stride_n,
                    stride_c, MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                    BLOCK_C: tl.constexpr):

@@ -98,7 +98,7 @@ def _samples(k0, b, h, d, rows, qmask, dmask, loc_ptr, w_ptr, shape_ptr, start_p
     return sample, smask, wgt, off, vmask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['Q'])
 def _gka_fwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, out_ptr,
                     Q, S, HEADS, D, P, LP,
                     ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -121,7 +121,7 @@ def _gka_fwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, out_ptr,
              mask=qmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['Q'])
 def _gka_bwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, gout_ptr, gvalue_ptr,
                     gw_ptr,
                     Q, S, HEADS, D, P, LP,

@@ -31,7 +31,7 @@ def _take(values, lanes, at):
     return tl.sum(tl.where(lanes == at, values, tl.zeros_like(values)), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['R', 'C', 's_p', 's_r', 's_c', 'so_p'])
 def _lsap_kernel(cost_ptr, rows_ptr, cols_ptr, out_ptr, R, C, s_p, s_r, s_c, so_p,
                  BLOCK: tl.constexpr):
     p = tl.program_id(0)

@@ -115,7 +115,7 @@ def _level(lvl, b, h, p, d, rows, qpmask, dmask, loc_ptr, w_ptr, shape_ptr, star
     return sample, wgt, lx, ly, off, m00, m01, m10, m11, row, col, height, width
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['Q'])
 def _msda_fwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, out_ptr,
                      Q, S, HEADS, D, L, P,
                      ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -146,7 +146,7 @@ def _msda_fwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, out_ptr,
              mask=qmask[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['Q'])
 def _msda_bwd_kernel(value_ptr, shape_ptr, start_ptr, loc_ptr, w_ptr, gout_ptr, gvalue_ptr,
                      gloc_ptr, gw_ptr,
                      Q, S, HEADS, D, L, P,

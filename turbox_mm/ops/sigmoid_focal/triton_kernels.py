@@ -33,7 +33,7 @@ def _power(base, gamma):
     return tl.where(gamma == 0, 1.0, tl.where(base == 0, 0.0, value))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['total'])
 def _focal_kernel(x_ptr, t_ptr, g_ptr, out_ptr, total, C, sx_n, sx_c, st_n, sg_n, sg_c, gamma,
                   alpha, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

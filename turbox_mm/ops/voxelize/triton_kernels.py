@@ -60,7 +60,7 @@ def _point_cells(pts_ptr, prm_ptr, offs, live, stride_n, stride_c, gx, gy, gz):
     return cx, cy, cz, inside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _coords_kernel(pts_ptr, prm_ptr, out_ptr, N, stride_n, stride_c, gx, gy, gz,
                    BLOCK: tl.constexpr):
     """Dynamic voxelization: ``out[i] = (z, y, x)`` of point ``i``, or ``(-1, -1, -1)``."""
@@ -74,7 +74,7 @@ def _coords_kernel(pts_ptr, prm_ptr, out_ptr, N, stride_n, stride_c, gx, gy, gz,
     tl.store(out + 2, tl.where(inside, cx, -1.0).to(tl.int32), mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _keys_kernel(pts_ptr, prm_ptr, bounds_ptr, key_ptr, N, S, SEARCH_STEPS, stride_n, stride_c,
                  gx, gy, gz, VOLUME, DROPPED, BLOCK: tl.constexpr):
     """``key[i]``: sample * volume + linear voxel index, or ``DROPPED`` (= S * volume).
@@ -102,7 +102,7 @@ def _keys_kernel(pts_ptr, prm_ptr, bounds_ptr, key_ptr, N, S, SEARCH_STEPS, stri
     tl.store(key_ptr + offs, key, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _opens_kernel(skey_ptr, order_ptr, flag_ptr, N, DROPPED, BLOCK: tl.constexpr):
     """``flag[order[j]] = 1`` if sorted position ``j`` opens a voxel, else 0."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -114,7 +114,7 @@ def _opens_kernel(skey_ptr, order_ptr, flag_ptr, N, DROPPED, BLOCK: tl.constexpr
     tl.store(flag_ptr + point, opens.to(tl.int32), mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _scatter_kernel(pts_ptr, skey_ptr, order_ptr, firsts_ptr, before_ptr, offset_ptr,
                     vox_ptr, coor_ptr, num_ptr, N, C, DROPPED, SEARCH_STEPS, stride_n, stride_c,
                     gx, gy, VOLUME, PLANE, MAX_POINTS: tl.constexpr, MAX_VOXELS,
