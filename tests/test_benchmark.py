@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_python
 from turbox_mm.benchmark import format_table, reduction_percent, summarize
-from turbox_mm.benchmark.e2e import PHASES, prepare_cfg
+from turbox_mm.benchmark.e2e import PHASES, cpu_cores_used, prepare_cfg
 
 STOCK = 'configs/smoke/smoke_stock.py'
 TURBOX = 'configs/smoke/smoke_turbox.py'
@@ -48,6 +48,7 @@ def test_table_chart_and_progress(bench):
     assert 'time saved' in proc.stdout and 'smoke_turbox.py' in proc.stdout
     assert 'smoke_turbox.py + turbox.optim.fused=False' in proc.stdout  # the variant's row
     assert 'iteration 16/16' in proc.stdout
+    assert 'main cores' in proc.stdout and 'steal cores' in proc.stdout
     with open(out / 'benchmark.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -64,6 +65,23 @@ def test_measurements_are_complete_and_consistent(bench):
             assert sum(row[p] for p in PHASES[:-1]) <= row['iter'] * 1.05 + 0.5
         assert result['samples_per_s'] == pytest.approx(
             12 * result['batch_size'] / result['window_s'])
+        # the host's cores over the window: the main process trained (its own CPU time is
+        # part of it), the rest is never negative
+        assert 0 < result['main_cpu_cores'] <= report['machine']['cpu_cores'] + 0.5
+        for key in ('loader_cpu_cores', 'other_cpu_cores', 'steal_cpu_cores'):
+            assert result[key] >= 0, key
+
+
+def test_cpu_cores_used_without_snapshots_and_with_a_busier_machine():
+    assert set(cpu_cores_used(None, None, 1.0).values()) == {None}
+    a = dict(main=0.0, children=0.0, busy=0.0, steal=0.0)
+    # other processes' share is what the machine was busy beyond this run's processes
+    used = cpu_cores_used(a, dict(main=1.0, children=0.5, busy=4.0, steal=1.0), 2.0)
+    assert used == dict(loader_cpu_cores=0.25, main_cpu_cores=0.5, other_cpu_cores=1.25,
+                        steal_cpu_cores=0.5)
+    # counters read at slightly different moments never make it negative
+    assert cpu_cores_used(a, dict(main=1.0, children=1.0, busy=1.5, steal=0.0),
+                          1.0)['other_cpu_cores'] == 0.0
 
 
 def test_stock_and_turbox_see_the_same_losses(bench):

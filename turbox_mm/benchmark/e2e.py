@@ -144,19 +144,52 @@ class _UtilSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def _children_cpu_seconds() -> Optional[float]:
+def _cpu_seconds() -> Optional[Dict[str, float]]:
+    """CPU seconds so far: this process's own (``main``, every thread), its descendants'
+    (``children``: the loader workers, and any compile workers), and the machine's, busy and
+    stolen (``busy``: every process, ``steal``: time the hypervisor gave a vCPU to another
+    guest). None without psutil."""
     try:
         import psutil
     except ImportError:
         return None
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
+    me = psutil.Process()
+    own = me.cpu_times()
+    children = 0.0
+    for child in me.children(recursive=True):
         try:
             times = child.cpu_times()
-            total += times.user + times.system
+            children += times.user + times.system
         except psutil.Error:  # a worker that ended meanwhile
             continue
-    return total
+    machine = psutil.cpu_times()
+    busy = sum(getattr(machine, f, 0.0) for f in ('user', 'nice', 'system', 'irq', 'softirq'))
+    return dict(main=own.user + own.system, children=children, busy=busy,
+                steal=getattr(machine, 'steal', 0.0))
+
+
+def cpu_cores_used(start: Optional[Dict[str, float]], end: Optional[Dict[str, float]],
+                   seconds: float) -> Dict[str, Optional[float]]:
+    """Cores busy on average between two :func:`_cpu_seconds` snapshots.
+
+    ``loader_cpu_cores``: this process's descendants; ``main_cpu_cores``: this process;
+    ``other_cpu_cores``: every other process of the machine (busy cores less ours, at least
+    0); ``steal_cpu_cores``: stolen by the hypervisor. A host-bound step that slows down with
+    nothing else changed shows it here: other processes, or a busy neighbour (steal).
+
+    Examples:
+        >>> a = dict(main=1.0, children=2.0, busy=10.0, steal=0.5)
+        >>> b = dict(main=2.0, children=4.0, busy=14.0, steal=0.5)
+        >>> used = cpu_cores_used(a, b, 2.0)
+        >>> used['loader_cpu_cores'], used['main_cpu_cores'], used['other_cpu_cores']
+        (1.0, 0.5, 0.5)
+    """
+    keys = ('loader_cpu_cores', 'main_cpu_cores', 'other_cpu_cores', 'steal_cpu_cores')
+    if start is None or end is None or seconds <= 0:
+        return dict.fromkeys(keys)
+    d = {k: (end[k] - start[k]) / seconds for k in start}
+    return dict(zip(keys, (d['children'], d['main'],
+                           max(0.0, d['busy'] - d['main'] - d['children']), d['steal'])))
 
 
 class _WindowHook(Hook):
@@ -284,13 +317,13 @@ class _Bench:
         self.util = _UtilSampler() if self.use_cuda else None
         if self.util:
             self.util.start()
-        self.window['cpu0'] = _children_cpu_seconds()
+        self.window['cpu0'] = _cpu_seconds()
         self.window['t0'] = time.perf_counter()
 
     def _end_window(self) -> None:
         self._sync()
         self.window['t1'] = time.perf_counter()
-        self.window['cpu1'] = _children_cpu_seconds()
+        self.window['cpu1'] = _cpu_seconds()
         self.window['util'] = self.util.stop() if self.util else None
 
     def result(self) -> dict:
@@ -305,7 +338,6 @@ class _Bench:
                 row[phase] = phases[i].get(phase, 0.0) if i < len(phases) else 0.0
             row['other'] = max(0.0, total - sum(row[p] for p in PHASES[:-1]))
             per_iter.append(row)
-        cpu0, cpu1 = self.window.get('cpu0'), self.window.get('cpu1')
         return dict(
             iters=self.iters,
             warmup=self.warmup,
@@ -317,7 +349,7 @@ class _Bench:
             losses=[float(x) for x in self.losses],
             peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if self.use_cuda else None),
             gpu_util=self.window.get('util'),
-            loader_cpu_cores=(None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / seconds),
+            **cpu_cores_used(self.window.get('cpu0'), self.window.get('cpu1'), seconds),
             sync_iters=self.extra,
             **sync_summary(self.syncs, self.extra),
         )

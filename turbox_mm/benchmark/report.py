@@ -47,6 +47,9 @@ def summarize(result: dict) -> dict:
         peak_mem_mb=result.get('peak_mem_mb'),
         gpu_util=result.get('gpu_util'),
         loader_cpu_cores=result.get('loader_cpu_cores'),
+        main_cpu_cores=result.get('main_cpu_cores'),
+        other_cpu_cores=result.get('other_cpu_cores'),
+        steal_cpu_cores=result.get('steal_cpu_cores'),
         host_syncs_per_iter=result.get('host_syncs_per_iter'),
     )
 
@@ -81,7 +84,8 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     """
     head = ['config', 'iter ms (p10-p90)', 'time saved', 'samples/s'] + \
         [f'{p} ms' for p in PHASES] + ['loss', 'peak MiB', 'GPU %', 'syncs/iter',
-                                       'loader cores']
+                                       'loader cores', 'main cores', 'other cores',
+                                       'steal cores']
     lines = []
     base = summaries[0]['samples_per_s'] if summaries else None
     for s in summaries:
@@ -97,6 +101,9 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
             _fmt(s['gpu_util'], '.0f'),
             _fmt(s.get('host_syncs_per_iter'), '.1f'),
             _fmt(s['loader_cpu_cores'], '.2f'),
+            _fmt(s.get('main_cpu_cores'), '.2f'),
+            _fmt(s.get('other_cpu_cores'), '.2f'),
+            _fmt(s.get('steal_cpu_cores'), '.2f'),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
@@ -106,7 +113,10 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
                "'time saved': training time per sample saved against the first config over "
                "the whole timed window (positive = faster). 'GPU %': NVML utilisation over the "
                "window; 'syncs/iter': host-device synchronisations per iteration (CUDA's sync "
-               "debug mode, untimed iterations after the window; n/a without CUDA).")
+               "debug mode, untimed iterations after the window; n/a without CUDA). Cores: CPU "
+               "cores busy on average over the window: the loader (this run's child "
+               "processes), the main process, every other process of the machine, and time "
+               "stolen by the hypervisor (a host-bound step slows down when these grow).")
     for config, error in (failures or {}).items():
         out.append(f'FAILED {config}: {error}')
     return '\n'.join(out)
