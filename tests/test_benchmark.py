@@ -219,6 +219,9 @@ def test_profile_writes_sources_and_operator_table_on_the_cpu(tmp_path):
     profile = open(result['profile']).read()
     assert '2 iterations after the timed window' in profile and 'Self CPU' in profile
     assert 'by self CPU time' in profile and 'by self device time' not in profile  # no GPU
+    # the host's time by kind: the smoke model's eager operators, its optimizer, the rest
+    assert 'host time by kind' in profile and 'eager operators' in profile
+    assert 'optimizer' in profile and 'profiled span' in profile
     assert 'no CUDA device' in open(result['syncs']).read()
     assert f"profile: {result['syncs']}" in proc.stdout
 

@@ -44,6 +44,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from .host_time import format_host_breakdown, host_breakdown
 from .syncs import SyncCounter, format_sources, profile_table, sync_summary
 
 PHASES = ('data_wait', 'preprocess', 'forward', 'backward', 'optimizer', 'other')
@@ -368,6 +369,8 @@ class _Bench:
                 f.write(format_sources(self.syncs.top(50), self.extra) + '\n')
         with open(paths['profile'], 'w') as f:
             f.write(f'{self.extra} iterations after the timed window\n')
+            f.write(format_host_breakdown(host_breakdown(self.profiler.events(), self.extra))
+                    + '\n')
             f.write(profile_table(self.profiler) + '\n')
         return paths
 
