@@ -37,6 +37,10 @@ def parse_args(argv=None):
     parser.add_argument('--top', type=int, default=15, help='busiest lines shown per phase')
     parser.add_argument('--no-backward-sources', action='store_true',
                         help='attribute backward operations to the backward call (faster)')
+    parser.add_argument('--outside-compiled', action='store_true',
+                        help='count apart the operations of the modules the turbox section '
+                             'compiles: the rest is what a compiled step still dispatches '
+                             'eagerly')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--out', help='also write the counts as JSON here')
     return parser.parse_args(argv)
@@ -58,11 +62,13 @@ def main(argv=None) -> int:
         cfg = Config.fromfile(path)
         cfg.merge_from_dict(args.cfg_options)
         counters = count_step_ops(cfg, steps=args.steps, device=args.device,
-                                  backward_sources=not args.no_backward_sources)
+                                  backward_sources=not args.no_backward_sources,
+                                  outside_compiled=args.outside_compiled)
         print(f'== {path}' + (f' with {args.cfg_options}' if args.cfg_options else ''))
         print(format_counts(counters, top=args.top, root=ROOT))
         print()
-        results[path] = {name: dict(operations=c.total, free=c.free, ops=dict(c.ops),
+        results[path] = {name: dict(operations=c.total, free=c.free, compiled=c.compiled,
+                                    ops=dict(c.ops),
                                     lines=[dict(file=f, line=line, backward=bwd, count=n)
                                            for f, line, bwd, n in c.top(args.top)])
                          for name, c in counters.items()}

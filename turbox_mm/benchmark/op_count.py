@@ -60,6 +60,9 @@ class OpCounter(TorchDispatchMode):
         ops (Counter): ``op name -> count`` of the counted operations.
         sources (Counter): ``(file, line, backward) -> count``.
         free (int): Views, metadata and uninitialised allocations (not in ``ops``).
+        compiled (int): With ``regions`` (a
+            :class:`~turbox_mm.benchmark.compiled_regions.CompiledRegions`), the operations
+            that would run inside compiled graphs (not in ``ops``).
 
     Examples:
         >>> x = torch.ones(4, 3)
@@ -69,12 +72,14 @@ class OpCounter(TorchDispatchMode):
         (2, 1, ['aten.mul', 'aten.sum'])
     """
 
-    def __init__(self, backward_sources: bool = True) -> None:
+    def __init__(self, backward_sources: bool = True, regions=None) -> None:
         super().__init__()
         self.backward_sources = backward_sources
+        self.regions = regions
         self.ops: collections.Counter = collections.Counter()
         self.sources: collections.Counter = collections.Counter()
         self.free = 0
+        self.compiled = 0
         self._keys = None
         self._anomaly = None
 
@@ -91,6 +96,15 @@ class OpCounter(TorchDispatchMode):
                 return (*found, True)
         return (*_python_source(1, _skipped), node is not None)
 
+    def _in_compiled(self) -> bool:
+        if self.regions is None:
+            return False
+        if self.regions.depth > 0:
+            return True
+        node = torch._C._current_autograd_node()
+        return (node is not None and self.backward_sources
+                and self.regions.recorded_inside(node.metadata.get('traceback_')))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == 'profiler':  # record_function markers: no device work
@@ -99,6 +113,8 @@ class OpCounter(TorchDispatchMode):
         custom = func.namespace not in ('aten', 'prims')
         if not custom and (func.is_view or packet in FREE):
             self.free += 1
+        elif self._in_compiled():
+            self.compiled += 1
         else:
             self.ops[f'{func.namespace}.{packet.__name__}'] += 1
             self.sources[self._site()] += 1
@@ -183,7 +199,8 @@ def _first_batch(cfg) -> dict:
 
 
 def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
-                   device: str = 'cpu') -> Dict[str, OpCounter]:
+                   device: str = 'cpu', outside_compiled: bool = False
+                   ) -> Dict[str, OpCounter]:
     """Count the operations of the last of ``steps`` training steps of ``cfg``'s model.
 
     As mmengine's ``train_step``: the forward under the wrapper's ``optim_context`` (autocast
@@ -201,6 +218,11 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
         steps (int): Steps to run; the last is counted. Defaults to 2.
         backward_sources (bool): See :class:`OpCounter`. Defaults to True.
         device (str): ``'cpu'`` or ``'cuda'``. Defaults to 'cpu'.
+        outside_compiled (bool): Count apart (``OpCounter.compiled``) the operations of the
+            modules that the config's ``turbox.compile`` compiles
+            (:class:`~turbox_mm.benchmark.compiled_regions.CompiledRegions`): what remains is
+            what the compiled step still dispatches eagerly. Needs a ``turbox`` section with
+            compilation on. Defaults to False.
 
     Returns:
         dict: ``'forward'`` (the data preprocessor and the losses), ``'backward'`` and
@@ -216,10 +238,16 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
     if steps < 1:
         raise ValueError(f'count_step_ops: steps must be at least 1, got {steps}')
     cfg = copy.deepcopy(cfg)
+    compile_modules = None
     if cfg.get('turbox') is not None:
         options = check_options(cfg.get('turbox'), TURBOX_OPTIONS)
+        if options['compile']['enable']:
+            compile_modules = options['compile']['modules']
         options['compile'] = dict(options['compile'], enable=False)
         apply_turbox_options(cfg, options)
+    if outside_compiled and compile_modules is None:
+        raise ValueError('count_step_ops: outside_compiled needs a config whose turbox section '
+                         'compiles (turbox.compile.enable=True)')
     route = cuda_route_on_cpu() if device == 'cpu' else contextlib.nullcontext()
     scope = cfg.get('default_scope') or 'mmdet3d'
     with DefaultScope.overwrite_default_scope(scope), route:
@@ -240,10 +268,15 @@ def count_step_ops(cfg, steps: int = 2, backward_sources: bool = True,
                 "--cfg-options optim_wrapper.type=OptimWrapper (no autocast)") from error
         wrapper.initialize_count_status(model, 0, steps)
         batch = _first_batch(cfg)
+        regions = None
+        if outside_compiled:
+            from turbox_mm.benchmark.compiled_regions import CompiledRegions
+            regions = CompiledRegions(model, compile_modules)
         counters: Dict[str, OpCounter] = {}
         for step in range(steps):
             counted = step == steps - 1
-            phase = {name: (OpCounter(backward_sources) if counted else contextlib.nullcontext())
+            phase = {name: (OpCounter(backward_sources, regions) if counted
+                            else contextlib.nullcontext())
                      for name in ('forward', 'backward', 'optimizer')}
             with phase['forward'], wrapper.optim_context(model):  # autocast where AMP
                 data = model.data_preprocessor(batch, training=True)
@@ -269,9 +302,12 @@ def format_counts(counters: Dict[str, OpCounter], top: int = 15,
             file = file.split('site-packages' + os.sep, 1)[1]
         return f'{file}:{line}'
 
-    out = ['phase      operations  free (views, metadata)']
+    regions = any(c.regions is not None for c in counters.values())
+    out = ['phase      operations  free (views, metadata)'
+           + ('  in compiled modules' if regions else '')]
     for name, counted in counters.items():
-        out.append(f'{name:<10} {counted.total:>10}  {counted.free:>10}')
+        out.append(f'{name:<10} {counted.total:>10}  {counted.free:>10}'
+                   + (f'  {counted.compiled:>20}' if regions else ''))
     out.append(f'{"total":<10} {sum(c.total for c in counters.values()):>10}')
     for name, counted in counters.items():
         if not counted.total:
