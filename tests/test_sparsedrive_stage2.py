@@ -124,7 +124,8 @@ def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp
     """``turbox.compile`` as it is by default on the turbox stage-2 model: the detection and
     map heads are Sparse4D heads, so their anchor encoders and decoder layers are compiled
     (the motion-planning head calls the compiled detection encoder with its ego and queued
-    anchors), and so are the motion-planning head's layers, but its LayerNorms. No graph
+    anchors), and so are the motion-planning head's layers, but its LayerNorms, and the
+    declared methods (the depth branch's forward and loss, the motion head's loss). No graph
     break, no eager fallback (nor past the recompile limit), the same losses and gradients as
     eager over five frames, where the instance queue grows to its full length."""
     cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
@@ -135,6 +136,9 @@ def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp
     order = cfg.model.head.motion_plan_head.operation_order
     assert motion == [f'head.motion_plan_head.layers.{i}' for i, op in enumerate(order)
                       if op != 'norm']
+    # the declared methods: the depth branch's forward and loss, the motion head's loss
+    assert [n for n in names if ':' in n] == ['head.motion_plan_head:loss',
+                                              'depth_branch:forward', 'depth_branch:loss'], names
     assert frames['ok'] >= 20, frames
 
 

@@ -7,7 +7,8 @@ chooses them), so what it lists is what the compiled step still dispatches one a
 the next thing to compile or remove in a host-bound step.
 
 Forward operations count as compiled while one of those modules' ``forward`` runs (forward
-hooks). Backward operations count as compiled when the forward traceback of their autograd
+hooks), or one of the methods that modules declare (``turbox_compile_methods``, with
+``'auto'``). Backward operations count as compiled when the forward traceback of their autograd
 node (anomaly mode's, which the counter records with ``backward_sources``) passes through one
 of those modules' ``forward`` functions. That rule goes by the class's code: an instance of the
 same class that is not compiled has its backward counted as compiled too (the heads compile
@@ -39,7 +40,8 @@ class CompiledRegions:
 
     def __init__(self, model: nn.Module, modules: Union[str, Sequence[str]] = 'auto') -> None:
         from turbox_mm.engine.runner.module_compiler import (_forward_of_torch, _resolve,
-                                                             auto_paths, expand_paths)
+                                                             auto_methods, auto_paths,
+                                                             expand_paths)
         if modules == 'auto':
             names = auto_paths(model)
         else:
@@ -61,6 +63,29 @@ class CompiledRegions:
                 lines = [line for _, _, line in code.co_lines() if line is not None]
                 self._code.add((code.co_filename, code.co_firstlineno,
                                 max(lines, default=code.co_firstlineno)))
+        self._methods = []
+        if modules == 'auto':  # the methods that modules declare (compile_submodules')
+            for path, module, method in auto_methods(model, self.paths):
+                self.paths.append(f'{path}:{method}')
+                self._watch_method(module, method)
+
+    def _watch_method(self, module: nn.Module, method: str) -> None:
+        function = getattr(type(module), method)
+        bound = function.__get__(module)
+
+        def watched(*args, **kwargs):
+            self.depth += 1
+            try:
+                return bound(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        module.__dict__[method] = watched
+        self._methods.append((module, method))
+        code = inspect.unwrap(function).__code__
+        lines = [line for _, _, line in code.co_lines() if line is not None]
+        self._code.add((code.co_filename, code.co_firstlineno,
+                        max(lines, default=code.co_firstlineno)))
 
     def _enter(self, *_) -> None:
         self.depth += 1
@@ -85,3 +110,6 @@ class CompiledRegions:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module, method in self._methods:
+            module.__dict__.pop(method, None)
+        self._methods = []

@@ -1,11 +1,14 @@
 """``torch.compile`` for chosen submodules of a model; what fails to compile runs eagerly."""
+import copy
 import logging
 import types
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from mmengine.logging import print_log
 from torch import nn
+
+from .compile_guard import _guard, guarded_call
 
 # Submodule names that OpenMMLab detectors commonly use for their heavy, static parts; what
 # ``modules='auto'`` looks for. Heads are left out: their target assignment is full of
@@ -17,6 +20,12 @@ AUTO_MODULES = ('backbone', 'neck', 'img_backbone', 'img_neck', 'pts_backbone', 
 #: eager launches dominate a host-bound step (Sparse4D's head: its anchor encoder and each
 #: decoder layer). Paths as in :func:`expand_paths` (``'layers.*'``).
 DECLARED_ATTR = 'turbox_compile_submodules'
+
+#: The class attribute by which a module names its own methods that ``modules='auto'`` also
+#: compiles, each as one compiled function bound to the module (a head's ``loss``: its target
+#: assignment and losses, dozens of small operations a layer, called by the detector and not
+#: by the forward). Not for a module inside a compiled one (its code is traced there).
+DECLARED_METHODS_ATTR = 'turbox_compile_methods'
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
@@ -102,182 +111,6 @@ def auto_paths(model: nn.Module) -> List[str]:
     return kept
 
 
-def _compile_errors() -> tuple:
-    """The exceptions that mean "this code could not be compiled": Dynamo's tracing limits
-    and its backend's (Inductor's) failures."""
-    import torch._dynamo.exc as dynamo_exc
-    errors = [dynamo_exc.Unsupported, dynamo_exc.BackendCompilerFailed,
-              dynamo_exc.InternalTorchDynamoError]
-    try:
-        from torch._inductor.exc import InductorError
-        errors.append(InductorError)
-    except ImportError:  # older torch
-        pass
-    return tuple(errors)
-
-
-# Dynamo's logger for the frames it could not compile and ran eagerly (``suppress_errors``).
-_DYNAMO_FRAME_LOG = 'torch._dynamo.convert_frame'
-
-
-class _SuppressedFrames(logging.Filter):
-    """Takes the warning Dynamo logs when it runs a frame eagerly because compiling it failed
-    (a ``WARNING`` record carrying the exception), for the innermost guarded call running,
-    and drops it: that call prints its own warning, naming the module, instead."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: List[List[logging.LogRecord]] = []  # one list per guarded call, innermost last
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not self.calls or record.levelno != logging.WARNING or not isinstance(exc, Exception):
-            return True
-        self.calls[-1].append(record)
-        return False
-
-
-_SUPPRESSED = _SuppressedFrames()
-
-
-class _SuppressErrors:
-    """Within: Dynamo's ``suppress_errors`` is ``value`` (in this thread: Dynamo's config is
-    thread-local) and, with ``records`` given, :data:`_SUPPRESSED` takes Dynamo's warnings for
-    the frames it runs eagerly into ``records``. Set directly, not with ``config.patch``
-    (some 70 us a call)."""
-
-    def __init__(self, value: bool, records: Optional[List[logging.LogRecord]] = None):
-        from torch._dynamo import config  # imported late: importing Dynamo takes a while
-        self.config, self.value, self.records = config, value, records
-
-    def __enter__(self) -> None:
-        self.before = self.config.suppress_errors
-        if self.before != self.value:
-            self.config.suppress_errors = self.value
-        if self.records is not None:
-            # adding it again is a no-op (a guarded call inside another)
-            logging.getLogger(_DYNAMO_FRAME_LOG).addFilter(_SUPPRESSED)
-            _SUPPRESSED.calls.append(self.records)
-
-    def __exit__(self, *exc_info) -> None:
-        if self.records is not None:
-            _SUPPRESSED.calls.pop()
-            if not _SUPPRESSED.calls:
-                logging.getLogger(_DYNAMO_FRAME_LOG).removeFilter(_SUPPRESSED)
-        if self.before != self.value:
-            self.config.suppress_errors = self.before
-
-
-def _forced_eager() -> bool:
-    """Whether Dynamo's stance is ``force_eager`` (``torch.compiler.set_stance``; False on a
-    torch without stances)."""
-    from torch._dynamo import eval_frame
-    stance = getattr(eval_frame, '_stance', None)
-    return getattr(stance, 'stance', 'default') == 'force_eager'
-
-
-def _frames() -> Tuple[int, int]:
-    """Dynamo's counts of the frames it tried to compile, and of those it compiled."""
-    from torch._dynamo.utils import counters
-    frames = counters['frames']
-    return frames['total'], frames['ok']
-
-
-def _reason(exc: BaseException) -> str:
-    """``Type: first line`` of ``exc``, and of the backend's own error it wraps, if any."""
-    def line(e):
-        text = str(e).splitlines()
-        return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
-    inner = getattr(exc, 'inner_exception', None)
-    return line(exc) + (f' ({line(inner)})' if isinstance(inner, BaseException) else '')
-
-
-def _guard(name: str, module: nn.Module, fullgraph: bool = False) -> None:
-    """Handle the compile errors of ``module``'s compiled call so that no part of a call runs
-    twice.
-
-    A call of a compiled module can run several graphs (one per graph break) and eager code
-    between them; each of Dynamo's frames (the forward, and the code after each graph break)
-    is compiled when it is first reached, so compiling a later frame can fail after the
-    earlier ones have run and changed state (BatchNorm statistics, in-place updates).
-    A call under Dynamo's ``force_eager`` stance (:class:`~turbox_mm.engine.hooks.
-    EagerWarmupHook`) runs the module's eager call and is not counted as a compiled call.
-
-    - ``fullgraph=False``: the call runs with Dynamo's ``suppress_errors``: a frame that fails
-      to compile runs eagerly, from where the call has got to, and Dynamo runs that frame's
-      code eagerly from then on, in every module that runs it (other instances of the class
-      too, without a warning of their own); the frames before and after it stay compiled.
-      Dynamo's warning for it (logger ``torch._dynamo.convert_frame``, none where that logger
-      is set above ``WARNING``) is replaced by one through :func:`~mmengine.logging.print_log`
-      naming the module, the frame and the error. Dynamo suppresses every error it meets
-      while compiling a frame, an error of the inputs found while tracing (a shape mismatch)
-      included: the frame then runs eagerly, raises the inputs' own error and stays eager.
-    - A compile error (:func:`_compile_errors`) that still reaches the call (raised outside
-      Dynamo's frame compiler) falls back to eager, with the same warning, for this module
-      from then on, only if nothing of the module can have run yet: its first call, no frame
-      compiled or run eagerly in it. Otherwise it raises a ``RuntimeError`` naming the module
-      rather than run the module again.
-    - ``fullgraph=True``: errors are not suppressed (``suppress_errors`` off, whatever the
-      environment sets); a compile error is raised as a ``RuntimeError`` naming the module,
-      and nothing is run again.
-    - Every other error (the inputs', out of memory, a failing kernel while a compiled graph
-      runs) propagates unchanged, and nothing is run twice.
-
-    Args:
-        name (str): The module's path in the model, for messages.
-        module (nn.Module): A module compiled with :meth:`torch.nn.Module.compile`.
-        fullgraph (bool): Whether it was compiled with ``fullgraph=True``. Defaults to False.
-    """
-    compiled = module._compiled_call_impl
-    errors = _compile_errors()
-    state = {'calls': 0}  # compiled calls begun
-
-    def warn(reason: str, where: str = '') -> None:
-        print_log(f'turbox.compile: {name} ({type(module).__name__}) could not be compiled '
-                  f'and runs eagerly{where}: {reason}', logger='current',
-                  level=logging.WARNING)
-
-    def call_fullgraph(*args, **kwargs):
-        if _forced_eager():
-            return module._call_impl(*args, **kwargs)
-        try:
-            with _SuppressErrors(False):
-                return compiled(*args, **kwargs)
-        except errors as exc:
-            raise RuntimeError(
-                f'turbox.compile.fullgraph=True: {name} ({type(module).__name__}) could not '
-                f'be compiled as one graph: {_reason(exc)}') from exc
-
-    def call(*args, **kwargs):
-        if _forced_eager():  # nothing is compiled: not a compiled call (EagerWarmupHook)
-            return module._call_impl(*args, **kwargs)
-        suppressed: List[logging.LogRecord] = []
-        first_call = state['calls'] == 0
-        state['calls'] += 1
-        total, ok = _frames()
-        try:
-            with _SuppressErrors(True, suppressed):
-                return compiled(*args, **kwargs)
-        except errors as exc:
-            now_total, now_ok = _frames()
-            if not (first_call and not suppressed and now_total - total <= 1 and now_ok == ok):
-                raise RuntimeError(
-                    f'turbox.compile: {name} ({type(module).__name__}) failed to compile '
-                    f'after part of its call had run; it is not run again eagerly (that would '
-                    f'repeat what already ran): {_reason(exc)}') from exc
-            module._compiled_call_impl = None
-            warn(_reason(exc))
-        finally:
-            for record in suppressed:  # also where the call then raised
-                frame = record.getMessage().splitlines()[0].replace("WON'T CONVERT", '')
-                warn(_reason(record.exc_info[1]),
-                     f' in part (Dynamo runs {frame.strip()} eagerly from now on; the rest '
-                     f'stays compiled)')
-        return module._call_impl(*args, **kwargs)
-
-    module._compiled_call_impl = call_fullgraph if fullgraph else call
-
-
 _CONV_SHAPE_ARGS = ('kernel_size', 'stride', 'padding', 'dilation', 'output_padding')
 
 
@@ -332,7 +165,9 @@ def compile_submodules(model: nn.Module,
         modules (str | Sequence[str]): Dotted paths of submodules (a ``*`` part stands for
             each child: ``'head.layers.*'``), or ``'auto'`` for those of
             :data:`AUTO_MODULES` that the model has plus those its modules declare
-            (:func:`auto_paths`). Defaults to ``'auto'``.
+            (:func:`auto_paths`), and then the methods that modules declare
+            (:func:`auto_methods`, each compiled by :func:`compile_method` and listed as
+            ``path:method``). Defaults to ``'auto'``.
         **compile_kwargs: Passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``,
             ``fullgraph``, ``options``).
 
@@ -371,6 +206,9 @@ def compile_submodules(model: nn.Module,
             module.compile(**compile_kwargs)
         _guard(name, module, bool(compile_kwargs.get('fullgraph')))
         compiled.append(name)
+    if modules == 'auto':
+        for path, module, method in auto_methods(model, compiled):
+            compiled.append(compile_method(path, module, method, compile_kwargs))
     if leaves:
         print_log(f"turbox.compile: {', '.join(leaves)} not compiled: each is one of torch's "
                   'own single layers (LayerNorm, Linear, ...), which a graph of its own would '
@@ -404,6 +242,78 @@ def _compile_through_own_frame(name: str, module: nn.Module, compile_kwargs: Dic
     frame = types.FunctionType(code, {'_call': module._call_impl, '__builtins__': builtins},
                                code.co_name)
     module._compiled_call_impl = torch.compile(frame, **compile_kwargs)
+
+
+def auto_methods(model: nn.Module,
+                 compiled: Sequence[str]) -> List[Tuple[str, nn.Module, str]]:
+    """``(path, module, method)`` of the methods that modules of ``model`` declare through
+    :data:`DECLARED_METHODS_ATTR`, in the model's order, leaving out the modules that are, or
+    are inside, one of the ``compiled`` paths.
+
+    Raises:
+        KeyError: A declared name that is not a method of the module's class (a defect of
+            that class).
+
+    Examples:
+        >>> from torch import nn
+        >>> class Head(nn.Linear):
+        ...     turbox_compile_methods = ('loss', )
+        ...     def loss(self, x):
+        ...         return self(x).sum()
+        >>> model = nn.Module()
+        >>> model.head, model.backbone = Head(2, 2), nn.Sequential(Head(2, 2))
+        >>> [(path, method) for path, _, method in auto_methods(model, ['backbone'])]
+        [('head', 'loss')]
+    """
+    found = []
+    for prefix, module in model.named_modules():
+        methods = getattr(type(module), DECLARED_METHODS_ATTR, ())
+        if not methods or any(prefix == c or prefix.startswith(c + '.') for c in compiled):
+            continue
+        for method in methods:
+            if not callable(getattr(type(module), method, None)):
+                raise KeyError(f'turbox.compile: {type(module).__name__} declares {method!r} in '
+                               f'{DECLARED_METHODS_ATTR}, but has no such method')
+            found.append((prefix, module, method))
+    return found
+
+
+class _CompiledMethod:
+    """A module's method compiled and guarded (:func:`compile_method`), held in the module's
+    ``__dict__`` over the class's method.
+
+    A deep copy of the module (an EMA model) gets the class's eager method, bound to the copy:
+    a compiled function belongs to the module it was made for.
+    """
+
+    def __init__(self, module: nn.Module, method: str, call) -> None:
+        self.module, self.method, self.call = module, method, call
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: Dict) -> object:
+        copied = memo.get(id(self.module))
+        if copied is None:
+            copied = copy.deepcopy(self.module, memo)
+        return getattr(type(copied), self.method).__get__(copied)
+
+
+def compile_method(path: str, module: nn.Module, method: str, compile_kwargs: Dict) -> str:
+    """Compile ``module.<method>`` with ``torch.compile``, guarded as a compiled module is
+    (:func:`~.compile_guard.guarded_call`: a compile error on the first call falls back to
+    the eager method for good, with a warning naming ``path:method``). Returns that name."""
+    import torch
+    eager = getattr(type(module), method).__get__(module)
+    name = f'{path}:{method}'
+
+    def fall_back() -> None:
+        module.__dict__.pop(method, None)
+
+    call = guarded_call(name, type(module).__name__, torch.compile(eager, **compile_kwargs),
+                        eager, fall_back, bool(compile_kwargs.get('fullgraph')))
+    module.__dict__[method] = _CompiledMethod(module, method, call)
+    return name
 
 
 def set_recompile_limit(limit: int) -> str:

@@ -34,6 +34,11 @@ class DenseDepthNet(nn.Module):
         [torch.Size([2, 1, 4, 6]), torch.Size([2, 1, 2, 3])]
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of this module: its forward (a 1x1
+    #: conv, exp and focal scaling per level) and its loss (masked L1 per level), each as one
+    #: function.
+    turbox_compile_methods = ('forward', 'loss')
+
     def __init__(self,
                  embed_dims: int = 256,
                  num_depth_layers: int = 3,

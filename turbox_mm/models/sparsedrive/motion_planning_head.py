@@ -97,6 +97,9 @@ class MotionPlanningHead(OperationLayers, BaseModule):
     #: What ``turbox.compile.modules='auto'`` compiles of this head (module_compiler): each
     #: layer of ``operation_order`` (attention, FFN, refinement; its LayerNorms stay eager).
     turbox_compile_submodules = ('layers.*', )
+    #: ... and its ``loss`` (the motion and planning targets and losses) as one compiled
+    #: function.
+    turbox_compile_methods = ('loss', )
 
     def __init__(self,
                  fut_ts: int = 12,

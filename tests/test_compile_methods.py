@@ -1,0 +1,135 @@
+"""``turbox_compile_methods``: the methods a module declares are compiled by
+``compile.modules='auto'`` (module_compiler.compile_method), guarded as compiled modules are,
+eager under the warm-up stance, and eager again in a deep copy of the module (an EMA model)."""
+import copy
+import logging
+
+import pytest
+import torch
+from mmengine.logging import MMLogger
+from torch import nn
+
+from turbox_mm.engine.runner import module_compiler
+from turbox_mm.engine.runner.module_compiler import auto_methods, compile_submodules
+
+
+class _Depth(nn.Module):
+    turbox_compile_methods = ('loss', )
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([2.0, 3.0]))
+
+    def forward(self, x):
+        return x * self.scale
+
+    def loss(self, pred, target):
+        fg = target > 0
+        return ((pred - target).abs() * fg).sum() / fg.sum().clamp(min=1)
+
+
+def _model():
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Linear(2, 2))
+    model.depth = _Depth()
+    return model
+
+
+def _frames():
+    from torch._dynamo.utils import counters
+    return dict(counters['frames'])
+
+
+def _log_records():
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    return logger, handler, records
+
+
+def test_declared_method_compiles_and_agrees_with_eager():
+    torch._dynamo.reset()
+    model, eager = _model(), _model()
+    eager.load_state_dict(model.state_dict())
+    names = compile_submodules(model, 'auto', backend='aot_eager')
+    assert names == ['backbone', 'depth:loss']
+    assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
+    x, target = torch.randn(4, 2), torch.tensor([[1.0, -1.0]]).expand(4, 2)
+    before = _frames().get('ok', 0)
+    for net in (model, eager):
+        net.depth.loss(net.depth(net.backbone(x)), target).backward()
+    assert _frames()['ok'] > before  # the method's frame was compiled
+    torch.testing.assert_close(model.depth.scale.grad, eager.depth.scale.grad)
+    # the state dict and the class are untouched
+    assert list(model.state_dict()) == list(eager.state_dict())
+    assert type(model.depth).loss is _Depth.loss
+
+
+def test_warm_up_stance_runs_the_method_eagerly():
+    torch._dynamo.reset()
+    model = _model()
+    compile_submodules(model, 'auto', backend='aot_eager')
+    before = _frames().get('total', 0)
+    with torch.compiler.set_stance('force_eager'):
+        model.depth.loss(torch.ones(2), torch.ones(2))
+    assert _frames().get('total', 0) == before  # nothing compiled
+
+
+def test_compile_error_on_the_first_call_falls_back_for_good():
+    torch._dynamo.reset()
+    model = _model()
+    compile_submodules(model, 'auto', backend='aot_eager')
+
+    def raising(*args, **kwargs):
+        raise torch._dynamo.exc.Unsupported('no can do')
+
+    eager = _Depth.loss.__get__(model.depth)
+    call = module_compiler.guarded_call('depth:loss', '_Depth', raising, eager,
+                                        lambda: model.depth.__dict__.pop('loss'))
+    model.depth.__dict__['loss'] = module_compiler._CompiledMethod(model.depth, 'loss', call)
+    logger, handler, records = _log_records()
+    try:
+        out = model.depth.loss(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))
+    finally:
+        logger.removeHandler(handler)
+    assert float(out) == 0.5
+    assert 'loss' not in model.depth.__dict__  # the class's eager method from now on
+    assert any('depth:loss (_Depth) could not be compiled' in r.getMessage() for r in records)
+
+
+def test_deep_copy_runs_the_copy_eagerly_with_its_own_weights():
+    """An EMA model is a deep copy: its method must be its own (a compiled call bound to the
+    source module would compute with the source's weights)."""
+    torch._dynamo.reset()
+    model = _model()
+    compile_submodules(model, 'auto', backend='aot_eager')
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.depth.scale.fill_(10.0)
+    method = twin.depth.__dict__['loss']
+    assert method.__self__ is twin.depth and method.__func__ is _Depth.loss
+    assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
+    pred = twin.depth(torch.ones(2))
+    assert float(twin.depth.loss(pred, torch.ones(2))) == 9.0
+
+
+def test_methods_only_with_auto_and_not_inside_compiled_modules():
+    model = nn.Module()
+    model.backbone = nn.Sequential(_Depth())  # compiled whole: its methods are traced there
+    model.depth = _Depth()
+    assert [(p, m) for p, _, m in auto_methods(model, ['backbone'])] == [('depth', 'loss')]
+    torch._dynamo.reset()
+    names = compile_submodules(model, ['depth'], backend='aot_eager')  # a list: no methods
+    assert names == ['depth'] and 'loss' not in model.depth.__dict__
+
+
+def test_a_declared_method_that_does_not_exist_is_named():
+    class Bad(nn.Module):
+        turbox_compile_methods = ('los', )
+
+    model = nn.Module()
+    model.head = Bad()
+    with pytest.raises(KeyError, match="Bad declares 'los' in turbox_compile_methods"):
+        auto_methods(model, [])
