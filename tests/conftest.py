@@ -343,3 +343,17 @@ def full_fp32():
     torch.set_float32_matmul_precision('highest')
     yield
     torch.set_float32_matmul_precision(saved)
+
+
+def current_log_records():
+    """``(logger, handler, records)``: the records mmengine's current logger emits from now
+    on are appended to ``records`` (remove ``handler`` from ``logger`` when done)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    return logger, handler, records

@@ -2,13 +2,12 @@
 ``compile.modules='auto'`` (module_compiler.compile_method), guarded as compiled modules are,
 eager under the warm-up stance, and eager again in a deep copy of the module (an EMA model)."""
 import copy
-import logging
 
 import pytest
 import torch
-from mmengine.logging import MMLogger
 from torch import nn
 
+from conftest import current_log_records
 from turbox_mm.engine.runner import module_compiler
 from turbox_mm.engine.runner.module_compiler import auto_methods, compile_submodules
 
@@ -38,15 +37,6 @@ def _model():
 def _frames():
     from torch._dynamo.utils import counters
     return dict(counters['frames'])
-
-
-def _log_records():
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    return logger, handler, records
 
 
 def test_declared_method_compiles_and_agrees_with_eager():
@@ -89,7 +79,7 @@ def test_compile_error_on_the_first_call_falls_back_for_good():
     call = module_compiler.guarded_call('depth:loss', '_Depth', raising, eager,
                                         lambda: model.depth.__dict__.pop('loss'))
     model.depth.__dict__['loss'] = module_compiler._CompiledMethod(model.depth, 'loss', call)
-    logger, handler, records = _log_records()
+    logger, handler, records = current_log_records()
     try:
         out = model.depth.loss(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))
     finally:

@@ -12,12 +12,11 @@ from unittest import mock
 import pytest
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.logging import MMLogger
 from torch import nn
 from torch.utils.data import BatchSampler
 
 import turbox_mm  # noqa: F401
-from conftest import logged_losses, run_python
+from conftest import current_log_records, logged_losses, run_python
 from turbox_mm.datasets.samplers import CyclicBatchSampler
 from turbox_mm.engine.runner.module_compiler import compile_submodules
 from turbox_mm.engine.runner.precision import apply_precision
@@ -390,7 +389,7 @@ def test_torchs_own_modules_compile_through_a_frame_of_turbox_or_stay_eager():
     net.norm = nn.LayerNorm(4)
     x = torch.randn(3, 4, requires_grad=True)
     eager = [block(x) for block in net.blocks]
-    logger, handler, records = _current_log_records()
+    logger, handler, records = current_log_records()
     try:
         names = compile_submodules(net, ['blocks.*', 'norm'], backend='aot_eager')
     finally:
@@ -455,7 +454,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(eager_first):
         with torch.compiler.set_stance('force_eager'):
             torch.testing.assert_close(net.backbone(torch.ones(2)), torch.full((2, ), 2.0))
         assert net.backbone._compiled_call_impl is not None  # still compiled
-    logger, handler, records = _current_log_records()
+    logger, handler, records = current_log_records()
     try:
         out = net.backbone(torch.ones(2))
     finally:
@@ -542,15 +541,6 @@ def _backend_failing_on_graph(number, error=None):
     return backend
 
 
-def _current_log_records():
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    return logger, handler, records
-
-
 @pytest.mark.parametrize('failing', [2, 1])
 def test_compile_failure_after_a_graph_ran_does_not_rerun_the_module(failing):
     """The backend fails on the second graph, after the first (BatchNorm in training mode)
@@ -565,7 +555,7 @@ def test_compile_failure_after_a_graph_ran_does_not_rerun_the_module(failing):
     backend = _backend_failing_on_graph(failing)
     compile_submodules(net, ['backbone'], backend=backend)
     x = torch.randn(4, 3)
-    logger, handler, records = _current_log_records()
+    logger, handler, records = current_log_records()
     dynamo_records = []
     dynamo_handler = logging.Handler()
     dynamo_handler.emit = dynamo_records.append
