@@ -178,9 +178,10 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
 def test_compiled_head_agrees_with_eager_over_temporal_frames(tiny_root, full_fp32):
     """``turbox.compile.modules='auto'`` on the turbox model: the image backbone and neck, the
     head's anchor encoder, each decoder layer and the box loss (the head's declaration), the
-    depth branch's forward and loss (its declared methods), traced without a graph break or
-    an eager fallback, with the same losses and gradients as eager over three frames (the
-    first eager, as by default; the later with cached instances and temporal denoising)."""
+    instance bank's steps and the depth branch's forward and loss (their declared methods),
+    traced without a graph break or an eager fallback, with the same losses and gradients as
+    eager over three frames (the first eager, as by default; the later with cached instances
+    and temporal denoising)."""
     cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
     names, frames = compiled_twin_agrees(cfg, steps=3)
     assert names[:3] == ['img_backbone', 'img_neck', 'head.anchor_encoder']
@@ -190,11 +191,13 @@ def test_compiled_head_agrees_with_eager_over_temporal_frames(tiny_root, full_fp
     layers = [f'head.layers.{i}' for i, (op, layer) in enumerate(
         zip(head.operation_order, head.layers)) if op != 'norm' and layer is not None]
     order = head.operation_order
-    assert names[3:] == layers + ['head.loss_reg', 'depth_branch:forward',
-                                  'depth_branch:loss'] and len(layers) >= 6, (names, order)
+    bank = [f'head.instance_bank:{m}' for m in ('get', 'update', 'cache', 'get_instance_id')]
+    assert names[3:] == layers + ['head.loss_reg'] + bank + [
+        'depth_branch:forward', 'depth_branch:loss'] and len(layers) >= 6, (names, order)
     # one frame per module class and input kind: bounded, far below Dynamo's limit of 8 a frame
-    # (15 for the modules, measured, and one each for the two depth-branch methods)
-    assert frames['total'] <= 18, frames
+    # (measured 20: 15 for the modules, one for each declared method; the first frame, the
+    # one without a cache, runs eagerly)
+    assert frames['total'] <= 22, frames
 
 
 def test_turbox_head_embeds_current_and_cached_anchors_in_one_call(tiny_root, full_fp32):

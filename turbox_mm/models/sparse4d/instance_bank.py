@@ -100,6 +100,11 @@ class InstanceBank(nn.Module):
             False.
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of the bank: each step of its frame
+    #: (tensor work on every sample at once; the cache's state becomes guards, so the first
+    #: frame, without a cache, and the later ones are separate graphs).
+    turbox_compile_methods = ('get', 'update', 'cache', 'get_instance_id')
+
     def __init__(self,
                  num_anchor: int = 900,
                  embed_dims: int = 256,
