@@ -47,46 +47,88 @@ def test_declared_method_compiles_and_agrees_with_eager():
     assert names == ['backbone', 'depth:loss']
     assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
     x, target = torch.randn(4, 2), torch.tensor([[1.0, -1.0]]).expand(4, 2)
-    before = _frames().get('ok', 0)
     for net in (model, eager):
-        net.depth.loss(net.depth(net.backbone(x)), target).backward()
-    assert _frames()['ok'] > before  # the method's frame was compiled
+        pred = net.depth(net.backbone(x))
+        before = _frames().get('ok', 0)
+        net.depth.loss(pred, target).backward()
+        # the compiled model's loss is one compiled frame; the eager twin's none
+        assert _frames().get('ok', 0) - before == (1 if net is model else 0)
     torch.testing.assert_close(model.depth.scale.grad, eager.depth.scale.grad)
     # the state dict and the class are untouched
     assert list(model.state_dict()) == list(eager.state_dict())
     assert type(model.depth).loss is _Depth.loss
 
 
-def test_warm_up_stance_runs_the_method_eagerly():
+def _raising(*args, **kwargs):
+    raise torch._dynamo.exc.Unsupported('no can do')
+
+
+@pytest.mark.parametrize('eager_first', [False, True])
+def test_compile_error_on_the_first_call_falls_back_for_good(monkeypatch, eager_first):
+    """A compile error on the first compiled call falls back to the class's eager method for
+    good, with a warning naming ``path:method``; also after warm-up calls under the
+    ``force_eager`` stance, which run eagerly and are not compiled calls."""
     torch._dynamo.reset()
     model = _model()
-    compile_submodules(model, 'auto', backend='aot_eager')
-    before = _frames().get('total', 0)
-    with torch.compiler.set_stance('force_eager'):
-        model.depth.loss(torch.ones(2), torch.ones(2))
-    assert _frames().get('total', 0) == before  # nothing compiled
-
-
-def test_compile_error_on_the_first_call_falls_back_for_good():
-    torch._dynamo.reset()
-    model = _model()
-    compile_submodules(model, 'auto', backend='aot_eager')
-
-    def raising(*args, **kwargs):
-        raise torch._dynamo.exc.Unsupported('no can do')
-
-    eager = _Depth.loss.__get__(model.depth)
-    call = module_compiler.guarded_call('depth:loss', '_Depth', raising, eager,
-                                        lambda: model.depth.__dict__.pop('loss'))
-    model.depth.__dict__['loss'] = module_compiler._CompiledMethod(model.depth, 'loss', call)
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: _raising)
+    names = compile_submodules(model, ['depth'], backend='aot_eager')  # no methods: a list
+    assert names == ['depth']
+    module_compiler.compile_method('depth', model.depth, 'loss', dict(backend='aot_eager'))
+    monkeypatch.undo()
+    pred, target = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])
+    if eager_first:
+        with torch.compiler.set_stance('force_eager'):
+            assert float(model.depth.loss(pred, target)) == 0.5
+        assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
     logger, handler, records = current_log_records()
     try:
-        out = model.depth.loss(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))
+        out = model.depth.loss(pred, target)
     finally:
         logger.removeHandler(handler)
     assert float(out) == 0.5
     assert 'loss' not in model.depth.__dict__  # the class's eager method from now on
     assert any('depth:loss (_Depth) could not be compiled' in r.getMessage() for r in records)
+
+
+def test_inside_an_outer_compiled_region_the_method_is_inlined():
+    """Traced from an outer compiled function, the method runs its eager code (Dynamo
+    inlines it into the outer graph) instead of the guard's bookkeeping: one graph, no
+    break."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    model = _model()
+    compile_submodules(model, 'auto', backend='aot_eager')
+    outer = torch.compile(lambda p, t: model.depth.loss(p, t) * 2, backend='aot_eager',
+                          fullgraph=True)
+    assert float(outer(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))) == 1.0
+    assert not counters['graph_break']
+
+
+def test_pickled_model_gets_the_eager_method():
+    import pickle
+    torch._dynamo.reset()
+    model = _model()
+    compile_submodules(model, 'auto', backend='aot_eager')
+    loaded = pickle.loads(pickle.dumps(model))
+    method = loaded.depth.__dict__['loss']
+    assert method.__self__ is loaded.depth and method.__func__ is _Depth.loss
+
+
+def test_cuda_graph_modes_leave_the_methods_eager():
+    """Methods keep outputs across iterations (an instance bank's cache): under a mode that
+    replays CUDA graphs (which overwrite their outputs) they are not compiled, with a
+    warning."""
+    torch._dynamo.reset()
+    model = _model()
+    logger, handler, records = current_log_records()
+    try:
+        names = compile_submodules(model, 'auto', backend='aot_eager', mode='reduce-overhead')
+    finally:
+        logger.removeHandler(handler)
+    assert names == ['backbone'] and 'loss' not in model.depth.__dict__
+    assert any("(depth:loss) stay eager under mode='reduce-overhead'" in r.getMessage()
+               for r in records)
 
 
 def test_deep_copy_runs_the_copy_eagerly_with_its_own_weights():

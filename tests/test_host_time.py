@@ -52,7 +52,8 @@ def test_kinds_of_a_compiled_and_eager_step():
     assert rows['compiled backward'][1] == 1
     assert rows['eager operators'][1] >= 3  # add, linear, sum (and the backward's seed)
     assert rows['eager backward nodes'][1] >= 3
-    assert all(ms > 0 for kind, (ms, _) in rows.items() if kind != UNCOVERED)
+    assert all(ms >= 0 for ms, _ in rows.values())
+    assert rows['compiled regions (forward)'][0] > 0 and rows['compiled backward'][0] > 0
     # the kinds (one thread here) fit in the span; what they leave is the uncovered time
     span = rows.pop('profiled span')[0]
     assert sum(ms for ms, _ in rows.values()) == pytest.approx(span, rel=1e-6)

@@ -56,7 +56,7 @@ def test_every_shipped_config_takes_the_turbox_section():
                 try:
                     stock = _build(Config.fromfile(path))
                 except Exception as error:  # mmdet3d's own failure here: not ours to test
-                    skipped.append(f'{name}: {type(error).__name__}')
+                    skipped.append(f'{name}: {type(error).__name__}: {error}')
                     continue
                 try:
                     cfg = Config.fromfile(path)
@@ -76,4 +76,8 @@ def test_every_shipped_config_takes_the_turbox_section():
         logging.disable(logging.NOTSET)
     assert not failures, '\n'.join(failures)
     # the configs this environment builds: all but the optional-library and nuImages ones
-    assert checked >= 100, (checked, skipped)
+    # (108 with the project's setup); the stock builds fail only for those known reasons
+    assert checked >= 108, (checked, skipped)
+    known = ("unexpected keyword argument 'pretrained'", 'MinkowskiEngine', 'Minkowski Engine',
+             'Torchsparse', 'No such file or directory')
+    assert all(any(k in s for k in known) for s in skipped), skipped

@@ -147,16 +147,18 @@ class _UtilSampler:
 
 def _cpu_seconds() -> Optional[Dict[str, float]]:
     """CPU seconds so far: this process's own (``main``, every thread), its descendants'
-    (``children``: the loader workers, and any compile workers), and the machine's, busy and
-    stolen (``busy``: every process, ``steal``: time the hypervisor gave a vCPU to another
-    guest). None without psutil."""
+    (``children``: the loader workers and any compile workers, those that ended too), and
+    the machine's, busy and stolen (``busy``: every process, ``steal``: time the hypervisor
+    gave a vCPU to another guest; 0 where the system does not report it). None without
+    psutil."""
     try:
         import psutil
     except ImportError:
         return None
     me = psutil.Process()
     own = me.cpu_times()
-    children = 0.0
+    # descendants that ended and were reaped count here (their CPU time stays ours)
+    children = getattr(own, 'children_user', 0.0) + getattr(own, 'children_system', 0.0)
     for child in me.children(recursive=True):
         try:
             times = child.cpu_times()

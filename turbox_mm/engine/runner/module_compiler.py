@@ -27,6 +27,11 @@ DECLARED_ATTR = 'turbox_compile_submodules'
 #: by the forward). Not for a module inside a compiled one (its code is traced there).
 DECLARED_METHODS_ATTR = 'turbox_compile_methods'
 
+#: ``torch.compile`` modes that run CUDA graphs: a graph's outputs are overwritten by its next
+#: replay, so methods that keep outputs across iterations (an instance bank's cache) are not
+#: compiled under them.
+_CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')
+
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
     module = model
@@ -207,7 +212,15 @@ def compile_submodules(model: nn.Module,
         _guard(name, module, bool(compile_kwargs.get('fullgraph')))
         compiled.append(name)
     if modules == 'auto':
-        for path, module, method in auto_methods(model, compiled):
+        found = auto_methods(model, compiled)
+        if found and compile_kwargs.get('mode') in _CUDA_GRAPH_MODES:
+            listed = ', '.join(f'{p}:{m}' for p, _, m in found)
+            print_log(f'turbox.compile: the declared methods ({listed}) stay eager under '
+                      f"mode={compile_kwargs['mode']!r}: they keep their "
+                      'outputs across iterations (caches), which CUDA graphs overwrite',
+                      logger='current', level=logging.WARNING)
+            found = []
+        for path, module, method in found:
             compiled.append(compile_method(path, module, method, compile_kwargs))
     if leaves:
         print_log(f"turbox.compile: {', '.join(leaves)} not compiled: each is one of torch's "
@@ -278,25 +291,41 @@ def auto_methods(model: nn.Module,
     return found
 
 
+def _eager_method(module: nn.Module, method: str):
+    """The class's own ``method`` bound to ``module``: what a copy or an unpickled module
+    gets in place of a compiled method."""
+    return getattr(type(module), method).__get__(module)
+
+
 class _CompiledMethod:
     """A module's method compiled and guarded (:func:`compile_method`), held in the module's
     ``__dict__`` over the class's method.
 
-    A deep copy of the module (an EMA model) gets the class's eager method, bound to the copy:
-    a compiled function belongs to the module it was made for.
+    - Called while Dynamo traces an outer compiled region, it runs the eager method, which
+      Dynamo then inlines (the guard's bookkeeping is not traceable).
+    - A deep copy (an EMA model) or an unpickled copy of the module gets the class's eager
+      method bound to the copy: a compiled function belongs to the module it was made for.
+      A shallow copy (``copy.copy``, ``nn.DataParallel``'s replicas) would share it: not
+      supported, as for compiled modules.
     """
 
     def __init__(self, module: nn.Module, method: str, call) -> None:
         self.module, self.method, self.call = module, method, call
 
     def __call__(self, *args, **kwargs):
+        import torch
+        if torch.compiler.is_compiling():
+            return _eager_method(self.module, self.method)(*args, **kwargs)
         return self.call(*args, **kwargs)
 
     def __deepcopy__(self, memo: Dict) -> object:
         copied = memo.get(id(self.module))
         if copied is None:
             copied = copy.deepcopy(self.module, memo)
-        return getattr(type(copied), self.method).__get__(copied)
+        return _eager_method(copied, self.method)
+
+    def __reduce__(self):
+        return _eager_method, (self.module, self.method)
 
 
 def compile_method(path: str, module: nn.Module, method: str, compile_kwargs: Dict) -> str:
@@ -304,7 +333,7 @@ def compile_method(path: str, module: nn.Module, method: str, compile_kwargs: Di
     (:func:`~.compile_guard.guarded_call`: a compile error on the first call falls back to
     the eager method for good, with a warning naming ``path:method``). Returns that name."""
     import torch
-    eager = getattr(type(module), method).__get__(module)
+    eager = _eager_method(module, method)
     name = f'{path}:{method}'
 
     def fall_back() -> None:
