@@ -125,23 +125,25 @@ def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp
     map heads are Sparse4D heads, so their anchor encoders and decoder layers are compiled
     (the motion-planning head calls the compiled detection encoder with its ego and queued
     anchors), and so are the motion-planning head's layers, but its LayerNorms, and the
-    declared methods (the instance banks' steps, the depth branch's forward and loss, the
-    motion head's loss). No graph break, no eager fallback (nor past the recompile limit),
-    the same losses and gradients as eager over five frames, where the instance queue grows
-    to its full length."""
+    declared methods (the instance banks' and the instance queue's steps, the depth branch's
+    forward and loss, the motion head's loss). No graph break, no eager fallback (nor past
+    the recompile limit), the same losses and gradients as eager over five frames, where the
+    instance queue grows to its full length."""
     cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
     names, frames = compiled_twin_agrees(cfg, steps=5, grad_check=assert_same_gradients)
     for head in ('det_head', 'map_head'):
         assert f'head.{head}.anchor_encoder' in names and f'head.{head}.layers.0' in names
-    motion = [n for n in names if n.startswith('head.motion_plan_head.')]
+    motion = [n for n in names if n.startswith('head.motion_plan_head.') and ':' not in n]
     order = cfg.model.head.motion_plan_head.operation_order
     assert motion == [f'head.motion_plan_head.layers.{i}' for i, op in enumerate(order)
                       if op != 'norm']
     # the declared methods: the depth branch's forward and loss, the motion head's loss
     banks = [f'head.{h}.instance_bank:{m}' for h in ('det_head', 'map_head')
              for m in ('get', 'update', 'cache', 'get_instance_id')]
-    assert [n for n in names if ':' in n] == banks + [
-        'head.motion_plan_head:loss', 'depth_branch:forward', 'depth_branch:loss'], names
+    queue = [f'head.motion_plan_head.instance_queue:{m}'
+             for m in ('get', 'cache_motion', 'cache_planning')]
+    assert [n for n in names if ':' in n] == banks + ['head.motion_plan_head:loss'] + queue + [
+        'depth_branch:forward', 'depth_branch:loss'], names
     assert frames['ok'] >= 20, frames
 
 

@@ -170,6 +170,11 @@ class InstanceQueue(nn.Module):
         ValueError: ``queue_length < 1`` or a missing / odd ``feature_map_scale``.
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of the queue: its steps of a frame
+    #: (tensor work on every sample at once; each queue length up to ``queue_length`` is a
+    #: variant of its own).
+    turbox_compile_methods = ('get', 'cache_motion', 'cache_planning')
+
     def __init__(self,
                  embed_dims: int = 256,
                  queue_length: int = 4,
