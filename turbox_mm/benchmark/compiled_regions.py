@@ -25,6 +25,13 @@ from torch import nn
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 
 
+def _code_range(function) -> Tuple[str, int, int]:
+    """``(file, first line, last line)`` of a function's code (decorators unwrapped)."""
+    code = inspect.unwrap(function).__code__
+    lines = [line for _, _, line in code.co_lines() if line is not None]
+    return code.co_filename, code.co_firstlineno, max(lines, default=code.co_firstlineno)
+
+
 class CompiledRegions:
     """The modules ``turbox.compile`` would compile in ``model``, watched for a counter.
 
@@ -40,29 +47,21 @@ class CompiledRegions:
 
     def __init__(self, model: nn.Module, modules: Union[str, Sequence[str]] = 'auto') -> None:
         from turbox_mm.engine.runner.module_compiler import (_forward_of_torch, _resolve,
-                                                             auto_methods, auto_paths,
-                                                             expand_paths)
-        if modules == 'auto':
-            names = auto_paths(model)
-        else:
-            names = list(dict.fromkeys(n for p in modules for n in expand_paths(model, p)))
+                                                             auto_methods, left_eager,
+                                                             selected_paths)
         self.paths: List[str] = []
         self.depth = 0
         self._code: Set[Tuple[str, int, int]] = set()
         self._handles = []
-        for name in names:
+        for name in selected_paths(model, modules):
             module = _resolve(model, name)
-            of_torch = _forward_of_torch(module)
-            if of_torch and not any(True for _ in module.children()):
-                continue  # left eager by compile_submodules
+            if left_eager(module):
+                continue
             self.paths.append(name)
             self._handles.append(module.register_forward_pre_hook(self._enter))
             self._handles.append(module.register_forward_hook(self._exit, always_call=True))
-            if not of_torch:
-                code = inspect.unwrap(type(module).forward).__code__
-                lines = [line for _, _, line in code.co_lines() if line is not None]
-                self._code.add((code.co_filename, code.co_firstlineno,
-                                max(lines, default=code.co_firstlineno)))
+            if not _forward_of_torch(module):
+                self._code.add(_code_range(type(module).forward))
         self._methods = []
         if modules == 'auto':  # the methods that modules declare (compile_submodules')
             for path, module, method in auto_methods(model, self.paths):
@@ -70,8 +69,8 @@ class CompiledRegions:
                 self._watch_method(module, method)
 
     def _watch_method(self, module: nn.Module, method: str) -> None:
-        function = getattr(type(module), method)
-        bound = function.__get__(module)
+        from turbox_mm.engine.runner.module_compiler import _eager_method
+        bound = _eager_method(module, method)
 
         def watched(*args, **kwargs):
             self.depth += 1
@@ -82,10 +81,7 @@ class CompiledRegions:
 
         module.__dict__[method] = watched
         self._methods.append((module, method))
-        code = inspect.unwrap(function).__code__
-        lines = [line for _, _, line in code.co_lines() if line is not None]
-        self._code.add((code.co_filename, code.co_firstlineno,
-                        max(lines, default=code.co_firstlineno)))
+        self._code.add(_code_range(getattr(type(module), method)))
 
     def _enter(self, *_) -> None:
         self.depth += 1

@@ -5,6 +5,7 @@ import types
 from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from mmengine.logging import print_log
 from torch import nn
 
@@ -146,6 +147,29 @@ def plain_int_conv_args(module: nn.Module) -> int:
     return changed
 
 
+def selected_paths(model: nn.Module, modules: Union[str, Sequence[str]]) -> List[str]:
+    """The submodule paths ``modules`` (``'auto'`` or paths, as ``turbox.compile.modules``)
+    names in ``model``, ``*`` expanded, in order, each once (torch's single layers included:
+    see :func:`left_eager`).
+
+    Raises:
+        ValueError: ``modules`` is a string other than ``'auto'``.
+        KeyError: A path names no submodule.
+    """
+    if modules == 'auto':
+        return auto_paths(model)
+    if isinstance(modules, str):
+        raise ValueError(f"turbox.compile.modules: expected 'auto' or a list of submodule "
+                         f'paths, got {modules!r}')
+    return list(dict.fromkeys(name for path in modules for name in expand_paths(model, path)))
+
+
+def left_eager(module: nn.Module) -> bool:
+    """Whether :func:`compile_submodules` leaves a selected ``module`` eager: one of torch's
+    own single layers (no children), which a graph of its own would not fuse with anything."""
+    return _forward_of_torch(module) and not any(True for _ in module.children())
+
+
 def compile_submodules(model: nn.Module,
                        modules: Union[str, Sequence[str]] = 'auto',
                        **compile_kwargs) -> List[str]:
@@ -189,19 +213,11 @@ def compile_submodules(model: nn.Module,
         >>> compile_submodules(model, 'auto')
         ['backbone']
     """
-    if modules == 'auto':
-        names = auto_paths(model)
-    elif isinstance(modules, str):
-        raise ValueError(f"turbox.compile.modules: expected 'auto' or a list of submodule "
-                         f'paths, got {modules!r}')
-    else:  # in order, each module once
-        names = list(dict.fromkeys(name for path in modules
-                                   for name in expand_paths(model, path)))
     compiled, leaves = [], []
-    for name in names:
+    for name in selected_paths(model, modules):
         module = _resolve(model, name)
         of_torch = _forward_of_torch(module)
-        if of_torch and not any(True for _ in module.children()):
+        if left_eager(module):
             leaves.append(name)
             continue
         plain_int_conv_args(module)
@@ -313,7 +329,6 @@ class _CompiledMethod:
         self.module, self.method, self.call = module, method, call
 
     def __call__(self, *args, **kwargs):
-        import torch
         if torch.compiler.is_compiling():
             return _eager_method(self.module, self.method)(*args, **kwargs)
         return self.call(*args, **kwargs)
@@ -332,7 +347,6 @@ def compile_method(path: str, module: nn.Module, method: str, compile_kwargs: Di
     """Compile ``module.<method>`` with ``torch.compile``, guarded as a compiled module is
     (:func:`~.compile_guard.guarded_call`: a compile error on the first call falls back to
     the eager method for good, with a warning naming ``path:method``). Returns that name."""
-    import torch
     eager = _eager_method(module, method)
     name = f'{path}:{method}'
 
