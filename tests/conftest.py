@@ -252,20 +252,23 @@ def assert_same_gradients(grads, reference, total=1e-2, each=5e-2):
 
 
 def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1e-6,
-                grad_check=None, eager_steps: int = 0):
+                grad_check=None, eager_steps: int = 0, device: str = 'cpu',
+                mark_steps: bool = False):
     """Train ``steps`` steps (temporal frames: the instance caches fill) of the config's model
     and of a copy that ``change(copy)`` altered, each on its own state, and check that both
     give the same losses and gradients at every step: ``grad_check(copy's, original's)``, by
     default each tensor within rtol 1e-4, atol 1e-5. Dropout is switched off in both (its
     draws would differ in order). The copy's first ``eager_steps`` steps run with Dynamo's
-    ``force_eager`` stance (as ``turbox.compile.eager_iters`` runs them). Returns the changed
-    copy."""
+    ``force_eager`` stance (as ``turbox.compile.eager_iters`` runs them). Both models live on
+    ``device``; with ``mark_steps`` each step starts with
+    ``torch.compiler.cudagraph_mark_step_begin()`` (as ``turbox_mm.CudaGraphStepHook`` does).
+    Returns the changed copy."""
     import copy
 
     import numpy as np
     import torch
     torch.manual_seed(0)
-    first = build_model(cfg)
+    first = build_model(cfg).to(device)
     for module in first.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -282,6 +285,8 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
             model.train()
             model.zero_grad()
             eager = model is second and step < eager_steps
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.compiler.set_stance('force_eager' if eager else 'default'):
                 batch = model.data_preprocessor(copy.deepcopy(data), training=True)
                 losses = model.loss(batch['inputs'], batch['data_samples'])
@@ -303,13 +308,15 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     return second
 
 
-def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto'):
+def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto',
+                         backend: str = 'aot_eager', device: str = 'cpu', **twin_kwargs):
     """:func:`twin_agrees` with the copy compiled as ``turbox.compile`` compiles it by default
     (``modules``, default ``'auto'``, the first step eager, its recompile limit; Dynamo with the
-    ``aot_eager`` backend: Dynamo's and AOTAutograd's tracing, no code generation); also checks
-    that every frame Dynamo met was compiled (none ran eagerly after an error or past the
-    recompile limit) and that no graph broke. Returns the compiled paths and Dynamo's frame
-    counters."""
+    ``aot_eager`` backend by default: Dynamo's and AOTAutograd's tracing, no code generation);
+    also checks that every frame Dynamo met was compiled (none ran eagerly after an error or
+    past the recompile limit) and that no graph broke. ``twin_kwargs`` go to
+    ``compile_submodules`` where they are ``torch.compile`` arguments (``mode``) and to
+    :func:`twin_agrees` otherwise. Returns the compiled paths and Dynamo's frame counters."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -322,12 +329,13 @@ def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto'):
         torch._dynamo.reset()
         counters.clear()
         keys = list(model.state_dict())
-        names.extend(compile_submodules(model, modules, backend='aot_eager'))
+        names.extend(compile_submodules(model, modules, backend=backend, **compile_kwargs))
         assert list(model.state_dict()) == keys
 
+    compile_kwargs = {k: twin_kwargs.pop(k) for k in ('mode', 'dynamic') if k in twin_kwargs}
     with torch._dynamo.config.patch(recompile_limit=defaults['recompile_limit'].default):
         twin_agrees(cfg, compile_auto, steps, grad_check=grad_check,
-                    eager_steps=defaults['eager_iters'].default)
+                    eager_steps=defaults['eager_iters'].default, device=device, **twin_kwargs)
     frames = dict(counters['frames'])
     assert frames['total'] == frames['ok'] > 0, frames
     assert not counters['graph_break'], dict(counters['graph_break'])

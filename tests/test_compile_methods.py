@@ -115,19 +115,33 @@ def test_pickled_model_gets_the_eager_method():
     assert method.__self__ is loaded.depth and method.__func__ is _Depth.loss
 
 
-def test_cuda_graph_modes_leave_the_methods_eager():
-    """Methods keep outputs across iterations (an instance bank's cache): under a mode that
-    replays CUDA graphs (which overwrite their outputs) they are not compiled, with a
-    warning."""
+@pytest.mark.parametrize('mode, method_mode', [
+    ('reduce-overhead', None), ('max-autotune', 'max-autotune-no-cudagraphs')])
+def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, mode, method_mode):
+    """Methods keep tensors across steps (an instance bank's cache): under a mode that
+    replays CUDA graphs (whose outputs the next step's replays overwrite) they are compiled in
+    the same mode without CUDA graphs; the modules get the mode asked for."""
     torch._dynamo.reset()
+    calls = []
+    real = torch.compile
+
+    def recording(target, **kwargs):
+        calls.append((target, kwargs))
+        return real(target, **kwargs)
+
+    monkeypatch.setattr(torch, 'compile', recording)
     model = _model()
     logger, handler, records = current_log_records()
     try:
-        names = compile_submodules(model, 'auto', backend='aot_eager', mode='reduce-overhead')
+        names = compile_submodules(model, 'auto', backend='aot_eager', mode=mode)
     finally:
         logger.removeHandler(handler)
-    assert names == ['backbone'] and 'loss' not in model.depth.__dict__
-    assert any("(depth:loss) stay eager under mode='reduce-overhead'" in r.getMessage()
+    assert names == ['backbone', 'depth:loss']
+    assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
+    modes = [kwargs.get('mode', None) for _, kwargs in calls]
+    assert modes == [mode, method_mode], calls
+    assert all(kwargs['backend'] == 'aot_eager' for _, kwargs in calls)
+    assert any('(depth:loss) are compiled without CUDA graphs' in r.getMessage()
                for r in records)
 
 

@@ -28,10 +28,11 @@ DECLARED_ATTR = 'turbox_compile_submodules'
 #: by the forward). Not for a module inside a compiled one (its code is traced there).
 DECLARED_METHODS_ATTR = 'turbox_compile_methods'
 
-#: ``torch.compile`` modes that run CUDA graphs: a graph's outputs are overwritten by its next
-#: replay, so methods that keep outputs across iterations (an instance bank's cache) are not
-#: compiled under them.
-_CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')
+#: ``torch.compile`` modes that run CUDA graphs, each with its mode without them. A replayed
+#: graph's outputs live in a memory pool that the next step's replays overwrite, so the
+#: declared methods, which keep state across steps (an instance bank's cache), are compiled
+#: in the mode without CUDA graphs: their outputs are ordinary allocations.
+CUDA_GRAPH_MODES = {'reduce-overhead': None, 'max-autotune': 'max-autotune-no-cudagraphs'}
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
@@ -229,15 +230,19 @@ def compile_submodules(model: nn.Module,
         compiled.append(name)
     if modules == 'auto':
         found = auto_methods(model, compiled)
-        if found and compile_kwargs.get('mode') in _CUDA_GRAPH_MODES:
+        method_kwargs = dict(compile_kwargs)
+        mode = compile_kwargs.get('mode')
+        if found and mode in CUDA_GRAPH_MODES:
+            method_kwargs['mode'] = CUDA_GRAPH_MODES[mode]
+            if method_kwargs['mode'] is None:
+                del method_kwargs['mode']
             listed = ', '.join(f'{p}:{m}' for p, _, m in found)
-            print_log(f'turbox.compile: the declared methods ({listed}) stay eager under '
-                      f"mode={compile_kwargs['mode']!r}: they keep their "
-                      'outputs across iterations (caches), which CUDA graphs overwrite',
-                      logger='current', level=logging.WARNING)
-            found = []
+            print_log(f'turbox.compile: the declared methods ({listed}) are compiled without '
+                      f'CUDA graphs (mode={method_kwargs.get("mode")!r}, not {mode!r}): they '
+                      'keep tensors across steps (caches), which a replayed graph would '
+                      'overwrite', logger='current', level=logging.INFO)
         for path, module, method in found:
-            compiled.append(compile_method(path, module, method, compile_kwargs))
+            compiled.append(compile_method(path, module, method, method_kwargs))
     if leaves:
         print_log(f"turbox.compile: {', '.join(leaves)} not compiled: each is one of torch's "
                   'own single layers (LayerNorm, Linear, ...), which a graph of its own would '

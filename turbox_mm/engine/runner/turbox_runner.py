@@ -22,7 +22,7 @@ from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
 from .fast_model import apply_fast_model
-from .module_compiler import (compile_kwargs_from_options, compile_submodules,
+from .module_compiler import (CUDA_GRAPH_MODES, compile_kwargs_from_options, compile_submodules,
                               set_recompile_limit)
 from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
@@ -56,12 +56,14 @@ class TurboxRunner(Runner):
         self.turbox_changes = []
         self._verified_checkpoint: Optional[str] = None  # see resume()
         self._eager_warmup_iters = 0  # set where something is compiled (_compile_and_wrap)
+        self._cuda_graph_steps = False  # set where compiled in a CUDA-graph mode (same place)
         super().__init__(*args, **kwargs)
 
     def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
         """mmengine's hooks, then :class:`~turbox_mm.engine.hooks.EagerWarmupHook` where
-        ``turbox.compile`` compiled a submodule and ``turbox.compile.eager_iters`` > 0, unless
-        the config lists one already.
+        ``turbox.compile`` compiled a submodule and ``turbox.compile.eager_iters`` > 0, and
+        :class:`~turbox_mm.engine.hooks.CudaGraphStepHook` where it compiled one in a mode that
+        replays CUDA graphs; each unless the config lists one already.
 
         Args:
             default_hooks (dict, optional): As for mmengine's ``Runner.register_hooks``.
@@ -72,6 +74,10 @@ class TurboxRunner(Runner):
             from turbox_mm.engine.hooks import EagerWarmupHook
             if not any(isinstance(hook, EagerWarmupHook) for hook in self._hooks):
                 self.register_hook(EagerWarmupHook(self._eager_warmup_iters))
+        if self._cuda_graph_steps:
+            from turbox_mm.engine.hooks import CudaGraphStepHook
+            if not any(isinstance(hook, CudaGraphStepHook) for hook in self._hooks):
+                self.register_hook(CudaGraphStepHook())
 
     def setup_env(self, env_cfg: Dict) -> None:
         """mmengine's environment setup, then the precision keys of ``env_cfg``.
@@ -161,6 +167,11 @@ class TurboxRunner(Runner):
                 done = ', '.join(names) or ("nothing (no submodule matched, or only torch's "
                                             'single layers, left eager)')
                 self.turbox_changes.append(f'torch.compile: {done}')
+                if names and opts['mode'] in CUDA_GRAPH_MODES:
+                    self._cuda_graph_steps = True
+                    self.turbox_changes.append(
+                        f"torch.compile: mode={opts['mode']!r} replays CUDA graphs; each "
+                        'iteration marks its start (turbox_mm.CudaGraphStepHook)')
                 if names and opts['recompile_limit'] is not None:
                     self.turbox_changes.append(set_recompile_limit(opts['recompile_limit']))
                 if names and opts['eager_iters']:

@@ -195,8 +195,10 @@ class MapTR(Base3DDetector):
         with torch.autocast(device_type=bev.device.type, enabled=False):
             results = self.pts_bbox_head.predict(bev.float(), metas)
         if pose is not None:
+            # a copy: a compiled encoder's output may live in a CUDA graph's pool
+            # (compile.mode='reduce-overhead'), which the next step's replays overwrite
             self.prev_frame_info.update(prev_pos=pose[0], prev_angle=pose[1],
-                                        prev_bev=bev.detach())
+                                        prev_bev=bev.detach().clone())
         return self.add_pred_to_datasample(batch_data_samples, data_instances_3d=results)
 
     def _forward(self, batch_inputs_dict: Dict, batch_data_samples: Sequence = None,

@@ -137,7 +137,7 @@ class InstanceQueue(nn.Module):
     3. Agents: each query takes over the queued features, boxes and period of the previous
        query with its instance id (and a previous confidence above ``tracking_threshold``),
        or zeros and period 0 (:func:`match_previous`, :func:`gather_rows`); the current det
-       features and boxes join the queue (detached), ``period + 1``, at most
+       features and boxes join the queue (detached copies), ``period + 1``, at most
        ``queue_length`` entries and period.
     4. Ego: the ego feature comes from the front camera's coarsest level (:meth:`
        prepare_planning`); the ego anchor is :data:`EGO_ANCHOR` with ``vy`` set to the
@@ -291,8 +291,10 @@ class InstanceQueue(nn.Module):
                                            for x in self.instance_feature_queue]
             self.anchor_queue = [gather_rows(x, source, found) for x in self.anchor_queue]
             self.period = gather_rows(self.period, source, found)
-        self.instance_feature_queue.append(feature.detach())
-        self.anchor_queue.append(anchors.detach())
+        # copies: the det head's outputs may live in a CUDA graph's pool (compile.mode=
+        # 'reduce-overhead'), which the next step's replays overwrite
+        self.instance_feature_queue.append(feature.detach().clone())
+        self.anchor_queue.append(anchors.detach().clone())
         self.period = self.period + 1
         if len(self.instance_feature_queue) > self.queue_length:
             self.instance_feature_queue.pop(0)
@@ -331,7 +333,7 @@ class InstanceQueue(nn.Module):
         else:
             self.ego_period = torch.where(same[:, None], self.ego_period,
                                           torch.zeros_like(self.ego_period))
-        self.ego_feature_queue.append(ego_feature.detach())
+        self.ego_feature_queue.append(ego_feature.detach().clone())
         self.ego_anchor_queue.append(ego_anchor.detach())
         self.ego_period = self.ego_period + 1
         if len(self.ego_feature_queue) > self.queue_length:
@@ -356,5 +358,5 @@ class InstanceQueue(nn.Module):
     def cache_planning(self, ego_feature: Tensor, ego_status: Tensor) -> None:
         """Keep the predicted ego status ``[B, 1, 10]``; the decoded ego feature ``[B, 1, C]``
         replaces the newest ego queue entry."""
-        self.prev_ego_status = ego_status.detach()
-        self.ego_feature_queue[-1] = ego_feature.detach()
+        self.prev_ego_status = ego_status.detach().clone()  # copies, as in prepare_motion
+        self.ego_feature_queue[-1] = ego_feature.detach().clone()

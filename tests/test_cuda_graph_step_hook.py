@@ -1,0 +1,109 @@
+"""CudaGraphStepHook: under a compile mode that replays CUDA graphs, every training,
+validation and test iteration marks its start (``torch.compiler.cudagraph_mark_step_begin``);
+the runner registers the hook for those modes only."""
+import copy
+
+import pytest
+import torch
+from mmengine.hooks import Hook
+
+from test_eager_warmup_hook import _registered, _smoke_cfg  # noqa: F401 (fixture)
+from turbox_mm.engine.hooks import CudaGraphStepHook
+from turbox_mm.registry import HOOKS
+
+
+class _Order(Hook):
+    """Records, per iteration, how many marks came before it (runs after the step hook)."""
+    priority = 'NORMAL'
+    seen = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        type(self).seen.append(('train', _MARKS[0]))
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None):
+        type(self).seen.append(('val', _MARKS[0]))
+
+    def before_test_iter(self, runner, batch_idx, data_batch=None):
+        type(self).seen.append(('test', _MARKS[0]))
+
+
+_MARKS = [0]
+
+
+@pytest.fixture
+def marks(monkeypatch):
+    """Count the calls of torch's mark (the hook looks it up at each call)."""
+    _MARKS[0] = 0
+    _Order.seen = []
+
+    def mark():
+        _MARKS[0] += 1
+
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', mark)
+    HOOKS.register_module(module=_Order, force=True)
+    yield _MARKS
+    HOOKS._module_dict.pop('_Order', None)
+
+
+def _runner(cfg, val_interval=2, iters=4):
+    from torch._dynamo.utils import counters
+
+    from turbox_mm.engine.runner import TurboxRunner
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=val_interval)
+    cfg.custom_hooks.append(dict(type='turbox_mm._Order'))
+    torch._dynamo.reset()
+    counters.clear()
+    return TurboxRunner.from_cfg(copy.deepcopy(cfg))
+
+
+@pytest.mark.parametrize('mode', ['reduce-overhead', 'max-autotune'])
+def test_every_iteration_of_every_loop_marks_its_start(tmp_path, marks, mode):
+    cfg = _smoke_cfg(tmp_path, iters=4, eager_iters=1)
+    cfg.turbox['compile']['mode'] = mode  # aot_eager ignores it: the CPU runs the same code
+    runner = _runner(cfg)
+    runner.train()
+    hooks = [h for h in runner.hooks if isinstance(h, CudaGraphStepHook)]
+    assert len(hooks) == 1
+    assert any('CudaGraphStepHook' in c for c in runner.turbox_changes)
+    seen = _Order.seen
+    kinds = [kind for kind, _ in seen]
+    assert kinds.count('train') == 4 and kinds.count('val') >= 2, seen
+    # each iteration sees one more mark than the one before it: one mark per iteration,
+    # made before the other hooks' per-iteration work
+    assert [count for _, count in seen] == list(range(1, len(seen) + 1)), seen
+    assert hooks[0].marks == marks[0] == len(seen)
+    before = marks[0]
+    runner.test()
+    tests = [count for kind, count in _Order.seen if kind == 'test']
+    assert tests and tests == list(range(before + 1, before + 1 + len(tests)))
+
+
+@pytest.mark.parametrize('mode', [None, 'default', 'max-autotune-no-cudagraphs'])
+def test_no_hook_without_cuda_graphs(tmp_path, marks, mode):
+    cfg = _smoke_cfg(tmp_path, iters=2, eager_iters=1)
+    cfg.turbox['compile']['mode'] = mode
+    runner = _runner(cfg, iters=2)
+    runner.train()
+    assert not [h for h in runner.hooks if isinstance(h, CudaGraphStepHook)]
+    assert marks[0] == 0
+
+
+def test_no_hook_where_nothing_is_compiled(tmp_path, marks):
+    cfg = _smoke_cfg(tmp_path, iters=1)
+    cfg.turbox['compile'] = dict(enable=False, mode='reduce-overhead')
+    runner = _runner(cfg, iters=1)
+    runner.train()
+    assert not [h for h in runner.hooks if isinstance(h, CudaGraphStepHook)]
+    assert marks[0] == 0
+
+
+def test_a_configured_hook_is_not_registered_twice(tmp_path, marks):
+    cfg = _smoke_cfg(tmp_path, iters=2, eager_iters=1)
+    cfg.turbox['compile']['mode'] = 'reduce-overhead'
+    cfg.custom_hooks.append(dict(type='turbox_mm.CudaGraphStepHook'))
+    runner = _runner(cfg, iters=2, val_interval=100)
+    runner.train()
+    assert len([h for h in runner.hooks if isinstance(h, CudaGraphStepHook)]) == 1
+    # one mark per iteration (the 2 training iterations and the final validation's), not two
+    assert [kind for kind, _ in _Order.seen][:2] == ['train', 'train']
+    assert marks[0] == len(_Order.seen) > 2
