@@ -115,9 +115,12 @@ def test_pickled_model_gets_the_eager_method():
     assert method.__self__ is loaded.depth and method.__func__ is _Depth.loss
 
 
-@pytest.mark.parametrize('mode, method_mode', [
-    ('reduce-overhead', None), ('max-autotune', 'max-autotune-no-cudagraphs')])
-def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, mode, method_mode):
+@pytest.mark.parametrize('given, for_methods', [
+    (dict(mode='reduce-overhead'), {}),
+    (dict(mode='max-autotune'), dict(mode='max-autotune-no-cudagraphs')),
+    (dict(options={'triton.cudagraphs': True, 'combo_kernels': True}),
+     dict(options={'triton.cudagraphs': False, 'combo_kernels': True}))])
+def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, given, for_methods):
     """Methods keep tensors across steps (an instance bank's cache): under a mode that
     replays CUDA graphs (whose outputs the next step's replays overwrite) they are compiled in
     the same mode without CUDA graphs; the modules get the mode asked for."""
@@ -133,14 +136,13 @@ def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, mode, 
     model = _model()
     logger, handler, records = current_log_records()
     try:
-        names = compile_submodules(model, 'auto', backend='aot_eager', mode=mode)
+        names = compile_submodules(model, 'auto', backend='aot_eager', **given)
     finally:
         logger.removeHandler(handler)
     assert names == ['backbone', 'depth:loss']
     assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
-    modes = [kwargs.get('mode', None) for _, kwargs in calls]
-    assert modes == [mode, method_mode], calls
-    assert all(kwargs['backend'] == 'aot_eager' for _, kwargs in calls)
+    assert [kwargs for _, kwargs in calls] == [dict(backend='aot_eager', **given),
+                                               dict(backend='aot_eager', **for_methods)], calls
     assert any('(depth:loss) are compiled without CUDA graphs' in r.getMessage()
                for r in records)
 
@@ -179,3 +181,20 @@ def test_a_declared_method_that_does_not_exist_is_named():
     model.head = Bad()
     with pytest.raises(KeyError, match="Bad declares 'los' in turbox_compile_methods"):
         auto_methods(model, [])
+
+
+def test_compile_kwargs_from_options():
+    from turbox_mm.engine.runner.module_compiler import (compile_kwargs_from_options,
+                                                         uses_cuda_graphs)
+    base = dict(backend='inductor', mode=None, dynamic=None, fullgraph=False, options={})
+    assert compile_kwargs_from_options(base) == dict(backend='inductor', fullgraph=False)
+    kwargs = compile_kwargs_from_options(dict(base, options={'combo_kernels': True}))
+    assert kwargs['options'] == {'combo_kernels': True} and not uses_cuda_graphs(kwargs)
+    assert uses_cuda_graphs(compile_kwargs_from_options(
+        dict(base, options={'triton.cudagraphs': True})))
+    assert uses_cuda_graphs(compile_kwargs_from_options(dict(base, mode='reduce-overhead')))
+    assert not uses_cuda_graphs(compile_kwargs_from_options(
+        dict(base, mode='max-autotune-no-cudagraphs')))
+    with pytest.raises(ValueError, match="mode='reduce-overhead' and options="):
+        compile_kwargs_from_options(dict(base, mode='reduce-overhead',
+                                         options={'combo_kernels': True}))

@@ -56,10 +56,11 @@ def _runner(cfg, val_interval=2, iters=4):
     return TurboxRunner.from_cfg(copy.deepcopy(cfg))
 
 
-@pytest.mark.parametrize('mode', ['reduce-overhead', 'max-autotune'])
-def test_every_iteration_of_every_loop_marks_its_start(tmp_path, marks, mode):
+@pytest.mark.parametrize('setting', [dict(mode='reduce-overhead'), dict(mode='max-autotune'),
+                                     dict(options={'triton.cudagraphs': True})])
+def test_every_iteration_of_every_loop_marks_its_start(tmp_path, marks, setting):
     cfg = _smoke_cfg(tmp_path, iters=4, eager_iters=1)
-    cfg.turbox['compile']['mode'] = mode  # aot_eager ignores it: the CPU runs the same code
+    cfg.turbox['compile'].update(setting)  # aot_eager ignores it: the CPU runs the same code
     runner = _runner(cfg)
     runner.train()
     hooks = [h for h in runner.hooks if isinstance(h, CudaGraphStepHook)]

@@ -230,17 +230,13 @@ def compile_submodules(model: nn.Module,
         compiled.append(name)
     if modules == 'auto':
         found = auto_methods(model, compiled)
-        method_kwargs = dict(compile_kwargs)
-        mode = compile_kwargs.get('mode')
-        if found and mode in CUDA_GRAPH_MODES:
-            method_kwargs['mode'] = CUDA_GRAPH_MODES[mode]
-            if method_kwargs['mode'] is None:
-                del method_kwargs['mode']
+        method_kwargs = compile_kwargs
+        if found and uses_cuda_graphs(compile_kwargs):
+            method_kwargs = without_cuda_graphs(compile_kwargs)
             listed = ', '.join(f'{p}:{m}' for p, _, m in found)
             print_log(f'turbox.compile: the declared methods ({listed}) are compiled without '
-                      f'CUDA graphs (mode={method_kwargs.get("mode")!r}, not {mode!r}): they '
-                      'keep tensors across steps (caches), which a replayed graph would '
-                      'overwrite', logger='current', level=logging.INFO)
+                      'CUDA graphs: they keep tensors across steps (caches), which a replayed '
+                      'graph would overwrite', logger='current', level=logging.INFO)
         for path, module, method in found:
             compiled.append(compile_method(path, module, method, method_kwargs))
     if leaves:
@@ -249,6 +245,34 @@ def compile_submodules(model: nn.Module,
                   'not fuse with anything', logger='current',
                   level=logging.INFO if modules == 'auto' else logging.WARNING)
     return compiled
+
+
+def uses_cuda_graphs(compile_kwargs: Dict) -> bool:
+    """Whether ``torch.compile(**compile_kwargs)`` replays CUDA graphs (Inductor's
+    ``reduce-overhead`` / ``max-autotune`` modes, or ``options={'triton.cudagraphs': True}``)."""
+    options = compile_kwargs.get('options') or {}
+    return compile_kwargs.get('mode') in CUDA_GRAPH_MODES or bool(
+        options.get('triton.cudagraphs'))
+
+
+def without_cuda_graphs(compile_kwargs: Dict) -> Dict:
+    """``compile_kwargs`` with CUDA graphs switched off and everything else kept (a mode
+    becomes its variant without them, :data:`CUDA_GRAPH_MODES`).
+
+    Examples:
+        >>> without_cuda_graphs(dict(backend='inductor', mode='max-autotune'))
+        {'backend': 'inductor', 'mode': 'max-autotune-no-cudagraphs'}
+        >>> without_cuda_graphs(dict(options={'triton.cudagraphs': True}))
+        {'options': {'triton.cudagraphs': False}}
+    """
+    kwargs = dict(compile_kwargs)
+    if kwargs.get('mode') in CUDA_GRAPH_MODES:
+        kwargs['mode'] = CUDA_GRAPH_MODES[kwargs['mode']]
+        if kwargs['mode'] is None:
+            del kwargs['mode']
+    if (kwargs.get('options') or {}).get('triton.cudagraphs'):
+        kwargs['options'] = dict(kwargs['options'], **{'triton.cudagraphs': False})
+    return kwargs
 
 
 def _forward_of_torch(module: nn.Module) -> bool:
@@ -376,7 +400,18 @@ def set_recompile_limit(limit: int) -> str:
 
 
 def compile_kwargs_from_options(options: Dict) -> Dict:
-    """The ``torch.compile`` keyword arguments of a validated ``turbox.compile`` section."""
+    """The ``torch.compile`` keyword arguments of a validated ``turbox.compile`` section.
+
+    Raises:
+        ValueError: ``mode`` and ``options`` are both set (``torch.compile`` takes one or
+            the other; ``{'triton.cudagraphs': True}`` is ``reduce-overhead``'s setting).
+    """
+    inductor = dict(options.get('options') or {})
+    if inductor and options['mode'] is not None:
+        raise ValueError(f"turbox.compile: mode={options['mode']!r} and options="
+                         f'{inductor!r} are both set; torch.compile takes one or the other '
+                         "(reduce-overhead is options={'triton.cudagraphs': True})")
     kwargs = dict(backend=options['backend'], mode=options['mode'],
-                  dynamic=options['dynamic'], fullgraph=options['fullgraph'])
+                  dynamic=options['dynamic'], fullgraph=options['fullgraph'],
+                  options=inductor or None)
     return {k: v for k, v in kwargs.items() if v is not None}

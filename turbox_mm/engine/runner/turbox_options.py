@@ -124,6 +124,10 @@ TURBOX_OPTIONS: Schema = {
         'dynamic': Option(None, (bool, type(None)),
                           'torch.compile dynamic shapes (None: decided by torch)'),
         'fullgraph': Option(False, (bool,), 'fail instead of breaking the graph'),
+        'options': Option(
+            {}, (dict,), "Inductor settings for torch.compile(options=...), e.g. "
+            "dict(combo_kernels=True) or {'triton.cudagraphs': True}; empty: none. Not with "
+            'mode (torch takes one or the other)'),
         'recompile_limit': Option(
             16, (int, type(None)), "Dynamo's recompile limit per code object (torch's default "
             '8; None keeps it): a head compiled layer by layer calls one forward with several '

@@ -22,8 +22,8 @@ from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
 from .fast_model import apply_fast_model
-from .module_compiler import (CUDA_GRAPH_MODES, compile_kwargs_from_options, compile_submodules,
-                              set_recompile_limit)
+from .module_compiler import (compile_kwargs_from_options, compile_submodules,
+                              set_recompile_limit, uses_cuda_graphs)
 from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
 
@@ -162,15 +162,15 @@ class TurboxRunner(Runner):
         opts = self.turbox_options.get('compile')
         if opts and opts['enable'] and not is_model_wrapper(model):
             if torch.cuda.is_available() or opts['on_cpu']:
-                names = compile_submodules(model, opts['modules'],
-                                           **compile_kwargs_from_options(opts))
+                kwargs = compile_kwargs_from_options(opts)
+                names = compile_submodules(model, opts['modules'], **kwargs)
                 done = ', '.join(names) or ("nothing (no submodule matched, or only torch's "
                                             'single layers, left eager)')
                 self.turbox_changes.append(f'torch.compile: {done}')
-                if names and opts['mode'] in CUDA_GRAPH_MODES:
+                if names and uses_cuda_graphs(kwargs):
                     self._cuda_graph_steps = True
                     self.turbox_changes.append(
-                        f"torch.compile: mode={opts['mode']!r} replays CUDA graphs; each "
+                        'torch.compile: the compiled modules replay CUDA graphs; each '
                         'iteration marks its start (turbox_mm.CudaGraphStepHook)')
                 if names and opts['recompile_limit'] is not None:
                     self.turbox_changes.append(set_recompile_limit(opts['recompile_limit']))
