@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import run_python
-from turbox_mm.benchmark import format_table, reduction_percent, summarize
+from turbox_mm.benchmark import (format_round_summary, format_table, reduction_percent,
+                                 round_summary, summarize)
 from turbox_mm.benchmark.e2e import PHASES, cpu_cores_used, prepare_cfg
 
 STOCK = 'configs/smoke/smoke_stock.py'
@@ -159,6 +160,57 @@ def test_summary_and_table():
     assert reduction_percent(a['samples_per_s'], b['samples_per_s']) == pytest.approx(60.0)
     table = format_table([a, b], failures={'c.py': 'boom'})
     assert '+60.0%' in table and 'FAILED c.py: boom' in table
+
+
+def test_round_summary_pairs_each_round_with_its_own_baseline():
+    def row(config, round_, sps, variant=None):
+        return dict(config=config, variant=variant, round=round_, iter_ms=1000.0 / sps,
+                    samples_per_s=sps)
+
+    rows = [row('a/s.py', 1, 10.0), row('a/t.py', 1, 20.0), row('a/t.py', 1, 25.0, 'x=1'),
+            # round 2: the host got slower for both; the pair still saves 50%
+            row('a/s.py', 2, 5.0), row('a/t.py', 2, 10.0), row('a/t.py', 2, 10.0, 'x=1'),
+            # round 3: the baseline failed, so that round saves nothing against it
+            row('a/t.py', 3, 40.0)]
+    summary = {r['label']: r for r in round_summary(rows)}
+    assert list(summary) == ['s.py', 't.py', 't.py + x=1']
+    assert summary['s.py']['saved'] == [None, None] and summary['s.py']['saved_median'] is None
+    assert summary['s.py']['iter_ms'] == [100.0, 200.0]
+    t = summary['t.py']
+    assert t['saved'] == [pytest.approx(50.0), pytest.approx(50.0), None]
+    assert t['iter_ms_median'] == 50.0 and t['saved_min'] == pytest.approx(50.0)
+    v = summary['t.py + x=1']
+    assert v['saved'] == [pytest.approx(60.0), pytest.approx(50.0)]
+    assert v['saved_median'] == pytest.approx(55.0) and v['saved_max'] == pytest.approx(60.0)
+    text = format_round_summary(list(summary.values()))
+    assert '+60.0%, +50.0%' in text and '+55.0% (+50.0% to +60.0%)' in text
+    assert round_summary([]) == []
+
+
+def test_rounds_alternate_the_configs_and_summarise(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, TURBOX, '--iters', '4', '--warmup', '2',
+                       '--sync-iters', '0', '--rounds', '2', '--out', str(tmp_path)], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # round by round: stock, turbox, stock, turbox
+    order = [line.split('] ', 1)[1] for line in proc.stdout.splitlines()
+             if line.startswith('[') and '/4] ' in line]
+    assert order == [f'{c} (round {r})' for r in (1, 2) for c in (STOCK, TURBOX)], order
+    assert 'round 1:' in proc.stdout and 'round 2:' in proc.stdout
+    assert 'median time saved (min-max)' in proc.stdout
+    report = json.load(open(tmp_path / 'benchmark.json'))
+    assert report['rounds'] == 2 and [s['round'] for s in report['summaries']] == [1, 1, 2, 2]
+    assert [r['label'] for r in report['round_summary']] == ['smoke_stock.py',
+                                                             'smoke_turbox.py']
+    assert len(report['round_summary'][1]['saved']) == 2
+    for stem in ('smoke_stock', 'smoke_turbox'):
+        for r in (1, 2):
+            assert (tmp_path / f'{stem}.round{r}.result.json').is_file()
+
+
+def test_rounds_must_be_positive(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, '--rounds', '0', '--out', str(tmp_path)],
+                      env=ENV)
+    assert proc.returncode != 0 and '--rounds must be >= 1' in proc.stderr
 
 
 @pytest.mark.cuda

@@ -22,6 +22,12 @@ Examples:
 same call and on the same data, as its own table row: a turbox option switched on or off,
 measured beside the configs it is compared with.
 
+``--rounds N`` runs all of that N times, round by round (stock, turbox, stock, turbox, ...),
+and prints one table per round and a summary over the rounds (per run: the median iteration
+time of each round and their median; the time saved in each round and its median, min and
+max). A host-bound step's speed can drift between runs minutes apart (docs/benchmarks.md has
+two paired runs of one machine 19 points apart); rounds show that spread instead of one draw.
+
 A config that fails is reported in the table; the others still run.
 
 Component mode times turbox components against the stock ones they replace (optimizer step
@@ -93,6 +99,10 @@ def parse_args(argv=None):
                         help='profile the sync iterations: syncs.txt and profile.txt per config')
     parser.add_argument('--out', help='folder for benchmark.json and benchmark.png '
                         '(default: work_dirs/benchmark/<time>)')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='run the configs (and variants) this many times, round by round '
+                        '(A B A B ...): one table per round and a summary over the rounds; '
+                        'for hosts whose speed drifts between runs')
     parser.add_argument('--seed', type=int, default=0, help='seed of every run')
     parser.add_argument('--timeout', type=float, default=3600,
                         help='seconds one config may take before it is reported failed')
@@ -214,6 +224,22 @@ def check_worker_end(timed_out: bool, returncode: Optional[int], result_path: st
         raise RuntimeError(f'{reason} (exit code {returncode}; full log: {log_path})')
 
 
+def _tables(summaries: List[dict], failures: dict, rounds: int, format_table) -> str:
+    """One table of every run, or with several rounds one per round (each against its own
+    first row); failures are listed under the last table."""
+    if not summaries:
+        return '\n'.join(f'FAILED {c}: {e}' for c, e in failures.items())
+    if rounds == 1:
+        return format_table(summaries, failures)
+    parts = []
+    done = sorted({s['round'] for s in summaries})
+    for round_ in done:
+        rows = [s for s in summaries if s['round'] == round_]
+        parts.append(f'round {round_}:\n' + format_table(
+            rows, failures if round_ == done[-1] else None))
+    return '\n\n'.join(parts)
+
+
 def _cli_value(value) -> str:
     return repr(value).replace(' ', '') if isinstance(value, (list, tuple, dict)) else str(value)
 
@@ -307,8 +333,11 @@ def main(argv=None) -> int:
         return run_components(args, command)
     if not args.configs:
         raise SystemExit('benchmark: give at least one config, or --components')
+    if args.rounds < 1:
+        raise SystemExit(f'benchmark: --rounds must be >= 1, got {args.rounds}')
     runs = runs_of(args)
-    from turbox_mm.benchmark import format_table, machine_info, summarize, write_chart
+    from turbox_mm.benchmark import (format_round_summary, format_table, machine_info,
+                                     round_summary, summarize, write_chart)
 
     for config in args.configs:
         if not osp.isfile(config):
@@ -316,29 +345,42 @@ def main(argv=None) -> int:
     out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
-    print(f'benchmark: {len(runs)} run(s), {args.warmup} warm-up + {args.iters} '
-          f'timed iterations each, seed {args.seed}', flush=True)
+    rounds = args.rounds
+    print(f'benchmark: {len(runs)} run(s)' + (f' x {rounds} rounds' if rounds > 1 else '') +
+          f', {args.warmup} warm-up + {args.iters} timed iterations each, seed {args.seed}',
+          flush=True)
     results, summaries, failures = [], [], {}
-    for i, (config, options, variant, index) in enumerate(runs, 1):
-        label = f'{config} + {variant}' if variant else config
-        print(f'[{i}/{len(runs)}] {label}', flush=True)
-        tag = f'.variant{index}' if variant else ''
-        try:
-            result = _run_one(config, args, out_dir, options, tag)
-        except Exception as exc:  # one failure must not stop the others
-            failures[label] = str(exc)
-            print(f'  FAILED: {exc}', flush=True)
-            continue
-        result['variant'] = variant
-        result['variant_index'] = index
-        result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
-        results.append(result)
-        summaries.append(summarize(result))
-    table = format_table(summaries, failures) if summaries else '\n'.join(
-        f'FAILED {c}: {e}' for c, e in failures.items())
-    chart = write_chart(summaries, osp.join(out_dir, 'benchmark.png')) if summaries else None
+    for round_ in range(1, rounds + 1):
+        for i, (config, options, variant, index) in enumerate(runs, 1):
+            label = f'{config} + {variant}' if variant else config
+            if rounds > 1:
+                label += f' (round {round_})'
+            print(f'[{i + (round_ - 1) * len(runs)}/{len(runs) * rounds}] {label}', flush=True)
+            tag = (f'.variant{index}' if variant else '') + (
+                f'.round{round_}' if rounds > 1 else '')
+            try:
+                result = _run_one(config, args, out_dir, options, tag)
+            except Exception as exc:  # one failure must not stop the others
+                failures[label] = str(exc)
+                print(f'  FAILED: {exc}', flush=True)
+                continue
+            result['variant'] = variant
+            result['variant_index'] = index
+            result['round'] = round_
+            result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
+            results.append(result)
+            summaries.append(summarize(result))
+    table = _tables(summaries, failures, rounds, format_table)
+    over_rounds = round_summary(summaries) if rounds > 1 else None
+    if over_rounds:
+        table += '\n\n' + format_round_summary(over_rounds)
+    # the chart shows the first round (every round's rows are in the tables)
+    charted = [s for s in summaries if s['round'] == min(x['round'] for x in summaries)] \
+        if summaries else []
+    chart = write_chart(charted, osp.join(out_dir, 'benchmark.png')) if charted else None
     report = dict(command=command, machine=machine, iters=args.iters, warmup=args.warmup,
-                  seed=args.seed, summaries=summaries, failures=failures, results=results)
+                  seed=args.seed, rounds=rounds, summaries=summaries, failures=failures,
+                  results=results, round_summary=over_rounds)
     with open(osp.join(out_dir, 'benchmark.json'), 'w') as f:
         json.dump(report, f, indent=1)
     gpu = machine['gpu'] or 'no GPU'

@@ -26,9 +26,10 @@ def summarize(result: dict) -> dict:
 
     Returns:
         dict: ``config`` and ``variant`` (the overrides of a ``--variant`` run, or None),
-        ``iter_ms`` (median), ``iter_p10_ms``, ``iter_p90_ms``, the median of every
-        phase in ``phases_ms``, ``samples_per_s`` and ``window_s`` (the whole timed window,
-        slow iterations included), ``loss_mean`` and the resource figures.
+        ``round`` (of ``--rounds``, 1 by default), ``iter_ms`` (median), ``iter_p10_ms``,
+        ``iter_p90_ms``, the median of every phase in ``phases_ms``, ``samples_per_s`` and
+        ``window_s`` (the whole timed window, slow iterations included), ``loss_mean`` and the
+        resource figures.
     """
     rows = result['per_iter']
     iters = [r['iter'] for r in rows]
@@ -37,6 +38,7 @@ def summarize(result: dict) -> dict:
         config=result['config'],
         variant=result.get('variant'),
         variant_index=result.get('variant_index'),
+        round=result.get('round', 1),
         iter_ms=statistics.median(iters),
         iter_p10_ms=_quantile(iters, 0.1),
         iter_p90_ms=_quantile(iters, 0.9),
@@ -119,6 +121,77 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
                "stolen by the hypervisor (a host-bound step slows down when these grow).")
     for config, error in (failures or {}).items():
         out.append(f'FAILED {config}: {error}')
+    return '\n'.join(out)
+
+
+def round_summary(summaries: List[dict]) -> List[dict]:
+    """Each run (config, or config + variant) over the rounds of ``--rounds``.
+
+    A round runs every config once, in the order given, so a pair measured in one round ran
+    minutes apart; a host that drifts between rounds moves both rows of a round alike. Each
+    round's "time saved" is against that round's first row (the baseline config), only where
+    that row is the baseline of round 1 (not where the baseline failed in a round).
+
+    Args:
+        summaries (list[dict]): Outputs of :func:`summarize` with their ``round`` (1, 2, ...),
+            in run order.
+
+    Returns:
+        list[dict]: Per run, in the order of first appearance: ``label``, ``iter_ms`` (the
+        median of each round it ran in), ``iter_ms_median``, ``saved`` (per round, percent;
+        None for the baseline or a round without it), ``saved_median``, ``saved_min``,
+        ``saved_max`` (None where no round has a value).
+
+    Examples:
+        >>> rows = [dict(config='s.py', round=1, iter_ms=10.0, samples_per_s=10.0),
+        ...         dict(config='t.py', round=1, iter_ms=5.0, samples_per_s=20.0),
+        ...         dict(config='s.py', round=2, iter_ms=12.0, samples_per_s=8.0),
+        ...         dict(config='t.py', round=2, iter_ms=5.0, samples_per_s=20.0)]
+        >>> [(r['label'], r['iter_ms_median'], r['saved_median']) for r in round_summary(rows)]
+        [('s.py', 11.0, None), ('t.py', 5.0, 55.0)]
+    """
+    if not summaries:
+        return []
+    baseline = run_label(summaries[0])
+    rounds = sorted({s['round'] for s in summaries})
+    first = {r: next((s for s in summaries if s['round'] == r), None) for r in rounds}
+    rows: Dict[str, dict] = {}
+    for s in summaries:
+        label = run_label(s)
+        row = rows.setdefault(label, dict(label=label, iter_ms=[], saved=[]))
+        row['iter_ms'].append(s['iter_ms'])
+        base = first[s['round']]
+        if label == baseline or base is None or run_label(base) != baseline:
+            row['saved'].append(None)
+        else:
+            row['saved'].append(reduction_percent(base['samples_per_s'], s['samples_per_s']))
+    for row in rows.values():
+        row['iter_ms_median'] = statistics.median(row['iter_ms'])
+        values = [v for v in row['saved'] if v is not None]
+        row['saved_median'] = statistics.median(values) if values else None
+        row['saved_min'] = min(values) if values else None
+        row['saved_max'] = max(values) if values else None
+    return list(rows.values())
+
+
+def format_round_summary(rows: List[dict]) -> str:
+    """:func:`round_summary`'s rows as a plain-text table."""
+    head = ['run', 'iter ms per round', 'median iter ms', 'time saved per round',
+            'median time saved (min-max)']
+    lines = []
+    for row in rows:
+        saved = ', '.join('-' if v is None else f'{v:+.1f}%' for v in row['saved'])
+        spread = '-' if row['saved_median'] is None else (
+            f"{row['saved_median']:+.1f}% ({row['saved_min']:+.1f}% to "
+            f"{row['saved_max']:+.1f}%)")
+        lines.append([row['label'], ', '.join(f'{v:.2f}' for v in row['iter_ms']),
+                      f"{row['iter_ms_median']:.2f}", saved, spread])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
+           '-+-'.join('-' * w for w in widths)]
+    out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
+    out.append("Over the rounds: each round ran every config once, in order; 'time saved' per "
+               'round is against that round\'s first config (as in the tables above).')
     return '\n'.join(out)
 
 
