@@ -315,8 +315,9 @@ def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto',
     ``aot_eager`` backend by default: Dynamo's and AOTAutograd's tracing, no code generation);
     also checks that every frame Dynamo met was compiled (none ran eagerly after an error or
     past the recompile limit) and that no graph broke. ``twin_kwargs`` go to
-    ``compile_submodules`` where they are ``torch.compile`` arguments (``mode``) and to
-    :func:`twin_agrees` otherwise. Returns the compiled paths and Dynamo's frame counters."""
+    ``compile_submodules`` where they are ``torch.compile`` arguments (``mode``, ``dynamic``,
+    ``options``, ``fullgraph``) and to :func:`twin_agrees` otherwise. Returns the compiled
+    paths and Dynamo's frame counters."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -324,6 +325,8 @@ def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto',
     from turbox_mm.engine.runner.turbox_options import TURBOX_OPTIONS
     defaults = TURBOX_OPTIONS['compile']
     names = []
+    compile_kwargs = {k: twin_kwargs.pop(k) for k in ('mode', 'dynamic', 'options', 'fullgraph')
+                      if k in twin_kwargs}
 
     def compile_auto(model):
         torch._dynamo.reset()
@@ -332,7 +335,6 @@ def compiled_twin_agrees(cfg, steps: int = 3, grad_check=None, modules='auto',
         names.extend(compile_submodules(model, modules, backend=backend, **compile_kwargs))
         assert list(model.state_dict()) == keys
 
-    compile_kwargs = {k: twin_kwargs.pop(k) for k in ('mode', 'dynamic') if k in twin_kwargs}
     with torch._dynamo.config.patch(recompile_limit=defaults['recompile_limit'].default):
         twin_agrees(cfg, compile_auto, steps, grad_check=grad_check,
                     eager_steps=defaults['eager_iters'].default, device=device, **twin_kwargs)

@@ -168,23 +168,38 @@ def test_round_summary_pairs_each_round_with_its_own_baseline():
                     samples_per_s=sps)
 
     rows = [row('a/s.py', 1, 10.0), row('a/t.py', 1, 20.0), row('a/t.py', 1, 25.0, 'x=1'),
-            # round 2: the host got slower for both; the pair still saves 50%
-            row('a/s.py', 2, 5.0), row('a/t.py', 2, 10.0), row('a/t.py', 2, 10.0, 'x=1'),
+            # round 2: the host got slower for both; the pair still saves 50%; the variant
+            # failed
+            row('a/s.py', 2, 5.0), row('a/t.py', 2, 10.0),
             # round 3: the baseline failed, so that round saves nothing against it
-            row('a/t.py', 3, 40.0)]
-    summary = {r['label']: r for r in round_summary(rows)}
+            row('a/t.py', 3, 40.0), row('a/t.py', 3, 30.0, 'x=1')]
+    summary = {r['label']: r for r in round_summary(rows, 's.py')}
     assert list(summary) == ['s.py', 't.py', 't.py + x=1']
-    assert summary['s.py']['saved'] == [None, None] and summary['s.py']['saved_median'] is None
-    assert summary['s.py']['iter_ms'] == [100.0, 200.0]
+    s = summary['s.py']
+    assert s['saved'] == [None] * 3 and s['saved_median'] is None
+    assert s['iter_ms'] == [100.0, 200.0, None] and s['iter_ms_median'] == 150.0
     t = summary['t.py']
     assert t['saved'] == [pytest.approx(50.0), pytest.approx(50.0), None]
-    assert t['iter_ms_median'] == 50.0 and t['saved_min'] == pytest.approx(50.0)
-    v = summary['t.py + x=1']
-    assert v['saved'] == [pytest.approx(60.0), pytest.approx(50.0)]
-    assert v['saved_median'] == pytest.approx(55.0) and v['saved_max'] == pytest.approx(60.0)
+    assert t['iter_ms'] == [50.0, 100.0, 25.0] and t['saved_min'] == pytest.approx(50.0)
+    v = summary['t.py + x=1']  # values stay in their rounds' columns
+    assert v['iter_ms'] == [40.0, None, pytest.approx(1000 / 30)]
+    assert v['saved'] == [pytest.approx(60.0), None, None]
+    assert v['saved_median'] == pytest.approx(60.0) and v['saved_max'] == pytest.approx(60.0)
     text = format_round_summary(list(summary.values()))
-    assert '+60.0%, +50.0%' in text and '+55.0% (+50.0% to +60.0%)' in text
-    assert round_summary([]) == []
+    assert '+50.0%, +50.0%, -' in text and '+60.0% (+60.0% to +60.0%)' in text
+    assert '40.00, -, 33.33' in text
+    # a baseline that failed in round 1 still is the baseline of the other rounds
+    later = round_summary([row('a/t.py', 1, 20.0), row('a/s.py', 2, 10.0),
+                           row('a/t.py', 2, 20.0)], 's.py')
+    assert later[0]['label'] == 't.py' and later[0]['saved'] == [None, pytest.approx(50.0)]
+    assert round_summary([], 's.py') == []
+
+
+def test_a_table_without_its_baseline_compares_nothing():
+    a = summarize(_result('a.py', [10, 10], sps=10.0))
+    b = summarize(_result('b.py', [5, 5], sps=25.0))
+    assert '+60.0%' in format_table([a, b])
+    assert '%' not in format_table([a, b], compare=False).split('\n')[3]
 
 
 def test_rounds_alternate_the_configs_and_summarise(tmp_path):

@@ -123,26 +123,29 @@ def test_pickled_model_gets_the_eager_method():
 def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, given, for_methods):
     """Methods keep tensors across steps (an instance bank's cache): under a mode that
     replays CUDA graphs (whose outputs the next step's replays overwrite) they are compiled in
-    the same mode without CUDA graphs; the modules get the mode asked for."""
+    the same mode without CUDA graphs; the modules get the mode asked for. (Inductor compiles
+    on the first call; nothing is called here.)"""
     torch._dynamo.reset()
     calls = []
     real = torch.compile
 
     def recording(target, **kwargs):
-        calls.append((target, kwargs))
+        calls.append((target, copy.deepcopy(kwargs)))
         return real(target, **kwargs)
 
     monkeypatch.setattr(torch, 'compile', recording)
     model = _model()
+    asked = copy.deepcopy(given)
     logger, handler, records = current_log_records()
     try:
-        names = compile_submodules(model, 'auto', backend='aot_eager', **given)
+        names = compile_submodules(model, 'auto', backend='inductor', **given)
     finally:
         logger.removeHandler(handler)
+    assert given == asked  # the caller's settings are not changed in place
     assert names == ['backbone', 'depth:loss']
     assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
-    assert [kwargs for _, kwargs in calls] == [dict(backend='aot_eager', **given),
-                                               dict(backend='aot_eager', **for_methods)], calls
+    assert [kwargs for _, kwargs in calls] == [dict(backend='inductor', **given),
+                                               dict(backend='inductor', **for_methods)], calls
     assert any('(depth:loss) are compiled without CUDA graphs' in r.getMessage()
                for r in records)
 
@@ -183,10 +186,41 @@ def test_a_declared_method_that_does_not_exist_is_named():
         auto_methods(model, [])
 
 
+def test_a_whole_module_around_kept_state_is_warned_under_cuda_graphs():
+    """A module compiled whole traces the declared methods of the modules inside it into its
+    replayed graphs: the tensors they keep would live in the graph's pool."""
+    torch._dynamo.reset()
+    model = _model()
+    logger, handler, records = current_log_records()
+    try:
+        compile_submodules(model, ['depth'], backend='inductor', mode='reduce-overhead')
+        quiet = len(records)
+        compile_submodules(_model(), ['depth'], backend='inductor')
+        compile_submodules(_model(), ['backbone'], backend='inductor', mode='reduce-overhead')
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records if 'keep tensors across steps' in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith('turbox.compile: depth keep'), warned
+    assert quiet >= 1 and len(records) == quiet
+
+
+def test_uses_cuda_graphs_by_backend_mode_and_options():
+    from turbox_mm.engine.runner.module_compiler import uses_cuda_graphs
+    assert uses_cuda_graphs(dict(mode='reduce-overhead'))  # inductor is torch's default
+    assert uses_cuda_graphs(dict(backend='inductor', mode='max-autotune'))
+    assert uses_cuda_graphs(dict(backend='cudagraphs'))
+    assert not uses_cuda_graphs(dict(backend='aot_eager', mode='reduce-overhead'))
+    assert not uses_cuda_graphs(dict(backend='inductor', mode='default'))
+    assert not uses_cuda_graphs(dict(options={'triton.cudagraphs': False}))
+
+
 def test_compile_kwargs_from_options():
     from turbox_mm.engine.runner.module_compiler import (compile_kwargs_from_options,
                                                          uses_cuda_graphs)
     base = dict(backend='inductor', mode=None, dynamic=None, fullgraph=False, options={})
+    # mmengine's --cfg-options nest dotted names: turbox.compile.options.triton.cudagraphs=True
+    nested = compile_kwargs_from_options(dict(base, options={'triton': {'cudagraphs': True}}))
+    assert nested['options'] == {'triton.cudagraphs': True} and uses_cuda_graphs(nested)
     assert compile_kwargs_from_options(base) == dict(backend='inductor', fullgraph=False)
     kwargs = compile_kwargs_from_options(dict(base, options={'combo_kernels': True}))
     assert kwargs['options'] == {'combo_kernels': True} and not uses_cuda_graphs(kwargs)

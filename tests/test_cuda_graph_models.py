@@ -42,9 +42,14 @@ def _agrees(cfg, steps):
                                          mode='reduce-overhead', mark_steps=True,
                                          rtol=1e-3, atol=1e-4)
     skips = dict(counters['inductor']).get('cudagraph_skips', 0)
-    print(f'compiled {len(names)} paths, {frames}, cudagraph skips {skips}, '
-          f'graphs recorded {_graph_nodes()}')
-    assert _graph_nodes() > 0, 'no region ran as a CUDA graph'
+    modules = [n for n in names if ':' not in n]  # the methods compile without graphs
+    print(f'compiled {len(names)} paths ({len(modules)} modules), {frames}, cudagraph skips '
+          f'{skips}, graphs recorded {_graph_nodes()}')
+    # every compiled module ran as at least one recorded graph (its forward; the backward
+    # and later shapes add more); a skipped one (TORCH_LOGS=perf_hints says why) falls short
+    assert _graph_nodes() >= len(modules), (
+        f'{_graph_nodes()} CUDA graphs recorded for {len(modules)} compiled modules '
+        f'({skips} skipped)')
     return names
 
 

@@ -2,6 +2,8 @@
 validation and test iteration marks its start (``torch.compiler.cudagraph_mark_step_begin``);
 the runner registers the hook for those modes only."""
 import copy
+import os.path as osp
+import time
 
 import pytest
 import torch
@@ -32,14 +34,21 @@ _MARKS = [0]
 
 @pytest.fixture
 def marks(monkeypatch):
-    """Count the calls of torch's mark (the hook looks it up at each call)."""
+    """Count the calls of torch's mark (the hook looks it up at each call). The runs compile
+    with ``aot_eager`` (no code generation on this CPU), which ignores the mode; the runner
+    decides as it would for Inductor, the backend the mode is for."""
+    from turbox_mm.engine.runner import module_compiler, turbox_runner
     _MARKS[0] = 0
     _Order.seen = []
 
     def mark():
         _MARKS[0] += 1
 
+    def as_inductor(kwargs):
+        return module_compiler.uses_cuda_graphs(dict(kwargs, backend='inductor'))
+
     monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', mark)
+    monkeypatch.setattr(turbox_runner, 'uses_cuda_graphs', as_inductor)
     HOOKS.register_module(module=_Order, force=True)
     yield _MARKS
     HOOKS._module_dict.pop('_Order', None)
@@ -108,3 +117,22 @@ def test_a_configured_hook_is_not_registered_twice(tmp_path, marks):
     # one mark per iteration (the 2 training iterations and the final validation's), not two
     assert [kind for kind, _ in _Order.seen][:2] == ['train', 'train']
     assert marks[0] == len(_Order.seen) > 2
+
+
+def test_gradient_accumulation_with_cuda_graphs_is_warned(tmp_path, marks):
+    """The runner warns when it builds the model (its log file holds the warning)."""
+    import glob
+    cfg = _smoke_cfg(tmp_path, iters=1, eager_iters=1)
+    cfg.turbox['compile']['mode'] = 'reduce-overhead'
+    cfg.optim_wrapper['accumulative_counts'] = 2
+    # a name of its own: mmengine reuses a logger of the same name (and its log file)
+    cfg.experiment_name = f'accumulate_2_{time.time_ns()}'
+    runner = _runner(cfg, iters=1, val_interval=100)
+    text = ''.join(open(f).read() for f in glob.glob(osp.join(runner.log_dir, '*.log')))
+    assert 'accumulative_counts=2 with CUDA graphs' in text, text[-2000:]
+    cfg.optim_wrapper['accumulative_counts'] = 1
+    cfg.work_dir = str(tmp_path / 'once')
+    cfg.experiment_name = f'accumulate_1_{time.time_ns()}'
+    runner = _runner(cfg, iters=1, val_interval=100)
+    text = ''.join(open(f).read() for f in glob.glob(osp.join(runner.log_dir, '*.log')))
+    assert 'with CUDA graphs' not in text

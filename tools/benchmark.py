@@ -224,19 +224,33 @@ def check_worker_end(timed_out: bool, returncode: Optional[int], result_path: st
         raise RuntimeError(f'{reason} (exit code {returncode}; full log: {log_path})')
 
 
-def _tables(summaries: List[dict], failures: dict, rounds: int, format_table) -> str:
-    """One table of every run, or with several rounds one per round (each against its own
-    first row); failures are listed under the last table."""
+def _tables(summaries: List[dict], failures: dict, rounds: int, baseline: str) -> str:
+    """The report's tables.
+
+    Args:
+        summaries (list[dict]): Every run's summary, with its ``round``.
+        failures (dict): Run label to error, listed under the last table.
+        rounds (int): ``--rounds``.
+        baseline (str): The baseline run's label (``run_label`` of the first config).
+
+    Returns:
+        str: One table of every run; with several rounds one per round, each against that
+        round's baseline, or with no "time saved" where the baseline failed in it.
+    """
+    from turbox_mm.benchmark.report import format_table, run_label
     if not summaries:
         return '\n'.join(f'FAILED {c}: {e}' for c, e in failures.items())
     if rounds == 1:
-        return format_table(summaries, failures)
+        return format_table(summaries, failures, compare=run_label(summaries[0]) == baseline)
     parts = []
     done = sorted({s['round'] for s in summaries})
     for round_ in done:
         rows = [s for s in summaries if s['round'] == round_]
-        parts.append(f'round {round_}:\n' + format_table(
-            rows, failures if round_ == done[-1] else None))
+        ok = run_label(rows[0]) == baseline
+        title = f'round {round_}:' if ok else \
+            f'round {round_} (the baseline failed: no time saved):'
+        parts.append(title + '\n' + format_table(
+            rows, failures if round_ == done[-1] else None, compare=ok))
     return '\n\n'.join(parts)
 
 
@@ -336,8 +350,9 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         raise SystemExit(f'benchmark: --rounds must be >= 1, got {args.rounds}')
     runs = runs_of(args)
-    from turbox_mm.benchmark import (format_round_summary, format_table, machine_info,
-                                     round_summary, summarize, write_chart)
+    from turbox_mm.benchmark import (format_round_summary, machine_info, round_summary,
+                                     summarize, write_chart)
+    from turbox_mm.benchmark.report import run_label
 
     for config in args.configs:
         if not osp.isfile(config):
@@ -370,13 +385,15 @@ def main(argv=None) -> int:
             result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
             results.append(result)
             summaries.append(summarize(result))
-    table = _tables(summaries, failures, rounds, format_table)
-    over_rounds = round_summary(summaries) if rounds > 1 else None
+    config, _, variant, _ = runs[0]
+    baseline = run_label(dict(config=config, variant=variant))
+    table = _tables(summaries, failures, rounds, baseline)
+    over_rounds = round_summary(summaries, baseline) if rounds > 1 else None
     if over_rounds:
         table += '\n\n' + format_round_summary(over_rounds)
-    # the chart shows the first round (every round's rows are in the tables)
-    charted = [s for s in summaries if s['round'] == min(x['round'] for x in summaries)] \
-        if summaries else []
+    # the chart shows the first round with a result (every round's rows are in the tables)
+    first_round = min((s['round'] for s in summaries), default=None)
+    charted = [s for s in summaries if s['round'] == first_round]
     chart = write_chart(charted, osp.join(out_dir, 'benchmark.png')) if charted else None
     report = dict(command=command, machine=machine, iters=args.iters, warmup=args.warmup,
                   seed=args.seed, rounds=rounds, summaries=summaries, failures=failures,

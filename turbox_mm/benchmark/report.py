@@ -74,12 +74,15 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return 'n/a' if value is None else format(value, spec)
 
 
-def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = None) -> str:
+def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = None,
+                 compare: bool = True) -> str:
     """Render summaries as a plain-text table; the first config is the baseline.
 
     Args:
         summaries (list[dict]): Outputs of :func:`summarize`, baseline first.
         failures (dict, optional): Config path to error message, for configs that failed.
+        compare (bool): Show the time saved against the first row; False where the first
+            row is not the baseline (it failed), so no column compares against another run.
 
     Returns:
         str: The table, then one line per failure.
@@ -91,7 +94,8 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     lines = []
     base = summaries[0]['samples_per_s'] if summaries else None
     for s in summaries:
-        vs = '-' if s is summaries[0] else f"{reduction_percent(base, s['samples_per_s']):+.1f}%"
+        vs = '-' if s is summaries[0] or not compare else \
+            f"{reduction_percent(base, s['samples_per_s']):+.1f}%"
         lines.append([
             run_label(s),
             f"{s['iter_ms']:.2f} ({s['iter_p10_ms']:.2f}-{s['iter_p90_ms']:.2f})",
@@ -124,49 +128,51 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
     return '\n'.join(out)
 
 
-def round_summary(summaries: List[dict]) -> List[dict]:
+def round_summary(summaries: List[dict], baseline: str) -> List[dict]:
     """Each run (config, or config + variant) over the rounds of ``--rounds``.
 
     A round runs every config once, in the order given, so a pair measured in one round ran
     minutes apart; a host that drifts between rounds moves both rows of a round alike. Each
-    round's "time saved" is against that round's first row (the baseline config), only where
-    that row is the baseline of round 1 (not where the baseline failed in a round).
+    round's "time saved" is against that round's run of ``baseline``; a round where the
+    baseline failed has none.
 
     Args:
         summaries (list[dict]): Outputs of :func:`summarize` with their ``round`` (1, 2, ...),
             in run order.
+        baseline (str): The :func:`run_label` of the baseline run (the first config).
 
     Returns:
-        list[dict]: Per run, in the order of first appearance: ``label``, ``iter_ms`` (the
-        median of each round it ran in), ``iter_ms_median``, ``saved`` (per round, percent;
-        None for the baseline or a round without it), ``saved_median``, ``saved_min``,
-        ``saved_max`` (None where no round has a value).
+        list[dict]: Per run, in the order of first appearance: ``label``; ``iter_ms`` and
+        ``saved`` (percent; None for the baseline itself) per round, 1 to the last round with
+        a result, None where the run failed or the round's baseline did; ``iter_ms_median``,
+        ``saved_median``, ``saved_min``, ``saved_max`` over the rounds with a value (None
+        where none has one).
 
     Examples:
         >>> rows = [dict(config='s.py', round=1, iter_ms=10.0, samples_per_s=10.0),
         ...         dict(config='t.py', round=1, iter_ms=5.0, samples_per_s=20.0),
         ...         dict(config='s.py', round=2, iter_ms=12.0, samples_per_s=8.0),
         ...         dict(config='t.py', round=2, iter_ms=5.0, samples_per_s=20.0)]
-        >>> [(r['label'], r['iter_ms_median'], r['saved_median']) for r in round_summary(rows)]
+        >>> [(r['label'], r['iter_ms_median'], r['saved_median'])
+        ...  for r in round_summary(rows, 's.py')]
         [('s.py', 11.0, None), ('t.py', 5.0, 55.0)]
     """
     if not summaries:
         return []
-    baseline = run_label(summaries[0])
-    rounds = sorted({s['round'] for s in summaries})
-    first = {r: next((s for s in summaries if s['round'] == r), None) for r in rounds}
+    last = max(s['round'] for s in summaries)
+    base = {s['round']: s for s in summaries if run_label(s) == baseline}
     rows: Dict[str, dict] = {}
     for s in summaries:
-        label = run_label(s)
-        row = rows.setdefault(label, dict(label=label, iter_ms=[], saved=[]))
-        row['iter_ms'].append(s['iter_ms'])
-        base = first[s['round']]
-        if label == baseline or base is None or run_label(base) != baseline:
-            row['saved'].append(None)
-        else:
-            row['saved'].append(reduction_percent(base['samples_per_s'], s['samples_per_s']))
+        label, index = run_label(s), s['round'] - 1
+        row = rows.setdefault(label, dict(label=label, iter_ms=[None] * last,
+                                          saved=[None] * last))
+        row['iter_ms'][index] = s['iter_ms']
+        if label != baseline and s['round'] in base:
+            row['saved'][index] = reduction_percent(base[s['round']]['samples_per_s'],
+                                                    s['samples_per_s'])
     for row in rows.values():
-        row['iter_ms_median'] = statistics.median(row['iter_ms'])
+        times = [v for v in row['iter_ms'] if v is not None]
+        row['iter_ms_median'] = statistics.median(times)
         values = [v for v in row['saved'] if v is not None]
         row['saved_median'] = statistics.median(values) if values else None
         row['saved_min'] = min(values) if values else None
@@ -175,23 +181,31 @@ def round_summary(summaries: List[dict]) -> List[dict]:
 
 
 def format_round_summary(rows: List[dict]) -> str:
-    """:func:`round_summary`'s rows as a plain-text table."""
+    """Render :func:`round_summary`'s rows as a plain-text table.
+
+    Args:
+        rows (list[dict]): Outputs of :func:`round_summary`.
+
+    Returns:
+        str: The table ("-" where a round has no value), then a line saying what it shows.
+    """
     head = ['run', 'iter ms per round', 'median iter ms', 'time saved per round',
             'median time saved (min-max)']
     lines = []
     for row in rows:
+        times = ', '.join('-' if v is None else f'{v:.2f}' for v in row['iter_ms'])
         saved = ', '.join('-' if v is None else f'{v:+.1f}%' for v in row['saved'])
         spread = '-' if row['saved_median'] is None else (
             f"{row['saved_median']:+.1f}% ({row['saved_min']:+.1f}% to "
             f"{row['saved_max']:+.1f}%)")
-        lines.append([row['label'], ', '.join(f'{v:.2f}' for v in row['iter_ms']),
-                      f"{row['iter_ms_median']:.2f}", saved, spread])
+        lines.append([row['label'], times, f"{row['iter_ms_median']:.2f}", saved, spread])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
            '-+-'.join('-' * w for w in widths)]
     out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
     out.append("Over the rounds: each round ran every config once, in order; 'time saved' per "
-               'round is against that round\'s first config (as in the tables above).')
+               "round is against that round's run of the first config ('-' where it or the "
+               'run failed).')
     return '\n'.join(out)
 
 

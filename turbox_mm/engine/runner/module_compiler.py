@@ -228,6 +228,8 @@ def compile_submodules(model: nn.Module,
             module.compile(**compile_kwargs)
         _guard(name, module, bool(compile_kwargs.get('fullgraph')))
         compiled.append(name)
+    if compiled and uses_cuda_graphs(compile_kwargs):
+        _warn_kept_state_in_graphs(model, compiled)
     if modules == 'auto':
         found = auto_methods(model, compiled)
         method_kwargs = compile_kwargs
@@ -247,9 +249,40 @@ def compile_submodules(model: nn.Module,
     return compiled
 
 
+def _warn_kept_state_in_graphs(model: nn.Module, compiled: List[str]) -> None:
+    """Warn where a module compiled into replayed CUDA graphs holds a module that declares
+    methods (:data:`DECLARED_METHODS_ATTR`): those keep tensors across steps, and traced
+    into a replayed graph the tensors they keep live in its pool, which the next step's
+    replays overwrite (Inductor raises where it sees an overwritten tensor read)."""
+    inside = []
+    for path in compiled:
+        for name, sub in _resolve(model, path).named_modules():
+            if getattr(type(sub), DECLARED_METHODS_ATTR, ()):
+                inside.append(f'{path}.{name}' if name else path)
+    if inside:
+        print_log(f"turbox.compile: {', '.join(inside)} keep tensors across steps and are "
+                  'compiled inside modules that replay CUDA graphs, whose outputs the next '
+                  "step overwrites; use modules='auto' (it compiles their methods without "
+                  'CUDA graphs) or a mode without CUDA graphs', logger='current',
+                  level=logging.WARNING)
+
+
 def uses_cuda_graphs(compile_kwargs: Dict) -> bool:
-    """Whether ``torch.compile(**compile_kwargs)`` replays CUDA graphs (Inductor's
-    ``reduce-overhead`` / ``max-autotune`` modes, or ``options={'triton.cudagraphs': True}``)."""
+    """Whether ``torch.compile(**compile_kwargs)`` replays CUDA graphs.
+
+    Args:
+        compile_kwargs (dict): ``torch.compile`` keyword arguments.
+
+    Returns:
+        bool: True for Dynamo's ``cudagraphs`` backend, and for Inductor (the default backend)
+        in the ``reduce-overhead`` / ``max-autotune`` modes or with
+        ``options={'triton.cudagraphs': True}``; other backends ignore the mode.
+    """
+    backend = compile_kwargs.get('backend', 'inductor')
+    if backend == 'cudagraphs':
+        return True
+    if backend != 'inductor':
+        return False
     options = compile_kwargs.get('options') or {}
     return compile_kwargs.get('mode') in CUDA_GRAPH_MODES or bool(
         options.get('triton.cudagraphs'))
@@ -399,6 +432,23 @@ def set_recompile_limit(limit: int) -> str:
     return f"torch.compile: Dynamo's {name} = {limit} (was {before}; process-wide)"
 
 
+def _dotted(options: Dict, prefix: str = '') -> Dict:
+    """Inductor's option names are dotted (``'triton.cudagraphs'``); mmengine's
+    ``--cfg-options turbox.compile.options.triton.cudagraphs=True`` nests them instead.
+
+    Examples:
+        >>> _dotted({'triton': {'cudagraphs': True}, 'combo_kernels': True})
+        {'triton.cudagraphs': True, 'combo_kernels': True}
+    """
+    flat = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
 def compile_kwargs_from_options(options: Dict) -> Dict:
     """The ``torch.compile`` keyword arguments of a validated ``turbox.compile`` section.
 
@@ -406,7 +456,7 @@ def compile_kwargs_from_options(options: Dict) -> Dict:
         ValueError: ``mode`` and ``options`` are both set (``torch.compile`` takes one or
             the other; ``{'triton.cudagraphs': True}`` is ``reduce-overhead``'s setting).
     """
-    inductor = dict(options.get('options') or {})
+    inductor = _dotted(options.get('options') or {})
     if inductor and options['mode'] is not None:
         raise ValueError(f"turbox.compile: mode={options['mode']!r} and options="
                          f'{inductor!r} are both set; torch.compile takes one or the other '

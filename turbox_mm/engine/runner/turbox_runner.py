@@ -167,11 +167,21 @@ class TurboxRunner(Runner):
                 done = ', '.join(names) or ("nothing (no submodule matched, or only torch's "
                                             'single layers, left eager)')
                 self.turbox_changes.append(f'torch.compile: {done}')
-                if names and uses_cuda_graphs(kwargs):
+                if any(':' not in name for name in names) and uses_cuda_graphs(kwargs):
                     self._cuda_graph_steps = True
                     self.turbox_changes.append(
                         'torch.compile: the compiled modules replay CUDA graphs; each '
                         'iteration marks its start (turbox_mm.CudaGraphStepHook)')
+                    accumulate = (self.cfg.get('optim_wrapper') or {}).get(
+                        'accumulative_counts', 1)
+                    if accumulate and accumulate > 1:
+                        print_log(f'turbox.compile: optim_wrapper.accumulative_counts='
+                                  f'{accumulate} with CUDA graphs: a gradient made by one '
+                                  "step's replayed graph lives in its pool, which the next "
+                                  'step overwrites before the accumulation adds to it (torch '
+                                  'raises "accessing tensor output of CUDAGraphs that has '
+                                  'been overwritten"); use a mode without CUDA graphs',
+                                  logger='current', level=logging.WARNING)
                 if names and opts['recompile_limit'] is not None:
                     self.turbox_changes.append(set_recompile_limit(opts['recompile_limit']))
                 if names and opts['eager_iters']:
