@@ -70,6 +70,14 @@ def reduction_percent(baseline_samples_per_s: float, other_samples_per_s: float)
     return 100.0 * (1.0 - baseline_samples_per_s / other_samples_per_s)
 
 
+def _render(head: List[str], lines: List[list]) -> List[str]:
+    """A plain-text table's lines: the header, a rule and the rows, columns padded alike."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
+           '-+-'.join('-' * w for w in widths)]
+    return out + [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return 'n/a' if value is None else format(value, spec)
 
@@ -111,10 +119,7 @@ def format_table(summaries: List[dict], failures: Optional[Dict[str, str]] = Non
             _fmt(s.get('other_cpu_cores'), '.2f'),
             _fmt(s.get('steal_cpu_cores'), '.2f'),
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
-           '-+-'.join('-' * w for w in widths)]
-    out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
+    out = _render(head, lines)
     out.append("iter ms: median (10th-90th percentile) of the timed iterations; phases: medians. "
                "'time saved': training time per sample saved against the first config over "
                "the whole timed window (positive = faster). 'GPU %': NVML utilisation over the "
@@ -199,10 +204,7 @@ def format_round_summary(rows: List[dict]) -> str:
             f"{row['saved_median']:+.1f}% ({row['saved_min']:+.1f}% to "
             f"{row['saved_max']:+.1f}%)")
         lines.append([row['label'], times, f"{row['iter_ms_median']:.2f}", saved, spread])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    out = [' | '.join(h.ljust(w) for h, w in zip(head, widths)),
-           '-+-'.join('-' * w for w in widths)]
-    out += [' | '.join(str(x).ljust(w) for x, w in zip(row, widths)) for row in lines]
+    out = _render(head, lines)
     out.append("Over the rounds: each round ran every config once, in order; 'time saved' per "
                "round is against that round's run of the first config ('-' where it or the "
                'run failed).')
