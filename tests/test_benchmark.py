@@ -5,7 +5,7 @@ import os.path as osp
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import ROOT, run_python
 from turbox_mm.benchmark import (format_round_summary, format_table, reduction_percent,
                                  round_summary, summarize)
 from turbox_mm.benchmark.e2e import PHASES, cpu_cores_used, prepare_cfg
@@ -220,6 +220,32 @@ def test_rounds_alternate_the_configs_and_summarise(tmp_path):
     for stem in ('smoke_stock', 'smoke_turbox'):
         for r in (1, 2):
             assert (tmp_path / f'{stem}.round{r}.result.json').is_file()
+
+
+def test_round_tables_compare_only_against_their_own_baseline():
+    import sys
+    sys.path.insert(0, ROOT)
+    from tools.benchmark import _tables
+
+    def row(config, round_, sps):
+        return dict(summarize(_result(config, [1000.0 / sps] * 2, sps=sps)), round=round_)
+
+    summaries = [row('a/t.py', 1, 20.0),  # round 1: the baseline s.py failed
+                 row('a/s.py', 2, 10.0), row('a/t.py', 2, 20.0)]
+    text = _tables(summaries, {'a/s.py (round 1)': 'boom'}, 2, 's.py')
+    first, second = text.split('\n\nround 2:')
+    assert first.startswith('round 1 (the baseline failed: no time saved):')
+    assert '%' not in first.split('\n')[3] and '+50.0%' in second
+    assert 'FAILED a/s.py (round 1): boom' in second  # under the last table
+    one = _tables(summaries[:1], {}, 1, 's.py')  # one round, its baseline failed
+    assert '%' not in one.split('\n')[2]
+
+
+def test_two_runs_of_one_name_are_refused(tmp_path):
+    proc = run_python(['tools/benchmark.py', STOCK, TURBOX, STOCK, '--out', str(tmp_path)],
+                      env=ENV)
+    assert proc.returncode != 0
+    assert "two runs would share the name 'smoke_stock.py'" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_rounds_must_be_positive(tmp_path):

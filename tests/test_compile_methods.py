@@ -119,7 +119,8 @@ def test_pickled_model_gets_the_eager_method():
     (dict(mode='reduce-overhead'), {}),
     (dict(mode='max-autotune'), dict(mode='max-autotune-no-cudagraphs')),
     (dict(options={'triton.cudagraphs': True, 'combo_kernels': True}),
-     dict(options={'triton.cudagraphs': False, 'combo_kernels': True}))])
+     dict(options={'triton.cudagraphs': False, 'combo_kernels': True})),
+    (dict(backend='cudagraphs'), dict(backend='aot_eager'))])
 def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, given, for_methods):
     """Methods keep tensors across steps (an instance bank's cache): under a mode that
     replays CUDA graphs (whose outputs the next step's replays overwrite) they are compiled in
@@ -138,14 +139,15 @@ def test_cuda_graph_modes_compile_the_methods_without_graphs(monkeypatch, given,
     asked = copy.deepcopy(given)
     logger, handler, records = current_log_records()
     try:
-        names = compile_submodules(model, 'auto', backend='inductor', **given)
+        names = compile_submodules(model, 'auto', **dict(dict(backend='inductor'), **given))
     finally:
         logger.removeHandler(handler)
     assert given == asked  # the caller's settings are not changed in place
     assert names == ['backbone', 'depth:loss']
     assert isinstance(model.depth.__dict__['loss'], module_compiler._CompiledMethod)
-    assert [kwargs for _, kwargs in calls] == [dict(backend='inductor', **given),
-                                               dict(backend='inductor', **for_methods)], calls
+    assert [kwargs for _, kwargs in calls] == [
+        dict(dict(backend='inductor'), **given),
+        dict(dict(backend='inductor'), **for_methods)], calls
     assert any('(depth:loss) are compiled without CUDA graphs' in r.getMessage()
                for r in records)
 
@@ -186,22 +188,39 @@ def test_a_declared_method_that_does_not_exist_is_named():
         auto_methods(model, [])
 
 
+class _Bank(nn.Module):
+    """Keeps a tensor across steps, as an instance bank does."""
+    turbox_compile_methods = ('cache', )
+    turbox_keeps_state = True
+
+    def cache(self, x):
+        self.kept = x.detach().clone()
+
+
 def test_a_whole_module_around_kept_state_is_warned_under_cuda_graphs():
-    """A module compiled whole traces the declared methods of the modules inside it into its
-    replayed graphs: the tensors they keep would live in the graph's pool."""
+    """A module compiled whole traces the methods of the modules inside it into its replayed
+    graphs: the tensors a stateful one keeps would live in the graph's pool. Methods without
+    state (a loss) are no reason to warn."""
     torch._dynamo.reset()
-    model = _model()
+
+    def model():
+        net = _model()
+        net.head = nn.Module()
+        net.head.bank = _Bank()
+        return net
+
     logger, handler, records = current_log_records()
     try:
-        compile_submodules(model, ['depth'], backend='inductor', mode='reduce-overhead')
-        quiet = len(records)
-        compile_submodules(_model(), ['depth'], backend='inductor')
-        compile_submodules(_model(), ['backbone'], backend='inductor', mode='reduce-overhead')
+        compile_submodules(model(), ['head'], backend='inductor', mode='reduce-overhead')
+        first = len(records)
+        compile_submodules(model(), ['head'], backend='inductor')
+        compile_submodules(model(), ['depth', 'backbone'], backend='inductor',
+                           mode='reduce-overhead')
     finally:
         logger.removeHandler(handler)
     warned = [r.getMessage() for r in records if 'keep tensors across steps' in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith('turbox.compile: depth keep'), warned
-    assert quiet >= 1 and len(records) == quiet
+    assert len(warned) == 1 and warned[0].startswith('turbox.compile: head.bank keep'), warned
+    assert first >= 1 and len(records) == first
 
 
 def test_uses_cuda_graphs_by_backend_mode_and_options():

@@ -136,3 +136,21 @@ def test_gradient_accumulation_with_cuda_graphs_is_warned(tmp_path, marks):
     runner = _runner(cfg, iters=1, val_interval=100)
     text = ''.join(open(f).read() for f in glob.glob(osp.join(runner.log_dir, '*.log')))
     assert 'with CUDA graphs' not in text
+
+
+def test_only_modules_replay_graphs_and_accumulation_is_found_everywhere():
+    from mmengine.optim import OptimWrapper, OptimWrapperDict
+
+    from turbox_mm.engine.runner.turbox_runner import accumulative_counts, replays_graphs
+    graphs = dict(backend='inductor', mode='reduce-overhead')
+    assert replays_graphs(['backbone', 'head.bank:cache'], graphs)
+    # methods alone compile without CUDA graphs: nothing replays, no hook
+    assert not replays_graphs(['head.bank:cache', 'depth:loss'], graphs)
+    assert not replays_graphs(['backbone'], dict(backend='inductor'))
+    assert not replays_graphs([], graphs)
+    net = torch.nn.Linear(2, 2)
+    built = OptimWrapper(torch.optim.SGD(net.parameters(), lr=0.1), accumulative_counts=3)
+    assert accumulative_counts(built) == 3
+    assert accumulative_counts(OptimWrapperDict(a=OptimWrapper(
+        torch.optim.SGD(net.parameters(), lr=0.1)), b=built)) == 3
+    assert accumulative_counts(dict(type='OptimWrapper', optimizer=dict(type='SGD'))) == 1

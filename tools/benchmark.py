@@ -353,6 +353,12 @@ def main(argv=None) -> int:
     from turbox_mm.benchmark import (format_round_summary, machine_info, round_summary,
                                      summarize, write_chart)
     from turbox_mm.benchmark.report import run_label
+    labels = [run_label(dict(config=config, variant=variant)) for config, _, variant, _ in runs]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # rows, files and round summaries are told apart by these names
+        raise SystemExit(f'benchmark: two runs would share the name {twice[0]!r} (a config '
+                         'file name, plus a variant\'s overrides): give each config a file '
+                         'name of its own; to measure a config again, use --rounds')
 
     for config in args.configs:
         if not osp.isfile(config):
@@ -385,15 +391,16 @@ def main(argv=None) -> int:
             result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
             results.append(result)
             summaries.append(summarize(result))
-    config, _, variant, _ = runs[0]
-    baseline = run_label(dict(config=config, variant=variant))
+    baseline = run_label(dict(config=runs[0][0], variant=runs[0][2]))
     table = _tables(summaries, failures, rounds, baseline)
     over_rounds = round_summary(summaries, baseline) if rounds > 1 else None
     if over_rounds:
         table += '\n\n' + format_round_summary(over_rounds)
-    # the chart shows the first round with a result (every round's rows are in the tables)
-    first_round = min((s['round'] for s in summaries), default=None)
-    charted = [s for s in summaries if s['round'] == first_round]
+    # the chart shows one round (every round's rows are in the tables): the first whose
+    # baseline ran, else the first with a result
+    with_base = [s['round'] for s in summaries if run_label(s) == baseline]
+    chart_round = min(with_base or [s['round'] for s in summaries], default=None)
+    charted = [s for s in summaries if s['round'] == chart_round]
     chart = write_chart(charted, osp.join(out_dir, 'benchmark.png')) if charted else None
     report = dict(command=command, machine=machine, iters=args.iters, warmup=args.warmup,
                   seed=args.seed, rounds=rounds, summaries=summaries, failures=failures,

@@ -28,6 +28,11 @@ DECLARED_ATTR = 'turbox_compile_submodules'
 #: by the forward). Not for a module inside a compiled one (its code is traced there).
 DECLARED_METHODS_ATTR = 'turbox_compile_methods'
 
+#: The class attribute by which a module with declared methods says that they keep tensors
+#: across steps (an instance bank's cache): compiled whole inside a module that replays CUDA
+#: graphs, those tensors would live in the graph's pool (:func:`_warn_kept_state_in_graphs`).
+KEEPS_STATE_ATTR = 'turbox_keeps_state'
+
 #: ``torch.compile`` modes that run CUDA graphs, each with its mode without them. A replayed
 #: graph's outputs live in a memory pool that the next step's replays overwrite, so the
 #: declared methods, which keep state across steps (an instance bank's cache), are compiled
@@ -250,14 +255,14 @@ def compile_submodules(model: nn.Module,
 
 
 def _warn_kept_state_in_graphs(model: nn.Module, compiled: List[str]) -> None:
-    """Warn where a module compiled into replayed CUDA graphs holds a module that declares
-    methods (:data:`DECLARED_METHODS_ATTR`): those keep tensors across steps, and traced
-    into a replayed graph the tensors they keep live in its pool, which the next step's
-    replays overwrite (Inductor raises where it sees an overwritten tensor read)."""
+    """Warn where a module compiled into replayed CUDA graphs holds a module that keeps
+    tensors across steps (:data:`KEEPS_STATE_ATTR`): traced into a replayed graph, the
+    tensors it keeps live in the graph's pool, which the next step's replays overwrite
+    (Inductor raises where it sees an overwritten tensor read)."""
     inside = []
     for path in compiled:
         for name, sub in _resolve(model, path).named_modules():
-            if getattr(type(sub), DECLARED_METHODS_ATTR, ()):
+            if getattr(type(sub), KEEPS_STATE_ATTR, False):
                 inside.append(f'{path}.{name}' if name else path)
     if inside:
         print_log(f"turbox.compile: {', '.join(inside)} keep tensors across steps and are "
@@ -290,7 +295,8 @@ def uses_cuda_graphs(compile_kwargs: Dict) -> bool:
 
 def without_cuda_graphs(compile_kwargs: Dict) -> Dict:
     """``compile_kwargs`` with CUDA graphs switched off and everything else kept (a mode
-    becomes its variant without them, :data:`CUDA_GRAPH_MODES`).
+    becomes its variant without them, :data:`CUDA_GRAPH_MODES`; Dynamo's ``cudagraphs``
+    backend, AOTAutograd with graphs, becomes ``aot_eager``, the same without them).
 
     Examples:
         >>> without_cuda_graphs(dict(backend='inductor', mode='max-autotune'))
@@ -299,6 +305,8 @@ def without_cuda_graphs(compile_kwargs: Dict) -> Dict:
         {'options': {'triton.cudagraphs': False}}
     """
     kwargs = dict(compile_kwargs)
+    if kwargs.get('backend') == 'cudagraphs':
+        kwargs['backend'] = 'aot_eager'
     if kwargs.get('mode') in CUDA_GRAPH_MODES:
         kwargs['mode'] = CUDA_GRAPH_MODES[kwargs['mode']]
         if kwargs['mode'] is None:

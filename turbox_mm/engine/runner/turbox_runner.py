@@ -28,6 +28,41 @@ from .precision import apply_precision
 from .turbox_options import TURBOX_OPTIONS, apply_turbox_options
 
 
+def replays_graphs(names: List[str], compile_kwargs: Dict) -> bool:
+    """Whether what ``compile_submodules`` compiled (``names``; methods are
+    ``path:method``, compiled without CUDA graphs) replays CUDA graphs: a module was compiled
+    with settings that replay them."""
+    return any(':' not in name for name in names) and uses_cuda_graphs(compile_kwargs)
+
+
+def accumulative_counts(optim_wrapper) -> int:
+    """The largest gradient-accumulation count of an optimizer wrapper: a built one
+    (mmengine's ``OptimWrapper``, or an ``OptimWrapperDict`` of several), its config, or a
+    dict of configs (one per optimizer); 1 where none is set or nothing is given.
+
+    Examples:
+        >>> accumulative_counts(dict(type='OptimWrapper', accumulative_counts=4))
+        4
+        >>> accumulative_counts(dict(gen=dict(type='OptimWrapper'), disc=dict(
+        ...     type='OptimWrapper', accumulative_counts=2)))
+        2
+        >>> accumulative_counts(None)
+        1
+    """
+    counts = getattr(optim_wrapper, '_accumulative_counts', None)
+    if counts is not None:
+        return int(counts)
+    if hasattr(optim_wrapper, 'optim_wrappers'):  # OptimWrapperDict
+        return max([accumulative_counts(w) for w in optim_wrapper.optim_wrappers.values()],
+                   default=1)
+    if not isinstance(optim_wrapper, dict):
+        return 1
+    if 'accumulative_counts' in optim_wrapper:
+        return int(optim_wrapper['accumulative_counts'] or 1)
+    return max([accumulative_counts(v) for v in optim_wrapper.values()
+                if isinstance(v, dict) or hasattr(v, '_accumulative_counts')], default=1)
+
+
 @RUNNERS.register_module()
 class TurboxRunner(Runner):
     """An mmengine :class:`~mmengine.runner.Runner` that applies the config's ``turbox`` section.
@@ -167,14 +202,13 @@ class TurboxRunner(Runner):
                 done = ', '.join(names) or ("nothing (no submodule matched, or only torch's "
                                             'single layers, left eager)')
                 self.turbox_changes.append(f'torch.compile: {done}')
-                if any(':' not in name for name in names) and uses_cuda_graphs(kwargs):
+                if replays_graphs(names, kwargs):
                     self._cuda_graph_steps = True
                     self.turbox_changes.append(
                         'torch.compile: the compiled modules replay CUDA graphs; each '
                         'iteration marks its start (turbox_mm.CudaGraphStepHook)')
-                    accumulate = (self.cfg.get('optim_wrapper') or {}).get(
-                        'accumulative_counts', 1)
-                    if accumulate and accumulate > 1:
+                    accumulate = accumulative_counts(self.optim_wrapper)
+                    if accumulate > 1:
                         print_log(f'turbox.compile: optim_wrapper.accumulative_counts='
                                   f'{accumulate} with CUDA graphs: a gradient made by one '
                                   "step's replayed graph lives in its pool, which the next "

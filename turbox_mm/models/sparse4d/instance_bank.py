@@ -104,6 +104,8 @@ class InstanceBank(nn.Module):
     #: (tensor work on every sample at once; the cache's state becomes guards, so the first
     #: frame, without a cache, and the later ones are separate graphs).
     turbox_compile_methods = ('get', 'update', 'cache', 'get_instance_id')
+    # its caches outlive a step: not to be traced into a replayed CUDA graph (module_compiler)
+    turbox_keeps_state = True
 
     def __init__(self,
                  num_anchor: int = 900,

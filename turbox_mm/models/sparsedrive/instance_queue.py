@@ -174,6 +174,8 @@ class InstanceQueue(nn.Module):
     #: (tensor work on every sample at once; each queue length up to ``queue_length`` is a
     #: variant of its own).
     turbox_compile_methods = ('get', 'cache_motion', 'cache_planning')
+    # its caches outlive a step: not to be traced into a replayed CUDA graph (module_compiler)
+    turbox_keeps_state = True
 
     def __init__(self,
                  embed_dims: int = 256,
