@@ -391,7 +391,7 @@ def main(argv=None) -> int:
             result['cfg_options'] = {k: _cli_value(v) for k, v in options.items()}
             results.append(result)
             summaries.append(summarize(result))
-    baseline = run_label(dict(config=runs[0][0], variant=runs[0][2]))
+    baseline = labels[0]
     table = _tables(summaries, failures, rounds, baseline)
     over_rounds = round_summary(summaries, baseline) if rounds > 1 else None
     if over_rounds:
