@@ -35,8 +35,8 @@ KEEPS_STATE_ATTR = 'turbox_keeps_state'
 
 #: ``torch.compile`` modes that run CUDA graphs, each with its mode without them. A replayed
 #: graph's outputs live in a memory pool that the next step's replays overwrite, so the
-#: declared methods, which keep state across steps (an instance bank's cache), are compiled
-#: in the mode without CUDA graphs: their outputs are ordinary allocations.
+#: declared methods, some of which keep tensors across steps (an instance bank's cache), are
+#: all compiled in the mode without CUDA graphs: their outputs are ordinary allocations.
 CUDA_GRAPH_MODES = {'reduce-overhead': None, 'max-autotune': 'max-autotune-no-cudagraphs'}
 
 
@@ -242,7 +242,7 @@ def compile_submodules(model: nn.Module,
             method_kwargs = without_cuda_graphs(compile_kwargs)
             listed = ', '.join(f'{p}:{m}' for p, _, m in found)
             print_log(f'turbox.compile: the declared methods ({listed}) are compiled without '
-                      'CUDA graphs: they keep tensors across steps (caches), which a replayed '
+                      'CUDA graphs: some keep tensors across steps (caches), which a replayed '
                       'graph would overwrite', logger='current', level=logging.INFO)
         for path, module, method in found:
             compiled.append(compile_method(path, module, method, method_kwargs))
