@@ -183,34 +183,43 @@ def test_opcheck_and_compile():
 
 
 @pytest.mark.parametrize('channels', [1, 6, 100, 1500])
-def test_there_are_candidates_for_any_channel_count(channels):
+@pytest.mark.parametrize('rows', [1, 5, 32, 64])
+def test_there_are_candidates_for_any_channel_and_row_count(channels, rows):
     from turbox_mm.ops.bev_pool import triton_kernels as tk
     for kind in ('fwd', 'bwd'):
-        configs = tk.config_dicts(kind, channels)
-        # register tiles: the forward's [P, BLOCK_C]; the backward's [HB, P, BLOCK_C]
-        rows = (lambda c: 1) if kind == 'fwd' else (lambda c: c['HB'])
-        assert configs and all(rows(c) * c['P'] * c['BLOCK_C'] <= 4096 for c in configs)
-        assert all(c['BLOCK_C'] >= min(channels, 32) for c in configs)
+        configs = tk.config_dicts(kind, channels, rows)
+        # the register tiles [HB * P, BLOCK_C], with no more rows than the image has (padded)
+        assert configs and all(c['HB'] * c['P'] * c['BLOCK_C'] <= tk.TILE_LIMIT
+                               for c in configs)
+        assert all(c['HB'] <= max(rows, 1) * 2 - 1 for c in configs)
         assert len({tuple(sorted(c.items())) for c in configs}) == len(configs)
         if kind == 'bwd':  # the depth gradient sums every channel in one program
             assert all(c['BLOCK_C'] >= channels for c in configs)
+        else:
+            assert all(c['BLOCK_C'] <= max(channels * 2 - 1, 1) for c in configs)
+            assert max(c['BLOCK_C'] for c in configs) >= min(channels, 128)
 
 
 @pytest.mark.parametrize('kind', ['fwd', 'bwd'])
 def test_every_autotuning_candidate_equals_the_reference(kind):
-    """Each configuration the autotuner may pick on CUDA (rows merged per program, pixels,
-    warps), with image rows that share cells (as a camera column's rows at one depth do) and
-    a row count the row blocks do not divide."""
+    """Each configuration the autotuner may pick on CUDA (tiles of rows and pixels, channel
+    and bin blocks, warps), with image rows that share cells (as a camera column's rows at
+    one depth do), cells shared by neighbouring pixels, and a row count (12) and pixel
+    count (9) that the tiles do not divide."""
     from turbox_mm.ops.bev_pool import triton_kernels as tk
-    depth, feats, geom = make_inputs(h=6, w=9)
-    geom[:, :, :, 1:4] = geom[:, :, :, 1:2]  # rows 1-3 at each depth: one cell
+    depth, feats, geom = make_inputs(h=12, w=9, c=20)
+    geom[:, :, :, 1:9] = geom[:, :, :, 1:2]  # rows 1-8 at each depth: one cell
+    geom[:, :, :, :, 4:6] = geom[:, :, :, :, 3:4]  # and pixels 3-5
     args = (LOWER, SIZE, GRID, True)
     want = bp.bev_pool_reference(depth, feats, geom, *args)
     grad = torch.randn_like(want)
     want_grads = bp.bev_pool_backward_reference(grad, depth, feats, geom, *args)
-    configs = tk.config_dicts(kind, feats.shape[2])
-    rows = {1, 2, 4, 8} if kind == 'fwd' else {1, 2}
-    assert len(configs) >= 4 and {c['HB'] for c in configs} == rows
+    configs = tk.config_dicts(kind, feats.shape[2], depth.shape[3])
+    assert len(configs) >= 4 and {c['HB'] for c in configs} >= {8, 16}
+    assert {c['P'] for c in configs} >= {1, 2, 4}
+    assert {c['DB'] for c in configs} >= ({8, 32, 1024} if kind == 'fwd' else {16, 32, 1024})
+    if kind == 'fwd':
+        assert {c['BLOCK_C'] for c in configs} == {16, 32}
     for config in configs:
         if kind == 'fwd':
             got = tk.bev_pool_forward(depth, feats, geom, *args, config=config)
@@ -219,6 +228,21 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
             got = tk.bev_pool_backward(grad, depth, feats, geom, *args, config=config)
             for g, w in zip(got, want_grads):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=str(config))
+
+
+def test_forward_visits_each_cell_of_a_tile_once_per_bin():
+    """The forward sums a tile's points cell by cell (one atomic row per distinct cell of a
+    bin): a level camera's column (every row at one depth in one cell) and two cells
+    interleaved in one tile pool as the reference."""
+    from turbox_mm.ops.bev_pool import triton_kernels as tk
+    depth, feats, geom = make_inputs(b=1, n=1, d=3, h=8, w=2, c=4, seed=8)
+    geom[..., :, :, :] = geom[:, :, :, :1]  # every row of a column: the first row's point
+    geom[:, :, :, 1::2, 1] = geom[:, :, :, :1, 0]  # pixel 1's odd rows: pixel 0's cell
+    config = dict(P=2, HB=8, BLOCK_C=4, DB=1024, num_warps=1)
+    got = tk.bev_pool_forward(depth, feats, geom, LOWER, SIZE, GRID, True, config=config)
+    want = bp.bev_pool_reference(depth, feats, geom, LOWER, SIZE, GRID, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert int((want != 0).any(-1).sum()) <= 6  # at most 2 cells per bin were hit
 
 
 # -- on the GPU: BEVFusion's size --------------------------------------------------------------
@@ -262,16 +286,21 @@ variants = []
 for dtype in ('*fp32', '*fp16', '*bf16'):
     for logits in (False, True):
         for ones in ((), SIZES):
-            for rows in (1, 4):
+            for pixels, rows in ((1, 32), (4, 8)):
                 variants.append((tk._forward_kernel,
-                                 dict(LOGITS=logits, P=16, HB=rows, BLOCK_C=32), ones,
+                                 dict(LOGITS=logits, P=pixels, HB=rows, BLOCK_C=32, DB=32),
+                                 ones,
                                  dict(depth_ptr=dtype, lse_ptr='*fp32', feat_ptr=dtype,
                                       geom_ptr='*fp32', out_ptr='*fp32')))
                 variants.append((tk._backward_kernel,
-                                 dict(LOGITS=logits, P=8, HB=rows, BLOCK_C=128), ones,
+                                 dict(LOGITS=logits, P=pixels, HB=rows, BLOCK_C=128, DB=32),
+                                 ones,
                                  dict(grad_ptr=dtype, depth_ptr=dtype, lse_ptr='*fp32',
                                       feat_ptr=dtype, geom_ptr='*fp32', gdepth_ptr='*fp32',
-                                      gfeat_ptr=dtype)))
+                                      gfeat_ptr='*fp32', dot_ptr='*fp32')))
+            variants.append((tk._softmax_backward_kernel, dict(BLOCK=1024), ones,
+                             dict(depth_ptr=dtype, lse_ptr='*fp32', dot_ptr='*fp32',
+                                  gdepth_ptr='*fp32')))
 # every autotuning candidate as a launch at BEVFusion's size specialises it: Z = 1, depth and
 # features contiguous in w, and H (32), C (80) and the larger strides multiples of 16 (MapTR
 # v2's 64 channels too); a layout-pass failure of Triton showed only so (module docstring of
@@ -288,7 +317,7 @@ for channels in (80, 64):
                                  geom_ptr='*fp32', out_ptr='*fp32') if kind == 'fwd' else
                             dict(grad_ptr='*fp32', depth_ptr='*fp32', lse_ptr='*fp32',
                                  feat_ptr='*fp32', geom_ptr='*fp32', gdepth_ptr='*fp32',
-                                 gfeat_ptr='*fp32'))
+                                 gfeat_ptr='*fp32', dot_ptr='*fp32'))
                 variants.append((kernel, dict(config, LOGITS=logits), RUNTIME_ONES, pointers,
                                  dict(divisible=DIVISIBLE, num_warps=warps)))
 failures = compile_variants(variants, floats=FLOATS)

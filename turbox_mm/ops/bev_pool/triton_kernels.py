@@ -1,27 +1,34 @@
 """Triton kernels of BEV pooling (spec: :mod:`.reference`).
 
-The ``[B, N, D, H, W, C]`` product is never stored. Both kernels take a block of ``HB`` image
-rows and ``P`` pixels of one camera, and walk the depth bins; for each bin they take the
-block's rows one after the other: each point's probability (with ``depth_logits``, the
-softmax as ``exp(logit - lse)`` from the pixels' log-sum-exp over the bins, which torch
-computes first) and its cell from ``geom`` (IEEE division, truncation, as the reference).
-The rows of an image column at one depth mostly fall into one cell (they differ in height,
-which the BEV's single z cell does not tell apart), and the kernels use that:
+The ``[B, N, D, H, W, C]`` product is never stored, and nothing is sorted. A program owns a
+*tile* of one camera's image: ``HB`` rows by ``P`` pixels, ``T = HB * P`` points per depth
+bin, kept as one flat vector (point ``i`` is row ``i // P``, pixel ``i % P`` of the tile). It
+loads the tile's features once and walks the depth bins; at each bin it computes every
+point's probability (with ``depth_logits``, the softmax as ``exp(logit - lse)`` from each
+pixel's log-sum-exp over the bins, which torch computes first) and cell (IEEE division and
+truncation, as the reference).
 
-- :func:`_forward_kernel` (a block of ``BLOCK_C`` channels, a third grid axis) sums
-  ``prob * feature`` over a run of consecutive rows in one cell in registers and adds the run
-  to the cell's row with one relaxed atomic add into a float32 BEV: up to ``HB`` times fewer
-  atomics than one per point (the order of the additions, and the last bits of a cell's sum,
+The kernels rest on the shape of camera rays in a BEV: at one depth, the points of an image
+column differ mostly in height, which a BEV's few z cells hardly tell apart, so a tile's ``T``
+points fall into a handful of cells (one, for a level camera with one z cell).
+
+- :func:`_forward_kernel` (a block of ``BLOCK_C`` channels and of ``DB`` depth bins, on the
+  third grid axis) visits the tile's distinct cells at each bin: it sums ``prob * feature``
+  over the points in the cell in registers and adds that row to the cell with one relaxed
+  atomic add into a float32 BEV. So the atomics number the distinct (tile, bin, cell)
+  triples, not the points (the order of the additions, and the last bits of a cell's sum,
   vary between runs).
-- :func:`_backward_kernel` (every channel: the depth gradient sums over them) gathers a
-  cell's output-gradient row once for a run of rows in that cell; the feature gradient sums
-  ``prob * grad`` over the bins in registers, the depth gradient is ``grad . feature`` per
-  point (with ``depth_logits``, then the softmax's backward ``p * (g - sum_d p g)``, in a
-  second walk). No atomics: deterministic.
+- :func:`_backward_kernel` (every channel, a block of ``DB`` bins) gathers each point's
+  output-gradient row (the points of a cell read the same row, which the cache serves once);
+  it writes the probability's gradient ``grad . feature`` of every point, sums the feature
+  gradient ``prob * grad`` and, with ``depth_logits``, ``sum_d p g`` over its bins in
+  registers and adds both to float32 buffers (atomic, once per pixel and channel for each
+  block of bins: the order, and the last bits, vary between runs unless one block holds every
+  bin); :func:`_softmax_backward_kernel` then makes the logits' gradient
+  ``p * (g - sum_d p g)``.
 
-With ``HB = 1`` a program's features stay in registers over the bins (the kernels before
-the row blocks). ``HB``, ``P`` and the forward's ``BLOCK_C`` are autotuned on CUDA; the
-candidates always include one that fits any channel count. No host synchronisation anywhere.
+The tile, ``BLOCK_C`` and ``DB`` are autotuned on CUDA; the candidates always include one
+that fits any channel count. No host synchronisation anywhere.
 """
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -56,53 +63,45 @@ def _cells(geom_ptr, g_off, live, b, lx, ly, lz, sx, sy, sz, X, Y, Z):
 
 
 @triton.jit
-def _row(depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n, hr,
-         w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w,
-         sf_h, LOGITS: tl.constexpr, HB: tl.constexpr):
-    """Depth bin ``d`` of image row ``hr`` at pixels ``w``: the points' probabilities (the
-    softmax from the row's log-sum-exp with ``LOGITS``), cells, whether they are kept, which
-    pixels are live, and the row's features (float32 ``[P, len(c)]``, zero where not kept;
-    :func:`_program_block`'s with ``HB == 1``)."""
-    live = w_live & (w * 0 + hr < H)  # a vector: Triton 3.9's interpreter
-    x = tl.load(depth_ptr + b.to(tl.int64) * sd_b + n * sd_n + d * sd_d + hr * sd_h
-                + w * sd_w, mask=live, other=0.0).to(tl.float32)
-    if LOGITS:
-        lse = tl.load(lse_ptr + (bn.to(tl.int64) * H + hr) * W + w, mask=live, other=0.0)
-        x = tl.exp(x - lse)
-    cell, kept = _cells(geom_ptr, (((bn.to(tl.int64) * D + d) * H + hr) * W + w) * 3, live,
-                        b, lx, ly, lz, sx, sy, sz, X, Y, Z)
-    if HB == 1:
-        feat = feat_once
-    else:
-        feat = tl.load(feat_ptr + f_col + hr * sf_h, mask=kept[:, None] & c_live[None, :],
-                       other=0.0).to(tl.float32)
-    return x, cell, kept, live, feat
+def _tile(N, H, W, P: tl.constexpr, HB: tl.constexpr):
+    """This program's tile: ``(b * N + n)``, ``n``, ``b`` and its points' rows ``h``, pixels
+    ``w`` and liveness (grid axis 0 runs over ``(b, n)`` and row blocks, axis 1 over pixel
+    blocks)."""
+    row_blocks = tl.cdiv(H, HB)
+    block = tl.program_id(0)
+    bn = block // row_blocks
+    i = tl.arange(0, HB * P)
+    h = (block % row_blocks) * HB + i // P
+    w = tl.program_id(1) * P + i % P
+    return bn, bn % N, bn // N, h, w, (h < H) & (w < W)
 
 
 @triton.jit
-def _program_block(feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P: tl.constexpr,
-                   HB: tl.constexpr):
-    """This program's block: its first row ``h0`` (grid axis 0 runs over ``(b, n)`` and row
-    blocks), ``(b, n)``, its pixels (axis 1), the feature offsets of channels ``c`` at those
-    pixels (a row adds ``h * sf_h``), and with ``HB == 1`` the row's features (float32
-    ``[P, len(c)]``, kept in registers over the bins; zeros otherwise, unused)."""
-    row_blocks = tl.cdiv(H, HB)
-    block = tl.program_id(0)
-    h0 = (block % row_blocks) * HB
-    bn = block // row_blocks
-    n = bn % N
-    b = bn // N
-    w = tl.program_id(1) * P + tl.arange(0, P)
-    w_live = w < W
-    c_live = c < C
-    f_col = b.to(tl.int64) * sf_b + n * sf_n + w[:, None] * sf_w + c[None, :] * sf_c
-    if HB == 1:
-        feat_once = tl.load(feat_ptr + f_col + h0 * sf_h,
-                            mask=(w_live & (w * 0 + h0 < H))[:, None] & c_live[None, :],
-                            other=0.0).to(tl.float32)
+def _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H, W, X, Y, Z,
+            lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS: tl.constexpr):
+    """Depth bin ``d`` of the tile's points: probabilities (float32), cells, kept."""
+    x = tl.load(depth_ptr + b.to(tl.int64) * sd_b + n * sd_n + d * sd_d + h * sd_h + w * sd_w,
+                mask=live, other=0.0).to(tl.float32)
+    if LOGITS:
+        x = tl.exp(x - lse)
+    cell, kept = _cells(geom_ptr, (((bn.to(tl.int64) * D + d) * H + h) * W + w) * 3, live, b,
+                        lx, ly, lz, sx, sy, sz, X, Y, Z)
+    return x, cell, kept
+
+
+@triton.jit
+def _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
+                 sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS: tl.constexpr):
+    """The tile's features (float32 ``[T, len(c)]``) and log-sum-exps (``[T]``; zeros without
+    ``LOGITS``)."""
+    feat = tl.load(feat_ptr + b.to(tl.int64) * sf_b + n * sf_n + h[:, None] * sf_h
+                   + w[:, None] * sf_w + c[None, :] * sf_c,
+                   mask=live[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+    if LOGITS:
+        lse = tl.load(lse_ptr + (bn.to(tl.int64) * H + h) * W + w, mask=live, other=0.0)
     else:
-        feat_once = tl.zeros((P, c.shape[0]), tl.float32)
-    return h0, bn, n, b, w, w_live, c_live, f_col, feat_once
+        lse = tl.zeros(h.shape, tl.float32)
+    return feat, lse
 
 
 @triton.jit
@@ -110,93 +109,82 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                     sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                     LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    h0, bn, n, b, w, w_live, c_live, f_col, feat_once = _program_block(
-        feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P, HB)
-    for d in range(0, D):
-        # rows one after the other: a run of rows in one cell is summed, then added once
-        acc = tl.zeros((P, BLOCK_C), tl.float32)
-        acc_cell = tl.zeros((P, ), tl.int64)
-        acc_live = tl.zeros((P, ), tl.int32) > 0
-        for r in tl.static_range(HB):
-            hr = h0 + r
-            prob, cell, kept, live, feat = _row(
-                depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n,
-                hr, w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
-                sd_w, sf_h, LOGITS, HB)
-            part = prob[:, None] * feat
-            same = kept & acc_live & (cell == acc_cell)
-            flush = kept & acc_live & (cell != acc_cell)
-            tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
-                          mask=flush[:, None] & c_live[None, :], sem='relaxed')
-            acc = tl.where(same[:, None], acc + part, tl.where(kept[:, None], part, acc))
-            acc_cell = tl.where(kept, cell, acc_cell)
-            acc_live = acc_live | kept
-        tl.atomic_add(out_ptr + acc_cell[:, None] * C + c[None, :], acc,
-                      mask=acc_live[:, None] & c_live[None, :], sem='relaxed')
+                    BLOCK_C: tl.constexpr, DB: tl.constexpr):
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    c = (tl.program_id(2) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d0 = (tl.program_id(2) // c_blocks) * DB
+    c_live = c < C
+    bn, n, b, h, w, live = _tile(N, H, W, P, HB)
+    feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
+                             sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
+    no_cell = 1 << 62
+    for d in range(d0, tl.minimum(d0 + DB, D)):
+        prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H,
+                                   W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d,
+                                   sd_h, sd_w, LOGITS)
+        part = prob[:, None] * feat
+        # one atomic row per distinct cell: the smallest cell left, then the next
+        left = kept
+        while tl.max(left.to(tl.int32), 0) > 0:
+            target = tl.min(tl.where(left, cell, no_cell), 0)
+            mine = left & (cell == target)
+            row = tl.sum(tl.where(mine[:, None], part, 0.0), 0)
+            tl.atomic_add(out_ptr + target * C + c, row, mask=c_live, sem='relaxed')
+            left = left & (cell != target)
 
 
 @triton.jit
 def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_ptr, gfeat_ptr,
-                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
+                     dot_ptr, N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr, DB: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
-    h0, bn, n, b, w, w_live, c_live, f_col, feat_once = _program_block(
-        feat_ptr, N, H, W, C, sf_b, sf_n, sf_c, sf_h, sf_w, c, P, HB)
-    rows = tl.arange(0, HB)
-    h = h0 + rows
-    live2 = (h < H)[:, None] & w_live[None, :]  # [HB, P]
+    c_live = c < C
+    bn, n, b, h, w, live = _tile(N, H, W, P, HB)
+    d0 = tl.program_id(2) * DB
+    feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
+                             sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
     # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
-    g_row2 = ((bn.to(tl.int64) * D) * H + h[:, None]) * W + w[None, :]
-    grad_feat = tl.zeros((HB, P, BLOCK_C), tl.float32)
-    dot = tl.zeros((HB, P), tl.float32)  # sum_d p * g (softmax backward)
-    for d in range(0, D):
-        # rows one after the other: a cell's gradient row is gathered once for a run of the
-        # block's rows in that cell
-        g_cur = tl.zeros((P, BLOCK_C), tl.float32)
-        g_cell = tl.full((P, ), -1, tl.int64)
-        for r in tl.static_range(HB):
-            hr = h0 + r
-            prob, cell, kept, live, feat = _row(
-                depth_ptr, lse_ptr, geom_ptr, feat_ptr, f_col, feat_once, c_live, d, b, bn, n,
-                hr, w, w_live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
-                sd_w, sf_h, LOGITS, HB)
-            need = kept & (cell != g_cell)
-            g_new = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
-                            mask=need[:, None] & c_live[None, :], other=0.0).to(tl.float32)
-            g_cur = tl.where(need[:, None], g_new, g_cur)
-            g_cell = tl.where(need, cell, g_cell)
-            grad = tl.where(kept[:, None], g_cur, 0.0)
-            g_prob = tl.sum(grad * feat, 1)
-            tl.store(gdepth_ptr + ((bn.to(tl.int64) * D + d) * H + hr) * W + w, g_prob,
-                     mask=live)
-            if HB == 1:
-                grad_feat += (prob[:, None] * grad)[None, :, :]
-                if LOGITS:
-                    dot += (prob * g_prob)[None, :]
-            else:
-                this = (rows == r)
-                grad_feat = tl.where(this[:, None, None],
-                                     grad_feat + (prob[:, None] * grad)[None, :, :], grad_feat)
-                if LOGITS:
-                    dot = tl.where(this[:, None], dot + (prob * g_prob)[None, :], dot)
-    if LOGITS:  # d logit = p * (g - sum_d p g); each program rereads only what it wrote
-        lse = tl.load(lse_ptr + (bn.to(tl.int64) * H + h[:, None]) * W + w[None, :],
-                      mask=live2, other=0.0)
-        d_base = (b.to(tl.int64) * sd_b + n * sd_n + h[:, None] * sd_h + w[None, :] * sd_w)
-        for d in range(0, D):
-            x = tl.load(depth_ptr + d_base + d * sd_d, mask=live2, other=0.0).to(tl.float32)
-            g_prob = tl.load(gdepth_ptr + g_row2 + d * H * W, mask=live2, other=0.0)
-            tl.store(gdepth_ptr + g_row2 + d * H * W, tl.exp(x - lse) * (g_prob - dot),
-                     mask=live2)
-    # the feature gradient is written contiguous [B, N, C, H, W]
-    gf_off = (((bn.to(tl.int64) * C + c[None, None, :]) * H + h[:, None, None]) * W
-              + w[None, :, None])
-    tl.store(gfeat_ptr + gf_off, grad_feat.to(gfeat_ptr.dtype.element_ty),
-             mask=live2[:, :, None] & c_live[None, None, :])
+    g_point = ((bn.to(tl.int64) * D) * H + h) * W + w
+    grad_feat = tl.zeros(feat.shape, tl.float32)
+    dot = tl.zeros(h.shape, tl.float32)  # sum_d p * g (the softmax's backward)
+    for d in range(d0, tl.minimum(d0 + DB, D)):
+        prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H,
+                                   W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d,
+                                   sd_h, sd_w, LOGITS)
+        grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
+                       mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+        g_prob = tl.sum(grad * feat, 1)
+        tl.store(gdepth_ptr + g_point + d * H * W, g_prob, mask=live)
+        grad_feat += prob[:, None] * grad
+        if LOGITS:
+            dot += prob * g_prob
+    # this block of bins' share: the feature gradient, float32 [B, N, C, H, W], and the dot
+    tl.atomic_add(gfeat_ptr + ((bn.to(tl.int64) * C + c[None, :]) * H + h[:, None]) * W
+                  + w[:, None], grad_feat, mask=live[:, None] & c_live[None, :], sem='relaxed')
+    if LOGITS:
+        tl.atomic_add(dot_ptr + (bn.to(tl.int64) * H + h) * W + w, dot, mask=live,
+                      sem='relaxed')
+
+
+@triton.jit
+def _softmax_backward_kernel(depth_ptr, lse_ptr, dot_ptr, gdepth_ptr, total, N, D, H, W,
+                             sd_b, sd_n, sd_d, sd_h, sd_w, BLOCK: tl.constexpr):
+    """The logits' gradient in place of the probabilities' (contiguous ``[B, N, D, H, W]``):
+    ``p * (g - sum_d p g)``, ``p = exp(logit - lse)``."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = i < total
+    hw = i % (H * W)
+    bnd = i // (H * W)
+    bn = bnd // D
+    pixel = bn * H * W + hw
+    x = tl.load(depth_ptr + (bn // N) * sd_b + (bn % N) * sd_n + (bnd % D) * sd_d
+                + (hw // W) * sd_h + (hw % W) * sd_w, mask=live, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + pixel, mask=live, other=0.0)
+    dot = tl.load(dot_ptr + pixel, mask=live, other=0.0)
+    g = tl.load(gdepth_ptr + i, mask=live, other=0.0)
+    tl.store(gdepth_ptr + i, tl.exp(x - lse) * (g - dot), mask=live)
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,57 +194,74 @@ def _float32_values(values: Tuple[float, ...]) -> Tuple[float, ...]:
     return tuple(torch.tensor(values, dtype=torch.float32).tolist())
 
 
-#: Forward candidates ``(P, HB, BLOCK_C, num_warps)``, BLOCK_C capped at the channels: those
-#: that compile for sm_90 without register spills at BEVFusion's 80 channels (Triton 3.7,
-#: ``cuobjdump -res-usage``; the old one-row kernel used 125 registers).
-_FWD_CANDIDATES = ((16, 1, 32, 4), (32, 1, 32, 4), (16, 1, 64, 4), (16, 1, 128, 4),
-                   (16, 2, 32, 4), (16, 4, 32, 8), (16, 8, 32, 8), (32, 4, 32, 8),
-                   (16, 2, 64, 8), (16, 4, 64, 8), (16, 2, 128, 8))
-#: Backward candidates ``(P, HB, num_warps)`` (BLOCK_C: every channel), likewise.
-_BWD_CANDIDATES = ((16, 1, 8), (8, 2, 8), (16, 1, 4), (8, 2, 4))
+#: Forward candidates ``(P, HB, BLOCK_C, DB, num_warps)``: tiles of a whole 32-row image
+#: column (BEVFusion's and MapTR v2's feature maps) or of several narrower columns, channel
+#: blocks (capped at the channels), all bins in one program or blocks of them (more programs
+#: in flight).
+_FWD_CANDIDATES = ((1, 32, 32, 1024, 1), (1, 32, 32, 32, 1), (1, 32, 32, 32, 2),
+                   (1, 32, 64, 32, 2), (1, 32, 128, 32, 4), (1, 32, 16, 32, 1),
+                   (1, 32, 32, 8, 1), (2, 16, 32, 32, 2), (4, 8, 32, 32, 2),
+                   (1, 16, 32, 32, 1))
+#: Backward candidates ``(P, HB, DB, num_warps)`` (BLOCK_C: every channel), kept where the
+#: ``[HB * P, BLOCK_C]`` register tiles stay within :data:`TILE_LIMIT` values; blocks of bins
+#: put more programs in flight (a program waits on its gathers bin after bin).
+_BWD_CANDIDATES = ((1, 32, 1024, 4), (1, 32, 1024, 8), (1, 32, 32, 4), (1, 32, 32, 8),
+                   (1, 32, 16, 8), (2, 16, 32, 4), (4, 8, 32, 4), (1, 16, 32, 4),
+                   (1, 16, 16, 2))
+#: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
+TILE_LIMIT = 4096
 
 
-def _configs(kind: str, block_c: int) -> List['triton.Config']:
-    """Autotuning candidates for ``block_c`` (the channels, padded to a power of two).
+def _configs(kind: str, block_c: int, block_h: int) -> List['triton.Config']:
+    """Autotuning candidates for ``block_c`` channels and ``block_h`` rows (both padded to
+    a power of two): the candidates' rows are capped at ``block_h``.
 
-    Forward: rows ``HB``, pixels ``P`` and a channel block ``BLOCK_C`` (a third grid axis);
-    backward (the depth gradient sums over every channel, so one block holds them all): rows
-    and pixels, for up to 128 channels; wider ones get one row of fewer pixels, so that any
-    channel count has a candidate.
+    Forward: tiles, a channel block ``BLOCK_C`` (capped at ``block_c``) and ``DB`` depth
+    bins a program; backward (every channel in one program): tiles within
+    :data:`TILE_LIMIT` and ``DB`` bins, and for channels too wide for any tile, one pixel of
+    as many rows as fit.
     """
-    configs, seen = [], set()
     if kind == 'fwd':
-        candidates = [(p, rows, min(c, block_c), w) for p, rows, c, w in _FWD_CANDIDATES]
-    elif block_c <= 128:
-        candidates = [(p, rows, block_c, w) for p, rows, w in _BWD_CANDIDATES]
+        candidates = [(p, min(rows, block_h), min(c, block_c), db, w)
+                      for p, rows, c, db, w in _FWD_CANDIDATES]
     else:
-        candidates = [(max(1, 2048 // block_c), 1, block_c, 8)]
-    for pixels, rows, channels, warps in candidates:
-        if (pixels, rows, channels, warps) not in seen:
-            seen.add((pixels, rows, channels, warps))
-            configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels},
-                                         num_warps=warps))
+        candidates = [(p, min(rows, block_h), block_c, db, w)
+                      for p, rows, db, w in _BWD_CANDIDATES
+                      if p * min(rows, block_h) * block_c <= TILE_LIMIT]
+        if not candidates:
+            candidates = [(1, max(1, TILE_LIMIT // block_c), block_c, 32, 8)]
+    configs, seen = [], set()
+    for pixels, rows, channels, bins, warps in candidates:
+        if (pixels, rows, channels, bins, warps) not in seen:
+            seen.add((pixels, rows, channels, bins, warps))
+            configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels,
+                                          'DB': bins}, num_warps=warps))
     return configs
 
 
 _KERNELS = KernelPair(_forward_kernel, _backward_kernel, _configs,
                       key=['C', 'D', 'H', 'W', 'LOGITS'],  # softmax fused or not: other work
-                      reset_to_zero=[], forward_reset_to_zero=['out_ptr'])
+                      reset_to_zero=['gfeat_ptr', 'dot_ptr'], forward_reset_to_zero=['out_ptr'])
 
 
-def config_dicts(kind: str, channels: int) -> List[dict]:
-    """The autotuning candidates of ``kind`` ('fwd' or 'bwd') at ``channels``, as the
-    launchers' ``config=`` takes them (tests run every one)."""
-    return _KERNELS.config_dicts(kind, next_power_of_2(max(channels, 1)))
+def _layout(channels: int, rows: int) -> Tuple[int, int]:
+    """The padded ``(channels, rows)`` the candidates are made for."""
+    return next_power_of_2(max(channels, 1)), next_power_of_2(max(rows, 1))
+
+
+def config_dicts(kind: str, channels: int, rows: int = 32) -> List[dict]:
+    """The autotuning candidates of ``kind`` ('fwd' or 'bwd') at ``channels`` and ``rows``
+    image rows, as the launchers' ``config=`` takes them (tests run every one)."""
+    return _KERNELS.config_dicts(kind, *_layout(channels, rows))
 
 
 def _interpreter_config(kind: str, channels: int) -> dict:
-    """The configuration without CUDA (Triton's interpreter): several rows a program, and
-    the forward's channels in blocks of up to 32."""
+    """The configuration without CUDA (Triton's interpreter): tiles of 2 rows by 4 pixels,
+    bins in pairs, the forward's channels in blocks of up to 32."""
     block_c = next_power_of_2(max(channels, 1))
     if kind == 'fwd':
-        return dict(P=16, HB=4, BLOCK_C=min(block_c, 32), num_warps=4)
-    return dict(P=8, HB=4, BLOCK_C=block_c, num_warps=4)
+        return dict(P=4, HB=2, BLOCK_C=min(block_c, 32), DB=2, num_warps=4)
+    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, num_warps=4)
 
 
 def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
@@ -290,16 +295,16 @@ def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence
                      depth_logits: bool, config: Optional[dict] = None) -> Tensor:
     """The kernel path of :func:`.reference.bev_pool_reference`; ``config`` (one of
     :func:`config_dicts`) replaces autotuning."""
-    b, n, _, h, w = depth.shape
+    b, n, d, h, w = depth.shape
     c = feats.shape[2]
     x_cells, y_cells, z_cells = (int(g) for g in grid)
     out = torch.zeros(b * x_cells * y_cells * z_cells, c, dtype=torch.float32,
                       device=depth.device)
     if depth.numel() and c:
         _KERNELS.launch(
-            'fwd', (next_power_of_2(c), ), depth.device,
+            'fwd', _layout(c, h), depth.device,
             lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P']),
-                          cdiv(c, meta['BLOCK_C'])),
+                          cdiv(c, meta['BLOCK_C']) * cdiv(d, meta['DB'])),
             (depth, _log_sum_exp(depth, depth_logits), feats, geom.contiguous(), out),
             dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits),
             config, _interpreter_config('fwd', c))
@@ -311,20 +316,39 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
                       depth_logits: bool, config: Optional[dict] = None
                       ) -> Tuple[Tensor, Tensor]:
     """Gradients of ``depth`` (of the logits with ``depth_logits``) and ``feats``; ``config``
-    as :func:`bev_pool_forward`'s."""
-    grad_depth = torch.empty(depth.shape, dtype=torch.float32, device=depth.device)
-    grad_feats = torch.empty(feats.shape, dtype=feats.dtype, device=feats.device)
-    b, n, _, h, w = depth.shape
+    as :func:`bev_pool_forward`'s.
+
+    The backward kernel writes the probabilities' gradient and adds each block of bins' share
+    of the feature gradient and of ``sum_d p g`` into float32 buffers; with ``depth_logits``
+    :func:`_softmax_backward_kernel` then turns the first into the logits' gradient.
+    """
+    b, n, d, h, w = depth.shape
     c = feats.shape[2]
+    grad_depth = torch.zeros(depth.shape, dtype=torch.float32, device=depth.device)
+    grad_feats = torch.zeros(feats.shape, dtype=torch.float32, device=feats.device)
     if depth.numel() and c:
+        lse = _log_sum_exp(depth, depth_logits)
+        dot = (torch.zeros((b, n, h, w), dtype=torch.float32, device=depth.device)
+               if depth_logits else grad_depth)  # unread without the softmax
+        scalars = _scalars(depth, feats, lower, cell_size, grid)
         _KERNELS.launch(
-            'bwd', (next_power_of_2(c), ), depth.device,
-            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P'])),
-            (grad.contiguous(), depth, _log_sum_exp(depth, depth_logits), feats,
-             geom.contiguous(), grad_depth, grad_feats),
-            dict(_scalars(depth, feats, lower, cell_size, grid), LOGITS=depth_logits),
-            config, _interpreter_config('bwd', c))
-    elif depth.numel():
-        grad_depth.zero_()
-        grad_feats.zero_()
-    return grad_depth.to(depth.dtype), grad_feats
+            'bwd', _layout(c, h), depth.device,
+            lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P']),
+                          cdiv(d, meta['DB'])),
+            (grad.contiguous(), depth, lse, feats, geom.contiguous(), grad_depth, grad_feats,
+             dot), dict(scalars, LOGITS=depth_logits), config, _interpreter_config('bwd', c))
+        if depth_logits:
+            total = grad_depth.numel()
+            _on_device(depth.device, lambda: _softmax_backward_kernel[(cdiv(total, 1024), )](
+                depth, lse, dot, grad_depth, total, n, d, h, w, *depth.stride(), BLOCK=1024))
+    return grad_depth.to(depth.dtype), grad_feats.to(feats.dtype)
+
+
+def _on_device(device: torch.device, launch) -> None:
+    """Run ``launch()`` with ``device`` current (Triton launches on the current device)."""
+    if device.type == 'cuda' and device.index is not None and \
+            device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launch()
+    else:
+        launch()
