@@ -271,7 +271,8 @@ def test_micro_benchmark_runs_quick_on_the_cpu():
     from turbox_mm.benchmark.micro import available, get
     assert 'bev_pool' in available('op')
     rows = get('bev_pool')('cpu', quick=True)
-    assert [r['case'] for r in rows] == ['forward (softmax + pool)', 'forward + backward']
+    assert [r['case'] for r in rows] == ['forward (softmax + pool)', 'forward + backward',
+                                         'forward + backward, images rolled 5.4 degrees']
     assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
 
 
