@@ -324,9 +324,12 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
     """
     b, n, d, h, w = depth.shape
     c = feats.shape[2]
-    grad_depth = torch.zeros(depth.shape, dtype=torch.float32, device=depth.device)
+    run = bool(depth.numel() and c)
+    # the kernel writes every point's depth gradient; the feature gradient accumulates
+    grad_depth = (torch.empty if run else torch.zeros)(depth.shape, dtype=torch.float32,
+                                                       device=depth.device)
     grad_feats = torch.zeros(feats.shape, dtype=torch.float32, device=feats.device)
-    if depth.numel() and c:
+    if run:
         lse = _log_sum_exp(depth, depth_logits)
         dot = (torch.zeros((b, n, h, w), dtype=torch.float32, device=depth.device)
                if depth_logits else grad_depth)  # unread without the softmax
