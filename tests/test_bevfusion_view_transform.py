@@ -86,6 +86,21 @@ def test_batched_depth_images_equal_upstreams_loop():
     assert same > 0.9999, f'{(got != want).sum()} pixels differ'
 
 
+@pytest.mark.parametrize('spare_slots', [1, 8, 1 << 16])
+def test_batched_depth_images_do_not_depend_on_the_spare_slots(monkeypatch, spare_slots):
+    """Off-image entries are spread over the spare slots past the images (many entries a
+    slot when there are few slots): the images stay those of upstream's loop."""
+    from turbox_mm.models.bevfusion import lidar_depth
+    monkeypatch.setattr(lidar_depth, 'SPARE_SLOTS', spare_slots)
+    mats = rig()
+    args = (clouds(seed=3), mats['lidar2image'], mats['img_aug_matrix'],
+            mats['lidar_aug_matrix'], IMAGE)
+    want = depth_image_stock(*args)
+    got = depth_image_batched(*args)
+    assert int((want > 0).sum()) > 1000
+    assert (got == want).float().mean() > 0.9999
+
+
 def _pair(seed=0):
     torch.manual_seed(seed)
     stock = DepthLSSTransform(**SMALL).eval()

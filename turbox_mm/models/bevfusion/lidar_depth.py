@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 Z_MIN, Z_MAX = 1e-5, 1e5
+#: Scatter slots past the images that the off-image entries are spread over (a power of 2).
+SPARE_SLOTS = 1 << 16
 
 
 def depth_image_stock(points: List[Tensor], lidar2image: Tensor, img_aug_matrix: Tensor,
@@ -75,12 +77,17 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
     flat = (plane * height + v.clamp(0, height - 1).long()) * width + \
         u.clamp(0, width - 1).long()
     pixels = batch * cams * height * width
-    flat = torch.where(on_image, flat, pixels).reshape(-1)  # off-image: a spare slot
+    entry = torch.arange(flat.numel(), device=xyz.device)
+    # Off-image entries (most of them: a point is in front of one or two of the cameras) go to
+    # SPARE_SLOTS slots past the image, spread by entry: one shared slot made every one of them
+    # an atomic on a single address (267 ms a step at BEVFusion's size on an H100).
+    flat = torch.where(on_image.reshape(-1), flat.reshape(-1),
+                       pixels + (entry & (SPARE_SLOTS - 1)))
     # The winner of a pixel: its last point in the cloud's order, as a loop writing in order
     # leaves it. A pixel belongs to one (sample, camera), whose entries of ``flat`` run in
     # point order, so the highest entry index is the last point.
-    source = torch.full((pixels + 1, ), -1, dtype=torch.long, device=xyz.device)
-    source.scatter_reduce_(0, flat, torch.arange(flat.numel(), device=xyz.device), 'amax')
+    source = torch.full((pixels + SPARE_SLOTS, ), -1, dtype=torch.long, device=xyz.device)
+    source.scatter_reduce_(0, flat, entry, 'amax')
     values = torch.cat([dist.reshape(-1), dist.new_zeros(1)])
     depth = values[torch.where(source[:pixels] >= 0, source[:pixels], flat.numel())]
     return depth.view(batch, cams, 1, height, width)
