@@ -111,10 +111,11 @@ def dynamic_scatter(feats: Tensor, coors: Tensor,
         [opens.sum(), valid.sum(), coors.max().to(torch.int64)]).tolist()  # the one sync
     if largest >= bound:
         return None
+    # ``seg`` never decreases and a voxel's run opens at its first entry, so the runs start
+    # where each voxel index first appears (a search, where a scatter of the other entries
+    # into one spare slot made them all atomics on one address)
     starts = torch.full((voxels + 1,), kept, dtype=torch.int64, device=device)
-    positions = torch.arange(num, device=device)
-    starts.scatter_reduce_(0, torch.where(opens, seg, voxels), positions, 'amin')
-    starts[voxels] = kept
+    starts[:voxels] = torch.searchsorted(seg, torch.arange(voxels, device=device))
     point2voxel = torch.empty(num, dtype=torch.int64, device=device)
     point2voxel.scatter_(0, order, torch.where(valid, seg, -1))
     voxel_coors = coors[order[starts[:-1]]]
