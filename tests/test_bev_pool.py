@@ -299,7 +299,7 @@ for dtype in ('*fp32', '*fp16', '*bf16'):
                                  dict(grad_ptr=dtype, depth_ptr=dtype, lse_ptr='*fp32',
                                       feat_ptr=dtype, geom_ptr='*fp32', gdepth_ptr='*fp32',
                                       gfeat_ptr='*fp32', dot_ptr='*fp32')))
-            variants.append((tk._softmax_backward_kernel, dict(BLOCK=1024), ones,
+            variants.append((tk._softmax_backward_kernel, dict(BLOCK=tk.SOFTMAX_BLOCK), ones,
                              dict(depth_ptr=dtype, lse_ptr='*fp32', dot_ptr='*fp32',
                                   gdepth_ptr='*fp32')))
 # every autotuning candidate as a launch at BEVFusion's size specialises it: Z = 1, depth and

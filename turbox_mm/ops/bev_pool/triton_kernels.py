@@ -169,22 +169,23 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
 
 
 @triton.jit
-def _softmax_backward_kernel(depth_ptr, lse_ptr, dot_ptr, gdepth_ptr, total, N, D, H, W,
+def _softmax_backward_kernel(depth_ptr, lse_ptr, dot_ptr, gdepth_ptr, N, D, H, W,
                              sd_b, sd_n, sd_d, sd_h, sd_w, BLOCK: tl.constexpr):
     """The logits' gradient in place of the probabilities' (contiguous ``[B, N, D, H, W]``):
-    ``p * (g - sum_d p g)``, ``p = exp(logit - lse)``."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = i < total
-    hw = i % (H * W)
-    bnd = i // (H * W)
+    ``p * (g - sum_d p g)``, ``p = exp(logit - lse)``. Grid: ``(B * N * D, pixel blocks)``,
+    so that the index arithmetic per element is 32-bit."""
+    bnd = tl.program_id(0)
     bn = bnd // D
-    pixel = bn * H * W + hw
-    x = tl.load(depth_ptr + (bn // N) * sd_b + (bn % N) * sd_n + (bnd % D) * sd_d
+    hw = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = hw < H * W
+    pixel = bn.to(tl.int64) * H * W + hw
+    point = bnd.to(tl.int64) * H * W + hw
+    x = tl.load(depth_ptr + (bn // N).to(tl.int64) * sd_b + (bn % N) * sd_n + (bnd % D) * sd_d
                 + (hw // W) * sd_h + (hw % W) * sd_w, mask=live, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + pixel, mask=live, other=0.0)
     dot = tl.load(dot_ptr + pixel, mask=live, other=0.0)
-    g = tl.load(gdepth_ptr + i, mask=live, other=0.0)
-    tl.store(gdepth_ptr + i, tl.exp(x - lse) * (g - dot), mask=live)
+    g = tl.load(gdepth_ptr + point, mask=live, other=0.0)
+    tl.store(gdepth_ptr + point, tl.exp(x - lse) * (g - dot), mask=live)
 
 
 @functools.lru_cache(maxsize=64)
@@ -210,6 +211,8 @@ _BWD_CANDIDATES = ((1, 32, 1024, 4), (1, 32, 1024, 8), (1, 32, 32, 4), (1, 32, 3
                    (1, 16, 16, 2))
 #: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
 TILE_LIMIT = 4096
+#: Pixels a program of :func:`_softmax_backward_kernel`.
+SOFTMAX_BLOCK = 1024
 
 
 def _configs(kind: str, block_c: int, block_h: int) -> List['triton.Config']:
@@ -341,9 +344,9 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
             (grad.contiguous(), depth, lse, feats, geom.contiguous(), grad_depth, grad_feats,
              dot), dict(scalars, LOGITS=depth_logits), config, _interpreter_config('bwd', c))
         if depth_logits:
-            total = grad_depth.numel()
-            _on_device(depth.device, lambda: _softmax_backward_kernel[(cdiv(total, 1024), )](
-                depth, lse, dot, grad_depth, total, n, d, h, w, *depth.stride(), BLOCK=1024))
+            grid = (b * n * d, cdiv(h * w, SOFTMAX_BLOCK))
+            _on_device(depth.device, lambda: _softmax_backward_kernel[grid](
+                depth, lse, dot, grad_depth, n, d, h, w, *depth.stride(), BLOCK=SOFTMAX_BLOCK))
     return grad_depth.to(depth.dtype), grad_feats.to(feats.dtype)
 
 
