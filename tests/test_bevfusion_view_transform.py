@@ -101,6 +101,29 @@ def test_batched_depth_images_do_not_depend_on_the_spare_slots(monkeypatch, spar
     assert (got == want).float().mean() > 0.9999
 
 
+def test_turbox_geometry_and_depth_images_do_not_wait_for_the_device():
+    """The turbox view transform's frustum points and lidar depth images have no operation
+    that would make the host wait (``torch.inverse``'s singularity check was two of them);
+    the values are the stock ones."""
+    from turbox_mm.benchmark.sync_prone import SyncProneOps
+    stock, turbox = _pair()
+    mats = rig()
+    args = (mats['camera2lidar'][..., :3, :3], mats['camera2lidar'][..., :3, 3],
+            mats['cam_intrinsic'][..., :3, :3], mats['img_aug_matrix'][..., :3, :3],
+            mats['img_aug_matrix'][..., :3, 3], mats['lidar_aug_matrix'][..., :3, :3],
+            mats['lidar_aug_matrix'][..., :3, 3])
+    draw = (clouds(), mats['lidar2image'], mats['img_aug_matrix'], mats['lidar_aug_matrix'])
+    with SyncProneOps(backward_sources=False) as found:
+        geom = turbox.get_geometry(*args)
+        images = turbox.depth_image(*draw)
+    assert found.total == 0, found.findings
+    with SyncProneOps(backward_sources=False) as found_stock:
+        stock.get_geometry(*args)
+    assert found_stock.total > 0  # the finder sees the stock path's check
+    assert torch.equal(geom, stock.get_geometry(*args))
+    assert (images == stock.depth_image(*draw)).float().mean() > 0.9999
+
+
 def _pair(seed=0):
     torch.manual_seed(seed)
     stock = DepthLSSTransform(**SMALL).eval()

@@ -106,7 +106,7 @@ class DepthLSSTransform(BaseModule):
         3]`` (``extra_*``: the lidar augmentation, ``[B, 3, 3]`` and ``[B, 3]``)."""
         batch = camera2lidar_trans.shape[0]
         pts = unproject_frustum(self.frustum, camera2lidar_rots, camera2lidar_trans, intrins,
-                                post_rots, post_trans)
+                                post_rots, post_trans, sync_free=self.op_impl == 'turbox')
         if extra_rots is not None:
             pts = extra_rots.view(batch, 1, 1, 1, 1, 3, 3).matmul(pts.unsqueeze(-1)).squeeze(-1)
         if extra_trans is not None:

@@ -17,6 +17,8 @@ from typing import List
 import torch
 from torch import Tensor
 
+from ..layers.lss import inverse
+
 Z_MIN, Z_MAX = 1e-5, 1e5
 #: Scatter slots past the images that the off-image entries are spread over (a power of 2).
 SPARE_SLOTS = 1 << 16
@@ -65,7 +67,8 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
         xyz[b, :cloud.shape[0]] = cloud[:, :3]
         real[b, :cloud.shape[0]] = True
     xyz = xyz - lidar_aug_matrix[:, None, :3, 3]
-    xyz = torch.inverse(lidar_aug_matrix[:, :3, :3]).matmul(xyz.transpose(1, 2))  # [B, 3, P]
+    # the inverse without torch.inverse's singularity check, which waits for the device
+    xyz = inverse(lidar_aug_matrix[:, :3, :3], sync_free=True).matmul(xyz.transpose(1, 2))
     cam = lidar2image[:, :, :3, :3].matmul(xyz[:, None]) + lidar2image[:, :, :3, 3, None]
     dist = cam[:, :, 2, :].clamp(Z_MIN, Z_MAX)  # [B, N, P]
     uv = cam[:, :, :2, :] / dist[:, :, None, :]
