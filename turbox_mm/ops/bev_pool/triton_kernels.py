@@ -109,19 +109,31 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
                     N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                     sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                     LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                    BLOCK_C: tl.constexpr, DB: tl.constexpr):
+                    BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr):
     c_blocks = tl.cdiv(C, BLOCK_C)
     c = (tl.program_id(2) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     d0 = (tl.program_id(2) // c_blocks) * DB
+    end = tl.minimum(d0 + DB, D)
     c_live = c < C
     bn, n, b, h, w, live = _tile(N, H, W, P, HB)
     feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
                              sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
     no_cell = 1 << 62
-    for d in range(d0, tl.minimum(d0 + DB, D)):
-        prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H,
-                                   W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d,
-                                   sd_h, sd_w, LOGITS)
+    if PIPE:  # the next bin's points load while this bin's are summed
+        prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d0, b, bn, n, h, w,
+                                         live & (d0 < end), D, H, W, X, Y, Z, lx, ly, lz,
+                                         sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+    for d in range(d0, end):
+        if PIPE:
+            prob, cell, kept = prob_n, cell_n, kept_n
+            prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d + 1, b, bn, n, h, w,
+                                             live & (d + 1 < end), D, H, W, X, Y, Z, lx, ly,
+                                             lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w,
+                                             LOGITS)
+        else:
+            prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D,
+                                       H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
+                                       sd_d, sd_h, sd_w, LOGITS)
         part = prob[:, None] * feat
         # one atomic row per distinct cell: the smallest cell left, then the next
         left = kept
@@ -138,23 +150,36 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
                      dot_ptr, N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DB: tl.constexpr):
+                     BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr):
     c = tl.arange(0, BLOCK_C)
     c_live = c < C
     bn, n, b, h, w, live = _tile(N, H, W, P, HB)
     d0 = tl.program_id(2) * DB
+    end = tl.minimum(d0 + DB, D)
     feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
                              sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
     # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
     g_point = ((bn.to(tl.int64) * D) * H + h) * W + w
     grad_feat = tl.zeros(feat.shape, tl.float32)
     dot = tl.zeros(h.shape, tl.float32)  # sum_d p * g (the softmax's backward)
-    for d in range(d0, tl.minimum(d0 + DB, D)):
-        prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H,
-                                   W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d,
-                                   sd_h, sd_w, LOGITS)
+    if PIPE:  # the next bin's points load while this bin's gradient rows are gathered
+        prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d0, b, bn, n, h, w,
+                                         live & (d0 < end), D, H, W, X, Y, Z, lx, ly, lz,
+                                         sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+    for d in range(d0, end):
+        if PIPE:
+            prob, cell, kept = prob_n, cell_n, kept_n
+        else:
+            prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D,
+                                       H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
+                                       sd_d, sd_h, sd_w, LOGITS)
         grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
                        mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+        if PIPE:
+            prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d + 1, b, bn, n, h, w,
+                                             live & (d + 1 < end), D, H, W, X, Y, Z, lx, ly,
+                                             lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w,
+                                             LOGITS)
         g_prob = tl.sum(grad * feat, 1)
         tl.store(gdepth_ptr + g_point + d * H * W, g_prob, mask=live)
         grad_feat += prob[:, None] * grad
@@ -195,20 +220,24 @@ def _float32_values(values: Tuple[float, ...]) -> Tuple[float, ...]:
     return tuple(torch.tensor(values, dtype=torch.float32).tolist())
 
 
-#: Forward candidates ``(P, HB, BLOCK_C, DB, num_warps)``: tiles of a whole 32-row image
-#: column (BEVFusion's and MapTR v2's feature maps) or of several narrower columns, channel
-#: blocks (capped at the channels), all bins in one program or blocks of them (more programs
-#: in flight).
-_FWD_CANDIDATES = ((1, 32, 32, 1024, 1), (1, 32, 32, 32, 1), (1, 32, 32, 32, 2),
-                   (1, 32, 64, 32, 2), (1, 32, 128, 32, 4), (1, 32, 16, 32, 1),
-                   (1, 32, 32, 8, 1), (2, 16, 32, 32, 2), (4, 8, 32, 32, 2),
-                   (1, 16, 32, 32, 1))
-#: Backward candidates ``(P, HB, DB, num_warps)`` (BLOCK_C: every channel), kept where the
-#: ``[HB * P, BLOCK_C]`` register tiles stay within :data:`TILE_LIMIT` values; blocks of bins
-#: put more programs in flight (a program waits on its gathers bin after bin).
-_BWD_CANDIDATES = ((1, 32, 1024, 4), (1, 32, 1024, 8), (1, 32, 32, 4), (1, 32, 32, 8),
-                   (1, 32, 16, 8), (2, 16, 32, 4), (4, 8, 32, 4), (1, 16, 32, 4),
-                   (1, 16, 16, 2))
+#: Forward candidates ``(P, HB, BLOCK_C, DB, num_warps, PIPE)``: tiles of a 32- or 16-row
+#: image column (BEVFusion's and MapTR v2's feature maps have 32 and 16 rows) or of 16 rows
+#: by 2 pixels, channel blocks (capped at the channels), all bins in one program or blocks of
+#: them (more programs in flight), and with ``PIPE`` the next bin's loads issued before this
+#: bin's sums. The ones an H100 ran slowest at BEVFusion's size (2026-12-06: wider channel
+#: blocks, 8 x 4 tiles, more warps; docs/benchmarks.md) are gone.
+_FWD_CANDIDATES = ((1, 32, 32, 1024, 1, False), (1, 32, 32, 32, 1, False),
+                   (1, 32, 16, 32, 1, False), (1, 16, 32, 32, 1, False),
+                   (2, 16, 32, 32, 2, False), (1, 32, 32, 1024, 1, True),
+                   (1, 32, 32, 32, 1, True), (1, 16, 32, 32, 1, True), (1, 16, 16, 32, 1, True))
+#: Backward candidates ``(P, HB, DB, num_warps, PIPE)`` (BLOCK_C: every channel), kept where
+#: the ``[HB * P, BLOCK_C]`` register tiles stay within :data:`TILE_LIMIT` values; blocks of
+#: bins put more programs in flight, and ``PIPE`` loads the next bin's points while this
+#: bin's gradient rows are gathered (a program waits on its loads bin after bin).
+_BWD_CANDIDATES = ((1, 16, 32, 4, False), (1, 32, 1024, 4, False), (1, 32, 32, 4, False),
+                   (2, 16, 32, 4, False), (1, 16, 16, 2, False), (1, 16, 32, 4, True),
+                   (1, 32, 1024, 4, True), (1, 32, 32, 4, True), (1, 16, 16, 2, True),
+                   (1, 8, 32, 2, True))
 #: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
 TILE_LIMIT = 4096
 #: Pixels a program of :func:`_softmax_backward_kernel`.
@@ -219,26 +248,27 @@ def _configs(kind: str, block_c: int, block_h: int) -> List['triton.Config']:
     """Autotuning candidates for ``block_c`` channels and ``block_h`` rows (both padded to
     a power of two): the candidates' rows are capped at ``block_h``.
 
-    Forward: tiles, a channel block ``BLOCK_C`` (capped at ``block_c``) and ``DB`` depth
-    bins a program; backward (every channel in one program): tiles within
-    :data:`TILE_LIMIT` and ``DB`` bins, and for channels too wide for any tile, one pixel of
-    as many rows as fit.
+    Forward: tiles, a channel block ``BLOCK_C`` (capped at ``block_c``), ``DB`` depth bins a
+    program and ``PIPE``; backward (every channel in one program): tiles within
+    :data:`TILE_LIMIT`, ``DB`` bins and ``PIPE``, and for channels too wide for any tile, one
+    pixel of as many rows as fit.
     """
     if kind == 'fwd':
-        candidates = [(p, min(rows, block_h), min(c, block_c), db, w)
-                      for p, rows, c, db, w in _FWD_CANDIDATES]
+        candidates = [(p, min(rows, block_h), min(c, block_c), db, w, pipe)
+                      for p, rows, c, db, w, pipe in _FWD_CANDIDATES]
     else:
-        candidates = [(p, min(rows, block_h), block_c, db, w)
-                      for p, rows, db, w in _BWD_CANDIDATES
+        candidates = [(p, min(rows, block_h), block_c, db, w, pipe)
+                      for p, rows, db, w, pipe in _BWD_CANDIDATES
                       if p * min(rows, block_h) * block_c <= TILE_LIMIT]
         if not candidates:
-            candidates = [(1, max(1, TILE_LIMIT // block_c), block_c, 32, 8)]
+            candidates = [(1, max(1, TILE_LIMIT // block_c), block_c, 32, 8, False)]
     configs, seen = [], set()
-    for pixels, rows, channels, bins, warps in candidates:
-        if (pixels, rows, channels, bins, warps) not in seen:
-            seen.add((pixels, rows, channels, bins, warps))
+    for candidate in candidates:
+        if candidate not in seen:
+            seen.add(candidate)
+            pixels, rows, channels, bins, warps, pipe = candidate
             configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels,
-                                          'DB': bins}, num_warps=warps))
+                                          'DB': bins, 'PIPE': pipe}, num_warps=warps))
     return configs
 
 
@@ -260,11 +290,12 @@ def config_dicts(kind: str, channels: int, rows: int = 32) -> List[dict]:
 
 def _interpreter_config(kind: str, channels: int) -> dict:
     """The configuration without CUDA (Triton's interpreter): tiles of 2 rows by 4 pixels,
-    bins in pairs, the forward's channels in blocks of up to 32."""
+    bins in pairs with the next one's loads ahead, the forward's channels in blocks of up to
+    32."""
     block_c = next_power_of_2(max(channels, 1))
     if kind == 'fwd':
-        return dict(P=4, HB=2, BLOCK_C=min(block_c, 32), DB=2, num_warps=4)
-    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, num_warps=4)
+        return dict(P=4, HB=2, BLOCK_C=min(block_c, 32), DB=2, PIPE=True, num_warps=4)
+    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, PIPE=True, num_warps=4)
 
 
 def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
