@@ -215,3 +215,24 @@ def test_fast_ops_keeps_a_centerhead_registered_by_a_project():
     finally:
         MMDET3D_MODELS._module_dict['CenterHead'] = original
     assert cfg.model.pts_bbox_head.type == 'CenterHead'
+
+
+def test_boxes_not_drawn_leave_every_map_as_it_was():
+    """Boxes marked not valid (another task's classes, cut by max_objs) reduce nothing into
+    any map, wherever their (spread) scatter target lands."""
+    from turbox_mm.models.dense_heads.center_targets import draw_gaussians
+    gen = torch.Generator().manual_seed(0)
+    heatmap = torch.rand(2, 3, 9, 11, generator=gen)
+    num = 40
+    image = torch.randint(0, 2, (num, ), generator=gen)
+    cls = torch.randint(0, 3, (num, ), generator=gen)
+    center = torch.stack([torch.randint(0, 11, (num, ), generator=gen),
+                          torch.randint(0, 9, (num, ), generator=gen)], 1)
+    radius = torch.randint(0, 4, (num, ), generator=gen)
+    valid = torch.rand(num, generator=gen) > 0.6
+    got = draw_gaussians(heatmap.clone(), image, cls, center, radius, valid)
+    want = draw_gaussians(heatmap.clone(), image[valid], cls[valid], center[valid],
+                          radius[valid], valid[valid])
+    assert torch.equal(got, want) and not torch.equal(got, heatmap)
+    untouched = draw_gaussians(heatmap.clone(), image, cls, center, radius, valid & False)
+    assert torch.equal(untouched, heatmap)

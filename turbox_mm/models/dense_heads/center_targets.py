@@ -150,8 +150,11 @@ def draw_gaussians(heatmap: Tensor, image: Tensor, cls: Tensor, center: Tensor, 
     ys = torch.arange(height, device=device)[None, :, None]
     xs = torch.arange(width, device=device)[None, None, :]
     maps = heatmap.view(batch * channels, height * width)
-    # boxes not drawn (other tasks' classes too) reduce zeros into map 0: the maximum keeps it
-    target = torch.where(valid, image * channels + cls, 0)
+    # boxes not drawn (other tasks' classes too) reduce zeros into some map, which the maximum
+    # keeps as it was; spread over the maps by box, as on CUDA every box reducing into one
+    # map made that map's every cell a contended atomic
+    target = torch.where(valid, image * channels + cls,
+                         torch.arange(num, device=device) % (batch * channels))
     step = max(1, CHUNK_CELLS // (height * width))
     for first in range(0, num, step):
         part = slice(first, first + step)
