@@ -61,6 +61,15 @@ def run(impl, depth, feats, geom, logits):
     return kernel(fn, *args) if impl == 'kernel' else fn(*args)
 
 
+def backward(impl, out, grad):
+    """``out.backward(grad)``, through the kernels for ``impl == 'kernel'`` (the dispatch is
+    read when the backward runs)."""
+    if impl == 'kernel':
+        kernel(out.backward, grad)
+    else:
+        out.backward(grad)
+
+
 @pytest.mark.parametrize('logits', [False, True])
 @pytest.mark.parametrize('impl', ['kernel', 'reference'])
 def test_forward_equals_the_point_by_point_definition(impl, logits):
@@ -89,8 +98,8 @@ def test_gradients_equal_autograd_of_the_definition(impl, logits):
                        dtype=torch.float64)
     want.backward(grad)
     d32, f32 = depth.clone().requires_grad_(True), feats.clone().requires_grad_(True)
-    out = run(impl, d32, f32, geom, logits)
-    out.backward(grad.float().view(out.shape))
+    out = run(impl, d32, f32, geom, logits)  # 5 bins: the interpreter's blocks of 2 split them
+    backward(impl, out, grad.float().view(out.shape))
     torch.testing.assert_close(d32.grad.double(), d64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(f32.grad.double(), f64.grad, rtol=1e-4, atol=1e-5)
 
@@ -131,8 +140,34 @@ def test_odd_and_empty_shapes(impl, shape):
     assert out.shape == (shape[0], 12, 8, 2 * shape[5])
     want = bp.bev_pool_reference(depth.detach(), feats.detach(), geom, LOWER, SIZE, GRID, True)
     torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-6)
-    out.sum().backward()
+    backward(impl, out, torch.ones_like(out))
     assert depth.grad.shape == depth.shape and feats.grad.shape == feats.shape
+    want_grads = bp.bev_pool_backward_reference(torch.ones_like(want), depth.detach(),
+                                                feats.detach(), geom, LOWER, SIZE, GRID, True)
+    torch.testing.assert_close(depth.grad, want_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats.grad, want_grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_infinite_logits_poison_their_pixel_as_the_softmax_does():
+    """A pixel with a +inf logit: torch's softmax makes all its bins NaN; -inf logits (all of
+    a pixel's, or some) as torch too. The kernels give the same cells and gradients."""
+    depth, feats, geom = make_inputs(b=1, n=1, d=4, h=2, w=3, c=2, seed=9)
+    geom[0, 0, :, 0, 0] = torch.tensor([[-2.9, -2.9, 0.0], [-1.9, -2.9, 0.0],
+                                        [-0.9, -2.9, 0.0], [0.1, -2.9, 0.0]])  # 4 cells
+    depth[0, 0, 1, 0, 0] = float('inf')
+    depth[0, 0, :, 0, 1] = float('-inf')
+    depth[0, 0, 2, 1, 2] = float('-inf')
+    want = bp.bev_pool_reference(depth, feats, geom, LOWER, SIZE, GRID, True)
+    got = run('kernel', depth, feats, geom, True)
+    assert int(want.isnan().any(-1).sum()) >= 4  # the +inf pixel's four cells
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    grad = torch.randn_like(want)
+    want_grads = bp.bev_pool_backward_reference(grad, depth, feats, geom, LOWER, SIZE, GRID,
+                                                True)
+    got_grads = kernel(torch.ops.turbox_mm.bev_pool_backward, grad, depth, feats, geom, LOWER,
+                       SIZE, GRID, True)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_public_function_returns_the_channels_last_bev():
@@ -203,10 +238,10 @@ def test_there_are_candidates_for_any_channel_and_row_count(channels, rows):
 def test_every_autotuning_candidate_equals_the_reference(kind):
     """Each configuration the autotuner may pick on CUDA (tiles of rows and pixels, channel
     and bin blocks, warps), with image rows that share cells (as a camera column's rows at
-    one depth do), cells shared by neighbouring pixels, and a row count (12) and pixel
-    count (9) that the tiles do not divide."""
+    one depth do), cells shared by neighbouring pixels, a row count (12) and pixel count (9)
+    that the tiles do not divide, and more bins (35) than the blocks of 16 or 32 bins."""
     from turbox_mm.ops.bev_pool import triton_kernels as tk
-    depth, feats, geom = make_inputs(h=12, w=9, c=20)
+    depth, feats, geom = make_inputs(b=1, n=2, d=35, h=12, w=9, c=20)  # bins: > 16, > 32
     geom[:, :, :, 1:9] = geom[:, :, :, 1:2]  # rows 1-8 at each depth: one cell
     geom[:, :, :, :, 4:6] = geom[:, :, :, :, 3:4]  # and pixels 3-5
     args = (LOWER, SIZE, GRID, True)
@@ -230,7 +265,7 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=str(config))
 
 
-def test_forward_visits_each_cell_of_a_tile_once_per_bin():
+def test_forward_pools_a_level_column_and_interleaved_cells_of_a_tile():
     """The forward sums a tile's points cell by cell (one atomic row per distinct cell of a
     bin): a level camera's column (every row at one depth in one cell) and two cells
     interleaved in one tile pool as the reference."""
@@ -249,13 +284,16 @@ def test_forward_visits_each_cell_of_a_tile_once_per_bin():
 # -- on the GPU: BEVFusion's size --------------------------------------------------------------
 
 from turbox_mm.benchmark.micro.bev_pool import BEV_GRID as BEV_ARGS  # noqa: E402
+from turbox_mm.benchmark.micro.bev_pool import ROLL_DEG  # noqa: E402
 from turbox_mm.benchmark.micro.bev_pool import camera_rays  # noqa: E402
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-def test_cuda_kernel_equals_the_reference_at_bevfusion_size():
-    depth, feats, geom = camera_rays(b=2, device='cuda')
+@pytest.mark.parametrize('roll', [0.0, ROLL_DEG])
+def test_cuda_kernel_equals_the_reference_at_bevfusion_size(roll):
+    """Level cameras (one cell per image column and bin) and rolled images (several)."""
+    depth, feats, geom = camera_rays(b=2, device='cuda', roll_deg=roll)
     d1, f1 = depth.clone().requires_grad_(True), feats.clone().requires_grad_(True)
     got = bp.bev_pool_op(d1, f1, geom, *BEV_ARGS, True)
     with torch.no_grad():

@@ -105,7 +105,10 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
                            note=note)]
     # the images turned as the rotation augmentation turns them: several cells per column
     turbox_pool, stock_pool = pools(camera_rays(**sizes, device=dev, roll_deg=ROLL_DEG)[2])
+    with torch.no_grad():
+        diff = (turbox_pool(depth, feats).float() -
+                stock_pool(depth, feats).permute(0, 3, 1, 2).float()).abs().max().item()
     return rows + [dict(component='bev_pool',
                         case=f'forward + backward, images rolled {ROLL_DEG} degrees',
                         stock=timed(both(stock_pool)), turbox=timed(both(turbox_pool)),
-                        note=note)]
+                        note=f'{note}; forward max |difference| {diff:.1e}')]

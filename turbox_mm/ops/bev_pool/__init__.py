@@ -2,8 +2,10 @@
 
 - :mod:`.reference`: the specification in plain PyTorch (the ``bev_pool`` of mmdet3d 1.4's
   ``projects/BEVFusion`` with the depth x feature product made inside) and the CPU path.
-- :mod:`.triton_kernels`: one forward and one backward kernel, a program per row of pixels,
-  the product never stored, the depth softmax fused (``depth_logits``).
+- :mod:`.triton_kernels`: a forward and a backward kernel over tiles of image rows and pixels
+  (every bin, or blocks of bins), the product never stored, the depth softmax fused
+  (``depth_logits``; its backward a third kernel); atomic sums, so the last bits of a cell's
+  value and of the feature gradient may vary between runs.
 - :mod:`.op`: ``torch.ops.turbox_mm.bev_pool`` / ``bev_pool_backward`` with fakes and
   autograd.
 """

@@ -320,8 +320,15 @@ def _scalars_of(shape, sd, channels, sf, lower, cell_size, grid) -> dict:
 def _log_sum_exp(depth: Tensor, depth_logits: bool) -> Tensor:
     """The softmax's ``log(sum_d exp)`` of every pixel, ``[B, N, H, W]`` float32 (the
     kernels' probabilities are ``exp(logit - lse)``); ``depth`` itself stands in (unread)
-    without ``depth_logits``."""
-    return torch.logsumexp(depth.float(), dim=2).contiguous() if depth_logits else depth
+    without ``depth_logits``.
+
+    A pixel with a ``+inf`` logit gets NaN, so that every bin's probability is NaN, as torch's
+    softmax makes them (``exp(logit - inf)`` would be NaN for that bin and 0 for the others).
+    """
+    if not depth_logits:
+        return depth
+    lse = torch.logsumexp(depth.float(), dim=2)
+    return torch.where(lse == float('inf'), float('nan'), lse).contiguous()
 
 
 def bev_pool_forward(depth: Tensor, feats: Tensor, geom: Tensor, lower: Sequence[float],
