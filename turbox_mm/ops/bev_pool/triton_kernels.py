@@ -90,6 +90,16 @@ def _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D, H, W, X, Y, Z,
 
 
 @triton.jit
+def _points_before(depth_ptr, lse, geom_ptr, d, end, b, bn, n, h, w, live, D, H, W, X, Y, Z,
+                   lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS: tl.constexpr):
+    """:func:`_points` of bin ``d``, none live unless ``d < end`` (the look-ahead of
+    ``PIPE``)."""
+    ahead = live & (h * 0 + d < end)  # a vector: Triton 3.9's interpreter
+    return _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, ahead, D, H, W, X, Y, Z,
+                   lx, ly, lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+
+
+@triton.jit
 def _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
                  sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS: tl.constexpr):
     """The tile's features (float32 ``[T, len(c)]``) and log-sum-exps (``[T]``; zeros without
@@ -120,17 +130,16 @@ def _forward_kernel(depth_ptr, lse_ptr, feat_ptr, geom_ptr, out_ptr,
                              sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
     no_cell = 1 << 62
     if PIPE:  # the next bin's points load while this bin's are summed
-        first = live & (h * 0 + d0 < end)  # a vector: Triton 3.9's interpreter
-        prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d0, b, bn, n, h, w, first,
-                                         D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
-                                         sd_d, sd_h, sd_w, LOGITS)
+        prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d0, end, b, bn, n, h,
+                                                w, live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy,
+                                                sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
     for d in range(d0, end):
         if PIPE:
             prob, cell, kept = prob_n, cell_n, kept_n
-            more = live & (h * 0 + d + 1 < end)
-            prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d + 1, b, bn, n, h, w,
-                                             more, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                                             sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+            prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d + 1, end, b,
+                                                    bn, n, h, w, live, D, H, W, X, Y, Z, lx, ly,
+                                                    lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
+                                                    sd_w, LOGITS)
         else:
             prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D,
                                        H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
@@ -164,10 +173,9 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
     grad_feat = tl.zeros(feat.shape, tl.float32)
     dot = tl.zeros(h.shape, tl.float32)  # sum_d p * g (the softmax's backward)
     if PIPE:  # the next bin's points load while this bin's gradient rows are gathered
-        first = live & (h * 0 + d0 < end)  # a vector: Triton 3.9's interpreter
-        prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d0, b, bn, n, h, w, first,
-                                         D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
-                                         sd_d, sd_h, sd_w, LOGITS)
+        prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d0, end, b, bn, n, h,
+                                                w, live, D, H, W, X, Y, Z, lx, ly, lz, sx, sy,
+                                                sz, sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
     for d in range(d0, end):
         if PIPE:
             prob, cell, kept = prob_n, cell_n, kept_n
@@ -178,10 +186,10 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
         grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
                        mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
         if PIPE:
-            more = live & (h * 0 + d + 1 < end)
-            prob_n, cell_n, kept_n = _points(depth_ptr, lse, geom_ptr, d + 1, b, bn, n, h, w,
-                                             more, D, H, W, X, Y, Z, lx, ly, lz, sx, sy, sz,
-                                             sd_b, sd_n, sd_d, sd_h, sd_w, LOGITS)
+            prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d + 1, end, b,
+                                                    bn, n, h, w, live, D, H, W, X, Y, Z, lx, ly,
+                                                    lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
+                                                    sd_w, LOGITS)
         g_prob = tl.sum(grad * feat, 1)
         tl.store(gdepth_ptr + g_point + d * H * W, g_prob, mask=live)
         grad_feat += prob[:, None] * grad
