@@ -40,6 +40,17 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def on_device(device: torch.device, launch: Callable[[], None]) -> None:
+    """Run ``launch()`` with ``device`` current: Triton launches on the current CUDA device,
+    which may not be the tensors' one."""
+    if device.type == 'cuda' and device.index is not None and \
+            device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launch()
+    else:
+        launch()
+
+
 class KernelPair:
     """An op's forward and backward kernels with their autotuning.
 
@@ -108,12 +119,8 @@ class KernelPair:
                 config = interpreter_config
             kernel[grid(config)](*args, **kwargs, **config)
             return
-        # Triton launches on the current device: make it the tensors' one.
-        if device.index is not None and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                self._launch_cuda(kind, kernel, layout, grid, args, kwargs, config)
-        else:
-            self._launch_cuda(kind, kernel, layout, grid, args, kwargs, config)
+        on_device(device, lambda: self._launch_cuda(kind, kernel, layout, grid, args, kwargs,
+                                                    config))
 
     def _launch_cuda(self, kind: str, kernel, layout: Sequence[int], grid: Callable,
                      args: tuple, kwargs: dict, config: Optional[dict]) -> None:

@@ -92,10 +92,15 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
         return (lambda d, f: bev_pool(d, f, geom, *grid, depth_logits=True),
                 lambda d, f: _stock(d, f, geom, grid))
 
+    def difference(turbox_pool, stock_pool) -> float:
+        """The largest forward difference of the two poolings (stock's storage permuted)."""
+        with torch.no_grad():
+            return (turbox_pool(depth, feats).float() -
+                    stock_pool(depth, feats).permute(0, 3, 1, 2).float()).abs().max().item()
+
     turbox_pool, stock_pool = pools(geom)
+    diff = difference(turbox_pool, stock_pool)
     with torch.no_grad():
-        diff = (turbox_pool(depth, feats).float() -
-                stock_pool(depth, feats).permute(0, 3, 1, 2).float()).abs().max().item()
         forward = [dict(component='bev_pool', case='forward (softmax + pool)',
                         stock=timed(lambda: stock_pool(depth, feats)),
                         turbox=timed(lambda: turbox_pool(depth, feats)),
@@ -105,9 +110,7 @@ def benchmark(device: str, quick: bool = False) -> List[Dict]:
                            note=note)]
     # the images turned as the rotation augmentation turns them: several cells per column
     turbox_pool, stock_pool = pools(camera_rays(**sizes, device=dev, roll_deg=ROLL_DEG)[2])
-    with torch.no_grad():
-        diff = (turbox_pool(depth, feats).float() -
-                stock_pool(depth, feats).permute(0, 3, 1, 2).float()).abs().max().item()
+    diff = difference(turbox_pool, stock_pool)
     return rows + [dict(component='bev_pool',
                         case=f'forward + backward, images rolled {ROLL_DEG} degrees',
                         stock=timed(both(stock_pool)), turbox=timed(both(turbox_pool)),

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_launch import KernelPair, cdiv, next_power_of_2
+from .._triton_launch import KernelPair, cdiv, next_power_of_2, on_device
 
 
 @triton.jit
@@ -393,16 +393,6 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
              dot), dict(scalars, LOGITS=depth_logits), config, _interpreter_config('bwd', c))
         if depth_logits:
             grid = (b * n * d, cdiv(h * w, SOFTMAX_BLOCK))
-            _on_device(depth.device, lambda: _softmax_backward_kernel[grid](
+            on_device(depth.device, lambda: _softmax_backward_kernel[grid](
                 depth, lse, dot, grad_depth, n, d, h, w, *depth.stride(), BLOCK=SOFTMAX_BLOCK))
     return grad_depth.to(depth.dtype), grad_feats.to(feats.dtype)
-
-
-def _on_device(device: torch.device, launch) -> None:
-    """Run ``launch()`` with ``device`` current (Triton launches on the current device)."""
-    if device.type == 'cuda' and device.index is not None and \
-            device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            launch()
-    else:
-        launch()
