@@ -262,7 +262,7 @@ def run_components(args, command: str) -> int:
     """Component mode: each micro benchmark in this process, one table."""
     import torch
 
-    from turbox_mm.benchmark import machine_info, micro
+    from turbox_mm.benchmark import machine_info, machine_line, micro
     from turbox_mm.benchmark.timing import format_rows, warm_up_gpu
 
     kind = 'op' if args.ops is not None else 'component'
@@ -296,8 +296,7 @@ def run_components(args, command: str) -> int:
     with open(result_path, 'w') as f:
         json.dump(dict(command=command, machine=machine, device=device, quick=args.quick,
                        rows=rows, failures=failures), f, indent=1)
-    gpu = machine['gpu'] or 'no GPU'
-    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(format_rows(rows))
     for name, error in failures.items():
@@ -308,7 +307,7 @@ def run_components(args, command: str) -> int:
 
 def run_data(args, command: str) -> int:
     """Data mode: stock vs turbox input pipelines of one model setting."""
-    from turbox_mm.benchmark import machine_info
+    from turbox_mm.benchmark import machine_info, machine_line
     from turbox_mm.benchmark.data import format_data_rows, measure_data_pipelines
 
     out_dir = args.out or osp.join('work_dirs', 'benchmark', time.strftime('%Y%m%d_%H%M%S'))
@@ -320,8 +319,7 @@ def run_data(args, command: str) -> int:
     result_path = osp.join(out_dir, f'data_{args.data}.json')
     with open(result_path, 'w') as f:
         json.dump(dict(command=command, machine=machine, rows=rows), f, indent=1)
-    gpu = machine['gpu'] or 'no GPU'
-    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(format_data_rows(rows))
     print(f'\nresults: {result_path}')
@@ -350,8 +348,8 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         raise SystemExit(f'benchmark: --rounds must be >= 1, got {args.rounds}')
     runs = runs_of(args)
-    from turbox_mm.benchmark import (format_round_summary, machine_info, round_summary,
-                                     summarize, write_chart)
+    from turbox_mm.benchmark import (format_round_summary, machine_info, machine_line,
+                                     round_summary, summarize, write_chart)
     from turbox_mm.benchmark.report import run_label
     labels = [run_label(dict(config=config, variant=variant)) for config, _, variant, _ in runs]
     twice = sorted({label for label in labels if labels.count(label) > 1})
@@ -407,8 +405,7 @@ def main(argv=None) -> int:
                   results=results, round_summary=over_rounds)
     with open(osp.join(out_dir, 'benchmark.json'), 'w') as f:
         json.dump(report, f, indent=1)
-    gpu = machine['gpu'] or 'no GPU'
-    print(f"\nmachine: {machine['cpu']} x{machine['cpu_cores']}, {gpu}, torch {machine['torch']}")
+    print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(table)
     if chart:

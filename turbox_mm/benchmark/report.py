@@ -312,4 +312,12 @@ def machine_info() -> dict:
         info['cuda'] = torch.version.cuda
     else:
         info['gpu'] = None
+    from turbox_mm.utils.sparse_conv import sparse_conv_backend
+    info['sparse_conv'] = sparse_conv_backend()
     return info
+
+
+def machine_line(machine: dict) -> str:
+    """One line for a :func:`machine_info` dict: CPU, GPU, torch and the sparse convolutions."""
+    return (f"{machine['cpu']} x{machine['cpu_cores']}, {machine['gpu'] or 'no GPU'}, torch "
+            f"{machine['torch']}, sparse convolutions: {machine.get('sparse_conv', '?')}")

@@ -21,6 +21,7 @@ from turbox_mm.datasets.loader_watchdog import name_stuck_samples, watch_dataloa
 from turbox_mm.registry import RUNNERS
 from turbox_mm.utils.hugepages import enable_huge_pages
 from turbox_mm.utils.options import check_options
+from turbox_mm.utils.sparse_conv import warn_slow_sparse_conv
 from .fast_model import apply_fast_model
 from .module_compiler import (compile_kwargs_from_options, compile_submodules,
                               set_recompile_limit, uses_cuda_graphs)
@@ -173,6 +174,8 @@ class TurboxRunner(Runner):
         """
         if self.turbox_options['ops']['fast'] and not is_model_wrapper(model):
             self.turbox_changes += apply_fast_model(model)
+        if not is_model_wrapper(model):
+            warn_slow_sparse_conv(model, on_cuda=torch.cuda.is_available())
         if (self.distributed and self.turbox_options.get('sync_bn')
                 and not is_model_wrapper(model)):
             from turbox_mm.models.layers import convert_sync_batchnorm
