@@ -10,8 +10,10 @@ from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmengine.model import BaseModel
 
 from turbox_mm.benchmark.op_count import OpCounter
+from turbox_mm.engine.runner import fast_model
 from turbox_mm.engine.runner.fast_model import (WeightlessMultiheadAttention,
-                                                apply_fast_model, out_of_place_activations,
+                                                apply_fast_model, math_attention_wanted,
+                                                out_of_place_activations,
                                                 stacked_parse_losses, weightless_attention)
 
 
@@ -150,6 +152,86 @@ def test_weightless_attention_compiles_in_one_graph():
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert model.attn.attn.in_proj_weight.grad is not None
+
+
+def test_math_backend_only_for_float32_cuda_outside_half_autocast(monkeypatch):
+    from types import SimpleNamespace
+    assert not math_attention_wanted(torch.zeros(2))  # CPU: torch's own choice
+    assert not math_attention_wanted(torch.zeros(2, device='meta'))
+
+    def query(dtype):  # a CUDA tensor as the function sees it
+        return SimpleNamespace(device=torch.device('cuda'), dtype=dtype)
+
+    autocast = dict(enabled=False, dtype=torch.float16)
+    monkeypatch.setattr(torch, 'is_autocast_enabled', lambda device: autocast['enabled'])
+    monkeypatch.setattr(torch, 'get_autocast_dtype', lambda device: autocast['dtype'])
+    assert math_attention_wanted(query(torch.float32))
+    assert not math_attention_wanted(query(torch.float16))
+    assert not math_attention_wanted(query(torch.bfloat16))
+    for dtype, wanted in [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True)]:
+        autocast.update(enabled=True, dtype=dtype)  # AmpOptimWrapper(dtype=...)
+        assert math_attention_wanted(query(torch.float32)) is wanted, dtype
+
+
+def _with_dropout(p):
+    torch.manual_seed(0)
+    return MultiheadAttention(16, 4, attn_drop=p, proj_drop=0.0, batch_first=True,
+                              dropout_layer=dict(type='Dropout', drop_prob=0.0)).train()
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+@pytest.mark.parametrize('drop', [0.0, 0.3])
+def test_math_backend_branch_same_output_and_gradients(monkeypatch, compiled, drop):
+    """The float32-on-CUDA training branch (forced here on the CPU): attention runs under the
+    math backend alone, with the same output, dropout draw and gradients as mmcv's explicit
+    attention (need_weights=True); compiled, the graph holds the math products, not a fused
+    attention kernel; in eval the branch is not taken."""
+    import torch.nn.functional as F
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+    module = _with_dropout(drop)
+    x = torch.randn(2, 9, 16)
+    mask = torch.zeros(9, 9, dtype=torch.bool)
+    mask[:, -3:] = True
+    torch.manual_seed(1)
+    want = module(x, attn_mask=mask)
+    want.sum().backward()
+    want_grad = module.attn.in_proj_weight.grad.clone()
+    module.zero_grad()
+    holder = nn.Module()
+    holder.attn = module
+    assert weightless_attention(holder) == 1
+    monkeypatch.setattr(fast_model, 'math_attention_wanted', lambda query: True)
+    backends = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        backends.append(_cur_sdpa_kernel_backends())
+        return sdpa(*args, **kwargs)
+
+    graphs = AotEagerAndRecordGraphs()
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(module, backend=graphs, fullgraph=True)
+    else:  # Dynamo would trace the wrapper's list append as a side effect
+        monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+        call = module
+    before = _cur_sdpa_kernel_backends()
+    torch.manual_seed(1)
+    got = call(x, attn_mask=mask)
+    got.sum().backward()
+    assert _cur_sdpa_kernel_backends() == before  # the context was left
+    if compiled:
+        code = graphs.fw_graphs[0].code
+        assert 'bmm' in code and 'flash' not in code and 'efficient' not in code, code
+    else:
+        assert backends == [[SDPBackend.MATH]]
+        module.eval()
+        module(x, attn_mask=mask)
+        assert len(backends) == 2 and len(backends[1]) > 1  # eval: torch's own choice
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.attn.in_proj_weight.grad, want_grad, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_fully_masked_query_is_finite_without_weights():

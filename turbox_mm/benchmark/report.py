@@ -318,6 +318,8 @@ def machine_info() -> dict:
 
 
 def machine_line(machine: dict) -> str:
-    """One line for a :func:`machine_info` dict: CPU, GPU, torch and the sparse convolutions."""
+    """One line for a :func:`machine_info` dict: CPU, GPU, torch and the library mmdet3d
+    builds sparse convolutions from here."""
     return (f"{machine['cpu']} x{machine['cpu_cores']}, {machine['gpu'] or 'no GPU'}, torch "
-            f"{machine['torch']}, sparse convolutions: {machine.get('sparse_conv', '?')}")
+            f"{machine['torch']}, mmdet3d's sparse convolutions: "
+            f"{machine.get('sparse_conv', '?')}")

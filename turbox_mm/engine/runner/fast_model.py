@@ -27,7 +27,10 @@ is compiled or wrapped for DDP):
   all masked gets NaN from the explicit softmax but a finite output (the projection's bias)
   from ``scaled_dot_product_attention`` (``tests/test_fast_model.py`` pins it); and on the GPU
   the memory-efficient attention's backward is not bitwise deterministic unless
-  ``torch.use_deterministic_algorithms(True)`` is set.
+  ``torch.use_deterministic_algorithms(True)`` is set. Training attention in float32 on
+  CUDA (no autocast to half precision) runs ``scaled_dot_product_attention``'s math backend
+  instead (:func:`math_attention_wanted`): torch's memory-efficient kernel, its only fused
+  choice in float32, had a slow backward there; the two remarks above then do not apply.
 * **No in-place activation on a view.** ``nn.Linear`` on an input of more than two dimensions
   returns a view of a 2-D product, and an in-place activation right after it (``ReLU(inplace=
   True)`` in an ``nn.Sequential``: Sparse4D's ``linear_relu_ln`` blocks, mmcv's ``FFN``)
@@ -45,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class WeightlessMultiheadAttention(nn.MultiheadAttention):
@@ -59,10 +63,45 @@ class WeightlessMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """``nn.MultiheadAttention.forward`` with ``need_weights=False`` by default."""
-        return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                               need_weights=need_weights, attn_mask=attn_mask,
-                               average_attn_weights=average_attn_weights, is_causal=is_causal)
+        """``nn.MultiheadAttention.forward`` with ``need_weights=False`` by default; training
+        in float32 on CUDA takes torch's math backend (:func:`math_attention_wanted`)."""
+        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights,
+                      attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                      is_causal=is_causal)
+        if need_weights or not self.training or not math_attention_wanted(query):
+            return super().forward(query, key, value, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().forward(query, key, value, **kwargs)
+
+
+def _sdpa_kernel_traceable() -> bool:
+    """Whether Dynamo traces ``sdpa_kernel`` (torch >= 2.6); older ones break the graph."""
+    from torch._dynamo.variables import ctx_manager
+    return hasattr(ctx_manager, 'SDPAKernelVariable')
+
+
+def math_attention_wanted(query: Tensor) -> bool:
+    """Whether training attention on ``query`` should take ``scaled_dot_product_attention``'s
+    math backend: float32 on CUDA, outside an autocast to half precision.
+
+    In float32 torch has no flash kernel and picks the memory-efficient one, which keeps
+    float32 accuracy in its products (3xTF32, whatever ``allow_tf32`` says). Its backward
+    (with dropout) took 49.6 ms an iteration on an H100 for BEVFusion's TransFusion head,
+    whose cross-attention has 200 queries over 32,400 BEV cells at head size 16
+    (``docs/benchmarks.md``). The math backend is the attention mmcv's own call computes
+    (``need_weights=True``: scores, softmax, dropout, weighted sum, TF32 products where
+    allowed) without the head-averaged weights; it keeps the score-sized tensors for the
+    backward as mmcv's call does, which the memory-efficient kernel does not. Two
+    differences from mmcv's call remain: a query whose keys are all masked gets the output
+    projection's bias, not NaN, and q and k are each scaled by the root of the scale.
+    Half precision, or an autocast to it, keeps the fused kernels; evaluation too.
+    """
+    if query.device.type != 'cuda' or query.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled('cuda') and torch.get_autocast_dtype('cuda') in (
+            torch.float16, torch.bfloat16):
+        return False
+    return not torch.compiler.is_compiling() or _sdpa_kernel_traceable()
 
 
 #: Loss dtypes summed in one reduction (half precision keeps mmengine's sequential sum).
