@@ -196,17 +196,23 @@ def build_model(cfg):
 
 
 def train_batches(cfg, num):
-    """``num`` training batches of the config's pipeline (the batch sampler's first walks)."""
+    """``num`` training batches of the config's pipeline (the batch sampler's first walks, or
+    the sampler's first indices in batches where the config has no batch sampler)."""
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import DefaultScope
 
     from turbox_mm.registry import DATA_SAMPLERS, DATASETS
+    loader = cfg.train_dataloader
     with DefaultScope.overwrite_default_scope('mmdet3d'):
-        dataset = DATASETS.build(cfg.train_dataloader.dataset)
-        sampler = DATA_SAMPLERS.build(dict(cfg.train_dataloader.batch_sampler,
-                                           dataset=dataset, seed=0, world_size=1, rank=0,
-                                           batch_size=cfg.train_dataloader.batch_size))
-    stream = iter(sampler)
+        dataset = DATASETS.build(loader.dataset)
+        if loader.get('batch_sampler'):
+            sampler = DATA_SAMPLERS.build(dict(loader.batch_sampler, dataset=dataset, seed=0,
+                                               world_size=1, rank=0,
+                                               batch_size=loader.batch_size))
+            stream = iter(sampler)
+        else:
+            indices = iter(DATA_SAMPLERS.build(dict(loader.sampler, dataset=dataset, seed=0)))
+            stream = iter(lambda: [next(indices) for _ in range(loader.batch_size)], None)
     return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
 
 

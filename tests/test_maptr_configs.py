@@ -216,3 +216,17 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_step(tin
     assert same_pipeline[:2] == pytest.approx(stock[:2], rel=1e-5)
     turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
     assert turbox[:2] == pytest.approx(stock[:2], rel=0.03)
+
+
+def test_turbox_compiles_the_bev_encoder_and_decoder_layers_like_eager(tiny_data):
+    """turbox.compile's 'auto' on MapTR v1: the backbone, the neck, the BEVFormer encoder
+    (temporal self-attention and GKT cross-attention) and each decoder layer, traced without a
+    graph break or an eager fallback, with eager's losses and gradients over three steps (the
+    first eager, as by default)."""
+    from conftest import compiled_twin_agrees, config_with_root, turbox_applied
+    cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, f'{TINY}_turbox.py'), tiny_data))
+    names, frames = compiled_twin_agrees(cfg, steps=3)
+    layers = [f'pts_bbox_head.decoder.layers.{i}'
+              for i in range(cfg.model.pts_bbox_head.decoder.num_layers)]
+    assert names == ['img_backbone', 'img_neck', 'bev_encoder.encoder'] + layers, names
+    assert frames['total'] <= 6, frames

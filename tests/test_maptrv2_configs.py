@@ -207,3 +207,16 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_steps(ti
     turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
     for key in ('loss', ) + LOSS_KEYS:  # before any update (then the gradients differ too)
         assert turbox[key][0] == pytest.approx(stock[key][0], rel=0.03), key
+
+
+def test_turbox_compiles_the_decoder_layers_like_eager(tiny_data):
+    """turbox.compile's 'auto' on MapTR v2: the backbone, the neck and each decoupled decoder
+    layer (v2's head inherits v1's declaration; the LSS encoder stays eager), with eager's
+    losses and gradients over three steps and no graph break."""
+    from conftest import compiled_twin_agrees, config_with_root, turbox_applied
+    cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, f'{TINY}_turbox.py'), tiny_data))
+    names, frames = compiled_twin_agrees(cfg, steps=3)
+    layers = [f'pts_bbox_head.decoder.layers.{i}'
+              for i in range(cfg.model.pts_bbox_head.decoder.num_layers)]
+    assert names == ['img_backbone', 'img_neck'] + layers, names
+    assert frames['total'] <= 6, frames

@@ -126,6 +126,12 @@ class MapTRHead(BaseModule):
 
     decoder_layer_type = 'turbox_mm.MapTRDecoderLayer'
 
+    #: What ``turbox.compile.modules='auto'`` compiles of this head: each decoder layer
+    #: (self-attention, the deformable cross-attention, the FFN: no data-dependent control
+    #: flow, dozens of eager launches a layer on a host-bound step). The reference-point
+    #: refinement, the targets and the losses stay eager. v2's head inherits it.
+    turbox_compile_submodules = ('decoder.layers.*', )
+
     def __init__(self, num_classes: int = 3, embed_dims: int = 256, bev_h: int = 200,
                  bev_w: int = 100, num_vec: int = 50, num_pts_per_vec: int = 20,
                  num_pts_per_gt_vec: int = 20, query_embed_type: str = 'instance_pts',

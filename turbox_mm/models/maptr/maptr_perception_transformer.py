@@ -121,6 +121,12 @@ class MapTRPerceptionTransformer(BaseModule):
         torch.Size([2, 8, 16])
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of this module: the BEVFormer encoder
+    #: (reference points, their projection into the cameras, the temporal self-attention and
+    #: the geometric spatial cross-attention; a first frame without a previous BEV is its own
+    #: graph). The previous BEV's rotation and the camera features' flattening stay eager.
+    turbox_compile_submodules = ('encoder', )
+
     def __init__(self, bev_h: int = 200, bev_w: int = 100,
                  pc_range: Sequence[float] = PC_RANGE, embed_dims: int = 256,
                  num_feature_levels: int = 4, num_cams: int = 6, encoder: Optional[dict] = None,
