@@ -210,10 +210,17 @@ def train_batches(cfg, num):
                                                world_size=1, rank=0,
                                                batch_size=loader.batch_size))
             stream = iter(sampler)
-        else:
-            indices = iter(DATA_SAMPLERS.build(dict(loader.sampler, dataset=dataset, seed=0)))
-            stream = iter(lambda: [next(indices) for _ in range(loader.batch_size)], None)
-    return [pseudo_collate([dataset[item] for item in next(stream)]) for _ in range(num)]
+        else:  # batches as mmengine's loader cuts them (drop_last False: a smaller last one)
+            order = list(DATA_SAMPLERS.build(dict(loader.sampler, dataset=dataset, seed=0)))
+            size = loader.batch_size
+            stream = iter([order[i:i + size] for i in range(0, len(order), size)])
+    batches = []
+    for step in range(num):
+        items = next(stream, None)
+        if items is None:
+            raise ValueError(f'train_batches: {num} batches asked, the sampler gave {step}')
+        batches.append(pseudo_collate([dataset[item] for item in items]))
+    return batches
 
 
 def first_step(model, batch):

@@ -229,4 +229,7 @@ def test_turbox_compiles_the_bev_encoder_and_decoder_layers_like_eager(tiny_data
     layers = [f'pts_bbox_head.decoder.layers.{i}'
               for i in range(cfg.model.pts_bbox_head.decoder.num_layers)]
     assert names == ['img_backbone', 'img_neck', 'bev_encoder.encoder'] + layers, names
-    assert frames['total'] <= 6, frames
+    # the frames Dynamo compiled over the two compiled steps (measured): backbone, neck, the
+    # encoder, and the decoder layer's code twice (layer 0's query is an expanded view whose
+    # stride differs); a per-step recompile would add frames, an encoder left eager remove one
+    assert frames['total'] == 5, frames

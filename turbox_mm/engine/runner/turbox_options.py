@@ -115,7 +115,8 @@ TURBOX_OPTIONS: Schema = {
             "dotted submodule paths, or 'auto' for those of backbone, neck, img_backbone, "
             'img_neck, pts_backbone, pts_neck the model has, plus the static parts its heads '
             "declare (turbox_compile_submodules; Sparse4D's head: anchor_encoder, layers.*, "
-            "loss_reg; SparseDrive's motion-planning head: layers.*); torch's single layers "
+            "loss_reg; SparseDrive's motion-planning head: layers.*; MapTR's heads: "
+            "decoder.layers.*; MapTR v1's perception transformer: encoder); torch's single layers "
             'stay eager'),
         'backend': Option('inductor', (str,), 'torch.compile backend'),
         'mode': Option(None, (str, type(None)), 'torch.compile mode',

@@ -127,8 +127,11 @@ class MapTRHead(BaseModule):
     decoder_layer_type = 'turbox_mm.MapTRDecoderLayer'
 
     #: What ``turbox.compile.modules='auto'`` compiles of this head: each decoder layer
-    #: (self-attention, the deformable cross-attention, the FFN: no data-dependent control
-    #: flow, dozens of eager launches a layer on a host-bound step). The reference-point
+    #: (self-attention, the deformable cross-attention, the FFN: dozens of eager launches a
+    #: layer on a host-bound step, and no data-dependent control flow in the turbox path;
+    #: the stock path's mmcv op breaks the graph). Compiled, the cross-attention always runs
+    #: turbox_mm's MSDA op (mmcv's would break the graph), also at the small sizes where the
+    #: eager turbox path calls mmcv's (:func:`.turbox_op_pays`). The reference-point
     #: refinement, the targets and the losses stay eager. v2's head inherits it.
     turbox_compile_submodules = ('decoder.layers.*', )
 

@@ -123,8 +123,11 @@ class MapTRPerceptionTransformer(BaseModule):
 
     #: What ``turbox.compile.modules='auto'`` compiles of this module: the BEVFormer encoder
     #: (reference points, their projection into the cameras, the temporal self-attention and
-    #: the geometric spatial cross-attention; a first frame without a previous BEV is its own
-    #: graph). The previous BEV's rotation and the camera features' flattening stay eager.
+    #: the geometric spatial cross-attention), whose turbox path has no data-dependent
+    #: control flow (the stock path's per-camera ``nonzero`` breaks the graph). A call with a
+    #: previous BEV (``video_test_mode`` at test time) is a graph of its own. The previous
+    #: BEV's rotation, the can-bus MLP, the positional encoding, the uploads and the camera
+    #: features' flattening stay eager.
     turbox_compile_submodules = ('encoder', )
 
     def __init__(self, bev_h: int = 200, bev_w: int = 100,
