@@ -420,3 +420,16 @@ def test_worker_end_names_an_exit_hang(tmp_path):
     with pytest.raises(RuntimeError, match='did not exit within 5 s: an exit hang'):
         check_worker_end(True, -9, str(result), [], 5, 'a.log')
     check_worker_end(False, 0, str(result), [], 5, 'a.log')  # a good end: no error
+
+
+def test_attention_benchmark_rows_on_the_cpu():
+    from turbox_mm.benchmark.micro import available, get
+    assert 'attention' in available('component')
+    precision = torch.get_float32_matmul_precision()
+    rows = get('attention')('cpu', quick=True)
+    assert torch.get_float32_matmul_precision() == precision  # restored
+    assert [r['case'] for r in rows] == [
+        'tiny cross: mmcv call vs turbox', "tiny cross: mmcv call vs torch's choice without "
+        'weights', 'tiny self: mmcv call vs turbox',
+        "tiny self: mmcv call vs torch's choice without weights"]
+    assert all(r['stock']['median_ms'] > 0 and r['turbox']['median_ms'] > 0 for r in rows)
