@@ -293,3 +293,37 @@ def test_out_of_place_activations_same_values_fewer_operations():
     assert out_of_place_activations(nn.ModuleList([kept, hooked])) == 0
     changes = apply_fast_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)))
     assert any('in-place activations' in c for c in changes)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_float32_training_attention_takes_the_math_backend(monkeypatch):
+    """On CUDA, float32 training attention runs the math backend with mmcv's call's output and
+    gradients; under float16 autocast it keeps torch's choice."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+    module = _with_dropout(0.0).cuda()
+    x = torch.randn(2, 300, 16, device='cuda')
+    want = module(x)
+    want.sum().backward()
+    want_grad = module.attn.in_proj_weight.grad.clone()
+    module.zero_grad()
+    holder = nn.Module()
+    holder.attn = module
+    weightless_attention(holder)
+    backends = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        backends.append(_cur_sdpa_kernel_backends())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+    got = module(x)
+    got.sum().backward()
+    assert backends == [[SDPBackend.MATH]]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(module.attn.in_proj_weight.grad, want_grad, rtol=1e-3, atol=1e-4)
+    with torch.autocast('cuda', dtype=torch.float16):
+        module(x)
+    assert len(backends) == 2 and len(backends[1]) > 1
