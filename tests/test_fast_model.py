@@ -154,10 +154,14 @@ def test_weightless_attention_compiles_in_one_graph():
     assert model.attn.attn.in_proj_weight.grad is not None
 
 
-def test_math_backend_only_for_float32_cuda_outside_half_autocast(monkeypatch):
+def test_math_backend_only_for_long_float32_cuda_attention_outside_half_autocast(monkeypatch):
     from types import SimpleNamespace
-    assert not math_attention_wanted(torch.zeros(2))  # CPU: torch's own choice
-    assert not math_attention_wanted(torch.zeros(2, device='meta'))
+
+    from turbox_mm.engine.runner.fast_model import MATH_MIN_KEYS, _sdpa_kernel_traceable
+    assert _sdpa_kernel_traceable()  # the pinned torch traces sdpa_kernel (else: no math)
+    long_ = MATH_MIN_KEYS
+    assert not math_attention_wanted(torch.zeros(2), long_)  # CPU: torch's own choice
+    assert not math_attention_wanted(torch.zeros(2, device='meta'), long_)
 
     def query(dtype):  # a CUDA tensor as the function sees it
         return SimpleNamespace(device=torch.device('cuda'), dtype=dtype)
@@ -165,12 +169,27 @@ def test_math_backend_only_for_float32_cuda_outside_half_autocast(monkeypatch):
     autocast = dict(enabled=False, dtype=torch.float16)
     monkeypatch.setattr(torch, 'is_autocast_enabled', lambda device: autocast['enabled'])
     monkeypatch.setattr(torch, 'get_autocast_dtype', lambda device: autocast['dtype'])
-    assert math_attention_wanted(query(torch.float32))
-    assert not math_attention_wanted(query(torch.float16))
-    assert not math_attention_wanted(query(torch.bfloat16))
+    assert math_attention_wanted(query(torch.float32), long_)
+    assert not math_attention_wanted(query(torch.float32), long_ - 1)  # Sparse4D's, MapTR's
+    assert not math_attention_wanted(query(torch.float16), long_)
+    assert not math_attention_wanted(query(torch.bfloat16), long_)
     for dtype, wanted in [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True)]:
         autocast.update(enabled=True, dtype=dtype)  # AmpOptimWrapper(dtype=...)
-        assert math_attention_wanted(query(torch.float32)) is wanted, dtype
+        assert math_attention_wanted(query(torch.float32), long_) is wanted, dtype
+
+
+def test_key_length_reaches_the_rule(monkeypatch):
+    """The inner module passes the key sequence length (sequence-first or batch-first)."""
+    seen = []
+    monkeypatch.setattr(fast_model, 'math_attention_wanted',
+                        lambda query, keys: seen.append(keys) or False)
+    for batch_first in (False, True):
+        module = WeightlessMultiheadAttention(16, 4, batch_first=batch_first).train()
+        query = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        key = torch.randn(2, 11, 16) if batch_first else torch.randn(11, 2, 16)
+        module(query, key, key)
+    module(torch.randn(5, 16), torch.randn(11, 16), torch.randn(11, 16))  # unbatched
+    assert seen == [11, 11, 11]
 
 
 def _with_dropout(p):
@@ -201,7 +220,7 @@ def test_math_backend_branch_same_output_and_gradients(monkeypatch, compiled, dr
     holder = nn.Module()
     holder.attn = module
     assert weightless_attention(holder) == 1
-    monkeypatch.setattr(fast_model, 'math_attention_wanted', lambda query: True)
+    monkeypatch.setattr(fast_model, 'math_attention_wanted', lambda query, keys: True)
     backends = []
     sdpa = F.scaled_dot_product_attention
 
@@ -298,13 +317,17 @@ def test_out_of_place_activations_same_values_fewer_operations():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_float32_training_attention_takes_the_math_backend(monkeypatch):
-    """On CUDA, float32 training attention runs the math backend with mmcv's call's output and
-    gradients; under float16 autocast it keeps torch's choice."""
+    """On CUDA, float32 training attention over MATH_MIN_KEYS keys runs the math backend with
+    mmcv's call's output and gradients; under float16 autocast, and over fewer keys, it keeps
+    torch's choice."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+    from turbox_mm.engine.runner.fast_model import MATH_MIN_KEYS
     module = _with_dropout(0.0).cuda()
-    x = torch.randn(2, 300, 16, device='cuda')
-    want = module(x)
+    query = torch.randn(2, 7, 16, device='cuda')
+    key = torch.randn(2, MATH_MIN_KEYS, 16, device='cuda')
+    want = module(query, key, key)
     want.sum().backward()
     want_grad = module.attn.in_proj_weight.grad.clone()
     module.zero_grad()
@@ -319,11 +342,12 @@ def test_cuda_float32_training_attention_takes_the_math_backend(monkeypatch):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
-    got = module(x)
+    got = module(query, key, key)
     got.sum().backward()
     assert backends == [[SDPBackend.MATH]]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(module.attn.in_proj_weight.grad, want_grad, rtol=1e-3, atol=1e-4)
     with torch.autocast('cuda', dtype=torch.float16):
-        module(x)
-    assert len(backends) == 2 and len(backends[1]) > 1
+        module(query, key, key)
+    module(query, key[:, :100], key[:, :100])
+    assert len(backends) == 3 and len(backends[1]) > 1 and len(backends[2]) > 1

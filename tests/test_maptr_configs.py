@@ -218,7 +218,7 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_step(tin
     assert turbox[:2] == pytest.approx(stock[:2], rel=0.03)
 
 
-def test_turbox_compiles_the_bev_encoder_and_decoder_layers_like_eager(tiny_data):
+def test_turbox_compiles_the_bev_encoder_and_decoder_layers_like_eager(tiny_data, full_fp32):
     """turbox.compile's 'auto' on MapTR v1: the backbone, the neck, the BEVFormer encoder
     (temporal self-attention and GKT cross-attention) and each decoder layer, traced without a
     graph break or an eager fallback, with eager's losses and gradients over three steps (the

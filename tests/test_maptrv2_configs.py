@@ -209,7 +209,7 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_steps(ti
         assert turbox[key][0] == pytest.approx(stock[key][0], rel=0.03), key
 
 
-def test_turbox_compiles_the_decoder_layers_like_eager(tiny_data):
+def test_turbox_compiles_the_decoder_layers_like_eager(tiny_data, full_fp32):
     """turbox.compile's 'auto' on MapTR v2: the backbone, the neck and each decoupled decoder
     layer (v2's head inherits v1's declaration; the LSS encoder stays eager), with eager's
     losses and gradients over three steps and no graph break."""

@@ -318,8 +318,15 @@ def machine_info() -> dict:
 
 
 def machine_line(machine: dict) -> str:
-    """One line for a :func:`machine_info` dict: CPU, GPU, torch and the library mmdet3d
-    builds sparse convolutions from here."""
+    """One line for a :func:`machine_info` dict.
+
+    Args:
+        machine (dict): :func:`machine_info`'s output.
+
+    Returns:
+        str: CPU and cores, GPU, torch, and the library mmdet3d builds sparse convolutions
+        from in this environment.
+    """
     return (f"{machine['cpu']} x{machine['cpu_cores']}, {machine['gpu'] or 'no GPU'}, torch "
             f"{machine['torch']}, mmdet3d's sparse convolutions: "
             f"{machine.get('sparse_conv', '?')}")

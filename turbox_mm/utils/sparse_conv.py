@@ -106,7 +106,15 @@ def slow_sparse_conv_warning(model: nn.Module) -> str:
 
 def warn_slow_sparse_conv(model: nn.Module, on_cuda: bool) -> str:
     """Log :func:`slow_sparse_conv_warning` for a model on a CUDA host (a CPU run has no
-    host syncs to lose); return what was logged, or ``''``."""
+    host syncs to lose).
+
+    Args:
+        model (nn.Module): The built model.
+        on_cuda (bool): Whether the host has CUDA (the run's device).
+
+    Returns:
+        str: What was logged, or ``''``.
+    """
     message = slow_sparse_conv_warning(model) if on_cuda else ''
     if message:
         from mmengine.logging import print_log

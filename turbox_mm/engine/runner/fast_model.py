@@ -28,9 +28,12 @@ is compiled or wrapped for DDP):
   from ``scaled_dot_product_attention`` (``tests/test_fast_model.py`` pins it); and on the GPU
   the memory-efficient attention's backward is not bitwise deterministic unless
   ``torch.use_deterministic_algorithms(True)`` is set. Training attention in float32 on
-  CUDA (no autocast to half precision) runs ``scaled_dot_product_attention``'s math backend
-  instead (:func:`math_attention_wanted`): torch's memory-efficient kernel, its only fused
-  choice in float32, had a slow backward there; the two remarks above then do not apply.
+  CUDA over long key sequences (at least :data:`MATH_MIN_KEYS`, outside an autocast to half
+  precision: BEVFusion's TransFusion cross-attention) runs ``scaled_dot_product_attention``'s
+  math backend instead (:func:`math_attention_wanted`): there torch's memory-efficient
+  kernel, its only fused choice in float32, had a slow backward; the math backend is
+  deterministic and draws dropout as the explicit attention does (its fully masked queries
+  are finite too).
 * **No in-place activation on a view.** ``nn.Linear`` on an input of more than two dimensions
   returns a view of a 2-D product, and an in-place activation right after it (``ReLU(inplace=
   True)`` in an ``nn.Sequential``: Sparse4D's ``linear_relu_ln`` blocks, mmcv's ``FFN``)
@@ -55,8 +58,9 @@ class WeightlessMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose ``need_weights`` defaults to False.
 
     Its attention weights are then ``None`` unless a caller asks for them, and torch runs
-    ``scaled_dot_product_attention`` (one fused kernel on the GPU). Made only by changing the
-    class of the inner module of mmcv's ``MultiheadAttention``, which discards them.
+    ``scaled_dot_product_attention`` (a fused kernel on the GPU where torch has one; the math
+    backend where :func:`math_attention_wanted` says so). Made only by changing the class of
+    the inner module of mmcv's ``MultiheadAttention``, which discards them.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -64,11 +68,13 @@ class WeightlessMultiheadAttention(nn.MultiheadAttention):
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """``nn.MultiheadAttention.forward`` with ``need_weights=False`` by default; training
-        in float32 on CUDA takes torch's math backend (:func:`math_attention_wanted`)."""
+        attention in float32 on CUDA over long key sequences takes torch's math backend
+        (:func:`math_attention_wanted`)."""
         kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights,
                       attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                       is_causal=is_causal)
-        if need_weights or not self.training or not math_attention_wanted(query):
+        keys = key.shape[1] if self.batch_first and key.dim() == 3 else key.shape[0]
+        if need_weights or not self.training or not math_attention_wanted(query, keys):
             return super().forward(query, key, value, **kwargs)
         with sdpa_kernel(SDPBackend.MATH):
             return super().forward(query, key, value, **kwargs)
@@ -80,23 +86,39 @@ def _sdpa_kernel_traceable() -> bool:
     return hasattr(ctx_manager, 'SDPAKernelVariable')
 
 
-def math_attention_wanted(query: Tensor) -> bool:
-    """Whether training attention on ``query`` should take ``scaled_dot_product_attention``'s
-    math backend: float32 on CUDA, outside an autocast to half precision.
+#: Key sequence length from which float32 training attention on CUDA takes the math backend.
+#: The one measured case: BEVFusion's TransFusion cross-attention, 200 queries over 32,400
+#: BEV cells. Shorter sequences (Sparse4D's, MapTR's: about 1,000 keys) are not measured and
+#: keep torch's choice, and the memory it saves.
+MATH_MIN_KEYS = 16384
+
+
+def math_attention_wanted(query: Tensor, keys: int) -> bool:
+    """Whether training attention on ``query`` over ``keys`` keys should take
+    ``scaled_dot_product_attention``'s math backend: float32 on CUDA, outside an autocast to
+    half precision, from :data:`MATH_MIN_KEYS` keys.
 
     In float32 torch has no flash kernel and picks the memory-efficient one, which keeps
     float32 accuracy in its products (3xTF32, whatever ``allow_tf32`` says). Its backward
-    (with dropout) took 49.6 ms an iteration on an H100 for BEVFusion's TransFusion head,
-    whose cross-attention has 200 queries over 32,400 BEV cells at head size 16
+    (with dropout) took 49.6 ms an iteration on an H100 for BEVFusion's TransFusion head, whose
+    cross-attention has 200 queries over 32,400 BEV cells at head size 16
     (``docs/benchmarks.md``). The math backend is the attention mmcv's own call computes
     (``need_weights=True``: scores, softmax, dropout, weighted sum, TF32 products where
-    allowed) without the head-averaged weights; it keeps the score-sized tensors for the
-    backward as mmcv's call does, which the memory-efficient kernel does not. Two
-    differences from mmcv's call remain: a query whose keys are all masked gets the output
-    projection's bias, not NaN, and q and k are each scaled by the root of the scale.
-    Half precision, or an autocast to it, keeps the fused kernels; evaluation too.
+    allowed) without the head-averaged weights; like mmcv's call it keeps score-sized tensors
+    for the backward (about 0.8 GB each for TransFusion's batch of 4), which the
+    memory-efficient kernel does not. Two differences from mmcv's call remain: a query whose
+    keys are all masked gets the output projection's bias, not NaN, and q and k are each
+    scaled by the root of the scale. Half precision (or an autocast to it) keeps the fused
+    kernels; evaluation and shorter key sequences keep torch's choice.
+
+    Args:
+        query (Tensor): The attention's query (its device and dtype decide).
+        keys (int): The key sequence length.
+
+    Returns:
+        bool: Whether to run the math backend.
     """
-    if query.device.type != 'cuda' or query.dtype != torch.float32:
+    if query.device.type != 'cuda' or query.dtype != torch.float32 or keys < MATH_MIN_KEYS:
         return False
     if torch.is_autocast_enabled('cuda') and torch.get_autocast_dtype('cuda') in (
             torch.float16, torch.bfloat16):
@@ -229,5 +251,6 @@ def apply_fast_model(model: nn.Module) -> List[str]:
     return changes
 
 
-__all__ = ['WeightlessMultiheadAttention', 'stacked_parse_losses', 'weightless_attention',
+__all__ = ['WeightlessMultiheadAttention', 'MATH_MIN_KEYS', 'math_attention_wanted',
+           'stacked_parse_losses', 'weightless_attention',
            'out_of_place_activations', 'apply_fast_model']

@@ -148,7 +148,9 @@ TURBOX_OPTIONS: Schema = {
             "modules with an op_impl choice run turbox_mm's kernels (op_impl='turbox'): "
             'the Triton deformable aggregation of Sparse4D; and, on the built model, the '
             'loss terms summed in one reduction, mmcv MultiheadAttention without the '
-            'attention weights it discards, and in-place activations right after nn.Linear '
+            'attention weights it discards (float32 training on CUDA over long key '
+            "sequences on torch's math backend), and in-place activations right after nn.Linear "
+
             'made out of place (turbox_mm.engine.runner.fast_model)'),
     },
     'data': {
