@@ -98,3 +98,19 @@ def test_benchmark_machine_line_names_the_backend():
     info = machine_info()
     assert info['sparse_conv'] == sparse_conv.sparse_conv_backend()
     assert machine_line(info).endswith(f"mmdet3d's sparse convolutions: {info['sparse_conv']}")
+
+
+def test_turbox_runner_warns_about_the_built_model(monkeypatch):
+    """TurboxRunner.wrap_model hands the built model (before wrapping) to the warning, with
+    whether the host has CUDA."""
+    import torch
+
+    from turbox_mm.engine.runner import turbox_runner
+    calls = []
+    monkeypatch.setattr(turbox_runner, 'warn_slow_sparse_conv',
+                        lambda model, on_cuda: calls.append((model, on_cuda)) or '')
+    runner = types.SimpleNamespace(turbox_options={'ops': {'fast': False}}, distributed=False,
+                                   _compile_and_wrap=lambda cfg, model: model)
+    model = nn.Linear(2, 2)
+    assert turbox_runner.TurboxRunner.wrap_model(runner, None, model) is model
+    assert calls == [(model, torch.cuda.is_available())]
