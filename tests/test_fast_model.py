@@ -198,6 +198,21 @@ def _with_dropout(p):
                               dropout_layer=dict(type='Dropout', drop_prob=0.0)).train()
 
 
+def _record_sdpa_backends(monkeypatch):
+    """Record, at every call of ``F.scaled_dot_product_attention``, the backends allowed."""
+    import torch.nn.functional as F
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+    backends = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        backends.append(_cur_sdpa_kernel_backends())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+    return backends
+
+
 @pytest.mark.parametrize('compiled', [False, True])
 @pytest.mark.parametrize('drop', [0.0, 0.3])
 def test_math_backend_branch_same_output_and_gradients(monkeypatch, compiled, drop):
@@ -205,7 +220,6 @@ def test_math_backend_branch_same_output_and_gradients(monkeypatch, compiled, dr
     math backend alone, with the same output, dropout draw and gradients as mmcv's explicit
     attention (need_weights=True); compiled, the graph holds the math products, not a fused
     attention kernel; in eval the branch is not taken."""
-    import torch.nn.functional as F
     from torch._dynamo.testing import AotEagerAndRecordGraphs
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
     module = _with_dropout(drop)
@@ -221,19 +235,12 @@ def test_math_backend_branch_same_output_and_gradients(monkeypatch, compiled, dr
     holder.attn = module
     assert weightless_attention(holder) == 1
     monkeypatch.setattr(fast_model, 'math_attention_wanted', lambda query, keys: True)
-    backends = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        backends.append(_cur_sdpa_kernel_backends())
-        return sdpa(*args, **kwargs)
-
     graphs = AotEagerAndRecordGraphs()
     if compiled:
         torch._dynamo.reset()
         call = torch.compile(module, backend=graphs, fullgraph=True)
-    else:  # Dynamo would trace the wrapper's list append as a side effect
-        monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+    else:  # Dynamo would trace the recorder's list append as a side effect
+        backends = _record_sdpa_backends(monkeypatch)
         call = module
     before = _cur_sdpa_kernel_backends()
     torch.manual_seed(1)
@@ -320,8 +327,7 @@ def test_cuda_float32_training_attention_takes_the_math_backend(monkeypatch):
     """On CUDA, float32 training attention over MATH_MIN_KEYS keys runs the math backend with
     mmcv's call's output and gradients; under float16 autocast, and over fewer keys, it keeps
     torch's choice."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+    from torch.nn.attention import SDPBackend
 
     from turbox_mm.engine.runner.fast_model import MATH_MIN_KEYS
     module = _with_dropout(0.0).cuda()
@@ -334,14 +340,7 @@ def test_cuda_float32_training_attention_takes_the_math_backend(monkeypatch):
     holder = nn.Module()
     holder.attn = module
     weightless_attention(holder)
-    backends = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        backends.append(_cur_sdpa_kernel_backends())
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+    backends = _record_sdpa_backends(monkeypatch)
     got = module(query, key, key)
     got.sum().backward()
     assert backends == [[SDPBackend.MATH]]

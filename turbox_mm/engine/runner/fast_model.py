@@ -105,7 +105,7 @@ def math_attention_wanted(query: Tensor, keys: int) -> bool:
     (``docs/benchmarks.md``). The math backend is the attention mmcv's own call computes
     (``need_weights=True``: scores, softmax, dropout, weighted sum, TF32 products where
     allowed) without the head-averaged weights; like mmcv's call it keeps score-sized tensors
-    for the backward (about 0.8 GB each for TransFusion's batch of 4), which the
+    for the backward (about 0.8 GB each for TransFusion's batch of 4, by arithmetic), which the
     memory-efficient kernel does not. Two differences from mmcv's call remain: a query whose
     keys are all masked gets the output projection's bias, not NaN, and q and k are each
     scaled by the root of the scale. Half precision (or an autocast to it) keeps the fused

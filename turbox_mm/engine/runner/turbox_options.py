@@ -149,9 +149,8 @@ TURBOX_OPTIONS: Schema = {
             'the Triton deformable aggregation of Sparse4D; and, on the built model, the '
             'loss terms summed in one reduction, mmcv MultiheadAttention without the '
             'attention weights it discards (float32 training on CUDA over long key '
-            "sequences on torch's math backend), and in-place activations right after nn.Linear "
-
-            'made out of place (turbox_mm.engine.runner.fast_model)'),
+            "sequences on torch's math backend), and in-place activations right after "
+            'nn.Linear made out of place (turbox_mm.engine.runner.fast_model)'),
     },
     'data': {
         'fast_pipeline': Option(
