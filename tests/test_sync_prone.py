@@ -179,3 +179,27 @@ def test_allow_list_and_table():
     assert found.top(1)[0][2] == 1
     table = found.table(iters=1)
     assert 'sync:aten._local_scalar_dense.default' in table and 'd2h:Tensor.tolist' in table
+
+
+def test_a_later_compiled_graph_traces_the_factories_the_block_wrapped():
+    """The block wraps torch.as_tensor; where the code under it is the first to import Dynamo,
+    Dynamo must still know the real function afterwards (it once took the wrapper for it and
+    broke every later graph at torch.as_tensor). A fresh interpreter: this one has imported
+    Dynamo long ago."""
+    import subprocess
+    import sys
+    code = '\n'.join([
+        'import sys, torch',
+        'from turbox_mm.benchmark.sync_prone import SyncProneOps',
+        "assert 'torch._dynamo' not in sys.modules",
+        'x = torch.randn(2)',
+        'with SyncProneOps(backward_sources=False):',
+        '    torch.as_tensor([1.0, 2.0]) + x',
+        "@torch.compile(backend='eager', fullgraph=True)",
+        'def g(a):',
+        '    return torch.as_tensor([1.0, 2.0]) + torch.tensor(3.0) + a',
+        'assert torch.equal(g(x), x + torch.tensor([4.0, 5.0]))',
+    ])
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

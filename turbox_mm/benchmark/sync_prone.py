@@ -317,6 +317,11 @@ class SyncProneOps(TorchDispatchMode):
         setattr(owner, name, make(getattr(owner, name)))
 
     def _install(self) -> None:
+        # Dynamo records torch's functions by identity when it is first imported; imported
+        # inside the block (a lazy import of the code under test), it would take the wrappers
+        # below for torch.tensor / torch.as_tensor and break every later graph at the real
+        # ones ("function marked as skipped"). Import it from the unpatched module first.
+        import torch._dynamo  # noqa: F401
         mode = self
 
         def new_tensor(original):
