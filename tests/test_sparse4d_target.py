@@ -47,6 +47,29 @@ def test_encode_reg_target_layout_and_nan_velocity():
         SparseBox3DTarget().encode_reg_target([torch.zeros(2, 8)])
 
 
+def test_the_batch_encoding_equals_the_per_sample_one():
+    """The targets encode the batch's padded boxes at once: the same values as encoding each
+    sample, zero targets and no finite entry in padded slots (cos 0 = 1 would leak there), [n, 7]
+    boxes with zero velocity beside [n, 9] ones, an empty sample, float64 promoting the batch,
+    and the shape error naming the sample."""
+    target = SparseBox3DTarget()
+    box9 = torch.tensor([[1., 2., 3., 4., 2., 1.5, 0.3, float('nan'), 2.],
+                         [0., -1., 0.5, 1., 1., 1., -2.0, 0.5, 0.5]])
+    box7 = torch.tensor([[5., 5., 0., 2., 2., 2., 1.0]])
+    boxes = [box9, box7, torch.zeros(0, 9)]
+    out, finite = target._encode_padded(boxes, 3, torch.device('cpu'))
+    assert out.shape == finite.shape == (3, 3, 10) and out.dtype == torch.float32
+    for b, box in enumerate(boxes):
+        enc, fin = target._encode_one(box, b)
+        n = box.shape[0]
+        assert torch.equal(out[b, :n], enc) and torch.equal(finite[b, :n], fin)
+        assert (out[b, n:] == 0).all() and not finite[b, n:].any()
+    out64, _ = target._encode_padded([box9.double(), box7], 2, torch.device('cpu'))
+    assert out64.dtype == torch.float64
+    with pytest.raises(ValueError, match=r'box_target\[1\]'):
+        target._encode_padded([box9, torch.zeros(2, 8)], 2, torch.device('cpu'))
+
+
 def _toy_case():
     # GT 0: a car at (10, 0, 0); GT 1: a traffic cone at (-10, 5, 0).
     gt_box = _gt((10., 0., 0., 0.3), (-10., 5., 0., -1.0))
