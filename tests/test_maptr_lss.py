@@ -131,6 +131,49 @@ def test_dcn_layer_sits_between_the_aspp_and_the_last_convolution():
     assert net.depth_conv[5].out_channels == 5
 
 
+def _has_node(out, name):
+    """Whether ``out``'s autograd graph holds a node whose name starts with ``name``."""
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith(name):
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def test_aspp_broadcast_pool_equals_the_interpolated_one():
+    """The turbox path's ASPP broadcasts the global average where upstream interpolates the
+    1x1 map (bilinear, align_corners): bit-identical forward, the same gradients (a sum
+    instead of atomic adds); LSSTransform sets it with op_impl='turbox' only, depthnet_cfg
+    can say otherwise."""
+    from turbox_mm.models.maptr.depth_net import ASPP
+    torch.manual_seed(0)
+    plain, broadcast = ASPP(8, 4).eval(), ASPP(8, 4, broadcast_pool=True).eval()
+    broadcast.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 8, 5, 7)
+    outs, grads = [], []
+    for net in (plain, broadcast):
+        xi = x.clone().requires_grad_()
+        out = net(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in net.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    assert [_has_node(o, 'UpsampleBilinear') for o in outs] == [True, False]
+    for g, w in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    aspp = [m for m in build(op_impl='turbox').modules() if isinstance(m, ASPP)]
+    assert aspp and all(m.broadcast_pool for m in aspp)
+    assert not any(m.broadcast_pool for m in build().modules() if isinstance(m, ASPP))
+    cfg = dict(TINY['depthnet_cfg'], aspp_broadcast_pool=False)
+    assert not any(m.broadcast_pool for m in build(op_impl='turbox', depthnet_cfg=cfg).modules()
+                   if isinstance(m, ASPP))
+
+
 def test_init_weights_makes_every_matrix_xavier_and_keeps_norms():
     vt = build()
     vt.init_weights()

@@ -140,6 +140,12 @@ class ASPP(nn.Module):
         inplanes (int): Input and output channels.
         mid_channels (int): Channels of each branch. Defaults to 256.
         norm_layer (type): Defaults to ``nn.BatchNorm2d``.
+        broadcast_pool (bool): Spread the global average over the map by broadcasting instead
+            of upstream's ``F.interpolate`` of the 1x1 map (bilinear, ``align_corners=True``):
+            the same values forward (each output takes the single pixel with weight 1);
+            backward a reduction, where the interpolation's CUDA kernel adds every output's
+            gradient atomically into one pixel per image and channel. Defaults to False
+            (upstream's call; the turbox path sets it).
 
     Examples:
         >>> ASPP(8, 4).eval()(torch.zeros(2, 8, 5, 7)).shape
@@ -149,8 +155,10 @@ class ASPP(nn.Module):
     DILATIONS = (1, 6, 12, 18)
 
     def __init__(self, inplanes: int, mid_channels: int = 256,
-                 norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+                 broadcast_pool: bool = False) -> None:
         super().__init__()
+        self.broadcast_pool = bool(broadcast_pool)
         d1, d6, d12, d18 = self.DILATIONS
         self.aspp1 = ASPPModule(inplanes, mid_channels, 1, padding=0, dilation=d1,
                                 norm_layer=norm_layer)
@@ -172,8 +180,12 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x4 = self.aspp4(x)
-        pooled = F.interpolate(self.global_avg_pool(x), size=x4.shape[2:], mode='bilinear',
-                               align_corners=True)
+        pooled = self.global_avg_pool(x)
+        if self.broadcast_pool:
+            pooled = pooled.expand(-1, -1, *x4.shape[2:])
+        else:
+            pooled = F.interpolate(pooled, size=x4.shape[2:], mode='bilinear',
+                                   align_corners=True)
         x = torch.cat((self.aspp1(x), self.aspp2(x), self.aspp3(x), x4, pooled), dim=1)
         return self.dropout(self.relu(self.bn1(self.conv1(x))))
 
@@ -200,6 +212,7 @@ class DepthNet(nn.Module):
         aspp_mid_channels (int): ASPP branch width; negative: ``mid_channels``. Defaults to -1
             (MapTR v2's config: 96).
         only_depth (bool): No context branch. Defaults to False.
+        aspp_broadcast_pool (bool): :class:`ASPP`'s ``broadcast_pool``. Defaults to False.
 
     Examples:
         >>> net = DepthNet(16, 16, 8, 5, use_dcn=False, aspp_mid_channels=4).eval()
@@ -210,7 +223,7 @@ class DepthNet(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, context_channels: int,
                  depth_channels: int, use_dcn: bool = True, use_aspp: bool = True,
                  with_cp: bool = False, aspp_mid_channels: int = -1,
-                 only_depth: bool = False) -> None:
+                 only_depth: bool = False, aspp_broadcast_pool: bool = False) -> None:
         super().__init__()
         self.reduce_conv = nn.Sequential(
             nn.Conv2d(in_channels, mid_channels, kernel_size=3, stride=1, padding=1),
@@ -226,7 +239,8 @@ class DepthNet(nn.Module):
         layers = [BasicBlock(mid_channels, mid_channels) for _ in range(3)]
         if use_aspp:
             layers.append(ASPP(mid_channels,
-                               mid_channels if aspp_mid_channels < 0 else aspp_mid_channels))
+                               mid_channels if aspp_mid_channels < 0 else aspp_mid_channels,
+                               broadcast_pool=aspp_broadcast_pool))
         if use_dcn:
             layers.append(_deformable_conv(mid_channels))
         layers.append(nn.Conv2d(mid_channels, depth_channels, kernel_size=1))

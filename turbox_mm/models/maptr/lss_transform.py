@@ -37,7 +37,9 @@ The detector calls it as its ``bev_encoder``: ``forward(mlvl_feats, img_metas, p
 ``torch.inverse``, the depth loss with boolean-mask indexing and a Python ``max`` on the
 count); ``'turbox'`` gives the same values without host syncs: the matrices packed on the host
 and uploaded once through pinned memory, inverses without the singularity check
-(``torch.linalg.inv_ex``), the depth loss with a gather and masked sums. ``bev_pool_impl``
+(``torch.linalg.inv_ex``), the depth loss with a gather and masked sums, the depth net's
+ASPP global average broadcast over the map rather than interpolated from 1x1 (the same values;
+no contended atomic adds in its backward). ``bev_pool_impl``
 (defaults to ``op_impl``) picks the pooling alone: ``'stock'`` as upstream's PyTorch code (the
 ``[B, N, D, fH, fW, C]`` product, a boolean filter, an index sum:
 :func:`~turbox_mm.models.layers.lss.pool_stock`, shared with BEVFusion's
@@ -193,8 +195,11 @@ class LSSTransform(BaseModule):
             raise ValueError(f'{name}: the downsample convolutions take {out_channels} '
                              f'channels, so the grid needs one z cell, got {self._cells[2]}')
         self.downsample_factor = downsample
+        # the turbox path broadcasts the ASPP's global average (the same values) where
+        # upstream interpolates a 1x1 map, unless depthnet_cfg says otherwise
         self.depth_net = DepthNet(in_channels, in_channels, self.C, self.D,
-                                  **(depthnet_cfg or {}))
+                                  **{'aspp_broadcast_pool': self.op_impl == 'turbox',
+                                     **(depthnet_cfg or {})})
         if downsample > 1:
             self.downsample = nn.Sequential(
                 *conv_bn_relu(out_channels, out_channels, 3, padding=1, bias=False),
