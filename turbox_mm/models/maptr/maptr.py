@@ -68,6 +68,13 @@ class MapTR(Base3DDetector):
         init_cfg (dict, optional): Defaults to None.
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles of the detector besides the backbone
+    #: and neck: the whole head's forward, one graph (the query embeddings, every decoder
+    #: layer, the reference-point refinement and the class branches; a few hundred eager
+    #: launches a step at six layers when only the layers were compiled). It takes the place
+    #: of the head's own ``decoder.layers.*``; its targets and losses stay eager.
+    turbox_compile_submodules = ('pts_bbox_head', )
+
     def __init__(self,
                  img_backbone: dict,
                  pts_bbox_head: dict,

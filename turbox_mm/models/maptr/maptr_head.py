@@ -132,7 +132,9 @@ class MapTRHead(BaseModule):
     #: the stock path's mmcv op breaks the graph). Compiled, the cross-attention always runs
     #: turbox_mm's MSDA op (mmcv's would break the graph), also at the small sizes where the
     #: eager turbox path calls mmcv's (:func:`.turbox_op_pays`). The reference-point
-    #: refinement, the targets and the losses stay eager. v2's head inherits it.
+    #: refinement, the targets and the losses stay eager. v2's head inherits it. MapTR's
+    #: detectors declare the whole head instead (:class:`~turbox_mm.models.maptr.MapTR`),
+    #: which takes the place of this inside them.
     turbox_compile_submodules = ('decoder.layers.*', )
 
     def __init__(self, num_classes: int = 3, embed_dims: int = 256, bev_h: int = 200,
