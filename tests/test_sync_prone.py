@@ -182,10 +182,11 @@ def test_allow_list_and_table():
 
 
 def test_a_later_compiled_graph_traces_the_factories_the_block_wrapped():
-    """The block wraps torch.as_tensor; where the code under it is the first to import Dynamo,
-    Dynamo must still know the real function afterwards (it once took the wrapper for it and
-    broke every later graph at torch.as_tensor). A fresh interpreter: this one has imported
-    Dynamo long ago."""
+    """The block wraps torch.tensor and torch.as_tensor; where the code under it is the first
+    to import Dynamo or to use a device context, both must still know the real functions
+    afterwards (Dynamo once took the wrapper for the real one and broke every later graph at
+    torch.as_tensor; the device context would no longer move them). A fresh interpreter: this
+    one has imported Dynamo long ago."""
     import subprocess
     import sys
     code = '\n'.join([
@@ -195,10 +196,15 @@ def test_a_later_compiled_graph_traces_the_factories_the_block_wrapped():
         'x = torch.randn(2)',
         'with SyncProneOps(backward_sources=False):',
         '    torch.as_tensor([1.0, 2.0]) + x',
+        '    import torch._dynamo',  # the first import, as a lazy import under the block
+        "    with torch.device('meta'):",  # the device context's first use
+        '        torch.zeros(1)',
         "@torch.compile(backend='eager', fullgraph=True)",
         'def g(a):',
         '    return torch.as_tensor([1.0, 2.0]) + torch.tensor(3.0) + a',
         'assert torch.equal(g(x), x + torch.tensor([4.0, 5.0]))',
+        "with torch.device('meta'):",
+        "    assert torch.tensor(1.0).is_meta and torch.as_tensor([1.0]).is_meta",
     ])
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           timeout=300)

@@ -317,11 +317,16 @@ class SyncProneOps(TorchDispatchMode):
         setattr(owner, name, make(getattr(owner, name)))
 
     def _install(self) -> None:
-        # Dynamo records torch's functions by identity when it is first imported; imported
-        # inside the block (a lazy import of the code under test), it would take the wrappers
-        # below for torch.tensor / torch.as_tensor and break every later graph at the real
-        # ones ("function marked as skipped"). Import it from the unpatched module first.
+        # torch records its functions by identity in tables built on first use: Dynamo's
+        # (when it is imported) and the device context's list of factories (on the first
+        # `with torch.device(...)`). Built inside the block (a lazy import or first use by
+        # the code under test), they would hold the wrappers below in place of
+        # torch.tensor / torch.as_tensor for the rest of the process: every later graph
+        # breaks at the real functions ("function marked as skipped"), and a device context
+        # no longer moves them. Build both from the unpatched module first.
         import torch._dynamo  # noqa: F401
+        import torch.utils._device
+        torch.utils._device._device_constructors()
         mode = self
 
         def new_tensor(original):

@@ -142,7 +142,8 @@ class ASPP(nn.Module):
         norm_layer (type): Defaults to ``nn.BatchNorm2d``.
         broadcast_pool (bool): Spread the global average over the map by broadcasting instead
             of upstream's ``F.interpolate`` of the 1x1 map (bilinear, ``align_corners=True``):
-            the same values forward (each output takes the single pixel with weight 1);
+            the same values forward for finite inputs (each output takes the single pixel with
+            weight 1; an infinite average stays infinite, where the interpolation makes NaN);
             backward a reduction, where the interpolation's CUDA kernel adds every output's
             gradient atomically into one pixel per image and channel. Defaults to False
             (upstream's call; the turbox path sets it).

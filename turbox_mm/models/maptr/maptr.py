@@ -70,9 +70,11 @@ class MapTR(Base3DDetector):
 
     #: What ``turbox.compile.modules='auto'`` compiles of the detector besides the backbone
     #: and neck: the whole head's forward, one graph (the query embeddings, every decoder
-    #: layer, the reference-point refinement and the class branches; a few hundred eager
-    #: launches a step at six layers when only the layers were compiled). It takes the place
-    #: of the head's own ``decoder.layers.*``; its targets and losses stay eager.
+    #: layer, the reference-point refinement and the class branches, and v2's auxiliary BEV
+    #: and perspective segmentation heads; a few hundred eager launches a step at six layers
+    #: when only the layers were compiled). It takes the place of the head's own
+    #: ``decoder.layers.*``; its targets and losses stay eager. Training and evaluation compile
+    #: once each (v2 decodes its one-to-many queries in training only).
     turbox_compile_submodules = ('pts_bbox_head', )
 
     def __init__(self,

@@ -294,7 +294,9 @@ class SparseBox3DTarget(TemporalDnMixin):
                        device: torch.device) -> Tuple[Tensor, Tensor]:
         """The batch's GT boxes encoded at once: ``[B, num_gt, 10]`` targets (0 in padded
         slots) and the finite mask (False there); as :meth:`_encode_one` per sample, with
-        a handful of operations for the batch instead of a dozen per sample."""
+        a handful of operations for the batch instead of a dozen per sample. The batch is
+        encoded in one dtype (float32, float64 if any sample is): a float32 sample beside a
+        float64 one differs from its own encoding in the last bit."""
         dtype = torch.float32
         for b, box in enumerate(box_target):
             self._check_box(box, b)
