@@ -275,10 +275,15 @@ def test_chamfer_matrix_equals_a_brute_force_loop(n):
     preds, gts = random_lines(rng, 4, n), random_lines(rng, 3, n)
     if n == 30:
         preds[0] = gts[1]  # coincident points: the matrix-product formula's worst case
-    ours = chamfer_distance_matrix(preds, gts)
-    np.testing.assert_allclose(ours, brute_force_chamfer(preds, gts), rtol=1e-10, atol=1e-6)
-    np.testing.assert_allclose(ours, upstream_style_chamfer(preds, gts), rtol=1e-12,
-                               atol=1e-12)
+    ours, brute = chamfer_distance_matrix(preds, gts), brute_force_chamfer(preds, gts)
+    np.testing.assert_allclose(ours, brute, rtol=1e-10, atol=1e-6)
+    # Upstream's formula to the last bits, except at coincident lines: there both are the
+    # square roots of rounding noise (about 1e-9 here), whose value depends on the order of
+    # the matrix product's sums (the BLAS build and threads), not on the code
+    upstream = upstream_style_chamfer(preds, gts)
+    apart = brute > 1e-3
+    np.testing.assert_allclose(ours[apart], upstream[apart], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ours, upstream, rtol=0, atol=1e-6)
     assert chamfer_distance_matrix(preds[:0], gts).shape == (0, 3)
     assert chamfer_distance_matrix(preds, gts[:0]).shape == (4, 0)
     with pytest.raises(ValueError, match=r'\[M, n, 2\]'):
