@@ -259,9 +259,15 @@ class SparseBox3DTarget(TemporalDnMixin):
     def _bad_labels(self, labels: Tensor, sizes: Sequence[int]) -> Tensor:
         """``[B]`` bool on the device: sample ``b`` has a label outside ``[0, C)`` among its
         first ``sizes[b]`` (padded ``[B, n]`` labels)."""
-        live = torch.arange(labels.shape[1], device=labels.device) < \
-            upload(np.asarray(sizes, np.int64), labels.device)[:, None]
+        live = self._live_slots(sizes, labels.shape[1], labels.device)
         return (live & ((labels < 0) | (labels >= self.num_classes))).any(1)
+
+    @staticmethod
+    def _live_slots(sizes: Sequence[int], num_gt: int, device: torch.device) -> Tensor:
+        """``[B, num_gt]`` bool on ``device``: slot ``j`` of sample ``b`` holds a GT
+        (``j < sizes[b]``); the sizes go up without a wait."""
+        return torch.arange(num_gt, device=device) < \
+            upload(np.asarray(sizes, np.int64), device)[:, None]
 
     def _check_labels(self, bad: Tensor, cls_target: Sequence[Tensor]) -> None:
         """Raise the named error for the first sample that :meth:`_bad_labels` flagged."""
@@ -308,8 +314,7 @@ class SparseBox3DTarget(TemporalDnMixin):
         out, finite = self._encode_rows(boxes)
         sizes = [int(box.shape[0]) for box in box_target]
         if min(sizes) < num_gt:  # padded slots: no target (cos 0 would be 1 there)
-            live = (torch.arange(num_gt, device=device) <
-                    upload(np.asarray(sizes, np.int64), device)[:, None])[..., None]
+            live = self._live_slots(sizes, num_gt, device)[..., None]
             out, finite = torch.where(live, out, 0.0), finite & live
         return out, finite
 
