@@ -147,19 +147,52 @@ def first_steps(tiny_lidar, tmp_path_factory, full_fp32, exact_attention):
     return stock, turbox
 
 
-def _assert_same_losses_and_gradients(losses, grads, reference, rtol=RTOL, floor=1e-6):
+def _norm_invariant_params(model):
+    """The parameters whose exact gradient is zero because a BatchNorm directly follows their
+    layer in an ``nn.Sequential`` (BEVFusion's ``dtransform`` and ``depthnet``): in training
+    mode the norm removes each channel's mean, so the layer's bias does not change the output,
+    and it divides by each channel's spread, so neither does a weight with one element per
+    output channel (a 1x1 convolution of one input channel). Their computed gradient is
+    rounding alone."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    names = set()
+    for prefix, module in model.named_modules():
+        if not isinstance(module, torch.nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name, layer), (_, after) in zip(children, children[1:]):
+            if not isinstance(after, _BatchNorm):
+                continue
+            path = f'{prefix}.{name}' if prefix else name
+            if getattr(layer, 'bias', None) is not None:
+                names.add(f'{path}.bias')
+            weight = getattr(layer, 'weight', None)
+            if weight is not None and weight[0].numel() == 1:
+                names.add(f'{path}.weight')
+    return names
+
+
+def _assert_same_losses_and_gradients(losses, grads, reference, rtol=RTOL, floor=1e-6,
+                                      zero=()):
     """Every loss term within ``rtol``; every gradient within ``rtol`` relative error per
-    tensor, ``||g - g_ref|| / max(||g_ref||, 1e-6 ||g_ref||_all)``. The floor is for the
+    tensor, ``||g - g_ref|| / max(||g_ref||, floor ||g_ref||_all)``. The floor is for the
     gradients that are zero but for rounding (biases followed by a norm layer: about 1e-8
-    here, against 1e-2 and more for every other tensor), whose relative error says nothing."""
+    here, against 1e-2 and more for every other tensor), whose relative error says nothing.
+    The tensors named in ``zero`` are zero by construction (``_norm_invariant_params``): both
+    runs' must be below ``1e-6 ||g_ref||_all``, and their rounding is not compared."""
     assert set(LOSS_KEYS) <= set(reference.losses)
     assert losses.keys() == reference.losses.keys()
     for key, value in reference.losses.items():
         assert losses[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
     assert grads.keys() == reference.grads.keys()
-    floor = floor * float(torch.stack([g.norm() for g in reference.grads.values()]).norm())
+    total = float(torch.stack([g.norm() for g in reference.grads.values()]).norm())
+    assert set(zero) <= grads.keys(), sorted(set(zero) - grads.keys())
+    for name in zero:
+        assert float(grads[name].norm()) < 1e-6 * total, (name, float(grads[name].norm()))
+        assert float(reference.grads[name].norm()) < 1e-6 * total, name
+    floor = floor * total
     errors = {name: float((grads[name] - ref).norm()) / max(float(ref.norm()), floor)
-              for name, ref in reference.grads.items()}
+              for name, ref in reference.grads.items() if name not in zero}
     assert max(errors.values()) < rtol, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
@@ -242,7 +275,13 @@ def test_camera_configs_start_from_the_same_weights_and_compute_the_same_step(
     total, log_vars = model.parse_losses(model(**data, mode='loss'))
     total.backward()
     # The pooling sums in another order (bev_pool against an index_add), so the gradients of
-    # the biases that a BatchNorm follows (zero but for rounding) differ in their rounding: the
-    # floor of the relative error is 1e-4 of the whole gradient's norm here.
+    # the biases that a BatchNorm follows (zero but for rounding) differ in their rounding
+    # (measured up to 5.7e-6 against a whole gradient's norm of 423, and machine-dependent):
+    # they are checked as zeros, not compared.
+    # The floor stays at 1e-4 of the whole gradient's norm for the small genuine gradients
+    # (the Swin output norms' biases: 4e-4 relative error under a 1e-6 floor).
+    zero = _norm_invariant_params(model)
+    assert {'view_transform.dtransform.0.bias', 'view_transform.dtransform.0.weight',
+            'view_transform.depthnet.0.bias'} <= zero, sorted(zero)
     _assert_same_losses_and_gradients({k: float(v) for k, v in log_vars.items()}, _grads(model),
-                                      stock, floor=1e-4)
+                                      stock, floor=1e-4, zero=zero)
