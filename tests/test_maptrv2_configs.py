@@ -190,7 +190,8 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_steps(ti
                                                                               tmp_path):
     """Both tiny configs: 8 iterations with the depth, segmentation, one-to-one and
     one-to-many losses, finite and falling, then the Chamfer mAP on the synthetic val split;
-    one seed, so turbox logs stock's first epoch (3 iterations: the LSS encoder's turbox
+    one seed, so turbox logs stock's first epoch (3 iterations, the first to 1e-4, the next
+    two within the rounding that AdamW amplifies: the LSS encoder's turbox
     path with the sync-free depth loss and the pooling op's CPU reference, batched matching,
     the pipelined loop; afterwards its cyclic loader orders the samples differently), with
     the stock image pipeline (``turbox.data.fast_pipeline=False``). The default twin's image
@@ -202,8 +203,14 @@ def test_tiny_configs_train_and_evaluate_on_the_cpu_from_the_same_first_steps(ti
     stock = _train_tiny('stock', tiny_data, tmp_path / 'stock')
     same_pipeline = _train_tiny('turbox', tiny_data, tmp_path / 'turbox_stock_pipeline',
                                 'turbox.data.fast_pipeline=False')
+    # The first step is the same maths on the same batch (1e-4). The next two follow updates
+    # from gradients that differ by rounding (the pooling and the ASPP's mean sum in another
+    # order), and AdamW's first steps are nearly sign steps, lr * g / |g|, so an element whose
+    # gradient is rounding noise moves by the whole learning rate either way: measured
+    # loss_depth 2.9e-4 apart at the third step on the CI machine (2026-12-06).
     for key in ('loss', ) + LOSS_KEYS:
-        assert same_pipeline[key][:3] == pytest.approx(stock[key][:3], rel=1e-4), key
+        assert same_pipeline[key][0] == pytest.approx(stock[key][0], rel=1e-4), key
+        assert same_pipeline[key][1:3] == pytest.approx(stock[key][1:3], rel=2e-3), key
     turbox = _train_tiny('turbox', tiny_data, tmp_path / 'turbox')
     for key in ('loss', ) + LOSS_KEYS:  # before any update (then the gradients differ too)
         assert turbox[key][0] == pytest.approx(stock[key][0], rel=0.03), key
