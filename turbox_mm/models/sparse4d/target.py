@@ -439,11 +439,13 @@ class SparseBox3DTarget(TemporalDnMixin):
             labels, target, weights = self._padded_gts(cls_target, box_target, device, dtype)
             bad = self._bad_labels(labels, sizes)
             safe = labels.clamp(0, self.num_classes - 1)  # checked below, before any use
-            index = safe[:, None].expand(-1, num_query, -1)
-            cost = torch.stack([  # [L * B, Q, n], layer-major
-                torch.gather(self._class_costs(c), -1, index) * self.cls_weight +
-                self._box_cost(b, target, weights) for c, b in zip(cls_preds, box_preds)
-            ]).flatten(0, 1)
+            # all layers at once: [L, B, Q, C] logits and [L, B, Q, 10] boxes, priced in one
+            # pass (the same elementwise operations as one layer at a time, bit for bit)
+            logits = torch.stack(list(cls_preds))
+            boxes = torch.stack([b[..., :REG_DIM] for b in box_preds])
+            index = safe[None, :, None].expand(layers, -1, num_query, -1)
+            cost = (torch.gather(self._class_costs(logits), -1, index) * self.cls_weight +
+                    self._box_cost(boxes, target, weights)).flatten(0, 1)  # [L * B, Q, n]
             pairs = self._solve_checked(cost, sizes, bad, cls_target)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt = pairs[1], pairs[2]
