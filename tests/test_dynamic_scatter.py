@@ -203,8 +203,11 @@ def test_fast_ops_rebinds_mmdet3d_dynamic_scatter_and_uninstall_restores_it():
         assert len(changes) == 2 and fast_scatter.install() == []
         assert voxel_encoder.DynamicScatter is TurboxDynamicScatter
         assert pillar_encoder.DynamicScatter is TurboxDynamicScatter
-        vfe = MODELS.build(dict(type='DynamicVFE', in_channels=4, feat_channels=[16, 16],
-                                with_cluster_center=True, with_voxel_center=True,
+        # the scope named: a runner built earlier in this process may have left another
+        # default scope current
+        vfe = MODELS.build(dict(type='DynamicVFE', _scope_='mmdet3d', in_channels=4,
+                                feat_channels=[16, 16], with_cluster_center=True,
+                                with_voxel_center=True,
                                 voxel_size=[0.5, 0.5, 4], point_cloud_range=[-5, -5, -3, 5, 5, 1],
                                 norm_cfg=dict(type='BN1d', eps=1e-3, momentum=0.01)))
         assert isinstance(vfe.vfe_scatter, TurboxDynamicScatter)
