@@ -196,7 +196,8 @@ def test_the_previous_stance_comes_back():
 
 def test_sparsedrive_stage2_compiles_fewer_graphs_without_its_first_frame(tmp_path, full_fp32):
     """What the hook is for: the tiny SparseDrive stage-2 model, its heads compiled as
-    ``modules='auto'`` does (Dynamo with aot_eager), over five temporal frames. Compiling the
+    ``modules='auto'`` does (Dynamo with its eager backend: the frames counted are Dynamo's
+    whatever the backend), over five temporal frames. Compiling the
     first frame (no cached instances, no queue) compiles graphs that no later frame uses; run
     eagerly, the first frame adds none, and the later frames need fewer graphs in all."""
     from torch._dynamo.utils import counters
@@ -212,7 +213,7 @@ def test_sparsedrive_stage2_compiles_fewer_graphs_without_its_first_frame(tmp_pa
         torch._dynamo.reset()
         counters.clear()
         model = build_model(cfg)
-        compile_submodules(model, 'auto', backend='aot_eager')
+        compile_submodules(model, 'auto', backend='eager')
         hook = EagerWarmupHook(eager_iters)
         per_step = []
         with torch._dynamo.config.patch(recompile_limit=limit):
