@@ -8,6 +8,9 @@ TURBOX_VENV ?= $(CURDIR)/.venv
 export TURBOX_VENV
 PY := $(TURBOX_VENV)/bin/python
 PYTEST_ARGS ?=
+# Processes that run the test files (pytest-xdist, a whole file to one process, so a module's
+# fixtures are built once); 0 runs everything in this one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-cuda clean
 
@@ -19,7 +22,7 @@ demo: setup
 	PYTHON=$(PY) bash tools/sparse4d_benchmark.sh auto work_dirs/demo/benchmark
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # On a CUDA machine: only the GPU tests.
 test-cuda: setup
