@@ -424,6 +424,10 @@ class SparseBox3DTarget(TemporalDnMixin):
             if cls_pred.shape != cls_preds[0].shape or box_pred.shape[:2] != cls_pred.shape[:2]:
                 raise ValueError(f'SparseBox3DTarget.sample_layers: layer {i} has shape '
                                  f'{tuple(cls_pred.shape)}, layer 0 {tuple(cls_preds[0].shape)}')
+            if (cls_pred.dtype, box_pred.dtype) != (cls_preds[0].dtype, box_preds[0].dtype):
+                raise ValueError(f'SparseBox3DTarget.sample_layers: layer {i} has dtypes '
+                                 f'{cls_pred.dtype} / {box_pred.dtype}, layer 0 '
+                                 f'{cls_preds[0].dtype} / {box_preds[0].dtype}')
         batch, num_query, _ = cls_preds[0].shape
         self._check_gts(cls_target, box_target, batch)
         layers = len(cls_preds)
@@ -439,8 +443,8 @@ class SparseBox3DTarget(TemporalDnMixin):
             labels, target, weights = self._padded_gts(cls_target, box_target, device, dtype)
             bad = self._bad_labels(labels, sizes)
             safe = labels.clamp(0, self.num_classes - 1)  # checked below, before any use
-            # all layers at once: [L, B, Q, C] logits and [L, B, Q, 10] boxes, priced in one
-            # pass (the same elementwise operations as one layer at a time, bit for bit)
+            # all layers at once: [L, B, Q, C] logits and [L, B, Q, 10] boxes (one dtype),
+            # priced in one pass by the same elementwise operations as one layer at a time
             logits = torch.stack(list(cls_preds))
             boxes = torch.stack([b[..., :REG_DIM] for b in box_preds])
             index = safe[None, :, None].expand(layers, -1, num_query, -1)
