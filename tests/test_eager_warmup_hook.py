@@ -197,9 +197,9 @@ def test_the_previous_stance_comes_back():
 def test_sparsedrive_stage2_compiles_fewer_graphs_without_its_first_frame(tmp_path, full_fp32):
     """What the hook is for: the tiny SparseDrive stage-2 model, its heads compiled as
     ``modules='auto'`` does (Dynamo with its eager backend: the frames counted are Dynamo's
-    whatever the backend), over five temporal frames. Compiling the
-    first frame (no cached instances, no queue) compiles graphs that no later frame uses; run
-    eagerly, the first frame adds none, and the later frames need fewer graphs in all."""
+    whatever the backend), over five temporal frames. Compiling the first frame (no cached
+    instances, no queue) compiles graphs that no later frame uses; run eagerly, the first
+    frame adds none, and the later frames need fewer graphs in all."""
     from torch._dynamo.utils import counters
 
     from turbox_mm.engine.runner.module_compiler import compile_submodules
