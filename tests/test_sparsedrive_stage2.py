@@ -6,6 +6,7 @@ The tiny configs (configs/sparsedrive/sparsedrive_tiny_stage2_{stock,turbox}.py)
 model with small sizes; everything runs on the CPU in the test suite.
 """
 import os.path as osp
+import random
 
 import numpy as np
 import pytest
@@ -86,22 +87,23 @@ def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):
     near tie at initialisation, which rounding resolves differently on another CPU (seen in
     CI: ``motion_loss_cls_0``), cannot decide the comparison.
 
-    The weights are drawn from a fixed seed. Unseeded, they came from whatever state earlier
-    tests left the generator in, and the comparison varied from draw to draw: over seeds 1-6
-    the gradients differed by 0.00% to 0.54% in total (up to 4.7% in one tensor), behind the
-    det head's sampling locations, where a point within rounding of a pixel boundary takes
-    the other side's bilinear derivative (``assert_same_gradients``); one unseeded draw in the
-    full suite gave 6.6%. Seed 4: below 0.02% per tensor.
-
     The turbox deformable aggregation runs its PyTorch reference here, not the Triton kernel
     under the interpreter (which took 90% of this test's time): stage 2 adds no aggregation
-    to stage 1's, whose parity test (``test_sparsedrive_model.py``) runs the kernel in both
-    heads, and the kernel equals the reference in ``test_deformable_aggregation.py``.
+    to stage 1's, whose parity test (``test_sparsedrive_model.py``) checks the kernel on
+    every call of both heads. Both runs therefore compute the same forward values (the
+    heads' targets and losses differ in arithmetic only) up to the motion-planning head,
+    whose turbox path embeds the ego and queue anchors in one call (rounding of another
+    matrix shape): measured 1.1e-4 in the worst tensor, bound 1e-2. While the kernel ran
+    here, with the weights unseeded the gradients differed by up to 4.7% in one tensor (6.6%
+    once in the full suite): forward values that differ by rounding take other one-sided
+    derivatives at kinks (``assert_same_gradients``).
     """
     stock_cfg = config_with_root(TINY_STOCK, tiny_root)
     turbox_cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
     assert turbox_cfg.model.head.motion_plan_head.op_impl == 'turbox'
-    torch.manual_seed(4)
+    torch.manual_seed(4)  # fixed weights and augmentation, whatever ran before
+    np.random.seed(4)
+    random.seed(4)
     stock, turbox = build_model(stock_cfg), build_model(turbox_cfg)
     turbox.load_state_dict(stock.state_dict())
     batch = stock.data_preprocessor(train_batches(stock_cfg, 1)[0], training=True)
@@ -121,7 +123,7 @@ def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):
                                    msg=lambda m, key=key: f'{key} (pinned near ties: '
                                    f'{pins.flips}): {m}')
     assert any(n.startswith('head.motion_plan_head') for n in stock_grads)
-    assert_same_gradients(turbox_grads, stock_grads)
+    assert_same_gradients(turbox_grads, stock_grads, total=1e-3, each=1e-2)
 
 
 def test_compiled_heads_agree_with_eager_over_temporal_frames(tiny_root, full_fp32):
