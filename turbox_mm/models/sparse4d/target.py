@@ -424,6 +424,10 @@ class SparseBox3DTarget(TemporalDnMixin):
             if cls_pred.shape != cls_preds[0].shape or box_pred.shape[:2] != cls_pred.shape[:2]:
                 raise ValueError(f'SparseBox3DTarget.sample_layers: layer {i} has shape '
                                  f'{tuple(cls_pred.shape)}, layer 0 {tuple(cls_preds[0].shape)}')
+            if (cls_pred.dtype, box_pred.dtype) != (cls_preds[0].dtype, box_preds[0].dtype):
+                raise ValueError(f'SparseBox3DTarget.sample_layers: layer {i} has dtypes '
+                                 f'{cls_pred.dtype} / {box_pred.dtype}, layer 0 '
+                                 f'{cls_preds[0].dtype} / {box_preds[0].dtype}')
         batch, num_query, _ = cls_preds[0].shape
         self._check_gts(cls_target, box_target, batch)
         layers = len(cls_preds)
@@ -439,11 +443,13 @@ class SparseBox3DTarget(TemporalDnMixin):
             labels, target, weights = self._padded_gts(cls_target, box_target, device, dtype)
             bad = self._bad_labels(labels, sizes)
             safe = labels.clamp(0, self.num_classes - 1)  # checked below, before any use
-            index = safe[:, None].expand(-1, num_query, -1)
-            cost = torch.stack([  # [L * B, Q, n], layer-major
-                torch.gather(self._class_costs(c), -1, index) * self.cls_weight +
-                self._box_cost(b, target, weights) for c, b in zip(cls_preds, box_preds)
-            ]).flatten(0, 1)
+            # all layers at once: [L, B, Q, C] logits and [L, B, Q, 10] boxes (one dtype),
+            # priced in one pass by the same elementwise operations as one layer at a time
+            logits = torch.stack(list(cls_preds))
+            boxes = torch.stack([b[..., :REG_DIM] for b in box_preds])
+            index = safe[None, :, None].expand(layers, -1, num_query, -1)
+            cost = (torch.gather(self._class_costs(logits), -1, index) * self.cls_weight +
+                    self._box_cost(boxes, target, weights)).flatten(0, 1)  # [L * B, Q, n]
             pairs = self._solve_checked(cost, sizes, bad, cls_target)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt = pairs[1], pairs[2]
