@@ -1,6 +1,5 @@
 """Resume decisions are made once, on rank 0, for every rank (two gloo processes on the CPU)."""
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
@@ -9,15 +8,10 @@ import torch.multiprocessing as mp
 from turbox_mm.engine.checkpoint_io import decided_on_rank0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank, port, out_dir, fail):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=2)
+def _rank(rank, out_dir, fail):
+    # a file store in the test's own directory: no port that another test could take first
+    dist.init_process_group('gloo', init_method=f'file://{out_dir}/store', rank=rank,
+                            world_size=2)
     try:
         def decide():
             if rank != 0:
@@ -37,7 +31,7 @@ def _rank(rank, port, out_dir, fail):
 
 @pytest.mark.parametrize('fail', [False, True])
 def test_every_rank_gets_rank_zeros_decision_or_its_error(tmp_path, fail):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path), fail), nprocs=2, join=True)
+    mp.spawn(_rank, args=(str(tmp_path), fail), nprocs=2, join=True)
     got = [(tmp_path / f'rank{r}.txt').read_text() for r in (0, 1)]
     if not fail:
         assert got == ['epoch_2.pth', 'epoch_2.pth']

@@ -127,8 +127,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run(rank, port, out):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+def run(rank, out):
+    # a file store in the test's directory: no port that another test could take first
+    dist.init_process_group('gloo', init_method=f'file://{out}/store', rank=rank,
                             world_size=2)
     from mmengine.evaluator import BaseMetric, Evaluator
     from turbox_mm.datasets.samplers import SequenceSampler
@@ -167,7 +168,7 @@ def run(rank, port, out):
 
 
 if __name__ == '__main__':
-    mp.spawn(run, args=(int(sys.argv[1]), sys.argv[2]), nprocs=2)
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
 '''
 
 
@@ -178,7 +179,7 @@ def test_two_gloo_ranks_evaluate_whole_sequences_in_dataset_order(tmp_path):
     alongside to show what it would do with those blocks: reorder and truncate."""
     script = tmp_path / 'eval_two_ranks.py'
     script.write_text(EVAL_SCRIPT)
-    proc = run_python([str(script), str(_free_port()), str(tmp_path)],
+    proc = run_python([str(script), str(tmp_path)],
                       env={'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
