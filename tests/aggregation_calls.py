@@ -29,7 +29,9 @@ class AggregationCalls:
 
     Attributes:
         calls (list[dict]): Per call: ``inputs`` (detached copies of the five arguments),
-            ``output``, ``grad_output`` and ``grads`` (input name -> the op's gradient).
+            ``output``, ``grad_output``, ``grads`` (input name -> the op's gradient),
+            ``needs`` (the inputs that require a gradient) and ``kernel`` (whether the kernel,
+            not the reference, served the call).
     """
 
     def __init__(self) -> None:
@@ -40,11 +42,18 @@ class AggregationCalls:
         """Run a step inside: the module's op calls go through a recording wrapper."""
         import importlib
         from unittest import mock
+        from turbox_mm.ops.deformable_aggregation import fallback_reason
         module = importlib.import_module(_MODULE)
         op = module.deformable_aggregation
 
         def recording_op(*args):
-            call = dict(inputs=[a.detach().clone() for a in args], grads={})
+            # whether the kernel serves this call (kernel_on_cpu does not force it: with
+            # TURBOX_OPS_REFERENCE set or no Triton, the reference would run, and the check
+            # would compare the reference with itself)
+            call = dict(inputs=[a.detach().clone() for a in args], grads={},
+                        kernel=fallback_reason(args[0]) is None,
+                        needs={name for index, name in _GRAD_INPUTS.items()
+                               if args[index].requires_grad})
             args = list(args)
             for index, name in _GRAD_INPUTS.items():
                 if args[index].requires_grad:
@@ -75,8 +84,12 @@ class AggregationCalls:
         from turbox_mm.ops.deformable_aggregation import deformable_aggregation_reference
         assert self.calls, 'no deformable-aggregation call was recorded'
         for index, call in enumerate(self.calls):
-            assert 'grad_output' in call and call['grads'], (
+            assert call['kernel'], f'call {index}: the reference ran, not the kernel'
+            assert 'grad_output' in call and call['needs'], (
                 f'call {index}: no gradient reached the op')
+            assert call['grads'].keys() == call['needs'], (
+                f'call {index}: the op gave gradients to {sorted(call["grads"])}, its inputs '
+                f'need {sorted(call["needs"])}')
             inputs = [t.clone().requires_grad_(_GRAD_INPUTS.get(i) in call['grads'])
                       for i, t in enumerate(call['inputs'])]
             out = deformable_aggregation_reference(*inputs)
@@ -86,7 +99,6 @@ class AggregationCalls:
                 if name in call['grads']:
                     expected[name] = inputs[i].grad
             got = dict(output=call['output'], **call['grads'])
-            assert got.keys() == expected.keys(), (index, sorted(got), sorted(expected))
             for name, ref in expected.items():
                 error = float((got[name].float() - ref.float()).norm()
                               / ref.float().norm().clamp_min(1e-30))

@@ -32,11 +32,11 @@ class DecisionPins:
     Args:
         rtol (float): Relative tolerance on a decision's inputs when replaying.
         atol (float): Absolute tolerance on a decision's inputs when replaying. Both default
-            to 1e-3: the inputs are model outputs, behind the deformable aggregation, whose
-            summation order differs between the paths and amplifies rounding (see
-            ``conftest.assert_same_gradients``); measured on the tiny SparseDrive stage 2,
-            1.6e-4 (3.7e-4 relative) in one mode distance of 384. A wrong path differs by
-            far more.
+            to 1e-3: the inputs are model outputs, which differ by amplified rounding where
+            the replayed run computes its forward values otherwise (the aggregation kernel,
+            the motion head's turbox path); measured on the tiny SparseDrive stage 2 while
+            it ran the kernel, 1.6e-4 (3.7e-4 relative) in one mode distance of 384. A wrong
+            path differs by far more.
 
     Attributes:
         solves (list): Recorded ``(cost, (rows, cols))`` of every assignment.

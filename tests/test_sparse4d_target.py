@@ -642,6 +642,8 @@ def test_sample_layers_checks_shapes_and_labels():
         target.sample_layers([], [], gt_cls, gt_box)
     with pytest.raises(ValueError, match=r'layer 1 has dtypes torch.float64 / torch.float32'):
         target.sample_layers([cls_preds[0], cls_preds[1].double()], box_preds, gt_cls, gt_box)
+    with pytest.raises(ValueError, match=r'layer 1 has dtypes torch.float32 / torch.float64'):
+        target.sample_layers(cls_preds, [box_preds[0], box_preds[1].double()], gt_cls, gt_box)
     bad = [gt_cls[0], gt_cls[1], torch.tensor([BARRIER, 12])]
     with pytest.raises(ValueError, match=r'cls_target\[2\] holds labels outside \[0, 10\): '
                                          r'\[5, 12\]'):

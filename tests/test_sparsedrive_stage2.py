@@ -93,7 +93,9 @@ def test_stock_and_turbox_agree_on_the_first_iteration(tiny_root, full_fp32):
     every call of both heads. Both runs therefore compute the same forward values (the
     heads' targets and losses differ in arithmetic only) up to the motion-planning head,
     whose turbox path embeds the ego and queue anchors in one call (rounding of another
-    matrix shape): measured 1.1e-4 in the worst tensor, bound 1e-2. While the kernel ran
+    matrix shape): measured 1.1e-4 in the worst tensor, bound 1e-2 (behind that head's
+    ReLUs a kink can still move a gradient by more: ``assert_same_gradients``; the draw is
+    seeded, so the measured case is the one that runs). While the kernel ran
     here, with the weights unseeded the gradients differed by up to 4.7% in one tensor (6.6%
     once in the full suite): forward values that differ by rounding take other one-sided
     derivatives at kinks (``assert_same_gradients``).
@@ -174,8 +176,9 @@ def test_turbox_and_stock_motion_heads_agree_over_temporal_frames(tiny_root, ful
     the instance queue holds more than one frame (a wrong reshape of the queued embeddings
     would pass the first frame)."""
     cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
-    # gradients as the stage's stock/turbox parity test compares them (the two loss paths sum
-    # in other orders; conftest's assert_same_gradients says what was measured)
+    # assert_same_gradients' default bounds: the motion head's two paths differ by rounding
+    # in the forward values too (one encoder call), so a kink could move a gradient by more
+    # (conftest); the parity test measured 1.1e-4 per tensor on its seeded draw
     stock = twin_agrees(cfg, lambda model: setattr(model.head.motion_plan_head, 'op_impl',
                                                    'stock'), steps=3,
                         grad_check=assert_same_gradients)

@@ -444,11 +444,14 @@ class SparseBox3DTarget(DenoisingMixin, TemporalDnMixin):
             safe = labels.clamp(0, self.num_classes - 1)  # checked below, before any use
             # all layers at once: [L, B, Q, C] logits and [L, B, Q, 10] boxes (one dtype),
             # priced in one pass by the same elementwise operations as one layer at a time
-            logits = torch.stack(list(cls_preds))
-            boxes = torch.stack([b[..., :REG_DIM] for b in box_preds])
-            index = safe[None, :, None].expand(layers, -1, num_query, -1)
-            cost = (torch.gather(self._class_costs(logits), -1, index) * self.cls_weight +
-                    self._box_cost(boxes, target, weights)).flatten(0, 1)  # [L * B, Q, n]
+            # (no autograd: the cost only decides the matching, and its intermediates
+            # would otherwise be kept for every layer at once)
+            with torch.no_grad():
+                logits = torch.stack(list(cls_preds))
+                boxes = torch.stack([b[..., :REG_DIM] for b in box_preds])
+                index = safe[None, :, None].expand(layers, -1, num_query, -1)
+                cost = (torch.gather(self._class_costs(logits), -1, index) * self.cls_weight +
+                        self._box_cost(boxes, target, weights)).flatten(0, 1)  # [L * B, Q, n]
             pairs = self._solve_checked(cost, sizes, bad, cls_target)
             layer, sample = pairs[0] // batch, pairs[0] % batch
             query, gt = pairs[1], pairs[2]
