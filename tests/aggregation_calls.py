@@ -105,3 +105,24 @@ class AggregationCalls:
                 assert error <= rtol, (
                     f'call {index} ({tuple(call["inputs"][3].shape)} sampling locations): '
                     f'{name} {error:.3g} from the reference, bound {rtol}')
+
+
+def assert_kernel_step_agrees(model, batch, pins, losses, num_calls: int) -> None:
+    """One training step of ``model`` with the aggregation's Triton kernel (on the CPU, under
+    its interpreter) and ``pins`` replayed: its losses agree with ``losses`` (rtol 1e-4, atol
+    1e-5: losses are continuous in the forward values), it calls the op ``num_calls`` times,
+    and each call agrees with the reference (:meth:`AggregationCalls.assert_match_reference`).
+    """
+    import torch
+
+    from conftest import first_step
+    from turbox_mm.ops.dispatch import kernel_on_cpu
+    calls = AggregationCalls()
+    with kernel_on_cpu(), pins.replay(), calls.record():
+        kernel_losses, _ = first_step(model, batch)
+    assert kernel_losses.keys() == losses.keys()
+    for key in losses:
+        torch.testing.assert_close(kernel_losses[key], losses[key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f'{key} with the kernel: {m}')
+    assert len(calls.calls) == num_calls, len(calls.calls)
+    calls.assert_match_reference()

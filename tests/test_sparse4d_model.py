@@ -14,7 +14,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from aggregation_calls import AggregationCalls
+from aggregation_calls import assert_kernel_step_agrees
 from conftest import (ROOT, assert_same_gradients, compiled_twin_agrees, first_step,
                       logged_losses, make_sparse4d_tiny, run_python)
 from conftest import build_model as _build, config_with_root as _config
@@ -138,7 +138,6 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     kernel (run here by Triton's interpreter) gives the same losses, the kernel matching the
     reference on every call's own inputs (aggregation_calls.py says why its parameter
     gradients are not compared)."""
-    from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
     stock_cfg = _config(TINY_STOCK, tiny_root)
     turbox_cfg, _ = _turbox_applied(_config(TINY_TURBOX, tiny_root))
     assert turbox_cfg.model.head.deformable_model.op_impl == 'turbox'
@@ -170,14 +169,8 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     assert stock_grads.keys() == turbox_grads.keys()
     assert_same_gradients(turbox_grads, stock_grads, total=1e-5, each=1e-4)
 
-    calls = AggregationCalls()
-    with kernel_on_cpu(), pins.replay(), calls.record():
-        kernel_losses, _ = first_step(with_kernel, batch)
-    for key in stock_losses:
-        torch.testing.assert_close(kernel_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, key=key: f'{key} with the kernel: {m}')
-    assert len(calls.calls) == 2  # one per decoder layer
-    calls.assert_match_reference()
+    # one per decoder layer
+    assert_kernel_step_agrees(with_kernel, batch, pins, stock_losses, num_calls=2)
 
 
 def test_compiled_head_agrees_with_eager_over_temporal_frames(tiny_root, full_fp32):

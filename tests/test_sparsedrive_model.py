@@ -13,7 +13,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from aggregation_calls import AggregationCalls
+from aggregation_calls import assert_kernel_step_agrees
 from conftest import (ROOT, assert_same_gradients, build_model, config_with_root, first_step,
                       logged_losses, make_sparsedrive_tiny, run_python, train_batches,
                       turbox_applied)
@@ -120,7 +120,6 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     deformable aggregation's Triton kernel (under its interpreter) gives the same losses, the
     kernel matching the reference on every call's own inputs (aggregation_calls.py says why
     its parameter gradients are not compared)."""
-    from turbox_mm.ops.deformable_aggregation.op import kernel_on_cpu
     stock_cfg = config_with_root(TINY_STOCK, tiny_root)
     turbox_cfg, _ = turbox_applied(config_with_root(TINY_TURBOX, tiny_root))
     # seeded weights and augmentation, whatever ran before in this process: unseeded, an
@@ -153,14 +152,8 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
     assert any(n.startswith('head.map_head.instance_bank') for n in stock_grads)
     assert_same_gradients(turbox_grads, stock_grads, total=1e-5, each=1e-4)
 
-    calls = AggregationCalls()
-    with kernel_on_cpu(), pins.replay(), calls.record():
-        kernel_losses, _ = first_step(with_kernel, batch)
-    for key in stock_losses:
-        torch.testing.assert_close(kernel_losses[key], stock_losses[key], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, key=key: f'{key} with the kernel: {m}')
-    assert len(calls.calls) == 4  # two det and two map layers
-    calls.assert_match_reference()
+    # two det and two map layers
+    assert_kernel_step_agrees(with_kernel, batch, pins, stock_losses, num_calls=4)
 
 
 def test_training_frames_carry_det_ids_and_no_map_cache(tiny_root):
