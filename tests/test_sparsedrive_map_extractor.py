@@ -26,9 +26,10 @@ from shapely.geometry import LinearRing, LineString, Polygon, box
 
 from turbox_mm.datasets.map_gt import LocationGeometry, MapExpansionError, lidar2global_of
 from turbox_mm.datasets.map_gt.expansion_file import load_map_expansion
-from turbox_mm.datasets.map_gt.sparsedrive_extractor import (
-    SparseDriveMapSource, add_sparsedrive_map_annos, command_line, format_results,
-    sparsedrive_map_annos)
+from turbox_mm.datasets.map_gt.sparsedrive_annos_file import (
+    add_sparsedrive_map_annos, command_line, format_results)
+from turbox_mm.datasets.map_gt.sparsedrive_extractor import (SparseDriveMapSource,
+                                                             sparsedrive_map_annos)
 from turbox_mm.datasets.synthetic.map_expansion import (assign_locations, expansion_json,
                                                         scene_map, write_map_expansion)
 

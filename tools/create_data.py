@@ -321,8 +321,8 @@ def map_gt(args) -> int:
 def sparsedrive_map(args) -> int:
     """Exit status 2 with the named problem if the map_annos cannot be stored, else 0."""
     from turbox_mm.datasets.map_gt import MapAnnotationError, MapExpansionError
-    from turbox_mm.datasets.map_gt.sparsedrive_extractor import (add_sparsedrive_map_annos,
-                                                                 format_results)
+    from turbox_mm.datasets.map_gt.sparsedrive_annos_file import (add_sparsedrive_map_annos,
+                                                                  format_results)
     from turbox_mm.datasets.synthetic import InfoFileError
     try:
         results = add_sparsedrive_map_annos(args.infos, args.data_root, force=args.force,
