@@ -34,7 +34,6 @@ Examples:
 import os
 import os.path as osp
 import time
-from multiprocessing import get_all_start_methods, get_context
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .annotation import (KEYS, MAP_ANNOTATION, MapAnnotationError, check_map_annotation,
@@ -43,6 +42,7 @@ from .expansion_file import (NUSCENES_LOCATIONS, MapExpansionError, map_expansio
                              missing_map_message)
 from .patch_pose import lidar2global_of
 from .reference import KNOWN_MAP_CLASSES, MAP_CLASSES, VectorizedLocalMapReference
+from .task_pool import run_tasks
 
 __all__ = ['precompute_map_gt', 'format_results', 'command_line', 'DEFAULT_PATCH_SIZE']
 
@@ -104,36 +104,6 @@ def _cut(task: tuple) -> List[tuple]:
         except MapExpansionError as error:  # the file went or is unreadable: name the sample
             raise MapExpansionError(f'{where}: {error}') from error
         out.append((key, encode_map_annotation(polylines, labels, classes, patch_size)))
-    return out
-
-
-def _pool(workers: int):
-    method = 'fork' if 'fork' in get_all_start_methods() else 'spawn'
-    return get_context(method).Pool(workers)
-
-
-def _run(tasks: List[tuple], workers: int, progress: bool, total: int) -> Dict[tuple, dict]:
-    """Every task's annotations by key; in a pool of ``workers`` processes unless that is
-    1 (or there is one task)."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc='map-gt', unit='sample')
-    pool = _pool(workers) if workers > 1 else None
-    out = {}
-    try:
-        results = pool.imap(_cut, tasks) if pool is not None else map(_cut, tasks)
-        for result in results:
-            out.update(result)
-            if bar is not None:
-                bar.update(len(result))
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        _WORKER.clear()
     return out
 
 
@@ -256,7 +226,8 @@ def precompute_map_gt(infos_path: Union[str, Sequence[str]], data_root: str,
     workers = workers or os.cpu_count() or 1
     workers = min(workers, len(tasks)) if workers > 1 and len(tasks) > 1 else 1
     started = time.perf_counter()
-    cut = _run(tasks, workers, progress, sum(len(t[-1]) for t in tasks))
+    cut = run_tasks(_cut, tasks, workers, progress, sum(len(t[-1]) for t in tasks), 'map-gt',
+                    _WORKER)
     seconds = time.perf_counter() - started
 
     for file_index, ((path, infos), result) in enumerate(zip(loaded, results)):

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Union
 from .expansion_file import MapExpansionError, load_map_expansion
 from .sparsedrive_extractor import (ROI_SIZE, SparseDriveMapSource, check_roi,
                                     check_sparsedrive_map_annos, sparsedrive_map_annos)
+from .task_pool import run_tasks
 
 __all__ = ['add_sparsedrive_map_annos', 'format_results', 'command_line']
 
@@ -44,32 +45,6 @@ def _extract(task: tuple) -> List[tuple]:
         doc = load_map_expansion(data_root, location)
         _WORKER.update(key=(data_root, location), source=SparseDriveMapSource.from_expansion(doc))
     return [(key, sparsedrive_map_annos(_WORKER['source'], pose, roi)) for key, pose in samples]
-
-
-def _run(tasks: List[tuple], workers: int, progress: bool) -> dict:
-    from multiprocessing import get_all_start_methods, get_context
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=sum(len(t[-1]) for t in tasks), desc='sparsedrive-map', unit='sample')
-    pool = None
-    if workers > 1:
-        method = 'fork' if 'fork' in get_all_start_methods() else 'spawn'
-        pool = get_context(method).Pool(workers)
-    out = {}
-    try:
-        for result in (pool.imap(_extract, tasks) if pool else map(_extract, tasks)):
-            out.update(result)
-            if bar is not None:
-                bar.update(len(result))
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        _WORKER.clear()
-    return out
 
 
 def _plan(path: str, infos: dict, roi: tuple, force: bool, data_root: str) -> tuple:
@@ -149,7 +124,8 @@ def add_sparsedrive_map_annos(info_paths: Union[str, Sequence[str]], data_root: 
              for location, samples in sorted(groups.items())
              for start in range(0, len(samples), CHUNK)]
     workers = workers or os.cpu_count() or 1
-    cut = _run(tasks, min(workers, len(tasks)) if len(tasks) > 1 else 1, progress)
+    cut = run_tasks(_extract, tasks, min(workers, len(tasks)) if len(tasks) > 1 else 1,
+                    progress, sum(len(t[-1]) for t in tasks), 'sparsedrive-map', _WORKER)
     results = []
     for file_index, ((path, infos), (todo, counts)) in enumerate(zip(loaded, plans)):
         for index in todo:
