@@ -263,9 +263,63 @@ def test_stock_and_turbox_losses_agree_on_temporal_frames(tiny_root, full_fp32):
         model.loss(data['inputs'], data['data_samples'])
     assert any(temporal for temporal, _, _ in seen)  # the temp_dn branch ran
     for _, stock, turbox in seen:
-        assert stock.keys() == turbox.keys()
+        assert list(stock) == list(turbox)  # the same keys in the same order
         for key in stock:
             torch.testing.assert_close(turbox[key], stock[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize('threshold', [-1.0, 0.05], ids=['no-gate', 'gate'])
+def test_stacked_layer_losses_equal_a_call_per_layer(tiny_root, full_fp32, monkeypatch,
+                                                     threshold):
+    """The turbox losses of all decoder layers in one call of each loss (and one
+    ``reduce_mean`` of every normaliser) against a call per layer on the same head outputs,
+    over temporal frames with temporal denoising: the same keys in the same order, values and
+    gradients to the head's outputs within float32 summation order."""
+    import mmdet.utils
+    cfg = _config(TINY_STOCK, tiny_root)
+    model = _build(cfg)
+    model.train()
+    head, seen = model.head, []
+    head.op_impl, head.cls_threshold_to_reg = 'turbox', threshold
+    real_reduce_mean, reduce_calls = mmdet.utils.reduce_mean, []
+
+    def counting_reduce_mean(tensor):
+        reduce_calls.append(tuple(tensor.shape))
+        return real_reduce_mean(tensor)
+
+    monkeypatch.setattr(mmdet.utils, 'reduce_mean', counting_reduce_mean)
+
+    def both(outputs, metas):
+        assert head._layers_stack(outputs)
+        leaves = [t for key in ('classification', 'prediction', 'quality',
+                                'dn_classification', 'dn_prediction')
+                  for t in outputs.get(key, ())]
+        runs = []
+        for method in (head._loss_stacked, head._loss_layer_by_layer):
+            del reduce_calls[:]
+            losses = method(outputs, metas[head.gt_cls_key], metas[head.gt_reg_key])
+            grads = torch.autograd.grad(sum(losses.values()), leaves, retain_graph=True,
+                                        allow_unused=True)
+            runs.append((losses, grads, list(reduce_calls)))
+        rows = len(outputs['classification']) + len(outputs.get('dn_classification', ()))
+        seen.append(('temp_dn_valid_mask' in outputs, rows, runs))
+        return dict(runs[0][0])  # the detector adds its own keys to what it gets
+
+    head.loss = lambda outputs, metas: both(outputs, metas)
+    for data in _batches(cfg, 3):
+        data = model.data_preprocessor(data, training=True)
+        model.loss(data['inputs'], data['data_samples'])
+    assert any(temporal for temporal, _, _ in seen)  # the temp_dn branch ran
+    for _, rows, ((stacked, stacked_grads, stacked_reduce), (loop, loop_grads, _)) in seen:
+        assert list(stacked) == list(loop)
+        # one collective for every layer's normaliser, denoising layers' too
+        assert stacked_reduce == [(rows, )]
+        for key in loop:
+            torch.testing.assert_close(stacked[key], loop[key], rtol=1e-6, atol=1e-7, msg=key)
+        for i, (got, want) in enumerate(zip(stacked_grads, loop_grads)):
+            assert (got is None) == (want is None), i
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=str(i))
 
 
 def test_metas_keep_timestamps_in_float64(tiny_root):

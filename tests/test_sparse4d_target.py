@@ -553,6 +553,83 @@ def test_box_loss_suffix_no_quality_empty_and_gradients():
         loss(box, target, torch.ones(4, 9))
 
 
+@pytest.mark.parametrize('box_weight', [0.25, 0.3])
+def test_box_loss_of_stacked_layers_equals_a_call_per_layer(box_weight):
+    """``layers=L`` on L blocks of rows (each with its own normaliser, a block whose rows are
+    all weighted out, reversed barriers) gives each block's own call: values and gradients."""
+    gen = torch.Generator().manual_seed(11)
+    layers, rows = 3, 5
+    loss = SparseBox3DLoss(loss_box=dict(type='mmdet.L1Loss', loss_weight=box_weight),
+                           cls_allow_reverse=[BARRIER])
+    box = torch.randn(layers * rows, 11, generator=gen).requires_grad_()
+    quality = torch.randn(layers * rows, 2, generator=gen).requires_grad_()
+    target = torch.randn(layers * rows, 10, generator=gen)
+    weight = torch.rand(layers * rows, 10, generator=gen)
+    cls_target = torch.randint(0, 10, (layers * rows, ), generator=gen)
+    cls_target[::2] = BARRIER
+    row_weight = (torch.rand(layers * rows, generator=gen) > 0.4).float()
+    row_weight[rows:2 * rows] = 0  # the second layer matched nothing
+    avg = torch.tensor([3.0, 1.0, 4.0])
+    for with_quality in (True, False):
+        q = quality if with_quality else None
+        stacked = loss(box, target, weight, avg_factor=avg, quality=q, cls_target=cls_target,
+                       row_weight=row_weight, layers=layers)
+        assert list(stacked) == (['loss_box', 'loss_cns', 'loss_yns'] if with_quality
+                                 else ['loss_box'])
+        assert all(v.shape == (layers, ) for v in stacked.values())
+        blocks = [slice(i * rows, (i + 1) * rows) for i in range(layers)]
+        per_layer = [loss(box[b], target[b], weight[b], avg_factor=avg[i],
+                          quality=None if q is None else q[b], cls_target=cls_target[b],
+                          row_weight=row_weight[b]) for i, b in enumerate(blocks)]
+        inputs = (box, quality) if with_quality else (box, )
+        for key, values in stacked.items():
+            want = torch.stack([out[key] for out in per_layer])
+            torch.testing.assert_close(values, want, rtol=1e-6, atol=1e-8, msg=key)
+            mix = torch.tensor([1.0, -2.0, 0.5])  # each layer's gradient counts
+            got = torch.autograd.grad((values * mix).sum(), inputs, retain_graph=True,
+                                      allow_unused=True)
+            ref = torch.autograd.grad((want * mix).sum(), inputs, retain_graph=True,
+                                      allow_unused=True)
+            for g, r in zip(got, ref):
+                assert (g is None) == (r is None), key
+                if r is not None:
+                    torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-8, msg=key)
+    assert float(stacked['loss_box'][1]) == 0  # the empty layer
+
+
+def test_box_loss_stacked_layers_edge_cases_and_errors():
+    loss = SparseBox3DLoss()
+    assert loss.stacks_layers()
+    empty = torch.zeros(0, 10, requires_grad=True)
+    out = loss(empty, torch.zeros(0, 10), avg_factor=torch.ones(2), quality=torch.zeros(0, 2),
+               layers=2)
+    assert all(v.shape == (2, ) and v.requires_grad for v in out.values())
+    with pytest.raises(ValueError, match=r'\[2\] avg_factor'):
+        loss(torch.zeros(4, 10), torch.zeros(4, 10), avg_factor=torch.tensor(2.0), layers=2)
+    with pytest.raises(ValueError, match='divisible'):
+        loss(torch.zeros(5, 10), torch.zeros(5, 10), avg_factor=torch.ones(2), layers=2)
+    summed = SparseBox3DLoss(loss_box=dict(type='mmdet.L1Loss', reduction='sum'))
+    assert not summed.stacks_layers()
+    with pytest.raises(ValueError, match="reduce by 'mean'"):
+        summed(torch.zeros(4, 10), torch.zeros(4, 10), avg_factor=torch.ones(2), layers=2)
+
+
+def test_layer_means_is_mmdets_mean_per_block():
+    from mmdet.models.losses.utils import weight_reduce_loss
+
+    from turbox_mm.models.losses import layer_means
+    elements = torch.rand(6, 4)
+    avg = torch.tensor([2.0, 0.0])  # 0: mmdet's eps keeps the division finite
+    got = layer_means(elements, 2, avg)
+    want = torch.stack([weight_reduce_loss(elements[:3], None, 'mean', avg[0]),
+                        weight_reduce_loss(elements[3:], None, 'mean', avg[1])])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match='do not split'):
+        layer_means(elements, 4, torch.ones(4))
+    with pytest.raises(ValueError, match='one per layer'):
+        layer_means(elements, 2, torch.ones(3))
+
+
 def test_registered_and_built_from_config():
     from turbox_mm.registry import MODELS, TASK_UTILS
     loss = MODELS.build(dict(type='turbox_mm.SparseBox3DLoss', cls_allow_reverse=[BARRIER]))

@@ -402,6 +402,40 @@ def test_line_loss_row_weight_equals_indexing():
         assert grad_full[~keep].abs().sum() == 0 and grad_full[keep].abs().sum() > 0
 
 
+def test_line_loss_of_stacked_layers_equals_a_call_per_layer():
+    gen = torch.Generator().manual_seed(9)
+    loss = MODELS.build(dict(type='turbox_mm.SparseLineLoss',
+                             loss_line=dict(type='LinesL1Loss', loss_weight=10.0, beta=0.01)))
+    assert loss.stacks_layers()
+    layers, rows = 3, 4
+    line = ((torch.rand(layers * rows, D, generator=gen) - 0.5) * 40).requires_grad_()
+    target = (torch.rand(layers * rows, D, generator=gen) - 0.5) * 40
+    weight = torch.rand(layers * rows, D, generator=gen)
+    keep = (torch.rand(layers * rows, generator=gen) > 0.3).float()
+    keep[:rows] = 0  # the first layer matched nothing
+    avg = torch.tensor([1.0, 3.0, 2.0])
+    stacked = loss(line, target, weight=weight, avg_factor=avg, row_weight=keep, suffix='_x',
+                   layers=layers)['loss_line_x']
+    want = torch.stack([loss(line[i * rows:(i + 1) * rows], target[i * rows:(i + 1) * rows],
+                             weight=weight[i * rows:(i + 1) * rows], avg_factor=avg[i],
+                             row_weight=keep[i * rows:(i + 1) * rows])['loss_line']
+                        for i in range(layers)])
+    torch.testing.assert_close(stacked, want, rtol=1e-6, atol=1e-8)
+    mix = torch.tensor([0.5, 1.0, -3.0])
+    got, = torch.autograd.grad((stacked * mix).sum(), line)
+    ref, = torch.autograd.grad((want * mix).sum(), line)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-8)
+    assert float(stacked[0]) == 0
+    empty = loss(torch.zeros(0, D), torch.zeros(0, D), avg_factor=torch.ones(2), layers=2)
+    assert empty['loss_line'].shape == (2, )
+    with pytest.raises(ValueError, match=r'\[3\] avg_factor'):
+        loss(line, target, avg_factor=torch.tensor(1.0), layers=layers)
+    summed = SparseLineLoss(loss_line=dict(type='LinesL1Loss', reduction='sum'))
+    assert not summed.stacks_layers()
+    with pytest.raises(ValueError, match="reduces by 'mean'"):
+        summed(line, target, avg_factor=avg, layers=layers)
+
+
 def test_line_loss_gradients_empty_and_no_host_reads():
     from torch.autograd import gradcheck
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from turbox_mm.models.losses import focal_loss_like_mmdet
+from turbox_mm.models.losses import focal_loss_like_mmdet, layer_means, reduces_by_mean
 
 
 class Sparse4DHeadLosses:
@@ -26,13 +26,25 @@ class Sparse4DHeadLosses:
         (``[N]``, 0 or 1) keeps rows in or out without indexing (which would wait for the
         device).
         """
-        num_classes = cls.shape[-1]
-        target = torch.where((target < 0) | (target > num_classes),
-                             torch.full_like(target, num_classes), target)
+        target = self._background_outside(target, cls.shape[-1])
         if self.op_impl == 'turbox':
             return focal_loss_like_mmdet(self.loss_cls, cls.float(), target, weight=weight,
                                          avg_factor=avg_factor)
         return self.loss_cls(cls.float(), target, weight=weight, avg_factor=avg_factor)
+
+    @staticmethod
+    def _background_outside(target: Tensor, num_classes: int) -> Tensor:
+        return torch.where((target < 0) | (target > num_classes),
+                           torch.full_like(target, num_classes), target)
+
+    def _cls_loss_layers(self, cls: Tensor, target: Tensor, avg_factor: Tensor, layers: int,
+                         weight: Optional[Tensor] = None) -> Tensor:
+        """:meth:`_cls_loss` of ``layers`` decoder layers stacked along the rows
+        (layer-major), each with its own normaliser: ``[layers]`` losses."""
+        target = self._background_outside(target, cls.shape[-1])
+        elements = focal_loss_like_mmdet(self.loss_cls, cls.float(), target, weight=weight,
+                                         reduction_override='none')
+        return layer_means(elements, layers, avg_factor)
 
     def loss(self, outputs: Dict, metas: Dict) -> Dict[str, Tensor]:
         """Losses of every decoder layer, and of the denoising queries.
@@ -123,7 +135,117 @@ class Sparse4DHeadLosses:
 
     def _loss_batched(self, outputs: Dict, gt_labels: List[Tensor],
                       gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
-        """:meth:`loss` with ``op_impl='turbox'``: the same losses without host waits."""
+        """:meth:`loss` with ``op_impl='turbox'``: the same losses without host waits, all
+        decoder layers in one call of each loss where they stack (:meth:`_layers_stack`),
+        else a call per layer."""
+        if self._layers_stack(outputs):
+            return self._loss_stacked(outputs, gt_labels, gt_boxes)
+        return self._loss_layer_by_layer(outputs, gt_labels, gt_boxes)
+
+    def _layers_stack(self, outputs: Dict) -> bool:
+        """Whether :meth:`_loss_stacked` serves these outputs: losses that reduce by
+        ``'mean'`` (a regression loss with ``stacks_layers``), every layer with a quality
+        output or none, and temporal denoising targets shaped as the first frame's."""
+        stacks = getattr(self.loss_reg, 'stacks_layers', None)
+        if stacks is None or not stacks() or not reduces_by_mean(self.loss_cls):
+            return False
+        if len({q is None for q in outputs['quality']}) > 1:
+            return False
+        if 'dn_prediction' in outputs and 'temp_dn_valid_mask' in outputs:
+            return all(outputs[f'temp_dn_{name}'].shape == outputs[f'dn_{name}'].shape
+                       for name in ('valid_mask', 'cls_target', 'reg_target'))
+        return True
+
+    def _loss_stacked(self, outputs: Dict, gt_labels: List[Tensor],
+                      gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
+        """:meth:`_loss_layer_by_layer` with the decoder layers stacked: one call of each loss
+        for all layers (and one for all denoising layers), each returning a loss per layer
+        (:func:`~turbox_mm.models.losses.layer_means`), and one ``reduce_mean`` of all
+        layers' normalisers. The values equal the per-layer calls up to the order of float32
+        summation; the keys and their order are the same."""
+        from mmdet.utils import reduce_mean
+        dims = len(self.reg_weights)
+        preds = [r[..., :dims] for r in outputs['prediction']]
+        cls_target, reg_target, reg_weights = self.sampler.sample_layers(
+            outputs['classification'], preds, gt_labels, gt_boxes, stacked=True)
+        cls = torch.stack(list(outputs['classification']))  # [L, B, Q, C]
+        reg = torch.stack(preds)
+        layers = cls.shape[0]
+        reg_target = reg_target[..., :dims]
+        mask = (reg_target != 0).any(dim=-1)  # [L, B, Q]
+        counts = [mask.sum((1, 2))]
+        dn = self._stacked_dn_targets(outputs, dims) if 'dn_prediction' in outputs else None
+        if dn is not None:
+            counts.append(dn[0].sum((1, 2)))
+        # every layer's normaliser in one collective (elementwise, so each is the value of
+        # its own reduce_mean)
+        norms = reduce_mean(torch.cat(counts).float()).clamp(min=1.0)
+        num_pos = norms[:layers]
+        if self.cls_threshold_to_reg > 0:  # after counting, as _matched_rows
+            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+        cls_losses = self._cls_loss_layers(cls.flatten(0, 2), cls_target.flatten(), num_pos,
+                                           layers)
+        weight = reg_weights * self.reg_weight_vector.to(reg_weights.dtype)
+        quality = outputs['quality']
+        quality = None if quality[0] is None else torch.stack(list(quality)).flatten(0, 2)
+        reg_losses = self.loss_reg(
+            reg.flatten(0, 2), torch.nan_to_num(reg_target.flatten(0, 2)),
+            weight=weight.flatten(0, 2), avg_factor=num_pos, quality=quality,
+            cls_target=cls_target.flatten(), row_weight=mask.flatten().to(reg.dtype),
+            layers=layers)
+        losses = self._per_layer_keys(cls_losses, reg_losses, '')
+        if dn is None:
+            return losses
+        valid, dn_cls_target, dn_reg_target = dn
+        dn_layers = valid.shape[0]
+        dn_cls = torch.stack(list(outputs['dn_classification']))
+        dn_reg = torch.stack([r[..., :dims] for r in outputs['dn_prediction']]).flatten(0, 2)
+        positive = valid & (dn_cls_target >= 0)
+        num_dn = norms[layers:]
+        cls_losses = self._cls_loss_layers(dn_cls.flatten(0, 2), dn_cls_target.flatten(),
+                                           num_dn, dn_layers, weight=valid.flatten().float())
+        reg_losses = self.loss_reg(
+            dn_reg, torch.nan_to_num(dn_reg_target.flatten(0, 2)),
+            weight=self.reg_weight_vector.to(dn_reg.dtype).expand_as(dn_reg),
+            avg_factor=num_dn, row_weight=positive.flatten().to(dn_reg.dtype),
+            layers=dn_layers)
+        losses.update(self._per_layer_keys(cls_losses, reg_losses, '_dn'))
+        return losses
+
+    @staticmethod
+    def _per_layer_keys(cls_losses: Tensor, reg_losses: Dict[str, Tensor],
+                        infix: str) -> Dict[str, Tensor]:
+        """``loss_cls{infix}_i`` then the regression keys ``{key}{infix}_i`` of each layer
+        ``i``, in the order of the per-layer calls."""
+        reg_values = {key: value.unbind(0) for key, value in reg_losses.items()}
+        losses = {}
+        for i, value in enumerate(cls_losses.unbind(0)):
+            losses[f'loss_cls{infix}_{i}'] = value
+            for key, values in reg_values.items():
+                losses[f'{key}{infix}_{i}'] = values[i]
+        return losses
+
+    def _stacked_dn_targets(self, outputs: Dict, dims: int):
+        """The denoising targets of every decoder layer, stacked: ``(valid [L, B, Q],
+        cls_target [L, B, Q], reg_target [L, B, Q, dims])``, each layer's as
+        :meth:`_dn_targets` gives it (the first frame's, then the temporal ones)."""
+        dn_layers = len(outputs['dn_prediction'])
+        first = dn_layers
+        if 'temp_dn_valid_mask' in outputs:
+            first = min(self.num_single_frame_decoder, dn_layers)
+        stacked = []
+        for name in ('valid_mask', 'cls_target', 'reg_target'):
+            parts = [(outputs[f'{prefix}dn_{name}'], count)
+                     for prefix, count in (('', first), ('temp_', dn_layers - first)) if count]
+            if name == 'reg_target':
+                parts = [(t[..., :dims], count) for t, count in parts]
+            expanded = [t[None].expand(count, *t.shape) for t, count in parts]
+            stacked.append(expanded[0] if len(expanded) == 1 else torch.cat(expanded))
+        return tuple(stacked)
+
+    def _loss_layer_by_layer(self, outputs: Dict, gt_labels: List[Tensor],
+                             gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
+        """:meth:`_loss_batched` a decoder layer at a time: losses that do not stack."""
         from mmdet.utils import reduce_mean
         dims = len(self.reg_weights)
         # Rows leave the losses through 0/1 row weights, not boolean indexing: the sums are

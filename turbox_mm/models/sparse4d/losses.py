@@ -9,6 +9,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from turbox_mm.models.losses import layer_means, reduces_by_mean
 from turbox_mm.registry import MODELS
 from .box3d import COS_YAW, SIN_YAW, X, Z
 
@@ -90,7 +91,8 @@ class SparseBox3DLoss(nn.Module):
                 suffix: str = '',
                 quality: Optional[Tensor] = None,
                 cls_target: Optional[Tensor] = None,
-                row_weight: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                row_weight: Optional[Tensor] = None,
+                layers: int = 1) -> Dict[str, Tensor]:
         """Compute the losses of ``N`` matched boxes.
 
         Args:
@@ -111,11 +113,21 @@ class SparseBox3DLoss(nn.Module):
                 host does not wait for a row count, and the L1 loss is called in its
                 functional form, which reads nothing on the host). Defaults to None (every
                 row, the module as configured).
+            layers (int): The rows are this many decoder layers' equal blocks, layer-major,
+                and ``avg_factor`` a ``[layers]`` tensor of their normalisers: each loss is
+                then a ``[layers]`` tensor, the values of one call per block (up to the order
+                of float32 summation; see :func:`~turbox_mm.models.losses.layer_means`). Needs
+                ``'mean'`` reductions (:meth:`stacks_layers`). Defaults to 1 (one loss each,
+                as the module's own reduction gives it).
 
         Returns:
             dict[str, Tensor]: ``loss_box{suffix}``, and with ``quality`` also
             ``loss_cns{suffix}`` and ``loss_yns{suffix}``. With ``N = 0`` every loss is a zero
             that stays connected to the inputs' graph.
+
+        Raises:
+            ValueError: Shapes that disagree, or ``layers > 1`` with a loss that does not
+                reduce by ``'mean'`` or without a ``[layers]`` ``avg_factor``.
         """
         dims = box_target.shape[-1]
         if box.dim() != 2 or box_target.dim() != 2 or box.shape[0] != box_target.shape[0] \
@@ -138,8 +150,12 @@ class SparseBox3DLoss(nn.Module):
             raise ValueError(f'SparseBox3DLoss: row_weight must be [{box.shape[0]}], got '
                              f'{tuple(row_weight.shape)}')
 
+        if layers != 1:
+            self._check_layers(layers, box.shape[0], avg_factor)
         if box.shape[0] == 0:
             zero = box.sum() * 0
+            if layers != 1:
+                zero = zero.expand(layers)
             out = {f'loss_box{suffix}': zero}
             if quality is not None:
                 qzero = quality.sum() * 0 + zero
@@ -163,33 +179,67 @@ class SparseBox3DLoss(nn.Module):
             weight = row_weight[:, None] if weight is None else weight * row_weight[:, None]
             weight = weight.expand_as(box)
         out = {f'loss_box{suffix}': self._box_loss(box, box_target, weight, avg_factor,
-                                                   sync_free=row_weight is not None)}
+                                                   sync_free=row_weight is not None,
+                                                   layers=layers)}
         if quality is not None:
             q_weight = None if row_weight is None else row_weight.to(quality.dtype)
             if self.loss_cns is not None:
                 distance = torch.norm(box_target[:, X:Z + 1] - box[:, X:Z + 1], p=2, dim=-1)
-                out[f'loss_cns{suffix}'] = self.loss_cns(quality[:, CNS],
-                                                         torch.exp(-distance), weight=q_weight,
-                                                         avg_factor=avg_factor)
+                out[f'loss_cns{suffix}'] = self._term(self.loss_cns, quality[:, CNS],
+                                                      torch.exp(-distance), q_weight,
+                                                      avg_factor, layers)
             if self.loss_yns is not None:
                 yns_target = (self._yaw_similarity(box_target, box) > 0).to(quality.dtype)
-                out[f'loss_yns{suffix}'] = self.loss_yns(quality[:, YNS].sigmoid(), yns_target,
-                                                         weight=q_weight, avg_factor=avg_factor)
+                out[f'loss_yns{suffix}'] = self._term(self.loss_yns, quality[:, YNS].sigmoid(),
+                                                      yns_target, q_weight, avg_factor, layers)
         return out
 
+    def stacks_layers(self) -> bool:
+        """Whether :meth:`forward` takes ``layers > 1``: every configured term reduces by
+        ``'mean'``."""
+        return all(reduces_by_mean(loss) for loss in (self.loss_box, self.loss_cns,
+                                                      self.loss_yns))
+
+    def _check_layers(self, layers: int, rows: int, avg_factor) -> None:
+        if not self.stacks_layers():
+            raise ValueError('SparseBox3DLoss: layers > 1 needs losses that reduce by '
+                             "'mean' (stacks_layers() is False)")
+        if rows % layers or not isinstance(avg_factor, Tensor) or \
+                tuple(avg_factor.shape) != (layers, ):
+            raise ValueError(f'SparseBox3DLoss: {rows} rows in {layers} layers need a row '
+                             f'count divisible by the layers and a [{layers}] avg_factor, got '
+                             f'{avg_factor!r}')
+
+    @staticmethod
+    def _term(loss: nn.Module, pred: Tensor, target: Tensor, weight: Optional[Tensor],
+              avg_factor, layers: int) -> Tensor:
+        """One quality term: the module's call, or with ``layers > 1`` its element losses
+        reduced per layer."""
+        if layers == 1:
+            return loss(pred, target, weight=weight, avg_factor=avg_factor)
+        return layer_means(loss(pred, target, weight=weight, reduction_override='none'),
+                           layers, avg_factor)
+
     def _box_loss(self, box: Tensor, box_target: Tensor, weight: Optional[Tensor],
-                  avg_factor: Optional[float], sync_free: bool) -> Tensor:
+                  avg_factor: Optional[float], sync_free: bool, layers: int = 1) -> Tensor:
         """The box loss; with ``sync_free`` (the row-weighted call of the turbox head)
         mmdet's ``L1Loss`` through its functional form.
 
         ``L1Loss.forward`` first asks ``torch.any(weight > 0)`` on the host (a wait for the
         device) to return ``(pred * weight).sum()`` when every weight is 0; its functional
         form gives the same value and gradient there (zero) without asking. Other losses, and
-        the stock head's call, go through the module.
+        the stock head's call, go through the module. With ``layers > 1`` the element losses
+        are reduced per layer (:func:`~turbox_mm.models.losses.layer_means`).
         """
         from mmdet.models.losses import L1Loss, l1_loss
         if sync_free and type(self.loss_box) is L1Loss:
-            return self.loss_box.loss_weight * l1_loss(
-                box, box_target, weight, reduction=self.loss_box.reduction,
-                avg_factor=avg_factor)
-        return self.loss_box(box, box_target, weight=weight, avg_factor=avg_factor)
+            if layers == 1:
+                return self.loss_box.loss_weight * l1_loss(
+                    box, box_target, weight, reduction=self.loss_box.reduction,
+                    avg_factor=avg_factor)
+            return self.loss_box.loss_weight * layer_means(
+                l1_loss(box, box_target, weight, reduction='none'), layers, avg_factor)
+        if layers == 1:
+            return self.loss_box(box, box_target, weight=weight, avg_factor=avg_factor)
+        return layer_means(self.loss_box(box, box_target, weight=weight,
+                                         reduction_override='none'), layers, avg_factor)

@@ -109,7 +109,9 @@ class Sparse4DHead(Sparse4DHeadLosses, OperationLayers, BaseModule):
             loss (which read device values on the host); ``'turbox'`` (``ops.fast``): the same
             losses with one host sync for all layers' matching
             (:meth:`SparseBox3DTarget.sample_layers`), rows kept by 0/1 weights, and the focal
-            and L1 losses without host reads; the matchings (one-to-one and denoising) are
+            and L1 losses without host reads, each loss called once for all decoder layers
+            (and once for all denoising layers) with one ``reduce_mean`` of every layer's
+            normaliser (:meth:`_loss_stacked`); the matchings (one-to-one and denoising) are
             solved on the GPU by ``turbox_mm::lsap`` where the sampler leaves the choice to the
             head (``matcher=None``), so the step has no host sync for them; and the current
             and cached anchors embedded by one encoder call (:meth:`_embed_anchors`).

@@ -395,8 +395,10 @@ class SparseBox3DTarget(DenoisingMixin, TemporalDnMixin):
                              f'num_classes={self.num_classes}')
 
     def sample_layers(self, cls_preds: Sequence[Tensor], box_preds: Sequence[Tensor],
-                      cls_target: Sequence[Tensor], box_target: Sequence[Tensor]
-                      ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+                      cls_target: Sequence[Tensor], box_target: Sequence[Tensor],
+                      stacked: bool = False
+                      ) -> Union[List[Tuple[Tensor, Tensor, Tensor]],
+                                 Tuple[Tensor, Tensor, Tensor]]:
         """:meth:`sample` for every decoder layer, with one host sync for all of them.
 
         The cost matrices of all layers and samples are built on the device as one padded
@@ -411,9 +413,12 @@ class SparseBox3DTarget(DenoisingMixin, TemporalDnMixin):
             box_preds (list[Tensor]): Per layer ``[B, Q, >=10]`` states.
             cls_target (list[Tensor]): Per sample ``[n_b]`` labels.
             box_target (list[Tensor]): Per sample ``[n_b, 9]`` boxes.
+            stacked (bool): Return the three targets of all layers stacked (``[L, B, ...]``)
+                instead of a tuple per layer. Defaults to False.
 
         Returns:
-            list[tuple]: Per layer, :meth:`sample`'s ``(cls, box, reg_weights)``.
+            list[tuple] or tuple: Per layer, :meth:`sample`'s ``(cls, box, reg_weights)``; with
+                ``stacked`` these three, each stacked over the layers.
         """
         if len(cls_preds) != len(box_preds) or not cls_preds:
             raise ValueError(f'SparseBox3DTarget.sample_layers: {len(cls_preds)} class and '
@@ -460,4 +465,6 @@ class SparseBox3DTarget(DenoisingMixin, TemporalDnMixin):
             out_weights[layer, sample, query] = weights[sample, gt]
             indices = group_pairs(pairs, num_query, sizes, -1, layers)
         self.indices = indices
+        if stacked:
+            return out_cls, out_box, out_weights
         return [(out_cls[i], out_box[i], out_weights[i]) for i in range(layers)]

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from turbox_mm.models.losses import layer_means, reduces_by_mean
 from turbox_mm.registry import MODELS
 from .map_match_cost import normalize_lines
 
@@ -135,7 +136,8 @@ class SparseLineLoss(nn.Module):
                 quality: Optional[Tensor] = None,
                 cls_target: Optional[Tensor] = None,
                 row_weight: Optional[Tensor] = None,
-                prefix: str = '') -> Dict[str, Tensor]:
+                prefix: str = '',
+                layers: int = 1) -> Dict[str, Tensor]:
         """Compute the line loss of ``N`` matched polylines.
 
         Args:
@@ -153,13 +155,19 @@ class SparseLineLoss(nn.Module):
                 if indexed away (same sum; without ``avg_factor`` and with a ``'mean'`` element
                 loss, the mean is taken over the kept rows' elements). Defaults to None.
             prefix (str): Prepended to the key (upstream's argument). Defaults to ''.
+            layers (int): The rows are this many decoder layers' equal blocks, layer-major,
+                and ``avg_factor`` a ``[layers]`` tensor: the loss is then a ``[layers]``
+                tensor, the values of one call per block (up to the order of float32
+                summation; see :func:`~turbox_mm.models.losses.layer_means`). Needs a
+                ``'mean'`` element loss (:meth:`stacks_layers`). Defaults to 1.
 
         Returns:
             dict[str, Tensor]: ``{prefix}loss_line{suffix}``. With ``N = 0`` a zero that stays
             connected to the inputs' graph.
 
         Raises:
-            ValueError: Shapes that disagree.
+            ValueError: Shapes that disagree, or ``layers > 1`` with an element loss that
+                does not reduce by ``'mean'`` or without a ``[layers]`` ``avg_factor``.
         """
         dims = 2 * self.num_sample
         if line.dim() != 2 or line.shape[-1] != dims or line_target.shape != line.shape:
@@ -173,8 +181,18 @@ class SparseLineLoss(nn.Module):
             raise ValueError(f'SparseLineLoss: row_weight must be [{line.shape[0]}], got '
                              f'{tuple(row_weight.shape)}')
         key = f'{prefix}loss_line{suffix}'
+        if layers != 1:
+            if not self.stacks_layers():
+                raise ValueError("SparseLineLoss: layers > 1 needs an element loss that "
+                                 "reduces by 'mean' (stacks_layers() is False)")
+            if line.shape[0] % layers or not isinstance(avg_factor, Tensor) or \
+                    tuple(avg_factor.shape) != (layers, ):
+                raise ValueError(f'SparseLineLoss: {line.shape[0]} rows in {layers} layers '
+                                 'need a row count divisible by the layers and a '
+                                 f'[{layers}] avg_factor, got {avg_factor!r}')
         if line.shape[0] == 0:
-            return {key: line.sum() * 0}
+            zero = line.sum() * 0
+            return {key: zero if layers == 1 else zero.expand(layers)}
         line = normalize_lines(line, self.num_sample, self.roi_size)
         line_target = normalize_lines(line_target.to(line.dtype), self.num_sample,
                                       self.roi_size)
@@ -183,4 +201,14 @@ class SparseLineLoss(nn.Module):
             weight = rows if weight is None else weight * rows
             if avg_factor is None and getattr(self.loss_line, 'reduction', None) == 'mean':
                 avg_factor = rows.sum()  # the kept rows' elements, as the mean of indexing
-        return {key: self.loss_line(line, line_target, weight=weight, avg_factor=avg_factor)}
+        if layers == 1:
+            return {key: self.loss_line(line, line_target, weight=weight,
+                                        avg_factor=avg_factor)}
+        return {key: layer_means(self.loss_line(line, line_target, weight=weight,
+                                                reduction_override='none'),
+                                 layers, avg_factor)}
+
+    def stacks_layers(self) -> bool:
+        """Whether :meth:`forward` takes ``layers > 1``: the element loss reduces by
+        ``'mean'``."""
+        return reduces_by_mean(self.loss_line)

@@ -265,8 +265,10 @@ class SparsePoint3DTarget:
                              f'[0, {self.num_cls}): {cls_target[i].tolist()}')
 
     def sample_layers(self, cls_preds: Sequence[Tensor], pts_preds: Sequence[Tensor],
-                      cls_target: Sequence[Tensor], pts_target: Sequence[Tensor]
-                      ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+                      cls_target: Sequence[Tensor], pts_target: Sequence[Tensor],
+                      stacked: bool = False
+                      ) -> Union[List[Tuple[Tensor, Tensor, Tensor]],
+                                 Tuple[Tensor, Tensor, Tensor]]:
         """:meth:`sample` for every decoder layer, with one host sync for all of them.
 
         The costs of all layers and samples are priced on the device (a layer at a time, all
@@ -281,9 +283,12 @@ class SparsePoint3DTarget:
             pts_preds (list[Tensor]): Per layer ``[B, M, 2 * num_sample]`` points.
             cls_target (list[Tensor]): Per sample ``[G]`` labels.
             pts_target (list[Tensor]): Per sample ground truth (see :meth:`sample`).
+            stacked (bool): Return the three targets of all layers stacked (``[L, B, ...]``)
+                instead of a tuple per layer. Defaults to False.
 
         Returns:
-            list[tuple]: Per layer, :meth:`sample`'s ``(cls, pts, weights)``.
+            list[tuple] or tuple: Per layer, :meth:`sample`'s ``(cls, pts, weights)``; with
+                ``stacked`` these three, each stacked over the layers.
 
         Raises:
             ValueError: Shapes that disagree, or labels outside ``[0, num_cls)``.
@@ -327,4 +332,6 @@ class SparsePoint3DTarget:
             indices = group_pairs(pairs, num_query, sizes, -1, layers)
         self.indices = indices
         weights = self._weights(out_cls, out_pts)
+        if stacked:
+            return out_cls, out_pts, weights
         return [(out_cls[i], out_pts[i], weights[i]) for i in range(layers)]
