@@ -1,4 +1,5 @@
 """Shared pytest setup: the `cuda` marker skips where no CUDA device is present."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -235,6 +236,24 @@ def first_step(model, batch):
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@contextlib.contextmanager
+def stacked_layer_losses_only():
+    """Fail if a turbox Sparse4D-style head computes its losses a decoder layer at a time
+    (``Sparse4DHeadLosses._loss_layer_by_layer``, the fallback) instead of all layers in one
+    call of each loss: the configs we ship stack."""
+    from turbox_mm.models.sparse4d.head_losses import Sparse4DHeadLosses
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f'{type(self).__name__} fell back to the per-layer losses')
+
+    real = Sparse4DHeadLosses._loss_layer_by_layer
+    Sparse4DHeadLosses._loss_layer_by_layer = refuse
+    try:
+        yield
+    finally:
+        Sparse4DHeadLosses._loss_layer_by_layer = real
 
 
 def relative_grad_errors(grads, reference):

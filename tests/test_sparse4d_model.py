@@ -16,7 +16,8 @@ from mmengine.config import Config
 
 from aggregation_calls import assert_kernel_step_agrees
 from conftest import (ROOT, assert_same_gradients, compiled_twin_agrees, first_step,
-                      logged_losses, make_sparse4d_tiny, run_python)
+                      logged_losses, make_sparse4d_tiny, run_python,
+                      stacked_layer_losses_only)
 from conftest import build_model as _build, config_with_root as _config
 from conftest import train_batches as _batches, turbox_applied as _turbox_applied
 from pinned_decisions import DecisionPins
@@ -157,9 +158,9 @@ def test_stock_and_turbox_models_agree_on_the_first_iteration(tiny_root, full_fp
         stock_losses, stock_grads = first_step(stock, batch)
     # The turbox maths with the reference aggregation: the same network, so the same forward
     # values; only the targets and losses differ in arithmetic.
-    with pins.replay():
+    with pins.replay(), stacked_layer_losses_only():
         turbox_losses, turbox_grads = first_step(turbox, batch)
-    assert stock_losses.keys() == turbox_losses.keys()
+    assert list(stock_losses) == list(turbox_losses)  # the same keys in the same order
     assert {'loss_cls_0', 'loss_box_1', 'loss_cns_1', 'loss_yns_1', 'loss_cls_dn_0',
             'loss_box_dn_1', 'loss_dense_depth'} <= set(stock_losses)
     for key in stock_losses:
@@ -268,19 +269,23 @@ def test_stock_and_turbox_losses_agree_on_temporal_frames(tiny_root, full_fp32):
             torch.testing.assert_close(turbox[key], stock[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize('threshold', [-1.0, 0.05], ids=['no-gate', 'gate'])
-def test_stacked_layer_losses_equal_a_call_per_layer(tiny_root, full_fp32, monkeypatch,
-                                                     threshold):
+@pytest.mark.parametrize('gate', [False, True], ids=['no-gate', 'gate'])
+def test_stacked_layer_losses_equal_a_call_per_layer(tiny_root, full_fp32, monkeypatch, gate):
     """The turbox losses of all decoder layers in one call of each loss (and one
     ``reduce_mean`` of every normaliser) against a call per layer on the same head outputs,
     over temporal frames with temporal denoising: the same keys in the same order, values and
-    gradients to the head's outputs within float32 summation order."""
+    gradients to the head's outputs within float32 summation order. The focal loss runs its
+    CUDA formulas (``_on_gpu`` patched). With ``gate``, ``cls_threshold_to_reg`` is each
+    frame's median best score, so the gate keeps some matched rows and drops others."""
     import mmdet.utils
+
+    import turbox_mm.models.losses.focal_loss as focal
+    monkeypatch.setattr(focal, '_on_gpu', lambda pred: True)
     cfg = _config(TINY_STOCK, tiny_root)
     model = _build(cfg)
     model.train()
     head, seen = model.head, []
-    head.op_impl, head.cls_threshold_to_reg = 'turbox', threshold
+    head.op_impl, head.cls_threshold_to_reg = 'turbox', -1.0
     real_reduce_mean, reduce_calls = mmdet.utils.reduce_mean, []
 
     def counting_reduce_mean(tensor):
@@ -291,6 +296,9 @@ def test_stacked_layer_losses_equal_a_call_per_layer(tiny_root, full_fp32, monke
 
     def both(outputs, metas):
         assert head._layers_stack(outputs)
+        scores = torch.stack(list(outputs['classification'])).detach().max(-1).values.sigmoid()
+        if gate:
+            head.cls_threshold_to_reg = float(scores.median())
         leaves = [t for key in ('classification', 'prediction', 'quality',
                                 'dn_classification', 'dn_prediction')
                   for t in outputs.get(key, ())]
@@ -310,16 +318,35 @@ def test_stacked_layer_losses_equal_a_call_per_layer(tiny_root, full_fp32, monke
         data = model.data_preprocessor(data, training=True)
         model.loss(data['inputs'], data['data_samples'])
     assert any(temporal for temporal, _, _ in seen)  # the temp_dn branch ran
+    kept_any = False
     for _, rows, ((stacked, stacked_grads, stacked_reduce), (loop, loop_grads, _)) in seen:
         assert list(stacked) == list(loop)
         # one collective for every layer's normaliser, denoising layers' too
         assert stacked_reduce == [(rows, )]
         for key in loop:
             torch.testing.assert_close(stacked[key], loop[key], rtol=1e-6, atol=1e-7, msg=key)
+        kept_any |= any(float(v) > 0 for k, v in loop.items() if k.startswith('loss_box_')
+                        and '_dn_' not in k)
         for i, (got, want) in enumerate(zip(stacked_grads, loop_grads)):
             assert (got is None) == (want is None), i
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=str(i))
+    assert kept_any  # the regression losses were not all zero
+
+
+def test_stacked_layer_losses_fall_back_where_the_losses_do_not_stack(tiny_root):
+    """The per-layer loop serves a classification loss that does not reduce by 'mean', a
+    regression loss without ``stacks_layers`` and layers of which only some have a quality
+    output."""
+    head = _build(_config(TINY_STOCK, tiny_root)).head
+    outputs = dict(quality=[torch.zeros(1), torch.zeros(1)])
+    assert head._layers_stack(outputs)
+    assert not head._layers_stack(dict(quality=[torch.zeros(1), None]))
+    head.loss_cls.reduction = 'sum'
+    assert not head._layers_stack(outputs)
+    head.loss_cls.reduction = 'mean'
+    head.loss_reg.stacks_layers = lambda: False
+    assert not head._layers_stack(outputs)
 
 
 def test_metas_keep_timestamps_in_float64(tiny_root):

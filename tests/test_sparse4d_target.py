@@ -614,6 +614,25 @@ def test_box_loss_stacked_layers_edge_cases_and_errors():
         summed(torch.zeros(4, 10), torch.zeros(4, 10), avg_factor=torch.ones(2), layers=2)
 
 
+def test_box_loss_stacked_layers_with_smooth_l1_and_no_kept_row():
+    """mmdet's L1 / smooth-L1 modules return one zero scalar when every weight is 0; with
+    ``layers > 1`` each layer gets that zero (the loop's value), row-weighted or not."""
+    loss = SparseBox3DLoss(loss_box=dict(type='mmdet.SmoothL1Loss', beta=0.5))
+    box = torch.randn(6, 10, requires_grad=True)
+    target, avg = torch.randn(6, 10), torch.tensor([2.0, 1.0])
+    for kwargs in (dict(row_weight=torch.zeros(6)), dict(weight=torch.zeros(6, 10))):
+        out = loss(box, target, avg_factor=avg, layers=2, **kwargs)['loss_box']
+        assert out.shape == (2, ) and (out == 0).all()
+        out.sum().backward()
+    kept = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    stacked = loss(box, target, avg_factor=avg, row_weight=kept, layers=2)['loss_box']
+    want = torch.stack([loss(box[:3], target[:3], avg_factor=avg[0], row_weight=kept[:3])[
+        'loss_box'], loss(box[3:], target[3:], avg_factor=avg[1], row_weight=kept[3:])[
+        'loss_box']])
+    torch.testing.assert_close(stacked, want, rtol=1e-6, atol=1e-8)
+    assert float(want[0]) > 0
+
+
 def test_layer_means_is_mmdets_mean_per_block():
     from mmdet.models.losses.utils import weight_reduce_loss
 

@@ -15,8 +15,10 @@ __all__ = ['layer_means', 'reduces_by_mean']
 
 
 def layer_means(elements: Tensor, layers: int, avg_factor: Tensor) -> Tensor:
-    """``[layers]`` means: each layer's block of element losses summed and divided by its
-    ``avg_factor`` plus float32's eps, as mmdet's ``'mean'`` reduction does for one layer.
+    """Each layer's block of element losses summed and divided by its ``avg_factor``.
+
+    The division adds float32's eps to the normaliser, as mmdet's ``'mean'`` reduction does
+    for one layer.
 
     Args:
         elements (Tensor): Element losses (weights applied), ``layers`` equal blocks of rows
@@ -47,6 +49,10 @@ def layer_means(elements: Tensor, layers: int, avg_factor: Tensor) -> Tensor:
 
 def reduces_by_mean(loss: Optional[nn.Module]) -> bool:
     """Whether ``loss`` (a configured mmdet-style loss, or None for an absent term) reduces by
-    ``'mean'``, the only reduction that takes an ``avg_factor`` and so the one
-    :func:`layer_means` stands in for."""
+    ``'mean'``.
+
+    That is the only reduction that takes an ``avg_factor`` and so the one
+    :func:`layer_means` stands in for. The loss must also take ``reduction_override='none'``
+    (mmdet's losses do).
+    """
     return loss is None or getattr(loss, 'reduction', None) == 'mean'

@@ -2,7 +2,7 @@
 the matching of queries to ground truth, classification and regression losses, and those of the
 denoising queries, in upstream's sample-by-sample form (``op_impl='stock'``) or batched without
 host waits (``op_impl='turbox'``)."""
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,13 +34,26 @@ class Sparse4DHeadLosses:
 
     @staticmethod
     def _background_outside(target: Tensor, num_classes: int) -> Tensor:
+        """``target`` with every label outside ``[0, C)`` set to ``C`` (background)."""
         return torch.where((target < 0) | (target > num_classes),
                            torch.full_like(target, num_classes), target)
 
     def _cls_loss_layers(self, cls: Tensor, target: Tensor, avg_factor: Tensor, layers: int,
                          weight: Optional[Tensor] = None) -> Tensor:
-        """:meth:`_cls_loss` of ``layers`` decoder layers stacked along the rows
-        (layer-major), each with its own normaliser: ``[layers]`` losses."""
+        """:meth:`_cls_loss` of several decoder layers in one call.
+
+        Args:
+            cls (Tensor): ``[layers * R, C]`` logits, the layers' rows one block after the
+                other.
+            target (Tensor): ``[layers * R]`` labels.
+            avg_factor (Tensor): ``[layers]`` normalisers.
+            layers (int): Number of blocks.
+            weight (Tensor, optional): ``[layers * R]`` row weights. Defaults to None.
+
+        Returns:
+            Tensor: ``[layers]`` losses, each the value of :meth:`_cls_loss` on its block (up
+            to the order of float32 summation).
+        """
         target = self._background_outside(target, cls.shape[-1])
         elements = focal_loss_like_mmdet(self.loss_cls, cls.float(), target, weight=weight,
                                          reduction_override='none')
@@ -144,17 +157,13 @@ class Sparse4DHeadLosses:
 
     def _layers_stack(self, outputs: Dict) -> bool:
         """Whether :meth:`_loss_stacked` serves these outputs: losses that reduce by
-        ``'mean'`` (a regression loss with ``stacks_layers``), every layer with a quality
-        output or none, and temporal denoising targets shaped as the first frame's."""
+        ``'mean'`` (a regression loss with ``stacks_layers``) and every layer with a quality
+        output or none. Both follow from the configuration, not from the data, so every rank
+        takes the same path and makes the same collectives."""
         stacks = getattr(self.loss_reg, 'stacks_layers', None)
         if stacks is None or not stacks() or not reduces_by_mean(self.loss_cls):
             return False
-        if len({q is None for q in outputs['quality']}) > 1:
-            return False
-        if 'dn_prediction' in outputs and 'temp_dn_valid_mask' in outputs:
-            return all(outputs[f'temp_dn_{name}'].shape == outputs[f'dn_{name}'].shape
-                       for name in ('valid_mask', 'cls_target', 'reg_target'))
-        return True
+        return len({q is None for q in outputs['quality']}) == 1
 
     def _loss_stacked(self, outputs: Dict, gt_labels: List[Tensor],
                       gt_boxes: List[Tensor]) -> Dict[str, Tensor]:
@@ -162,7 +171,12 @@ class Sparse4DHeadLosses:
         for all layers (and one for all denoising layers), each returning a loss per layer
         (:func:`~turbox_mm.models.losses.layer_means`), and one ``reduce_mean`` of all
         layers' normalisers. The values equal the per-layer calls up to the order of float32
-        summation; the keys and their order are the same."""
+        summation; the keys and their order are the same.
+
+        As in the per-layer loop (and upstream), the collective depends on whether the
+        denoising outputs are present (``L`` or ``L + L_dn`` normalisers); they are whenever
+        the sampler has denoising groups, on every rank alike.
+        """
         from mmdet.utils import reduce_mean
         dims = len(self.reg_weights)
         preds = [r[..., :dims] for r in outputs['prediction']]
@@ -225,14 +239,34 @@ class Sparse4DHeadLosses:
                 losses[f'{key}{infix}_{i}'] = values[i]
         return losses
 
-    def _stacked_dn_targets(self, outputs: Dict, dims: int):
-        """The denoising targets of every decoder layer, stacked: ``(valid [L, B, Q],
-        cls_target [L, B, Q], reg_target [L, B, Q, dims])``, each layer's as
-        :meth:`_dn_targets` gives it (the first frame's, then the temporal ones)."""
+    def _stacked_dn_targets(self, outputs: Dict, dims: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The denoising targets of every decoder layer, stacked.
+
+        Args:
+            outputs (dict): :meth:`forward`'s training output, with ``dn_prediction``.
+            dims (int): Regression numbers kept of the targets.
+
+        Returns:
+            tuple[Tensor]: ``(valid [L, B, Q], cls_target [L, B, Q], reg_target [L, B, Q,
+            dims])``, each layer's as :meth:`_dn_targets` gives it (the first frame's targets
+            up to ``num_single_frame_decoder``, then the temporal ones).
+
+        Raises:
+            ValueError: No denoising layer, or temporal targets shaped unlike the first
+                frame's (the sampler's ``update_dn`` keeps the shapes).
+        """
         dn_layers = len(outputs['dn_prediction'])
+        if dn_layers == 0:
+            raise ValueError('Sparse4DHead.loss: dn_prediction holds no layer')
         first = dn_layers
         if 'temp_dn_valid_mask' in outputs:
             first = min(self.num_single_frame_decoder, dn_layers)
+            for name in ('valid_mask', 'cls_target', 'reg_target'):
+                old, new = outputs[f'dn_{name}'], outputs[f'temp_dn_{name}']
+                if new.shape[:2] != old.shape[:2] or new.dim() != old.dim():
+                    raise ValueError(f'Sparse4DHead.loss: temp_dn_{name} is '
+                                     f'{tuple(new.shape)}, dn_{name} {tuple(old.shape)}; '
+                                     'the stacked losses need equal batch and query sizes')
         stacked = []
         for name in ('valid_mask', 'cls_target', 'reg_target'):
             parts = [(outputs[f'{prefix}dn_{name}'], count)

@@ -4,7 +4,7 @@ See docs/design/sparse4d.md 2.11, step 6. Upstream's ``SparseBox3DLoss`` compute
 centerness target from the prediction without detaching it, so the centerness loss also sends
 a gradient into the predicted centre through its soft target; this port does the same.
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,8 @@ from .box3d import COS_YAW, SIN_YAW, X, Z
 
 #: Indices of the quality outputs: centerness and yawness logits.
 CNS, YNS = 0, 1
+
+AvgFactor = Optional[Union[float, Tensor]]
 
 
 def _build(cfg: Optional[dict], name: str) -> Optional[nn.Module]:
@@ -87,7 +89,7 @@ class SparseBox3DLoss(nn.Module):
                 box: Tensor,
                 box_target: Tensor,
                 weight: Optional[Tensor] = None,
-                avg_factor: Optional[float] = None,
+                avg_factor: AvgFactor = None,
                 suffix: str = '',
                 quality: Optional[Tensor] = None,
                 cls_target: Optional[Tensor] = None,
@@ -101,8 +103,9 @@ class SparseBox3DLoss(nn.Module):
             box_target (Tensor): ``[N, 10]`` targets (not modified).
             weight (Tensor, optional): ``[N, 10]`` element weights of the box loss. Defaults to
                 None.
-            avg_factor (float, optional): Normaliser of all three losses (the number of
-                positives). Defaults to None (the losses' own mean).
+            avg_factor (float or Tensor, optional): Normaliser of all three losses (the number
+                of positives; ``[layers]`` with ``layers > 1``). Defaults to None (the losses'
+                own mean).
             suffix (str): Appended to the keys. Defaults to ''.
             quality (Tensor, optional): ``[N, 2]`` centerness and yawness logits. Defaults to
                 None (no quality losses).
@@ -200,7 +203,9 @@ class SparseBox3DLoss(nn.Module):
         return all(reduces_by_mean(loss) for loss in (self.loss_box, self.loss_cns,
                                                       self.loss_yns))
 
-    def _check_layers(self, layers: int, rows: int, avg_factor) -> None:
+    def _check_layers(self, layers: int, rows: int, avg_factor: AvgFactor) -> None:
+        """Raise unless ``layers > 1`` can be served: ``'mean'`` reductions, a row count
+        divisible by ``layers`` and a ``[layers]`` ``avg_factor`` tensor."""
         if not self.stacks_layers():
             raise ValueError('SparseBox3DLoss: layers > 1 needs losses that reduce by '
                              "'mean' (stacks_layers() is False)")
@@ -212,34 +217,52 @@ class SparseBox3DLoss(nn.Module):
 
     @staticmethod
     def _term(loss: nn.Module, pred: Tensor, target: Tensor, weight: Optional[Tensor],
-              avg_factor, layers: int) -> Tensor:
+              avg_factor: AvgFactor, layers: int) -> Tensor:
         """One quality term: the module's call, or with ``layers > 1`` its element losses
         reduced per layer."""
         if layers == 1:
             return loss(pred, target, weight=weight, avg_factor=avg_factor)
-        return layer_means(loss(pred, target, weight=weight, reduction_override='none'),
-                           layers, avg_factor)
+        return _layer_losses(loss, pred, target, weight, avg_factor, layers)
 
     def _box_loss(self, box: Tensor, box_target: Tensor, weight: Optional[Tensor],
-                  avg_factor: Optional[float], sync_free: bool, layers: int = 1) -> Tensor:
+                  avg_factor: AvgFactor, sync_free: bool, layers: int = 1) -> Tensor:
         """The box loss; with ``sync_free`` (the row-weighted call of the turbox head)
-        mmdet's ``L1Loss`` through its functional form.
+        mmdet's ``L1Loss`` or ``SmoothL1Loss`` through its functional form.
 
-        ``L1Loss.forward`` first asks ``torch.any(weight > 0)`` on the host (a wait for the
-        device) to return ``(pred * weight).sum()`` when every weight is 0; its functional
-        form gives the same value and gradient there (zero) without asking. Other losses, and
-        the stock head's call, go through the module. With ``layers > 1`` the element losses
-        are reduced per layer (:func:`~turbox_mm.models.losses.layer_means`).
+        These modules first ask ``torch.any(weight > 0)`` on the host (a wait for the device)
+        to return ``(pred * weight).sum()`` when every weight is 0; the functional form gives
+        the same value and gradient there (zero) without asking. Other losses, and the stock
+        head's call, go through the module. With ``layers > 1`` the element losses are
+        reduced per layer (:func:`~turbox_mm.models.losses.layer_means`).
         """
-        from mmdet.models.losses import L1Loss, l1_loss
-        if sync_free and type(self.loss_box) is L1Loss:
+        from mmdet.models.losses import L1Loss, SmoothL1Loss, l1_loss, smooth_l1_loss
+        loss = self.loss_box
+        if sync_free and type(loss) in (L1Loss, SmoothL1Loss):
+            extra = dict(beta=loss.beta) if type(loss) is SmoothL1Loss else {}
+            elements = l1_loss if type(loss) is L1Loss else smooth_l1_loss
             if layers == 1:
-                return self.loss_box.loss_weight * l1_loss(
-                    box, box_target, weight, reduction=self.loss_box.reduction,
-                    avg_factor=avg_factor)
-            return self.loss_box.loss_weight * layer_means(
-                l1_loss(box, box_target, weight, reduction='none'), layers, avg_factor)
+                return loss.loss_weight * elements(box, box_target, weight,
+                                                   reduction=loss.reduction,
+                                                   avg_factor=avg_factor, **extra)
+            return loss.loss_weight * layer_means(
+                elements(box, box_target, weight, reduction='none', **extra), layers,
+                avg_factor)
         if layers == 1:
-            return self.loss_box(box, box_target, weight=weight, avg_factor=avg_factor)
-        return layer_means(self.loss_box(box, box_target, weight=weight,
-                                         reduction_override='none'), layers, avg_factor)
+            return loss(box, box_target, weight=weight, avg_factor=avg_factor)
+        return _layer_losses(loss, box, box_target, weight, avg_factor, layers)
+
+
+def _layer_losses(loss: nn.Module, pred: Tensor, target: Tensor, weight: Optional[Tensor],
+                  avg_factor: Tensor, layers: int) -> Tensor:
+    """``[layers]`` losses of a configured mmdet-style loss on ``layers`` blocks of rows: its
+    element losses (``reduction_override='none'``) reduced per block by
+    :func:`~turbox_mm.models.losses.layer_means`.
+
+    mmdet's ``L1Loss`` and ``SmoothL1Loss`` modules return ``(pred * weight).sum()``, a zero
+    scalar, whatever the reduction, when every weight is 0; a call per layer returns that
+    zero for each layer, so it is expanded to the layers.
+    """
+    elements = loss(pred, target, weight=weight, reduction_override='none')
+    if elements.dim() == 0:
+        return elements.expand(layers)
+    return layer_means(elements, layers, avg_factor)
