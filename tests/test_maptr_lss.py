@@ -226,7 +226,7 @@ def test_geometry_projects_back_onto_its_pixel_and_depth(op_impl):
     assert frustum[:, 0, 0, 2].tolist() == list(np.arange(1.0, 13.0, 1.0))
 
 
-def test_turbox_matrices_and_geometry_equal_stocks_exactly():
+def test_turbox_matrices_equal_stocks_exactly_and_geometry_within_rounding():
     stock, turbox = build(), build(op_impl='turbox')
     metas = rig()
     a = stock.matrices(metas, 3, torch.zeros(()))
@@ -238,7 +238,10 @@ def test_turbox_matrices_and_geometry_equal_stocks_exactly():
     geoms = [vt.get_geometry(frustum, m['camera2ego'], m['camera_intrinsics'],
                              m['img_aug_matrix'], m['lidar2ego'])
              for vt, m in ((stock, a), (turbox, b))]
-    assert torch.equal(*geoms)
+    # the turbox path rotates by multiply-adds, not matmul: the same sums, rounded in
+    # another order (a few float32 ulps of the largest coordinate)
+    bound = 8 * torch.finfo(torch.float32).eps * float(geoms[0].abs().max())
+    assert float((geoms[1] - geoms[0]).abs().max()) <= bound
 
 
 def test_frustum_is_cached_per_image_size():

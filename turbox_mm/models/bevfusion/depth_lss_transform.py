@@ -38,7 +38,7 @@ from turbox_mm.ops.bev_pool import bev_pool
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from ..layers.lss import (bev_grid, conv_bn_relu, image_frustum, pool_stock, pooling_grid,
-                          unproject_frustum)
+                          rotate_points, unproject_frustum)
 from .lidar_depth import depth_image_batched, depth_image_stock
 
 
@@ -108,7 +108,8 @@ class DepthLSSTransform(BaseModule):
         pts = unproject_frustum(self.frustum, camera2lidar_rots, camera2lidar_trans, intrins,
                                 post_rots, post_trans, sync_free=self.op_impl == 'turbox')
         if extra_rots is not None:
-            pts = extra_rots.view(batch, 1, 1, 1, 1, 3, 3).matmul(pts.unsqueeze(-1)).squeeze(-1)
+            pts = rotate_points(extra_rots.view(batch, 1, 1, 1, 1, 3, 3), pts,
+                                elementwise=self.op_impl == 'turbox')
         if extra_trans is not None:
             pts = pts + extra_trans.view(batch, 1, 1, 1, 1, 3)
         return pts

@@ -100,7 +100,7 @@ from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
 from turbox_mm.utils.upload import upload
 from ..layers.lss import (bev_grid, conv_bn_relu, image_frustum, inverse, pool_stock,
-                          pooling_grid, unproject_frustum)
+                          pooling_grid, rotate_points, unproject_frustum)
 from .depth_net import DepthNet
 
 #: Per-camera metainfo matrices the transform reads (``N x 4 x 4`` per sample), and the
@@ -317,7 +317,7 @@ class LSSTransform(BaseModule):
         batch = pts.shape[0]
         pts = pts - lidar2ego[:, :3, 3].view(batch, 1, 1, 1, 1, 3)
         rots = inverse(lidar2ego[:, :3, :3], sync_free).view(batch, 1, 1, 1, 1, 3, 3)
-        return rots.matmul(pts.unsqueeze(-1)).squeeze(-1)
+        return rotate_points(rots, pts, elementwise=sync_free)
 
     @staticmethod
     def get_mlp_input(camera2ego: Tensor, intrin: Tensor, post_rot: Tensor,
