@@ -115,6 +115,32 @@ def test_bad_configs_are_named():
         MODELS.build(cfg)
 
 
+@pytest.mark.parametrize('op_impl, order', [
+    ('turbox', ['voxels', 'camera', 'encoder']), ('stock', ['camera', 'voxels', 'encoder'])])
+def test_turbox_voxelizes_before_the_camera_branch(op_impl, order):
+    """The turbox step voxelizes (its one host read, the voxel count) before launching the
+    camera branch, whose kernels the read would otherwise wait for; stock keeps upstream's
+    order. The camera branch is a stand-in here; the fusion gets camera first either way."""
+
+    class CameraFirst(torch.nn.Module):
+        def forward(self, features):
+            assert [f.shape[0] for f in features] == [1, 2]  # camera stand-in, then lidar
+            return features[-1]
+
+    model = MODELS.build(lidar_only(op_impl)).train()
+    calls, real_voxels = [], model.batch_voxels
+    model.batch_voxels = lambda points: calls.append('voxels') or real_voxels(points)
+    model.img_backbone = torch.nn.Identity()  # not None: the camera branch runs
+    model.extract_img_feat = lambda imgs, points, metas: calls.append('camera') or imgs[:1]
+    model.fusion_layer = CameraFirst()
+    model.pts_middle_encoder.register_forward_pre_hook(lambda *args: calls.append('encoder'))
+    data = model.data_preprocessor(dict(inputs=dict(points=clouds()), data_samples=samples()),
+                                   True)
+    inputs = dict(data['inputs'], imgs=torch.zeros(1, 1, 3, 8, 8))
+    model.extract_feat(inputs, [s.metainfo for s in data['data_samples']])
+    assert calls == order
+
+
 @pytest.mark.parametrize('op_impl', ['stock', 'turbox'])
 def test_a_last_sample_without_points_in_range_trains_with_an_empty_bev(op_impl):
     torch.manual_seed(0)

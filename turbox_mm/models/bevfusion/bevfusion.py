@@ -9,8 +9,9 @@ fused camera first (``fusion_layer``), then ``pts_backbone``, ``pts_neck`` and t
 
 ``op_impl``: ``'stock'`` voxelizes as upstream (mmcv's deterministic op, one call per sample,
 the batch size read from the last voxel: a host sync); ``'turbox'`` voxelizes the batch in one
-call of ``turbox_mm::hard_voxelize`` (the same voxels in the same order) and takes the batch
-size from the number of samples; it also sends the camera matrices to the device without
+call of ``turbox_mm::hard_voxelize`` (the same voxels in the same order) before the camera
+branch (its host read of the voxel count then waits for little) and takes the batch size from
+the number of samples; it also sends the camera matrices to the device without
 making the host wait (pinned memory, non-blocking). A sample without points in the point
 cloud range gets an empty lidar BEV (the stock path warns, naming its position in the batch;
 upstream's batch size, read from the last voxel, is wrong when that sample is the last).
@@ -19,7 +20,7 @@ parts keep their construction-time initialisation).
 """
 import copy
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -130,10 +131,27 @@ class BEVFusion(Base3DDetector):
             feats = voxels.sum(dim=1) / sizes.type_as(voxels).view(-1, 1)
         return feats, coords.int(), sizes
 
-    def extract_pts_feat(self, batch_inputs_dict: Dict) -> Tensor:
+    def extract_pts_feat(self, batch_inputs_dict: Dict,
+                         voxels: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tensor:
         """The lidar BEV ``[B, C, X, Y]`` (voxelization in float32; the encoder outside that
-        region, as upstream: under AMP spconv runs it in half precision)."""
-        points = batch_inputs_dict['points']
+        region, as upstream: under AMP spconv runs it in half precision).
+
+        Args:
+            batch_inputs_dict (dict): The batch, with ``points``.
+            voxels (tuple, optional): :meth:`batch_voxels` of these points, made earlier.
+                Defaults to None (voxelize here).
+
+        Returns:
+            Tensor: The sparse encoder's output.
+        """
+        if voxels is None:
+            voxels = self.batch_voxels(batch_inputs_dict['points'])
+        return self.pts_middle_encoder(*voxels)
+
+    def batch_voxels(self, points: List[Tensor]) -> Tuple[Tensor, Tensor, int]:
+        """``(features, coords, batch_size)`` for the sparse encoder: :meth:`voxelize` in
+        float32, with the batch size as upstream reads it (the stock path) or as the number of
+        samples (turbox)."""
         with torch.autocast(device_type=points[0].device.type, enabled=False):
             points = [p.float() for p in points]
             feats, coords, _ = self.voxelize(points)
@@ -147,7 +165,7 @@ class BEVFusion(Base3DDetector):
                 batch_size = len(points)
             else:
                 batch_size = coords[-1, 0] + 1
-        return self.pts_middle_encoder(feats, coords, batch_size)
+        return feats, coords, batch_size
 
     # -- camera ---------------------------------------------------------------------------------
 
@@ -174,12 +192,18 @@ class BEVFusion(Base3DDetector):
 
     def extract_feat(self, batch_inputs_dict: Dict, batch_input_metas: List[dict]):
         """The neck's output for the head (camera first in the fusion)."""
-        features = []
+        features, voxels = [], None
         imgs = batch_inputs_dict.get('imgs')
+        if self.op_impl == 'turbox':
+            # The voxelizer's one host read (the voxel count) first, while the device has
+            # little queued: after the camera branch it would wait for all of that branch's
+            # kernels, with nothing launched meanwhile. The two branches are independent
+            # (and the voxelizer draws no random numbers), so the order changes no value.
+            voxels = self.batch_voxels(batch_inputs_dict['points'])
         if imgs is not None and self.img_backbone is not None:
             points = [p.clone() for p in batch_inputs_dict['points']]
             features.append(self.extract_img_feat(imgs, points, batch_input_metas))
-        features.append(self.extract_pts_feat(batch_inputs_dict))
+        features.append(self.extract_pts_feat(batch_inputs_dict, voxels))
         if self.fusion_layer is not None:
             x = self.fusion_layer(features)
         elif len(features) == 1:
