@@ -10,7 +10,11 @@ assignment: on the CPU the last one wins, on CUDA any may).
 - :func:`depth_image_stock`: upstream's procedure, a loop over the samples and the cameras with
   boolean indexing (a host synchronisation per camera and sample).
 - :func:`depth_image_batched`: the same arithmetic for the whole batch at once (clouds padded to
-  the longest), and one scatter whose winner per pixel is the last point: no host sync.
+  the longest), and one scatter whose winner per pixel is the last point: no host sync. Its
+  3 x 3 products are float32 multiply-adds (:func:`rotate_columns`), not matrix products,
+  which ``_base_/turbox.py``'s TF32 could round by about 5e-4 (half a pixel at u ~ 1000); the
+  depths then agree with the loop's to rounding order, and a pixel index only where a point
+  lies within that rounding of a pixel edge.
 """
 from typing import List
 
@@ -68,11 +72,14 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
         real[b, :cloud.shape[0]] = True
     xyz = xyz - lidar_aug_matrix[:, None, :3, 3]
     # the inverse without torch.inverse's singularity check, which waits for the device
-    xyz = inverse(lidar_aug_matrix[:, :3, :3], sync_free=True).matmul(xyz.transpose(1, 2))
-    cam = lidar2image[:, :, :3, :3].matmul(xyz[:, None]) + lidar2image[:, :, :3, 3, None]
+    xyz = rotate_columns(inverse(lidar_aug_matrix[:, :3, :3], sync_free=True),
+                         xyz.transpose(1, 2))
+    cam = rotate_columns(lidar2image[:, :, :3, :3], xyz[:, None]) + \
+        lidar2image[:, :, :3, 3, None]
     dist = cam[:, :, 2, :].clamp(Z_MIN, Z_MAX)  # [B, N, P]
     uv = cam[:, :, :2, :] / dist[:, :, None, :]
-    pix = img_aug_matrix[:, :, :3, :3].matmul(torch.cat([uv, dist[:, :, None, :]], 2)) + \
+    pix = rotate_columns(img_aug_matrix[:, :, :3, :3],
+                         torch.cat([uv, dist[:, :, None, :]], 2)) + \
         img_aug_matrix[:, :, :3, 3, None]
     u, v = pix[:, :, 0, :], pix[:, :, 1, :]
     on_image = (v < height) & (v >= 0) & (u < width) & (u >= 0) & real[:, None, :]
@@ -94,3 +101,17 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
     values = torch.cat([dist.reshape(-1), dist.new_zeros(1)])
     depth = values[torch.where(source[:pixels] >= 0, source[:pixels], flat.numel())]
     return depth.view(batch, cams, 1, height, width)
+
+
+def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
+    """``matrices @ columns`` for ``[..., 3, 3]`` matrices and ``[..., 3, P]`` column vectors
+    (broadcast), as three float32 multiply-adds.
+
+    Examples:
+        >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
+        >>> rotate_columns(m, torch.tensor([[1.], [2.], [3.]])).view(-1).tolist()
+        [-2.0, 1.0, 3.0]
+    """
+    out = matrices[..., :, 0:1] * columns[..., 0:1, :]
+    out = torch.addcmul(out, matrices[..., :, 1:2], columns[..., 1:2, :])
+    return torch.addcmul(out, matrices[..., :, 2:3], columns[..., 2:3, :])
