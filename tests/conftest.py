@@ -256,6 +256,22 @@ def stacked_layer_losses_only():
         Sparse4DHeadLosses._loss_layer_by_layer = real
 
 
+@contextlib.contextmanager
+def no_matrix_products():
+    """Fail on ``torch.matmul``, ``Tensor.matmul`` and ``torch.einsum`` inside the block: the
+    turbox geometry computes its small products by float32 multiply-adds, which TF32 (allowed
+    by ``_base_/turbox.py``) cannot round."""
+    from unittest import mock
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a matrix product in a path that must not have one')
+
+    with mock.patch.object(torch, 'matmul', side_effect=refuse), \
+            mock.patch.object(torch.Tensor, 'matmul', refuse), \
+            mock.patch.object(torch, 'einsum', side_effect=refuse):
+        yield
+
+
 def relative_grad_errors(grads, reference):
     """``||g - g_ref|| / ||g_ref||`` per parameter."""
     return {name: float((grads[name] - reference[name]).norm()

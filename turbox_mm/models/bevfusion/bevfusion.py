@@ -20,7 +20,7 @@ parts keep their construction-time initialisation).
 """
 import copy
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ CAMERA_MATRICES = (
     ('img_aug_matrix', 'img_aug_matrix', 'eye'),
     ('lidar_aug_matrix', 'lidar_aug_matrix', 'eye'),
 )
+#: The sparse encoder's batch size: an int, or upstream's 0-d tensor read of the last voxel.
+BatchSize = Union[int, Tensor]
 
 
 @MODELS.register_module()
@@ -132,7 +134,7 @@ class BEVFusion(Base3DDetector):
         return feats, coords.int(), sizes
 
     def extract_pts_feat(self, batch_inputs_dict: Dict,
-                         voxels: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tensor:
+                         voxels: Optional[Tuple[Tensor, Tensor, BatchSize]] = None) -> Tensor:
         """The lidar BEV ``[B, C, X, Y]`` (voxelization in float32; the encoder outside that
         region, as upstream: under AMP spconv runs it in half precision).
 
@@ -148,10 +150,17 @@ class BEVFusion(Base3DDetector):
             voxels = self.batch_voxels(batch_inputs_dict['points'])
         return self.pts_middle_encoder(*voxels)
 
-    def batch_voxels(self, points: List[Tensor]) -> Tuple[Tensor, Tensor, int]:
-        """``(features, coords, batch_size)`` for the sparse encoder: :meth:`voxelize` in
-        float32, with the batch size as upstream reads it (the stock path) or as the number of
-        samples (turbox)."""
+    def batch_voxels(self, points: List[Tensor]) -> Tuple[Tensor, Tensor, BatchSize]:
+        """The sparse encoder's input: :meth:`voxelize` in float32, with the batch size.
+
+        Args:
+            points (list[Tensor]): Per sample ``[P, C]`` points.
+
+        Returns:
+            tuple: ``(features [M, C], coords [M, 4] int32, batch_size)``; the batch size is
+            the number of samples (turbox, or stock with an empty sample) or upstream's read
+            of the last voxel's batch index (a 0-d tensor).
+        """
         with torch.autocast(device_type=points[0].device.type, enabled=False):
             points = [p.float() for p in points]
             feats, coords, _ = self.voxelize(points)
@@ -161,7 +170,7 @@ class BEVFusion(Base3DDetector):
                 warnings.warn(f'BEVFusion: sample(s) {self._empty_samples} of the batch (of '
                               f'{len(points)}) have no points in the point cloud range; their '
                               'lidar BEV is empty (upstream takes the batch size from the last '
-                              'voxel, which fails when the last sample is empty)', stacklevel=2)
+                              'voxel, which fails when the last sample is empty)', stacklevel=3)
                 batch_size = len(points)
             else:
                 batch_size = coords[-1, 0] + 1
@@ -203,7 +212,7 @@ class BEVFusion(Base3DDetector):
         if imgs is not None and self.img_backbone is not None:
             points = [p.clone() for p in batch_inputs_dict['points']]
             features.append(self.extract_img_feat(imgs, points, batch_input_metas))
-        features.append(self.extract_pts_feat(batch_inputs_dict, voxels))
+        features.append(self.extract_pts_feat(batch_inputs_dict, voxels=voxels))
         if self.fusion_layer is not None:
             x = self.fusion_layer(features)
         elif len(features) == 1:

@@ -11,8 +11,9 @@ assignment: on the CPU the last one wins, on CUDA any may).
   boolean indexing (a host synchronisation per camera and sample).
 - :func:`depth_image_batched`: the same arithmetic for the whole batch at once (clouds padded to
   the longest), and one scatter whose winner per pixel is the last point: no host sync. Its
-  3 x 3 products are float32 multiply-adds (:func:`rotate_columns`), not matrix products,
-  which ``_base_/turbox.py``'s TF32 could round by about 5e-4 (half a pixel at u ~ 1000); the
+  3 x 3 products are float32 multiply-adds
+  (:func:`~turbox_mm.models.layers.lss.rotate_columns`), not matrix products, which
+  ``_base_/turbox.py``'s TF32 could round by about 5e-4 (half a pixel at u ~ 1000); the
   depths then agree with the loop's to rounding order, and a pixel index only where a point
   lies within that rounding of a pixel edge.
 """
@@ -21,7 +22,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from ..layers.lss import inverse
+from ..layers.lss import inverse, rotate_columns
 
 Z_MIN, Z_MAX = 1e-5, 1e5
 #: Scatter slots past the images that the off-image entries are spread over (a power of 2).
@@ -101,17 +102,3 @@ def depth_image_batched(points: List[Tensor], lidar2image: Tensor, img_aug_matri
     values = torch.cat([dist.reshape(-1), dist.new_zeros(1)])
     depth = values[torch.where(source[:pixels] >= 0, source[:pixels], flat.numel())]
     return depth.view(batch, cams, 1, height, width)
-
-
-def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
-    """``matrices @ columns`` for ``[..., 3, 3]`` matrices and ``[..., 3, P]`` column vectors
-    (broadcast), as three float32 multiply-adds.
-
-    Examples:
-        >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
-        >>> rotate_columns(m, torch.tensor([[1.], [2.], [3.]])).view(-1).tolist()
-        [-2.0, 1.0, 3.0]
-    """
-    out = matrices[..., :, 0:1] * columns[..., 0:1, :]
-    out = torch.addcmul(out, matrices[..., :, 1:2], columns[..., 1:2, :])
-    return torch.addcmul(out, matrices[..., :, 2:3], columns[..., 2:3, :])

@@ -108,8 +108,30 @@ def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -
     if not elementwise:
         return matrices.matmul(points.unsqueeze(-1)).squeeze(-1)
     out = points[..., 0:1] * matrices[..., 0]
-    out = torch.addcmul(out, points[..., 1:2], matrices[..., 1])
-    return torch.addcmul(out, points[..., 2:3], matrices[..., 2])
+    out.addcmul_(points[..., 1:2], matrices[..., 1])
+    return out.addcmul_(points[..., 2:3], matrices[..., 2])
+
+
+def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
+    """``matrices @ columns`` for ``[..., 3, 3]`` matrices and ``[..., 3, P]`` columns
+    (broadcast), as three float32 multiply-adds: :func:`rotate_points` for column vectors
+    (and, with ``P = 3``, the product of two 3 x 3 matrices), kept out of TF32.
+
+    Args:
+        matrices (Tensor): ``[..., 3, 3]``.
+        columns (Tensor): ``[..., 3, P]``, broadcastable against the matrices' leading shape.
+
+    Returns:
+        Tensor: ``[..., 3, P]``.
+
+    Examples:
+        >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
+        >>> rotate_columns(m, torch.tensor([[1.], [2.], [3.]])).view(-1).tolist()
+        [-2.0, 1.0, 3.0]
+    """
+    out = matrices[..., :, 0:1] * columns[..., 0:1, :]
+    out.addcmul_(matrices[..., :, 1:2], columns[..., 1:2, :])
+    return out.addcmul_(matrices[..., :, 2:3], columns[..., 2:3, :])
 
 
 def unproject_frustum(frustum: Tensor, rots: Tensor, trans: Tensor, intrins: Tensor,
@@ -124,9 +146,9 @@ def unproject_frustum(frustum: Tensor, rots: Tensor, trans: Tensor, intrins: Ten
         post_rots, post_trans (Tensor): ``[B, N, 3, 3]`` and ``[B, N, 3]``: the image
             augmentation ``A``, ``a`` (pixel of the original image to the augmented one).
         sync_free (bool): Invert without the host sync of the singularity check (same values),
-            and rotate the points by :func:`rotate_points`' multiply-adds instead of batched
-            matrix-vector products (the same sums, rounded in another order). Defaults to
-            False.
+            and compute the products by float32 multiply-adds (:func:`rotate_points`,
+            :func:`rotate_columns`) instead of ``matmul``: no batched matrix-vector launches,
+            no TF32 (the same sums, rounded in another order). Defaults to False.
 
     Returns:
         Tensor: ``[B, N, D, fH, fW, 3]``.
@@ -136,7 +158,8 @@ def unproject_frustum(frustum: Tensor, rots: Tensor, trans: Tensor, intrins: Ten
     pts = frustum - post_trans.view(*shape, 3)
     pts = rotate_points(inverse(post_rots, sync_free).view(*shape, 3, 3), pts, sync_free)
     pts = torch.cat((pts[..., :2] * pts[..., 2:3], pts[..., 2:3]), -1)
-    combine = rots.matmul(inverse(intrins, sync_free))
+    intrins_inv = inverse(intrins, sync_free)
+    combine = rotate_columns(rots, intrins_inv) if sync_free else rots.matmul(intrins_inv)
     pts = rotate_points(combine.view(*shape, 3, 3), pts, sync_free)
     return pts + trans.view(*shape, 3)
 

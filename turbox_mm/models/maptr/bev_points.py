@@ -117,14 +117,21 @@ def point_sampling(reference_points: Tensor, pc_range: Sequence[float], lidar2im
 
 
 def _project(points: Tensor, matrices: Tensor) -> Tensor:
-    """``matrices @ points`` for every camera: ``[D, B, N, Q, 4]`` from points ``[D, B, Q, 4]``
-    and matrices ``[B, N, 4, 4]``, as four broadcast float32 multiply-adds over the points'
-    coordinates (a matrix product could run in TF32 where that is allowed)."""
+    """``matrices @ points`` for every camera, as four broadcast float32 multiply-adds over
+    the points' coordinates (a matrix product could run in TF32 where that is allowed).
+
+    Args:
+        points (Tensor): ``[D, B, Q, 4]`` homogeneous points.
+        matrices (Tensor): ``[B, N, 4, 4]``.
+
+    Returns:
+        Tensor: ``[D, B, N, Q, 4]``.
+    """
     depth, batch, queries = points.shape[:3]
     cams = matrices.shape[1]
     coords = points.view(depth, batch, 1, queries, 4)
     columns = matrices.transpose(-1, -2).reshape(1, batch, cams, 1, 4, 4)  # [..., k, j]
     out = coords[..., 0:1] * columns[..., 0, :]
     for k in range(1, 4):
-        out = torch.addcmul(out, coords[..., k:k + 1], columns[..., k, :])
+        out.addcmul_(coords[..., k:k + 1], columns[..., k, :])
     return out

@@ -37,9 +37,11 @@ The detector calls it as its ``bev_encoder``: ``forward(mlvl_feats, img_metas, p
 ``torch.inverse``, the depth loss with boolean-mask indexing and a Python ``max`` on the
 count); ``'turbox'`` gives the same values without host syncs: the matrices packed on the host
 and uploaded once through pinned memory, inverses without the singularity check
-(``torch.linalg.inv_ex``), the depth loss with a gather and masked sums, the depth net's
-ASPP global average broadcast over the map rather than interpolated from 1x1 (the same values;
-no contended atomic adds in its backward). ``bev_pool_impl``
+(``torch.linalg.inv_ex``), the frustum's products as float32 multiply-adds (the same sums
+rounded in another order; no batched matrix-vector launches, no TF32), the depth loss with
+a gather and masked sums, the depth net's ASPP global average broadcast over the map rather
+than interpolated from 1x1 (the same values; no contended atomic adds in its backward).
+``bev_pool_impl``
 (defaults to ``op_impl``) picks the pooling alone: ``'stock'`` as upstream's PyTorch code (the
 ``[B, N, D, fH, fW, C]`` product, a boolean filter, an index sum:
 :func:`~turbox_mm.models.layers.lss.pool_stock`, shared with BEVFusion's
