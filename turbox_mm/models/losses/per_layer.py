@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ['layer_means', 'reduces_by_mean']
+__all__ = ['check_layer_blocks', 'layer_means', 'reduces_by_mean']
 
 
 def layer_means(elements: Tensor, layers: int, avg_factor: Tensor) -> Tensor:
@@ -45,6 +45,20 @@ def layer_means(elements: Tensor, layers: int, avg_factor: Tensor) -> Tensor:
                          f'{tuple(avg_factor.shape)}')
     eps = torch.finfo(torch.float32).eps
     return elements.reshape(layers, -1).sum(1) / (avg_factor + eps)
+
+
+def check_layer_blocks(owner: str, layers: int, rows: int, avg_factor) -> None:
+    """Raise unless ``rows`` split into ``layers`` blocks and ``avg_factor`` is a
+    ``[layers]`` tensor: the input of :func:`layer_means`, checked by a loss before its
+    work, with the loss's name in the message.
+
+    Raises:
+        ValueError: ``{owner}: R rows in L layers need ...``.
+    """
+    if rows % layers or not isinstance(avg_factor, Tensor) or \
+            tuple(avg_factor.shape) != (layers, ):
+        raise ValueError(f'{owner}: {rows} rows in {layers} layers need a row count divisible '
+                         f'by the layers and a [{layers}] avg_factor, got {avg_factor!r}')
 
 
 def reduces_by_mean(loss: Optional[nn.Module]) -> bool:

@@ -134,9 +134,14 @@ class Sparse4DHeadLosses:
         from mmdet.utils import reduce_mean
         mask = (reg_target != 0).any(dim=-1)
         num_pos = reduce_mean(mask.sum().float()).clamp(min=1.0)
+        return self._score_gate(mask, cls), num_pos
+
+    def _score_gate(self, matched: Tensor, cls: Tensor) -> Tensor:
+        """``matched`` rows whose best class score is above ``cls_threshold_to_reg`` (all of
+        them where that is not set): the rows of the regression losses."""
         if self.cls_threshold_to_reg > 0:
-            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
-        return mask, num_pos
+            return matched & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+        return matched
 
     def _dn_targets(self, outputs: Dict, layer: int):
         """Denoising ``(valid_mask, cls_target, reg_target)`` of decoder layer ``layer``: the
@@ -195,8 +200,7 @@ class Sparse4DHeadLosses:
         # its own reduce_mean)
         norms = reduce_mean(torch.cat(counts).float()).clamp(min=1.0)
         num_pos = norms[:layers]
-        if self.cls_threshold_to_reg > 0:  # after counting, as _matched_rows
-            mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cls_threshold_to_reg)
+        mask = self._score_gate(mask, cls)  # after counting, as _matched_rows
         cls_losses = self._cls_loss_layers(cls.flatten(0, 2), cls_target.flatten(), num_pos,
                                            layers)
         weight = reg_weights * self.reg_weight_vector.to(reg_weights.dtype)

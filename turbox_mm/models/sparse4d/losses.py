@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from turbox_mm.models.losses import layer_means, reduces_by_mean
+from turbox_mm.models.losses import check_layer_blocks, layer_means, reduces_by_mean
 from turbox_mm.registry import MODELS
 from .box3d import COS_YAW, SIN_YAW, X, Z
 
@@ -209,11 +209,7 @@ class SparseBox3DLoss(nn.Module):
         if not self.stacks_layers():
             raise ValueError('SparseBox3DLoss: layers > 1 needs losses that reduce by '
                              "'mean' (stacks_layers() is False)")
-        if rows % layers or not isinstance(avg_factor, Tensor) or \
-                tuple(avg_factor.shape) != (layers, ):
-            raise ValueError(f'SparseBox3DLoss: {rows} rows in {layers} layers need a row '
-                             f'count divisible by the layers and a [{layers}] avg_factor, got '
-                             f'{avg_factor!r}')
+        check_layer_blocks('SparseBox3DLoss', layers, rows, avg_factor)
 
     @staticmethod
     def _term(loss: nn.Module, pred: Tensor, target: Tensor, weight: Optional[Tensor],

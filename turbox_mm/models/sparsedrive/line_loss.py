@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from turbox_mm.models.losses import layer_means, reduces_by_mean
+from turbox_mm.models.losses import check_layer_blocks, layer_means, reduces_by_mean
 from turbox_mm.registry import MODELS
 from .map_match_cost import normalize_lines
 
@@ -185,11 +185,7 @@ class SparseLineLoss(nn.Module):
             if not self.stacks_layers():
                 raise ValueError("SparseLineLoss: layers > 1 needs an element loss that "
                                  "reduces by 'mean' (stacks_layers() is False)")
-            if line.shape[0] % layers or not isinstance(avg_factor, Tensor) or \
-                    tuple(avg_factor.shape) != (layers, ):
-                raise ValueError(f'SparseLineLoss: {line.shape[0]} rows in {layers} layers '
-                                 'need a row count divisible by the layers and a '
-                                 f'[{layers}] avg_factor, got {avg_factor!r}')
+            check_layer_blocks('SparseLineLoss', layers, line.shape[0], avg_factor)
         if line.shape[0] == 0:
             zero = line.sum() * 0
             return {key: zero if layers == 1 else zero.expand(layers)}
