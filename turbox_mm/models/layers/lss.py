@@ -82,23 +82,23 @@ def inverse(matrices: Tensor, sync_free: bool = False) -> Tensor:
 
 
 def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -> Tensor:
-    """``matrices @ points`` for ``[..., 3, 3]`` matrices broadcast over ``[..., 3]`` points.
+    """``matrices @ points`` for ``[..., k, k]`` matrices broadcast over ``[..., k]`` points.
 
     ``torch.matmul`` of a broadcast ``[..., 3, 3] x [..., 3, 1]`` runs as a batched product of
     one 3 x 3 matrix and one vector per point: on CUDA, cuBLAS batched matrix-vector kernels
     in chunks (about 120 launches of 60 us each for the 8M frustum points of BEVFusion's
-    batch, measured in its profile). ``elementwise`` computes the same sums as three
-    broadcast multiply-adds over the points' columns (float32 throughout, no TF32: the
-    matrix products of the GPU may round in TF32, which would move points by centimetres),
-    so the values differ from the product's only in rounding order.
+    batch, measured in its profile). ``elementwise`` computes the same sums as ``k``
+    broadcast multiply-adds over the points' coordinates (:func:`rotate_columns`; float32
+    throughout, no TF32: the matrix products of the GPU may round in TF32, which would move
+    points by centimetres), so the values differ from the product's only in rounding order.
 
     Args:
-        matrices (Tensor): ``[..., 3, 3]``, broadcastable against the points' leading shape.
-        points (Tensor): ``[..., 3]``.
+        matrices (Tensor): ``[..., k, k]``, broadcastable against the points' leading shape.
+        points (Tensor): ``[..., k]``.
         elementwise (bool): The multiply-adds instead of ``matmul``. Defaults to False.
 
     Returns:
-        Tensor: ``[..., 3]`` rotated points.
+        Tensor: ``[..., k]`` transformed points.
 
     Examples:
         >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
@@ -107,22 +107,20 @@ def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -
     """
     if not elementwise:
         return matrices.matmul(points.unsqueeze(-1)).squeeze(-1)
-    out = points[..., 0:1] * matrices[..., 0]
-    out.addcmul_(points[..., 1:2], matrices[..., 1])
-    return out.addcmul_(points[..., 2:3], matrices[..., 2])
+    return rotate_columns(matrices, points.unsqueeze(-1)).squeeze(-1)
 
 
 def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
-    """``matrices @ columns`` for ``[..., 3, 3]`` matrices and ``[..., 3, P]`` columns
-    (broadcast), as three float32 multiply-adds: :func:`rotate_points` for column vectors
-    (and, with ``P = 3``, the product of two 3 x 3 matrices), kept out of TF32.
+    """``matrices @ columns`` for ``[..., k, k]`` matrices and ``[..., k, P]`` columns
+    (broadcast), as ``k`` float32 multiply-adds, kept out of TF32 (with ``P = k``, the product
+    of two matrices).
 
     Args:
-        matrices (Tensor): ``[..., 3, 3]``.
-        columns (Tensor): ``[..., 3, P]``, broadcastable against the matrices' leading shape.
+        matrices (Tensor): ``[..., k, k]``.
+        columns (Tensor): ``[..., k, P]``, broadcastable against the matrices' leading shape.
 
     Returns:
-        Tensor: ``[..., 3, P]``.
+        Tensor: ``[..., k, P]``.
 
     Examples:
         >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
@@ -130,8 +128,9 @@ def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
         [-2.0, 1.0, 3.0]
     """
     out = matrices[..., :, 0:1] * columns[..., 0:1, :]
-    out.addcmul_(matrices[..., :, 1:2], columns[..., 1:2, :])
-    return out.addcmul_(matrices[..., :, 2:3], columns[..., 2:3, :])
+    for j in range(1, matrices.shape[-1]):
+        out.addcmul_(matrices[..., :, j:j + 1], columns[..., j:j + 1, :])
+    return out
 
 
 def unproject_frustum(frustum: Tensor, rots: Tensor, trans: Tensor, intrins: Tensor,

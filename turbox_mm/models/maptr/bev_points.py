@@ -11,6 +11,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..layers.lss import rotate_points
+
 #: The depth below which a projected point counts as behind the camera.
 EPS = 1e-5
 
@@ -96,7 +98,10 @@ def point_sampling(reference_points: Tensor, pc_range: Sequence[float], lidar2im
         points = torch.cat((points, torch.ones_like(points[..., :1])), -1)
         points = points.permute(1, 0, 2, 3)  # [D, B, Q, 4]
         if op_impl == 'turbox':
-            cam = _project(points, lidar2img.float())
+            # [1, B, N, 1, 4, 4] matrices on [D, B, 1, Q, 4] points: [D, B, N, Q, 4]
+            batch, cams = lidar2img.shape[:2]
+            cam = rotate_points(lidar2img.float().view(1, batch, cams, 1, 4, 4),
+                                points.unsqueeze(2), elementwise=True)
         else:
             anchors, batch, num_query = points.shape[:3]
             cams = lidar2img.shape[1]
@@ -114,24 +119,3 @@ def point_sampling(reference_points: Tensor, pc_range: Sequence[float], lidar2im
         mask = (mask & (cam[..., 1:2] > 0.0) & (cam[..., 1:2] < 1.0) & (cam[..., 0:1] < 1.0)
                 & (cam[..., 0:1] > 0.0))
         return cam.permute(2, 1, 3, 0, 4), mask.permute(2, 1, 3, 0, 4).squeeze(-1)
-
-
-def _project(points: Tensor, matrices: Tensor) -> Tensor:
-    """``matrices @ points`` for every camera, as four broadcast float32 multiply-adds over
-    the points' coordinates (a matrix product could run in TF32 where that is allowed).
-
-    Args:
-        points (Tensor): ``[D, B, Q, 4]`` homogeneous points.
-        matrices (Tensor): ``[B, N, 4, 4]``.
-
-    Returns:
-        Tensor: ``[D, B, N, Q, 4]``.
-    """
-    depth, batch, queries = points.shape[:3]
-    cams = matrices.shape[1]
-    coords = points.view(depth, batch, 1, queries, 4)
-    columns = matrices.transpose(-1, -2).reshape(1, batch, cams, 1, 4, 4)  # [..., k, j]
-    out = coords[..., 0:1] * columns[..., 0, :]
-    for k in range(1, 4):
-        out.addcmul_(coords[..., k:k + 1], columns[..., k, :])
-    return out
