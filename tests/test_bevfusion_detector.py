@@ -157,3 +157,100 @@ def test_a_last_sample_without_points_in_range_trains_with_an_empty_bev(op_impl)
     assert bev.shape[0] == 2 and bev[1].abs().sum() == 0 and bev[0].abs().sum() > 0
     losses = model.loss(data['inputs'], data['data_samples'])
     assert all(torch.isfinite(v).all() for v in losses.values())
+
+
+class _Camera(torch.nn.Module):
+    """A camera branch stand-in with a weight: ``[B, 8, X, Y]`` from a conv over a fixed map."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.register_buffer('bev', torch.randn(2, 4, *size, generator=torch.Generator()
+                                                .manual_seed(3)))
+
+    def forward(self, imgs, points, metas):
+        return self.conv(self.bev)
+
+
+def with_camera(op_impl, overlap_lidar=True):
+    """The tiny lidar model with a stand-in camera branch and a real ``ConvFuser``."""
+    torch.manual_seed(0)
+    cfg = lidar_only(op_impl)
+    cfg.update(overlap_lidar=overlap_lidar,
+               fusion_layer=dict(type='turbox_mm.ConvFuser', in_channels=[8, 128],
+                                 out_channels=128))
+    model = MODELS.build(cfg)
+    model.img_backbone = torch.nn.Identity()  # not None: the camera branch runs
+    model.camera = _Camera((8, 8))
+    model.extract_img_feat = model.camera.forward
+    return model
+
+
+@pytest.mark.parametrize('op_impl, overlap, side', [
+    ('turbox', True, True), ('turbox', False, False), ('stock', True, False)])
+def test_the_turbox_sparse_encoder_runs_on_a_side_stream_after_the_camera_branch(
+        monkeypatch, op_impl, overlap, side):
+    """Wiring, on the CPU (where no side stream exists, ``mark_ready`` is faked): the turbox
+    model with a camera branch hands the sparse encoder to ``run_on_side_stream``, started
+    from the mark made right after voxelization; stock and ``overlap_lidar=False`` do not."""
+    from turbox_mm.models.bevfusion import bevfusion as module
+    calls = []
+    real_voxels = module.BEVFusion.batch_voxels
+    monkeypatch.setattr(module.BEVFusion, 'batch_voxels',
+                        lambda self, p: calls.append('voxels') or real_voxels(self, p))
+    monkeypatch.setattr(module, 'mark_ready', lambda t: calls.append('mark') or 'ready')
+
+    def side_run(region, inputs, ready):
+        calls.append(('side', ready, region))
+        return region(*inputs)
+
+    monkeypatch.setattr(module, 'run_on_side_stream', side_run)
+    model = with_camera(op_impl, overlap).train()
+    real_camera = model.extract_img_feat
+    model.extract_img_feat = lambda *a: calls.append('camera') or real_camera(*a)
+    data = model.data_preprocessor(dict(inputs=dict(points=clouds()), data_samples=samples()),
+                                   True)
+    inputs = dict(data['inputs'], imgs=torch.zeros(2, 1, 3, 8, 8))
+    losses = model.loss(inputs, data['data_samples'])
+    assert torch.isfinite(sum(v for k, v in losses.items() if 'loss' in k))
+    if side:
+        assert calls == ['voxels', 'mark', 'camera', ('side', 'ready', model.pts_middle_encoder)]
+    else:
+        assert 'mark' not in calls and not any(isinstance(c, tuple) for c in calls)
+    # lidar only: nothing to overlap with, no side stream
+    calls.clear()
+    model.img_backbone = None
+    model.fusion_layer = None
+    model.pts_backbone = MODELS.build(dict(
+        type='mmdet3d.SECOND', in_channels=128, out_channels=[32, 64], layer_nums=[1, 1],
+        layer_strides=[1, 2], norm_cfg=dict(type='BN', eps=1e-3, momentum=0.01),
+        conv_cfg=dict(type='Conv2d', bias=False)))
+    model.loss(dict(points=data['inputs']['points']), data['data_samples'])
+    assert 'mark' not in calls
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_side_stream_gives_the_losses_and_gradients_of_one_stream():
+    """The turbox model with a camera branch, ``overlap_lidar`` on and off, same weights and
+    batch (BN in eval: no running statistics move between the two)."""
+    results = []
+    for overlap in (True, False):
+        model = with_camera('turbox', overlap).cuda().eval()
+        points = [p.cuda() for p in clouds(seed=1)]
+        data = model.data_preprocessor(dict(inputs=dict(points=points),
+                                            data_samples=samples()), True)
+        inputs = dict(data['inputs'], imgs=torch.zeros(2, 1, 3, 8, 8, device='cuda'))
+        torch.cuda._sleep(50_000_000)  # the camera branch's kernels queue behind this
+        losses = model.loss(inputs, data['data_samples'])
+        total = sum(v for k, v in losses.items() if 'loss' in k)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (got, got_grads), (want, want_grads) = results
+    assert any('pts_middle_encoder' in n for n in want_grads)
+    assert sorted(got_grads) == sorted(want_grads)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    for name in want_grads:  # spconv's backward may add in another order: rounding only
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5,
+                                   msg=name)

@@ -11,8 +11,11 @@ fused camera first (``fusion_layer``), then ``pts_backbone``, ``pts_neck`` and t
 the batch size read from the last voxel: a host sync); ``'turbox'`` voxelizes the batch in one
 call of ``turbox_mm::hard_voxelize`` (the same voxels in the same order) before the camera
 branch (its host read of the voxel count then waits for little) and takes the batch size from
-the number of samples; it also sends the camera matrices to the device without
-making the host wait (pinned memory, non-blocking). A sample without points in the point
+the number of samples; with a camera branch on CUDA it runs the sparse encoder on a side
+stream once the camera branch is queued (``overlap_lidar``: spconv's host waits for its pair
+counts then wait for the encoder's kernels only, while the camera kernels keep the device
+busy); it also sends the camera matrices to the device without making the host wait (pinned
+memory, non-blocking). A sample without points in the point
 cloud range gets an empty lidar BEV (the stock path warns, naming its position in the batch;
 upstream's batch size, read from the last voxel, is wrong when that sample is the last).
 ``init_weights`` initialises only the image backbone, as upstream's override does (the other
@@ -32,6 +35,7 @@ from torch import Tensor
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.ops.voxelize import hard_voxelize
 from turbox_mm.registry import MODELS
+from turbox_mm.utils.side_stream import mark_ready, run_on_side_stream
 from turbox_mm.utils.upload import upload
 
 #: metainfo key -> ``view_transform`` argument, with the default for a missing key.
@@ -64,6 +68,10 @@ class BEVFusion(Base3DDetector):
         op_impl (str): ``'stock'`` or ``'turbox'``. Defaults to 'stock'.
         init_cfg (dict, optional): mmengine's.
         seg_head: Accepted for upstream's signature; must be None.
+        overlap_lidar (bool): With ``op_impl='turbox'``, on CUDA, with the camera branch:
+            run the sparse encoder on a side CUDA stream after the camera branch is queued,
+            so that its host waits (spconv's pair counts) leave the device busy. Defaults to
+            True.
     """
 
     def __init__(self, data_preprocessor: dict, pts_middle_encoder: dict, pts_backbone: dict,
@@ -71,7 +79,7 @@ class BEVFusion(Base3DDetector):
                  fusion_layer: Optional[dict] = None, img_backbone: Optional[dict] = None,
                  img_neck: Optional[dict] = None, view_transform: Optional[dict] = None,
                  op_impl: str = 'stock', init_cfg: Optional[dict] = None,
-                 seg_head: Optional[dict] = None) -> None:
+                 seg_head: Optional[dict] = None, overlap_lidar: bool = True) -> None:
         if seg_head is not None:
             raise ValueError('BEVFusion: seg_head is not supported (upstream ignores it)')
         preprocessor = copy.deepcopy(dict(data_preprocessor))  # upstream pops from the config
@@ -82,6 +90,7 @@ class BEVFusion(Base3DDetector):
         self.voxelize_reduce = bool(voxelize_cfg.pop('voxelize_reduce', True))
         super().__init__(data_preprocessor=preprocessor, init_cfg=init_cfg)
         self.op_impl = check_op_impl('BEVFusion', op_impl)
+        self.overlap_lidar = bool(overlap_lidar)
         self._empty_samples: List[int] = []  # of the last stock voxelization
         camera = [img_backbone, img_neck, view_transform]
         if any(c is not None for c in camera) and not all(c is not None for c in camera):
@@ -201,18 +210,27 @@ class BEVFusion(Base3DDetector):
 
     def extract_feat(self, batch_inputs_dict: Dict, batch_input_metas: List[dict]):
         """The neck's output for the head (camera first in the fusion)."""
-        features, voxels = [], None
+        features, voxels, ready = [], None, None
         imgs = batch_inputs_dict.get('imgs')
+        camera = imgs is not None and self.img_backbone is not None
         if self.op_impl == 'turbox':
             # The voxelizer's one host read (the voxel count) first, while the device has
             # little queued: after the camera branch it would wait for all of that branch's
             # kernels, with nothing launched meanwhile. The two branches are independent
             # (and the voxelizer draws no random numbers), so the order changes no value.
             voxels = self.batch_voxels(batch_inputs_dict['points'])
-        if imgs is not None and self.img_backbone is not None:
+            if camera and self.overlap_lidar:
+                ready = mark_ready(voxels[:2])
+        if camera:
             points = [p.clone() for p in batch_inputs_dict['points']]
             features.append(self.extract_img_feat(imgs, points, batch_input_metas))
-        features.append(self.extract_pts_feat(batch_inputs_dict, voxels=voxels))
+        if ready is None:
+            features.append(self.extract_pts_feat(batch_inputs_dict, voxels=voxels))
+        else:
+            # The sparse encoder waits on the host for its pair counts (spconv), each wait
+            # for the kernels of its own stream only: the camera branch, queued on the main
+            # stream, keeps the device busy meanwhile. Same kernels, same values.
+            features.append(run_on_side_stream(self.pts_middle_encoder, voxels, ready))
         if self.fusion_layer is not None:
             x = self.fusion_layer(features)
         elif len(features) == 1:
