@@ -201,11 +201,12 @@ def test_the_turbox_sparse_encoder_runs_on_a_side_stream_after_the_camera_branch
     monkeypatch.setattr(module, 'mark_ready', lambda t: calls.append('mark') or 'ready')
 
     def side_run(region, inputs, ready):
-        calls.append(('side', ready, region))
+        calls.append(('side', ready))
         return region(*inputs)
 
     monkeypatch.setattr(module, 'run_on_side_stream', side_run)
     model = with_camera(op_impl, overlap).train()
+    model.pts_middle_encoder.register_forward_pre_hook(lambda *args: calls.append('encoder'))
     real_camera = model.extract_img_feat
     model.extract_img_feat = lambda *a: calls.append('camera') or real_camera(*a)
     data = model.data_preprocessor(dict(inputs=dict(points=clouds()), data_samples=samples()),
@@ -214,7 +215,7 @@ def test_the_turbox_sparse_encoder_runs_on_a_side_stream_after_the_camera_branch
     losses = model.loss(inputs, data['data_samples'])
     assert torch.isfinite(sum(v for k, v in losses.items() if 'loss' in k))
     if side:
-        assert calls == ['voxels', 'mark', 'camera', ('side', 'ready', model.pts_middle_encoder)]
+        assert calls == ['voxels', 'mark', 'camera', ('side', 'ready'), 'encoder']
     else:
         assert 'mark' not in calls and not any(isinstance(c, tuple) for c in calls)
     # lidar only: nothing to overlap with, no side stream
@@ -230,27 +231,47 @@ def test_the_turbox_sparse_encoder_runs_on_a_side_stream_after_the_camera_branch
 
 
 @pytest.mark.cuda
-def test_on_cuda_the_side_stream_gives_the_losses_and_gradients_of_one_stream():
-    """The turbox model with a camera branch, ``overlap_lidar`` on and off, same weights and
-    batch (BN in eval: no running statistics move between the two)."""
+def test_on_cuda_the_side_stream_gives_the_losses_and_gradients_of_one_stream(monkeypatch):
+    """The turbox model with a camera branch, in training mode, ``overlap_lidar`` on and off,
+    same weights and batch. Delays make a missing wait show: the voxel features are finished
+    late on the main stream after the mark's point (the encoder must wait for them), and the
+    encoder's output is finished late on the side stream (the fuser must wait for it)."""
+    from turbox_mm.models.bevfusion import bevfusion as module
+    real_voxels = module.BEVFusion.batch_voxels
+
+    def late_voxels(self, points):
+        feats, coords, batch_size = real_voxels(self, points)
+        torch.cuda._sleep(50_000_000)
+        return feats * 1.0, coords, batch_size  # made after the sleep, on the main stream
+
+    monkeypatch.setattr(module.BEVFusion, 'batch_voxels', late_voxels)
     results = []
     for overlap in (True, False):
-        model = with_camera('turbox', overlap).cuda().eval()
+        model = with_camera('turbox', overlap).cuda().train()
+        streams = []
+
+        def late_output(mod, args, out):
+            streams.append(torch.cuda.current_stream())
+            torch.cuda._sleep(50_000_000)
+            return out * 1.0  # made after the sleep, on the encoder's stream
+
+        model.pts_middle_encoder.register_forward_hook(late_output)
         points = [p.cuda() for p in clouds(seed=1)]
         data = model.data_preprocessor(dict(inputs=dict(points=points),
                                             data_samples=samples()), True)
         inputs = dict(data['inputs'], imgs=torch.zeros(2, 1, 3, 8, 8, device='cuda'))
-        torch.cuda._sleep(50_000_000)  # the camera branch's kernels queue behind this
         losses = model.loss(inputs, data['data_samples'])
         total = sum(v for k, v in losses.items() if 'loss' in k)
         total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        main = torch.cuda.current_stream()
+        assert (streams[0] != main) == overlap
         results.append((losses, grads))
     (got, got_grads), (want, want_grads) = results
     assert any('pts_middle_encoder' in n for n in want_grads)
     assert sorted(got_grads) == sorted(want_grads)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
-    for name in want_grads:  # spconv's backward may add in another order: rounding only
+    for name in want_grads:  # sparse convolution's backward may add in another order
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5,
                                    msg=name)

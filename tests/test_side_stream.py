@@ -62,20 +62,53 @@ def test_the_region_waits_for_its_inputs_only():
     torch.cuda.synchronize()
 
 
+class _LateBackward(torch.autograd.Function):
+    """Identity whose backward finishes its gradient late, on the stream it runs on."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        return grad * 1.0
+
+
 @pytest.mark.cuda
 def test_autograd_through_the_region_matches_the_main_stream():
+    """Backward through a region whose backward runs late on the side stream: the gradients
+    read on the main stream right after ``backward`` (no host synchronisation) are complete."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 64).cuda()
     x = torch.randn(512, 64, device='cuda', requires_grad=True)
     want = layer(x).square().sum()
     want_grads = torch.autograd.grad(want, [x, layer.weight])
     y = x * 1  # made on the main stream
-    out = run_on_side_stream(layer, (y, ), mark_ready([y]))
-    got = (out.square().sum())
-    got_grads = torch.autograd.grad(got, [x, layer.weight])
+    out = run_on_side_stream(lambda t: layer(_LateBackward.apply(t)), (y, ), mark_ready([y]))
+    got = out.square().sum()
+    got.backward()
+    got_grads = [x.grad * 1.0, layer.weight.grad * 1.0]  # main-stream reads, no sync
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+def test_the_main_stream_waits_also_when_the_region_raises():
+    x = torch.zeros(1 << 20, device='cuda')
+    holder = []
+
+    def failing(t):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        holder.append(t + 7)  # finished late on the side stream
+        raise ValueError('no points')
+
+    with pytest.raises(ValueError, match='no points'):
+        run_on_side_stream(failing, (x, ), mark_ready([x]))
+    y = holder[0] * 1  # main stream
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full_like(x, 7.0))
 
 
 @pytest.mark.cuda

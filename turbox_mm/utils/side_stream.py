@@ -22,9 +22,11 @@ _STREAMS: Dict[torch.device, 'torch.cuda.Stream'] = {}
 
 
 def side_stream(device: torch.device) -> 'torch.cuda.Stream':
-    """One side stream per CUDA device, made on first use and kept for the process."""
+    """One side stream per CUDA device, made on first use and kept for the process. It has
+    a high priority: its kernels (short ones, which the host waits for) are scheduled ahead of
+    the main stream's as multiprocessors free up."""
     if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream(device=device)
+        _STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
     return _STREAMS[device]
 
 
@@ -45,9 +47,10 @@ def run_on_side_stream(region: Callable[..., Tensor], inputs: Sequence,
     """``region(*inputs)`` on the device's side stream, started after ``ready``; the main
     stream waits for it (on the device, the host does not) before it uses the output.
 
-    The inputs are marked as used on the side stream (so the caching allocator does not hand
-    their memory to the main stream while the region still reads it), the output as used on
-    the main stream.
+    The tensors among ``inputs`` (not those inside containers) are marked as used on the side
+    stream (so the caching allocator does not hand their memory to the main stream while the
+    region still reads it), the output as used on the main stream. The main stream waits for
+    the side stream also when the region raises.
 
     Args:
         region (callable): Returns one tensor.
@@ -71,11 +74,13 @@ def run_on_side_stream(region: Callable[..., Tensor], inputs: Sequence,
     for tensor in inputs:
         if isinstance(tensor, Tensor):
             tensor.record_stream(stream)
-    with torch.cuda.stream(stream):
-        out = region(*inputs)
+    try:
+        with torch.cuda.stream(stream):
+            out = region(*inputs)
+    finally:
+        main.wait_stream(stream)
     if not isinstance(out, Tensor):
         raise TypeError(f'run_on_side_stream: {getattr(region, "__qualname__", region)!r} '
                         f'returned {type(out).__name__}, not a tensor')
-    main.wait_stream(stream)
     out.record_stream(main)
     return out

@@ -74,6 +74,12 @@ class BEVFusion(Base3DDetector):
             True.
     """
 
+    #: What ``turbox.compile.modules='auto'`` adds to the backbones and necks: the fuser and
+    #: the whole head's forward (convolutions, the heatmap's local maxima, the top proposals,
+    #: the decoder layers and prediction heads: fixed shapes, no data-dependent branch). The
+    #: targets and losses stay eager.
+    turbox_compile_submodules = ('fusion_layer', 'bbox_head')
+
     def __init__(self, data_preprocessor: dict, pts_middle_encoder: dict, pts_backbone: dict,
                  pts_neck: dict, bbox_head: dict, pts_voxel_encoder: Optional[dict] = None,
                  fusion_layer: Optional[dict] = None, img_backbone: Optional[dict] = None,
@@ -230,7 +236,8 @@ class BEVFusion(Base3DDetector):
             # The sparse encoder waits on the host for its pair counts (spconv), each wait
             # for the kernels of its own stream only: the camera branch, queued on the main
             # stream, keeps the device busy meanwhile. Same kernels, same values.
-            features.append(run_on_side_stream(self.pts_middle_encoder, voxels, ready))
+            features.append(run_on_side_stream(
+                lambda *v: self.extract_pts_feat(batch_inputs_dict, voxels=v), voxels, ready))
         if self.fusion_layer is not None:
             x = self.fusion_layer(features)
         elif len(features) == 1:
