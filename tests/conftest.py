@@ -309,9 +309,10 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     """Train ``steps`` steps (temporal frames: the instance caches fill) of the config's model
     and of a copy that ``change(copy)`` altered, each on its own state, and check that both
     give the same losses and gradients at every step: ``grad_check(copy's, original's)``, by
-    default each tensor within rtol 1e-4, atol 1e-5. Dropout is switched off in both (its
-    draws would differ in order). The copy's first ``eager_steps`` steps run with Dynamo's
-    ``force_eager`` stance (as ``turbox.compile.eager_iters`` runs them). Both models live on
+    default each tensor within rtol 1e-4, atol 1e-5. Dropout and drop-path are switched off in
+    both (a compiled graph draws its random numbers in another order). The copy's first
+    ``eager_steps`` steps run with Dynamo's ``force_eager`` stance (as
+    ``turbox.compile.eager_iters`` runs them). Both models live on
     ``device``; with ``mark_steps`` each step starts with
     ``torch.compiler.cudagraph_mark_step_begin()`` (as ``turbox_mm.CudaGraphStepHook`` does).
     Returns the changed copy."""
@@ -324,7 +325,7 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     for module in first.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name in ('dropout', 'attn_drop'):  # attention modules' float rates
+        for name in ('dropout', 'attn_drop', 'drop_prob'):  # float rates (DropPath's too)
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
     second = copy.deepcopy(first)
