@@ -258,9 +258,9 @@ def stacked_layer_losses_only():
 
 @contextlib.contextmanager
 def no_matrix_products():
-    """Fail on ``torch.matmul``, ``Tensor.matmul`` and ``torch.einsum`` inside the block: the
-    turbox geometry computes its small products by float32 multiply-adds, which TF32 (allowed
-    by ``_base_/turbox.py``) cannot round."""
+    """Fail on ``torch.matmul``, ``Tensor.matmul``, the ``@`` operator, ``torch.bmm`` and
+    ``torch.einsum`` inside the block: the turbox geometry computes its small products by
+    float32 multiply-adds, which TF32 (allowed by ``_base_/turbox.py``) cannot round."""
     from unittest import mock
 
     def refuse(*args, **kwargs):
@@ -268,6 +268,9 @@ def no_matrix_products():
 
     with mock.patch.object(torch, 'matmul', side_effect=refuse), \
             mock.patch.object(torch.Tensor, 'matmul', refuse), \
+            mock.patch.object(torch.Tensor, '__matmul__', refuse), \
+            mock.patch.object(torch.Tensor, '__rmatmul__', refuse), \
+            mock.patch.object(torch, 'bmm', side_effect=refuse), \
             mock.patch.object(torch, 'einsum', side_effect=refuse):
         yield
 

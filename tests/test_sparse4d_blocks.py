@@ -595,3 +595,23 @@ def test_ffn_loads_upstreams_nested_layout():
                                                 feedforward_channels=16)).eval()
     wrapped.load_state_dict({f'0.{k}': v for k, v in upstream.items()})
     torch.testing.assert_close(wrapped(x), ffn(x))
+
+
+def test_project_points_are_float32_multiply_adds_of_the_product():
+    """The camera product by multiply-adds (no matrix product, which TF32 could round by about
+    half a pixel): the float64 product's values within float32 rounding, on lidar-range
+    points and nuScenes-like matrices."""
+    from conftest import no_matrix_products
+    gen = torch.Generator().manual_seed(0)
+    mat = torch.eye(4).repeat(2, 3, 1, 1)
+    mat[..., :3, :3] = torch.randn(2, 3, 3, 3, generator=gen) * 400.0 + torch.diag(
+        torch.tensor([1266.0, 1266.0, 1.0]))
+    mat[..., :3, 3] = torch.randn(2, 3, 3, generator=gen) * 300.0
+    pts = torch.randn(2, 5, 7, 3, generator=gen) * 30.0
+    with no_matrix_products():
+        got = project_points(pts, mat)
+    homo = torch.cat([pts, torch.ones_like(pts[..., :1])], -1).double()
+    cam = torch.einsum('bnij,bqpj->bnqpi', mat.double(), homo)
+    want = cam[..., :2] / cam[..., 2:3].clamp(min=1e-5)
+    near = cam[..., 2].abs() > 1.0  # away from the clamp, where a ulp moves u by a lot
+    torch.testing.assert_close(got.double()[near], want[near], rtol=1e-5, atol=1e-3)

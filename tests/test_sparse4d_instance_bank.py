@@ -113,3 +113,25 @@ def test_batch_size_change_resets_and_bad_anchors_are_named():
         InstanceBank(num_anchor=10, embed_dims=4, anchor=np.zeros((5, 11)))
     with pytest.raises(ValueError, match='anchor .* is required'):
         InstanceBank(num_anchor=10, embed_dims=4)
+
+
+def test_projection_is_float32_multiply_adds_of_the_product():
+    """No matrix product (TF32 could move a centre 50 m away by centimetres): the float64
+    products' values within float32 rounding."""
+    from conftest import no_matrix_products
+    gen = torch.Generator().manual_seed(0)
+    anchor = torch.randn(2, 9, 11, generator=gen) * 30.0
+    transform = torch.stack([_transform(yaw=0.3, t=(1.5, -2.0, 0.1))[0],
+                             _transform(yaw=-1.2, t=(0.0, 4.0, 0.0))[0]])
+    dt = torch.tensor([0.5, 0.25])
+    with no_matrix_products():
+        got = project_anchors(anchor, transform, dt)
+    rot, trans = transform[:, None, :3, :3].double(), transform[:, None, :3, 3].double()
+    a = anchor.double()
+    centre = a[..., :3] + a[..., 8:11] * dt.double()[:, None, None]
+    want = a.clone()
+    want[..., :3] = (rot @ centre[..., None])[..., 0] + trans
+    cos_sin = torch.stack([a[..., 7], a[..., 6]], -1)
+    want[..., 7], want[..., 6] = (rot[..., :2, :2] @ cos_sin[..., None])[..., 0].unbind(-1)
+    want[..., 8:11] = (rot @ a[..., 8:11, None])[..., 0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)

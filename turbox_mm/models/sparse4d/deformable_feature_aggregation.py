@@ -9,6 +9,7 @@ from turbox_mm.ops.deformable_aggregation import (deformable_aggregation,
                                                   feature_maps_format)
 from turbox_mm.ops.dispatch import check_op_impl
 from turbox_mm.registry import MODELS
+from ..layers.lss import rotate_points
 from .anchor_encoder import linear_relu_ln
 
 RESIDUAL_MODES = ('cat', 'add', None)
@@ -21,7 +22,9 @@ def project_points(key_points: Tensor, projection_mat: Tensor,
     """Project lidar-frame points into every camera, normalised by the image size.
 
     Depths are clamped to at least ``1e-5`` before the division, so points behind a camera get
-    a tiny positive depth and usually land far outside the image (as upstream).
+    a tiny positive depth and usually land far outside the image (as upstream). The product
+    runs as float32 multiply-adds (upstream's float32 product up to rounding order), never in
+    TF32.
 
     Args:
         key_points (Tensor): ``[B, Q, P, 3]``.
@@ -38,7 +41,9 @@ def project_points(key_points: Tensor, projection_mat: Tensor,
         tensor([[[[[1., 2.]]]]])
     """
     homo = torch.cat([key_points, torch.ones_like(key_points[..., :1])], dim=-1)
-    cam = torch.einsum('bnij,bqpj->bnqpi', projection_mat, homo)
+    # [B, N, 1, 1, 4, 4] on [B, 1, Q, P, 4]: float32 multiply-adds, not a matrix product, which
+    # the turbox precision policy would let round in TF32 (about half a pixel here)
+    cam = rotate_points(projection_mat[:, :, None, None], homo[:, None], elementwise=True)
     uv = cam[..., :2] / cam[..., 2:3].clamp(min=1e-5)
     if image_wh is not None:
         uv = uv / image_wh[:, :, None, None]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from turbox_mm.registry import MODELS
+from ..layers.lss import rotate_points
 
 #: The keypoint arguments of SparseDrive's map head (``sparsedrive_small_stage1.py``): 20
 #: points a polyline, 3 learned offsets at each of 5 heights around the ground -> 300
@@ -165,6 +166,6 @@ class SparsePoint3DKeyPointsGenerator(nn.Module):
         transform = T_temp2cur.to(anchor.dtype)
         rot = transform[:, None, None, :2, :2]
         trans = transform[:, None, None, :2, 3]
-        points = anchor.reshape(bs, num_anchor, self.num_sample, 2, 1)
-        moved = (rot @ points)[..., 0] + trans
+        points = anchor.reshape(bs, num_anchor, self.num_sample, 2)
+        moved = rotate_points(rot, points, elementwise=True) + trans  # float32, never TF32
         return moved.reshape(bs, num_anchor, 2 * self.num_sample)
