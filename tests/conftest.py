@@ -258,9 +258,10 @@ def stacked_layer_losses_only():
 
 @contextlib.contextmanager
 def no_matrix_products():
-    """Fail on ``torch.matmul``, ``Tensor.matmul``, the ``@`` operator, ``torch.bmm`` and
-    ``torch.einsum`` inside the block: the turbox geometry computes its small products by
-    float32 multiply-adds, which TF32 (allowed by ``_base_/turbox.py``) cannot round."""
+    """Fail on ``matmul``, the ``@`` operator, ``bmm``, ``mm``, ``tensordot`` and ``einsum``
+    inside the block (``F.linear``, a layer's product, is allowed): the turbox geometry
+    computes its small products by float32 multiply-adds, which TF32 (allowed by
+    ``_base_/turbox.py``) cannot round."""
     from unittest import mock
 
     def refuse(*args, **kwargs):
@@ -271,6 +272,10 @@ def no_matrix_products():
             mock.patch.object(torch.Tensor, '__matmul__', refuse), \
             mock.patch.object(torch.Tensor, '__rmatmul__', refuse), \
             mock.patch.object(torch, 'bmm', side_effect=refuse), \
+            mock.patch.object(torch.Tensor, 'bmm', refuse), \
+            mock.patch.object(torch, 'mm', side_effect=refuse), \
+            mock.patch.object(torch.Tensor, 'mm', refuse), \
+            mock.patch.object(torch, 'tensordot', side_effect=refuse), \
             mock.patch.object(torch, 'einsum', side_effect=refuse):
         yield
 

@@ -82,7 +82,8 @@ def inverse(matrices: Tensor, sync_free: bool = False) -> Tensor:
 
 
 def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -> Tensor:
-    """``matrices @ points`` for ``[..., k, k]`` matrices broadcast over ``[..., k]`` points.
+    """``matrices @ points`` for ``[..., m, k]`` matrices (square in a rotation) broadcast over
+    ``[..., k]`` points.
 
     ``torch.matmul`` of a broadcast ``[..., 3, 3] x [..., 3, 1]`` runs as a batched product of
     one 3 x 3 matrix and one vector per point: on CUDA, cuBLAS batched matrix-vector kernels
@@ -93,12 +94,12 @@ def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -
     points by centimetres), so the values differ from the product's only in rounding order.
 
     Args:
-        matrices (Tensor): ``[..., k, k]``, broadcastable against the points' leading shape.
+        matrices (Tensor): ``[..., m, k]``, broadcastable against the points' leading shape.
         points (Tensor): ``[..., k]``.
         elementwise (bool): The multiply-adds instead of ``matmul``. Defaults to False.
 
     Returns:
-        Tensor: ``[..., k]`` transformed points.
+        Tensor: ``[..., m]`` transformed points.
 
     Examples:
         >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
@@ -111,16 +112,16 @@ def rotate_points(matrices: Tensor, points: Tensor, elementwise: bool = False) -
 
 
 def rotate_columns(matrices: Tensor, columns: Tensor) -> Tensor:
-    """``matrices @ columns`` for ``[..., k, k]`` matrices and ``[..., k, P]`` columns
-    (broadcast), as ``k`` float32 multiply-adds, kept out of TF32 (with ``P = k``, the product
-    of two matrices).
+    """``matrices @ columns`` for ``[..., m, k]`` matrices and ``[..., k, P]`` columns
+    (broadcast), as ``k`` float32 multiply-adds, kept out of TF32 (with ``P = k = m``, the
+    product of two square matrices).
 
     Args:
-        matrices (Tensor): ``[..., k, k]``.
+        matrices (Tensor): ``[..., m, k]``.
         columns (Tensor): ``[..., k, P]``, broadcastable against the matrices' leading shape.
 
     Returns:
-        Tensor: ``[..., k, P]``.
+        Tensor: ``[..., m, P]``.
 
     Examples:
         >>> m = torch.tensor([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])

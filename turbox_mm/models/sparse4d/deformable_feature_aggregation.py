@@ -41,9 +41,10 @@ def project_points(key_points: Tensor, projection_mat: Tensor,
         tensor([[[[[1., 2.]]]]])
     """
     homo = torch.cat([key_points, torch.ones_like(key_points[..., :1])], dim=-1)
-    # [B, N, 1, 1, 4, 4] on [B, 1, Q, P, 4]: float32 multiply-adds, not a matrix product, which
-    # the turbox precision policy would let round in TF32 (about half a pixel here)
-    cam = rotate_points(projection_mat[:, :, None, None], homo[:, None], elementwise=True)
+    # the first three rows of [B, N, 1, 1, 4, 4] on [B, 1, Q, P, 4]: float32 multiply-adds, not
+    # a matrix product, which the turbox precision policy would let round in TF32 (about half
+    # a pixel here)
+    cam = rotate_points(projection_mat[:, :, None, None, :3], homo[:, None], elementwise=True)
     uv = cam[..., :2] / cam[..., 2:3].clamp(min=1e-5)
     if image_wh is not None:
         uv = uv / image_wh[:, :, None, None]
