@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from turbox_mm.models.sparse4d import InstanceBank, encode_boxes, project_anchors
-from turbox_mm.models.sparse4d.box3d import COS_YAW, SIN_YAW
+from turbox_mm.models.sparse4d.box3d import COS_YAW, SIN_YAW, VX, VZ
 
 
 def _state(centre, vel=(0., 0., 0.), yaw=0.0):
@@ -128,10 +128,12 @@ def test_projection_is_float32_multiply_adds_of_the_product():
         got = project_anchors(anchor, transform, dt)
     rot, trans = transform[:, None, :3, :3].double(), transform[:, None, :3, 3].double()
     a = anchor.double()
-    centre = a[..., :3] + a[..., 8:11] * dt.double()[:, None, None]
+    velocity = a[..., VX:VZ + 1]
+    centre = a[..., :3] + velocity * dt.double()[:, None, None]
     want = a.clone()
     want[..., :3] = (rot @ centre[..., None])[..., 0] + trans
-    cos_sin = torch.stack([a[..., 7], a[..., 6]], -1)
-    want[..., 7], want[..., 6] = (rot[..., :2, :2] @ cos_sin[..., None])[..., 0].unbind(-1)
-    want[..., 8:11] = (rot @ a[..., 8:11, None])[..., 0]
+    cos_sin = torch.stack([a[..., COS_YAW], a[..., SIN_YAW]], -1)
+    want[..., COS_YAW], want[..., SIN_YAW] = (rot[..., :2, :2] @ cos_sin[..., None])[..., 0] \
+        .unbind(-1)
+    want[..., VX:VZ + 1] = (rot @ velocity[..., None])[..., 0]
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)
