@@ -18,14 +18,16 @@ points fall into a handful of cells (one, for a level camera with one z cell).
   atomic add into a float32 BEV. So the atomics number the distinct (tile, bin, cell)
   triples, not the points (the order of the additions, and the last bits of a cell's sum,
   vary between runs).
-- :func:`_backward_kernel` (every channel, a block of ``DB`` bins) gathers each point's
-  output-gradient row (the points of a cell read the same row, which the cache serves once);
-  it writes the probability's gradient ``grad . feature`` of every point, sums the feature
-  gradient ``prob * grad`` and, with ``depth_logits``, ``sum_d p g`` over its bins in
+- :func:`_backward_kernel` (a block of ``BLOCK_C`` channels and of ``DB`` bins) gathers
+  each point's output-gradient row (the points of a cell read the same row, which the cache
+  serves once); it makes the probability's gradient ``grad . feature`` of every point (written
+  when one block holds every channel, else each block's share added atomically), sums the
+  feature gradient ``prob * grad`` and, with ``depth_logits``, ``sum_d p g`` over its bins in
   registers and adds both to float32 buffers (atomic, once per pixel and channel for each
   block of bins: the order, and the last bits, vary between runs unless one block holds every
-  bin); :func:`_softmax_backward_kernel` then makes the logits' gradient
-  ``p * (g - sum_d p g)``.
+  bin and channel); :func:`_softmax_backward_kernel` then makes the logits' gradient
+  ``p * (g - sum_d p g)``. Channel blocks keep the register tiles small (a 32-row tile of
+  every channel held 230-240 registers a thread on an H100, two programs an SM).
 
 The tile, ``BLOCK_C`` and ``DB`` are autotuned on CUDA; the candidates always include one
 that fits any channel count. No host synchronisation anywhere.
@@ -160,11 +162,14 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
                      dot_ptr, N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr):
-    c = tl.arange(0, BLOCK_C)
+                     BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr,
+                     DEDUP: tl.constexpr):
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    c = (tl.program_id(2) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C
     bn, n, b, h, w, live = _tile(N, H, W, P, HB)
-    d0 = tl.program_id(2) * DB
+    no_cell = 1 << 62
+    d0 = (tl.program_id(2) // c_blocks) * DB
     end = tl.minimum(d0 + DB, D)
     feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
                              sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
@@ -183,15 +188,28 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
             prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D,
                                        H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
                                        sd_d, sd_h, sd_w, LOGITS)
-        grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
-                       mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+        if DEDUP:  # one row load per distinct cell of the tile, selected into its points
+            grad = tl.zeros(feat.shape, tl.float32)
+            left = kept
+            while tl.max(left.to(tl.int32), 0) > 0:
+                target = tl.min(tl.where(left, cell, no_cell), 0)
+                row = tl.load(grad_ptr + target * C + c, mask=c_live, other=0.0)
+                mine = left & (cell == target)
+                grad = tl.where(mine[:, None], row.to(tl.float32)[None, :], grad)
+                left = left & (cell != target)
+        else:  # every point's row (the points of a cell read the same one)
+            grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
+                           mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
         if PIPE:
             prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d + 1, end, b,
                                                     bn, n, h, w, live, D, H, W, X, Y, Z, lx, ly,
                                                     lz, sx, sy, sz, sd_b, sd_n, sd_d, sd_h,
                                                     sd_w, LOGITS)
-        g_prob = tl.sum(grad * feat, 1)
-        tl.store(gdepth_ptr + g_point + d * H * W, g_prob, mask=live)
+        g_prob = tl.sum(grad * feat, 1)  # this block of channels' share
+        if c_blocks == 1:
+            tl.store(gdepth_ptr + g_point + d * H * W, g_prob, mask=live)
+        else:
+            tl.atomic_add(gdepth_ptr + g_point + d * H * W, g_prob, mask=live, sem='relaxed')
         grad_feat += prob[:, None] * grad
         if LOGITS:
             dot += prob * g_prob
@@ -240,14 +258,23 @@ _FWD_CANDIDATES = ((1, 32, 32, 1024, 1, False), (1, 32, 32, 32, 1, False),
                    (1, 32, 16, 32, 1, False), (1, 16, 32, 32, 1, False),
                    (2, 16, 32, 32, 2, False), (1, 32, 32, 1024, 1, True),
                    (1, 32, 32, 32, 1, True), (1, 16, 32, 32, 1, True), (1, 16, 16, 32, 1, True))
-#: Backward candidates ``(P, HB, DB, num_warps, PIPE)`` (BLOCK_C: every channel), kept where
-#: the ``[HB * P, BLOCK_C]`` register tiles stay within :data:`TILE_LIMIT` values; blocks of
-#: bins put more programs in flight, and ``PIPE`` loads the next bin's points while this
-#: bin's gradient rows are gathered (a program waits on its loads bin after bin).
-_BWD_CANDIDATES = ((1, 16, 32, 4, False), (1, 32, 1024, 4, False), (1, 32, 32, 4, False),
-                   (2, 16, 32, 4, False), (1, 16, 16, 2, False), (1, 16, 32, 4, True),
-                   (1, 32, 1024, 4, True), (1, 32, 32, 4, True), (1, 16, 16, 2, True),
-                   (1, 8, 32, 2, True))
+#: Backward candidates ``(P, HB, BLOCK_C, DB, num_warps, PIPE, DEDUP)`` (``BLOCK_C`` 0:
+#: every channel in one program, capped otherwise), kept where the ``[HB * P, BLOCK_C]``
+#: register tiles stay within :data:`TILE_LIMIT` values; blocks of bins put more programs in
+#: flight, and ``PIPE`` loads the next bin's points while this bin's gradient rows are
+#: gathered (a program waits on its loads bin after bin). Blocks of 16 or 32 channels add
+#: each block's share of the depth gradient atomically, for smaller register tiles (more
+#: programs an SM). ``DEDUP`` loads one gradient row per distinct cell of a tile and bin
+#: (the forward's loop) instead of one per point. Gone after the H100's probe (2026-12-06):
+#: every-channel 32-row tiles with 32 bins, 16 x 2 tiles of every channel.
+_BWD_CANDIDATES = ((1, 16, 0, 32, 4, False, False), (1, 32, 0, 1024, 4, False, False),
+                   (1, 16, 0, 16, 2, False, False), (1, 16, 0, 32, 4, True, False),
+                   (1, 32, 0, 1024, 4, True, False), (1, 16, 0, 16, 2, True, False),
+                   (1, 8, 0, 32, 2, True, False), (1, 32, 32, 32, 1, True, False),
+                   (1, 32, 16, 32, 1, True, False), (1, 32, 32, 1024, 1, True, False),
+                   (1, 16, 32, 32, 1, True, False), (1, 32, 32, 32, 2, True, False),
+                   (2, 16, 32, 32, 2, False, False), (1, 32, 32, 32, 1, True, True),
+                   (1, 32, 16, 32, 1, True, True), (1, 16, 0, 32, 4, True, True))
 #: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
 TILE_LIMIT = 4096
 #: Pixels a program of :func:`_softmax_backward_kernel`.
@@ -258,33 +285,33 @@ def _configs(kind: str, block_c: int, block_h: int) -> List['triton.Config']:
     """Autotuning candidates for ``block_c`` channels and ``block_h`` rows (both padded to
     a power of two): the candidates' rows are capped at ``block_h``.
 
-    Forward: tiles, a channel block ``BLOCK_C`` (capped at ``block_c``), ``DB`` depth bins a
-    program and ``PIPE``; backward (every channel in one program): tiles within
-    :data:`TILE_LIMIT`, ``DB`` bins and ``PIPE``, and for channels too wide for any tile, one
-    pixel of as many rows as fit.
+    Both: tiles, a channel block ``BLOCK_C`` (capped at ``block_c``; a backward candidate's
+    0 is every channel), ``DB`` depth bins a program and ``PIPE``; the backward's are kept
+    where the register tile fits :data:`TILE_LIMIT` (its channel blocks always do).
     """
     if kind == 'fwd':
-        candidates = [(p, min(rows, block_h), min(c, block_c), db, w, pipe)
+        candidates = [(p, min(rows, block_h), min(c, block_c), db, w, pipe, None)
                       for p, rows, c, db, w, pipe in _FWD_CANDIDATES]
     else:
-        candidates = [(p, min(rows, block_h), block_c, db, w, pipe)
-                      for p, rows, db, w, pipe in _BWD_CANDIDATES
-                      if p * min(rows, block_h) * block_c <= TILE_LIMIT]
-        if not candidates:
-            candidates = [(1, max(1, TILE_LIMIT // block_c), block_c, 32, 8, False)]
+        candidates = [(p, min(rows, block_h), min(c or block_c, block_c), db, w, pipe, dedup)
+                      for p, rows, c, db, w, pipe, dedup in _BWD_CANDIDATES]
+        candidates = [c for c in candidates if c[0] * c[1] * c[2] <= TILE_LIMIT]
     configs, seen = [], set()
     for candidate in candidates:
         if candidate not in seen:
             seen.add(candidate)
-            pixels, rows, channels, bins, warps, pipe = candidate
-            configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels,
-                                          'DB': bins, 'PIPE': pipe}, num_warps=warps))
+            pixels, rows, channels, bins, warps, pipe, dedup = candidate
+            meta = {'P': pixels, 'HB': rows, 'BLOCK_C': channels, 'DB': bins, 'PIPE': pipe}
+            if dedup is not None:
+                meta['DEDUP'] = dedup
+            configs.append(triton.Config(meta, num_warps=warps))
     return configs
 
 
 _KERNELS = KernelPair(_forward_kernel, _backward_kernel, _configs,
                       key=['C', 'D', 'H', 'W', 'LOGITS'],  # softmax fused or not: other work
-                      reset_to_zero=['gfeat_ptr', 'dot_ptr'], forward_reset_to_zero=['out_ptr'])
+                      reset_to_zero=['gdepth_ptr', 'gfeat_ptr', 'dot_ptr'],
+                      forward_reset_to_zero=['out_ptr'])
 
 
 def _layout(channels: int, rows: int) -> Tuple[int, int]:
@@ -305,7 +332,7 @@ def _interpreter_config(kind: str, channels: int) -> dict:
     block_c = next_power_of_2(max(channels, 1))
     if kind == 'fwd':
         return dict(P=4, HB=2, BLOCK_C=min(block_c, 32), DB=2, PIPE=True, num_warps=4)
-    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, PIPE=True, num_warps=4)
+    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, PIPE=True, DEDUP=False, num_warps=4)
 
 
 def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
@@ -369,16 +396,16 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
     """Gradients of ``depth`` (of the logits with ``depth_logits``) and ``feats``; ``config``
     as :func:`bev_pool_forward`'s.
 
-    The backward kernel writes the probabilities' gradient and adds each block of bins' share
-    of the feature gradient and of ``sum_d p g`` into float32 buffers; with ``depth_logits``
+    The backward kernel adds each block of channels' share of the probabilities' gradient
+    (or writes it, if one block holds every channel) and each block of bins' share of the
+    feature gradient and of ``sum_d p g`` into float32 buffers; with ``depth_logits``
     :func:`_softmax_backward_kernel` then turns the first into the logits' gradient.
     """
     b, n, d, h, w = depth.shape
     c = feats.shape[2]
     run = bool(depth.numel() and c)
-    # the kernel writes every point's depth gradient; the feature gradient accumulates
-    grad_depth = (torch.empty if run else torch.zeros)(depth.shape, dtype=torch.float32,
-                                                       device=depth.device)
+    # the depth and feature gradients accumulate (a block of channels or bins adds its share)
+    grad_depth = torch.zeros(depth.shape, dtype=torch.float32, device=depth.device)
     grad_feats = torch.zeros(feats.shape, dtype=torch.float32, device=feats.device)
     if run:
         lse = _log_sum_exp(depth, depth_logits)
@@ -388,7 +415,7 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
         _KERNELS.launch(
             'bwd', _layout(c, h), depth.device,
             lambda meta: (b * n * cdiv(h, meta['HB']), cdiv(w, meta['P']),
-                          cdiv(d, meta['DB'])),
+                          cdiv(c, meta['BLOCK_C']) * cdiv(d, meta['DB'])),
             (grad.contiguous(), depth, lse, feats, geom.contiguous(), grad_depth, grad_feats,
              dot), dict(scalars, LOGITS=depth_logits), config, _interpreter_config('bwd', c))
         if depth_logits:
