@@ -250,8 +250,9 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
     want_grads = bp.bev_pool_backward_reference(grad, depth, feats, geom, *args)
     configs = tk.config_dicts(kind, feats.shape[2], depth.shape[3])
     assert len(configs) >= 6
-    assert {c['HB'] for c in configs} >= ({16} if kind == 'fwd' else {8, 16})
-    assert {c['P'] for c in configs} >= {1, 2} and {c['PIPE'] for c in configs} == {0, 1}
+    assert {c['HB'] for c in configs} == {16}  # 32-row tiles capped at the 12 rows (16)
+    assert {c['P'] for c in configs} >= ({1, 2} if kind == 'fwd' else {1})
+    assert {c['PIPE'] for c in configs} == {0, 1}
     assert {c['DB'] for c in configs} >= {16 if kind == 'bwd' else 32, 32, 1024}
     # blocks of 16 channels split the 20 (the backward adds their depth gradients atomically)
     assert {c['BLOCK_C'] for c in configs} == {16, 32}

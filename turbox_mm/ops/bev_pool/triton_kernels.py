@@ -262,19 +262,18 @@ _FWD_CANDIDATES = ((1, 32, 32, 1024, 1, False), (1, 32, 32, 32, 1, False),
 #: every channel in one program, capped otherwise), kept where the ``[HB * P, BLOCK_C]``
 #: register tiles stay within :data:`TILE_LIMIT` values; blocks of bins put more programs in
 #: flight, and ``PIPE`` loads the next bin's points while this bin's gradient rows are
-#: gathered (a program waits on its loads bin after bin). Blocks of 16 or 32 channels add
-#: each block's share of the depth gradient atomically, for smaller register tiles (more
-#: programs an SM). ``DEDUP`` loads one gradient row per distinct cell of a tile and bin
-#: (the forward's loop) instead of one per point. Gone after the H100's probe (2026-12-06):
-#: every-channel 32-row tiles with 32 bins, 16 x 2 tiles of every channel.
-_BWD_CANDIDATES = ((1, 16, 0, 32, 4, False, False), (1, 32, 0, 1024, 4, False, False),
-                   (1, 16, 0, 16, 2, False, False), (1, 16, 0, 32, 4, True, False),
-                   (1, 32, 0, 1024, 4, True, False), (1, 16, 0, 16, 2, True, False),
-                   (1, 8, 0, 32, 2, True, False), (1, 32, 32, 32, 1, True, False),
-                   (1, 32, 16, 32, 1, True, False), (1, 32, 32, 1024, 1, True, False),
-                   (1, 16, 32, 32, 1, True, False), (1, 32, 32, 32, 2, True, False),
-                   (2, 16, 32, 32, 2, False, False), (1, 32, 32, 32, 1, True, True),
-                   (1, 32, 16, 32, 1, True, True), (1, 16, 0, 32, 4, True, True))
+#: gathered (a program waits on its loads bin after bin). Blocks of channels add each
+#: block's share of the depth gradient atomically, for small register tiles: on an H100 at
+#: BEVFusion's size (2026-12-07, docs/benchmarks.md) a 32-row column of 32 channels over all
+#: bins with one warp took 1.22 ms, the best program of every channel 2.74 ms (230-240
+#: registers a thread). ``DEDUP`` loads one gradient row per distinct cell of a tile and bin
+#: (the forward's loop) instead of one per point (1.80 ms there: the cache serves the
+#: gathers well). The slowest of that probe are gone (autotuning time is first-step time).
+_BWD_CANDIDATES = ((1, 32, 32, 1024, 1, True, False), (1, 32, 16, 1024, 1, True, False),
+                   (1, 32, 32, 1024, 2, True, False), (1, 32, 64, 1024, 2, True, False),
+                   (1, 32, 32, 32, 1, True, False), (1, 32, 32, 32, 1, True, True),
+                   (1, 32, 0, 1024, 4, True, False), (1, 16, 0, 32, 4, False, False),
+                   (1, 16, 0, 16, 2, True, False))
 #: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
 TILE_LIMIT = 4096
 #: Pixels a program of :func:`_softmax_backward_kernel`.
