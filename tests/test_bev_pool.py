@@ -241,7 +241,7 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
     one depth do), cells shared by neighbouring pixels, a row count (12) and pixel count (9)
     that the tiles do not divide, and more bins (35) than the blocks of 16 or 32 bins."""
     from turbox_mm.ops.bev_pool import triton_kernels as tk
-    depth, feats, geom = make_inputs(b=1, n=2, d=35, h=12, w=9, c=20)  # bins: > 16, > 32
+    depth, feats, geom = make_inputs(b=1, n=1, d=35, h=12, w=9, c=20)  # bins: > 16, > 32
     geom[:, :, :, 1:9] = geom[:, :, :, 1:2]  # rows 1-8 at each depth: one cell
     geom[:, :, :, :, 4:6] = geom[:, :, :, :, 3:4]  # and pixels 3-5
     args = (LOWER, SIZE, GRID, True)
@@ -256,8 +256,6 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
     assert {c['DB'] for c in configs} >= {16 if kind == 'bwd' else 32, 32, 1024}
     # blocks of 16 channels split the 20 (the backward adds their depth gradients atomically)
     assert {c['BLOCK_C'] for c in configs} == {16, 32}
-    if kind == 'bwd':  # a row load per point, or per distinct cell of a tile
-        assert {c['DEDUP'] for c in configs} == {0, 1}
     for config in configs:
         if kind == 'fwd':
             got = tk.bev_pool_forward(depth, feats, geom, *args, config=config)
@@ -270,9 +268,9 @@ def test_every_autotuning_candidate_equals_the_reference(kind):
 
 def test_kernels_visit_a_level_column_and_interleaved_cells_of_a_tile():
     """The forward sums a tile's points cell by cell (one atomic row per distinct cell of a
-    bin), and the backward's ``DEDUP`` loads one gradient row per distinct cell: a level
-    camera's column (every row at one depth in one cell) and two cells interleaved in one
-    tile give the reference's values."""
+    bin), and the backward gathers the rows of shared cells: a level camera's column (every
+    row at one depth in one cell) and two cells interleaved in one tile give the reference's
+    values."""
     from turbox_mm.ops.bev_pool import triton_kernels as tk
     depth, feats, geom = make_inputs(b=1, n=1, d=3, h=8, w=2, c=4, seed=8)
     geom[..., :, :, :] = geom[:, :, :, :1]  # every row of a column: the first row's point
@@ -285,14 +283,32 @@ def test_kernels_visit_a_level_column_and_interleaved_cells_of_a_tile():
     grad = torch.randn_like(want)
     want_grads = bp.bev_pool_backward_reference(grad, depth, feats, geom, LOWER, SIZE, GRID,
                                                 True)
-    for dedup, block_c in ((False, 4), (True, 4), (True, 2)):
-        config = dict(P=2, HB=8, BLOCK_C=block_c, DB=1024, PIPE=True, DEDUP=dedup,
-                      num_warps=1)
+    for block_c, bins in ((4, 1024), (2, 1)):
+        config = dict(P=2, HB=8, BLOCK_C=block_c, DB=bins, PIPE=True, num_warps=1)
         got = tk.bev_pool_backward(grad, depth, feats, geom, LOWER, SIZE, GRID, True,
                                    config=config)
         for g, w in zip(got, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=str(config))
     assert int((want != 0).any(-1).sum()) <= 6  # at most 2 cells per bin were hit
+
+
+@pytest.mark.parametrize('logits', [False, True])
+@pytest.mark.parametrize('channels,block_c,bins', [(80, 32, 16), (20, 16, 16), (80, 64, 1024)])
+def test_backward_sums_blocks_of_channels_and_of_bins(channels, block_c, bins, logits):
+    """The backward split over channel blocks (each adds its share of the depth gradient and
+    of ``sum_d p g``) and bin blocks at once, with a partly masked last channel block (80 =
+    2 x 32 + 16, 20 = 16 + 4): the reference's gradients, with and without the softmax."""
+    from turbox_mm.ops.bev_pool import triton_kernels as tk
+    depth, feats, geom = make_inputs(b=1, n=2, d=35, h=3, w=2, c=channels, seed=3)
+    args = (LOWER, SIZE, GRID, logits)
+    if not logits:
+        depth = depth.softmax(2)
+    grad = torch.randn_like(bp.bev_pool_reference(depth, feats, geom, *args))
+    want = bp.bev_pool_backward_reference(grad, depth, feats, geom, *args)
+    config = dict(P=2, HB=2, BLOCK_C=block_c, DB=bins, PIPE=bins > 16, num_warps=1)
+    got = tk.bev_pool_backward(grad, depth, feats, geom, *args, config=config)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 # -- on the GPU: BEVFusion's size --------------------------------------------------------------
@@ -348,7 +364,7 @@ for dtype in ('*fp32', '*fp16', '*bf16'):
                                       geom_ptr='*fp32', out_ptr='*fp32')))
                 variants.append((tk._backward_kernel,
                                  dict(LOGITS=logits, P=pixels, HB=rows, BLOCK_C=128, DB=32,
-                                      PIPE=rows == 32, DEDUP=rows == 32), ones,
+                                      PIPE=rows == 32), ones,
                                  dict(grad_ptr=dtype, depth_ptr=dtype, lse_ptr='*fp32',
                                       feat_ptr=dtype, geom_ptr='*fp32', gdepth_ptr='*fp32',
                                       gfeat_ptr='*fp32', dot_ptr='*fp32')))

@@ -20,12 +20,13 @@ points fall into a handful of cells (one, for a level camera with one z cell).
   vary between runs).
 - :func:`_backward_kernel` (a block of ``BLOCK_C`` channels and of ``DB`` bins) gathers
   each point's output-gradient row (the points of a cell read the same row, which the cache
-  serves once); it makes the probability's gradient ``grad . feature`` of every point (written
-  when one block holds every channel, else each block's share added atomically), sums the
-  feature gradient ``prob * grad`` and, with ``depth_logits``, ``sum_d p g`` over its bins in
-  registers and adds both to float32 buffers (atomic, once per pixel and channel for each
-  block of bins: the order, and the last bits, vary between runs unless one block holds every
-  bin and channel); :func:`_softmax_backward_kernel` then makes the logits' gradient
+  serves; loading one row per distinct cell instead was slower on an H100). It makes the
+  probability's gradient ``grad . feature`` of every point (written when one block holds
+  every channel, else each block's share added atomically), sums the feature gradient
+  ``prob * grad`` and, with ``depth_logits``, ``sum_d p g`` over its bins in registers and
+  adds both to float32 buffers (atomic, once per pixel and channel for each block of bins).
+  So the order of the additions, and the last bits, vary between runs unless one block holds
+  every bin and channel. :func:`_softmax_backward_kernel` then makes the logits' gradient
   ``p * (g - sum_d p g)``. Channel blocks keep the register tiles small (a 32-row tile of
   every channel held 230-240 registers a thread on an H100, two programs an SM).
 
@@ -162,18 +163,17 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
                      dot_ptr, N, D, H, W, C, X, Y, Z, lx, ly, lz, sx, sy, sz,
                      sd_b, sd_n, sd_d, sd_h, sd_w, sf_b, sf_n, sf_c, sf_h, sf_w,
                      LOGITS: tl.constexpr, P: tl.constexpr, HB: tl.constexpr,
-                     BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr,
-                     DEDUP: tl.constexpr):
+                     BLOCK_C: tl.constexpr, DB: tl.constexpr, PIPE: tl.constexpr):
     c_blocks = tl.cdiv(C, BLOCK_C)
     c = (tl.program_id(2) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_live = c < C
     bn, n, b, h, w, live = _tile(N, H, W, P, HB)
-    no_cell = 1 << 62
     d0 = (tl.program_id(2) // c_blocks) * DB
     end = tl.minimum(d0 + DB, D)
     feat, lse = _tile_inputs(lse_ptr, feat_ptr, bn, n, b, h, w, live, c, c_live, H, W,
                              sf_b, sf_n, sf_c, sf_h, sf_w, LOGITS)
-    # the depth gradient is written contiguous [B, N, D, H, W], float32, as geom's points
+    # the depth gradient: contiguous [B, N, D, H, W], float32, as geom's points (written by
+    # the one block of every channel, else each channel block's share added)
     g_point = ((bn.to(tl.int64) * D) * H + h) * W + w
     grad_feat = tl.zeros(feat.shape, tl.float32)
     dot = tl.zeros(h.shape, tl.float32)  # sum_d p * g (the softmax's backward)
@@ -188,18 +188,9 @@ def _backward_kernel(grad_ptr, depth_ptr, lse_ptr, feat_ptr, geom_ptr, gdepth_pt
             prob, cell, kept = _points(depth_ptr, lse, geom_ptr, d, b, bn, n, h, w, live, D,
                                        H, W, X, Y, Z, lx, ly, lz, sx, sy, sz, sd_b, sd_n,
                                        sd_d, sd_h, sd_w, LOGITS)
-        if DEDUP:  # one row load per distinct cell of the tile, selected into its points
-            grad = tl.zeros(feat.shape, tl.float32)
-            left = kept
-            while tl.max(left.to(tl.int32), 0) > 0:
-                target = tl.min(tl.where(left, cell, no_cell), 0)
-                row = tl.load(grad_ptr + target * C + c, mask=c_live, other=0.0)
-                mine = left & (cell == target)
-                grad = tl.where(mine[:, None], row.to(tl.float32)[None, :], grad)
-                left = left & (cell != target)
-        else:  # every point's row (the points of a cell read the same one)
-            grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
-                           mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
+        # every point's row (the points of a cell read the same one, which the cache serves)
+        grad = tl.load(grad_ptr + cell[:, None] * C + c[None, :],
+                       mask=kept[:, None] & c_live[None, :], other=0.0).to(tl.float32)
         if PIPE:
             prob_n, cell_n, kept_n = _points_before(depth_ptr, lse, geom_ptr, d + 1, end, b,
                                                     bn, n, h, w, live, D, H, W, X, Y, Z, lx, ly,
@@ -258,22 +249,21 @@ _FWD_CANDIDATES = ((1, 32, 32, 1024, 1, False), (1, 32, 32, 32, 1, False),
                    (1, 32, 16, 32, 1, False), (1, 16, 32, 32, 1, False),
                    (2, 16, 32, 32, 2, False), (1, 32, 32, 1024, 1, True),
                    (1, 32, 32, 32, 1, True), (1, 16, 32, 32, 1, True), (1, 16, 16, 32, 1, True))
-#: Backward candidates ``(P, HB, BLOCK_C, DB, num_warps, PIPE, DEDUP)`` (``BLOCK_C`` 0:
-#: every channel in one program, capped otherwise), kept where the ``[HB * P, BLOCK_C]``
-#: register tiles stay within :data:`TILE_LIMIT` values; blocks of bins put more programs in
-#: flight, and ``PIPE`` loads the next bin's points while this bin's gradient rows are
-#: gathered (a program waits on its loads bin after bin). Blocks of channels add each
-#: block's share of the depth gradient atomically, for small register tiles: on an H100 at
-#: BEVFusion's size (2026-12-07, docs/benchmarks.md) a 32-row column of 32 channels over all
-#: bins with one warp took 1.22 ms, the best program of every channel 2.74 ms (230-240
-#: registers a thread). ``DEDUP`` loads one gradient row per distinct cell of a tile and bin
-#: (the forward's loop) instead of one per point (1.80 ms there: the cache serves the
-#: gathers well). The slowest of that probe are gone (autotuning time is first-step time).
-_BWD_CANDIDATES = ((1, 32, 32, 1024, 1, True, False), (1, 32, 16, 1024, 1, True, False),
-                   (1, 32, 32, 1024, 2, True, False), (1, 32, 64, 1024, 2, True, False),
-                   (1, 32, 32, 32, 1, True, False), (1, 32, 32, 32, 1, True, True),
-                   (1, 32, 0, 1024, 4, True, False), (1, 16, 0, 32, 4, False, False),
-                   (1, 16, 0, 16, 2, True, False))
+#: Backward candidates ``(P, HB, BLOCK_C, DB, num_warps, PIPE)`` (``BLOCK_C`` 0: every
+#: channel in one program, capped otherwise), kept where the ``[HB * P, BLOCK_C]`` register
+#: tiles stay within :data:`TILE_LIMIT` values; blocks of bins put more programs in flight,
+#: and ``PIPE`` loads the next bin's points while this bin's gradient rows are gathered (a
+#: program waits on its loads bin after bin). Blocks of channels add each block's share of
+#: the depth gradient atomically, for small register tiles: on an H100 at BEVFusion's size
+#: (2026-12-07, docs/benchmarks.md) a 32-row column of 32 channels over all bins with one
+#: warp took 1.22 ms, the best program of every channel 2.74 ms (230-240 registers a
+#: thread). The slowest of that probe are gone (autotuning time is first-step time), and so
+#: is a variant that loaded one gradient row per distinct cell of a tile and bin (1.80 ms
+#: there: the cache serves the per-point gathers well).
+_BWD_CANDIDATES = ((1, 32, 32, 1024, 1, True), (1, 32, 16, 1024, 1, True),
+                   (1, 32, 32, 1024, 2, True), (1, 32, 64, 1024, 2, True),
+                   (1, 32, 32, 32, 1, True), (1, 32, 0, 1024, 4, True),
+                   (1, 16, 0, 32, 4, False), (1, 16, 0, 16, 2, True))
 #: The largest register tile ``HB * P * BLOCK_C`` of a candidate.
 TILE_LIMIT = 4096
 #: Pixels a program of :func:`_softmax_backward_kernel`.
@@ -289,21 +279,19 @@ def _configs(kind: str, block_c: int, block_h: int) -> List['triton.Config']:
     where the register tile fits :data:`TILE_LIMIT` (its channel blocks always do).
     """
     if kind == 'fwd':
-        candidates = [(p, min(rows, block_h), min(c, block_c), db, w, pipe, None)
+        candidates = [(p, min(rows, block_h), min(c, block_c), db, w, pipe)
                       for p, rows, c, db, w, pipe in _FWD_CANDIDATES]
     else:
-        candidates = [(p, min(rows, block_h), min(c or block_c, block_c), db, w, pipe, dedup)
-                      for p, rows, c, db, w, pipe, dedup in _BWD_CANDIDATES]
+        candidates = [(p, min(rows, block_h), min(c or block_c, block_c), db, w, pipe)
+                      for p, rows, c, db, w, pipe in _BWD_CANDIDATES]
         candidates = [c for c in candidates if c[0] * c[1] * c[2] <= TILE_LIMIT]
     configs, seen = [], set()
     for candidate in candidates:
         if candidate not in seen:
             seen.add(candidate)
-            pixels, rows, channels, bins, warps, pipe, dedup = candidate
-            meta = {'P': pixels, 'HB': rows, 'BLOCK_C': channels, 'DB': bins, 'PIPE': pipe}
-            if dedup is not None:
-                meta['DEDUP'] = dedup
-            configs.append(triton.Config(meta, num_warps=warps))
+            pixels, rows, channels, bins, warps, pipe = candidate
+            configs.append(triton.Config({'P': pixels, 'HB': rows, 'BLOCK_C': channels,
+                                          'DB': bins, 'PIPE': pipe}, num_warps=warps))
     return configs
 
 
@@ -326,12 +314,13 @@ def config_dicts(kind: str, channels: int, rows: int = 32) -> List[dict]:
 
 def _interpreter_config(kind: str, channels: int) -> dict:
     """The configuration without CUDA (Triton's interpreter): tiles of 2 rows by 4 pixels,
-    bins in pairs with the next one's loads ahead, the forward's channels in blocks of up to
-    32."""
+    bins in pairs with the next one's loads ahead, channels in blocks of up to 32 (forward)
+    or 8 (backward: so the tests' few channels make several blocks, whose depth gradients
+    add, as on CUDA)."""
     block_c = next_power_of_2(max(channels, 1))
     if kind == 'fwd':
         return dict(P=4, HB=2, BLOCK_C=min(block_c, 32), DB=2, PIPE=True, num_warps=4)
-    return dict(P=4, HB=2, BLOCK_C=block_c, DB=2, PIPE=True, DEDUP=False, num_warps=4)
+    return dict(P=4, HB=2, BLOCK_C=min(block_c, 8), DB=2, PIPE=True, num_warps=4)
 
 
 def _scalars(depth: Tensor, feats: Tensor, lower, cell_size, grid) -> dict:
@@ -396,8 +385,10 @@ def bev_pool_backward(grad: Tensor, depth: Tensor, feats: Tensor, geom: Tensor,
     as :func:`bev_pool_forward`'s.
 
     The backward kernel adds each block of channels' share of the probabilities' gradient
-    (or writes it, if one block holds every channel) and each block of bins' share of the
-    feature gradient and of ``sum_d p g`` into float32 buffers; with ``depth_logits``
+    (or writes it, if one block holds every channel), each block of bins' share of the
+    feature gradient and each block of channels and bins' share of ``sum_d p g`` into float32
+    buffers (zeroed first: about 4 bytes a point even where the picked configuration writes
+    the depth gradient); with ``depth_logits``
     :func:`_softmax_backward_kernel` then turns the first into the logits' gradient.
     """
     b, n, d, h, w = depth.shape
