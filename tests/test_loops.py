@@ -346,6 +346,19 @@ def test_compile_auto_adds_the_parts_heads_declare():
     with pytest.raises(KeyError, match='missing'):  # a defect of the declaring class, named
         compile_submodules(net, 'auto', backend='eager')
 
+    class _Optional(nn.Module):  # an optional part this instance left out (None) is skipped
+        turbox_compile_submodules = ('fuser', 'layers.*')
+
+        def __init__(self):
+            super().__init__()
+            self.fuser = None
+            self.layers = nn.ModuleList([_Layer()])
+    net = _Net()
+    net.head = _Optional()
+    assert auto_paths(net) == ['backbone', 'head.layers.0']
+    net.head.fuser = _Layer()
+    assert auto_paths(net) == ['backbone', 'head.fuser', 'head.layers.0']
+
 
 def test_compile_a_star_stands_for_each_child():
     """``'backbone.*'``: each layer of the Sequential on its own (regional compile, e.g.

@@ -92,10 +92,25 @@ def _matches(module: nn.Module, parts: List[str], done: List[str]) -> List[str]:
     return out
 
 
+def _left_out(module: nn.Module, path: str) -> bool:
+    """Whether the declared ``path`` (relative to ``module``, without ``*``) ends in an
+    optional part that this instance left out: an attribute set to ``None`` instead of a
+    submodule (BEVFusion's ``fusion_layer`` without the camera branch). Its parents must exist;
+    a name that is neither a submodule nor ``None`` is a defect that :func:`expand_paths`
+    reports."""
+    parts = path.split('.')
+    if '*' in parts:
+        return False
+    parent = _resolve(module, '.'.join(parts[:-1])) if len(parts) > 1 else module
+    return (parts[-1] not in dict(parent.named_children())
+            and hasattr(parent, parts[-1]) and getattr(parent, parts[-1]) is None)
+
+
 def auto_paths(model: nn.Module) -> List[str]:
     """What ``modules='auto'`` compiles: the names of :data:`AUTO_MODULES` that ``model`` has,
     then, in the model's order, the submodules that modules declare through
-    :data:`DECLARED_ATTR` (``*`` expanded), without one inside another already listed.
+    :data:`DECLARED_ATTR` (``*`` expanded), without one inside another already listed. A
+    declared optional part that the instance set to ``None`` is skipped.
 
     Raises:
         KeyError: A declared path that names no submodule (a defect of that module's class).
@@ -115,6 +130,8 @@ def auto_paths(model: nn.Module) -> List[str]:
     names = [n for n in AUTO_MODULES if isinstance(getattr(model, n, None), nn.Module)]
     for prefix, module in model.named_modules():
         for path in getattr(type(module), DECLARED_ATTR, ()):
+            if _left_out(module, path):
+                continue
             names += expand_paths(model, f'{prefix}.{path}' if prefix else path)
     kept: List[str] = []
     for name in dict.fromkeys(names):

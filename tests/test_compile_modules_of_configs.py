@@ -1,0 +1,67 @@
+"""``turbox.compile.modules`` names submodules that exist in the model of every turbox config
+we ship (tiny and full size), so a turbox run does not stop before its first step. On the
+CPU the runner compiles nothing, so without this test a wrong path shows only on a GPU (the
+lidar-only BEVFusion's ``'auto'`` once asked for the absent ``fusion_layer``)."""
+import glob
+import os.path as osp
+
+import pytest
+
+from conftest import ROOT, config_with_root, turbox_applied
+
+TURBOX_CONFIGS = sorted(osp.relpath(p, ROOT)
+                        for p in glob.glob(osp.join(ROOT, 'configs', '*', '*_turbox.py')))
+
+
+def test_every_model_folder_has_a_turbox_config():
+    folders = {p.split(osp.sep)[1] for p in TURBOX_CONFIGS}
+    assert {'bevfusion', 'maptr', 'sparse4d', 'sparsedrive'} <= folders, folders
+
+
+def _without_pretrained(node):
+    """``node`` (a model config) with every ``Pretrained`` ``init_cfg`` removed, in place:
+    some models (BEVFusion, as upstream's) initialise their weights when built."""
+    if isinstance(node, dict):
+        if isinstance(node.get('init_cfg'), dict) and node.init_cfg.get('type') == 'Pretrained':
+            node.init_cfg = None
+        for value in node.values():
+            _without_pretrained(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _without_pretrained(value)
+
+
+@pytest.fixture(scope='module')
+def anchor_root(tmp_path_factory):
+    """A data root with placeholder k-means anchors of the shapes the Sparse4D and SparseDrive
+    models check when built (the tools make the real ones from a training set)."""
+    import numpy as np
+    root = tmp_path_factory.mktemp('anchors')
+    (root / 'kmeans').mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (('nuscenes_kmeans900', (900, 11)), ('kmeans/kmeans_det_900', (900, 11)),
+                        ('kmeans/kmeans_map_100', (100, 20, 2)),
+                        ('kmeans/kmeans_motion_6', (10, 6, 12, 2)),
+                        ('kmeans/kmeans_plan_6', (3, 6, 6, 2))):
+        np.save(root / f'{name}.npy', rng.standard_normal(shape).astype(np.float32))
+    return str(root) + '/'
+
+
+@pytest.mark.parametrize('path', TURBOX_CONFIGS)
+def test_the_compiled_submodules_exist(path, anchor_root):
+    from mmengine.registry import DefaultScope
+
+    from turbox_mm.engine.runner.module_compiler import selected_paths
+    from turbox_mm.registry import MODELS
+    cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, path), anchor_root))
+    modules = cfg.turbox.compile.modules
+    _without_pretrained(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        model = MODELS.build(cfg.model)
+    paths = selected_paths(model, modules)
+    assert paths, f'{path}: turbox.compile.modules={modules!r} selects nothing'
+    names = dict(model.named_modules())
+    assert all(p in names for p in paths), (path, paths)
+    if 'bevfusion_lidar_' in path:  # lidar-only: no camera branch, no fuser
+        assert not any(p.startswith(('fusion_layer', 'img_')) for p in paths), paths
+        assert 'bbox_head' in paths, paths
