@@ -152,8 +152,9 @@ def test_tiny_config_trains_and_evaluates_on_the_cpu(tiny_data, tmp_path, name):
 
 @pytest.mark.slow
 def test_turbox_compiles_the_fuser_and_the_head_like_eager(tiny_data, full_fp32):
-    """turbox.compile's 'auto' on the lidar-camera model adds the fuser and the whole head's
-    forward to the backbones and necks; those compiled (with the lidar backbone and neck)
+    """turbox.compile's 'auto' on the lidar-camera model adds the fuser, the whole head's
+    forward and the view transform's three convolution stacks to the backbones and necks;
+    those compiled (with the lidar backbone and neck)
     give eager's losses and gradients over three steps, with no graph break and no
     recompile (Dynamo and AOTAutograd on the CPU).
 
@@ -164,9 +165,10 @@ def test_turbox_compiles_the_fuser_and_the_head_like_eager(tiny_data, full_fp32)
     from conftest import build_model, compiled_twin_agrees, config_with_root, turbox_applied
     from turbox_mm.engine.runner.module_compiler import auto_paths
     cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, f'{TINY}_turbox.py'), tiny_data))
+    view = ['view_transform.dtransform', 'view_transform.depthnet', 'view_transform.downsample']
     assert auto_paths(build_model(cfg)) == ['img_backbone', 'img_neck', 'pts_backbone',
-                                            'pts_neck', 'fusion_layer', 'bbox_head']
-    modules = ['pts_backbone', 'pts_neck', 'fusion_layer', 'bbox_head']
+                                            'pts_neck', 'fusion_layer', 'bbox_head'] + view
+    modules = ['pts_backbone', 'pts_neck', 'fusion_layer', 'bbox_head'] + view
     names, frames = compiled_twin_agrees(cfg, steps=3, modules=modules)
     assert names == modules, names
     assert frames['total'] == len(names), frames  # one frame each: no recompile per step
