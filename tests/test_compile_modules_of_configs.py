@@ -1,5 +1,6 @@
-"""``turbox.compile.modules`` names submodules that exist in the model of every turbox config
-we ship (tiny and full size), so a turbox run does not stop before its first step. On the
+"""``turbox.compile.modules`` names submodules (and declared methods) that exist in the model
+of every turbox config we ship (tiny and full size), so a turbox run does not stop before its
+first step. On the
 CPU the runner compiles nothing, so without this test a wrong path shows only on a GPU (the
 lidar-only BEVFusion's ``'auto'`` once asked for the absent ``fusion_layer``)."""
 import glob
@@ -51,7 +52,7 @@ def anchor_root(tmp_path_factory):
 def test_the_compiled_submodules_exist(path, anchor_root):
     from mmengine.registry import DefaultScope
 
-    from turbox_mm.engine.runner.module_compiler import selected_paths
+    from turbox_mm.engine.runner.module_compiler import compile_submodules, selected_paths
     from turbox_mm.registry import MODELS
     cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, path), anchor_root))
     modules = cfg.turbox.compile.modules
@@ -62,6 +63,13 @@ def test_the_compiled_submodules_exist(path, anchor_root):
     assert paths, f'{path}: turbox.compile.modules={modules!r} selects nothing'
     names = dict(model.named_modules())
     assert all(p in names for p in paths), (path, paths)
+    # the whole wrapping, declared methods included (torch.compile is lazy: nothing is traced)
+    compiled = compile_submodules(model, modules, backend='eager')
+    modules_compiled = [c for c in compiled if ':' not in c]
+    assert set(modules_compiled) <= set(paths), (path, compiled)
+    for method in (c for c in compiled if ':' in c):
+        owner, name = method.split(':')
+        assert callable(getattr(names[owner], name)), method
     if 'bevfusion_lidar_' in path:  # lidar-only: no camera branch, no fuser
         assert not any(p.startswith(('fusion_layer', 'img_')) for p in paths), paths
         assert 'bbox_head' in paths, paths
