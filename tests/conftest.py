@@ -323,7 +323,8 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
     ``turbox.compile.eager_iters`` runs them). Both models live on
     ``device``; with ``mark_steps`` each step starts with
     ``torch.compiler.cudagraph_mark_step_begin()`` (as ``turbox_mm.CudaGraphStepHook`` does).
-    Returns the changed copy."""
+    After the last step the saved buffers (running statistics) must agree too, within the
+    losses' tolerances (at least rtol 1e-4, atol 1e-5). Returns the changed copy."""
     import copy
 
     import numpy as np
@@ -366,6 +367,15 @@ def twin_agrees(cfg, change, steps: int = 3, rtol: float = 1e-5, atol: float = 1
         for key in grads:
             torch.testing.assert_close(c_grads[key], grads[key], rtol=1e-4, atol=1e-5,
                                        msg=f'step {step}: {key}')
+    # the saved buffers after the last step (batch norms' running statistics and counts),
+    # which training-mode outputs and gradients do not show
+    saved = first.state_dict(keep_vars=True)
+    buffers = {n: b for n, b in first.named_buffers() if n in saved}
+    c_buffers = {n: b for n, b in second.named_buffers() if n in saved}
+    assert buffers.keys() == c_buffers.keys()
+    for key in buffers:
+        torch.testing.assert_close(c_buffers[key], buffers[key], rtol=max(rtol, 1e-4),
+                                   atol=max(atol, 1e-5), msg=f'buffer {key}')
     return second
 
 

@@ -63,13 +63,9 @@ def test_the_compiled_submodules_exist(path, anchor_root):
     assert paths, f'{path}: turbox.compile.modules={modules!r} selects nothing'
     names = dict(model.named_modules())
     assert all(p in names for p in paths), (path, paths)
-    # the whole wrapping, declared methods included (torch.compile is lazy: nothing is traced)
-    compiled = compile_submodules(model, modules, backend='eager')
-    modules_compiled = [c for c in compiled if ':' not in c]
-    assert set(modules_compiled) <= set(paths), (path, compiled)
-    for method in (c for c in compiled if ':' in c):
-        owner, name = method.split(':')
-        assert callable(getattr(names[owner], name)), method
+    # the whole wrapping as the runner does it, declared methods included (a declared name
+    # that is no method raises here; torch.compile is lazy: nothing is traced)
+    compile_submodules(model, modules, backend='eager')
     if 'bevfusion_lidar_' in path:  # lidar-only: no camera branch, no fuser
-        assert not any(p.startswith(('fusion_layer', 'img_')) for p in paths), paths
+        assert not any(p.startswith(('fusion_layer', 'img_', 'view_transform')) for p in paths)
         assert 'bbox_head' in paths, paths

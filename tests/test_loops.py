@@ -347,17 +347,23 @@ def test_compile_auto_adds_the_parts_heads_declare():
         compile_submodules(net, 'auto', backend='eager')
 
     class _Optional(nn.Module):  # an optional part this instance left out (None) is skipped
-        turbox_compile_submodules = ('fuser', 'layers.*')
+        turbox_compile_submodules = ('fuser', 'layers.*', 'extra.block', 'extra.*')
 
         def __init__(self):
             super().__init__()
-            self.fuser = None
+            self.fuser = self.extra = None
             self.layers = nn.ModuleList([_Layer()])
     net = _Net()
     net.head = _Optional()
     assert auto_paths(net) == ['backbone', 'head.layers.0']
     net.head.fuser = _Layer()
-    assert auto_paths(net) == ['backbone', 'head.fuser', 'head.layers.0']
+    net.head.extra = nn.Module()
+    net.head.extra.block = None  # the end of a path left out below an existing part
+    net.head.extra.other = _Layer()
+    assert auto_paths(net) == ['backbone', 'head.fuser', 'head.layers.0', 'head.extra.other']
+    net.head.extra.block = 3  # neither a submodule nor None: a defect, named
+    with pytest.raises(KeyError, match='block'):
+        auto_paths(net)
 
 
 def test_compile_a_star_stands_for_each_child():

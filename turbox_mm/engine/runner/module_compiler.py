@@ -93,17 +93,20 @@ def _matches(module: nn.Module, parts: List[str], done: List[str]) -> List[str]:
 
 
 def _left_out(module: nn.Module, path: str) -> bool:
-    """Whether the declared ``path`` (relative to ``module``, without ``*``) ends in an
-    optional part that this instance left out: an attribute set to ``None`` instead of a
-    submodule (BEVFusion's ``fusion_layer`` without the camera branch). Its parents must exist;
-    a name that is neither a submodule nor ``None`` is a defect that :func:`expand_paths`
-    reports."""
-    parts = path.split('.')
-    if '*' in parts:
-        return False
-    parent = _resolve(module, '.'.join(parts[:-1])) if len(parts) > 1 else module
-    return (parts[-1] not in dict(parent.named_children())
-            and hasattr(parent, parts[-1]) and getattr(parent, parts[-1]) is None)
+    """Whether the declared ``path`` (relative to ``module``) passes through an optional part
+    that this instance left out: an attribute set to ``None`` instead of a submodule
+    (BEVFusion's ``fusion_layer`` without the camera branch), at its end or above a ``*``.
+    A name that is neither a submodule nor ``None`` is not left out: :func:`expand_paths`
+    reports it (a defect of the declaring class)."""
+    current = module
+    for part in path.split('.'):
+        if part == '*':
+            return False
+        children = dict(current.named_children())
+        if part in children:
+            current = children[part]
+            continue
+        return hasattr(current, part) and getattr(current, part) is None
 
 
 def auto_paths(model: nn.Module) -> List[str]:

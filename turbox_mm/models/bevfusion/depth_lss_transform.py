@@ -61,11 +61,12 @@ class DepthLSSTransform(BaseModule):
 
     #: What ``turbox.compile.modules='auto'`` compiles here: the three convolution stacks
     #: (fixed shapes, no data-dependent branch); the geometry, the depth image and the pooling
-    #: stay eager. Eager, their eight batch norms run cuDNN's NCHW kernels, whose training
-    #: forward and backward over few channels and large images (``dtransform``'s 8 channels of
-    #: 256x704, ``downsample``'s 80 of 360x360) took about 10 ms an iteration of BEVFusion's
-    #: device time on an H100 (docs/benchmarks.md); compiled, they are Inductor's reductions,
-    #: fused with the ReLUs.
+    #: stay eager. Eager, their eight batch norms run cuDNN's NCHW kernels: in an H100
+    #: profile of BEVFusion (docs/benchmarks.md) the step's eight cuDNN batch norms took about
+    #: 10 ms of device time, 6.3 ms of it in two backward calls of a kernel for few channels
+    #: over large images (by shape, presumably ``dtransform``'s 8 channels of 256x704 and
+    #: ``downsample``'s 80 of 360x360). Compiled, they are Inductor's reductions fused with
+    #: the ReLUs; the gain is not measured yet.
     turbox_compile_submodules = ('dtransform', 'depthnet', 'downsample')
 
     def __init__(self, in_channels: int, out_channels: int, image_size: Sequence[int],
