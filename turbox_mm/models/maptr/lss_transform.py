@@ -149,6 +149,13 @@ class LSSTransform(BaseModule):
         (torch.Size([2, 32, 4]), torch.Size([2, 1, 4, 2, 3]), (8, 4))
     """
 
+    #: What ``turbox.compile.modules='auto'`` compiles here: the depth network and the
+    #: ``downsample`` convolutions (fixed shapes, no data-dependent branch), as BEVFusion's
+    #: ``DepthLSSTransform`` does; the matrices, the geometry and the pooling stay eager.
+    #: Without ``use_dcn=False`` mmcv's deformable convolution breaks the depth network's
+    #: graph (Dynamo compiles the parts around it). The gain is not measured yet.
+    turbox_compile_submodules = ('depth_net', 'downsample')
+
     def __init__(self,
                  in_channels: int,
                  out_channels: int,
