@@ -313,13 +313,17 @@ class TestCPUAffinityHook(RunnerTestCase):
     def setUp(self):
         super().setUp()
         self.env = dict(os.environ)
+        self.saved_threads = torch.get_num_threads()
+        # more threads than any main process gets here, so the hook's lowering of the count
+        # is exercised whatever the environment set (OMP_NUM_THREADS=1 would skip it)
+        torch.set_num_threads(max(self.saved_threads, os.cpu_count() or 1, 4))
         self.threads = torch.get_num_threads()
         self.mask = os.sched_getaffinity(0)
 
     def tearDown(self):
         os.environ.clear()
         os.environ.update(self.env)
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.saved_threads)
         os.sched_setaffinity(0, self.mask)
         super().tearDown()
 
