@@ -1,8 +1,8 @@
 """``turbox.compile.modules`` names submodules (and declared methods) that exist in the model
 of every turbox config we ship (tiny and full size), so a turbox run does not stop before its
-first step. On the
-CPU the runner compiles nothing, so without this test a wrong path shows only on a GPU (the
-lidar-only BEVFusion's ``'auto'`` once asked for the absent ``fusion_layer``)."""
+first step. On the CPU the runner compiles nothing, so without this test a wrong path shows
+only on a GPU (the lidar-only BEVFusion's ``'auto'`` once asked for the absent
+``fusion_layer``)."""
 import glob
 import os.path as osp
 

@@ -107,6 +107,7 @@ def _left_out(module: nn.Module, path: str) -> bool:
             current = children[part]
             continue
         return hasattr(current, part) and getattr(current, part) is None
+    return False
 
 
 def auto_paths(model: nn.Module) -> List[str]:

@@ -152,8 +152,8 @@ class LSSTransform(BaseModule):
     #: What ``turbox.compile.modules='auto'`` compiles here: the depth network and the
     #: ``downsample`` convolutions (fixed shapes, no data-dependent branch), as BEVFusion's
     #: ``DepthLSSTransform`` does; the matrices, the geometry and the pooling stay eager.
-    #: Without ``use_dcn=False`` mmcv's deformable convolution breaks the depth network's
-    #: graph (Dynamo compiles the parts around it). The gain is not measured yet.
+    #: Tested with the configs' ``use_dcn=False``; with mmcv's deformable convolution in the
+    #: depth network (``use_dcn=True``) it is not. The gain is not measured yet.
     turbox_compile_submodules = ('depth_net', 'downsample')
 
     def __init__(self,
