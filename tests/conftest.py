@@ -1,5 +1,6 @@
 """Shared pytest setup: the `cuda` marker skips where no CUDA device is present."""
 import contextlib
+import glob
 import os
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Every turbox twin config we ship (tiny and full size), relative to ROOT.
+TURBOX_CONFIGS = sorted(os.path.relpath(p, ROOT)
+                        for p in glob.glob(os.path.join(ROOT, 'configs', '*', '*_turbox.py')))
 
 
 def pytest_collection_modifyitems(config, items):

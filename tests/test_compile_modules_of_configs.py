@@ -3,33 +3,16 @@ of every turbox config we ship (tiny and full size), so a turbox run does not st
 first step. On the CPU the runner compiles nothing, so without this test a wrong path shows
 only on a GPU (the lidar-only BEVFusion's ``'auto'`` once asked for the absent
 ``fusion_layer``)."""
-import glob
 import os.path as osp
 
 import pytest
 
-from conftest import ROOT, config_with_root, turbox_applied
-
-TURBOX_CONFIGS = sorted(osp.relpath(p, ROOT)
-                        for p in glob.glob(osp.join(ROOT, 'configs', '*', '*_turbox.py')))
+from conftest import ROOT, TURBOX_CONFIGS, config_with_root, turbox_applied
 
 
 def test_every_model_folder_has_a_turbox_config():
     folders = {p.split(osp.sep)[1] for p in TURBOX_CONFIGS}
     assert {'bevfusion', 'maptr', 'sparse4d', 'sparsedrive'} <= folders, folders
-
-
-def _without_pretrained(node):
-    """``node`` (a model config) with every ``Pretrained`` ``init_cfg`` removed, in place:
-    some models (BEVFusion, as upstream's) initialise their weights when built."""
-    if isinstance(node, dict):
-        if isinstance(node.get('init_cfg'), dict) and node.init_cfg.get('type') == 'Pretrained':
-            node.init_cfg = None
-        for value in node.values():
-            _without_pretrained(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _without_pretrained(value)
 
 
 @pytest.fixture(scope='module')
@@ -52,11 +35,12 @@ def anchor_root(tmp_path_factory):
 def test_the_compiled_submodules_exist(path, anchor_root):
     from mmengine.registry import DefaultScope
 
+    from turbox_mm.benchmark.e2e import drop_pretrained
     from turbox_mm.engine.runner.module_compiler import compile_submodules, selected_paths
     from turbox_mm.registry import MODELS
     cfg, _ = turbox_applied(config_with_root(osp.join(ROOT, path), anchor_root))
     modules = cfg.turbox.compile.modules
-    _without_pretrained(cfg.model)
+    drop_pretrained(cfg.model)  # BEVFusion (as upstream's) initialises when built
     with DefaultScope.overwrite_default_scope('mmdet3d'):
         model = MODELS.build(cfg.model)
     paths = selected_paths(model, modules)

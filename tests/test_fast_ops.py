@@ -1,18 +1,14 @@
 """``turbox.ops.fast`` reaches every turbox_mm module of our turbox configs that has an op
 choice, including those that take ``op_impl`` through ``**kwargs`` (``MapTRv2Head``)."""
-import glob
 import os.path as osp
 
 import pytest
 from mmengine.config import Config
 
-from conftest import ROOT
+from conftest import ROOT, TURBOX_CONFIGS
 from turbox_mm.engine.runner.fast_ops import accepts_op_impl, apply_fast_ops
 from turbox_mm.engine.runner.turbox_options import config_dicts
 from turbox_mm.registry import MODELS
-
-TURBOX_CONFIGS = sorted(osp.relpath(p, ROOT)
-                        for p in glob.glob(osp.join(ROOT, 'configs', '*', '*_turbox.py')))
 
 
 def _turbox_mm_class(type_name, default_scope):
