@@ -117,6 +117,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _write_json(path: str, value, indent: Optional[int] = 1) -> None:
+    """``value`` as JSON at ``path``, written atomically: a run killed while writing (a time
+    limit) leaves the old file or none, never a cut one."""
+    from turbox_mm.utils.atomic_files import atomic_write_text
+    atomic_write_text(path, json.dumps(value, indent=indent))
+
+
 def worker(args) -> int:
     """Measure one config in this process and write its result as JSON."""
     from turbox_mm.benchmark import measure_config
@@ -125,17 +132,20 @@ def worker(args) -> int:
     options = dict(args.cfg_options or {})
     options.setdefault('randomness', dict(seed=args.seed))
 
+    started = time.monotonic()
+
     def progress(done, total):
-        print(f'[{osp.basename(config)}] iteration {done}/{total}', file=sys.stderr,
-              flush=True)
+        # the seconds since the process started tell a run cut short by a time limit how long
+        # its first, compiling iterations took and how fast the later ones went
+        print(f'[{osp.basename(config)}] iteration {done}/{total} '
+              f'({time.monotonic() - started:.0f} s)', file=sys.stderr, flush=True)
 
     # beside the result, named by its stem (a --variant run of a config gets its own)
     work_dir = args.result[:-len('.result.json')]
     result = measure_config(config, iters=args.iters, warmup=args.warmup, cfg_options=options,
                             sync_iters=args.sync_iters, profile=args.profile,
                             work_dir=work_dir, progress=progress)
-    with open(args.result, 'w') as f:
-        json.dump(result, f)
+    _write_json(args.result, result, indent=None)
     return 0
 
 
@@ -293,9 +303,8 @@ def run_components(args, command: str) -> int:
             failures[name] = f'{type(exc).__name__}: {exc}'
             print(f'  FAILED: {failures[name]}', flush=True)
     result_path = osp.join(out_dir, f'{kind}s.json')  # components.json or ops.json
-    with open(result_path, 'w') as f:
-        json.dump(dict(command=command, machine=machine, device=device, quick=args.quick,
-                       rows=rows, failures=failures), f, indent=1)
+    _write_json(result_path, dict(command=command, machine=machine, device=device,
+                                  quick=args.quick, rows=rows, failures=failures))
     print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(format_rows(rows))
@@ -317,8 +326,7 @@ def run_data(args, command: str) -> int:
                                   num_samples=args.data_samples, seed=args.seed,
                                   gpu_iters=args.iters, progress=True)
     result_path = osp.join(out_dir, f'data_{args.data}.json')
-    with open(result_path, 'w') as f:
-        json.dump(dict(command=command, machine=machine, rows=rows), f, indent=1)
+    _write_json(result_path, dict(command=command, machine=machine, rows=rows))
     print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(format_data_rows(rows))
@@ -403,8 +411,7 @@ def main(argv=None) -> int:
     report = dict(command=command, machine=machine, iters=args.iters, warmup=args.warmup,
                   seed=args.seed, rounds=rounds, summaries=summaries, failures=failures,
                   results=results, round_summary=over_rounds)
-    with open(osp.join(out_dir, 'benchmark.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+    _write_json(osp.join(out_dir, 'benchmark.json'), report)
     print(f'\nmachine: {machine_line(machine)}')
     print(f'command: {command}\n')
     print(table)

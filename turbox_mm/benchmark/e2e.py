@@ -44,6 +44,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from turbox_mm.utils.atomic_files import atomic_write_text
 from .host_time import format_host_breakdown, host_breakdown
 from .syncs import SyncCounter, format_sources, profile_table, sync_summary
 
@@ -364,16 +365,15 @@ class _Bench:
         os.makedirs(work_dir, exist_ok=True)
         paths = dict(syncs=os.path.join(work_dir, 'syncs.txt'),
                      profile=os.path.join(work_dir, 'profile.txt'))
-        with open(paths['syncs'], 'w') as f:
-            if self.syncs.total is None:
-                f.write('no CUDA device: no synchronisations to count\n')
-            else:
-                f.write(format_sources(self.syncs.top(50), self.extra) + '\n')
-        with open(paths['profile'], 'w') as f:
-            f.write(f'{self.extra} iterations after the timed window\n')
-            f.write(format_host_breakdown(host_breakdown(self.profiler.events(), self.extra))
-                    + '\n')
-            f.write(profile_table(self.profiler) + '\n')
+        if self.syncs.total is None:
+            syncs = 'no CUDA device: no synchronisations to count\n'
+        else:
+            syncs = format_sources(self.syncs.top(50), self.extra) + '\n'
+        atomic_write_text(paths['syncs'], syncs)
+        atomic_write_text(paths['profile'], ''.join((
+            f'{self.extra} iterations after the timed window\n',
+            format_host_breakdown(host_breakdown(self.profiler.events(), self.extra)) + '\n',
+            profile_table(self.profiler) + '\n')))
         return paths
 
 
