@@ -14,9 +14,9 @@ TEST_WORKERS ?= 2
 # Threads of torch (and OpenMP) in each test process, and in the trainings the tests start:
 # the machine's cores shared among the workers, so that the workers do not oversubscribe the
 # cores (2 workers of 2 threads each on 2 cores ran two slow tests 8% slower than 1 thread each).
-TEST_THREADS ?= $(shell n=$$(nproc); w=$(TEST_WORKERS); \
-	if [ "$$w" -gt 0 ] && [ $$((n / w)) -gt 0 ]; then echo $$((n / w)); \
-	elif [ "$$w" -gt 0 ]; then echo 1; else echo $$n; fi)
+# (TEST_WORKERS=0: one process, every core; never fewer than 1 thread.)
+TEST_THREADS ?= $(shell w=$(TEST_WORKERS); [ "$$w" -gt 0 ] || w=1; t=$$(( $$(nproc) / w )); \
+	echo $$(( t > 0 ? t : 1 )))
 
 .PHONY: setup demo test test-cuda clean
 
